@@ -1,0 +1,329 @@
+//! Chunks and their headers: how any pointer coreheap returned finds, in O(1), the header of
+//! its page run.
+//!
+//! Every block coreheap hands out lies in a [`CHUNK`]-aligned region whose first bytes are a
+//! [`ChunkHeader`]. The header of the block at `p` is at `(p - 1) & !(CHUNK - 1)`: blocks in an
+//! arena chunk start after the header pages, and a huge mapping puts its header in the chunk
+//! just below the block (see `heap.rs`). Subtracting one byte lets a huge block aligned to a
+//! whole chunk keep its header in the chunk before it.
+//!
+//! An arena chunk has one [`PageDesc`] per page. Invariants (checked by
+//! `Arena::check`):
+//! - the header pages have kind [`Kind::Header`];
+//! - the first page of every run has kind `Free`, `Small` or `Large` and `npages` its length;
+//! - the last page of a free run of two or more pages has kind `FreeTail` and `lead` the
+//!   distance back to the first page;
+//! - every other page of a small run has kind `SmallInterior` and `lead` the distance back;
+//! - every other page has kind `Interior`.
+//!
+//! So the left neighbour of a run is found from the page before it, the right neighbour from
+//! the page after it, and an interior pointer into a large run is recognised as invalid.
+
+use core::ptr;
+use core::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
+
+use crate::size_class::{CHUNK, CHUNK_PAGES, CHUNK_SHIFT, PAGE, PAGE_SHIFT};
+
+/// "coreheap" in ASCII: marks a header written by this allocator.
+pub const MAGIC: u64 = 0x7061_6568_6572_6f63;
+
+/// What a chunk is.
+pub const CHUNK_ARENA: u32 = 1;
+pub const CHUNK_HUGE: u32 = 2;
+
+/// What a page of an arena chunk is (see the module invariants).
+#[repr(u8)]
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Kind {
+    Interior = 0,
+    Header = 1,
+    Free = 2,
+    FreeTail = 3,
+    Small = 4,
+    SmallInterior = 5,
+    Large = 6,
+}
+
+impl Kind {
+    fn from_u8(v: u8) -> Kind {
+        match v {
+            1 => Kind::Header,
+            2 => Kind::Free,
+            3 => Kind::FreeTail,
+            4 => Kind::Small,
+            5 => Kind::SmallInterior,
+            6 => Kind::Large,
+            _ => Kind::Interior,
+        }
+    }
+}
+
+/// A free block on a list: the link, and a word that marks the block as freed.
+#[repr(C)]
+pub struct Block {
+    pub next: *mut Block,
+    pub mark: usize,
+}
+
+/// The descriptor of one page of an arena chunk. Only the descriptor of a run's first page
+/// describes the run; see the module invariants for the others.
+///
+/// `kind`, `class` and `lead` are atomics because `free` reads them without the owner's lock
+/// to validate a pointer; for a live block they cannot change until it is freed. All other
+/// fields are guarded by the owning arena's lock.
+#[repr(C)]
+pub struct PageDesc {
+    kind: AtomicU8,
+    /// Small runs: the size class.
+    class: AtomicU8,
+    /// Free runs: some page may hold data or be resident. Small runs: the uncarved blocks
+    /// (from `bump` on) are known to read zero.
+    pub dirty: bool,
+    /// Small runs: linked in its bin's list of runs with blocks to give.
+    pub in_bin: bool,
+    /// Run head: length in pages.
+    pub npages: u32,
+    /// Tails and interior pages of small runs: distance in pages back to the head.
+    lead: AtomicU32,
+    /// Small runs: blocks handed out and not yet returned (pending frees count as used).
+    /// Invariant: `used + len(free) == bump <= capacity`.
+    pub used: u32,
+    /// Small runs: blocks carved so far; blocks at index `bump..capacity` were never used.
+    pub bump: u32,
+    /// Small runs: the run-local free list.
+    pub free: *mut Block,
+    /// Links: the bin's run list (small) or the arena's free list for this length (free).
+    pub next: *mut PageDesc,
+    pub prev: *mut PageDesc,
+}
+
+impl PageDesc {
+    #[inline]
+    pub fn kind(&self) -> Kind {
+        Kind::from_u8(self.kind.load(Ordering::Relaxed))
+    }
+    #[inline]
+    pub fn set_kind(&self, k: Kind) {
+        self.kind.store(k as u8, Ordering::Relaxed)
+    }
+    #[inline]
+    pub fn class(&self) -> usize {
+        self.class.load(Ordering::Relaxed) as usize
+    }
+    #[inline]
+    pub fn set_class(&self, c: usize) {
+        self.class.store(c as u8, Ordering::Relaxed)
+    }
+    #[inline]
+    pub fn lead(&self) -> usize {
+        self.lead.load(Ordering::Relaxed) as usize
+    }
+    #[inline]
+    pub fn set_lead(&self, l: usize) {
+        self.lead.store(l as u32, Ordering::Relaxed)
+    }
+}
+
+/// The header at the start of every chunk.
+///
+/// Invariant: `magic == MAGIC` for as long as the chunk is mapped and registered; `kind` and
+/// `arena` never change while it is.
+#[repr(C)]
+pub struct ChunkHeader {
+    pub magic: u64,
+    pub kind: u32,
+    /// Arena chunks: the owning arena's index.
+    pub arena: u32,
+    /// Huge: start and length of the whole mapping, and the block's address.
+    pub map_base: usize,
+    pub map_len: usize,
+    pub huge_ptr: usize,
+    /// Huge: the size the caller asked for (statistics).
+    pub huge_size: usize,
+    /// Arena chunks: the arena's list of chunks.
+    pub next: *mut ChunkHeader,
+    pub prev: *mut ChunkHeader,
+    /// Arena chunks: pages of this chunk in free runs.
+    pub free_pages: usize,
+    pub pages: [PageDesc; CHUNK_PAGES],
+}
+
+/// Pages at the start of an arena chunk taken by its header.
+pub const HEADER_PAGES: usize = core::mem::size_of::<ChunkHeader>().div_ceil(PAGE);
+/// Pages of an arena chunk that runs can use.
+pub const USABLE_PAGES: usize = CHUNK_PAGES - HEADER_PAGES;
+const _: () = assert!(USABLE_PAGES * PAGE > crate::size_class::LARGE_MAX + 64 * 1024);
+
+/// The chunk whose header describes the block at `p`.
+#[inline]
+pub fn chunk_of(p: *const u8) -> usize {
+    (p as usize).wrapping_sub(1) & !(CHUNK - 1)
+}
+
+/// The index of the page holding `p` in its chunk.
+#[inline]
+pub fn page_index(p: *const u8) -> usize {
+    ((p as usize) & (CHUNK - 1)) >> PAGE_SHIFT
+}
+
+impl ChunkHeader {
+    /// The address of page `i` of this chunk.
+    #[inline]
+    pub fn page_addr(&self, i: usize) -> *mut u8 {
+        (self as *const Self as usize + (i << PAGE_SHIFT)) as *mut u8
+    }
+
+    /// The index of descriptor `d`, which lies in this chunk's header.
+    #[inline]
+    pub fn desc_index(&self, d: *const PageDesc) -> usize {
+        (d as usize - self.pages.as_ptr() as usize) / core::mem::size_of::<PageDesc>()
+    }
+}
+
+/// The chunk header holding descriptor `d`.
+#[inline]
+pub fn header_of_desc(d: *const PageDesc) -> *mut ChunkHeader {
+    ((d as usize) & !(CHUNK - 1)) as *mut ChunkHeader
+}
+
+/// The first page of the run described by `d`.
+#[inline]
+pub fn run_addr(d: *const PageDesc) -> *mut u8 {
+    let h = header_of_desc(d);
+    // SAFETY: `d` lies in the header of the mapped chunk `h`, which is therefore readable;
+    // `desc_index` only computes with addresses.
+    let i = unsafe { (*h).desc_index(d) };
+    (h as usize + (i << PAGE_SHIFT)) as *mut u8
+}
+
+/// The set of chunks this process has mapped, one bit per possible chunk address: the
+/// cheap test that tells a pointer coreheap returned from one it never did.
+///
+/// 2^47 bytes of user address space / 4 MiB chunks = 2^25 bits = 4 MiB of zeroed static
+/// memory, of which only the pages for chunks in use are ever touched.
+pub struct Registry {
+    bits: [AtomicU64; REGISTRY_WORDS],
+}
+
+const ADDRESS_BITS: usize = 47;
+const REGISTRY_WORDS: usize = (1 << (ADDRESS_BITS - CHUNK_SHIFT)) / 64;
+
+impl Registry {
+    pub const fn new() -> Self {
+        #[allow(clippy::declare_interior_mutable_const)]
+        const ZERO: AtomicU64 = AtomicU64::new(0);
+        Self {
+            bits: [ZERO; REGISTRY_WORDS],
+        }
+    }
+
+    #[inline]
+    fn slot(chunk: usize) -> Option<(usize, u64)> {
+        let n = chunk >> CHUNK_SHIFT;
+        if n / 64 >= REGISTRY_WORDS {
+            None
+        } else {
+            Some((n / 64, 1 << (n % 64)))
+        }
+    }
+
+    /// Whether `chunk` is a chunk of ours that is mapped now.
+    #[inline]
+    pub fn contains(&self, chunk: usize) -> bool {
+        match Self::slot(chunk) {
+            // Acquire: pairs with the Release in `insert`, so a reader that sees the bit also
+            // sees the header written before it.
+            Some((w, b)) => self.bits[w].load(Ordering::Acquire) & b != 0,
+            None => false,
+        }
+    }
+
+    /// Records `chunk` as ours. Returns false if its address cannot be recorded.
+    pub fn insert(&self, chunk: usize) -> bool {
+        match Self::slot(chunk) {
+            Some((w, b)) => {
+                // Release: publishes the header written before registration.
+                self.bits[w].fetch_or(b, Ordering::Release);
+                true
+            }
+            None => false,
+        }
+    }
+
+    pub fn remove(&self, chunk: usize) {
+        if let Some((w, b)) = Self::slot(chunk) {
+            self.bits[w].fetch_and(!b, Ordering::Relaxed);
+        }
+    }
+}
+
+impl Default for Registry {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// The registry of chunks mapped by this process.
+pub static REGISTRY: Registry = Registry::new();
+
+/// Writes the header of a fresh arena chunk: header pages, then one free run over the rest.
+/// Returns the descriptor of that free run.
+///
+/// # Safety
+/// `chunk` is a fresh, zeroed, writable, `CHUNK`-aligned region of `CHUNK` bytes that nothing
+/// else uses.
+pub unsafe fn init_arena_chunk(chunk: *mut u8, arena: u32) -> *mut PageDesc {
+    let h = chunk.cast::<ChunkHeader>();
+    // SAFETY: by the contract the region is ours and large enough for a header; zeroed memory
+    // is a valid header (null pointers, zero counts, kind Interior).
+    unsafe {
+        (*h).magic = MAGIC;
+        (*h).kind = CHUNK_ARENA;
+        (*h).arena = arena;
+        (*h).next = ptr::null_mut();
+        (*h).prev = ptr::null_mut();
+        (*h).free_pages = USABLE_PAGES;
+        for i in 0..HEADER_PAGES {
+            (*h).pages[i].set_kind(Kind::Header);
+        }
+        let d = &mut (*h).pages[HEADER_PAGES] as *mut PageDesc;
+        (*d).set_kind(Kind::Free);
+        (*d).npages = USABLE_PAGES as u32;
+        (*d).dirty = false;
+        let t = &(*h).pages[CHUNK_PAGES - 1];
+        t.set_kind(Kind::FreeTail);
+        t.set_lead(USABLE_PAGES - 1);
+        d
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn header_fits_and_lookup_masks() {
+        assert!(HEADER_PAGES >= 1 && HEADER_PAGES < 32, "{HEADER_PAGES}");
+        let base = 0x7f00_0000_0000usize;
+        assert_eq!(chunk_of((base + HEADER_PAGES * PAGE) as *const u8), base);
+        assert_eq!(chunk_of((base + CHUNK - 16) as *const u8), base);
+        // A block aligned to a whole chunk finds its header in the chunk before it.
+        assert_eq!(chunk_of((base + CHUNK) as *const u8), base);
+        assert_eq!(page_index((base + 5 * PAGE + 17) as *const u8), 5);
+    }
+
+    #[test]
+    fn registry_insert_contains_remove() {
+        static R: Registry = Registry::new();
+        let r = &R;
+        let c = 0x5555_0000_0000usize;
+        assert!(!r.contains(c));
+        assert!(r.insert(c));
+        assert!(r.contains(c));
+        assert!(!r.contains(c + CHUNK));
+        r.remove(c);
+        assert!(!r.contains(c));
+        assert!(!r.insert(1 << 60));
+        assert!(!r.contains(1 << 60));
+    }
+}

@@ -1,0 +1,647 @@
+//! The process heap: the arena table, CPU routing, lazy initialisation, huge blocks, and the
+//! entry points that `GlobalAlloc` and the C interface call.
+//!
+//! Initialisation is lazy and needs no constructor: the first allocation in any thread moves
+//! `state` from `UNINIT` to `INITING`, maps the arena table, then publishes `READY`. Other
+//! threads wait for `READY`; the initialising thread itself, should anything it calls
+//! allocate, is served from a small static bootstrap buffer (whose blocks are never freed).
+//! The fork handlers are registered once, right after `READY`.
+
+use core::cell::UnsafeCell;
+use core::ptr;
+use core::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
+
+use crossbeam_utils::{Backoff, CachePadded};
+
+use crate::arena::{lookup, Arena, ArenaStats, Lookup, LARGE_ALIGN_MAX};
+use crate::chunk::{chunk_of, ChunkHeader, CHUNK_HUGE, MAGIC, REGISTRY};
+use crate::diag::{invalid_pointer, Line};
+use crate::os;
+use crate::size_class::{class_size, pages_for, CHUNK, LARGE_MAX, PAGE};
+use crate::source::OsSource;
+
+const UNINIT: u8 = 0;
+const INITING: u8 = 1;
+const READY: u8 = 2;
+/// The arena table could not be mapped: every allocation fails (returns null).
+const FAILED: u8 = 3;
+
+/// Upper bound on `COREHEAP_ARENAS`.
+pub const MAX_ARENAS: usize = 4096;
+
+/// What initialisation computes; written once before `READY`, read-only after.
+struct Config {
+    arenas: *mut CachePadded<Arena>,
+    count: usize,
+    /// CPU id -> arena index, for ids below `cpu_map_len`.
+    cpu_map: *const u16,
+    cpu_map_len: usize,
+    /// The double-free mark: a per-process random word written into freed blocks.
+    mark: usize,
+}
+
+/// Counters of directly mapped blocks.
+struct HugeCounters {
+    allocs: AtomicU64,
+    frees: AtomicU64,
+    in_use: AtomicUsize,
+    mapped: AtomicUsize,
+}
+
+/// The process heap. There is one, [`HEAP`].
+///
+/// Invariant: `config` is written only by the thread that moved `state` to `INITING`, and
+/// read only after `state == READY` was observed with Acquire ordering.
+pub struct Heap {
+    state: AtomicU8,
+    init_thread: AtomicUsize,
+    config: UnsafeCell<Config>,
+    huge: HugeCounters,
+}
+
+// SAFETY: see the invariant on `Heap`; every other field is atomic.
+unsafe impl Sync for Heap {}
+
+/// The process heap.
+pub static HEAP: Heap = Heap::new();
+
+const SRC: OsSource = OsSource;
+
+/// A bump buffer for allocations made by the initialising thread during initialisation.
+struct Bootstrap {
+    buf: UnsafeCell<[u8; BOOTSTRAP_SIZE]>,
+    used: AtomicUsize,
+}
+const BOOTSTRAP_SIZE: usize = 64 * 1024;
+// SAFETY: `used` hands out disjoint ranges of `buf` by fetch_add; nothing reads a range
+// before it is handed out.
+unsafe impl Sync for Bootstrap {}
+#[repr(align(4096))]
+struct BootstrapAligned(Bootstrap);
+static BOOTSTRAP: BootstrapAligned = BootstrapAligned(Bootstrap {
+    buf: UnsafeCell::new([0; BOOTSTRAP_SIZE]),
+    used: AtomicUsize::new(0),
+});
+
+impl Bootstrap {
+    fn alloc(&self, size: usize, align: usize) -> *mut u8 {
+        let base = self.buf.get() as usize;
+        let mut cur = self.used.load(Ordering::Relaxed);
+        loop {
+            let start = (base + cur + align - 1) & !(align - 1);
+            let end = start - base + size;
+            if end > BOOTSTRAP_SIZE {
+                return ptr::null_mut();
+            }
+            match self
+                .used
+                .compare_exchange(cur, end, Ordering::Relaxed, Ordering::Relaxed)
+            {
+                Ok(_) => return start as *mut u8,
+                Err(c) => cur = c,
+            }
+        }
+    }
+
+    fn contains(&self, p: *const u8) -> bool {
+        let base = self.buf.get() as usize;
+        (base..base + BOOTSTRAP_SIZE).contains(&(p as usize))
+    }
+}
+
+impl Heap {
+    const fn new() -> Self {
+        Self {
+            state: AtomicU8::new(UNINIT),
+            init_thread: AtomicUsize::new(0),
+            config: UnsafeCell::new(Config {
+                arenas: ptr::null_mut(),
+                count: 0,
+                cpu_map: ptr::null(),
+                cpu_map_len: 0,
+                mark: 0,
+            }),
+            huge: HugeCounters {
+                allocs: AtomicU64::new(0),
+                frees: AtomicU64::new(0),
+                in_use: AtomicUsize::new(0),
+                mapped: AtomicUsize::new(0),
+            },
+        }
+    }
+
+    /// The configuration, initialising first if needed. `None` while this very thread is
+    /// initialising (re-entry) or if initialisation failed.
+    #[inline]
+    fn config(&self) -> Option<&Config> {
+        // Acquire: pairs with the Release store of READY, making `config` visible.
+        if self.state.load(Ordering::Acquire) != READY && !self.init_slow() {
+            return None;
+        }
+        // SAFETY: READY was observed with Acquire (see the invariant on `Heap`).
+        Some(unsafe { &*self.config.get() })
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn init_slow(&self) -> bool {
+        let backoff = Backoff::new();
+        loop {
+            match self
+                .state
+                .compare_exchange(UNINIT, INITING, Ordering::Acquire, Ordering::Acquire)
+            {
+                Ok(_) => {
+                    self.init_thread.store(os::thread_id(), Ordering::Relaxed);
+                    // SAFETY: we moved the state to INITING, so we are the only writer.
+                    let ok = unsafe { self.init_config(&mut *self.config.get()) };
+                    // Release: publishes `config`.
+                    self.state
+                        .store(if ok { READY } else { FAILED }, Ordering::Release);
+                    if ok {
+                        register_handlers();
+                    }
+                    return ok;
+                }
+                Err(READY) => return true,
+                Err(FAILED) => return false,
+                Err(_) => {
+                    if self.init_thread.load(Ordering::Relaxed) == os::thread_id() {
+                        return false;
+                    }
+                    if backoff.is_completed() {
+                        // SAFETY: sched_yield has no preconditions.
+                        unsafe { libc::sched_yield() };
+                    } else {
+                        backoff.snooze();
+                    }
+                }
+            }
+        }
+    }
+
+    fn init_config(&self, cfg: &mut Config) -> bool {
+        let mut allowed = [0u64; 16];
+        let ncpu = os::cpu_affinity(&mut allowed);
+        let count = match os::env_usize(b"COREHEAP_ARENAS\0") {
+            Some(n) if n >= 1 => n.min(MAX_ARENAS),
+            _ => ncpu,
+        };
+        let possible = os::possible_cpus();
+        let table = count * core::mem::size_of::<CachePadded<Arena>>();
+        let map_bytes = possible * 2;
+        let len = (table + map_bytes).div_ceil(PAGE) * PAGE;
+        let mem = os::map_anon(len);
+        if mem.is_null() {
+            return false;
+        }
+        let arenas = mem.cast::<CachePadded<Arena>>();
+        for i in 0..count {
+            // SAFETY: slot `i` lies in the fresh zeroed mapping; CachePadded is
+            // repr(align) around the arena, which sits at its start.
+            unsafe { Arena::init_in_place(arenas.add(i).cast::<Arena>(), i as u32) };
+        }
+        let map = (mem as usize + table) as *mut u16;
+        // Allowed CPUs take arenas in turn, so a process limited to CPUs 5 and 7 uses arenas
+        // 0 and 1; other ids (allowed later, or never) fall back to id % count.
+        let mut next = 0;
+        for cpu in 0..possible {
+            let is_allowed = cpu < 1024 && allowed[cpu / 64] & (1 << (cpu % 64)) != 0;
+            let a = if is_allowed {
+                next += 1;
+                (next - 1) % count
+            } else {
+                cpu % count
+            };
+            // SAFETY: `cpu < possible`, inside the map's part of the mapping.
+            unsafe { map.add(cpu).write(a as u16) };
+        }
+        cfg.arenas = arenas;
+        cfg.count = count;
+        cfg.cpu_map = map;
+        cfg.cpu_map_len = possible;
+        cfg.mark = os::random_word() | 1;
+        true
+    }
+
+    #[inline]
+    fn arena_index(cfg: &Config, cpu: usize) -> usize {
+        if cpu < cfg.cpu_map_len {
+            // SAFETY: `cpu` is below the map's length.
+            unsafe { *cfg.cpu_map.add(cpu) as usize }
+        } else {
+            cpu % cfg.count
+        }
+    }
+
+    #[inline]
+    fn arena(cfg: &Config, i: usize) -> &Arena {
+        debug_assert!(i < cfg.count);
+        // SAFETY: `i < count` and the table lives for the rest of the process.
+        unsafe { &*cfg.arenas.add(i) }
+    }
+
+    /// The arena of the CPU the calling thread runs on now.
+    pub fn current_arena(&self) -> usize {
+        match self.config() {
+            Some(cfg) => Self::arena_index(cfg, os::current_cpu()),
+            None => 0,
+        }
+    }
+
+    /// Number of arenas.
+    pub fn arena_count(&self) -> usize {
+        self.config().map_or(0, |c| c.count)
+    }
+
+    /// Allocates `size` bytes aligned to `align` (a power of two). Returns the block, or
+    /// null, and whether it is known to read zero.
+    #[inline]
+    pub fn alloc(&self, size: usize, align: usize) -> (*mut u8, bool) {
+        let Some(cfg) = self.config() else {
+            return (self.alloc_bootstrap(size, align), true);
+        };
+        if size <= LARGE_MAX && align <= LARGE_ALIGN_MAX {
+            let a = Self::arena(cfg, Self::arena_index(cfg, os::current_cpu()));
+            a.alloc(&SRC, size.max(1), align)
+        } else {
+            (self.alloc_huge(size, align), true)
+        }
+    }
+
+    /// Allocates `size` zeroed bytes aligned to `align`.
+    #[inline]
+    pub fn alloc_zeroed(&self, size: usize, align: usize) -> *mut u8 {
+        let (p, zero) = self.alloc(size, align);
+        if !p.is_null() && !zero {
+            // SAFETY: `p` is a fresh block of at least `size` bytes.
+            unsafe { ptr::write_bytes(p, 0, size) };
+        }
+        p
+    }
+
+    #[cold]
+    fn alloc_bootstrap(&self, size: usize, align: usize) -> *mut u8 {
+        if self.state.load(Ordering::Acquire) == FAILED {
+            return ptr::null_mut();
+        }
+        BOOTSTRAP.0.alloc(size.max(1), align.max(16))
+    }
+
+    /// Frees `p`, a block from this heap (or null). Aborts with a message naming `p` if it is
+    /// not one.
+    ///
+    /// # Safety
+    /// If `p` is a block of this heap, the caller gives up all use of it.
+    #[inline]
+    pub unsafe fn free(&self, p: *mut u8) {
+        if p.is_null() {
+            return;
+        }
+        let what = lookup(&SRC, p);
+        match what {
+            Lookup::Small { arena, .. } | Lookup::Large { arena, .. } => {
+                // A registered chunk implies READY: chunks are only mapped after init.
+                let Some(cfg) = self.config() else { return };
+                let a = Self::arena(cfg, arena as usize);
+                if Self::arena_index(cfg, os::current_cpu()) != arena as usize {
+                    a.note_remote_free();
+                }
+                // SAFETY: `lookup` found a live block of arena `arena`; the caller gives it up.
+                unsafe { a.free(&SRC, p, what, cfg.mark) }
+            }
+            Lookup::Huge(h) => {
+                // SAFETY: `h` is the header of the live huge block `p`.
+                unsafe { self.free_huge(h) }
+            }
+            Lookup::Invalid => self.free_foreign(p, b"free(): invalid pointer"),
+        }
+    }
+
+    #[cold]
+    fn free_foreign(&self, p: *mut u8, what: &[u8]) {
+        if BOOTSTRAP.0.contains(p) {
+            return;
+        }
+        invalid_pointer(what, p)
+    }
+
+    /// The usable size of block `p` (at least what was asked for). Aborts if `p` is not a
+    /// block of this heap.
+    pub fn usable_size(&self, p: *mut u8) -> usize {
+        if p.is_null() {
+            return 0;
+        }
+        match lookup(&SRC, p) {
+            // SAFETY: `lookup` returned live run heads.
+            Lookup::Small { run, .. } => class_size(unsafe { (*run).class() }),
+            // SAFETY: as above.
+            Lookup::Large { run, .. } => unsafe { (*run).npages as usize * PAGE },
+            // SAFETY: `h` is the live huge header of `p`.
+            Lookup::Huge(h) => unsafe { (*h).map_base + (*h).map_len - p as usize },
+            Lookup::Invalid => {
+                if BOOTSTRAP.0.contains(p) {
+                    return 0;
+                }
+                invalid_pointer(b"malloc_usable_size(): invalid pointer", p)
+            }
+        }
+    }
+
+    /// Resizes `p` to `size` bytes aligned to `align`, in place when it can. Returns the
+    /// block, or null (and `p` is untouched) when memory is exhausted.
+    ///
+    /// # Safety
+    /// `p` is null or a live block of this heap that the caller owns.
+    pub unsafe fn realloc(&self, p: *mut u8, size: usize, align: usize) -> *mut u8 {
+        if p.is_null() {
+            return self.alloc(size, align).0;
+        }
+        let aligned = p as usize & (align - 1) == 0;
+        let what = lookup(&SRC, p);
+        let old = match what {
+            Lookup::Small { run, .. } => {
+                // SAFETY: a live small run head.
+                let cs = class_size(unsafe { (*run).class() });
+                // In place unless the block would be less than a quarter used.
+                if aligned && size <= cs && (size > cs / 4 || cs == class_size(0)) {
+                    return p;
+                }
+                cs
+            }
+            Lookup::Large { arena, run } => {
+                if aligned && size <= LARGE_MAX {
+                    if let Some(cfg) = self.config() {
+                        let a = Self::arena(cfg, arena as usize);
+                        // SAFETY: `run` heads the live large block `p`, which the caller owns.
+                        if unsafe { a.resize_large(&SRC, run, size) } {
+                            return p;
+                        }
+                    }
+                }
+                // SAFETY: as above.
+                unsafe { (*run).npages as usize * PAGE }
+            }
+            Lookup::Huge(h) => {
+                if aligned && size > LARGE_MAX {
+                    // SAFETY: `h` is the live header of `p`, which the caller owns.
+                    let q = unsafe { self.realloc_huge(h, size) };
+                    if !q.is_null() {
+                        return q;
+                    }
+                }
+                // SAFETY: as above.
+                unsafe { (*h).map_base + (*h).map_len - p as usize }
+            }
+            Lookup::Invalid => {
+                if BOOTSTRAP.0.contains(p) {
+                    // Bootstrap blocks have no recorded size: copy what can be read.
+                    let end = BOOTSTRAP.0.buf.get() as usize + BOOTSTRAP_SIZE;
+                    end - p as usize
+                } else {
+                    invalid_pointer(b"realloc(): invalid pointer", p)
+                }
+            }
+        };
+        let q = self.alloc(size, align).0;
+        if q.is_null() {
+            return q;
+        }
+        // SAFETY: both blocks are live and distinct; we copy no more than either holds.
+        unsafe {
+            ptr::copy_nonoverlapping(p, q, old.min(size));
+            self.free(p);
+        }
+        q
+    }
+
+    /// Maps a block of `size` bytes aligned to `align` directly from the OS.
+    ///
+    /// Layout: the block starts `off = max(PAGE, align)` bytes into a mapping aligned to
+    /// `max(CHUNK, align)`; its header is at `chunk_of(block)`, which is the mapping's start
+    /// when `off < CHUNK` and the chunk just below the block otherwise.
+    #[cold]
+    fn alloc_huge(&self, size: usize, align: usize) -> *mut u8 {
+        if size > isize::MAX as usize - 2 * CHUNK || align > isize::MAX as usize / 4 {
+            return ptr::null_mut();
+        }
+        let off = align.max(PAGE);
+        let map_align = align.max(CHUNK);
+        let len = off + pages_for(size) * PAGE;
+        let base = os::map_aligned(len, map_align);
+        if base.is_null() {
+            return base;
+        }
+        let p = (base as usize + off) as *mut u8;
+        let h = chunk_of(p) as *mut ChunkHeader;
+        // SAFETY: `h` lies in the fresh mapping, at least a header's size before `p` or at
+        // its start with `p` at least a page after it.
+        unsafe { self.write_huge_header(h, base, len, p, size) };
+        if !REGISTRY.insert(h as usize) {
+            os::unmap(base, len);
+            return ptr::null_mut();
+        }
+        self.huge.allocs.fetch_add(1, Ordering::Relaxed);
+        self.huge.in_use.fetch_add(size, Ordering::Relaxed);
+        self.huge.mapped.fetch_add(len, Ordering::Relaxed);
+        p
+    }
+
+    /// # Safety
+    /// `h` is writable for a header's first fields and belongs to the mapping `base..+len`.
+    unsafe fn write_huge_header(
+        &self,
+        h: *mut ChunkHeader,
+        base: *mut u8,
+        len: usize,
+        p: *mut u8,
+        size: usize,
+    ) {
+        // SAFETY: by the contract.
+        unsafe {
+            (*h).kind = CHUNK_HUGE;
+            (*h).arena = 0;
+            (*h).map_base = base as usize;
+            (*h).map_len = len;
+            (*h).huge_ptr = p as usize;
+            (*h).huge_size = size;
+            (*h).magic = MAGIC;
+        }
+    }
+
+    /// # Safety
+    /// `h` is the header of a live huge block that the caller gives up.
+    unsafe fn free_huge(&self, h: *mut ChunkHeader) {
+        // SAFETY: by the contract the mapping is ours to unmap.
+        unsafe {
+            let (base, len, size) = ((*h).map_base, (*h).map_len, (*h).huge_size);
+            REGISTRY.remove(h as usize);
+            os::unmap(base as *mut u8, len);
+            self.huge.frees.fetch_add(1, Ordering::Relaxed);
+            self.huge.in_use.fetch_sub(size, Ordering::Relaxed);
+            self.huge.mapped.fetch_sub(len, Ordering::Relaxed);
+        }
+    }
+
+    /// Resizes a huge block with `mremap`: in place if the kernel can, else by moving its
+    /// pages (no copy) to a fresh reservation with the same alignment. Null on failure, with
+    /// the block untouched.
+    ///
+    /// # Safety
+    /// `h` is the header of a live huge block that the caller owns.
+    unsafe fn realloc_huge(&self, h: *mut ChunkHeader, size: usize) -> *mut u8 {
+        if size > isize::MAX as usize - 2 * CHUNK {
+            return ptr::null_mut();
+        }
+        // SAFETY: by the contract the header and mapping are ours.
+        unsafe {
+            let (base, len, p, old) = ((*h).map_base, (*h).map_len, (*h).huge_ptr, (*h).huge_size);
+            let off = p - base;
+            let new_len = off + pages_for(size) * PAGE;
+            if new_len == len || os::remap_in_place(base as *mut u8, len, new_len) {
+                (*h).map_len = new_len;
+                (*h).huge_size = size;
+            } else {
+                let map_align = if off >= CHUNK { off } else { CHUNK };
+                let target = os::reserve_aligned(new_len, map_align);
+                if target.is_null() {
+                    return ptr::null_mut();
+                }
+                if !os::move_mapping(base as *mut u8, len, new_len, target) {
+                    os::unmap(target, new_len);
+                    return ptr::null_mut();
+                }
+                REGISTRY.remove(h as usize);
+                let q = target as usize + off;
+                let nh = chunk_of(q as *const u8) as *mut ChunkHeader;
+                self.write_huge_header(nh, target, new_len, q as *mut u8, size);
+                REGISTRY.insert(nh as usize);
+                self.huge.mapped.fetch_add(new_len, Ordering::Relaxed);
+                self.huge.mapped.fetch_sub(len, Ordering::Relaxed);
+                self.huge.in_use.fetch_add(size, Ordering::Relaxed);
+                self.huge.in_use.fetch_sub(old, Ordering::Relaxed);
+                return q as *mut u8;
+            }
+            self.huge.mapped.fetch_add(new_len, Ordering::Relaxed);
+            self.huge.mapped.fetch_sub(len, Ordering::Relaxed);
+            self.huge.in_use.fetch_add(size, Ordering::Relaxed);
+            self.huge.in_use.fetch_sub(old, Ordering::Relaxed);
+            p as *mut u8
+        }
+    }
+
+    /// The arena that owns `p`, if `p` is a live arena block of this heap.
+    pub fn owner_arena(&self, p: *const u8) -> Option<usize> {
+        match lookup(&SRC, p) {
+            Lookup::Small { arena, .. } | Lookup::Large { arena, .. } => Some(arena as usize),
+            _ => None,
+        }
+    }
+
+    /// Whether `p` is a live block of this heap (huge included).
+    pub fn owns(&self, p: *const u8) -> bool {
+        !matches!(lookup(&SRC, p), Lookup::Invalid)
+    }
+
+    /// Calls `f` with a snapshot of each arena's counters, one arena at a time (no lock is
+    /// held while `f` runs, so `f` may allocate).
+    pub fn for_each_arena(&self, mut f: impl FnMut(ArenaStats)) {
+        if let Some(cfg) = self.config() {
+            for i in 0..cfg.count {
+                f(Self::arena(cfg, i).stats(&SRC));
+            }
+        }
+    }
+
+    /// Counters of directly mapped blocks: (allocs, frees, bytes in use, bytes mapped).
+    pub fn huge_counters(&self) -> (u64, u64, usize, usize) {
+        (
+            self.huge.allocs.load(Ordering::Relaxed),
+            self.huge.frees.load(Ordering::Relaxed),
+            self.huge.in_use.load(Ordering::Relaxed),
+            self.huge.mapped.load(Ordering::Relaxed),
+        )
+    }
+
+    /// Verifies every arena's invariants.
+    pub fn check(&self) -> Result<(), &'static str> {
+        if let Some(cfg) = self.config() {
+            for i in 0..cfg.count {
+                Self::arena(cfg, i).check(&SRC)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Returns pending frees to their runs and every unused dirty page to the OS.
+    pub fn trim(&self) {
+        if let Some(cfg) = self.config() {
+            for i in 0..cfg.count {
+                Self::arena(cfg, i).trim(&SRC);
+            }
+        }
+    }
+
+    fn fork_prepare(&self) {
+        if let Some(cfg) = self.config() {
+            for i in 0..cfg.count {
+                Self::arena(cfg, i).fork_lock();
+            }
+        }
+    }
+
+    fn fork_parent(&self) {
+        if let Some(cfg) = self.config() {
+            for i in (0..cfg.count).rev() {
+                Self::arena(cfg, i).fork_unlock();
+            }
+        }
+    }
+
+    fn fork_child(&self) {
+        // The initialising thread, if any was recorded, does not exist here.
+        self.init_thread.store(0, Ordering::Relaxed);
+        if let Some(cfg) = self.config() {
+            for i in 0..cfg.count {
+                Self::arena(cfg, i).fork_reinit();
+            }
+        }
+    }
+
+    /// Writes the statistics report to `fd` without allocating.
+    pub fn write_report(&self, fd: i32) {
+        crate::stats::write_report(self, fd);
+    }
+}
+
+unsafe extern "C" fn atfork_prepare() {
+    HEAP.fork_prepare();
+}
+unsafe extern "C" fn atfork_parent() {
+    HEAP.fork_parent();
+}
+unsafe extern "C" fn atfork_child() {
+    HEAP.fork_child();
+}
+
+extern "C" fn report_at_exit() {
+    HEAP.write_report(2);
+}
+
+/// Registers the fork handlers (and the exit report, if asked for) once per process.
+fn register_handlers() {
+    static DONE: AtomicBool = AtomicBool::new(false);
+    if DONE.swap(true, Ordering::Relaxed) {
+        return;
+    }
+    if !os::register_atfork(atfork_prepare, atfork_parent, atfork_child) {
+        let mut l = Line::new();
+        l.str(b"coreheap: pthread_atfork failed; fork may deadlock\n");
+        l.write(2);
+    }
+    if os::env_usize(b"COREHEAP_STATS\0").unwrap_or(0) > 0 {
+        // SAFETY: `report_at_exit` is a plain function that lives for the whole program.
+        unsafe { libc::atexit(report_at_exit) };
+    }
+}
+

@@ -1,0 +1,134 @@
+//! coreheap: a memory allocator with one arena per CPU.
+//!
+//! A thread allocates from the arena of the CPU it runs on now (`sched_getcpu`), so threads
+//! on different cores rarely share a lock or a written cache line. Small requests (up to
+//! 8 KiB) are rounded to a power of two and served from page runs split into equal blocks;
+//! large ones (up to 2 MiB) are whole pages, best fit from the arena's free page runs; larger
+//! ones are mapped directly. A freed block goes back to the arena that owns it, found in O(1)
+//! from the header of its chunk, through a lock-free stack that the owner drains.
+//!
+//! ```no_run
+//! #[global_allocator]
+//! static GLOBAL: coreheap::CoreHeap = coreheap::CoreHeap::new();
+//! ```
+//!
+//! # Layout of the code
+//! - [`os`]: the only caller of the OS (mmap, madvise, futex, sched_getcpu); a contract.
+//! - [`source`]: where chunks come from; the seam for heaps in shared memory.
+//! - `size_class`, `chunk`: sizes; chunk headers and the pointer -> header lookup.
+//! - `large` (page heap), `small` (size-class runs), `remote` (frees on their way back),
+//!   `arena` (one arena and its lock), `lock` (a futex lock that never allocates).
+//! - `heap`: the arena table, CPU routing, initialisation, huge blocks, fork.
+//! - `global`: `GlobalAlloc`; `stats`: counters and the report.
+//!
+//! See `docs/design.md` for the invariants and the lock order.
+
+#![deny(unsafe_op_in_unsafe_fn)]
+
+mod arena;
+mod chunk;
+mod diag;
+mod global;
+mod heap;
+mod large;
+mod lock;
+pub mod os;
+mod remote;
+mod size_class;
+mod small;
+pub mod source;
+mod stats;
+
+pub use arena::ArenaStats;
+pub use global::CoreHeap;
+pub use size_class::{class_size, CHUNK, LARGE_MAX, NUM_CLASSES, PAGE, SMALL_MAX};
+pub use stats::Stats;
+
+use heap::HEAP;
+
+/// A snapshot of every arena's counters and of the directly mapped blocks. Pending frees are
+/// returned to their arenas first, so the counts are exact at the moment each arena is read.
+pub fn stats() -> Stats {
+    stats::collect(&HEAP)
+}
+
+/// Writes the human-readable statistics report to file descriptor `fd` (2 for stderr)
+/// without allocating.
+pub fn write_report(fd: i32) {
+    HEAP.write_report(fd)
+}
+
+/// The arena that owns the block at `p`, or `None` if `p` is not a live small or large block
+/// of coreheap (directly mapped blocks belong to no arena).
+pub fn owner_arena<T: ?Sized>(p: *const T) -> Option<usize> {
+    HEAP.owner_arena(p.cast())
+}
+
+/// Whether `p` is the start of a live block of coreheap.
+pub fn owns<T: ?Sized>(p: *const T) -> bool {
+    HEAP.owns(p.cast())
+}
+
+/// The arena of the CPU the calling thread runs on now.
+pub fn current_arena() -> usize {
+    HEAP.current_arena()
+}
+
+/// The number of arenas (initialising the heap if needed).
+pub fn arena_count() -> usize {
+    HEAP.arena_count()
+}
+
+/// Verifies the invariants of every arena: run lists, counts, free page runs sorted into the
+/// right lists, neither overlapping nor adjacent. Returns the first violation.
+pub fn check_heap() -> Result<(), &'static str> {
+    HEAP.check()
+}
+
+/// Returns pending frees to their arenas and unused dirty pages to the OS.
+pub fn trim() {
+    HEAP.trim()
+}
+
+/// The number of usable bytes of the block at `p` (at least its requested size).
+///
+/// # Safety
+/// `p` is null or a live block of coreheap; anything else aborts the process.
+pub unsafe fn usable_size(p: *mut u8) -> usize {
+    HEAP.usable_size(p)
+}
+
+/// Raw entry points for the C interface (the preload library). Same semantics as
+/// `GlobalAlloc` without a `Layout`: `free` accepts null and aborts on pointers coreheap did
+/// not return.
+pub mod raw {
+    use crate::heap::HEAP;
+
+    /// `size` bytes aligned to `align` (a power of two); null on failure.
+    #[inline]
+    pub fn alloc(size: usize, align: usize) -> *mut u8 {
+        HEAP.alloc(size, align).0
+    }
+
+    /// Zeroed `size` bytes aligned to `align`; null on failure.
+    #[inline]
+    pub fn alloc_zeroed(size: usize, align: usize) -> *mut u8 {
+        HEAP.alloc_zeroed(size, align)
+    }
+
+    /// # Safety
+    /// `p` is null or a live block of coreheap that the caller gives up.
+    #[inline]
+    pub unsafe fn free(p: *mut u8) {
+        // SAFETY: passed on from the caller.
+        unsafe { HEAP.free(p) }
+    }
+
+    /// # Safety
+    /// `p` is null or a live block of coreheap that the caller owns.
+    #[inline]
+    pub unsafe fn realloc(p: *mut u8, size: usize, align: usize) -> *mut u8 {
+        // SAFETY: passed on from the caller.
+        unsafe { HEAP.realloc(p, size, align) }
+    }
+}

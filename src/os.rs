@@ -1,0 +1,354 @@
+//! The operating-system layer: the only module that calls `mmap`, `munmap`, `mremap`,
+//! `madvise`, `futex`, `sched_getcpu`, `getenv` or `write`.
+//!
+//! # Contract
+//! For every function here:
+//! - it never allocates and never calls back into any allocator, so it may be called while an
+//!   arena lock is held and from inside `malloc`;
+//! - it never panics; failure is reported by a null pointer or `false`;
+//! - addresses and lengths passed in are multiples of [`OS_PAGE`] unless a function says
+//!   otherwise.
+//!
+//! The engine does not call this module directly for its memory: it goes through
+//! [`crate::source::PageSource`], so that a shared file mapping can take the place of
+//! anonymous memory.
+
+use core::ptr;
+use core::sync::atomic::AtomicU32;
+
+/// The page size this build assumes. Checked against the kernel's at start-up by
+/// [`page_size_ok`]; on a kernel with larger pages the purge calls become no-ops.
+pub const OS_PAGE: usize = 4096;
+
+/// Maps `len` bytes of fresh, zeroed, read-write anonymous memory aligned to `align` (a power
+/// of two, at least [`OS_PAGE`]). Returns null on failure.
+///
+/// pre: `len` is a multiple of `OS_PAGE`.
+pub fn map_aligned(len: usize, align: usize) -> *mut u8 {
+    debug_assert!(align.is_power_of_two() && align >= OS_PAGE);
+    let Some(over) = len.checked_add(align - OS_PAGE) else {
+        return ptr::null_mut();
+    };
+    let raw = map_anon(over);
+    if raw.is_null() {
+        return raw;
+    }
+    let addr = raw as usize;
+    let start = (addr + align - 1) & !(align - 1);
+    let lead = start - addr;
+    let trail = over - lead - len;
+    if lead > 0 {
+        unmap(raw, lead);
+    }
+    if trail > 0 {
+        unmap((start + len) as *mut u8, trail);
+    }
+    start as *mut u8
+}
+
+/// Maps `len` bytes of anonymous read-write memory anywhere. Returns null on failure.
+pub fn map_anon(len: usize) -> *mut u8 {
+    // SAFETY: an anonymous private mapping with no address hint touches no existing memory.
+    let p = unsafe {
+        libc::mmap(
+            ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        ptr::null_mut()
+    } else {
+        p.cast()
+    }
+}
+
+/// Reserves `len` bytes of address space with no access, aligned to `align`. Used as the
+/// target of [`move_mapping`]. Returns null on failure.
+pub fn reserve_aligned(len: usize, align: usize) -> *mut u8 {
+    let Some(over) = len.checked_add(align - OS_PAGE) else {
+        return ptr::null_mut();
+    };
+    // SAFETY: as in `map_anon`; PROT_NONE with MAP_NORESERVE commits nothing.
+    let raw = unsafe {
+        libc::mmap(
+            ptr::null_mut(),
+            over,
+            libc::PROT_NONE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            -1,
+            0,
+        )
+    };
+    if raw == libc::MAP_FAILED {
+        return ptr::null_mut();
+    }
+    let addr = raw as usize;
+    let start = (addr + align - 1) & !(align - 1);
+    let lead = start - addr;
+    let trail = over - lead - len;
+    if lead > 0 {
+        unmap(raw.cast(), lead);
+    }
+    if trail > 0 {
+        unmap((start + len) as *mut u8, trail);
+    }
+    start as *mut u8
+}
+
+/// Unmaps `[p, p + len)`.
+///
+/// pre: the range was mapped by this module and nothing refers to it any more.
+pub fn unmap(p: *mut u8, len: usize) {
+    // SAFETY: by the precondition the range is ours and unused; munmap of a mapped range
+    // cannot affect other memory.
+    unsafe {
+        libc::munmap(p.cast(), len);
+    }
+}
+
+/// Tells the kernel that `[p, p + len)` is no longer needed: its pages are released and read
+/// back as zero.
+///
+/// pre: the range lies in a private anonymous mapping of this module and holds no live data.
+pub fn purge(p: *mut u8, len: usize) {
+    if len == 0 || !page_size_ok() {
+        return;
+    }
+    // SAFETY: by the precondition no live object is in the range; MADV_DONTNEED on private
+    // anonymous memory only zeroes it.
+    unsafe {
+        libc::madvise(p.cast(), len, libc::MADV_DONTNEED);
+    }
+}
+
+/// Resizes the mapping `[p, p + old)` to `new` bytes without moving it. Returns whether the
+/// kernel could do so.
+///
+/// pre: `[p, p + old)` is one mapping of this module.
+pub fn remap_in_place(p: *mut u8, old: usize, new: usize) -> bool {
+    // SAFETY: without MREMAP_MAYMOVE the mapping stays at `p`; growing only takes address
+    // space that was free.
+    let r = unsafe { libc::mremap(p.cast(), old, new, 0) };
+    r != libc::MAP_FAILED
+}
+
+/// Moves the pages of `[p, p + old)` to `target`, resized to `new` bytes, without copying.
+/// On success `[p, p + old)` is unmapped; on failure nothing changed.
+///
+/// pre: `[p, p + old)` is one mapping of this module; `[target, target + new)` is a
+/// reservation of [`reserve_aligned`] that nothing else uses.
+pub fn move_mapping(p: *mut u8, old: usize, new: usize, target: *mut u8) -> bool {
+    // SAFETY: MREMAP_FIXED replaces only the reservation at `target`, which is ours.
+    let r = unsafe {
+        libc::mremap(
+            p.cast(),
+            old,
+            new,
+            libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
+            target.cast::<libc::c_void>(),
+        )
+    };
+    r != libc::MAP_FAILED
+}
+
+/// Whether the kernel's page size is [`OS_PAGE`].
+pub fn page_size_ok() -> bool {
+    use core::sync::atomic::{AtomicU8, Ordering};
+    static STATE: AtomicU8 = AtomicU8::new(0); // 0 unknown, 1 ok, 2 other
+    match STATE.load(Ordering::Relaxed) {
+        1 => true,
+        2 => false,
+        _ => {
+            // SAFETY: sysconf has no preconditions.
+            let ok = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } == OS_PAGE as libc::c_long;
+            STATE.store(if ok { 1 } else { 2 }, Ordering::Relaxed);
+            ok
+        }
+    }
+}
+
+/// The CPU the calling thread runs on now, or 0 if the kernel cannot tell. glibc answers this
+/// from the thread's rseq area without a system call.
+#[inline]
+pub fn current_cpu() -> usize {
+    // SAFETY: sched_getcpu has no preconditions.
+    let c = unsafe { libc::sched_getcpu() };
+    if c < 0 {
+        0
+    } else {
+        c as usize
+    }
+}
+
+/// CPU ids the process may run on now, as a bit set, and the number of possible CPU ids.
+pub fn cpu_affinity(set: &mut [u64; 16]) -> usize {
+    // SAFETY: cpu_set_t is plain data; zeroed is the empty set.
+    let mut cs: libc::cpu_set_t = unsafe { core::mem::zeroed() };
+    // SAFETY: `cs` is a valid, writable cpu_set_t of the size we pass.
+    let r = unsafe { libc::sched_getaffinity(0, core::mem::size_of::<libc::cpu_set_t>(), &mut cs) };
+    let mut count = 0;
+    for cpu in 0..1024 {
+        // SAFETY: `cpu` is below CPU_SETSIZE (1024).
+        let on = r == 0 && unsafe { libc::CPU_ISSET(cpu, &cs) };
+        if on {
+            set[cpu / 64] |= 1 << (cpu % 64);
+            count += 1;
+        }
+    }
+    if count == 0 {
+        set[0] = 1;
+        count = 1;
+    }
+    count
+}
+
+/// The number of CPU ids the kernel may ever report: one more than the highest id in
+/// `/sys/devices/system/cpu/possible` (hot-pluggable CPUs included), read without allocating.
+/// Falls back to 1024 (`CPU_SETSIZE`) when the file cannot be read.
+pub fn possible_cpus() -> usize {
+    const FALLBACK: usize = 1024;
+    let path = b"/sys/devices/system/cpu/possible\0";
+    // SAFETY: `path` is NUL-terminated.
+    let fd = unsafe { libc::open(path.as_ptr().cast(), libc::O_RDONLY | libc::O_CLOEXEC) };
+    if fd < 0 {
+        return FALLBACK;
+    }
+    let mut buf = [0u8; 256];
+    // SAFETY: `buf` is writable for its length; `fd` is ours and closed right after.
+    let n = unsafe {
+        let n = libc::read(fd, buf.as_mut_ptr().cast(), buf.len());
+        libc::close(fd);
+        n
+    };
+    if n <= 0 {
+        return FALLBACK;
+    }
+    // The format is a list of ids and ranges: "0-3,8-11\n". The largest number wins.
+    let mut max = None;
+    let mut cur: Option<usize> = None;
+    for &b in &buf[..n as usize] {
+        if b.is_ascii_digit() {
+            cur = Some(cur.unwrap_or(0) * 10 + (b - b'0') as usize);
+        } else if let Some(v) = cur.take() {
+            max = Some(max.map_or(v, |m: usize| m.max(v)));
+        }
+    }
+    if let Some(v) = cur {
+        max = Some(max.map_or(v, |m: usize| m.max(v)));
+    }
+    match max {
+        Some(m) if m < 1 << 16 => m + 1,
+        _ => FALLBACK,
+    }
+}
+
+/// A random word from the kernel (`AT_RANDOM`), fixed for the life of the process.
+pub fn random_word() -> usize {
+    // SAFETY: getauxval has no preconditions; AT_RANDOM points to 16 random bytes that live
+    // as long as the process.
+    unsafe {
+        let p = libc::getauxval(libc::AT_RANDOM) as *const u8;
+        if p.is_null() {
+            return 0x9e37_79b9_7f4a_7c15;
+        }
+        core::ptr::read_unaligned(p.cast::<usize>())
+    }
+}
+
+/// Reads an environment variable as an unsigned number, without allocating. `name` must end
+/// with a NUL byte. Returns `None` if unset or not a number.
+pub fn env_usize(name: &[u8]) -> Option<usize> {
+    debug_assert_eq!(name.last(), Some(&0));
+    // SAFETY: `name` is NUL-terminated; getenv returns null or a NUL-terminated string that
+    // stays valid while nobody calls setenv, and we read it at once.
+    let p = unsafe { libc::getenv(name.as_ptr().cast()) };
+    if p.is_null() {
+        return None;
+    }
+    let mut v: usize = 0;
+    let mut i = 0;
+    loop {
+        // SAFETY: we stop at the terminating NUL.
+        let b = unsafe { *p.add(i) } as u8;
+        match b {
+            0 if i > 0 => return Some(v),
+            b'0'..=b'9' => v = v.checked_mul(10)?.checked_add((b - b'0') as usize)?,
+            _ => return None,
+        }
+        i += 1;
+    }
+}
+
+/// Writes all of `bytes` to file descriptor `fd`, ignoring errors. Never allocates.
+pub fn write_all(fd: i32, mut bytes: &[u8]) {
+    while !bytes.is_empty() {
+        // SAFETY: `bytes` is a valid readable slice.
+        let n = unsafe { libc::write(fd, bytes.as_ptr().cast(), bytes.len()) };
+        if n <= 0 {
+            return;
+        }
+        bytes = &bytes[n as usize..];
+    }
+}
+
+/// Writes `msg` to stderr and aborts the process. Used for heap corruption and invalid frees.
+#[cold]
+pub fn fatal(msg: &[u8]) -> ! {
+    write_all(2, msg);
+    // SAFETY: abort has no preconditions.
+    unsafe { libc::abort() }
+}
+
+/// Blocks while `*word == expected`, until a [`futex_wake`] on `word` (or spuriously).
+/// `shared` selects a futex usable across processes (for shared-memory heaps).
+pub fn futex_wait(word: &AtomicU32, expected: u32, shared: bool) {
+    let op = if shared {
+        libc::FUTEX_WAIT
+    } else {
+        libc::FUTEX_WAIT | libc::FUTEX_PRIVATE_FLAG
+    };
+    // SAFETY: `word` is a valid aligned u32 for the duration of the call; no timeout.
+    unsafe {
+        libc::syscall(
+            libc::SYS_futex,
+            word.as_ptr(),
+            op,
+            expected,
+            ptr::null::<libc::timespec>(),
+        );
+    }
+}
+
+/// Wakes one thread blocked in [`futex_wait`] on `word`.
+pub fn futex_wake(word: &AtomicU32, shared: bool) {
+    let op = if shared {
+        libc::FUTEX_WAKE
+    } else {
+        libc::FUTEX_WAKE | libc::FUTEX_PRIVATE_FLAG
+    };
+    // SAFETY: `word` is a valid aligned u32; waking has no other effect on memory.
+    unsafe {
+        libc::syscall(libc::SYS_futex, word.as_ptr(), op, 1);
+    }
+}
+
+/// Registers the fork handlers. Returns whether glibc accepted them.
+pub fn register_atfork(
+    prepare: unsafe extern "C" fn(),
+    parent: unsafe extern "C" fn(),
+    child: unsafe extern "C" fn(),
+) -> bool {
+    // SAFETY: the handlers are `extern "C"` functions that live for the whole program.
+    unsafe { libc::pthread_atfork(Some(prepare), Some(parent), Some(child)) == 0 }
+}
+
+/// A thread id for the calling thread, unique among live threads, without a system call.
+#[inline]
+pub fn thread_id() -> usize {
+    // SAFETY: pthread_self has no preconditions.
+    unsafe { libc::pthread_self() as usize }
+}

@@ -1,0 +1,154 @@
+//! Frees on their way back to the owning arena.
+//!
+//! `free` never takes the owner's lock on its common path: it pushes the block onto the
+//! owner's [`Pending`] stack with one compare-and-swap, whichever CPU it runs on. The owner
+//! takes the whole stack with one swap when it next needs memory (its slow path) and returns
+//! each block to its run. When a stack grows past [`Pending::FLUSH`] blocks, the thread that
+//! pushed the last one drains it itself if the owner's lock is free: McKenney and Slingwine's
+//! "interlock only when a list runs empty or overflows".
+//!
+//! The head packs a pointer (low 48 bits) and a saturating count (high 16 bits) into one word.
+//! Pushes and take-all swaps have no ABA problem: nobody pops a single block.
+
+use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
+use crate::chunk::Block;
+
+const PTR_BITS: u32 = 48;
+const PTR_MASK: usize = (1 << PTR_BITS) - 1;
+const COUNT_MAX: usize = 0xffff;
+
+/// A lock-free stack of freed blocks.
+///
+/// Invariant: the pointer bits of `head` are null or a block whose `next` word links the rest
+/// of the stack; every block on it belongs to the arena that owns this stack.
+pub struct Pending {
+    head: AtomicUsize,
+    /// Blocks pushed by threads on another CPU than the owner's (statistics).
+    pub remote_frees: AtomicU64,
+}
+
+impl Pending {
+    /// Blocks on the stack past which the pushing thread tries to drain it.
+    pub const FLUSH: usize = 64;
+
+    pub const fn new() -> Self {
+        Self {
+            head: AtomicUsize::new(0),
+            remote_frees: AtomicU64::new(0),
+        }
+    }
+
+    /// Pushes `b` and returns how many blocks the stack holds now (saturating at 65535).
+    ///
+    /// # Safety
+    /// `b` is a freed block of at least 16 bytes, owned by this stack's arena, that no one
+    /// else will touch until it is taken off again.
+    #[inline]
+    pub unsafe fn push(&self, b: *mut Block) -> usize {
+        debug_assert!((b as usize) & !PTR_MASK == 0);
+        let mut old = self.head.load(Ordering::Relaxed);
+        loop {
+            let count = ((old >> PTR_BITS) + 1).min(COUNT_MAX);
+            // SAFETY: by the contract `b` is ours to write until pushed.
+            unsafe { (*b).next = (old & PTR_MASK) as *mut Block };
+            let new = b as usize | (count << PTR_BITS);
+            // Release: the taker must see `b.next` (and the freed block's marks).
+            match self
+                .head
+                .compare_exchange_weak(old, new, Ordering::Release, Ordering::Relaxed)
+            {
+                Ok(_) => return count,
+                Err(cur) => old = cur,
+            }
+        }
+    }
+
+    /// Takes every block off the stack; returns the first (its `next` links the others).
+    #[inline]
+    pub fn take_all(&self) -> *mut Block {
+        if self.head.load(Ordering::Relaxed) == 0 {
+            return core::ptr::null_mut();
+        }
+        // Acquire: pairs with the Release of `push`, so the links are visible.
+        (self.head.swap(0, Ordering::Acquire) & PTR_MASK) as *mut Block
+    }
+
+    /// Blocks on the stack now (approximate while others push).
+    #[cfg(test)]
+    pub fn len(&self) -> usize {
+        self.head.load(Ordering::Relaxed) >> PTR_BITS
+    }
+}
+
+impl Default for Pending {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    #[test]
+    fn push_take_all_from_many_threads_loses_nothing() {
+        let stack = Arc::new(Pending::new());
+        let threads: Vec<_> = (0..4)
+            .map(|t| {
+                let stack = stack.clone();
+                std::thread::spawn(move || {
+                    for i in 0..10_000usize {
+                        let b = Box::into_raw(Box::new(Block {
+                            next: core::ptr::null_mut(),
+                            mark: t * 1_000_000 + i,
+                        }));
+                        // SAFETY: `b` is a fresh block nobody else uses.
+                        unsafe { stack.push(b) };
+                    }
+                })
+            })
+            .collect();
+        let mut seen = Vec::new();
+        let mut collect = |mut b: *mut Block| {
+            while !b.is_null() {
+                // SAFETY: the blocks came from Box::into_raw and were taken off the stack.
+                let boxed = unsafe { Box::from_raw(b) };
+                seen.push(boxed.mark);
+                b = boxed.next;
+            }
+        };
+        for t in threads {
+            collect(stack.take_all());
+            t.join().unwrap();
+        }
+        collect(stack.take_all());
+        seen.sort_unstable();
+        let mut want: Vec<usize> = (0..4)
+            .flat_map(|t| (0..10_000).map(move |i| t * 1_000_000 + i))
+            .collect();
+        want.sort_unstable();
+        assert_eq!(seen, want);
+        assert_eq!(stack.len(), 0);
+    }
+
+    #[test]
+    fn count_tracks_pushes_and_saturates() {
+        let stack = Pending::new();
+        let mut blocks: Vec<Block> = (0..70_000)
+            .map(|_| Block {
+                next: core::ptr::null_mut(),
+                mark: 0,
+            })
+            .collect();
+        for (i, b) in blocks.iter_mut().enumerate() {
+            // SAFETY: each block lives in `blocks`, which outlives the stack's use of it.
+            let n = unsafe { stack.push(b) };
+            assert_eq!(n, (i + 1).min(COUNT_MAX));
+        }
+        assert!(!stack.take_all().is_null());
+        assert_eq!(stack.len(), 0);
+        assert!(stack.take_all().is_null());
+    }
+}

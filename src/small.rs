@@ -1,0 +1,275 @@
+//! Small blocks: page runs cut into blocks of one power-of-two size class.
+//!
+//! Each arena has one bin per class: a list of its runs that have a block to give (a free
+//! block on the run's own list, or blocks never carved). A run is carved lazily: `bump`
+//! counts the blocks handed out at least once, so a fresh run touches one block at a time and
+//! its untouched blocks stay zero (which `calloc` uses). A block in use carries no header: its
+//! run's descriptor in the chunk header holds the class and counts.
+//!
+//! Invariants, per run `r` of class `c` (checked by [`SmallBins::check`]):
+//! - `r.used + len(r.free) == r.bump <= run_blocks(c)`;
+//! - `r.in_bin` iff `r` is on bin `c`'s list; a run off the list has no block to give;
+//! - a run with `used == 0` is on its bin only while it is the bin's only run.
+
+use core::ptr;
+
+use crate::chunk::{header_of_desc, run_addr, Block, Kind, PageDesc};
+use crate::large::PageHeap;
+use crate::size_class::{class_size, run_blocks, run_pages, NUM_CLASSES};
+use crate::source::PageSource;
+
+/// Counters per size class (guarded by the arena lock).
+#[derive(Clone, Copy, Default, Debug)]
+pub struct ClassCounters {
+    pub allocs: u64,
+    pub frees: u64,
+    pub runs: u64,
+}
+
+/// The bins of one arena.
+pub struct SmallBins {
+    heads: [*mut PageDesc; NUM_CLASSES],
+    pub counters: [ClassCounters; NUM_CLASSES],
+}
+
+impl SmallBins {
+    pub const fn new() -> Self {
+        Self {
+            heads: [ptr::null_mut(); NUM_CLASSES],
+            counters: [ClassCounters {
+                allocs: 0,
+                frees: 0,
+                runs: 0,
+            }; NUM_CLASSES],
+        }
+    }
+
+    /// Takes a block of class `class` from the first run of its bin, if that run has one.
+    /// Returns the block and whether it is known to read zero.
+    ///
+    /// # Safety
+    /// The caller holds the arena lock.
+    #[inline]
+    pub unsafe fn alloc_fast(&mut self, class: usize) -> Option<(*mut u8, bool)> {
+        let r = self.heads[class];
+        if r.is_null() {
+            return None;
+        }
+        // SAFETY: runs on a bin are live small runs of this arena; the lock is held.
+        unsafe {
+            let b = (*r).free;
+            if !b.is_null() {
+                (*r).free = (*b).next;
+                // The block is in use now: a stale mark must not look like a double free.
+                (*b).mark = 0;
+                (*r).used += 1;
+                self.counters[class].allocs += 1;
+                return Some((b.cast(), false));
+            }
+            if ((*r).bump as usize) < run_blocks(class) {
+                let p = run_addr(r).add((*r).bump as usize * class_size(class));
+                (*r).bump += 1;
+                (*r).used += 1;
+                self.counters[class].allocs += 1;
+                return Some((p, !(*r).dirty));
+            }
+        }
+        None
+    }
+
+    /// The slow path: drops exhausted runs from the bin, then carves a new run from `heap`.
+    /// The caller drains pending frees before calling this.
+    ///
+    /// # Safety
+    /// The caller holds the arena lock.
+    #[cold]
+    #[inline(never)]
+    pub unsafe fn alloc_refill<S: PageSource>(
+        &mut self,
+        heap: &mut PageHeap,
+        src: &S,
+        class: usize,
+    ) -> Option<(*mut u8, bool)> {
+        // SAFETY: the lock is held; runs on the bin are ours.
+        unsafe {
+            loop {
+                if let Some(r) = self.alloc_fast(class) {
+                    return Some(r);
+                }
+                let r = self.heads[class];
+                if r.is_null() {
+                    break;
+                }
+                self.unlink(class, r);
+            }
+            let (r, dirty) = heap.alloc_run(src, run_pages(class), 1);
+            if r.is_null() {
+                return None;
+            }
+            let h = header_of_desc(r);
+            let first = (*h).desc_index(r);
+            (*r).set_class(class);
+            (*r).dirty = dirty;
+            (*r).used = 0;
+            (*r).bump = 0;
+            (*r).free = ptr::null_mut();
+            for j in 1..run_pages(class) {
+                let d = &(*h).pages[first + j];
+                d.set_lead(j);
+                d.set_kind(Kind::SmallInterior);
+            }
+            // The kind is set last: a racing validator that sees Small sees the class too.
+            (*r).set_kind(Kind::Small);
+            self.counters[class].runs += 1;
+            self.link(class, r);
+            self.alloc_fast(class)
+        }
+    }
+
+    /// Returns block `b` to run `r`; gives the run back to `heap` when it is empty and not
+    /// the bin's only run.
+    ///
+    /// # Safety
+    /// The caller holds the arena lock; `r` is the small run of this arena holding `b`, and
+    /// `b` is in use (counted in `used`).
+    pub unsafe fn free<S: PageSource>(
+        &mut self,
+        heap: &mut PageHeap,
+        src: &S,
+        r: *mut PageDesc,
+        b: *mut Block,
+    ) {
+        // SAFETY: as the contract says.
+        unsafe {
+            let class = (*r).class();
+            (*b).next = (*r).free;
+            (*r).free = b;
+            (*r).used -= 1;
+            self.counters[class].frees += 1;
+            if !(*r).in_bin {
+                self.link(class, r);
+            }
+            if (*r).used == 0 && !((*r).next.is_null() && (*r).prev.is_null()) {
+                self.unlink(class, r);
+                let h = header_of_desc(r);
+                let first = (*h).desc_index(r);
+                for j in 1..run_pages(class) {
+                    (*h).pages[first + j].set_kind(Kind::Interior);
+                }
+                (*r).set_kind(Kind::Large);
+                (*r).free = ptr::null_mut();
+                heap.free_run(src, r);
+            }
+        }
+    }
+
+    /// Whether `b` is on the free list of run `r` (for double-free confirmation).
+    ///
+    /// # Safety
+    /// The caller holds the arena lock; `r` is a small run of this arena.
+    pub unsafe fn run_has_free(&self, r: *mut PageDesc, b: *mut Block) -> bool {
+        // SAFETY: the run's free list holds blocks of the run, linked under the lock.
+        unsafe {
+            let mut f = (*r).free;
+            while !f.is_null() {
+                if f == b {
+                    return true;
+                }
+                f = (*f).next;
+            }
+        }
+        false
+    }
+
+    unsafe fn link(&mut self, class: usize, r: *mut PageDesc) {
+        // SAFETY: `r` is a small run of this arena on no list.
+        unsafe {
+            (*r).prev = ptr::null_mut();
+            (*r).next = self.heads[class];
+            if !(*r).next.is_null() {
+                (*(*r).next).prev = r;
+            }
+            self.heads[class] = r;
+            (*r).in_bin = true;
+        }
+    }
+
+    unsafe fn unlink(&mut self, class: usize, r: *mut PageDesc) {
+        // SAFETY: `r` is on bin `class`.
+        unsafe {
+            if (*r).prev.is_null() {
+                self.heads[class] = (*r).next;
+            } else {
+                (*(*r).prev).next = (*r).next;
+            }
+            if !(*r).next.is_null() {
+                (*(*r).next).prev = (*r).prev;
+            }
+            (*r).next = ptr::null_mut();
+            (*r).prev = ptr::null_mut();
+            (*r).in_bin = false;
+        }
+    }
+
+    /// Verifies the bin invariants for the runs on the bins, and `run`'s counts.
+    ///
+    /// # Safety
+    /// The caller holds the arena lock.
+    pub unsafe fn check(&self) -> Result<(), &'static str> {
+        for class in 0..NUM_CLASSES {
+            let mut r = self.heads[class];
+            let mut count = 0;
+            while !r.is_null() {
+                // SAFETY: runs on the bins are ours.
+                unsafe {
+                    if (*r).kind() != Kind::Small || (*r).class() != class || !(*r).in_bin {
+                        return Err("bin holds a run of another class");
+                    }
+                    check_run(r)?;
+                    r = (*r).next;
+                }
+                count += 1;
+            }
+            let _ = count;
+        }
+        Ok(())
+    }
+}
+
+/// Verifies `used + len(free) == bump <= capacity` and that free blocks lie in the run at
+/// block boundaries.
+///
+/// # Safety
+/// The caller holds the arena lock; `r` heads a small run.
+pub unsafe fn check_run(r: *mut PageDesc) -> Result<(), &'static str> {
+    // SAFETY: as the contract says.
+    unsafe {
+        let class = (*r).class();
+        let start = run_addr(r) as usize;
+        let size = class_size(class);
+        let cap = run_blocks(class);
+        let mut n = 0usize;
+        let mut f = (*r).free;
+        while !f.is_null() {
+            let a = f as usize;
+            if a < start || a >= start + cap * size || (a - start) % size != 0 {
+                return Err("free list leaves its run");
+            }
+            n += 1;
+            if n > cap {
+                return Err("free list longer than its run (a cycle?)");
+            }
+            f = (*f).next;
+        }
+        if (*r).used as usize + n != (*r).bump as usize || (*r).bump as usize > cap {
+            return Err("small run counts do not add up");
+        }
+    }
+    Ok(())
+}
+
+impl Default for SmallBins {
+    fn default() -> Self {
+        Self::new()
+    }
+}

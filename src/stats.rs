@@ -1,0 +1,159 @@
+//! Statistics: snapshots for Rust callers, and a report written without allocating.
+
+use crate::arena::ArenaStats;
+use crate::diag::Line;
+use crate::heap::Heap;
+use crate::size_class::{class_size, NUM_CLASSES};
+
+/// Counters of the whole heap: one entry per arena, and the directly mapped blocks.
+#[derive(Clone, Debug, Default)]
+pub struct Stats {
+    pub arenas: Vec<ArenaStats>,
+    /// Directly mapped ("huge") blocks: allocations and frees so far, bytes in use and mapped.
+    pub huge_allocs: u64,
+    pub huge_frees: u64,
+    pub huge_in_use: usize,
+    pub huge_mapped: usize,
+}
+
+impl Stats {
+    /// Bytes of blocks in use, all arenas and huge blocks.
+    pub fn in_use(&self) -> usize {
+        self.arenas.iter().map(|a| a.in_use()).sum::<usize>() + self.huge_in_use
+    }
+    /// Bytes mapped from the OS now.
+    pub fn mapped(&self) -> usize {
+        self.arenas.iter().map(|a| a.pages.mapped).sum::<usize>() + self.huge_mapped
+    }
+    /// Frees that came from another CPU than the owning arena's.
+    pub fn remote_frees(&self) -> u64 {
+        self.arenas.iter().map(|a| a.remote_frees).sum()
+    }
+}
+
+impl core::fmt::Display for Stats {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        for a in &self.arenas {
+            f.write_str(core::str::from_utf8(arena_line(a).as_bytes()).unwrap_or("?"))?;
+        }
+        let t = total_line(&Totals {
+            huge_allocs: self.huge_allocs,
+            huge_in_use: self.huge_in_use,
+            huge_mapped: self.huge_mapped,
+            in_use: self.in_use(),
+            mapped: self.mapped(),
+            remote: self.remote_frees(),
+        });
+        f.write_str(core::str::from_utf8(t.as_bytes()).unwrap_or("?"))
+    }
+}
+
+/// Collects a snapshot of every arena.
+pub fn collect(heap: &Heap) -> Stats {
+    let mut arenas = Vec::with_capacity(heap.arena_count());
+    heap.for_each_arena(|a| arenas.push(a));
+    let (huge_allocs, huge_frees, huge_in_use, huge_mapped) = heap.huge_counters();
+    Stats {
+        arenas,
+        huge_allocs,
+        huge_frees,
+        huge_in_use,
+        huge_mapped,
+    }
+}
+
+fn kib(b: usize) -> u64 {
+    (b as u64).div_ceil(1024)
+}
+
+fn arena_line(a: &ArenaStats) -> Line {
+    let allocs: u64 = a.classes.iter().map(|c| c.allocs).sum::<u64>() + a.large.allocs;
+    let mut l = Line::new();
+    l.str(b"arena ")
+        .num_w(a.index as u64, 3)
+        .str(b": in use ")
+        .num_w(kib(a.in_use()), 9)
+        .str(b" KiB  mapped ")
+        .num_w(kib(a.pages.mapped), 8)
+        .str(b" KiB  dirty ")
+        .num_w(kib(a.dirty_bytes), 6)
+        .str(b" KiB  runs ")
+        .num_w(a.pages.runs as u64, 6)
+        .str(b"  allocs ")
+        .num_w(allocs, 10)
+        .str(b"  remote frees ")
+        .num_w(a.remote_frees, 9)
+        .str(b"  contended ")
+        .num_w(a.contentions, 7)
+        .str(b"\n");
+    l
+}
+
+/// Totals of a whole heap, as the report's last lines print them.
+struct Totals {
+    huge_allocs: u64,
+    huge_in_use: usize,
+    huge_mapped: usize,
+    /// Arena and huge bytes together.
+    in_use: usize,
+    mapped: usize,
+    remote: u64,
+}
+
+fn total_line(t: &Totals) -> Line {
+    let mut l = Line::new();
+    l.str(b"huge  : in use ")
+        .num_w(kib(t.huge_in_use), 9)
+        .str(b" KiB  mapped ")
+        .num_w(kib(t.huge_mapped), 8)
+        .str(b" KiB  allocs ")
+        .num(t.huge_allocs)
+        .str(b"\ntotal : in use ")
+        .num_w(kib(t.in_use), 9)
+        .str(b" KiB  mapped ")
+        .num_w(kib(t.mapped), 8)
+        .str(b" KiB  remote frees ")
+        .num(t.remote)
+        .str(b"\n");
+    l
+}
+
+/// Writes the report to `fd`: a line per arena, a line per size class in use, totals. Never
+/// allocates, so it may run at exit or from `malloc_stats`.
+pub fn write_report(heap: &Heap, fd: i32) {
+    let mut head = Line::new();
+    head.str(b"coreheap: ")
+        .num(heap.arena_count() as u64)
+        .str(b" arenas\n");
+    head.write(fd);
+    let mut in_use = 0;
+    let mut mapped = 0;
+    let mut remote = 0;
+    let mut per_class = [0usize; NUM_CLASSES];
+    heap.for_each_arena(|a| {
+        arena_line(&a).write(fd);
+        in_use += a.in_use();
+        mapped += a.pages.mapped;
+        remote += a.remote_frees;
+        for (c, total) in per_class.iter_mut().enumerate() {
+            *total += a.class_in_use(c);
+        }
+    });
+    let mut l = Line::new();
+    l.str(b"classes in use (KiB):");
+    for (c, total) in per_class.iter().enumerate() {
+        l.str(b" ").num(class_size(c) as u64).str(b":").num(kib(*total));
+    }
+    l.str(b"\n");
+    l.write(fd);
+    let (huge_allocs, _, huge_in_use, huge_mapped) = heap.huge_counters();
+    total_line(&Totals {
+        huge_allocs,
+        huge_in_use,
+        huge_mapped,
+        in_use: in_use + huge_in_use,
+        mapped: mapped + huge_mapped,
+        remote,
+    })
+    .write(fd);
+}

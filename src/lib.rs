@@ -26,6 +26,7 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 
 mod arena;
+pub mod c_api;
 mod chunk;
 mod diag;
 mod global;

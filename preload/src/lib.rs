@@ -1,0 +1,119 @@
+//! The preload library: `LD_PRELOAD=libcoreheap_preload.so PROGRAM` runs any program on
+//! coreheap. Each export is a one-line forward to `coreheap::c_api`, where the C rules live
+//! and are tested; nothing here may unwind (the workspace builds with `panic = "abort"`).
+
+use core::ffi::{c_int, c_void};
+
+use coreheap::c_api;
+
+/// Runs when the library is loaded: see `c_api::init`.
+extern "C" fn on_load() {
+    c_api::init();
+}
+
+#[used]
+#[link_section = ".init_array"]
+static ON_LOAD: extern "C" fn() = on_load;
+
+/// # Safety
+/// C's `malloc`.
+#[no_mangle]
+pub unsafe extern "C" fn malloc(size: usize) -> *mut c_void {
+    c_api::malloc(size)
+}
+
+/// # Safety
+/// C's `free`: `p` is null or a block of this allocator.
+#[no_mangle]
+pub unsafe extern "C" fn free(p: *mut c_void) {
+    // SAFETY: the C caller's contract.
+    unsafe { c_api::free(p) }
+}
+
+/// # Safety
+/// C's `calloc`.
+#[no_mangle]
+pub unsafe extern "C" fn calloc(n: usize, size: usize) -> *mut c_void {
+    c_api::calloc(n, size)
+}
+
+/// # Safety
+/// C's `realloc`.
+#[no_mangle]
+pub unsafe extern "C" fn realloc(p: *mut c_void, size: usize) -> *mut c_void {
+    // SAFETY: the C caller's contract.
+    unsafe { c_api::realloc(p, size) }
+}
+
+/// # Safety
+/// C's `reallocarray`.
+#[no_mangle]
+pub unsafe extern "C" fn reallocarray(p: *mut c_void, n: usize, size: usize) -> *mut c_void {
+    // SAFETY: the C caller's contract.
+    unsafe { c_api::reallocarray(p, n, size) }
+}
+
+/// # Safety
+/// C's `posix_memalign`: `out` is writable.
+#[no_mangle]
+pub unsafe extern "C" fn posix_memalign(out: *mut *mut c_void, align: usize, size: usize) -> c_int {
+    // SAFETY: the C caller's contract.
+    unsafe { c_api::posix_memalign(out, align, size) }
+}
+
+/// # Safety
+/// C's `aligned_alloc`.
+#[no_mangle]
+pub unsafe extern "C" fn aligned_alloc(align: usize, size: usize) -> *mut c_void {
+    c_api::aligned_alloc(align, size)
+}
+
+/// # Safety
+/// C's `memalign`.
+#[no_mangle]
+pub unsafe extern "C" fn memalign(align: usize, size: usize) -> *mut c_void {
+    c_api::memalign(align, size)
+}
+
+/// # Safety
+/// C's `valloc`.
+#[no_mangle]
+pub unsafe extern "C" fn valloc(size: usize) -> *mut c_void {
+    c_api::valloc(size)
+}
+
+/// # Safety
+/// C's `pvalloc`.
+#[no_mangle]
+pub unsafe extern "C" fn pvalloc(size: usize) -> *mut c_void {
+    c_api::pvalloc(size)
+}
+
+/// # Safety
+/// C's `malloc_usable_size`: `p` is null or a block of this allocator.
+#[no_mangle]
+pub unsafe extern "C" fn malloc_usable_size(p: *mut c_void) -> usize {
+    // SAFETY: the C caller's contract.
+    unsafe { c_api::malloc_usable_size(p) }
+}
+
+/// # Safety
+/// C's `malloc_trim`.
+#[no_mangle]
+pub unsafe extern "C" fn malloc_trim(pad: usize) -> c_int {
+    c_api::malloc_trim(pad)
+}
+
+/// # Safety
+/// C's `malloc_stats`.
+#[no_mangle]
+pub unsafe extern "C" fn malloc_stats() {
+    c_api::malloc_stats()
+}
+
+/// # Safety
+/// C's `mallinfo2`.
+#[no_mangle]
+pub unsafe extern "C" fn mallinfo2() -> c_api::MallInfo2 {
+    c_api::mallinfo2()
+}

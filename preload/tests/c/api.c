@@ -1,0 +1,132 @@
+/* Checks the C allocation interface under LD_PRELOAD=libcoreheap_preload.so.
+ * Prints "ok <name>" per check; exits non-zero at the first failure. */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <malloc.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+#include <dlfcn.h>
+
+static int failures;
+#define CHECK(name, cond) do { if (cond) printf("ok %s\n", name); \
+    else { printf("FAIL %s (line %d)\n", name, __LINE__); failures++; } } while (0)
+
+static int aligned(void *p, size_t a) { return ((uintptr_t)p & (a - 1)) == 0; }
+
+int main(void) {
+    /* The library really is the allocator of this process. */
+    void *sym = dlsym(RTLD_DEFAULT, "malloc");
+    Dl_info info;
+    CHECK("malloc resolves to coreheap", sym && dladdr(sym, &info) && info.dli_fname &&
+          strstr(info.dli_fname, "coreheap_preload") != NULL);
+
+    void *a = malloc(0), *b = malloc(0);
+    CHECK("malloc(0) unique and freeable", a && b && a != b);
+    free(a); free(b);
+
+    errno = 0;
+    CHECK("malloc above PTRDIFF_MAX", malloc((size_t)PTRDIFF_MAX + 1) == NULL && errno == ENOMEM);
+    errno = 0;
+    CHECK("calloc overflow", calloc(SIZE_MAX / 2, 3) == NULL && errno == ENOMEM);
+    errno = 0;
+    CHECK("reallocarray overflow", reallocarray(NULL, SIZE_MAX / 2, 3) == NULL && errno == ENOMEM);
+
+    void *p = NULL;
+    CHECK("posix_memalign EINVAL non power of two", posix_memalign(&p, 24, 8) == EINVAL);
+    CHECK("posix_memalign EINVAL below sizeof(void*)", posix_memalign(&p, 4, 8) == EINVAL);
+    CHECK("posix_memalign ENOMEM", posix_memalign(&p, 64, (size_t)PTRDIFF_MAX + 1) == ENOMEM);
+    size_t aligns[] = {8, 16, 64, 4096, 65536, 1 << 20, 4 << 20};
+    int all_ok = 1;
+    for (unsigned i = 0; i < sizeof aligns / sizeof *aligns; i++) {
+        for (size_t sz = 1; sz < (8 << 20); sz = sz * 7 + 3) {
+            p = NULL;
+            if (posix_memalign(&p, aligns[i], sz) != 0 || !aligned(p, aligns[i])) all_ok = 0;
+            else { memset(p, 0xab, sz); free(p); }
+        }
+    }
+    CHECK("posix_memalign alignments 8..4MiB", all_ok);
+
+    p = aligned_alloc(256, 1000);
+    CHECK("aligned_alloc", p && aligned(p, 256));
+    free(p);
+    p = memalign(64, 100);
+    CHECK("memalign", p && aligned(p, 64));
+    free(p);
+    p = valloc(10);
+    CHECK("valloc", p && aligned(p, 4096));
+    free(p);
+    p = pvalloc(5000);
+    CHECK("pvalloc rounds to pages", p && aligned(p, 4096) && malloc_usable_size(p) >= 8192);
+    free(p);
+
+    all_ok = 1;
+    for (size_t sz = 1; sz < (16 << 20); sz = sz * 3 + 1) {
+        unsigned char *q = malloc(sz);
+        if (!q || !aligned(q, 16)) { all_ok = 0; break; }
+        size_t u = malloc_usable_size(q);
+        if (u < sz) { all_ok = 0; break; }
+        memset(q, 0x5a, u); /* every usable byte is writable */
+        free(q);
+    }
+    CHECK("16-byte aligned, usable size >= request and writable", all_ok);
+    CHECK("malloc_usable_size(NULL) == 0", malloc_usable_size(NULL) == 0);
+
+    /* calloc reads zero even when it reuses freed memory. */
+    all_ok = 1;
+    for (int round = 0; round < 50; round++) {
+        size_t sz = 16 + round * 997;
+        unsigned char *d = malloc(sz);
+        memset(d, 0xff, sz);
+        free(d);
+        unsigned char *z = calloc(1, sz);
+        for (size_t i = 0; i < sz; i++) if (z[i]) { all_ok = 0; break; }
+        free(z);
+    }
+    CHECK("calloc zeroes reused memory", all_ok);
+
+    /* realloc keeps contents, grows and shrinks, crosses size regimes. */
+    all_ok = 1;
+    unsigned char *r = malloc(10);
+    for (int i = 0; i < 10; i++) r[i] = (unsigned char)i;
+    size_t sizes[] = {20, 100, 5000, 70000, 3 << 20, 9 << 20, 100000, 50, 11};
+    size_t have = 10;
+    for (unsigned k = 0; k < sizeof sizes / sizeof *sizes; k++) {
+        unsigned char *n = realloc(r, sizes[k]);
+        if (!n) { all_ok = 0; break; }
+        size_t keep = have < sizes[k] ? have : sizes[k];
+        for (size_t i = 0; i < keep; i++) if (n[i] != (unsigned char)(i * 31 % 251) && !(i < 10 && n[i] == i)) { all_ok = 0; break; }
+        for (size_t i = 0; i < sizes[k]; i++) n[i] = (unsigned char)(i * 31 % 251);
+        r = n; have = sizes[k];
+    }
+    CHECK("realloc keeps contents across sizes", all_ok);
+    errno = 0;
+    CHECK("failed realloc leaves block intact", realloc(r, (size_t)PTRDIFF_MAX + 1) == NULL &&
+          errno == ENOMEM && r[5] == (unsigned char)(5 * 31 % 251));
+    CHECK("realloc(p, 0) frees and returns NULL", realloc(r, 0) == NULL);
+    r = realloc(NULL, 33);
+    CHECK("realloc(NULL, n) is malloc", r != NULL);
+    free(r);
+
+    errno = 4321;
+    free(NULL);
+    void *e = malloc(100);
+    errno = 4321;
+    free(e);
+    CHECK("free preserves errno", errno == 4321);
+
+    CHECK("malloc_trim", malloc_trim(0) == 1);
+    struct mallinfo2 mi = mallinfo2();
+    char *volatile big = malloc(50 << 20);
+    big[0] = 1;
+    struct mallinfo2 mi2 = mallinfo2();
+    CHECK("mallinfo2 counts a huge block", mi2.hblkhd >= mi.hblkhd + (50 << 20) && mi2.uordblks >= (50 << 20));
+    free(big);
+    malloc_stats();
+
+    if (failures) { printf("%d failures\n", failures); return 1; }
+    printf("all ok\n");
+    return 0;
+}

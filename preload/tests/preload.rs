@@ -1,0 +1,340 @@
+//! The preload library and the runner, tested on C programs and real programs. Every child
+//! runs under a time limit: a hang fails the test instead of stalling CI.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+fn runner() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_coreheap"))
+}
+
+fn library() -> PathBuf {
+    let lib = runner().with_file_name("libcoreheap_preload.so");
+    assert!(lib.is_file(), "preload library missing at {}", lib.display());
+    lib
+}
+
+fn tmp() -> PathBuf {
+    PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+}
+
+/// Runs `cmd` to completion or kills it after `limit`; panics on a time-out.
+fn run_limited(mut cmd: Command, limit: Duration) -> Output {
+    let what = format!("{cmd:?}");
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {what}: {e}"));
+    // Drain the pipes on threads so a chatty child cannot block on a full pipe.
+    let mut out = child.stdout.take().unwrap();
+    let mut err = child.stderr.take().unwrap();
+    let t_out = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        std::io::Read::read_to_end(&mut out, &mut v).ok();
+        v
+    });
+    let t_err = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        std::io::Read::read_to_end(&mut err, &mut v).ok();
+        v
+    });
+    let start = Instant::now();
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if start.elapsed() > limit {
+            child.kill().ok();
+            child.wait().ok();
+            panic!("{what} did not finish within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    Output {
+        status,
+        stdout: t_out.join().unwrap(),
+        stderr: t_err.join().unwrap(),
+    }
+}
+
+/// `program args...` under the preload library (through the runner), checked for success.
+fn preloaded(program: &str, args: &[&str], env: &[(&str, &str)], limit: u64) -> Output {
+    let mut cmd = Command::new(runner());
+    cmd.arg("run").arg("--").arg(program).args(args);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = run_limited(cmd, Duration::from_secs(limit));
+    assert!(
+        out.status.success(),
+        "{program} {args:?} failed: {:?}\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn have(program: &str) -> bool {
+    Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {program}"))
+        .stdout(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+}
+
+/// Compiles a C test program with the system compiler (not under the preload library).
+fn compile(src: &str, name: &str, libs: &[&str]) -> PathBuf {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/c").join(src);
+    let exe = tmp().join(name);
+    let st = Command::new("cc")
+        .args(["-O1", "-g", "-Wall", "-Wno-alloc-size-larger-than", "-o"])
+        .arg(&exe)
+        .arg(&src)
+        .args(libs)
+        .status()
+        .expect("cc runs");
+    assert!(st.success(), "compiling {}", src.display());
+    exe
+}
+
+fn text(v: &[u8]) -> String {
+    String::from_utf8_lossy(v).into_owned()
+}
+
+#[test]
+fn c_interface_edge_cases() {
+    let exe = compile("api.c", "api", &["-ldl"]);
+    let out = preloaded(exe.to_str().unwrap(), &[], &[], 60);
+    let stdout = text(&out.stdout);
+    assert!(stdout.contains("all ok"), "{stdout}");
+    assert!(!stdout.contains("FAIL"), "{stdout}");
+    // malloc_stats printed the per-arena report.
+    assert!(text(&out.stderr).contains("arena   0:"));
+}
+
+#[test]
+fn fork_from_multithreaded_parent() {
+    let exe = compile("fork_stress.c", "fork_stress", &["-lpthread"]);
+    let out = preloaded(exe.to_str().unwrap(), &["300"], &[], 120);
+    assert!(text(&out.stdout).contains("forks ok 300"));
+}
+
+#[test]
+fn invalid_free_aborts_naming_the_pointer() {
+    let exe = compile("misuse.c", "misuse", &[]);
+    for (case, needle) in [
+        ("stack", "free(): invalid pointer: 0x"),
+        ("interior", "free(): invalid pointer: 0x"),
+        ("double", "free(): double free detected: 0x"),
+        ("realloc-stack", "realloc(): invalid pointer: 0x"),
+    ] {
+        let mut cmd = Command::new(runner());
+        cmd.args(["run", "--"]).arg(&exe).arg(case);
+        let out = run_limited(cmd, Duration::from_secs(30));
+        let err = text(&out.stderr);
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(out.status.signal(), Some(libc::SIGABRT), "{case}: {err}");
+        assert!(err.contains(needle), "{case}: {err}");
+        let named = err.lines().any(|l| l.contains(needle) && l.split("0x").nth(1).is_some());
+        assert!(named, "{case}: {err}");
+    }
+}
+
+const PY_DICTS: &str = r#"
+import random
+random.seed(7)
+d = {}
+for i in range(300000):
+    k = "key-%d-%s" % (i, "x" * (i % 40))
+    d[k] = [str(i)] * (i % 7) + [k.upper()]
+total = sum(len(v) for v in d.values())
+for k in list(d)[::3]:
+    del d[k]
+s = "".join(sorted(d)[:1000])
+print(len(d), total, len(s))
+"#;
+
+#[test]
+fn python_dicts_and_strings() {
+    if !have("python3") {
+        panic!("python3 is required (installed by .ci/run)");
+    }
+    let plain = run_limited(
+        {
+            let mut c = Command::new("python3");
+            c.args(["-c", PY_DICTS]);
+            c
+        },
+        Duration::from_secs(120),
+    );
+    let out = preloaded("python3", &["-c", PY_DICTS], &[("PYTHONMALLOC", "malloc")], 180);
+    assert_eq!(text(&out.stdout), text(&plain.stdout));
+}
+
+const PY_THREADS_FORK: &str = r#"
+import os, threading
+results = []
+def work(n):
+    acc = []
+    for i in range(20000):
+        acc.append(("t%d" % n) * (i % 50))
+        if len(acc) > 500:
+            acc = acc[250:]
+    results.append(len(acc))
+threads = [threading.Thread(target=work, args=(n,)) for n in range(4)]
+for t in threads: t.start()
+pids = []
+for i in range(20):
+    pid = os.fork()
+    if pid == 0:
+        x = {str(j): "v" * j for j in range(2000)}
+        t = threading.Thread(target=lambda: x.update({"z": "w" * 100}))
+        t.start(); t.join()
+        os._exit(0 if len(x) == 2001 else 1)
+    pids.append(pid)
+for t in threads: t.join()
+bad = sum(1 for p in pids if os.waitpid(p, 0)[1] != 0)
+print("threads", len(results), "bad children", bad)
+"#;
+
+#[test]
+fn python_threads_and_fork() {
+    let out = preloaded(
+        "python3",
+        &["-c", PY_THREADS_FORK],
+        &[("PYTHONMALLOC", "malloc")],
+        180,
+    );
+    assert_eq!(text(&out.stdout).trim(), "threads 4 bad children 0");
+}
+
+#[test]
+fn sort_large_input() {
+    let input = tmp().join("sort-input.txt");
+    {
+        let mut f = std::io::BufWriter::new(std::fs::File::create(&input).unwrap());
+        let mut x: u64 = 88172645463325252;
+        for _ in 0..400_000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            writeln!(f, "{:x} {}", x, x % 1000).unwrap();
+        }
+    }
+    let path = input.to_str().unwrap();
+    let want = run_limited(
+        {
+            let mut c = Command::new("sort");
+            c.env("LC_ALL", "C").arg(path);
+            c
+        },
+        Duration::from_secs(120),
+    );
+    let got = preloaded("sort", &[path], &[("LC_ALL", "C")], 180);
+    assert_eq!(got.stdout.len(), want.stdout.len());
+    assert!(got.stdout == want.stdout, "sort output differs");
+}
+
+#[test]
+fn gcc_compiles_and_the_program_runs() {
+    let src = tmp().join("hello_gcc.c");
+    std::fs::write(
+        &src,
+        "#include <stdio.h>\n#include <stdlib.h>\nint main(void){int s=0;for(int i=0;i<100;i++)s+=i;\
+         char*p=malloc(64);snprintf(p,64,\"sum %d\",s);puts(p);free(p);return 0;}\n",
+    )
+    .unwrap();
+    let exe = tmp().join("hello_gcc");
+    preloaded(
+        "gcc",
+        &["-O2", "-o", exe.to_str().unwrap(), src.to_str().unwrap()],
+        &[],
+        180,
+    );
+    let out = preloaded(exe.to_str().unwrap(), &[], &[], 30);
+    assert_eq!(text(&out.stdout).trim(), "sum 4950");
+}
+
+#[test]
+fn sqlite_builds_an_indexed_table() {
+    let sql = "create table t(id integer primary key, name text, v integer);\
+        with recursive c(x) as (select 1 union all select x+1 from c where x < 200000)\
+        insert into t(name, v) select 'name-' || x, (x * 7919) % 100003 from c;\
+        create index t_v on t(v); create index t_name on t(name);\
+        select count(*), sum(v), (select name from t where v = 42) from t;";
+    let out = preloaded("sqlite3", &[":memory:", sql], &[], 180);
+    let plain = run_limited(
+        {
+            let mut c = Command::new("sqlite3");
+            c.args([":memory:", sql]);
+            c
+        },
+        Duration::from_secs(120),
+    );
+    assert!(plain.status.success());
+    assert_eq!(text(&out.stdout), text(&plain.stdout));
+    assert!(text(&out.stdout).starts_with("200000|"));
+}
+
+#[test]
+fn perl_hashes() {
+    let script = r#"my %h; for my $i (1..200000) { $h{"k$i"} = "v" x ($i % 30); }
+        my $n = 0; for my $k (keys %h) { $n += length($h{$k}); } delete @h{ grep { /7$/ } keys %h };
+        print scalar(keys %h), " $n\n";"#;
+    let out = preloaded("perl", &["-e", script], &[], 180);
+    assert_eq!(text(&out.stdout).trim(), "180000 2899920");
+}
+
+#[test]
+fn runner_stats_name_every_arena() {
+    let out = preloaded("true", &[], &[("COREHEAP_ARENAS", "3")], 30);
+    assert!(text(&out.stderr).is_empty(), "no report without --stats: {}", text(&out.stderr));
+    let mut cmd = Command::new(runner());
+    cmd.args(["run", "--stats", "--", "echo", "hi"])
+        .env("COREHEAP_ARENAS", "3");
+    let out = run_limited(cmd, Duration::from_secs(30));
+    assert!(out.status.success());
+    let err = text(&out.stderr);
+    for i in 0..3 {
+        assert!(err.contains(&format!("arena   {i}:")), "{err}");
+    }
+    assert!(err.contains("coreheap: 3 arenas"), "{err}");
+    assert_eq!(text(&out.stdout).trim(), "hi");
+}
+
+#[test]
+fn runner_reports_a_missing_library() {
+    let mut cmd = Command::new(runner());
+    cmd.args(["run", "--lib", "/nonexistent/libcoreheap_preload.so", "--", "true"]);
+    let out = run_limited(cmd, Duration::from_secs(30));
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(err.contains("preload library not found"), "{err}");
+    let mut cmd = Command::new(runner());
+    cmd.args(["run", "--", "true"])
+        .env("COREHEAP_LIB", "/nonexistent/lib.so");
+    let out = run_limited(cmd, Duration::from_secs(30));
+    assert!(!out.status.success());
+    // The library beside the runner is found without help.
+    let _ = library();
+}
+
+#[test]
+fn keeps_an_existing_preload() {
+    // An existing LD_PRELOAD stays in effect after ours: libc's own libc.so.6 is harmless.
+    let libc_path = "libc.so.6";
+    let out = preloaded(
+        "sh",
+        &["-c", "echo \"$LD_PRELOAD\""],
+        &[("LD_PRELOAD", libc_path)],
+        30,
+    );
+    let v = text(&out.stdout);
+    assert!(v.contains("libcoreheap_preload.so:libc.so.6"), "{v}");
+}

@@ -1,0 +1,300 @@
+//! The C allocation interface with glibc's semantics, testable in-process: the preload library
+//! exports each function as a one-line forward.
+//!
+//! Rules kept here (glibc's, see its `malloc(3)`, `posix_memalign(3)`, `malloc_usable_size(3)`):
+//! - every result is aligned to [`MIN_ALIGN`] (16 bytes on x86_64 and aarch64);
+//! - `malloc(0)` returns a unique pointer that can be freed;
+//! - a request above `PTRDIFF_MAX`, and an overflowing `calloc`/`reallocarray` product, return
+//!   null with `errno = ENOMEM`; any other failure also sets `ENOMEM`;
+//! - `free` and `free(NULL)` keep `errno` as it was;
+//! - `realloc(p, 0)` frees `p` and returns null; a failed `realloc` leaves `p` intact;
+//! - `posix_memalign` returns `EINVAL` for an alignment that is not a power of two multiple of
+//!   `sizeof(void *)`, and does not touch `errno`;
+//! - `memalign` rounds a non-power-of-two alignment up (as glibc does); `aligned_alloc` rejects
+//!   it with `EINVAL` (as glibc 2.38 and later do);
+//! - a pointer coreheap never returned aborts with a one-line message naming it.
+
+use core::ffi::{c_int, c_void};
+
+use crate::heap::HEAP;
+use crate::size_class::PAGE;
+
+/// The alignment of every block the C interface returns.
+pub const MIN_ALIGN: usize = 16;
+/// `PTRDIFF_MAX`: no object may be larger.
+const MAX_SIZE: usize = isize::MAX as usize;
+
+#[inline]
+fn set_errno(e: c_int) {
+    // SAFETY: __errno_location returns the calling thread's errno slot.
+    unsafe { *libc::__errno_location() = e };
+}
+
+#[inline]
+fn errno() -> c_int {
+    // SAFETY: as in `set_errno`.
+    unsafe { *libc::__errno_location() }
+}
+
+#[inline]
+fn nomem() -> *mut c_void {
+    set_errno(libc::ENOMEM);
+    core::ptr::null_mut()
+}
+
+#[inline]
+fn alloc_aligned(size: usize, align: usize) -> *mut c_void {
+    if size > MAX_SIZE {
+        return nomem();
+    }
+    let p = HEAP.alloc(size, align).0;
+    if p.is_null() {
+        nomem()
+    } else {
+        p.cast()
+    }
+}
+
+/// `malloc(3)`.
+#[inline]
+pub fn malloc(size: usize) -> *mut c_void {
+    alloc_aligned(size, MIN_ALIGN)
+}
+
+/// `free(3)`.
+///
+/// # Safety
+/// `p` is null or a live block of coreheap that the caller gives up.
+#[inline]
+pub unsafe fn free(p: *mut c_void) {
+    if p.is_null() {
+        return;
+    }
+    let e = errno();
+    // SAFETY: passed on from the caller; an invalid pointer aborts.
+    unsafe { HEAP.free(p.cast()) };
+    set_errno(e);
+}
+
+/// `calloc(3)`.
+pub fn calloc(n: usize, size: usize) -> *mut c_void {
+    let Some(total) = n.checked_mul(size) else {
+        return nomem();
+    };
+    if total > MAX_SIZE {
+        return nomem();
+    }
+    let p = HEAP.alloc_zeroed(total, MIN_ALIGN);
+    if p.is_null() {
+        nomem()
+    } else {
+        p.cast()
+    }
+}
+
+/// `realloc(3)`.
+///
+/// # Safety
+/// `p` is null or a live block of coreheap that the caller owns.
+pub unsafe fn realloc(p: *mut c_void, size: usize) -> *mut c_void {
+    if p.is_null() {
+        return malloc(size);
+    }
+    if size == 0 {
+        // SAFETY: passed on from the caller.
+        unsafe { free(p) };
+        return core::ptr::null_mut();
+    }
+    if size > MAX_SIZE {
+        return nomem();
+    }
+    // SAFETY: passed on from the caller.
+    let q = unsafe { HEAP.realloc(p.cast(), size, MIN_ALIGN) };
+    if q.is_null() {
+        nomem()
+    } else {
+        q.cast()
+    }
+}
+
+/// `reallocarray(3)`.
+///
+/// # Safety
+/// As for [`realloc`].
+pub unsafe fn reallocarray(p: *mut c_void, n: usize, size: usize) -> *mut c_void {
+    match n.checked_mul(size) {
+        // SAFETY: passed on from the caller.
+        Some(total) => unsafe { realloc(p, total) },
+        None => nomem(),
+    }
+}
+
+/// `posix_memalign(3)`.
+///
+/// # Safety
+/// `out` is valid for writing a pointer.
+pub unsafe fn posix_memalign(out: *mut *mut c_void, align: usize, size: usize) -> c_int {
+    if !align.is_power_of_two() || align % core::mem::size_of::<*mut c_void>() != 0 {
+        return libc::EINVAL;
+    }
+    if size > MAX_SIZE {
+        return libc::ENOMEM;
+    }
+    let p = HEAP.alloc(size, align.max(MIN_ALIGN)).0;
+    if p.is_null() {
+        return libc::ENOMEM;
+    }
+    // SAFETY: by the contract.
+    unsafe { *out = p.cast() };
+    0
+}
+
+/// `aligned_alloc(3)`.
+pub fn aligned_alloc(align: usize, size: usize) -> *mut c_void {
+    if !align.is_power_of_two() {
+        set_errno(libc::EINVAL);
+        return core::ptr::null_mut();
+    }
+    alloc_aligned(size, align.max(MIN_ALIGN))
+}
+
+/// `memalign(3)`: a non-power-of-two alignment is rounded up.
+pub fn memalign(align: usize, size: usize) -> *mut c_void {
+    let Some(align) = align.max(MIN_ALIGN).checked_next_power_of_two() else {
+        set_errno(libc::EINVAL);
+        return core::ptr::null_mut();
+    };
+    if align > MAX_SIZE / 2 {
+        set_errno(libc::EINVAL);
+        return core::ptr::null_mut();
+    }
+    alloc_aligned(size, align)
+}
+
+/// `valloc(3)`.
+pub fn valloc(size: usize) -> *mut c_void {
+    alloc_aligned(size, PAGE)
+}
+
+/// `pvalloc(3)`: page-aligned, rounded up to whole pages (one page for 0).
+pub fn pvalloc(size: usize) -> *mut c_void {
+    let Some(rounded) = size.max(1).checked_add(PAGE - 1) else {
+        return nomem();
+    };
+    alloc_aligned(rounded & !(PAGE - 1), PAGE)
+}
+
+/// `malloc_usable_size(3)`.
+///
+/// # Safety
+/// `p` is null or a live block of coreheap.
+pub unsafe fn malloc_usable_size(p: *mut c_void) -> usize {
+    HEAP.usable_size(p.cast())
+}
+
+/// `malloc_trim(3)`: returns 1 (memory may have been released).
+pub fn malloc_trim(_pad: usize) -> c_int {
+    HEAP.trim();
+    1
+}
+
+/// `malloc_stats(3)`: coreheap's per-arena report on stderr.
+pub fn malloc_stats() {
+    HEAP.write_report(2);
+}
+
+/// Initialises the heap now rather than at the first allocation. The preload library calls
+/// this from its constructor so that `COREHEAP_STATS=1` reports even for a program that never
+/// allocates; the allocator itself needs no constructor.
+pub fn init() {
+    HEAP.arena_count();
+}
+
+/// `struct mallinfo2` of glibc 2.33 and later.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct MallInfo2 {
+    /// Bytes mapped for arenas.
+    pub arena: usize,
+    /// Arenas (glibc: free chunks).
+    pub ordblks: usize,
+    pub smblks: usize,
+    /// Directly mapped blocks in use.
+    pub hblks: usize,
+    /// Bytes mapped for directly mapped blocks.
+    pub hblkhd: usize,
+    pub usmblks: usize,
+    pub fsmblks: usize,
+    /// Bytes in use.
+    pub uordblks: usize,
+    /// Bytes mapped and not in use.
+    pub fordblks: usize,
+    /// Bytes that `malloc_trim` could release (dirty free pages).
+    pub keepcost: usize,
+}
+
+/// `mallinfo2(3)`.
+pub fn mallinfo2() -> MallInfo2 {
+    let mut m = MallInfo2::default();
+    HEAP.for_each_arena(|a| {
+        m.arena += a.pages.mapped;
+        m.ordblks += 1;
+        m.uordblks += a.in_use();
+        m.keepcost += a.dirty_bytes;
+    });
+    let (allocs, frees, in_use, mapped) = HEAP.huge_counters();
+    m.hblks = (allocs - frees) as usize;
+    m.hblkhd = mapped;
+    m.uordblks += in_use;
+    m.fordblks = (m.arena + m.hblkhd).saturating_sub(m.uordblks);
+    m
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn edge_cases_follow_glibc() {
+        let a = malloc(0);
+        let b = malloc(0);
+        assert!(!a.is_null() && !b.is_null() && a != b);
+        assert_eq!(a as usize % MIN_ALIGN, 0);
+        set_errno(0);
+        assert!(malloc(usize::MAX).is_null());
+        assert_eq!(errno(), libc::ENOMEM);
+        set_errno(0);
+        assert!(calloc(usize::MAX / 2, 3).is_null());
+        assert_eq!(errno(), libc::ENOMEM);
+        let mut out = core::ptr::null_mut();
+        // SAFETY: `out` is a valid place for a pointer; blocks below are ours.
+        unsafe {
+            assert_eq!(posix_memalign(&mut out, 24, 8), libc::EINVAL);
+            assert_eq!(posix_memalign(&mut out, 4, 8), libc::EINVAL);
+            assert_eq!(posix_memalign(&mut out, 4096, 100), 0);
+            assert_eq!(out as usize % 4096, 0);
+            free(out);
+            set_errno(1234);
+            free(a);
+            free(core::ptr::null_mut());
+            assert_eq!(errno(), 1234);
+            assert!(realloc(b, 0).is_null());
+            let c = calloc(10, 100);
+            assert!(core::slice::from_raw_parts(c.cast::<u8>(), 1000).iter().all(|&x| x == 0));
+            assert!(malloc_usable_size(c) >= 1000);
+            set_errno(0);
+            assert!(realloc(c, usize::MAX).is_null());
+            assert_eq!(errno(), libc::ENOMEM);
+            free(c);
+            assert!(aligned_alloc(24, 48).is_null());
+            let m = memalign(24, 48);
+            assert_eq!(m as usize % 32, 0);
+            free(m);
+            let v = pvalloc(0);
+            assert_eq!(v as usize % PAGE, 0);
+            assert!(malloc_usable_size(v) >= PAGE);
+            free(v);
+        }
+        assert!(mallinfo2().uordblks > 0 || mallinfo2().arena > 0);
+    }
+}

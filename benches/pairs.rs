@@ -292,7 +292,11 @@ fn measure(
     unit: usize,
     mut run: impl FnMut(Which, usize) -> Duration,
 ) -> Option<Row> {
-    if cfg.only.as_ref().is_some_and(|o| !name.contains(o.as_str())) {
+    if cfg
+        .only
+        .as_ref()
+        .is_some_and(|o| !name.contains(o.as_str()))
+    {
         return None;
     }
     // Warm-up: twice per allocator (the first may map fresh memory), the second calibrates.
@@ -302,7 +306,8 @@ fn measure(
         let d = run(w, probe);
         slowest = slowest.max(d.as_secs_f64() / probe as f64);
     }
-    let ops = ((cfg.run.as_secs_f64() / slowest.max(1e-12)) as usize).clamp((probe / 10).max(unit), 1 << 30);
+    let ops = ((cfg.run.as_secs_f64() / slowest.max(1e-12)) as usize)
+        .clamp((probe / 10).max(unit), 1 << 30);
     let ops = ops.div_ceil(unit) * unit;
     let mut samples: [Vec<f64>; 3] = Default::default();
     for _ in 0..cfg.reps {
@@ -448,7 +453,9 @@ fn main() {
         }
     }
 
-    println!("-- 4. 1000 random small sizes (8..4096 B, log-uniform), freed shuffled (ns per block)");
+    println!(
+        "-- 4. 1000 random small sizes (8..4096 B, log-uniform), freed shuffled (ns per block)"
+    );
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
     let batch_sizes: Vec<usize> = (0..1000)
         .map(|_| {

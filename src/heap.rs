@@ -624,8 +624,13 @@ unsafe extern "C" fn atfork_child() {
     HEAP.fork_child();
 }
 
+/// Where the exit report goes: a private copy of stderr, taken when the report was asked for,
+/// because programs may close stderr in their own exit handlers (coreutils does) before ours
+/// run.
+static REPORT_FD: core::sync::atomic::AtomicI32 = core::sync::atomic::AtomicI32::new(2);
+
 extern "C" fn report_at_exit() {
-    HEAP.write_report(2);
+    HEAP.write_report(REPORT_FD.load(Ordering::Relaxed));
 }
 
 /// Registers the fork handlers (and the exit report, if asked for) once per process.
@@ -640,6 +645,12 @@ fn register_handlers() {
         l.write(2);
     }
     if os::env_usize(b"COREHEAP_STATS\0").unwrap_or(0) > 0 {
+        // A high descriptor number keeps out of the way of programs that pick small ones.
+        // SAFETY: fcntl(F_DUPFD_CLOEXEC) only creates a new descriptor.
+        let fd = unsafe { libc::fcntl(2, libc::F_DUPFD_CLOEXEC, 500) };
+        if fd >= 0 {
+            REPORT_FD.store(fd, Ordering::Relaxed);
+        }
         // SAFETY: `report_at_exit` is a plain function that lives for the whole program.
         unsafe { libc::atexit(report_at_exit) };
     }

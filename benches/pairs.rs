@@ -4,7 +4,12 @@
 //! ```text
 //! cargo bench --bench pairs              # full run, well under a minute
 //! cargo bench --bench pairs -- --quick   # a few seconds (or BENCH_QUICK=1)
+//! BENCH_ONLY="pair 16 KiB,batch" cargo bench --bench pairs   # rows whose name contains one
 //! ```
+//!
+//! The single-thread workloads run pinned to the last core. Every allocator is initialised
+//! before that pinning: coreheap sizes its arena table from the affinity mask it sees at its
+//! first allocation, and would otherwise make one arena for the whole process.
 //!
 //! Workloads (every time is the median of several runs; runs are interleaved across the
 //! allocators, A B C A B C ..., so drift hits all three alike):
@@ -15,13 +20,14 @@
 //! 3. `prod/cons`: producer threads allocate blocks in batches of 1000 and send them to
 //!    consumer threads on the other cores, which free them all; ns per block (wall time /
 //!    blocks). Batch vectors are recycled through a return channel, so the channels
-//!    themselves do not allocate while timed.
+//!    themselves do not allocate while timed; both sides poll the channels rather than
+//!    sleep on them (each thread has a core of its own).
 //! 4. `batch`: 1000 blocks of random small sizes, then freed in random order, same thread;
 //!    ns per block (one alloc + one free).
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::hint::black_box;
-use std::sync::mpsc::sync_channel;
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TryRecvError, TrySendError};
 use std::sync::{Arc, Barrier};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -58,7 +64,8 @@ struct Config {
     /// Timed runs per allocator and workload (the median is reported).
     reps: usize,
     quick: bool,
-    /// Only rows whose name contains this (env `BENCH_ONLY`), for profiling one workload.
+    /// Only rows whose name contains one of these comma-separated strings (env `BENCH_ONLY`),
+    /// for profiling one workload.
     only: Option<String>,
 }
 
@@ -130,17 +137,58 @@ fn wall(handles: Vec<thread::JoinHandle<(Instant, Instant)>>) -> Duration {
 
 const BATCH: usize = 1000;
 
+/// Receives without sleeping (the threads have a core each): a futex sleep and wake-up per
+/// batch costs tens of microseconds on a virtual machine and would swamp the allocators.
+/// `None` once the sender is gone and the channel is empty.
+fn spin_recv<T>(rx: &Receiver<T>) -> Option<T> {
+    let mut spins = 0u32;
+    loop {
+        match rx.try_recv() {
+            Ok(v) => return Some(v),
+            Err(TryRecvError::Disconnected) => return None,
+            Err(TryRecvError::Empty) => {
+                spins += 1;
+                if spins % 1024 == 0 {
+                    thread::yield_now();
+                } else {
+                    std::hint::spin_loop();
+                }
+            }
+        }
+    }
+}
+
+/// Sends without sleeping; a send to a receiver that is gone is dropped (the producer may
+/// have finished before the consumer returns its last batch).
+fn spin_send<T>(tx: &SyncSender<T>, mut v: T) {
+    let mut spins = 0u32;
+    loop {
+        match tx.try_send(v) {
+            Ok(()) | Err(TrySendError::Disconnected(_)) => return,
+            Err(TrySendError::Full(back)) => {
+                v = back;
+                spins += 1;
+                if spins % 1024 == 0 {
+                    thread::yield_now();
+                } else {
+                    std::hint::spin_loop();
+                }
+            }
+        }
+    }
+}
+
 /// Producer side: `batches` batches of `BATCH` blocks of `size` bytes.
 fn produce<A: GlobalAlloc>(
     a: &A,
     size: usize,
     batches: usize,
-    tx: std::sync::mpsc::SyncSender<Vec<usize>>,
-    empty: std::sync::mpsc::Receiver<Vec<usize>>,
+    tx: SyncSender<Vec<usize>>,
+    empty: Receiver<Vec<usize>>,
 ) {
     let l = layout(size);
     for _ in 0..batches {
-        let mut v = empty.recv().expect("recycled batch");
+        let mut v = spin_recv(&empty).expect("recycled batch");
         for i in 0..BATCH {
             // SAFETY: `l` has a non-zero size.
             let p = unsafe { a.alloc(l) };
@@ -151,7 +199,7 @@ fn produce<A: GlobalAlloc>(
             unsafe { p.write(i as u8) };
             v.push(p as usize);
         }
-        tx.send(v).expect("consumer alive");
+        spin_send(&tx, v);
     }
 }
 
@@ -159,19 +207,18 @@ fn produce<A: GlobalAlloc>(
 fn consume<A: GlobalAlloc>(
     a: &A,
     size: usize,
-    rx: std::sync::mpsc::Receiver<Vec<usize>>,
-    back: std::sync::mpsc::SyncSender<Vec<usize>>,
+    rx: Receiver<Vec<usize>>,
+    back: SyncSender<Vec<usize>>,
 ) {
     let l = layout(size);
-    while let Ok(mut v) = rx.recv() {
+    while let Some(mut v) = spin_recv(&rx) {
         for &p in &v {
             // SAFETY: the producer allocated `p` from this allocator with layout `l` and
             // gave it up when it sent the batch.
             unsafe { a.dealloc(p as *mut u8, l) };
         }
         v.clear();
-        // The producer may be gone after its last batch: ignore a failed send.
-        let _ = back.send(v);
+        spin_send(&back, v);
     }
 }
 
@@ -295,7 +342,7 @@ fn measure(
     if cfg
         .only
         .as_ref()
-        .is_some_and(|o| !name.contains(o.as_str()))
+        .is_some_and(|o| !o.split(',').any(|o| name.contains(o)))
     {
         return None;
     }
@@ -376,8 +423,8 @@ fn main() {
         }
     } else {
         Config {
-            run: Duration::from_millis(25),
-            reps: 9,
+            run: Duration::from_millis(40),
+            reps: 11,
             quick,
             only,
         }

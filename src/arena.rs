@@ -79,7 +79,10 @@ impl ArenaStats {
     }
     /// Bytes of blocks in use, small and large.
     pub fn in_use(&self) -> usize {
-        (0..NUM_CLASSES).map(|c| self.class_in_use(c)).sum::<usize>() + self.large.in_use
+        (0..NUM_CLASSES)
+            .map(|c| self.class_in_use(c))
+            .sum::<usize>()
+            + self.large.in_use
     }
 }
 
@@ -87,15 +90,9 @@ impl ArenaStats {
 #[derive(Clone, Copy, Debug)]
 pub enum Lookup {
     /// A block at a block boundary of a small run.
-    Small {
-        arena: u32,
-        run: *mut PageDesc,
-    },
+    Small { arena: u32, run: *mut PageDesc },
     /// The first byte of a large run.
-    Large {
-        arena: u32,
-        run: *mut PageDesc,
-    },
+    Large { arena: u32, run: *mut PageDesc },
     /// A block mapped directly; the header is its chunk header.
     Huge(*mut ChunkHeader),
     /// Not a block coreheap handed out (or one already freed).
@@ -317,7 +314,9 @@ impl Arena {
                         st.large.in_use -= (*run).npages as usize * PAGE;
                         st.heap.free_run(src, run);
                     }
-                    _ => crate::diag::invalid_pointer(b"coreheap: corrupted pending free", b.cast()),
+                    _ => {
+                        crate::diag::invalid_pointer(b"coreheap: corrupted pending free", b.cast())
+                    }
                 }
                 b = next;
             }
@@ -334,7 +333,8 @@ impl Arena {
         run: *mut PageDesc,
         size: usize,
     ) -> bool {
-        let n = pages_for(size);
+        // At least one page: shrinking to zero pages would free the run under a live block.
+        let n = pages_for(size).max(1);
         self.lock.lock();
         // SAFETY: the lock is held; `run` is ours.
         let ok = unsafe {
@@ -447,5 +447,227 @@ impl Arena {
     /// start over with an unlocked lock rather than unlocking.
     pub fn fork_reinit(&self) {
         self.lock.reinit();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::chunk::{run_addr, CHUNK_HUGE, HEADER_PAGES};
+    use crate::large::tests::TestSource;
+    use crate::size_class::{run_blocks, run_pages, CHUNK};
+    use std::alloc::Layout;
+
+    const MARK: usize = 0x5a5a_1234_8765_a5a5 | 1;
+
+    /// An arena in zeroed memory of its own, as the heap builds them.
+    struct TestArena(*mut Arena);
+
+    impl TestArena {
+        fn new(index: u32) -> Self {
+            let layout = Layout::new::<Arena>();
+            // SAFETY: `Arena` is not zero-sized.
+            let p = unsafe { std::alloc::alloc_zeroed(layout) }.cast::<Arena>();
+            assert!(!p.is_null());
+            // SAFETY: `p` is zeroed, writable memory for an `Arena` that nothing else uses.
+            unsafe { Arena::init_in_place(p, index) };
+            Self(p)
+        }
+    }
+
+    impl core::ops::Deref for TestArena {
+        type Target = Arena;
+        fn deref(&self) -> &Arena {
+            // SAFETY: initialised in `new`, freed only in `drop`.
+            unsafe { &*self.0 }
+        }
+    }
+
+    impl Drop for TestArena {
+        fn drop(&mut self) {
+            // SAFETY: allocated in `new` with this layout; the arena holds no destructors
+            // (its chunks belong to the source, which unmaps them).
+            unsafe { std::alloc::dealloc(self.0.cast(), Layout::new::<Arena>()) };
+        }
+    }
+
+    fn small_run(src: &TestSource, p: *const u8) -> *mut PageDesc {
+        match lookup(src, p) {
+            Lookup::Small { arena, run } => {
+                assert_eq!(arena, 3);
+                run
+            }
+            other => panic!("{p:?}: expected a small block, found {other:?}"),
+        }
+    }
+
+    fn large_run(src: &TestSource, p: *const u8) -> *mut PageDesc {
+        match lookup(src, p) {
+            Lookup::Large { arena, run } => {
+                assert_eq!(arena, 3);
+                run
+            }
+            other => panic!("{p:?}: expected a large block, found {other:?}"),
+        }
+    }
+
+    fn invalid(src: &TestSource, p: *const u8) {
+        assert!(
+            matches!(lookup(src, p), Lookup::Invalid),
+            "{p:?}: expected Invalid, found {:?}",
+            lookup(src, p)
+        );
+    }
+
+    #[test]
+    fn lookup_classifies_pointers() {
+        let src = TestSource::new(32);
+        let a = TestArena::new(3);
+
+        // Small blocks of every class: the start is found, with its run; any pointer that is
+        // not on a block boundary is not.
+        let mut small = Vec::new();
+        for c in 0..NUM_CLASSES {
+            let cs = class_size(c);
+            let (p, _) = a.alloc(&src, cs, 8);
+            assert!(!p.is_null());
+            let run = small_run(&src, p);
+            // SAFETY: `run` heads a live small run.
+            unsafe {
+                assert_eq!((*run).kind(), Kind::Small);
+                assert_eq!((*run).class(), c);
+            }
+            let start = run_addr(run) as usize;
+            assert!((start..start + run_pages(c) * PAGE).contains(&(p as usize)));
+            invalid(&src, p.wrapping_add(1));
+            invalid(&src, p.wrapping_add(cs / 2 + 1));
+            if cs >= 32 {
+                invalid(&src, p.wrapping_add(cs / 2));
+            }
+            small.push((p, c));
+        }
+
+        // Fill one run of the 64-byte class and one of the 4 KiB class to their ends: the
+        // blocks on the run's interior pages resolve to the run's head.
+        for c in [2, 8] {
+            let first = a.alloc(&src, class_size(c), 1).0;
+            let run = small_run(&src, first);
+            let mut last = first;
+            // SAFETY: `run` heads a live small run of this arena.
+            while unsafe { (*run).bump as usize } < run_blocks(c) {
+                last = a.alloc(&src, class_size(c), 1).0;
+                assert_eq!(small_run(&src, last), run);
+            }
+            let end = run_addr(run) as usize + run_pages(c) * PAGE;
+            assert_eq!(last as usize, end - class_size(c), "class {c}");
+            let tail_page = (end - PAGE) as *const u8;
+            // SAFETY: the run's last page is one of its interior pages.
+            unsafe {
+                assert_eq!(
+                    (*crate::chunk::header_of_desc(run)).pages[page_index(tail_page)].kind(),
+                    Kind::SmallInterior
+                );
+            }
+            assert_eq!(small_run(&src, tail_page), run);
+            invalid(&src, tail_page.wrapping_add(8));
+        }
+
+        // Large blocks: only the first byte is a block; interior pages are not.
+        let (l, _) = a.alloc(&src, 5 * PAGE, 8);
+        let run = large_run(&src, l);
+        // SAFETY: `run` heads a live large run.
+        assert_eq!(unsafe { (*run).npages }, 5);
+        assert_eq!(run_addr(run), l);
+        for off in [1, 16, PAGE - 1, PAGE, 2 * PAGE + 16, 4 * PAGE, 5 * PAGE - 1] {
+            invalid(&src, l.wrapping_add(off));
+        }
+        let (al, _) = a.alloc(&src, 3 * PAGE, LARGE_ALIGN_MAX);
+        assert_eq!(al as usize % LARGE_ALIGN_MAX, 0);
+        large_run(&src, al);
+        invalid(&src, al.wrapping_add(PAGE));
+
+        // The chunk header pages, the free tail of the chunk, and the chunk's very start
+        // (which belongs to the chunk below).
+        let chunk = chunk_of(l);
+        for p in [
+            chunk + 16,
+            chunk + PAGE,
+            chunk + (HEADER_PAGES - 1) * PAGE + 64,
+            chunk + CHUNK - PAGE,
+            chunk + CHUNK - 16,
+            chunk,
+        ] {
+            invalid(&src, p as *const u8);
+        }
+
+        // Pointers outside every chunk of the source.
+        let on_stack = 0u64;
+        invalid(&src, &on_stack as *const u64 as *const u8);
+        let boxed = Box::new([0u8; 64]);
+        invalid(&src, boxed.as_ptr());
+        invalid(&src, core::ptr::null());
+        invalid(&src, usize::MAX as *const u8);
+        invalid(&src, (chunk + CHUNK + HEADER_PAGES * PAGE) as *const u8);
+
+        // A chunk of the source with a huge header: only its block pointer is the block.
+        let hc = src.map_chunk();
+        assert!(!hc.is_null());
+        invalid(&src, hc.wrapping_add(PAGE)); // no magic yet
+        let h = hc.cast::<ChunkHeader>();
+        // SAFETY: `hc` is a fresh chunk of the source that nothing else uses.
+        unsafe {
+            (*h).kind = CHUNK_HUGE;
+            (*h).map_base = hc as usize;
+            (*h).map_len = CHUNK;
+            (*h).huge_ptr = hc as usize + PAGE;
+            (*h).magic = MAGIC;
+        }
+        assert!(matches!(lookup(&src, hc.wrapping_add(PAGE)), Lookup::Huge(x) if x == h));
+        invalid(&src, hc.wrapping_add(2 * PAGE));
+        invalid(&src, hc.wrapping_add(PAGE + 16));
+        // SAFETY: nothing refers into `hc`.
+        unsafe { src.unmap_chunk(hc) };
+        invalid(&src, hc.wrapping_add(PAGE));
+
+        assert_eq!(a.check(&src), Ok(()));
+
+        // A freed large block is gone at once (large frees are drained immediately).
+        let what = lookup(&src, l);
+        // SAFETY: `l` is a live large block of `a`, given up here.
+        unsafe { a.free(&src, l, what, MARK) };
+        invalid(&src, l);
+        // Freed small blocks keep their runs while others are live.
+        for &(p, _) in &small {
+            let what = lookup(&src, p);
+            // SAFETY: a live small block of `a`, given up here.
+            unsafe { a.free(&src, p, what, MARK) };
+        }
+        assert_eq!(a.check(&src), Ok(()));
+        let s = a.stats(&src);
+        assert_eq!(s.large.in_use, 3 * PAGE);
+        assert_eq!(s.index, 3);
+    }
+
+    #[test]
+    fn large_resize_in_place() {
+        let src = TestSource::new(8);
+        let a = TestArena::new(3);
+        let (p, _) = a.alloc(&src, 3 * PAGE, 8);
+        let run = large_run(&src, p);
+        // SAFETY: (for the calls below) `run` heads the live large block `p`, which we own.
+        unsafe {
+            assert!(a.resize_large(&src, run, 10 * PAGE - 5));
+            assert_eq!((*run).npages, 10);
+            assert!(a.resize_large(&src, run, PAGE + 1));
+            assert_eq!((*run).npages, 2);
+            assert_eq!(a.stats(&src).large.in_use, 2 * PAGE);
+            assert_eq!(a.check(&src), Ok(()));
+            // A request for zero bytes must leave a live block (of one page) behind.
+            assert!(a.resize_large(&src, run, 0));
+            assert_eq!((*run).kind(), Kind::Large);
+            assert!((*run).npages >= 1, "the run was freed under a live block");
+            assert_eq!(a.check(&src), Ok(()));
+            large_run(&src, p);
+        }
     }
 }

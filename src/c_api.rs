@@ -280,7 +280,9 @@ mod tests {
             assert_eq!(errno(), 1234);
             assert!(realloc(b, 0).is_null());
             let c = calloc(10, 100);
-            assert!(core::slice::from_raw_parts(c.cast::<u8>(), 1000).iter().all(|&x| x == 0));
+            assert!(core::slice::from_raw_parts(c.cast::<u8>(), 1000)
+                .iter()
+                .all(|&x| x == 0));
             assert!(malloc_usable_size(c) >= 1000);
             set_errno(0);
             assert!(realloc(c, usize::MAX).is_null());

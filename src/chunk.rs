@@ -303,7 +303,7 @@ mod tests {
 
     #[test]
     fn header_fits_and_lookup_masks() {
-        assert!(HEADER_PAGES >= 1 && HEADER_PAGES < 32, "{HEADER_PAGES}");
+        const { assert!(HEADER_PAGES >= 1 && HEADER_PAGES < 32) };
         let base = 0x7f00_0000_0000usize;
         assert_eq!(chunk_of((base + HEADER_PAGES * PAGE) as *const u8), base);
         assert_eq!(chunk_of((base + CHUNK - 16) as *const u8), base);

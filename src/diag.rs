@@ -95,7 +95,13 @@ mod tests {
     #[test]
     fn formats_numbers() {
         let mut l = Line::new();
-        l.num(0).str(b" ").num(12345).str(b" ").hex(0xdead0).str(b" ").num_w(42, 5);
+        l.num(0)
+            .str(b" ")
+            .num(12345)
+            .str(b" ")
+            .hex(0xdead0)
+            .str(b" ")
+            .num_w(42, 5);
         assert_eq!(l.as_bytes(), b"0 12345 0xdead0    42");
         let mut l = Line::new();
         l.hex(0);

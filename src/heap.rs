@@ -655,4 +655,3 @@ fn register_handlers() {
         unsafe { libc::atexit(report_at_exit) };
     }
 }
-

@@ -856,7 +856,12 @@ pub(crate) mod tests {
         let mut ranges: Vec<_> = live.iter().map(|&d| (addr(d), npages(d))).collect();
         ranges.sort_unstable();
         for w in ranges.windows(2) {
-            assert!(w[0].0 + w[0].1 * PAGE <= w[1].0, "{:x?} overlaps {:x?}", w[0], w[1]);
+            assert!(
+                w[0].0 + w[0].1 * PAGE <= w[1].0,
+                "{:x?} overlaps {:x?}",
+                w[0],
+                w[1]
+            );
         }
         // Free in a scrambled order; everything merges back.
         let mut rng = Rng(0x1234_5678_9abc_def1);
@@ -880,7 +885,7 @@ pub(crate) mod tests {
         let b = take(&mut heap, &src, 4, 1);
         let guard = take(&mut heap, &src, 1, 1);
         let aa = addr(a);
-        // SAFETY (all the calls below): the test owns the heap; `a` heads a live large run.
+        // SAFETY: (for all the calls below) the test owns the heap; `a` heads a live large run.
         unsafe {
             assert!(heap.grow_run(a, 4), "growing to the same size is a no-op");
             assert!(!heap.grow_run(a, 5), "the next run is in use");
@@ -1046,8 +1051,7 @@ pub(crate) mod tests {
             } else {
                 // Free a random live run: pick near a random key.
                 let key = {
-                    let probe = live.keys().next().copied().unwrap()
-                        + rng.below(CHUNKS * CHUNK);
+                    let probe = live.keys().next().copied().unwrap() + rng.below(CHUNKS * CHUNK);
                     match live.range(probe..).next() {
                         Some((&k, _)) => k,
                         None => *live.keys().next().unwrap(),

@@ -273,3 +273,126 @@ impl Default for SmallBins {
         Self::new()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::arena::{lookup, Lookup};
+    use crate::large::tests::TestSource;
+    use crate::size_class::PAGE;
+
+    fn alloc(
+        bins: &mut SmallBins,
+        heap: &mut PageHeap,
+        src: &TestSource,
+        class: usize,
+    ) -> (*mut u8, bool) {
+        // SAFETY: the test owns the bins and the heap (the arena lock's role).
+        unsafe {
+            bins.alloc_fast(class)
+                .or_else(|| bins.alloc_refill(heap, src, class))
+                .expect("small allocation failed")
+        }
+    }
+
+    fn run_of(src: &TestSource, p: *mut u8) -> *mut PageDesc {
+        match lookup(src, p) {
+            Lookup::Small { run, .. } => run,
+            other => panic!("{p:?} is not a small block: {other:?}"),
+        }
+    }
+
+    fn check_all(bins: &SmallBins, heap: &PageHeap) {
+        // SAFETY: the test owns the bins and the heap.
+        unsafe {
+            assert_eq!(bins.check(), Ok(()));
+            assert_eq!(heap.check(), Ok(()));
+        }
+    }
+
+    #[test]
+    fn runs_are_carved_lazily_reused_and_returned() {
+        let src = TestSource::new(4);
+        let mut heap = Box::new(PageHeap::new(0));
+        let mut bins = SmallBins::new();
+        let class = 3; // 128-byte blocks
+        let cs = class_size(class);
+        let cap = run_blocks(class);
+
+        // Three runs' worth and one more block: four runs, blocks handed out in address order
+        // within a run, all reading zero (fresh memory).
+        let mut blocks = Vec::new();
+        for _ in 0..3 * cap + 1 {
+            let (p, zero) = alloc(&mut bins, &mut heap, &src, class);
+            assert!(zero, "a block never used reads zero");
+            assert_eq!(p as usize % cs, 0);
+            blocks.push(p);
+        }
+        assert_eq!(bins.counters[class].runs, 4);
+        assert_eq!(bins.counters[class].allocs, 3 * cap as u64 + 1);
+        assert_eq!(heap.counters.runs, 4);
+        let first_run = run_of(&src, blocks[0]);
+        for (i, &p) in blocks[..cap].iter().enumerate() {
+            assert_eq!(p as usize, run_addr(first_run) as usize + i * cs);
+            assert_eq!(run_of(&src, p), first_run);
+        }
+        // SAFETY: `first_run` heads a small run of these bins.
+        unsafe {
+            assert_eq!((*first_run).used as usize, cap);
+            assert_eq!((*first_run).bump as usize, cap);
+            assert_eq!(check_run(first_run), Ok(()));
+            assert_eq!((*first_run).npages as usize, run_pages(class));
+            assert_eq!(run_pages(class) * PAGE, cap * cs);
+        }
+        check_all(&bins, &heap);
+
+        // A freed block is reused first (and its double-free mark cleared).
+        let p = blocks[5];
+        // SAFETY: `p` is in use in `first_run`; it is freed once and then reallocated.
+        unsafe {
+            (*p.cast::<Block>()).mark = 0xdead;
+            bins.free(&mut heap, &src, first_run, p.cast());
+            assert!(bins.run_has_free(first_run, p.cast()));
+            assert_eq!(check_run(first_run), Ok(()));
+        }
+        check_all(&bins, &heap);
+        let (q, zero) = alloc(&mut bins, &mut heap, &src, class);
+        assert_eq!(q, p);
+        assert!(!zero, "a reused block may hold old data");
+        // SAFETY: `q` is a live block of at least 16 bytes.
+        unsafe {
+            assert_eq!((*q.cast::<Block>()).mark, 0);
+            assert!(!bins.run_has_free(first_run, q.cast()));
+        }
+
+        // Emptying a run that is not the bin's only run gives its pages back.
+        for &p in &blocks[..cap] {
+            // SAFETY: each block is in use and freed once.
+            unsafe { bins.free(&mut heap, &src, first_run, p.cast()) };
+        }
+        assert_eq!(heap.counters.runs, 3);
+        assert!(matches!(lookup(&src, blocks[0]), Lookup::Invalid));
+        check_all(&bins, &heap);
+
+        // Free the rest: the last empty run stays on its bin, the others are returned.
+        for &p in &blocks[cap..] {
+            let r = run_of(&src, p);
+            // SAFETY: each block is in use and freed once.
+            unsafe { bins.free(&mut heap, &src, r, p.cast()) };
+        }
+        check_all(&bins, &heap);
+        assert_eq!(heap.counters.runs, 1);
+        assert_eq!(
+            bins.counters[class].frees, bins.counters[class].allocs,
+            "every allocation was freed"
+        );
+        // The kept run serves the next allocation without a new run.
+        let (p, _) = alloc(&mut bins, &mut heap, &src, class);
+        assert_eq!(heap.counters.runs, 1);
+        assert_eq!(bins.counters[class].runs, 4);
+        let r = run_of(&src, p);
+        // SAFETY: `p` is in use in `r`.
+        unsafe { bins.free(&mut heap, &src, r, p.cast()) };
+        check_all(&bins, &heap);
+    }
+}

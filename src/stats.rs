@@ -142,7 +142,10 @@ pub fn write_report(heap: &Heap, fd: i32) {
     let mut l = Line::new();
     l.str(b"classes in use (KiB):");
     for (c, total) in per_class.iter().enumerate() {
-        l.str(b" ").num(class_size(c) as u64).str(b":").num(kib(*total));
+        l.str(b" ")
+            .num(class_size(c) as u64)
+            .str(b":")
+            .num(kib(*total));
     }
     l.str(b"\n");
     l.write(fd);

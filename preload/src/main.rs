@@ -80,7 +80,10 @@ fn run(args: Vec<OsString>) {
         cmd.env("COREHEAP_STATS", "1");
     }
     let err = cmd.exec();
-    fail(&format!("cannot run {}: {err}", program[0].to_string_lossy()));
+    fail(&format!(
+        "cannot run {}: {err}",
+        program[0].to_string_lossy()
+    ));
 }
 
 fn fail(msg: &str) -> ! {

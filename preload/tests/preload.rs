@@ -12,7 +12,11 @@ fn runner() -> PathBuf {
 
 fn library() -> PathBuf {
     let lib = runner().with_file_name("libcoreheap_preload.so");
-    assert!(lib.is_file(), "preload library missing at {}", lib.display());
+    assert!(
+        lib.is_file(),
+        "preload library missing at {}",
+        lib.display()
+    );
     lib
 }
 
@@ -90,7 +94,9 @@ fn have(program: &str) -> bool {
 
 /// Compiles a C test program with the system compiler (not under the preload library).
 fn compile(src: &str, name: &str, libs: &[&str]) -> PathBuf {
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/c").join(src);
+    let src = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/c")
+        .join(src);
     let exe = tmp().join(name);
     let st = Command::new("cc")
         .args(["-O1", "-g", "-Wall", "-Wno-alloc-size-larger-than", "-o"])
@@ -141,7 +147,9 @@ fn invalid_free_aborts_naming_the_pointer() {
         use std::os::unix::process::ExitStatusExt;
         assert_eq!(out.status.signal(), Some(libc::SIGABRT), "{case}: {err}");
         assert!(err.contains(needle), "{case}: {err}");
-        let named = err.lines().any(|l| l.contains(needle) && l.split("0x").nth(1).is_some());
+        let named = err
+            .lines()
+            .any(|l| l.contains(needle) && l.split("0x").nth(1).is_some());
         assert!(named, "{case}: {err}");
     }
 }
@@ -173,7 +181,12 @@ fn python_dicts_and_strings() {
         },
         Duration::from_secs(120),
     );
-    let out = preloaded("python3", &["-c", PY_DICTS], &[("PYTHONMALLOC", "malloc")], 180);
+    let out = preloaded(
+        "python3",
+        &["-c", PY_DICTS],
+        &[("PYTHONMALLOC", "malloc")],
+        180,
+    );
     assert_eq!(text(&out.stdout), text(&plain.stdout));
 }
 
@@ -294,7 +307,11 @@ fn perl_hashes() {
 #[test]
 fn runner_stats_name_every_arena() {
     let out = preloaded("true", &[], &[("COREHEAP_ARENAS", "3")], 30);
-    assert!(text(&out.stderr).is_empty(), "no report without --stats: {}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).is_empty(),
+        "no report without --stats: {}",
+        text(&out.stderr)
+    );
     let mut cmd = Command::new(runner());
     cmd.args(["run", "--stats", "--", "echo", "hi"])
         .env("COREHEAP_ARENAS", "3");
@@ -311,7 +328,13 @@ fn runner_stats_name_every_arena() {
 #[test]
 fn runner_reports_a_missing_library() {
     let mut cmd = Command::new(runner());
-    cmd.args(["run", "--lib", "/nonexistent/libcoreheap_preload.so", "--", "true"]);
+    cmd.args([
+        "run",
+        "--lib",
+        "/nonexistent/libcoreheap_preload.so",
+        "--",
+        "true",
+    ]);
     let out = run_limited(cmd, Duration::from_secs(30));
     assert!(!out.status.success());
     let err = text(&out.stderr);

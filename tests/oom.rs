@@ -1,0 +1,239 @@
+//! Running out of memory: with the address space limited (RLIMIT_AS), allocations return
+//! null instead of aborting, and succeed again once memory is freed.
+//!
+//! The limit is set in a forked child so the test process keeps its own address space.
+
+mod common;
+
+use std::alloc::{alloc, alloc_zeroed, dealloc, realloc, Layout};
+use std::time::Duration;
+
+#[global_allocator]
+static GLOBAL: coreheap::CoreHeap = coreheap::CoreHeap::new();
+
+const MIB: usize = 1 << 20;
+/// Address space the child may use beyond what it has when it sets the limit.
+const HEADROOM: usize = 256 * MIB;
+
+fn say(msg: &str) {
+    // SAFETY: `msg` is a valid readable buffer; write(2) does not allocate.
+    unsafe { libc::write(2, msg.as_ptr().cast(), msg.len()) };
+}
+
+/// Bytes of address space in use (`/proc/self/statm`, first field).
+fn vm_size() -> usize {
+    let s = std::fs::read_to_string("/proc/self/statm").expect("read statm");
+    let pages: usize = s.split_whitespace().next().unwrap().parse().unwrap();
+    // SAFETY: sysconf has no preconditions.
+    pages * unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as usize
+}
+
+fn fill(p: *mut u8, len: usize, v: u8) {
+    // SAFETY: the caller passes a live block of at least `len` bytes.
+    unsafe { p.write_bytes(v, len) };
+}
+
+fn holds(p: *const u8, len: usize, v: u8) -> bool {
+    // SAFETY: the caller passes a live block of at least `len` bytes.
+    unsafe { std::slice::from_raw_parts(p, len) }
+        .iter()
+        .step_by(509)
+        .all(|&b| b == v)
+}
+
+/// The child's work. Returns an error instead of panicking (a panic would unwind into the
+/// test harness's copy in the child), and never grows a collection once the limit is set.
+fn child() -> Result<(), &'static str> {
+    let large = Layout::from_size_align(MIB, 8).unwrap();
+    let huge = Layout::from_size_align(64 * MIB, 8).unwrap();
+    let small = Layout::from_size_align(4096, 8).unwrap();
+    let mut larges: Vec<*mut u8> = Vec::with_capacity(4096);
+    let mut huges: Vec<*mut u8> = Vec::with_capacity(256);
+    let mut smalls: Vec<*mut u8> = Vec::with_capacity(256 * 1024);
+
+    let limit = vm_size() + HEADROOM;
+    let rl = libc::rlimit {
+        rlim_cur: limit as libc::rlim_t,
+        rlim_max: limit as libc::rlim_t,
+    };
+    // SAFETY: `rl` is a valid rlimit; lowering a limit needs no privilege.
+    if unsafe { libc::setrlimit(libc::RLIMIT_AS, &rl) } != 0 {
+        return Err("setrlimit failed");
+    }
+
+    // Mixed 64 MiB (mapped directly) and 1 MiB (page heap) requests until both fail.
+    let mut huge_nulls = 0;
+    let mut large_nulls = 0;
+    loop {
+        if larges.len() == larges.capacity() || huges.len() == huges.capacity() {
+            return Err("never ran out of memory");
+        }
+        // SAFETY: non-zero sizes.
+        let h = unsafe { alloc(huge) };
+        if h.is_null() {
+            huge_nulls += 1;
+        } else {
+            fill(h, 4096, 0x11); // the first page only: RSS is not the point here
+            huges.push(h);
+        }
+        // SAFETY: as above.
+        let l = unsafe { alloc(large) };
+        if l.is_null() {
+            large_nulls += 1;
+        } else {
+            fill(l, MIB, 0x22);
+            larges.push(l);
+        }
+        if h.is_null() && l.is_null() {
+            break;
+        }
+    }
+    if huges.is_empty() || larges.is_empty() {
+        return Err("nothing could be allocated under the limit");
+    }
+    let got = huges.len() * 64 * MIB + larges.len() * MIB;
+    if got < HEADROOM / 2 {
+        return Err("far less than the headroom could be allocated");
+    }
+    // Small blocks fill what is left in the chunks, then fail too.
+    loop {
+        if smalls.len() == smalls.capacity() {
+            return Err("small allocations never failed");
+        }
+        // SAFETY: non-zero size.
+        let s = unsafe { alloc(small) };
+        if s.is_null() {
+            break;
+        }
+        fill(s, 64, 0x33);
+        smalls.push(s);
+    }
+    // Still out of memory, every way of asking.
+    // SAFETY: non-zero sizes.
+    unsafe {
+        if !alloc(huge).is_null() || !alloc(large).is_null() || !alloc(small).is_null() {
+            return Err("an allocation succeeded right after failing");
+        }
+        if !alloc_zeroed(huge).is_null() || !alloc_zeroed(large).is_null() {
+            return Err("a zeroed allocation succeeded right after failing");
+        }
+    }
+    let mut v: Vec<u8> = Vec::new();
+    if v.try_reserve(64 * MIB).is_ok() {
+        return Err("try_reserve succeeded at the limit");
+    }
+    // A failed realloc returns null and leaves the block as it was.
+    let l = larges[0];
+    // SAFETY: `l` is a live block of layout `large`; the new size is non-zero.
+    if !unsafe { realloc(l, large, 64 * MIB) }.is_null() {
+        return Err("realloc succeeded at the limit");
+    }
+    if !holds(l, MIB, 0x22) {
+        return Err("a failed realloc damaged the block");
+    }
+    let h = huges[0];
+    // SAFETY: `h` is a live block of layout `huge`; the new size is non-zero.
+    if !unsafe { realloc(h, huge, 512 * MIB) }.is_null() {
+        return Err("huge realloc succeeded at the limit");
+    }
+    if !holds(h, 4096, 0x11) {
+        return Err("a failed huge realloc damaged the block");
+    }
+    coreheap::check_heap()?;
+
+    // Free every huge block, half of the large ones and all the small ones: allocation works
+    // again.
+    for p in huges.drain(..) {
+        // SAFETY: allocated above with this layout.
+        unsafe { dealloc(p, huge) };
+    }
+    let keep = larges.len() / 2;
+    for p in larges.drain(keep..) {
+        if !holds(p, MIB, 0x22) {
+            return Err("a large block was damaged");
+        }
+        // SAFETY: as above.
+        unsafe { dealloc(p, large) };
+    }
+    for p in smalls.drain(..) {
+        if !holds(p, 64, 0x33) {
+            return Err("a small block was damaged");
+        }
+        // SAFETY: as above.
+        unsafe { dealloc(p, small) };
+    }
+    // SAFETY: non-zero sizes.
+    unsafe {
+        let h = alloc(huge);
+        let l = alloc(large);
+        let s = alloc(small);
+        let z = alloc_zeroed(large);
+        if h.is_null() || l.is_null() || s.is_null() || z.is_null() {
+            return Err("allocation still fails after freeing");
+        }
+        if !holds(z, MIB, 0) {
+            return Err("alloc_zeroed returned dirty memory");
+        }
+        fill(h, 64 * MIB, 0x44);
+        fill(l, MIB, 0x55);
+        dealloc(h, huge);
+        dealloc(l, large);
+        dealloc(s, small);
+        dealloc(z, large);
+    }
+    if v.try_reserve(32 * MIB).is_err() {
+        return Err("try_reserve fails after freeing");
+    }
+    drop(v);
+    for p in larges.drain(..) {
+        if !holds(p, MIB, 0x22) {
+            return Err("a large block was damaged");
+        }
+        // SAFETY: as above.
+        unsafe { dealloc(p, large) };
+    }
+    coreheap::check_heap()?;
+    if huge_nulls == 0 || large_nulls == 0 {
+        return Err("some kind of request never failed");
+    }
+    Ok(())
+}
+
+#[test]
+fn allocation_fails_cleanly_and_recovers() {
+    // SAFETY: alarm has no preconditions; a hang kills the process instead of the CI job.
+    unsafe { libc::alarm(120) };
+    // SAFETY: the child runs `child` and ends in `_exit`; it touches no lock another thread
+    // of the harness could hold (its collections are allocated before the limit is set).
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0, "fork failed");
+    if pid == 0 {
+        // SAFETY: alarms are not inherited across fork.
+        unsafe { libc::alarm(60) };
+        let code = match std::panic::catch_unwind(child) {
+            Ok(Ok(())) => 0,
+            Ok(Err(e)) => {
+                say("oom child: ");
+                say(e);
+                say("\n");
+                1
+            }
+            Err(_) => 2,
+        };
+        // SAFETY: ends the child at once, without the harness's exit path.
+        unsafe { libc::_exit(code) };
+    }
+    let status = common::wait_limited(pid, Duration::from_secs(90), "the out-of-memory child");
+    assert!(
+        !libc::WIFSIGNALED(status),
+        "the out-of-memory child died of signal {} (an abort means a failed allocation was \
+         not reported as null)",
+        libc::WTERMSIG(status)
+    );
+    assert!(libc::WIFEXITED(status));
+    assert_eq!(
+        libc::WEXITSTATUS(status),
+        0,
+        "the out-of-memory child failed"
+    );
+}

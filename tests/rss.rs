@@ -1,0 +1,225 @@
+//! A program that frees everything gets its memory back: after 1 GiB of small, large and huge
+//! blocks is allocated, touched and freed, the resident set falls back close to where it
+//! started, with no call to `trim` or anything else special.
+
+use std::alloc::{alloc, dealloc, Layout};
+
+#[global_allocator]
+static GLOBAL: coreheap::CoreHeap = coreheap::CoreHeap::new();
+
+const MIB: usize = 1 << 20;
+const TOTAL: usize = 1024 * MIB;
+/// How far above its starting point the resident set may stay.
+const SLACK: usize = 64 * MIB;
+
+fn page_size() -> usize {
+    // SAFETY: sysconf has no preconditions.
+    unsafe { libc::sysconf(libc::_SC_PAGESIZE) as usize }
+}
+
+/// Resident bytes (`/proc/self/statm`, second field), read without allocating through the
+/// heap being measured more than a few bytes.
+fn rss() -> usize {
+    let s = std::fs::read_to_string("/proc/self/statm").expect("read statm");
+    let pages: usize = s.split_whitespace().nth(1).unwrap().parse().unwrap();
+    pages * page_size()
+}
+
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+}
+
+/// Writes a byte in every page of the block and its last byte.
+fn touch(p: *mut u8, size: usize, v: u8) {
+    for off in (0..size).step_by(4096) {
+        // SAFETY: `off < size`, inside the live block.
+        unsafe { p.add(off).write(v) };
+    }
+    // SAFETY: as above.
+    unsafe { p.add(size - 1).write(v) };
+}
+
+fn mib(b: usize) -> String {
+    format!("{:.1} MiB", b as f64 / MIB as f64)
+}
+
+/// Sizes adding up to `total`: a quarter in small blocks, the rest split between large and
+/// huge ones, in a random order.
+fn mixed_sizes(rng: &mut Rng, total: usize) -> Vec<usize> {
+    let mut sizes = Vec::new();
+    let mut budget = [total / 4, total * 3 / 8, total * 3 / 8];
+    while budget.iter().any(|&b| b > 0) {
+        let kind = rng.below(3);
+        if budget[kind] == 0 {
+            continue;
+        }
+        let size = match kind {
+            0 => 1 + rng.below(8192),
+            1 => 8193 + rng.below(2 * MIB - 8192),
+            _ => 2 * MIB + 1 + rng.below(30 * MIB),
+        }
+        .min(budget[kind]);
+        budget[kind] -= size;
+        sizes.push(size);
+    }
+    sizes
+}
+
+/// A block handed to another thread.
+struct Blk(*mut u8, Layout);
+// SAFETY: the sole handle to its block; the allocator allows freeing from any thread.
+unsafe impl Send for Blk {}
+
+#[test]
+fn rss_returns_after_freeing_everything() {
+    // SAFETY: alarm has no preconditions; a hang kills the process instead of the CI job.
+    unsafe { libc::alarm(120) };
+    // The two phases run one after the other: tests in one binary run in parallel and would
+    // disturb each other's measurements.
+    one_thread();
+    other_threads_free();
+}
+
+/// One thread allocates 1 GiB, touches it and frees it in a scrambled order.
+fn one_thread() {
+    let mut rng = Rng(0x2545_f491_4f6c_dd1d);
+    let sizes = mixed_sizes(&mut rng, TOTAL);
+    let mut blocks: Vec<(*mut u8, Layout)> = Vec::with_capacity(sizes.len());
+    let mut order: Vec<usize> = (0..sizes.len()).collect();
+    for i in (1..order.len()).rev() {
+        order.swap(i, rng.below(i + 1));
+    }
+
+    let base = rss();
+    for &size in &sizes {
+        let align = [8, 8, 8, 16, 64, 4096][rng.below(6)];
+        let layout = Layout::from_size_align(size, align).unwrap();
+        // SAFETY: non-zero size.
+        let p = unsafe { alloc(layout) };
+        assert!(!p.is_null(), "allocation of {layout:?} failed");
+        touch(p, size, size as u8);
+        blocks.push((p, layout));
+    }
+    let peak = rss();
+    let in_use = coreheap::stats().in_use();
+    // Free in a scrambled order.
+    for &i in &order {
+        let (p, layout) = blocks[i];
+        // SAFETY: allocated above with this layout, freed once.
+        unsafe { dealloc(p, layout) };
+    }
+    let after = rss();
+    let stats = coreheap::stats();
+    eprintln!(
+        "rss, one thread: {} blocks; start {}, peak {} (in use {}), after freeing {}; heap still maps {}, \
+         dirty {}",
+        blocks.len(),
+        mib(base),
+        mib(peak),
+        mib(in_use),
+        mib(after),
+        mib(stats.mapped()),
+        mib(stats.arenas.iter().map(|a| a.dirty_bytes).sum()),
+    );
+    assert!(
+        peak >= base + TOTAL * 9 / 10,
+        "the blocks were not all resident: start {}, peak {}",
+        mib(base),
+        mib(peak)
+    );
+    assert!(
+        after <= base + SLACK,
+        "resident set stays {} above its start after freeing everything (start {}, peak {}, \
+         after {}):\n{stats}",
+        mib(after.saturating_sub(base)),
+        mib(base),
+        mib(peak),
+        mib(after)
+    );
+    coreheap::check_heap().unwrap();
+}
+
+/// Four threads allocate 256 MiB each and hand every block to the next thread, which checks
+/// and frees it: every free is a cross-thread free, through the owner's pending stack.
+fn other_threads_free() {
+    const THREADS: usize = 4;
+    let base = rss();
+    let (txs, rxs): (Vec<_>, Vec<_>) = (0..THREADS)
+        .map(|_| std::sync::mpsc::channel::<Vec<Blk>>())
+        .unzip();
+    let barrier = std::sync::Arc::new(std::sync::Barrier::new(THREADS + 1));
+    let mut handles = Vec::new();
+    for (t, rx) in rxs.into_iter().enumerate() {
+        let tx = txs[(t + 1) % THREADS].clone();
+        let barrier = barrier.clone();
+        handles.push(std::thread::spawn(move || {
+            let mut rng = Rng(0x9e37_79b9 + t as u64);
+            let sizes = mixed_sizes(&mut rng, TOTAL / THREADS);
+            let mut mine = Vec::with_capacity(sizes.len());
+            for size in sizes {
+                let layout = Layout::from_size_align(size, 8).unwrap();
+                // SAFETY: non-zero size.
+                let p = unsafe { alloc(layout) };
+                assert!(!p.is_null(), "allocation of {layout:?} failed");
+                touch(p, size, t as u8);
+                mine.push(Blk(p, layout));
+            }
+            // All blocks are resident at once before any is freed.
+            barrier.wait();
+            barrier.wait();
+            tx.send(mine).unwrap();
+            drop(tx);
+            let theirs = rx.recv().unwrap();
+            let from = ((t + THREADS - 1) % THREADS) as u8;
+            for Blk(p, layout) in theirs {
+                // SAFETY: allocated by the previous thread with this layout, handed to us.
+                unsafe {
+                    assert_eq!(p.read(), from, "block damaged");
+                    dealloc(p, layout);
+                }
+            }
+        }));
+    }
+    drop(txs);
+    barrier.wait();
+    let peak = rss();
+    barrier.wait();
+    for h in handles {
+        h.join().expect("thread failed");
+    }
+    let after = rss();
+    let stats = coreheap::stats();
+    eprintln!(
+        "rss, cross-thread frees: start {}, peak {}, after freeing {}; heap still maps {}, \
+         dirty {}, remote frees {}",
+        mib(base),
+        mib(peak),
+        mib(after),
+        mib(stats.mapped()),
+        mib(stats.arenas.iter().map(|a| a.dirty_bytes).sum()),
+        stats.remote_frees(),
+    );
+    assert!(
+        peak >= base + TOTAL * 9 / 10,
+        "the blocks were not all resident"
+    );
+    assert!(
+        after <= base + SLACK,
+        "resident set stays {} above its start after other threads freed everything (start \
+         {}, peak {}, after {}):\n{stats}",
+        mib(after.saturating_sub(base)),
+        mib(base),
+        mib(peak),
+        mib(after)
+    );
+    coreheap::check_heap().unwrap();
+}

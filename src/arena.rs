@@ -233,14 +233,24 @@ impl Arena {
         (p, !dirty)
     }
 
-    /// Returns a block to this arena: pushes it on the pending stack and drains the stack if
-    /// it overflowed (or the block is large) and the lock is free.
+    /// Returns a block to this arena. A small block freed on the arena's own CPU goes
+    /// straight back to its run if the lock is free; any other block is pushed on the
+    /// pending stack, which is drained when it overflows (or at once for a large block) if
+    /// the lock is free, and otherwise by the next allocation that needs memory.
     ///
     /// # Safety
     /// `p` is a live block of this arena as `what` (from [`lookup`]) says, and the caller
-    /// gives up all use of it.
+    /// gives up all use of it. `local` says whether the calling thread runs on this arena's
+    /// CPU.
     #[inline]
-    pub unsafe fn free<S: PageSource>(&self, src: &S, p: *mut u8, what: Lookup, mark: usize) {
+    pub unsafe fn free<S: PageSource>(
+        &self,
+        src: &S,
+        p: *mut u8,
+        what: Lookup,
+        mark: usize,
+        local: bool,
+    ) {
         let b = p.cast::<Block>();
         // SAFETY: the block is ours now and at least 16 bytes long.
         unsafe {
@@ -248,6 +258,14 @@ impl Arena {
                 self.confirm_double_free(src, p, what);
             }
             (*b).mark = mark;
+            if let (true, Lookup::Small { run, .. }) = (local, what) {
+                if self.lock.try_lock() {
+                    let st = &mut *self.state.get();
+                    st.bins.free(&mut st.heap, src, run, b);
+                    self.lock.unlock();
+                    return;
+                }
+            }
             let n = self.pending.push(b);
             if n >= Pending::FLUSH || matches!(what, Lookup::Large { .. }) {
                 self.flush_pending(src);
@@ -634,13 +652,13 @@ mod tests {
         // A freed large block is gone at once (large frees are drained immediately).
         let what = lookup(&src, l);
         // SAFETY: `l` is a live large block of `a`, given up here.
-        unsafe { a.free(&src, l, what, MARK) };
+        unsafe { a.free(&src, l, what, MARK, true) };
         invalid(&src, l);
         // Freed small blocks keep their runs while others are live.
-        for &(p, _) in &small {
+        for (i, &(p, _)) in small.iter().enumerate() {
             let what = lookup(&src, p);
             // SAFETY: a live small block of `a`, given up here.
-            unsafe { a.free(&src, p, what, MARK) };
+            unsafe { a.free(&src, p, what, MARK, i % 2 == 0) };
         }
         assert_eq!(a.check(&src), Ok(()));
         let s = a.stats(&src);

@@ -304,11 +304,12 @@ impl Heap {
                 // A registered chunk implies READY: chunks are only mapped after init.
                 let Some(cfg) = self.config() else { return };
                 let a = Self::arena(cfg, arena as usize);
-                if Self::arena_index(cfg, os::current_cpu()) != arena as usize {
+                let local = Self::arena_index(cfg, os::current_cpu()) == arena as usize;
+                if !local {
                     a.note_remote_free();
                 }
                 // SAFETY: `lookup` found a live block of arena `arena`; the caller gives it up.
-                unsafe { a.free(&SRC, p, what, cfg.mark) }
+                unsafe { a.free(&SRC, p, what, cfg.mark, local) }
             }
             Lookup::Huge(h) => {
                 // SAFETY: `h` is the header of the live huge block `p`.

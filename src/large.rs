@@ -1,17 +1,31 @@
 //! The page heap of one arena: free page runs, best fit, coalescing, chunks to and from the
 //! page source.
 //!
-//! Free runs are kept sorted by length in exact-length lists, one per possible length
-//! (1 ..= `USABLE_PAGES` pages), with a bitmap of the non-empty lists. Best fit is the first
-//! set bit at or above the wanted length: at most `BITMAP_WORDS` (16) word scans, however
-//! many free runs there are. Within a length the most recently freed run is used first.
+//! A free run is either *dirty* (some page may hold data and be resident) or *clean* (purged,
+//! or never touched since the chunk was mapped: reads zero, costs no memory). The two kinds are
+//! kept apart, so the heap always knows exactly which free pages are dirty: a freed run merges
+//! only with dirty neighbours, a purged run only with clean ones.
+//!
+//! Free runs of each kind are kept sorted by length in exact-length lists, one per possible
+//! length (1 ..= `USABLE_PAGES` pages), with a bitmap of the non-empty lists. Best fit is the
+//! first set bit at or above the wanted length: at most `BITMAP_WORDS` (16) word scans,
+//! however many free runs there are. Dirty runs are tried first (reusing resident pages
+//! costs no page faults); within a length the most recently freed run is used first.
+//!
+//! Purging is deferred: freeing never calls the page source except to unmap a wholly free
+//! chunk beyond the spare. Once the dirty pages of the heap exceed [`PageHeap::dirty_limit`]
+//! (4 MiB, or 1/16 of what the heap has mapped if more), every dirty run is purged at once.
+//! So a run freed and reallocated at once is never purged, and each purge of `n` pages
+//! follows at least `n` pages freed since the last one.
 //!
 //! Invariants (checked by [`PageHeap::check`]):
-//! - a run is on list `n` iff it is free and `npages == n`, and bit `n` is set iff list `n` is
-//!   non-empty;
-//! - no two free runs are adjacent (a freed run merges with free neighbours at once);
-//! - `dirty_pages` is the sum of `npages` over free runs marked dirty;
-//! - a chunk's `free_pages` is the sum of `npages` over its free runs.
+//! - a run is on list `(k, n)` iff it is free, of kind `k` (dirty or clean) and
+//!   `npages == n`; bit `n` of bitmap `k` is set iff that list is non-empty;
+//! - no two free runs of the same kind are adjacent (a freed run merges with dirty
+//!   neighbours at once, a purged one with clean neighbours);
+//! - `dirty_pages` is the sum of `npages` over the dirty free runs;
+//! - a chunk's `free_pages` is the sum of `npages` over its free runs; `free_chunks` counts
+//!   the chunks with `free_pages == USABLE_PAGES`.
 
 use core::ptr;
 
@@ -24,10 +38,13 @@ use crate::source::PageSource;
 
 const BITMAP_WORDS: usize = (USABLE_PAGES + 1).div_ceil(64);
 
-/// A dirty free run at least this long is purged as soon as it forms.
-pub const PURGE_RUN_PAGES: usize = 64; // 256 KiB
-/// Dirty pages in shorter free runs past which all of them are purged.
-pub const DIRTY_MAX_PAGES: usize = 1024; // 4 MiB
+/// Dirty free pages an arena may always keep before it purges (4 MiB).
+pub const DIRTY_MIN_PAGES: usize = 1024;
+/// A heap that has mapped more keeps up to `mapped / DIRTY_RATIO` of it dirty.
+pub const DIRTY_RATIO: usize = 16;
+
+const CLEAN: usize = 0;
+const DIRTY: usize = 1;
 
 /// Counters of the page heap (guarded by the arena lock).
 #[derive(Clone, Copy, Default, Debug)]
@@ -39,14 +56,17 @@ pub struct PageCounters {
     pub chunks_unmapped: u64,
     /// Bytes returned with purge calls over the heap's life.
     pub purged: u64,
+    /// Purge rounds (dirty limit reached, or an explicit trim).
+    pub purges: u64,
     /// Allocated page runs now (small and large).
     pub runs: usize,
 }
 
 /// See the module documentation.
 pub struct PageHeap {
-    lists: [*mut PageDesc; USABLE_PAGES + 1],
-    bitmap: [u64; BITMAP_WORDS],
+    /// `lists[k][n]`: free runs of kind `k` (`CLEAN` or `DIRTY`) and length `n`.
+    lists: [[*mut PageDesc; USABLE_PAGES + 1]; 2],
+    bitmap: [[u64; BITMAP_WORDS]; 2],
     /// The arena's chunks, linked through their headers.
     chunks: *mut ChunkHeader,
     /// Chunks that are entirely free (kept: at most [`Self::SPARE_CHUNKS`]).
@@ -58,13 +78,13 @@ pub struct PageHeap {
 }
 
 impl PageHeap {
-    /// Wholly free chunks kept mapped (purged) to avoid mapping churn.
+    /// Wholly free chunks kept mapped to avoid mapping churn.
     const SPARE_CHUNKS: usize = 1;
 
     pub const fn new(arena: u32) -> Self {
         Self {
-            lists: [ptr::null_mut(); USABLE_PAGES + 1],
-            bitmap: [0; BITMAP_WORDS],
+            lists: [[ptr::null_mut(); USABLE_PAGES + 1]; 2],
+            bitmap: [[0; BITMAP_WORDS]; 2],
             chunks: ptr::null_mut(),
             free_chunks: 0,
             dirty_pages: 0,
@@ -73,10 +93,16 @@ impl PageHeap {
                 chunks_mapped: 0,
                 chunks_unmapped: 0,
                 purged: 0,
+                purges: 0,
                 runs: 0,
             },
             arena,
         }
+    }
+
+    /// Dirty free pages past which the heap purges them all.
+    pub fn dirty_limit(&self) -> usize {
+        DIRTY_MIN_PAGES.max(self.counters.mapped / PAGE / DIRTY_RATIO)
     }
 
     /// Allocates a run of `n` pages whose first page is aligned to `align_pages` pages.
@@ -91,6 +117,8 @@ impl PageHeap {
         n: usize,
         align_pages: usize,
     ) -> (*mut PageDesc, bool) {
+        // Only an aligned request needs slack: a run of `want` pages holds an aligned run of
+        // `n` pages wherever it starts.
         let want = n + align_pages - 1;
         let d = match self.find_fit(want) {
             Some(d) => d,
@@ -116,8 +144,9 @@ impl PageHeap {
             let align = align_pages * PAGE;
             let skip = ((addr + align - 1) & !(align - 1)) - addr;
             let skip = skip / PAGE;
-            // Give back the pages before and after the part we take. Neither piece touches
-            // another free run: `d` had no free neighbours.
+            // Give back the pages before and after the part we take, as runs of the same
+            // kind. Neither piece touches another free run of that kind: `d` had none beside
+            // it.
             if skip > 0 {
                 self.make_free(h, first, skip, dirty);
                 self.link(h, first);
@@ -135,17 +164,18 @@ impl PageHeap {
             }
             (*r).npages = n as u32;
             (*r).dirty = dirty;
-            (*h).free_pages -= n;
-            if (*h).free_pages + n == USABLE_PAGES {
+            if (*h).free_pages == USABLE_PAGES {
                 self.free_chunks -= 1;
             }
+            (*h).free_pages -= n;
             self.counters.runs += 1;
             (r, dirty)
         }
     }
 
-    /// Returns the run with head `d` to the free runs, merging it with free neighbours;
-    /// purges, or unmaps the chunk, as the policy says.
+    /// Returns the run with head `d` to the free runs as a dirty run, merged with dirty
+    /// neighbours; unmaps the chunk if it is wholly free and not needed as the spare, and
+    /// purges if the dirty pages now exceed the limit.
     ///
     /// # Safety
     /// The caller holds the arena lock; `d` heads an allocated run of this heap with no live
@@ -155,10 +185,36 @@ impl PageHeap {
         unsafe {
             let h = header_of_desc(d);
             let freed = (*d).npages as usize;
-            let mut first = (*h).desc_index(d);
-            let mut n = freed;
-            let mut dirty = true;
-            (*d).set_kind(Kind::Interior);
+            let first = (*h).desc_index(d);
+            self.counters.runs -= 1;
+            (*h).free_pages += freed;
+            if (*h).free_pages == USABLE_PAGES {
+                self.free_chunks += 1;
+                if self.free_chunks > Self::SPARE_CHUNKS {
+                    self.release_chunk(src, h, first);
+                    return;
+                }
+            }
+            self.insert_free(h, first, freed, true);
+            if self.dirty_pages > self.dirty_limit() {
+                self.purge_all(src);
+            }
+        }
+    }
+
+    /// Makes pages `first..first + n` of chunk `h` (whose descriptors hold no free run) a free
+    /// run of the given kind, merged with the free runs of that kind on either side, and
+    /// links it.
+    ///
+    /// # Safety
+    /// The caller holds the lock and owns those pages; `(*h).free_pages` already counts them.
+    unsafe fn insert_free(&mut self, h: *mut ChunkHeader, first: usize, n: usize, dirty: bool) {
+        // SAFETY: as the contract says; neighbours are read through our own descriptors.
+        unsafe {
+            let mut first = first;
+            let mut n = n;
+            (*h).pages[first].set_kind(Kind::Interior);
+            (*h).pages[first + n - 1].set_kind(Kind::Interior);
             // Merge with the run to the left.
             let left = &(*h).pages[first - 1];
             let left_head = match left.kind() {
@@ -168,41 +224,26 @@ impl PageHeap {
             };
             if let Some(lh) = left_head {
                 let l = &mut (*h).pages[lh] as *mut PageDesc;
-                self.unlink(l);
-                dirty |= (*l).dirty;
-                n += (*l).npages as usize;
-                (*h).pages[first - 1].set_kind(Kind::Interior);
-                (*l).set_kind(Kind::Interior);
-                first = lh;
+                if (*l).dirty == dirty {
+                    self.unlink(l);
+                    n += (*l).npages as usize;
+                    (*h).pages[first - 1].set_kind(Kind::Interior);
+                    (*l).set_kind(Kind::Interior);
+                    first = lh;
+                }
             }
             // Merge with the run to the right.
             let right = first + n;
             if right < CHUNK_PAGES && (*h).pages[right].kind() == Kind::Free {
                 let r = &mut (*h).pages[right] as *mut PageDesc;
-                self.unlink(r);
-                dirty |= (*r).dirty;
-                n += (*r).npages as usize;
-                (*r).set_kind(Kind::Interior);
-            }
-            if (*h).free_pages == USABLE_PAGES - freed {
-                self.free_chunks += 1;
-            }
-            (*h).free_pages += freed;
-            self.counters.runs -= 1;
-            if n == USABLE_PAGES && self.free_chunks > Self::SPARE_CHUNKS {
-                self.release_chunk(src, h);
-                return;
-            }
-            if dirty && (n >= PURGE_RUN_PAGES || n == USABLE_PAGES) {
-                src.purge((*h).page_addr(first), n * PAGE);
-                self.counters.purged += (n * PAGE) as u64;
-                dirty = false;
+                if (*r).dirty == dirty {
+                    self.unlink(r);
+                    n += (*r).npages as usize;
+                    (*r).set_kind(Kind::Interior);
+                }
             }
             self.make_free(h, first, n, dirty);
             self.link(h, first);
-            if self.dirty_pages > DIRTY_MAX_PAGES {
-                self.purge_all(src);
-            }
         }
     }
 
@@ -267,25 +308,26 @@ impl PageHeap {
         }
     }
 
-    /// Purges every dirty free run.
+    /// Purges every dirty free run: its pages go back to the page source and it becomes a
+    /// clean run, merged with clean neighbours.
     ///
     /// # Safety
     /// The caller holds the arena lock.
     pub unsafe fn purge_all<S: PageSource>(&mut self, src: &S) {
-        for n in 1..=USABLE_PAGES {
-            let mut d = self.lists[n];
-            while !d.is_null() {
-                // SAFETY: runs on our lists are free runs of our chunks.
-                unsafe {
-                    if (*d).dirty {
-                        let h = header_of_desc(d);
-                        src.purge((*h).page_addr((*h).desc_index(d)), n * PAGE);
-                        self.counters.purged += (n * PAGE) as u64;
-                        (*d).dirty = false;
-                        self.dirty_pages -= n;
-                    }
-                    d = (*d).next;
-                }
+        if self.dirty_pages == 0 {
+            return;
+        }
+        self.counters.purges += 1;
+        while let Some(d) = self.first_of(DIRTY, 1) {
+            // SAFETY: runs on our lists are free runs of our chunks; the lock is held.
+            unsafe {
+                let h = header_of_desc(d);
+                let first = (*h).desc_index(d);
+                let n = (*d).npages as usize;
+                self.unlink(d);
+                src.purge((*h).page_addr(first), n * PAGE);
+                self.counters.purged += (n * PAGE) as u64;
+                self.insert_free(h, first, n, false);
             }
         }
     }
@@ -313,10 +355,20 @@ impl PageHeap {
         true
     }
 
-    /// Unmaps a wholly free chunk whose free run is not on any list.
-    unsafe fn release_chunk<S: PageSource>(&mut self, src: &S, h: *mut ChunkHeader) {
-        // SAFETY: `h` is one of our chunks, entirely free; the lock is held.
+    /// Unmaps the wholly free chunk `h`, whose pages are free runs except the run at page
+    /// `skip`, which is on no list (the run being freed).
+    unsafe fn release_chunk<S: PageSource>(&mut self, src: &S, h: *mut ChunkHeader, skip: usize) {
+        // SAFETY: `h` is one of our chunks, entirely free; the lock is held. Its runs are
+        // walked by length from the first usable page.
         unsafe {
+            let mut i = HEADER_PAGES;
+            while i < CHUNK_PAGES {
+                let d = &mut (*h).pages[i] as *mut PageDesc;
+                if i != skip {
+                    self.unlink(d);
+                }
+                i += (*d).npages as usize;
+            }
             if (*h).prev.is_null() {
                 self.chunks = (*h).next;
             } else {
@@ -353,27 +405,29 @@ impl PageHeap {
         unsafe {
             let d = &mut (*h).pages[first] as *mut PageDesc;
             let n = (*d).npages as usize;
+            let k = (*d).dirty as usize;
             (*d).prev = ptr::null_mut();
-            (*d).next = self.lists[n];
+            (*d).next = self.lists[k][n];
             if !(*d).next.is_null() {
                 (*(*d).next).prev = d;
             }
-            self.lists[n] = d;
-            self.bitmap[n / 64] |= 1 << (n % 64);
-            if (*d).dirty {
+            self.lists[k][n] = d;
+            self.bitmap[k][n / 64] |= 1 << (n % 64);
+            if k == DIRTY {
                 self.dirty_pages += n;
             }
         }
     }
 
     unsafe fn unlink(&mut self, d: *mut PageDesc) {
-        // SAFETY: `d` heads a free run on list `npages`.
+        // SAFETY: `d` heads a free run on list `(dirty, npages)`.
         unsafe {
             let n = (*d).npages as usize;
+            let k = (*d).dirty as usize;
             if (*d).prev.is_null() {
-                self.lists[n] = (*d).next;
-                if self.lists[n].is_null() {
-                    self.bitmap[n / 64] &= !(1 << (n % 64));
+                self.lists[k][n] = (*d).next;
+                if self.lists[k][n].is_null() {
+                    self.bitmap[k][n / 64] &= !(1 << (n % 64));
                 }
             } else {
                 (*(*d).prev).next = (*d).next;
@@ -383,30 +437,35 @@ impl PageHeap {
             }
             (*d).next = ptr::null_mut();
             (*d).prev = ptr::null_mut();
-            if (*d).dirty {
+            if k == DIRTY {
                 self.dirty_pages -= n;
             }
         }
     }
 
-    /// The head of the shortest free run of at least `n` pages.
-    fn find_fit(&self, n: usize) -> Option<*mut PageDesc> {
+    /// The head of the shortest free run of kind `k` of at least `n` pages.
+    fn first_of(&self, k: usize, n: usize) -> Option<*mut PageDesc> {
         if n > USABLE_PAGES {
             return None;
         }
         let mut w = n / 64;
-        let mut bits = self.bitmap[w] & (!0u64 << (n % 64));
+        let mut bits = self.bitmap[k][w] & (!0u64 << (n % 64));
         loop {
             if bits != 0 {
                 let len = w * 64 + bits.trailing_zeros() as usize;
-                return Some(self.lists[len]);
+                return Some(self.lists[k][len]);
             }
             w += 1;
             if w == BITMAP_WORDS {
                 return None;
             }
-            bits = self.bitmap[w];
+            bits = self.bitmap[k][w];
         }
+    }
+
+    /// Best fit for `n` pages: the shortest dirty run that fits, else the shortest clean one.
+    fn find_fit(&self, n: usize) -> Option<*mut PageDesc> {
+        self.first_of(DIRTY, n).or_else(|| self.first_of(CLEAN, n))
     }
 
     /// Verifies the invariants of the module documentation and of every chunk's page
@@ -416,28 +475,34 @@ impl PageHeap {
     /// The caller holds the arena lock.
     pub unsafe fn check(&self) -> Result<(), &'static str> {
         let mut dirty = 0;
-        for n in 1..=USABLE_PAGES {
-            let has = self.bitmap[n / 64] & (1 << (n % 64)) != 0;
-            if has == self.lists[n].is_null() {
-                return Err("free-run bitmap disagrees with its lists");
-            }
-            let mut d = self.lists[n];
-            while !d.is_null() {
-                // SAFETY: runs on our lists live in our chunks.
-                unsafe {
-                    if (*d).kind() != Kind::Free || (*d).npages as usize != n {
-                        return Err("free list holds a run of another length or kind");
+        for k in [CLEAN, DIRTY] {
+            for n in 1..=USABLE_PAGES {
+                let has = self.bitmap[k][n / 64] & (1 << (n % 64)) != 0;
+                if has == self.lists[k][n].is_null() {
+                    return Err("free-run bitmap disagrees with its lists");
+                }
+                let mut d = self.lists[k][n];
+                while !d.is_null() {
+                    // SAFETY: runs on our lists live in our chunks.
+                    unsafe {
+                        if (*d).kind() != Kind::Free
+                            || (*d).npages as usize != n
+                            || (*d).dirty as usize != k
+                        {
+                            return Err("free list holds a run of another length or kind");
+                        }
+                        if k == DIRTY {
+                            dirty += n;
+                        }
+                        d = (*d).next;
                     }
-                    if (*d).dirty {
-                        dirty += n;
-                    }
-                    d = (*d).next;
                 }
             }
         }
         if dirty != self.dirty_pages {
             return Err("dirty page count is off");
         }
+        let mut free_chunks = 0;
         let mut c = self.chunks;
         while !c.is_null() {
             // SAFETY: the chunk list holds our mapped chunks.
@@ -447,7 +512,8 @@ impl PageHeap {
                 }
                 let mut i = HEADER_PAGES;
                 let mut free = 0;
-                let mut prev_free = false;
+                // The kind of the free run just before page `i`, if there is one.
+                let mut prev_free: Option<bool> = None;
                 while i < CHUNK_PAGES {
                     let d = &(*c).pages[i];
                     let n = d.npages as usize;
@@ -456,8 +522,8 @@ impl PageHeap {
                     }
                     match d.kind() {
                         Kind::Free => {
-                            if prev_free {
-                                return Err("two free runs side by side");
+                            if prev_free == Some(d.dirty) {
+                                return Err("two free runs of one kind side by side");
                             }
                             free += n;
                             if n > 1 {
@@ -466,9 +532,9 @@ impl PageHeap {
                                     return Err("free run without its tail");
                                 }
                             }
-                            prev_free = true;
+                            prev_free = Some(d.dirty);
                         }
-                        Kind::Small | Kind::Large => prev_free = false,
+                        Kind::Small | Kind::Large => prev_free = None,
                         _ => return Err("run head of an unexpected kind"),
                     }
                     let last = if d.kind() == Kind::Free { n - 1 } else { n };
@@ -487,8 +553,14 @@ impl PageHeap {
                 if free != (*c).free_pages {
                     return Err("chunk free page count is off");
                 }
+                if free == USABLE_PAGES {
+                    free_chunks += 1;
+                }
                 c = (*c).next;
             }
+        }
+        if free_chunks != self.free_chunks {
+            return Err("wholly free chunk count is off");
         }
         Ok(())
     }
@@ -675,22 +747,29 @@ pub(crate) mod tests {
     /// Every free run on the lists as (address, length), sorted by address.
     fn free_runs(heap: &PageHeap) -> Vec<(usize, usize)> {
         let mut v = Vec::new();
-        for n in 1..=USABLE_PAGES {
-            let mut d = heap.lists[n];
-            while !d.is_null() {
-                v.push((addr(d), n));
-                // SAFETY: runs on the lists are free runs of mapped chunks.
-                d = unsafe { (*d).next };
+        for k in [CLEAN, DIRTY] {
+            for n in 1..=USABLE_PAGES {
+                let mut d = heap.lists[k][n];
+                while !d.is_null() {
+                    v.push((addr(d), n));
+                    // SAFETY: runs on the lists are free runs of mapped chunks.
+                    d = unsafe { (*d).next };
+                }
             }
         }
         v.sort_unstable();
         v
     }
 
-    /// The reference best fit: the shortest non-empty list of at least `n` pages, by a linear
-    /// scan of the lists rather than the bitmap.
-    fn slow_fit(heap: &PageHeap, n: usize) -> Option<usize> {
-        (n..=USABLE_PAGES).find(|&len| !heap.lists[len].is_null())
+    /// The reference best fit, as (kind, length): the shortest non-empty dirty list of at
+    /// least `n` pages, else the shortest clean one, by a linear scan of the lists rather
+    /// than the bitmaps.
+    fn slow_fit(heap: &PageHeap, n: usize) -> Option<(usize, usize)> {
+        [DIRTY, CLEAN].into_iter().find_map(|k| {
+            (n..=USABLE_PAGES)
+                .find(|&len| !heap.lists[k][len].is_null())
+                .map(|len| (k, len))
+        })
     }
 
     struct Rng(u64);
@@ -738,7 +817,7 @@ pub(crate) mod tests {
         assert_eq!(free_runs(&heap), want_free);
         for n in 1..=USABLE_PAGES + 1 {
             let fast = heap.find_fit(n).map(npages);
-            assert_eq!(fast, slow_fit(&heap, n), "find_fit({n})");
+            assert_eq!(fast, slow_fit(&heap, n).map(|f| f.1), "find_fit({n})");
         }
 
         // Exact fits first, then the shortest longer run, never the long tail.
@@ -804,16 +883,29 @@ pub(crate) mod tests {
         assert_eq!(run_at(xa), (Kind::Free, 13));
         check(&heap);
 
-        // Freeing the guard joins everything into one whole-chunk run: the chunk is the
-        // heap's spare, kept mapped and purged.
+        // Freeing the guard leaves the chunk wholly free: a dirty run of the 14 pages used so
+        // far beside the clean remainder. It is the heap's spare, kept mapped, not purged.
         let purged_before = src.purged_bytes.load(Ordering::Relaxed);
         give(&mut heap, &src, guard);
         check(&heap);
-        assert_eq!(free_runs(&heap), vec![(xa, USABLE_PAGES)]);
+        assert_eq!(
+            free_runs(&heap),
+            vec![(xa, 14), (xa + 14 * PAGE, USABLE_PAGES - 14)]
+        );
         assert_eq!(heap.free_chunks, 1);
-        assert_eq!(heap.dirty_pages, 0);
+        assert_eq!(heap.dirty_pages, 14);
         assert_eq!(heap.counters.runs, 0);
-        assert!(src.purged_bytes.load(Ordering::Relaxed) >= purged_before + USABLE_PAGES * PAGE);
+        assert_eq!(src.purged_bytes.load(Ordering::Relaxed), purged_before);
+        // Purging turns the dirty run clean, and it merges with the remainder.
+        // SAFETY: the test owns the heap.
+        unsafe { heap.purge_all(&src) };
+        check(&heap);
+        assert_eq!(free_runs(&heap), vec![(xa, USABLE_PAGES)]);
+        assert_eq!(heap.dirty_pages, 0);
+        assert_eq!(
+            src.purged_bytes.load(Ordering::Relaxed),
+            purged_before + 14 * PAGE
+        );
         assert_eq!(src.unmaps.load(Ordering::Relaxed), 0);
         assert_eq!(heap.counters.mapped, CHUNK);
 
@@ -926,44 +1018,76 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn dirty_runs_are_counted_and_purged() {
+    fn dirty_runs_are_kept_apart_and_purged_past_the_limit() {
         let src = TestSource::new(4);
         let mut heap = new_heap();
         let a = take(&mut heap, &src, 10, 1);
         let _guard = take(&mut heap, &src, 1, 1);
-        let b = take(&mut heap, &src, PURGE_RUN_PAGES, 1);
+        let b = take(&mut heap, &src, 300, 1);
         let _guard2 = take(&mut heap, &src, 1, 1);
         assert_eq!(heap.dirty_pages, 0);
         give(&mut heap, &src, a);
-        assert_eq!(heap.dirty_pages, 10, "a short freed run stays dirty");
+        give(&mut heap, &src, b);
+        assert_eq!(heap.dirty_pages, 310, "freed runs stay dirty, however long");
         assert_eq!(src.purged_bytes.load(Ordering::Relaxed), 0);
         check(&heap);
-        // Reusing it reports the pages as dirty; part of it stays a dirty free run.
+        // A dirty run is reused before any clean one, although the clean remainder of the
+        // chunk would fit too; the part left over stays a dirty free run.
         // SAFETY: the test owns the heap.
         let (d, dirty) = unsafe { heap.alloc_run(&src, 4, 1) };
         assert!(dirty);
+        assert_eq!(
+            addr(d),
+            run_addr(a) as usize,
+            "best fit among the dirty runs"
+        );
         // SAFETY: `d` heads the run just taken.
         unsafe { (*d).set_kind(Kind::Large) };
-        assert_eq!(heap.dirty_pages, 6);
+        assert_eq!(heap.dirty_pages, 306);
         check(&heap);
         give(&mut heap, &src, d);
-        assert_eq!(heap.dirty_pages, 10);
-        // A long run is purged as soon as it is freed.
-        give(&mut heap, &src, b);
-        assert_eq!(heap.dirty_pages, 10);
-        assert_eq!(
-            src.purged_bytes.load(Ordering::Relaxed),
-            PURGE_RUN_PAGES * PAGE
-        );
+        assert_eq!(heap.dirty_pages, 310);
+        // Freeing the guard merges it with the dirty run before it, not with the clean
+        // remainder after it.
+        give(&mut heap, &src, _guard2);
+        assert_eq!(heap.dirty_pages, 311);
         check(&heap);
         // SAFETY: the test owns the heap.
         unsafe { heap.purge_all(&src) };
         assert_eq!(heap.dirty_pages, 0);
+        assert_eq!(src.purged_bytes.load(Ordering::Relaxed), 311 * PAGE);
         check(&heap);
+        // Purged runs merged with the clean remainder: one run from the guard to the end.
+        let runs = free_runs(&heap);
+        assert_eq!(runs.len(), 2, "{runs:x?}");
         // SAFETY: the test owns the heap.
         let (d, dirty) = unsafe { heap.alloc_run(&src, 10, 1) };
         assert!(!dirty, "a purged run reads zero");
         assert_eq!(addr(d), run_addr(a) as usize);
+    }
+
+    #[test]
+    fn freeing_past_the_dirty_limit_purges() {
+        let src = TestSource::new(4);
+        let mut heap = new_heap();
+        let n = 100;
+        let count = DIRTY_MIN_PAGES / n + 2;
+        let runs: Vec<_> = (0..2 * count)
+            .map(|_| take(&mut heap, &src, n, 1))
+            .collect();
+        // Free every other run, so none merge.
+        for (i, &d) in runs.iter().enumerate().step_by(2) {
+            give(&mut heap, &src, d);
+            let freed = (i / 2 + 1) * n;
+            if freed <= DIRTY_MIN_PAGES {
+                assert_eq!(heap.dirty_pages, freed);
+                assert_eq!(src.purged_bytes.load(Ordering::Relaxed), 0);
+            }
+        }
+        assert!(heap.counters.purges >= 1);
+        assert!(heap.dirty_pages <= heap.dirty_limit());
+        assert!(src.purged_bytes.load(Ordering::Relaxed) > DIRTY_MIN_PAGES * PAGE);
+        check(&heap);
     }
 
     #[test]
@@ -1028,8 +1152,12 @@ pub(crate) mod tests {
                 let align = [1, 1, 1, 2, 4, 8, 16][rng.below(7)];
                 let want = n + align - 1;
                 let fit = slow_fit(&heap, want);
-                assert_eq!(heap.find_fit(want).map(npages), fit, "find_fit({want})");
-                let expect_in = fit.map(|len| (addr(heap.lists[len]), len));
+                let found = heap
+                    .find_fit(want)
+                    // SAFETY: a run found on the lists is a free run of a mapped chunk.
+                    .map(|d| (unsafe { (*d).dirty } as usize, npages(d)));
+                assert_eq!(found, fit, "find_fit({want})");
+                let expect_in = fit.map(|(k, len)| (addr(heap.lists[k][len]), len));
                 let d = take(&mut heap, &src, n, align);
                 let a = addr(d);
                 assert_eq!(a % (align * PAGE), 0);

@@ -258,13 +258,15 @@ impl Arena {
                 self.confirm_double_free(src, p, what);
             }
             (*b).mark = mark;
-            if let (true, Lookup::Small { run, .. }) = (local, what) {
-                if self.lock.try_lock() {
-                    let st = &mut *self.state.get();
-                    st.bins.free(&mut st.heap, src, run, b);
-                    self.lock.unlock();
-                    return;
+            if local && self.lock.try_lock() {
+                let st = &mut *self.state.get();
+                match what {
+                    Lookup::Small { run, .. } => st.bins.free(&mut st.heap, src, run, b),
+                    Lookup::Large { run, .. } => Self::free_large_locked(src, st, run),
+                    _ => crate::diag::invalid_pointer(b"coreheap: free of a foreign block", p),
                 }
+                self.lock.unlock();
+                return;
             }
             let n = self.pending.push(b);
             if n >= Pending::FLUSH || matches!(what, Lookup::Large { .. }) {
@@ -327,17 +329,27 @@ impl Arena {
                 let next = (*b).next;
                 match lookup(src, b as *const u8) {
                     Lookup::Small { run, .. } => st.bins.free(&mut st.heap, src, run, b),
-                    Lookup::Large { run, .. } => {
-                        st.large.frees += 1;
-                        st.large.in_use -= (*run).npages as usize * PAGE;
-                        st.heap.free_run(src, run);
-                    }
+                    Lookup::Large { run, .. } => Self::free_large_locked(src, st, run),
                     _ => {
                         crate::diag::invalid_pointer(b"coreheap: corrupted pending free", b.cast())
                     }
                 }
                 b = next;
             }
+        }
+    }
+
+    /// Returns the large run `run` to the page heap.
+    ///
+    /// # Safety
+    /// The caller holds the lock and passes this arena's state; `run` heads a large run of
+    /// this arena whose block nobody uses any more.
+    unsafe fn free_large_locked<S: PageSource>(src: &S, st: &mut State, run: *mut PageDesc) {
+        // SAFETY: as the contract says.
+        unsafe {
+            st.large.frees += 1;
+            st.large.in_use -= (*run).npages as usize * PAGE;
+            st.heap.free_run(src, run);
         }
     }
 

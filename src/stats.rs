@@ -77,6 +77,8 @@ fn arena_line(a: &ArenaStats) -> Line {
         .num_w(kib(a.pages.mapped), 8)
         .str(b" KiB  dirty ")
         .num_w(kib(a.dirty_bytes), 6)
+        .str(b" KiB  purged ")
+        .num_w(a.pages.purged.div_ceil(1024), 8)
         .str(b" KiB  runs ")
         .num_w(a.pages.runs as u64, 6)
         .str(b"  allocs ")

@@ -1210,6 +1210,12 @@ pub(crate) mod tests {
         check(&heap);
         assert_eq!(heap.counters.runs, 0);
         assert_eq!(src.live(), 1, "all but the spare chunk are unmapped");
+        // The spare is free runs of both kinds side by side; purged, it is one run.
+        let runs = free_runs(&heap);
+        assert_eq!(runs.iter().map(|r| r.1).sum::<usize>(), USABLE_PAGES);
+        // SAFETY: the test owns the heap.
+        unsafe { heap.purge_all(&src) };
+        check(&heap);
         assert_eq!(free_runs(&heap).len(), 1);
     }
 }

@@ -171,16 +171,69 @@ pub fn page_size_ok() -> bool {
     }
 }
 
-/// The CPU the calling thread runs on now, or 0 if the kernel cannot tell. glibc answers this
-/// from the thread's rseq area without a system call.
+/// The CPU the calling thread runs on now, or 0 if the kernel cannot tell.
+///
+/// On x86_64 with glibc 2.35 or later this reads the `cpu_id` field of the thread's rseq area
+/// (registered by glibc for every thread; the kernel keeps the field current on every return
+/// to user space): two loads, no call. Otherwise, and for a thread whose registration failed
+/// (`cpu_id` negative), it asks `sched_getcpu`.
 #[inline]
 pub fn current_cpu() -> usize {
+    #[cfg(all(target_arch = "x86_64", target_os = "linux", target_env = "gnu"))]
+    if let Some(c) = rseq::cpu_id() {
+        return c;
+    }
     // SAFETY: sched_getcpu has no preconditions.
     let c = unsafe { libc::sched_getcpu() };
     if c < 0 {
         0
     } else {
         c as usize
+    }
+}
+
+/// The calling thread's rseq area, as glibc registered it (`<sys/rseq.h>`).
+#[cfg(all(target_arch = "x86_64", target_os = "linux", target_env = "gnu"))]
+pub mod rseq {
+    extern "C" {
+        /// Offset from the thread pointer to the rseq area (glibc 2.35+).
+        static __rseq_offset: isize;
+        /// Size of the registered area; 0 when glibc did not register one (old kernel,
+        /// `glibc.pthread.rseq=0`, valgrind).
+        static __rseq_size: u32;
+    }
+
+    /// Offset of `cpu_id` in `struct rseq` (after `cpu_id_start`).
+    const CPU_ID: isize = 4;
+
+    /// The thread pointer (`%fs:0` holds the TCB's own address on x86_64).
+    #[inline]
+    fn thread_pointer() -> usize {
+        let tp: usize;
+        // SAFETY: on x86_64 Linux, %fs:0 is the thread control block's self pointer, set up
+        // by the loader before any code of ours runs; reading it has no side effects.
+        unsafe {
+            core::arch::asm!("mov {}, qword ptr fs:0", out(reg) tp,
+                options(nostack, readonly, preserves_flags));
+        }
+        tp
+    }
+
+    /// The kernel's idea of the calling thread's CPU, if the thread has an rseq area.
+    #[inline]
+    pub fn cpu_id() -> Option<usize> {
+        // SAFETY: both variables are written once by the dynamic loader before any code of
+        // the process runs, and never again.
+        let (size, offset) = unsafe { (__rseq_size, __rseq_offset) };
+        if size == 0 {
+            return None;
+        }
+        let p = (thread_pointer() as isize + offset + CPU_ID) as *const u32;
+        // SAFETY: with a registered area, `p` is the `cpu_id` field of the calling thread's
+        // rseq area, in its static TLS block; the kernel writes it asynchronously, hence the
+        // volatile read.
+        let id = unsafe { core::ptr::read_volatile(p) } as i32;
+        (id >= 0).then_some(id as usize)
     }
 }
 
@@ -351,4 +404,50 @@ pub fn register_atfork(
 pub fn thread_id() -> usize {
     // SAFETY: pthread_self has no preconditions.
     unsafe { libc::pthread_self() as usize }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Pins the calling thread to `cpu`; false if the process may not run there.
+    fn pin(cpu: usize) -> bool {
+        // SAFETY: cpu_set_t is plain data; zeroed is the empty set.
+        let mut cs: libc::cpu_set_t = unsafe { core::mem::zeroed() };
+        // SAFETY: `cs` is a valid cpu_set_t and `cpu` below its capacity.
+        unsafe { libc::CPU_SET(cpu, &mut cs) };
+        // SAFETY: `cs` is a valid cpu_set_t of the size we pass.
+        unsafe { libc::sched_setaffinity(0, core::mem::size_of::<libc::cpu_set_t>(), &cs) == 0 }
+    }
+
+    fn rseq_in_use() -> bool {
+        #[cfg(all(target_arch = "x86_64", target_os = "linux", target_env = "gnu"))]
+        return rseq::cpu_id().is_some();
+        #[allow(unreachable_code)]
+        false
+    }
+
+    #[test]
+    fn current_cpu_follows_the_thread() {
+        let mut allowed = [0u64; 16];
+        cpu_affinity(&mut allowed);
+        std::thread::spawn(move || {
+            let mut seen = 0;
+            for cpu in 0..1024 {
+                if allowed[cpu / 64] & (1 << (cpu % 64)) == 0 || !pin(cpu) {
+                    continue;
+                }
+                assert_eq!(current_cpu(), cpu);
+                #[cfg(all(target_arch = "x86_64", target_os = "linux", target_env = "gnu"))]
+                if let Some(c) = rseq::cpu_id() {
+                    assert_eq!(c, cpu, "rseq cpu_id");
+                }
+                seen += 1;
+            }
+            assert!(seen >= 1);
+            eprintln!("rseq area: {}", rseq_in_use());
+        })
+        .join()
+        .unwrap();
+    }
 }

@@ -1,5 +1,9 @@
 //! `coreheap run [--stats] [--lib PATH] -- PROGRAM [ARGS...]`: runs a program on coreheap by
 //! `LD_PRELOAD`, keeping any preload it already has.
+//!
+//! `coreheap bench [OPTIONS]`: the benchmark suite (see `bench.rs`).
+
+mod bench;
 
 use std::env;
 use std::ffi::OsString;
@@ -10,6 +14,7 @@ use std::process::{exit, Command};
 const LIB_NAME: &str = "libcoreheap_preload.so";
 
 const USAGE: &str = "usage: coreheap run [--stats] [--lib PATH] -- PROGRAM [ARGS...]
+       coreheap bench [OPTIONS]   (coreheap bench --help)
 
 Runs PROGRAM with coreheap as its malloc (LD_PRELOAD of the preload library).
   --stats      print coreheap's per-arena statistics to stderr when PROGRAM exits
@@ -20,6 +25,7 @@ fn main() {
     let mut args = env::args_os().skip(1);
     match args.next().as_deref().and_then(|a| a.to_str()) {
         Some("run") => run(args.collect()),
+        Some("bench") => exit(bench::main(args.collect())),
         Some("-h") | Some("--help") | Some("help") => println!("{USAGE}"),
         _ => {
             eprintln!("{USAGE}");
@@ -55,20 +61,7 @@ fn run(args: Vec<OsString>) {
     if program.is_empty() {
         fail("no program to run");
     }
-    let lib = match lib {
-        Some(l) => l,
-        None => match env::current_exe() {
-            Ok(exe) => exe.with_file_name(LIB_NAME),
-            Err(e) => fail(&format!("cannot find my own executable: {e}")),
-        },
-    };
-    if !lib.is_file() {
-        fail(&format!(
-            "preload library not found at {} (build it with `cargo build --release --workspace`, or pass --lib PATH or set COREHEAP_LIB)",
-            lib.display()
-        ));
-    }
-    let lib = lib.canonicalize().unwrap_or(lib);
+    let lib = find_lib(lib).unwrap_or_else(|e| fail(&e));
     let mut preload = lib.into_os_string();
     if let Some(old) = env::var_os("LD_PRELOAD").filter(|o| !o.is_empty()) {
         preload.push(":");
@@ -84,6 +77,24 @@ fn run(args: Vec<OsString>) {
         "cannot run {}: {err}",
         program[0].to_string_lossy()
     ));
+}
+
+/// The preload library: `explicit` if given (a flag or `COREHEAP_LIB`), else the one beside
+/// this executable. Canonical, and checked to exist.
+fn find_lib(explicit: Option<PathBuf>) -> Result<PathBuf, String> {
+    let lib = match explicit {
+        Some(l) => l,
+        None => env::current_exe()
+            .map_err(|e| format!("cannot find my own executable: {e}"))?
+            .with_file_name(LIB_NAME),
+    };
+    if !lib.is_file() {
+        return Err(format!(
+            "preload library not found at {} (build it with `cargo build --release --workspace`, or pass --lib PATH or set COREHEAP_LIB)",
+            lib.display()
+        ));
+    }
+    Ok(lib.canonicalize().unwrap_or(lib))
 }
 
 fn fail(msg: &str) -> ! {

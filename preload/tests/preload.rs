@@ -361,3 +361,52 @@ fn keeps_an_existing_preload() {
     let v = text(&out.stdout);
     assert!(v.contains("libcoreheap_preload.so:libc.so.6"), "{v}");
 }
+
+/// The benchmark suite's smoke run: every workload once, tiny, under glibc and coreheap (and
+/// mimalloc if installed); the report names every workload and the chart is written.
+#[test]
+fn bench_smoke_run() {
+    let out_dir = tmp().join("bench-smoke");
+    let mut cmd = Command::new(runner());
+    cmd.args([
+        "bench",
+        "--quick",
+        "--threads",
+        "2",
+        "--timeout",
+        "120",
+        "--out",
+    ])
+    .arg(&out_dir)
+    .arg("--allocators")
+    .arg(
+        if Path::new("/usr/lib/x86_64-linux-gnu/libmimalloc.so.2").is_file() {
+            "glibc,coreheap,mimalloc"
+        } else {
+            "glibc,coreheap"
+        },
+    );
+    let out = run_limited(cmd, Duration::from_secs(300));
+    let err = text(&out.stderr);
+    assert!(out.status.success(), "bench failed: {err}");
+    let md = std::fs::read_to_string(out_dir.join("results.md")).expect("results.md");
+    let list = Command::new(runner())
+        .args(["bench", "--workloads", "list"])
+        .output()
+        .expect("bench --workloads list");
+    let names = text(&list.stdout);
+    assert!(names.lines().count() >= 11, "{names}");
+    for w in names.lines() {
+        let installed = match w {
+            "python" => have("python3"),
+            "sqlite3" | "gcc" | "sort" => have(w),
+            _ => true,
+        };
+        if installed {
+            assert!(md.contains(&format!("| {w} |")), "{w} missing from:\n{md}");
+        }
+    }
+    assert!(md.contains("| coreheap |") || md.contains(" coreheap |"));
+    let svg = std::fs::read_to_string(out_dir.join("results.svg")).expect("results.svg");
+    assert!(svg.starts_with("<svg") && svg.contains("coreheap"));
+}

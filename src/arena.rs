@@ -188,6 +188,7 @@ impl Arena {
         // SAFETY: the caller holds the lock.
         unsafe {
             self.drain_locked(src, st);
+            st.heap.decay(src, crate::os::now_ms());
             st.bins
                 .alloc_refill(&mut st.heap, src, class)
                 .unwrap_or((ptr::null_mut(), false))
@@ -202,17 +203,15 @@ impl Arena {
         self.lock.lock();
         // SAFETY: the lock is held.
         let st = unsafe { &mut *self.state.get() };
-        // SAFETY: the lock is held; n and align_pages are within the page heap's bounds
+        // Pending frees may hold the pages we need: return them before the page heap maps
+        // more. The lock is held; n and align_pages are within the page heap's bounds
         // because size <= LARGE_MAX and align <= LARGE_ALIGN_MAX.
-        let (mut d, mut dirty) = unsafe { st.heap.alloc_run(src, n, align_pages) };
-        if d.is_null() {
-            // Pending frees may hold the pages we need.
-            // SAFETY: the lock is held.
-            unsafe {
-                self.drain_locked(src, st);
-                (d, dirty) = st.heap.alloc_run(src, n, align_pages);
-            }
-        }
+        // SAFETY: as just said.
+        let (d, dirty) = unsafe {
+            self.drain_locked(src, st);
+            st.heap.decay(src, crate::os::now_ms());
+            st.heap.alloc_run(src, n, align_pages)
+        };
         let p = if d.is_null() {
             ptr::null_mut()
         } else {

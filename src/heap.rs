@@ -583,7 +583,9 @@ impl Heap {
         }
     }
 
+    /// Lock order at fork: glibc's stdio list lock, then the arenas in index order.
     fn fork_prepare(&self) {
+        os::stdio_list_lock();
         if let Some(cfg) = self.config() {
             for i in 0..cfg.count {
                 Self::arena(cfg, i).fork_lock();
@@ -597,6 +599,7 @@ impl Heap {
                 Self::arena(cfg, i).fork_unlock();
             }
         }
+        os::stdio_list_unlock();
     }
 
     fn fork_child(&self) {
@@ -607,6 +610,7 @@ impl Heap {
                 Self::arena(cfg, i).fork_reinit();
             }
         }
+        os::stdio_list_reset();
     }
 
     /// Writes the statistics report to `fd` without allocating.

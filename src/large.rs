@@ -12,11 +12,14 @@
 //! however many free runs there are. Dirty runs are tried first (reusing resident pages
 //! costs no page faults); within a length the most recently freed run is used first.
 //!
-//! Purging is deferred: freeing never calls the page source except to unmap a wholly free
-//! chunk beyond the spare. Once the dirty pages of the heap exceed [`PageHeap::dirty_limit`]
-//! (4 MiB, or 1/16 of what the heap has mapped if more), every dirty run is purged at once.
-//! So a run freed and reallocated at once is never purged, and each purge of `n` pages
-//! follows at least `n` pages freed since the last one.
+//! Purging is deferred. Freeing never calls the page source except to unmap a wholly free
+//! chunk beyond the spare. A dirty run records when it was freed (in `bump`, unused by free
+//! runs); the arena's slow paths call [`PageHeap::decay`] with the time, and every
+//! [`TICK_MS`] it purges the dirty runs nobody reused for [`DECAY_MS`]. Once the dirty pages
+//! exceed [`PageHeap::dirty_limit`] (64 MiB, or 1/8 of what the heap has mapped if more),
+//! every dirty run is purged at once. So a run freed and reallocated soon is never purged.
+//! A purge the page source refuses (an `mlock`ed process, pages other than 4 KiB) leaves the
+//! run dirty and stops further purging until an explicit trim.
 //!
 //! Invariants (checked by [`PageHeap::check`]):
 //! - a run is on list `(k, n)` iff it is free, of kind `k` (dirty or clean) and
@@ -38,10 +41,14 @@ use crate::source::PageSource;
 
 const BITMAP_WORDS: usize = (USABLE_PAGES + 1).div_ceil(64);
 
-/// Dirty free pages an arena may always keep before it purges (4 MiB).
-pub const DIRTY_MIN_PAGES: usize = 1024;
+/// Dirty free pages an arena may always keep before it purges them all (64 MiB).
+pub const DIRTY_MIN_PAGES: usize = 16384;
 /// A heap that has mapped more keeps up to `mapped / DIRTY_RATIO` of it dirty.
-pub const DIRTY_RATIO: usize = 16;
+pub const DIRTY_RATIO: usize = 8;
+/// A dirty free run that has not been reused for this long is purged at the next tick.
+pub const DECAY_MS: u32 = 1000;
+/// How often, at most, the heap looks for dirty runs past [`DECAY_MS`].
+pub const TICK_MS: u32 = 100;
 
 const CLEAN: usize = 0;
 const DIRTY: usize = 1;
@@ -75,6 +82,12 @@ pub struct PageHeap {
     pub counters: PageCounters,
     /// The index written into the headers of this heap's chunks.
     arena: u32,
+    /// The time (ms, wrapping) of the last [`Self::decay`] call, stamped on dirty runs.
+    now: u32,
+    /// When [`Self::decay`] last looked for old dirty runs.
+    last_tick: u32,
+    /// False once the page source refused a purge: purge only when asked ([`Self::trim`]).
+    purge_ok: bool,
 }
 
 impl PageHeap {
@@ -97,6 +110,9 @@ impl PageHeap {
                 runs: 0,
             },
             arena,
+            now: 0,
+            last_tick: 0,
+            purge_ok: true,
         }
     }
 
@@ -123,6 +139,16 @@ impl PageHeap {
         let d = match self.find_fit(want) {
             Some(d) => d,
             None => {
+                // A wholly free chunk split into dirty and clean runs is one run once purged:
+                // use it rather than map another chunk.
+                if self.free_chunks > 0 && self.dirty_pages > 0 {
+                    // SAFETY: the caller holds the lock.
+                    unsafe { self.purge_all(src) };
+                    if let Some(d) = self.find_fit(want) {
+                        // SAFETY: as below.
+                        return unsafe { self.take_run(d, n, align_pages) };
+                    }
+                }
                 // SAFETY: the caller holds the lock.
                 if !unsafe { self.grow(src) } {
                     return (ptr::null_mut(), false);
@@ -133,13 +159,30 @@ impl PageHeap {
                 }
             }
         };
-        // SAFETY: `d` is a free run on our lists; the lock is held.
+        // SAFETY: `d` is a free run on our lists that fits; the lock is held.
+        unsafe { self.take_run(d, n, align_pages) }
+    }
+
+    /// Takes `n` pages aligned to `align_pages` out of the free run `d` (which holds them),
+    /// giving back the pieces before and after.
+    ///
+    /// # Safety
+    /// The caller holds the lock; `d` heads a free run on our lists of at least
+    /// `n + align_pages - 1` pages.
+    unsafe fn take_run(
+        &mut self,
+        d: *mut PageDesc,
+        n: usize,
+        align_pages: usize,
+    ) -> (*mut PageDesc, bool) {
+        // SAFETY: as the contract says.
         unsafe {
             self.unlink(d);
             let h = header_of_desc(d);
             let first = (*h).desc_index(d);
             let total = (*d).npages as usize;
             let dirty = (*d).dirty;
+            let stamp = (*d).bump;
             let addr = (*h).page_addr(first) as usize;
             let align = align_pages * PAGE;
             let skip = ((addr + align - 1) & !(align - 1)) - addr;
@@ -148,13 +191,13 @@ impl PageHeap {
             // kind. Neither piece touches another free run of that kind: `d` had none beside
             // it.
             if skip > 0 {
-                self.make_free(h, first, skip, dirty);
+                self.make_free(h, first, skip, dirty, stamp);
                 self.link(h, first);
             }
             let start = first + skip;
             let rest = total - skip - n;
             if rest > 0 {
-                self.make_free(h, start + n, rest, dirty);
+                self.make_free(h, start + n, rest, dirty, stamp);
                 self.link(h, start + n);
             }
             let r = &mut (*h).pages[start] as *mut PageDesc;
@@ -196,7 +239,7 @@ impl PageHeap {
                 }
             }
             self.insert_free(h, first, freed, true);
-            if self.dirty_pages > self.dirty_limit() {
+            if self.dirty_pages > self.dirty_limit() && self.purge_ok {
                 self.purge_all(src);
             }
         }
@@ -242,7 +285,7 @@ impl PageHeap {
                     (*r).set_kind(Kind::Interior);
                 }
             }
-            self.make_free(h, first, n, dirty);
+            self.make_free(h, first, n, dirty, self.now);
             self.link(h, first);
         }
     }
@@ -272,10 +315,11 @@ impl PageHeap {
                 return false;
             }
             let rdirty = (*r).dirty;
+            let stamp = (*r).bump;
             self.unlink(r);
             (*r).set_kind(Kind::Interior);
             if rn > extra {
-                self.make_free(h, right + extra, rn - extra, rdirty);
+                self.make_free(h, right + extra, rn - extra, rdirty, stamp);
                 self.link(h, right + extra);
             } else {
                 (*h).pages[right + rn - 1].set_kind(Kind::Interior);
@@ -309,27 +353,67 @@ impl PageHeap {
     }
 
     /// Purges every dirty free run: its pages go back to the page source and it becomes a
-    /// clean run, merged with clean neighbours.
+    /// clean run, merged with clean neighbours. Returns whether the source did every purge;
+    /// a refused purge leaves its run dirty.
     ///
     /// # Safety
     /// The caller holds the arena lock.
-    pub unsafe fn purge_all<S: PageSource>(&mut self, src: &S) {
-        if self.dirty_pages == 0 {
+    pub unsafe fn purge_all<S: PageSource>(&mut self, src: &S) -> bool {
+        self.counters.purges += (self.dirty_pages > 0) as u64;
+        // SAFETY: the caller holds the lock.
+        unsafe { self.purge_where(src, |_| true) }
+    }
+
+    /// Tells the heap the time (a wrapping millisecond clock) and, at most every
+    /// [`TICK_MS`], purges the dirty runs that nobody reused for [`DECAY_MS`].
+    ///
+    /// # Safety
+    /// The caller holds the arena lock.
+    pub unsafe fn decay<S: PageSource>(&mut self, src: &S, now_ms: u32) {
+        self.now = now_ms;
+        if now_ms.wrapping_sub(self.last_tick) < TICK_MS {
             return;
         }
-        self.counters.purges += 1;
-        while let Some(d) = self.first_of(DIRTY, 1) {
-            // SAFETY: runs on our lists are free runs of our chunks; the lock is held.
-            unsafe {
-                let h = header_of_desc(d);
-                let first = (*h).desc_index(d);
-                let n = (*d).npages as usize;
-                self.unlink(d);
-                src.purge((*h).page_addr(first), n * PAGE);
-                self.counters.purged += (n * PAGE) as u64;
-                self.insert_free(h, first, n, false);
+        self.last_tick = now_ms;
+        if self.dirty_pages > 0 && self.purge_ok {
+            // SAFETY: the caller holds the lock.
+            unsafe { self.purge_where(src, |stamp| now_ms.wrapping_sub(stamp) >= DECAY_MS) };
+        }
+    }
+
+    /// Purges the dirty runs whose stamp satisfies `old`; stops at the first purge the source
+    /// refuses (and then purges only when [`Self::purge_all`] is called).
+    unsafe fn purge_where<S: PageSource>(&mut self, src: &S, old: impl Fn(u32) -> bool) -> bool {
+        for w in 0..BITMAP_WORDS {
+            let mut bits = self.bitmap[DIRTY][w];
+            while bits != 0 {
+                let n = w * 64 + bits.trailing_zeros() as usize;
+                bits &= bits - 1;
+                let mut d = self.lists[DIRTY][n];
+                while !d.is_null() {
+                    // SAFETY: runs on our lists are free runs of our chunks; the lock is held.
+                    // Purging `d` unlinks only `d` from the dirty lists (its merges touch clean
+                    // runs), so `next`, read first, stays valid.
+                    unsafe {
+                        let next = (*d).next;
+                        if old((*d).bump) {
+                            let h = header_of_desc(d);
+                            let first = (*h).desc_index(d);
+                            if !src.purge((*h).page_addr(first), n * PAGE) {
+                                self.purge_ok = false;
+                                return false;
+                            }
+                            self.unlink(d);
+                            self.counters.purged += (n * PAGE) as u64;
+                            self.insert_free(h, first, n, false);
+                        }
+                        d = next;
+                    }
+                }
             }
         }
+        self.purge_ok = true;
+        true
     }
 
     /// Maps a new chunk and adds its free run. Returns false when the source has no memory.
@@ -384,14 +468,23 @@ impl PageHeap {
         }
     }
 
-    /// Writes the descriptors of a free run of `n` pages at page `first` of chunk `h`.
-    unsafe fn make_free(&mut self, h: *mut ChunkHeader, first: usize, n: usize, dirty: bool) {
+    /// Writes the descriptors of a free run of `n` pages at page `first` of chunk `h`; a
+    /// dirty run is stamped with the time its pages were freed.
+    unsafe fn make_free(
+        &mut self,
+        h: *mut ChunkHeader,
+        first: usize,
+        n: usize,
+        dirty: bool,
+        stamp: u32,
+    ) {
         // SAFETY: the caller owns pages `first..first + n` of `h` under the lock.
         unsafe {
             let d = &mut (*h).pages[first];
             d.set_kind(Kind::Free);
             d.npages = n as u32;
             d.dirty = dirty;
+            d.bump = stamp;
             if n > 1 {
                 let t = &(*h).pages[first + n - 1];
                 t.set_kind(Kind::FreeTail);
@@ -599,6 +692,8 @@ pub(crate) mod tests {
         pub maps: AtomicUsize,
         pub unmaps: AtomicUsize,
         pub purged_bytes: AtomicUsize,
+        /// When set, purges fail (as madvise does for mlock'ed memory).
+        pub refuse_purge: core::sync::atomic::AtomicBool,
     }
 
     impl TestSource {
@@ -610,6 +705,7 @@ pub(crate) mod tests {
                 maps: AtomicUsize::new(0),
                 unmaps: AtomicUsize::new(0),
                 purged_bytes: AtomicUsize::new(0),
+                refuse_purge: core::sync::atomic::AtomicBool::new(false),
             }
         }
 
@@ -658,9 +754,12 @@ pub(crate) mod tests {
             os::fatal(b"TestSource: unmap of a chunk it does not own\n");
         }
 
-        unsafe fn purge(&self, p: *mut u8, len: usize) {
+        unsafe fn purge(&self, p: *mut u8, len: usize) -> bool {
+            if self.refuse_purge.load(Ordering::Relaxed) {
+                return false;
+            }
             self.purged_bytes.fetch_add(len, Ordering::Relaxed);
-            os::purge(p, len);
+            os::purge(p, len)
         }
 
         fn owns_chunk(&self, chunk: usize) -> bool {
@@ -965,6 +1064,8 @@ pub(crate) mod tests {
         }
         assert_eq!(heap.counters.runs, 0);
         assert_eq!(src.live(), 1);
+        // SAFETY: the test owns the heap.
+        unsafe { heap.purge_all(&src) };
         assert_eq!(free_runs(&heap).len(), 1);
         assert_eq!(free_runs(&heap)[0].1, USABLE_PAGES);
     }
@@ -1068,9 +1169,9 @@ pub(crate) mod tests {
 
     #[test]
     fn freeing_past_the_dirty_limit_purges() {
-        let src = TestSource::new(4);
+        let src = TestSource::new(64);
         let mut heap = new_heap();
-        let n = 100;
+        let n = 500;
         let count = DIRTY_MIN_PAGES / n + 2;
         let runs: Vec<_> = (0..2 * count)
             .map(|_| take(&mut heap, &src, n, 1))
@@ -1217,5 +1318,62 @@ pub(crate) mod tests {
         unsafe { heap.purge_all(&src) };
         check(&heap);
         assert_eq!(free_runs(&heap).len(), 1);
+    }
+
+    #[test]
+    fn old_dirty_runs_decay_and_refused_purges_keep_runs_dirty() {
+        let src = TestSource::new(4);
+        let mut heap = new_heap();
+        // SAFETY: here and below, the test owns the heap.
+        unsafe { heap.decay(&src, 10_000) };
+        let a = take(&mut heap, &src, 10, 1);
+        let _guard = take(&mut heap, &src, 1, 1);
+        let b = take(&mut heap, &src, 20, 1);
+        let _guard2 = take(&mut heap, &src, 1, 1);
+        give(&mut heap, &src, a); // stamped 10_000
+                                  // SAFETY: the test owns the heap.
+        unsafe { heap.decay(&src, 10_600) };
+        give(&mut heap, &src, b); // stamped 10_600
+        assert_eq!(heap.dirty_pages, 30);
+        // Not yet a second old: nothing purged.
+        // SAFETY: the test owns the heap.
+        unsafe { heap.decay(&src, 10_900) };
+        assert_eq!(heap.dirty_pages, 30);
+        // `a` is past the decay time, `b` is not.
+        // SAFETY: the test owns the heap.
+        unsafe { heap.decay(&src, 11_050) };
+        assert_eq!(heap.dirty_pages, 20);
+        assert_eq!(src.purged_bytes.load(Ordering::Relaxed), 10 * PAGE);
+        check(&heap);
+        // `b` goes once it is a second old.
+        // SAFETY: the test owns the heap.
+        unsafe { heap.decay(&src, 11_700) };
+        assert_eq!(heap.dirty_pages, 0, "b decays at the next tick");
+        check(&heap);
+
+        // A source that refuses to purge: the run stays dirty, and nothing reads as zero
+        // that is not.
+        let c = take(&mut heap, &src, 5, 1);
+        give(&mut heap, &src, c);
+        src.refuse_purge.store(true, Ordering::Relaxed);
+        // SAFETY: the test owns the heap.
+        assert!(!unsafe { heap.purge_all(&src) });
+        assert_eq!(heap.dirty_pages, 5);
+        check(&heap);
+        // SAFETY: the test owns the heap.
+        let (d, dirty) = unsafe { heap.alloc_run(&src, 5, 1) };
+        assert!(dirty, "a run whose purge failed is still dirty");
+        // SAFETY: the test owns the heap; `d` heads the run just taken.
+        unsafe { (*d).set_kind(Kind::Large) };
+        give(&mut heap, &src, d);
+        // Decay does not retry after a refusal; an explicit purge does.
+        // SAFETY: the test owns the heap.
+        unsafe { heap.decay(&src, 20_000) };
+        assert_eq!(heap.dirty_pages, 5);
+        src.refuse_purge.store(false, Ordering::Relaxed);
+        // SAFETY: the test owns the heap.
+        assert!(unsafe { heap.purge_all(&src) });
+        assert_eq!(heap.dirty_pages, 0);
+        check(&heap);
     }
 }

@@ -111,18 +111,21 @@ pub fn unmap(p: *mut u8, len: usize) {
 }
 
 /// Tells the kernel that `[p, p + len)` is no longer needed: its pages are released and read
-/// back as zero.
+/// back as zero. Returns false, with nothing changed, when the kernel refuses or the page size
+/// is not the one the allocator assumes.
 ///
 /// pre: the range lies in a private anonymous mapping of this module and holds no live data.
-pub fn purge(p: *mut u8, len: usize) {
-    if len == 0 || !page_size_ok() {
-        return;
+pub fn purge(p: *mut u8, len: usize) -> bool {
+    if len == 0 {
+        return true;
     }
-    // SAFETY: by the precondition no live object is in the range; MADV_DONTNEED on private
-    // anonymous memory only zeroes it.
-    unsafe {
-        libc::madvise(p.cast(), len, libc::MADV_DONTNEED);
+    if !page_size_ok() {
+        return false;
     }
+    // SAFETY: by the precondition no live object is in the range. On success MADV_DONTNEED
+    // drops the pages of this private anonymous mapping, which then read back as zero; on
+    // failure (EINVAL for mlock'ed pages, EPERM under a seccomp filter) nothing changes.
+    unsafe { libc::madvise(p.cast(), len, libc::MADV_DONTNEED) == 0 }
 }
 
 /// Resizes the mapping `[p, p + old)` to `new` bytes without moving it. Returns whether the
@@ -169,6 +172,57 @@ pub fn page_size_ok() -> bool {
             ok
         }
     }
+}
+
+#[cfg(target_env = "gnu")]
+extern "C" {
+    fn _IO_list_lock();
+    fn _IO_list_unlock();
+    fn _IO_list_resetlock();
+}
+
+/// Takes glibc's lock of the list of stdio streams. `fork` takes it after the prepare
+/// handlers and then glibc's own malloc locks; an allocator that locks its arenas in a
+/// prepare handler must take it first, or a thread in `fflush(NULL)` (holding the list lock,
+/// waiting for a stream lock) and a thread in `getline` (holding the stream lock, waiting for
+/// an arena) deadlock the fork. The lock is recursive, so fork's own take succeeds.
+pub fn stdio_list_lock() {
+    // SAFETY: exported by glibc (GLIBC_2.2.5) for exactly this use; no preconditions.
+    #[cfg(target_env = "gnu")]
+    unsafe {
+        _IO_list_lock()
+    };
+}
+
+/// Releases what [`stdio_list_lock`] took (in the parent after `fork`).
+pub fn stdio_list_unlock() {
+    // SAFETY: the calling thread took the lock in the prepare handler.
+    #[cfg(target_env = "gnu")]
+    unsafe {
+        _IO_list_unlock()
+    };
+}
+
+/// Re-initialises the stdio list lock (in the child after `fork`).
+pub fn stdio_list_reset() {
+    // SAFETY: the child has one thread; resetting the lock it inherited is what glibc's own
+    // fork does.
+    #[cfg(target_env = "gnu")]
+    unsafe {
+        _IO_list_resetlock()
+    };
+}
+
+/// A coarse monotonic clock in milliseconds, wrapping (the vDSO's `CLOCK_MONOTONIC_COARSE`:
+/// no system call, a few nanoseconds).
+pub fn now_ms() -> u32 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid timespec to write.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
+    (ts.tv_sec as u64 * 1000 + ts.tv_nsec as u64 / 1_000_000) as u32
 }
 
 /// The CPU the calling thread runs on now, or 0 if the kernel cannot tell.

@@ -68,6 +68,10 @@ impl SmallBins {
             }
             if ((*r).bump as usize) < run_blocks(class) {
                 let p = run_addr(r).add((*r).bump as usize * class_size(class));
+                if (*r).dirty {
+                    // Reused pages may hold an old double-free mark here.
+                    (*p.cast::<Block>()).mark = 0;
+                }
                 (*r).bump += 1;
                 (*r).used += 1;
                 self.counters[class].allocs += 1;
@@ -139,9 +143,16 @@ impl SmallBins {
         r: *mut PageDesc,
         b: *mut Block,
     ) {
-        // SAFETY: as the contract says.
+        // SAFETY: as the contract says; the index check below catches a caller that broke it
+        // by freeing a stale pointer into a run that was recycled.
         unsafe {
             let class = (*r).class();
+            let index = (b as usize - run_addr(r) as usize) / class_size(class);
+            if index >= (*r).bump as usize || (*r).used == 0 {
+                // Never handed out by this run: the pointer is stale, freed twice across a
+                // recycling of its pages.
+                crate::diag::invalid_pointer(b"free(): double free detected", b.cast());
+            }
             (*b).next = (*r).free;
             (*r).free = b;
             (*r).used -= 1;

@@ -26,10 +26,11 @@ pub unsafe trait PageSource: Sync {
     /// `chunk` came from `map_chunk` of this source and nothing refers into it any more.
     unsafe fn unmap_chunk(&self, chunk: *mut u8);
     /// Releases the pages of `[p, p + len)`, which hold no live data: they become zero.
+    /// Returns false, with the pages unchanged, if the source cannot.
     ///
     /// # Safety
     /// The range lies in one chunk of this source, is page-aligned and holds no live block.
-    unsafe fn purge(&self, p: *mut u8, len: usize);
+    unsafe fn purge(&self, p: *mut u8, len: usize) -> bool;
     /// Whether `chunk` (a `CHUNK`-aligned address) is a live chunk of this source.
     fn owns_chunk(&self, chunk: usize) -> bool;
 }
@@ -54,8 +55,8 @@ unsafe impl PageSource for OsSource {
         os::unmap(chunk, CHUNK);
     }
 
-    unsafe fn purge(&self, p: *mut u8, len: usize) {
-        os::purge(p, len);
+    unsafe fn purge(&self, p: *mut u8, len: usize) -> bool {
+        os::purge(p, len)
     }
 
     fn owns_chunk(&self, chunk: usize) -> bool {

@@ -305,7 +305,7 @@ fn program_job(name: &str, program: PathBuf, scale: f64, work: &Path) -> Result<
         "python" => {
             // Dicts of strings and lists, a third deleted, then a sorted join: the object
             // churn of a typical script. PYTHONMALLOC=malloc sends every object to malloc.
-            let n = scaled(1_500_000.0, scale);
+            let n = scaled(500_000.0, scale);
             let script = write(
                 "bench.py",
                 &format!(

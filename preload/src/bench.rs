@@ -374,16 +374,21 @@ fn program_job(name: &str, program: PathBuf, scale: f64, work: &Path) -> Result<
             }
         }
         "sort" => {
+            // Written through a small buffer: the runner's own memory must stay small, since
+            // a child's peak RSS can include what it shared with the runner before `exec`.
             let n = scaled(2_000_000.0, scale);
-            let mut text = String::with_capacity(n * 24);
+            let input = work.join("sort.txt");
+            let f = fs::File::create(&input).map_err(|e| format!("{}: {e}", input.display()))?;
+            let mut f = std::io::BufWriter::new(f);
             let mut x = 0x9e37_79b9_7f4a_7c15u64;
             for _ in 0..n {
                 x ^= x << 13;
                 x ^= x >> 7;
                 x ^= x << 17;
-                let _ = writeln!(text, "{:x} {}", x, x % 1000);
+                writeln!(f, "{:x} {}", x, x % 1000)
+                    .map_err(|e| format!("{}: {e}", input.display()))?;
             }
-            let input = write("sort.txt", &text)?;
+            f.flush().map_err(|e| format!("{}: {e}", input.display()))?;
             Job {
                 name: name.into(),
                 program,

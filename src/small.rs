@@ -15,7 +15,7 @@ use core::ptr;
 
 use crate::chunk::{header_of_desc, run_addr, Block, Kind, PageDesc};
 use crate::large::PageHeap;
-use crate::size_class::{class_size, run_blocks, run_pages, NUM_CLASSES};
+use crate::size_class::{class_size, run_blocks, run_pages, NUM_CLASSES, SMALL_MIN_SHIFT};
 use crate::source::PageSource;
 
 /// Counters per size class (guarded by the arena lock).
@@ -147,7 +147,8 @@ impl SmallBins {
         // by freeing a stale pointer into a run that was recycled.
         unsafe {
             let class = (*r).class();
-            let index = (b as usize - run_addr(r) as usize) / class_size(class);
+            // Classes are powers of two: a shift, not a division, on every small free.
+            let index = (b as usize - run_addr(r) as usize) >> (class + SMALL_MIN_SHIFT);
             if index >= (*r).bump as usize || (*r).used == 0 {
                 // Never handed out by this run: the pointer is stale, freed twice across a
                 // recycling of its pages.

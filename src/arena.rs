@@ -233,9 +233,11 @@ impl Arena {
     }
 
     /// Returns a block to this arena. A small block freed on the arena's own CPU goes
-    /// straight back to its run if the lock is free; any other block is pushed on the
-    /// pending stack, which is drained when it overflows (or at once for a large block) if
-    /// the lock is free, and otherwise by the next allocation that needs memory.
+    /// straight back to its run if the lock is free; any other small block is pushed on the
+    /// pending stack, which is drained when it overflows if the lock is free, and otherwise
+    /// by the next allocation that needs memory. A large block always takes the lock and goes
+    /// straight back: held on the pending stack of an owner that no longer allocates, it
+    /// would keep its pages (and often its whole chunk) resident indefinitely.
     ///
     /// # Safety
     /// `p` is a live block of this arena as `what` (from [`lookup`]) says, and the caller
@@ -257,19 +259,24 @@ impl Arena {
                 self.confirm_double_free(src, p, what);
             }
             (*b).mark = mark;
-            if local && self.lock.try_lock() {
-                let st = &mut *self.state.get();
-                match what {
-                    Lookup::Small { run, .. } => st.bins.free(&mut st.heap, src, run, b),
-                    Lookup::Large { run, .. } => Self::free_large_locked(src, st, run),
-                    _ => crate::diag::invalid_pointer(b"coreheap: free of a foreign block", p),
+            match what {
+                Lookup::Small { run, .. } => {
+                    if local && self.lock.try_lock() {
+                        let st = &mut *self.state.get();
+                        st.bins.free(&mut st.heap, src, run, b);
+                        self.lock.unlock();
+                    } else if self.pending.push(b) >= Pending::FLUSH {
+                        self.flush_pending(src);
+                    }
                 }
-                self.lock.unlock();
-                return;
-            }
-            let n = self.pending.push(b);
-            if n >= Pending::FLUSH || matches!(what, Lookup::Large { .. }) {
-                self.flush_pending(src);
+                Lookup::Large { run, .. } => {
+                    self.lock.lock();
+                    let st = &mut *self.state.get();
+                    Self::free_large_locked(src, st, run);
+                    self.drain_locked(src, st);
+                    self.lock.unlock();
+                }
+                _ => crate::diag::invalid_pointer(b"coreheap: free of a foreign block", p),
             }
         }
     }

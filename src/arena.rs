@@ -16,6 +16,7 @@ use core::sync::atomic::Ordering;
 use crossbeam_utils::CachePadded;
 
 use crate::chunk::{chunk_of, page_index, Block, ChunkHeader, Kind, PageDesc, CHUNK_ARENA, MAGIC};
+use crate::cpucache::Chain;
 use crate::large::{PageCounters, PageHeap};
 use crate::lock::RawLock;
 use crate::remote::Pending;
@@ -69,13 +70,21 @@ pub struct ArenaStats {
     pub remote_frees: u64,
     /// Times a thread found this arena's lock held.
     pub contentions: u64,
+    /// Free blocks of each class sitting in the per-CPU caches of this arena's CPUs
+    /// (counted in use by their runs, so `classes` counts them as allocated).
+    pub cached: [u64; NUM_CLASSES],
+    /// Blocks handed out and taken back by the lock-free rseq fast path on this arena's
+    /// CPUs.
+    pub fast_allocs: u64,
+    pub fast_frees: u64,
 }
 
 impl ArenaStats {
     /// Bytes of small blocks of class `c` in use.
     pub fn class_in_use(&self, c: usize) -> usize {
         let k = &self.classes[c];
-        (k.allocs - k.frees) as usize * class_size(c)
+        // The caches are read without their CPUs' cooperation: clamp a racy snapshot.
+        (k.allocs - k.frees).saturating_sub(self.cached[c]) as usize * class_size(c)
     }
     /// Bytes of blocks in use, small and large.
     pub fn in_use(&self) -> usize {
@@ -259,6 +268,25 @@ impl Arena {
                 self.confirm_double_free(src, p, what);
             }
             (*b).mark = mark;
+            self.free_marked(src, p, what, local);
+        }
+    }
+
+    /// [`Arena::free`] after the double-free check, with the block's mark already written.
+    ///
+    /// # Safety
+    /// As for [`Arena::free`].
+    #[inline]
+    pub unsafe fn free_marked<S: PageSource>(
+        &self,
+        src: &S,
+        p: *mut u8,
+        what: Lookup,
+        local: bool,
+    ) {
+        let b = p.cast::<Block>();
+        // SAFETY: as the contract says.
+        unsafe {
             match what {
                 Lookup::Small { run, .. } => {
                     if local && self.lock.try_lock() {
@@ -281,6 +309,58 @@ impl Arena {
         }
     }
 
+    /// Takes up to `n` blocks of class `class` under one lock round: returns the first (and
+    /// whether it reads zero), with the others pushed on `chain`. Null when memory is
+    /// exhausted.
+    pub fn alloc_batch<S: PageSource>(
+        &self,
+        src: &S,
+        class: usize,
+        n: usize,
+        chain: &mut Chain,
+    ) -> (*mut u8, bool) {
+        self.lock.lock();
+        // SAFETY: the lock is held.
+        let st = unsafe { &mut *self.state.get() };
+        // SAFETY: the lock is held.
+        let first = match unsafe { st.bins.alloc_fast(class) } {
+            Some(r) => r,
+            // SAFETY: the lock is held.
+            None => unsafe { self.alloc_small_slow(src, st, class) },
+        };
+        if !first.0.is_null() {
+            for _ in 1..n {
+                // SAFETY: the lock is held.
+                let Some((b, _)) = (unsafe { st.bins.alloc_fast(class) }) else {
+                    break;
+                };
+                // SAFETY: the block was just taken from its run: free to us, on no list.
+                unsafe { chain.push(b.cast()) };
+            }
+        }
+        self.lock.unlock();
+        first
+    }
+
+    /// Returns every block of a packed chain (taken off a CPU cache, or built by
+    /// [`Arena::alloc_batch`]) to its run, under one lock round.
+    ///
+    /// # Safety
+    /// The chain is the caller's, and its blocks are free small blocks of this arena, each
+    /// counted in use by its run.
+    pub unsafe fn free_chain<S: PageSource>(&self, src: &S, chain: usize) {
+        self.lock.lock();
+        // SAFETY: the lock is held; the blocks are ours and of this arena (contract).
+        unsafe {
+            let st = &mut *self.state.get();
+            crate::cpucache::for_each_block(chain, |b| match lookup(src, b as *const u8) {
+                Lookup::Small { run, .. } => st.bins.free(&mut st.heap, src, run, b),
+                _ => crate::diag::invalid_pointer(b"coreheap: corrupted cpu cache", b.cast()),
+            });
+        }
+        self.lock.unlock();
+    }
+
     /// Counts a free that came from another CPU.
     #[inline]
     pub fn note_remote_free(&self) {
@@ -301,7 +381,7 @@ impl Arena {
     /// if it is. A live block whose data happens to equal the mark passes.
     #[cold]
     #[inline(never)]
-    unsafe fn confirm_double_free<S: PageSource>(&self, src: &S, p: *mut u8, what: Lookup) {
+    pub unsafe fn confirm_double_free<S: PageSource>(&self, src: &S, p: *mut u8, what: Lookup) {
         self.lock.lock();
         // SAFETY: the lock is held; a run found by `lookup` stays a run of ours while it has
         // a block in use or pending, and is re-examined here under the lock.
@@ -421,6 +501,7 @@ impl Arena {
                 dirty_bytes: st.heap.dirty_pages * PAGE,
                 remote_frees: self.pending.remote_frees.load(Ordering::Relaxed),
                 contentions: self.lock.contentions(),
+                ..ArenaStats::default()
             }
         };
         self.lock.unlock();

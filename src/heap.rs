@@ -14,10 +14,11 @@ use core::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering}
 use crossbeam_utils::{Backoff, CachePadded};
 
 use crate::arena::{lookup, Arena, ArenaStats, Lookup, LARGE_ALIGN_MAX};
-use crate::chunk::{chunk_of, ChunkHeader, CHUNK_HUGE, MAGIC, REGISTRY};
+use crate::chunk::{chunk_of, Block, ChunkHeader, CHUNK_HUGE, MAGIC, REGISTRY};
+use crate::cpucache::{batch, Caches, Chain, Push};
 use crate::diag::{invalid_pointer, Line};
 use crate::os;
-use crate::size_class::{class_size, pages_for, CHUNK, LARGE_MAX, PAGE};
+use crate::size_class::{class_of, class_size, pages_for, CHUNK, LARGE_MAX, PAGE, SMALL_MAX};
 use crate::source::OsSource;
 
 const UNINIT: u8 = 0;
@@ -38,6 +39,8 @@ struct Config {
     cpu_map_len: usize,
     /// The double-free mark: a per-process random word written into freed blocks.
     mark: usize,
+    /// The per-CPU caches of the rseq fast path (`enabled` false when it is off).
+    caches: Caches,
 }
 
 /// Counters of directly mapped blocks.
@@ -120,6 +123,7 @@ impl Heap {
                 cpu_map: ptr::null(),
                 cpu_map_len: 0,
                 mark: 0,
+                caches: Caches::disabled(),
             }),
             huge: HugeCounters {
                 allocs: AtomicU64::new(0),
@@ -189,8 +193,14 @@ impl Heap {
         };
         let possible = os::possible_cpus();
         let table = count * core::mem::size_of::<CachePadded<Arena>>();
+        let fast = fast_path_wanted();
+        let caches_bytes = if fast.is_some() {
+            Caches::table_bytes(possible)
+        } else {
+            0
+        };
         let map_bytes = possible * 2;
-        let len = (table + map_bytes).div_ceil(PAGE) * PAGE;
+        let len = (table + caches_bytes + map_bytes).div_ceil(PAGE) * PAGE;
         let mem = os::map_anon(len);
         if mem.is_null() {
             return false;
@@ -201,7 +211,7 @@ impl Heap {
             // repr(align) around the arena, which sits at its start.
             unsafe { Arena::init_in_place(arenas.add(i).cast::<Arena>(), i as u32) };
         }
-        let map = (mem as usize + table) as *mut u16;
+        let map = (mem as usize + table + caches_bytes) as *mut u16;
         // Allowed CPUs take arenas in turn, so a process limited to CPUs 5 and 7 uses arenas
         // 0 and 1; other ids (allowed later, or never) fall back to id % count.
         let mut next = 0;
@@ -221,7 +231,25 @@ impl Heap {
         cfg.cpu_map = map;
         cfg.cpu_map_len = possible;
         cfg.mark = os::random_word() | 1;
+        if let Some(rseq_off) = fast {
+            // SAFETY: the caches' part of the fresh mapping starts 128-byte aligned (the
+            // arena slots are CachePadded) and is used by nothing else; `map` holds
+            // `possible` arena indices below `count`; `rseq_off` came from glibc, which
+            // registered an area.
+            cfg.caches = unsafe {
+                Caches::init(
+                    (mem as usize + table) as *mut u8,
+                    (0..possible).map(|c| map.add(c).read() as u32),
+                    rseq_off,
+                )
+            };
+        }
         true
+    }
+
+    /// Whether small blocks go through the per-CPU caches (rseq is in use).
+    pub fn fast_path(&self) -> bool {
+        self.config().is_some_and(|c| c.caches.enabled)
     }
 
     #[inline]
@@ -261,7 +289,17 @@ impl Heap {
         let Some(cfg) = self.config() else {
             return (self.alloc_bootstrap(size, align), true);
         };
-        if size <= LARGE_MAX && align <= LARGE_ALIGN_MAX {
+        if cfg.caches.enabled && size <= SMALL_MAX && align <= PAGE {
+            let class = class_of(if size > align { size } else { align });
+            let b = cfg.caches.pop(class);
+            if b.is_null() {
+                return Self::refill(cfg, class);
+            }
+            // SAFETY: the popped block is ours and at least 16 bytes long. A stale
+            // double-free mark must not survive into a live block.
+            unsafe { (*b).mark = 0 };
+            (b.cast(), false)
+        } else if size <= LARGE_MAX && align <= LARGE_ALIGN_MAX {
             let a = Self::arena(cfg, Self::arena_index(cfg, os::current_cpu()));
             a.alloc(&SRC, size.max(1), align)
         } else {
@@ -278,6 +316,45 @@ impl Heap {
             unsafe { ptr::write_bytes(p, 0, size) };
         }
         p
+    }
+
+    /// The current CPU's cache has no block of `class`: takes a batch from the CPU's arena
+    /// under its lock, returns one and puts the rest in the cache.
+    #[cold]
+    #[inline(never)]
+    fn refill(cfg: &Config, class: usize) -> (*mut u8, bool) {
+        let Some(cpu) = rseq_cpu() else {
+            // A thread without an rseq area (one not started by glibc, or before glibc
+            // registered it): no cache can be filled for it.
+            let a = Self::arena(cfg, Self::arena_index(cfg, os::current_cpu()));
+            return a.alloc(&SRC, class_size(class), 1);
+        };
+        let a = Self::arena(cfg, Self::arena_index(cfg, cpu));
+        let mut chain = Chain::new();
+        let first = a.alloc_batch(&SRC, class, batch(class), &mut chain);
+        let installed = chain.len() > 0
+            && cpu < cfg.caches.len()
+            // SAFETY: the chain's blocks are free blocks of class `class` of the arena the
+            // map gives `cpu`, which is cache `cpu`'s arena; at most `batch < limit` of them.
+            && unsafe { cfg.caches.install(cpu, class, chain.head()) };
+        if chain.len() > 0 && !installed {
+            // Migrated meanwhile, or another thread on this CPU filled the list first.
+            // SAFETY: the chain is ours and its blocks are of arena `a`, counted in use.
+            unsafe { a.free_chain(&SRC, chain.head()) };
+        }
+        first
+    }
+
+    /// Returns the current CPU's cache of `class` to the arena it belongs to.
+    #[cold]
+    #[inline(never)]
+    fn flush(cfg: &Config, class: usize) {
+        if let Some((cpu, chain)) = cfg.caches.take_all(class) {
+            let a = Self::arena(cfg, cfg.caches.arena_of(cpu));
+            // SAFETY: a chain taken off cache `cpu` is ours, and its blocks belong to the
+            // cache's arena and are counted in use by their runs (module invariants).
+            unsafe { a.free_chain(&SRC, chain) };
+        }
     }
 
     #[cold]
@@ -300,6 +377,13 @@ impl Heap {
         }
         let what = lookup(&SRC, p);
         match what {
+            Lookup::Small { arena, run } if self.fast_path_ready() => {
+                // SAFETY: the fast path is on, so the config is READY.
+                let cfg = unsafe { &*self.config.get() };
+                // SAFETY: `lookup` found a live small block of arena `arena`, which the
+                // caller gives up.
+                unsafe { Self::free_small_fast(cfg, p, what, arena, run) }
+            }
             Lookup::Small { arena, .. } | Lookup::Large { arena, .. } => {
                 // A registered chunk implies READY: chunks are only mapped after init.
                 let Some(cfg) = self.config() else { return };
@@ -317,6 +401,92 @@ impl Heap {
             }
             Lookup::Invalid => self.free_foreign(p, b"free(): invalid pointer"),
         }
+    }
+
+    /// Whether the heap is READY with the fast path on (one load each).
+    #[inline(always)]
+    fn fast_path_ready(&self) -> bool {
+        // Acquire: as in `config`.
+        self.state.load(Ordering::Acquire) == READY
+            // SAFETY: READY was observed with Acquire (see the invariant on `Heap`).
+            && unsafe { (*self.config.get()).caches.enabled }
+    }
+
+    /// Frees small block `p` of arena `arena` through the current CPU's cache.
+    ///
+    /// # Safety
+    /// `cfg.caches.enabled`; `what` is `lookup(p)`, a live small block of `arena` in run
+    /// `run`, which the caller gives up.
+    #[inline(always)]
+    unsafe fn free_small_fast(
+        cfg: &Config,
+        p: *mut u8,
+        what: Lookup,
+        arena: u32,
+        run: *mut crate::chunk::PageDesc,
+    ) {
+        let b = p.cast::<Block>();
+        // SAFETY: `run` is a live small run (contract); the block is ours and 16 bytes long.
+        unsafe {
+            let class = (*run).class();
+            if (*b).mark == cfg.mark {
+                Self::confirm_double_free(cfg, p, what, arena, class);
+            }
+            (*b).mark = cfg.mark;
+            match cfg.caches.push(class, b, arena) {
+                Push::Done => {}
+                Push::Full => Self::free_small_full(cfg, p, what, arena, class),
+                Push::Foreign => Self::free_small_foreign(cfg, p, what, arena),
+            }
+        }
+    }
+
+    /// The block carries the double-free mark: abort if it is on the current CPU's cache or
+    /// (under its arena's lock) on its run's free list; otherwise it is live data that
+    /// happens to match.
+    #[cold]
+    #[inline(never)]
+    unsafe fn confirm_double_free(
+        cfg: &Config,
+        p: *mut u8,
+        what: Lookup,
+        arena: u32,
+        class: usize,
+    ) {
+        if cfg.caches.contains(class, p.cast()) {
+            invalid_pointer(b"free(): double free detected", p);
+        }
+        // SAFETY: as for `free_small_fast`.
+        unsafe { Self::arena(cfg, arena as usize).confirm_double_free(&SRC, p, what) };
+    }
+
+    /// The current CPU's cache of `class` is full: return it to its arena, then `p`.
+    ///
+    /// # Safety
+    /// As for `free_small_fast`, with the mark written.
+    #[cold]
+    #[inline(never)]
+    unsafe fn free_small_full(cfg: &Config, p: *mut u8, what: Lookup, arena: u32, class: usize) {
+        Self::flush(cfg, class);
+        // SAFETY: by the contract.
+        unsafe { Self::arena(cfg, arena as usize).free_marked(&SRC, p, what, true) };
+    }
+
+    /// `p` belongs to another arena than the current CPU's (or the thread has no rseq CPU
+    /// id): the locked path, or the owner's pending stack.
+    ///
+    /// # Safety
+    /// As for `free_small_full`.
+    #[cold]
+    #[inline(never)]
+    unsafe fn free_small_foreign(cfg: &Config, p: *mut u8, what: Lookup, arena: u32) {
+        let a = Self::arena(cfg, arena as usize);
+        let local = Self::arena_index(cfg, os::current_cpu()) == arena as usize;
+        if !local {
+            a.note_remote_free();
+        }
+        // SAFETY: by the contract.
+        unsafe { a.free_marked(&SRC, p, what, local) };
     }
 
     #[cold]
@@ -549,7 +719,18 @@ impl Heap {
     pub fn for_each_arena(&self, mut f: impl FnMut(ArenaStats)) {
         if let Some(cfg) = self.config() {
             for i in 0..cfg.count {
-                f(Self::arena(cfg, i).stats(&SRC));
+                let mut st = Self::arena(cfg, i).stats(&SRC);
+                if cfg.caches.enabled {
+                    for cpu in (0..cfg.caches.len()).filter(|&c| cfg.caches.arena_of(c) == i) {
+                        let (allocs, frees, cached) = cfg.caches.counters(cpu);
+                        st.fast_allocs += allocs;
+                        st.fast_frees += frees;
+                        for (sum, n) in st.cached.iter_mut().zip(cached) {
+                            *sum += n;
+                        }
+                    }
+                }
+                f(st);
             }
         }
     }
@@ -575,8 +756,15 @@ impl Heap {
     }
 
     /// Returns pending frees to their runs and every unused dirty page to the OS.
+    /// The calling CPU's caches go back to their arena first (other CPUs' caches cannot be
+    /// reached without their cooperation; they hold at most ~192 KiB each).
     pub fn trim(&self) {
         if let Some(cfg) = self.config() {
+            if cfg.caches.enabled {
+                for class in 0..crate::size_class::NUM_CLASSES {
+                    Self::flush(cfg, class);
+                }
+            }
             for i in 0..cfg.count {
                 Self::arena(cfg, i).trim(&SRC);
             }
@@ -659,4 +847,28 @@ fn register_handlers() {
         // SAFETY: `report_at_exit` is a plain function that lives for the whole program.
         unsafe { libc::atexit(report_at_exit) };
     }
+}
+
+/// The calling thread's CPU id from its rseq area, if it has one.
+#[inline]
+fn rseq_cpu() -> Option<usize> {
+    #[cfg(all(target_arch = "x86_64", target_os = "linux", target_env = "gnu"))]
+    return os::rseq::cpu_id();
+    #[cfg(not(all(target_arch = "x86_64", target_os = "linux", target_env = "gnu")))]
+    None
+}
+
+/// The rseq area offset if the per-CPU fast path can and may be used: a build with the
+/// critical sections, an rseq area registered by glibc (none under `GLIBC_TUNABLES=
+/// glibc.pthread.rseq=0`, on kernels before 4.18, or under valgrind), a CPU id in it for the
+/// initialising thread, and no `COREHEAP_RSEQ=0` in the environment. Decided once.
+fn fast_path_wanted() -> Option<isize> {
+    if !Caches::AVAILABLE || os::env_usize(b"COREHEAP_RSEQ\0") == Some(0) {
+        return None;
+    }
+    #[cfg(all(target_arch = "x86_64", target_os = "linux", target_env = "gnu"))]
+    if os::rseq::cpu_id().is_some() {
+        return os::rseq::area_offset();
+    }
+    None
 }

@@ -28,6 +28,7 @@
 mod arena;
 pub mod c_api;
 mod chunk;
+mod cpucache;
 mod diag;
 mod global;
 mod heap;
@@ -84,6 +85,13 @@ pub fn arena_count() -> usize {
 /// right lists, neither overlapping nor adjacent. Returns the first violation.
 pub fn check_heap() -> Result<(), &'static str> {
     HEAP.check()
+}
+
+/// Whether small blocks go through the lock-free per-CPU caches (Linux rseq, x86_64).
+/// Decided at the heap's first allocation; off when glibc registered no rseq area, or with
+/// `COREHEAP_RSEQ=0`.
+pub fn fast_path() -> bool {
+    HEAP.fast_path()
 }
 
 /// Returns pending frees to their arenas and unused dirty pages to the OS.

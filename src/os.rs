@@ -273,6 +273,14 @@ pub mod rseq {
         tp
     }
 
+    /// The offset from the thread pointer to every thread's rseq area, if glibc registered
+    /// one for the process.
+    pub fn area_offset() -> Option<isize> {
+        // SAFETY: as in `cpu_id`.
+        let (size, offset) = unsafe { (__rseq_size, __rseq_offset) };
+        (size != 0).then_some(offset)
+    }
+
     /// The kernel's idea of the calling thread's CPU, if the thread has an rseq area.
     #[inline]
     pub fn cpu_id() -> Option<usize> {

@@ -59,6 +59,7 @@ unsafe impl PageSource for OsSource {
         os::purge(p, len)
     }
 
+    #[inline]
     fn owns_chunk(&self, chunk: usize) -> bool {
         REGISTRY.contains(chunk)
     }

@@ -83,6 +83,8 @@ fn arena_line(a: &ArenaStats) -> Line {
         .num_w(a.pages.runs as u64, 6)
         .str(b"  allocs ")
         .num_w(allocs, 10)
+        .str(b"  fast allocs ")
+        .num_w(a.fast_allocs, 10)
         .str(b"  remote frees ")
         .num_w(a.remote_frees, 9)
         .str(b"  contended ")
@@ -126,7 +128,11 @@ pub fn write_report(heap: &Heap, fd: i32) {
     let mut head = Line::new();
     head.str(b"coreheap: ")
         .num(heap.arena_count() as u64)
-        .str(b" arenas\n");
+        .str(if heap.fast_path() {
+            b" arenas, per-CPU caches on (rseq)\n".as_slice()
+        } else {
+            b" arenas, per-CPU caches off (no rseq)\n".as_slice()
+        });
     head.write(fd);
     let mut in_use = 0;
     let mut mapped = 0;

@@ -2,6 +2,9 @@
 //! blocks is allocated, touched and freed, the resident set falls back close to where it
 //! started, with no call to `trim` or anything else special.
 
+mod common;
+
+use common::Rng;
 use std::alloc::{alloc, dealloc, Layout};
 
 #[global_allocator]
@@ -23,19 +26,6 @@ fn rss() -> usize {
     let s = std::fs::read_to_string("/proc/self/statm").expect("read statm");
     let pages: usize = s.split_whitespace().nth(1).unwrap().parse().unwrap();
     pages * page_size()
-}
-
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
 }
 
 /// Writes a byte in every page of the block and its last byte.

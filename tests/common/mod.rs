@@ -1,5 +1,8 @@
 //! Helpers shared by the integration tests.
 
+// Each test binary compiles this module and uses only some of it.
+#![allow(dead_code)]
+
 use std::time::{Duration, Instant};
 
 /// Waits for the child `pid` for at most `limit` and returns its wait status. A child still
@@ -23,5 +26,20 @@ pub fn wait_limited(pid: libc::pid_t, limit: Duration, what: &str) -> libc::c_in
             panic!("{what} hung (killed after {limit:?})");
         }
         std::thread::sleep(Duration::from_micros(500));
+    }
+}
+
+/// A xorshift generator: reproducible workloads without a dependency.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
     }
 }

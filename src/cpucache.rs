@@ -1,0 +1,595 @@
+//! Per-CPU caches of free small blocks, used without locks or atomic instructions through
+//! Linux restartable sequences (rseq).
+//!
+//! Each possible CPU id has a [`CpuCache`]: for every size class, a singly linked list of
+//! free blocks that belong to the arena of that CPU. Only threads running on that CPU touch
+//! it, and only inside an rseq critical section: a few instructions that read the CPU id from
+//! the thread's rseq area, index the cache, and end in one store (the commit). If the kernel
+//! preempts, migrates or signals the thread before the commit, it moves the thread to the
+//! section's abort handler, which starts it over; so no two threads ever interleave inside a
+//! section on one CPU, and a section that has run to its commit was never interrupted. This
+//! is McKenney and Slingwine's per-CPU free list with the kernel's restart standing in for
+//! disabled interrupts.
+//!
+//! A list head packs the first block's address (low 48 bits) and the list's length (high 16
+//! bits), and each block's first word holds the packed head of the rest of the list. A pop
+//! is therefore "load head, load its link, store the link as the new head", and the count
+//! costs nothing. An empty list is the word 0.
+//!
+//! Invariants:
+//! - a block on cache `c`'s list belongs to arena `caches[c].arena` (the arena the CPU map
+//!   gives CPU `c`), is free, and is counted as in use by its run (the run only learns of it
+//!   again when the block is flushed back);
+//! - the lists of `c` are written only inside the critical sections below, by threads on
+//!   CPU `c` (a forked child inherits them as a consistent snapshot: a commit is one store);
+//! - a list never holds more than [`limit`] blocks of its class, so its count fits 16 bits.
+//!
+//! The locked path (the arena's bins) remains the way in whenever rseq is unavailable, and
+//! refills and flushes the caches. The sections are x86_64 assembly; elsewhere
+//! [`Caches::AVAILABLE`] is false and the operations are never called. A port needs the
+//! same five sections for its ISA, and its `RSEQ_SIG` placed before each abort handler as
+//! the kernel's selftests (`tools/testing/selftests/rseq/rseq-*.h`) show.
+
+use core::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+
+use crate::chunk::Block;
+use crate::size_class::{class_size, NUM_CLASSES};
+
+const PTR_BITS: u32 = 48;
+/// The address bits of a packed head or link.
+pub const PTR_MASK: usize = (1 << PTR_BITS) - 1;
+
+/// log2 of the distance between two CPUs' caches.
+const STRIDE_SHIFT: usize = 7;
+
+/// One CPU's cache, on cache lines of its own.
+///
+/// The fields are atomics only so that statistics read on another CPU get whole values; the
+/// critical sections read and write them with plain loads and stores (aligned 8-byte
+/// accesses, single-copy atomic on x86_64), so the fast path executes no atomic instruction.
+#[repr(C, align(128))]
+pub struct CpuCache {
+    /// Packed list heads, one per size class.
+    heads: [AtomicUsize; NUM_CLASSES],
+    /// Blocks popped by the fast path (statistics; may count a restarted pop twice).
+    fast_allocs: AtomicU64,
+    /// Blocks pushed by the fast path (statistics; as above).
+    fast_frees: AtomicU64,
+    /// The arena that every block in this cache belongs to. Written once at initialisation.
+    arena: AtomicU32,
+}
+
+const OFF_ALLOCS: usize = core::mem::offset_of!(CpuCache, fast_allocs);
+const OFF_FREES: usize = core::mem::offset_of!(CpuCache, fast_frees);
+const OFF_ARENA: usize = core::mem::offset_of!(CpuCache, arena);
+const _: () = assert!(core::mem::size_of::<CpuCache>() == 1 << STRIDE_SHIFT);
+const _: () = assert!(core::mem::offset_of!(CpuCache, heads) == 0);
+
+/// The most blocks a CPU keeps of class `class`: 64, and at most 32 KiB of the class.
+/// Per CPU that bounds the caches to 64 * (16 + ... + 512) + 4 * 32 KiB, about 192 KiB.
+#[inline]
+pub const fn limit(class: usize) -> usize {
+    // 32 KiB / class_size(class), as a shift; class < NUM_CLASSES keeps it in range.
+    let by_bytes = (32 * 1024 / class_size(0)) >> (class % NUM_CLASSES);
+    if by_bytes < 64 {
+        by_bytes
+    } else {
+        64
+    }
+}
+
+/// How many blocks a refill takes from the arena: half a full cache.
+#[inline]
+pub const fn batch(class: usize) -> usize {
+    limit(class) / 2
+}
+
+/// What a push did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Push {
+    /// The block is on the current CPU's list.
+    Done,
+    /// The list is at its limit; nothing changed.
+    Full,
+    /// The current CPU's cache is not for the block's arena (or the thread has no CPU id
+    /// from rseq); nothing changed.
+    Foreign,
+}
+
+/// The table of per-CPU caches, and what the critical sections need to find it.
+///
+/// Invariant: when `enabled`, `base` points to `len` initialised caches that live for the
+/// rest of the process, and `rseq_off` is the offset from the thread pointer to every
+/// thread's rseq area, which glibc registered with the kernel.
+#[derive(Clone, Copy)]
+pub struct Caches {
+    base: *mut CpuCache,
+    len: usize,
+    rseq_off: isize,
+    pub enabled: bool,
+}
+
+impl Caches {
+    /// Whether this build has the critical sections.
+    pub const AVAILABLE: bool = cfg!(all(target_arch = "x86_64", target_os = "linux"));
+
+    /// No caches: every operation takes the locked path.
+    pub const fn disabled() -> Self {
+        Self {
+            base: core::ptr::null_mut(),
+            len: 0,
+            rseq_off: 0,
+            enabled: false,
+        }
+    }
+
+    /// Bytes of memory the table of `len` caches needs.
+    pub const fn table_bytes(len: usize) -> usize {
+        len << STRIDE_SHIFT
+    }
+
+    /// Builds the table in `mem` for CPU ids below `arena_of.len()`, the cache of CPU `c`
+    /// holding blocks of arena `arena_of[c]`.
+    ///
+    /// # Safety
+    /// `mem` is zeroed, writable, 128-byte aligned memory of `table_bytes(arena_of.len())`
+    /// bytes that lives for the rest of the process and that nothing else uses; `rseq_off`
+    /// is glibc's `__rseq_offset` and glibc registered an rseq area.
+    pub unsafe fn init(mem: *mut u8, arena_of: impl Iterator<Item = u32>, rseq_off: isize) -> Self {
+        let base = mem.cast::<CpuCache>();
+        let mut len = 0;
+        for a in arena_of {
+            // SAFETY: slot `len` is inside `mem` by the contract; zeroed memory is a valid
+            // CpuCache (atomics), so a shared reference to it is sound.
+            unsafe { (*base.add(len)).arena.store(a, Ordering::Relaxed) };
+            len += 1;
+        }
+        Self {
+            base,
+            len,
+            rseq_off,
+            enabled: true,
+        }
+    }
+
+    /// Number of caches (possible CPU ids).
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    fn cache(&self, cpu: usize) -> &CpuCache {
+        assert!(cpu < self.len);
+        // SAFETY: `cpu < len` and by the invariant the table is live.
+        unsafe { &*self.base.add(cpu) }
+    }
+
+    /// The arena CPU `cpu`'s cache holds blocks of.
+    pub fn arena_of(&self, cpu: usize) -> usize {
+        self.cache(cpu).arena.load(Ordering::Relaxed) as usize
+    }
+
+    /// CPU `cpu`'s statistics: blocks popped and pushed by the fast path, and blocks on its
+    /// lists per class. Read while other threads run, the values are a recent snapshot.
+    pub fn counters(&self, cpu: usize) -> (u64, u64, [u64; NUM_CLASSES]) {
+        let c = self.cache(cpu);
+        let mut cached = [0; NUM_CLASSES];
+        for (n, h) in cached.iter_mut().zip(&c.heads) {
+            *n = (h.load(Ordering::Relaxed) >> PTR_BITS) as u64;
+        }
+        (
+            c.fast_allocs.load(Ordering::Relaxed),
+            c.fast_frees.load(Ordering::Relaxed),
+            cached,
+        )
+    }
+}
+
+/// Builds packed chains for [`Caches::install`]: push blocks one by one.
+pub struct Chain {
+    head: usize,
+}
+
+impl Chain {
+    pub const fn new() -> Self {
+        Self { head: 0 }
+    }
+
+    /// Adds `b` in front.
+    ///
+    /// # Safety
+    /// `b` is a free block of at least 16 bytes that the caller owns, on no list.
+    #[inline]
+    pub unsafe fn push(&mut self, b: *mut Block) {
+        // SAFETY: by the contract the block is ours to write.
+        unsafe { (*b).next = self.head as *mut Block };
+        self.head = b as usize | (((self.head >> PTR_BITS) + 1) << PTR_BITS);
+    }
+
+    /// The packed head (0 when empty).
+    pub fn head(&self) -> usize {
+        self.head
+    }
+
+    pub fn len(&self) -> usize {
+        self.head >> PTR_BITS
+    }
+}
+
+/// Walks a packed chain taken off a cache or built with [`Chain`], calling `f` on each
+/// block (after reading its link, so `f` may reuse the block's words).
+///
+/// # Safety
+/// `head` is a packed chain that the caller owns whole.
+pub unsafe fn for_each_block(head: usize, mut f: impl FnMut(*mut Block)) {
+    let mut h = head;
+    while h & PTR_MASK != 0 {
+        let b = (h & PTR_MASK) as *mut Block;
+        // SAFETY: by the contract every block of the chain is ours and links the rest.
+        h = unsafe { (*b).next } as usize;
+        f(b);
+    }
+}
+
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+mod sections {
+    //! The critical sections. Each is one `asm!` block laid out as the kernel requires:
+    //! a `struct rseq_cs` descriptor (version 0, flags 0, start, length up to and excluding
+    //! the instruction after the commit, abort address) in section `__rseq_cs`; the section
+    //! proper, entered by storing the descriptor's address in the thread's `rseq->rseq_cs`;
+    //! and an abort handler in `__rseq_failure`, preceded by the 4-byte signature glibc
+    //! registered (`RSEQ_SIG`, encoded as the operand of a `ud1` so a disassembler stays in
+    //! step), which jumps back to re-arm the descriptor (the kernel clears `rseq_cs` when it
+    //! aborts) and start over. The commit, where there is one, is the last instruction
+    //! before the end label. Labels are numeric (they may be duplicated by inlining) and
+    //! avoid digits 0 and 1 only, which Intel syntax could read as binary.
+    //!
+    //! Registers given as `out` are not shared with inputs, so the sections may write them
+    //! before reading every input; no section writes an input.
+    //!
+    //! `struct rseq` layout (uapi `linux/rseq.h`): `cpu_id_start` at 0, `cpu_id` at 4,
+    //! `rseq_cs` at 8. An unregistered thread reads a negative `cpu_id`, which compares as a
+    //! huge unsigned number and takes the way out.
+
+    use super::{Caches, OFF_ALLOCS, OFF_ARENA, OFF_FREES, STRIDE_SHIFT};
+    use core::arch::asm;
+
+    /// glibc's `RSEQ_SIG` for x86.
+    const RSEQ_SIG: u32 = 0x5305_3053;
+
+    /// Loads the CPU id into `{c}` and makes `{c}` point to that CPU's cache, or leaves the
+    /// section (to label 75) when the id is not below `{n}`.
+    macro_rules! current_cache {
+        () => {
+            concat!(
+                "mov {c:e}, dword ptr fs:[{off} + 4]\n",
+                "cmp {c}, {n}\n",
+                "jae 75f\n",
+                "shl {c}, {shift}\n",
+                "add {c}, {base}\n",
+            )
+        };
+    }
+
+    macro_rules! rseq_section {
+        ($($body:expr,)*) => {
+            concat!(
+                ".pushsection __rseq_cs, \"aw\"\n",
+                ".balign 32\n",
+                "72:\n",
+                ".long 0, 0\n",
+                ".quad 74f, 75f - 74f, 76f\n",
+                ".popsection\n",
+                "73:\n",
+                "lea {t}, [rip + 72b]\n",
+                "mov qword ptr fs:[{off} + 8], {t}\n",
+                "74:\n",
+                $($body, "\n",)*
+                "75:\n",
+                ".pushsection __rseq_failure, \"ax\"\n",
+                ".byte 0x0f, 0xb9, 0x3d\n",
+                ".long {sig}\n",
+                "76:\n",
+                "jmp 73b\n",
+                ".popsection\n",
+            )
+        };
+    }
+
+    impl Caches {
+        /// Pops a block of class `class` from the current CPU's cache. Returns the packed
+        /// head it popped (0 when the list is empty or the thread has no usable CPU id).
+        #[inline(always)]
+        pub(super) fn pop_raw(&self, class: usize) -> usize {
+            let head: usize;
+            // SAFETY: by the `Caches` invariant (callers check `enabled`) the table and the
+            // rseq area exist; the section touches only the current CPU's cache (index
+            // checked against `len`) and the first word of the block at its head, which is
+            // free and on that list while the section runs (see the module invariants).
+            unsafe {
+                asm!(
+                    rseq_section!(
+                        "xor {h:e}, {h:e}",
+                        current_cache!(),
+                        "mov {h}, qword ptr [{c} + {cls} * 8]",
+                        "test {h}, {h}",
+                        "jz 75f",
+                        "mov {t}, {h}",
+                        "shl {t}, 16",
+                        "shr {t}, 16",
+                        "mov {t}, qword ptr [{t}]",
+                        "add qword ptr [{c} + {allocs}], 1",
+                        "mov qword ptr [{c} + {cls} * 8], {t}",
+                    ),
+                    off = in(reg) self.rseq_off,
+                    n = in(reg) self.len,
+                    base = in(reg) self.base,
+                    cls = in(reg) class,
+                    h = out(reg) head,
+                    c = out(reg) _,
+                    t = out(reg) _,
+                    shift = const STRIDE_SHIFT,
+                    allocs = const OFF_ALLOCS,
+                    sig = const RSEQ_SIG,
+                    options(nostack),
+                );
+            }
+            head
+        }
+
+        /// Pushes block `b` of arena `arena`, class `class`, on the current CPU's cache if
+        /// that cache is for `arena` and holds fewer than `limit` blocks. Returns 0 (done),
+        /// 1 (foreign) or 2 (full).
+        ///
+        /// # Safety
+        /// `b` is a free block of class `class` of arena `arena` that the caller owns.
+        #[inline(always)]
+        pub(super) unsafe fn push_raw(
+            &self,
+            class: usize,
+            b: usize,
+            arena: u32,
+            limit: usize,
+        ) -> u32 {
+            let status: u32;
+            // SAFETY: as in `pop_raw`; the section also writes the first word of `b`, which
+            // the caller owns, before the commit publishes it.
+            unsafe {
+                asm!(
+                    rseq_section!(
+                        "mov {st:e}, 1",
+                        current_cache!(),
+                        "cmp dword ptr [{c} + {arena_off}], {arena:e}",
+                        "jne 75f",
+                        "mov {h}, qword ptr [{c} + {cls} * 8]",
+                        "mov {t}, {h}",
+                        "shr {t}, 48",
+                        "mov {st:e}, 2",
+                        "cmp {t}, {limit}",
+                        "jae 75f",
+                        "add {t}, 1",
+                        "shl {t}, 48",
+                        "or {t}, {b}",
+                        "mov qword ptr [{b}], {h}",
+                        "add qword ptr [{c} + {frees}], 1",
+                        "xor {st:e}, {st:e}",
+                        "mov qword ptr [{c} + {cls} * 8], {t}",
+                    ),
+                    off = in(reg) self.rseq_off,
+                    n = in(reg) self.len,
+                    base = in(reg) self.base,
+                    cls = in(reg) class,
+                    b = in(reg) b,
+                    arena = in(reg) arena,
+                    limit = in(reg) limit,
+                    st = out(reg) status,
+                    h = out(reg) _,
+                    c = out(reg) _,
+                    t = out(reg) _,
+                    shift = const STRIDE_SHIFT,
+                    arena_off = const OFF_ARENA,
+                    frees = const OFF_FREES,
+                    sig = const RSEQ_SIG,
+                    options(nostack),
+                );
+            }
+            status
+        }
+
+        /// Empties the current CPU's list of class `class`. Returns the CPU id read and the
+        /// packed chain taken (0 if none, or if the id is out of range).
+        #[inline]
+        pub(super) fn take_all_raw(&self, class: usize) -> (usize, usize) {
+            let head: usize;
+            let cpu: usize;
+            // SAFETY: as in `pop_raw`; the commit stores 0, after which the chain is ours.
+            unsafe {
+                asm!(
+                    rseq_section!(
+                        "xor {h:e}, {h:e}",
+                        "mov {cpu:e}, dword ptr fs:[{off} + 4]",
+                        current_cache!(),
+                        "mov {h}, qword ptr [{c} + {cls} * 8]",
+                        "mov qword ptr [{c} + {cls} * 8], 0",
+                    ),
+                    off = in(reg) self.rseq_off,
+                    n = in(reg) self.len,
+                    base = in(reg) self.base,
+                    cls = in(reg) class,
+                    h = out(reg) head,
+                    cpu = out(reg) cpu,
+                    c = out(reg) _,
+                    t = out(reg) _,
+                    shift = const STRIDE_SHIFT,
+                    sig = const RSEQ_SIG,
+                    options(nostack),
+                );
+            }
+            (cpu, head)
+        }
+
+        /// Makes `chain` the list of class `class` if the thread runs on CPU `cpu` and that
+        /// list is empty. Returns whether it did.
+        ///
+        /// # Safety
+        /// `cpu < len`; `chain` is a packed chain of at most `limit(class)` free blocks of
+        /// class `class` of arena `arena_of(cpu)`, owned by the caller.
+        #[inline]
+        pub(super) unsafe fn install_raw(&self, cpu: usize, class: usize, chain: usize) -> bool {
+            let status: u32;
+            // SAFETY: as in `pop_raw`; `cpu < len` by the contract.
+            unsafe {
+                asm!(
+                    rseq_section!(
+                        "mov {st:e}, 1",
+                        "mov {c:e}, dword ptr fs:[{off} + 4]",
+                        "cmp {c}, {want}",
+                        "jne 75f",
+                        "shl {c}, {shift}",
+                        "add {c}, {base}",
+                        "cmp qword ptr [{c} + {cls} * 8], 0",
+                        "jne 75f",
+                        "xor {st:e}, {st:e}",
+                        "mov qword ptr [{c} + {cls} * 8], {chain}",
+                    ),
+                    off = in(reg) self.rseq_off,
+                    want = in(reg) cpu,
+                    base = in(reg) self.base,
+                    cls = in(reg) class,
+                    chain = in(reg) chain,
+                    st = out(reg) status,
+                    c = out(reg) _,
+                    t = out(reg) _,
+                    shift = const STRIDE_SHIFT,
+                    sig = const RSEQ_SIG,
+                    options(nostack),
+                );
+            }
+            status == 0
+        }
+
+        /// Whether block `b` is on the current CPU's list of class `class`. Looks at no more
+        /// than `max` blocks.
+        #[inline(never)]
+        pub(super) fn contains_raw(&self, class: usize, b: usize, max: usize) -> bool {
+            let found: u32;
+            // SAFETY: as in `pop_raw`; the walk only reads links of blocks on the list,
+            // and any interruption restarts it from the head.
+            unsafe {
+                asm!(
+                    rseq_section!(
+                        "xor {st:e}, {st:e}",
+                        "mov {k}, {max}",
+                        current_cache!(),
+                        "mov {h}, qword ptr [{c} + {cls} * 8]",
+                        "77:",
+                        "shl {h}, 16",
+                        "shr {h}, 16",
+                        "test {h}, {h}",
+                        "jz 75f",
+                        "cmp {h}, {b}",
+                        "je 78f",
+                        "sub {k}, 1",
+                        "jz 75f",
+                        "mov {h}, qword ptr [{h}]",
+                        "jmp 77b",
+                        "78:",
+                        "mov {st:e}, 1",
+                    ),
+                    off = in(reg) self.rseq_off,
+                    n = in(reg) self.len,
+                    base = in(reg) self.base,
+                    cls = in(reg) class,
+                    b = in(reg) b,
+                    max = in(reg) max,
+                    st = out(reg) found,
+                    k = out(reg) _,
+                    h = out(reg) _,
+                    c = out(reg) _,
+                    t = out(reg) _,
+                    shift = const STRIDE_SHIFT,
+                    sig = const RSEQ_SIG,
+                    options(nostack),
+                );
+            }
+            found != 0
+        }
+    }
+}
+
+#[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
+mod sections {
+    //! No critical sections on this architecture: `Caches::AVAILABLE` is false, so
+    //! `enabled` is never set and these are never called.
+    use super::Caches;
+
+    impl Caches {
+        pub(super) fn pop_raw(&self, _class: usize) -> usize {
+            0
+        }
+        pub(super) unsafe fn push_raw(&self, _: usize, _: usize, _: u32, _: usize) -> u32 {
+            1
+        }
+        pub(super) fn take_all_raw(&self, _class: usize) -> (usize, usize) {
+            (usize::MAX, 0)
+        }
+        pub(super) unsafe fn install_raw(&self, _: usize, _: usize, _: usize) -> bool {
+            false
+        }
+        pub(super) fn contains_raw(&self, _: usize, _: usize, _: usize) -> bool {
+            false
+        }
+    }
+}
+
+impl Caches {
+    /// Pops a free block of class `class` from the current CPU's cache, or returns null.
+    /// The block's first word still holds a link; its second is untouched.
+    ///
+    /// Callers check `enabled` first.
+    #[inline(always)]
+    pub fn pop(&self, class: usize) -> *mut Block {
+        debug_assert!(self.enabled && class < NUM_CLASSES);
+        (self.pop_raw(class) & PTR_MASK) as *mut Block
+    }
+
+    /// Pushes `b`, a block of class `class` of arena `arena`, on the current CPU's cache.
+    ///
+    /// # Safety
+    /// `enabled`; `b` is a free block of that class and arena, which the caller owns and
+    /// gives up if the answer is [`Push::Done`].
+    #[inline(always)]
+    pub unsafe fn push(&self, class: usize, b: *mut Block, arena: u32) -> Push {
+        debug_assert!(self.enabled && class < NUM_CLASSES);
+        // SAFETY: by the contract.
+        match unsafe { self.push_raw(class, b as usize, arena, limit(class)) } {
+            0 => Push::Done,
+            2 => Push::Full,
+            _ => Push::Foreign,
+        }
+    }
+
+    /// Empties the current CPU's list of class `class`: returns the CPU id and the chain,
+    /// whose blocks belong to arena `arena_of(cpu)` and are now the caller's. `None` when the
+    /// list was empty or the thread has no usable CPU id.
+    pub fn take_all(&self, class: usize) -> Option<(usize, usize)> {
+        let (cpu, head) = self.take_all_raw(class);
+        (head != 0).then_some((cpu, head))
+    }
+
+    /// Makes `chain` (from [`Chain`]) CPU `cpu`'s list of class `class` if the thread runs on
+    /// `cpu` and that list is empty; otherwise the chain stays the caller's.
+    ///
+    /// # Safety
+    /// `enabled`, `cpu < len()`; `chain` holds at most `limit(class)` free blocks of class
+    /// `class` of arena `arena_of(cpu)`, which the caller gives up if this returns true.
+    pub unsafe fn install(&self, cpu: usize, class: usize, chain: usize) -> bool {
+        debug_assert!(cpu < self.len && (chain >> PTR_BITS) <= limit(class));
+        // SAFETY: by the contract.
+        unsafe { self.install_raw(cpu, class, chain) }
+    }
+
+    /// Whether `b` is on the current CPU's list of class `class`.
+    pub fn contains(&self, class: usize, b: *mut Block) -> bool {
+        self.enabled && self.contains_raw(class, b as usize, limit(class) + 1)
+    }
+}

@@ -16,7 +16,7 @@ use core::sync::atomic::Ordering;
 use crossbeam_utils::CachePadded;
 
 use crate::chunk::{chunk_of, page_index, Block, ChunkHeader, Kind, PageDesc, CHUNK_ARENA, MAGIC};
-use crate::cpucache::Chain;
+use crate::cpucache::{Chain, BATCH_MAX};
 use crate::large::{PageCounters, PageHeap};
 use crate::lock::RawLock;
 use crate::remote::Pending;
@@ -329,11 +329,21 @@ impl Arena {
             None => unsafe { self.alloc_small_slow(src, st, class) },
         };
         if !first.0.is_null() {
-            for _ in 1..n {
+            // Taken in address order (a run hands out ascending blocks), pushed in reverse,
+            // so that pops go on in address order: objects allocated one after another stay
+            // neighbours, as they are on the locked path (Python's GC walk measured 15%
+            // slower with the batch reversed).
+            let mut got = [ptr::null_mut::<u8>(); BATCH_MAX];
+            let mut k = 0;
+            while k < n.min(BATCH_MAX) - 1 {
                 // SAFETY: the lock is held.
                 let Some((b, _)) = (unsafe { st.bins.alloc_fast(class) }) else {
                     break;
                 };
+                got[k] = b;
+                k += 1;
+            }
+            for &b in got[..k].iter().rev() {
                 // SAFETY: the block was just taken from its run: free to us, on no list.
                 unsafe { chain.push(b.cast()) };
             }

@@ -64,6 +64,7 @@ const OFF_FREES: usize = core::mem::offset_of!(CpuCache, fast_frees);
 const OFF_ARENA: usize = core::mem::offset_of!(CpuCache, arena);
 const _: () = assert!(core::mem::size_of::<CpuCache>() == 1 << STRIDE_SHIFT);
 const _: () = assert!(core::mem::offset_of!(CpuCache, heads) == 0);
+const _: () = assert!(batch(0) == BATCH_MAX);
 
 /// The most blocks a CPU keeps of class `class`: 64, and at most 32 KiB of the class.
 /// Per CPU that bounds the caches to 64 * (16 + ... + 512) + 4 * 32 KiB, about 192 KiB.
@@ -77,6 +78,9 @@ pub const fn limit(class: usize) -> usize {
         64
     }
 }
+
+/// The largest [`batch`].
+pub const BATCH_MAX: usize = 32;
 
 /// How many blocks a refill takes from the arena: half a full cache.
 #[inline]

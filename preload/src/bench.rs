@@ -21,7 +21,8 @@ Runs the benchmark workloads under glibc's malloc, coreheap and every installed 
 (Debian packages libjemalloc2, libmimalloc2.0, libtcmalloc-minimal4), interleaved run by run,
 and writes a report (results.md, results.svg) to the output folder.
   --workloads A,B   workloads to run (default: all; `--workloads list` lists them)
-  --allocators A,B  allocators (default: every one found: glibc,coreheap,jemalloc,mimalloc,tcmalloc)
+  --allocators A,B  allocators (default: every one found: glibc,coreheap,jemalloc,mimalloc,tcmalloc;
+                    also coreheap-locked: coreheap with COREHEAP_RSEQ=0, the locked path only)
   --threads N       threads of the synthetic workloads (default: the CPUs available)
   --runs N          runs per workload and allocator (default 5; the median is reported)
   --scale F         work per run relative to the default sizes (default 1.0)
@@ -92,7 +93,13 @@ struct Allocator {
     name: String,
     /// The shared object to preload; `None` for glibc's own malloc.
     preload: Option<PathBuf>,
+    /// Environment it runs with (for coreheap-locked: the rseq fast path off).
+    env: &'static [(&'static str, &'static str)],
 }
+
+/// coreheap with its per-CPU caches off: the locked path alone, for before/after
+/// comparisons of the rseq fast path. Only when asked for by name.
+const LOCKED: &str = "coreheap-locked";
 
 /// One way to start a workload.
 struct Job {
@@ -204,10 +211,12 @@ fn find_allocators(o: &Options) -> Result<Vec<Allocator>, String> {
         Allocator {
             name: "glibc".into(),
             preload: None,
+            env: &[],
         },
         Allocator {
             name: "coreheap".into(),
-            preload: Some(lib),
+            preload: Some(lib.clone()),
+            env: &[],
         },
     ];
     for (name, paths) in PEERS {
@@ -215,12 +224,18 @@ fn find_allocators(o: &Options) -> Result<Vec<Allocator>, String> {
             found.push(Allocator {
                 name: name.into(),
                 preload: Some(p.to_path_buf()),
+                env: &[],
             });
         }
     }
     let Some(want) = &o.allocators else {
         return Ok(found);
     };
+    found.push(Allocator {
+        name: LOCKED.into(),
+        preload: Some(lib),
+        env: &[("COREHEAP_RSEQ", "0")],
+    });
     let mut chosen = Vec::new();
     for w in want {
         match found.iter().position(|a| &a.name == w) {
@@ -492,6 +507,9 @@ fn run_once(
     if let Some(p) = &alloc.preload {
         cmd.env("LD_PRELOAD", p);
     }
+    for (k, v) in alloc.env {
+        cmd.env(k, v);
+    }
     match &job.stdin {
         Some(p) => cmd.stdin(fs::File::open(p).map_err(|e| format!("{}: {e}", p.display()))?),
         None => cmd.stdin(Stdio::null()),
@@ -627,12 +645,12 @@ impl Report {
         self.allocators.iter().position(|a| a == name)
     }
 
-    /// The best value of workload `w` among the allocators other than coreheap.
+    /// The best value of workload `w` among the allocators other than coreheap (in
+    /// either configuration).
     fn best_peer(&self, v: &[f64]) -> Option<(usize, f64)> {
-        let core = self.index("coreheap");
         v.iter()
             .enumerate()
-            .filter(|(i, _)| Some(*i) != core)
+            .filter(|(i, _)| !self.allocators[*i].starts_with("coreheap"))
             .map(|(i, &x)| (i, x))
             .min_by(|a, b| a.1.total_cmp(&b.1))
     }

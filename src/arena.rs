@@ -312,11 +312,13 @@ impl Arena {
     /// Takes up to `n` blocks of class `class` under one lock round: returns the first (and
     /// whether it reads zero), with the others pushed on `chain`. Null when memory is
     /// exhausted.
+    /// Every block put on the chain gets `mark`, as freed blocks do.
     pub fn alloc_batch<S: PageSource>(
         &self,
         src: &S,
         class: usize,
         n: usize,
+        mark: usize,
         chain: &mut Chain,
     ) -> (*mut u8, bool) {
         self.lock.lock();
@@ -345,7 +347,10 @@ impl Arena {
             }
             for &b in got[..k].iter().rev() {
                 // SAFETY: the block was just taken from its run: free to us, on no list.
-                unsafe { chain.push(b.cast()) };
+                unsafe {
+                    (*b.cast::<Block>()).mark = mark;
+                    chain.push(b.cast());
+                }
             }
         }
         self.lock.unlock();
@@ -363,10 +368,19 @@ impl Arena {
         // SAFETY: the lock is held; the blocks are ours and of this arena (contract).
         unsafe {
             let st = &mut *self.state.get();
-            crate::cpucache::for_each_block(chain, |b| match lookup(src, b as *const u8) {
-                Lookup::Small { run, .. } => st.bins.free(&mut st.heap, src, run, b),
+            let index = self.index;
+            let r = crate::cpucache::for_each_block(chain, |b| match lookup(src, b as *const u8) {
+                Lookup::Small { run, arena } if arena == index => {
+                    st.bins.free(&mut st.heap, src, run, b)
+                }
                 _ => crate::diag::invalid_pointer(b"coreheap: corrupted cpu cache", b.cast()),
             });
+            if let Err(b) = r {
+                crate::diag::invalid_pointer(
+                    b"coreheap: free list link overwritten (write after free or double free)",
+                    b.cast(),
+                );
+            }
         }
         self.lock.unlock();
     }

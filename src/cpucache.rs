@@ -220,18 +220,27 @@ impl Chain {
 }
 
 /// Walks a packed chain taken off a cache or built with [`Chain`], calling `f` on each
-/// block (after reading its link, so `f` may reuse the block's words).
+/// block (after reading its link, so `f` may reuse the block's words). Returns the first
+/// block whose link breaks the chain's shape (each link's count one less than the one
+/// before it, ending at 0 with a null address), which only a write into a free block (or a
+/// double free that put a block on two lists) can cause: the caller reports it.
 ///
 /// # Safety
-/// `head` is a packed chain that the caller owns whole.
-pub unsafe fn for_each_block(head: usize, mut f: impl FnMut(*mut Block)) {
+/// `head` is a packed chain that the caller owns whole, as long as its shape holds.
+pub unsafe fn for_each_block(head: usize, mut f: impl FnMut(*mut Block)) -> Result<(), *mut Block> {
     let mut h = head;
     while h & PTR_MASK != 0 {
         let b = (h & PTR_MASK) as *mut Block;
         // SAFETY: by the contract every block of the chain is ours and links the rest.
-        h = unsafe { (*b).next } as usize;
+        let next = unsafe { (*b).next } as usize;
+        let n = h >> PTR_BITS;
+        if n == 0 || next >> PTR_BITS != n - 1 || (next >> PTR_BITS == 0) != (next == 0) {
+            return Err(b);
+        }
         f(b);
+        h = next;
     }
+    Ok(())
 }
 
 #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
@@ -595,5 +604,40 @@ impl Caches {
     /// Whether `b` is on the current CPU's list of class `class`.
     pub fn contains(&self, class: usize, b: *mut Block) -> bool {
         self.enabled && self.contains_raw(class, b as usize, limit(class) + 1)
+    }
+
+    /// Whether `b` seems to be on any CPU's list of class `class`, looked for without those
+    /// CPUs' cooperation: their lists may change under the walk, so every link is read as
+    /// one machine word and followed only if `is_block(link)` says it is a free-able block
+    /// of that class (which keeps the walk inside mapped memory), at most `limit + 1`
+    /// links per CPU. Used only to confirm a suspected double free, where `b` carries the
+    /// free mark and is on no list of the current CPU or its arena: a hit means some CPU
+    /// held `b` as free during the walk.
+    #[cold]
+    pub fn seen_anywhere(
+        &self,
+        class: usize,
+        b: *mut Block,
+        is_block: impl Fn(usize) -> bool,
+    ) -> bool {
+        if !self.enabled {
+            return false;
+        }
+        (0..self.len).any(|cpu| {
+            let mut h = self.cache(cpu).heads[class].load(Ordering::Relaxed);
+            for _ in 0..=limit(class) {
+                let p = h & PTR_MASK;
+                if p == 0 || !is_block(p) {
+                    return false;
+                }
+                if p == b as usize {
+                    return true;
+                }
+                // SAFETY: `is_block` vouched that `p` is a block in a mapped chunk of ours;
+                // its first word is read as one volatile word and only used as a candidate.
+                h = unsafe { core::ptr::read_volatile(p as *const usize) };
+            }
+            false
+        })
     }
 }

@@ -331,7 +331,7 @@ impl Heap {
         };
         let a = Self::arena(cfg, Self::arena_index(cfg, cpu));
         let mut chain = Chain::new();
-        let first = a.alloc_batch(&SRC, class, batch(class), &mut chain);
+        let first = a.alloc_batch(&SRC, class, batch(class), cfg.mark, &mut chain);
         let installed = chain.len() > 0
             && cpu < cfg.caches.len()
             // SAFETY: the chain's blocks are free blocks of class `class` of the arena the
@@ -453,7 +453,14 @@ impl Heap {
         arena: u32,
         class: usize,
     ) {
-        if cfg.caches.contains(class, p.cast()) {
+        let in_cache = |q: usize| match lookup(&SRC, q as *const u8) {
+            // SAFETY: `lookup` returns live run heads.
+            Lookup::Small { run, .. } => (unsafe { (*run).class() }) == class,
+            _ => false,
+        };
+        if cfg.caches.contains(class, p.cast())
+            || cfg.caches.seen_anywhere(class, p.cast(), in_cache)
+        {
             invalid_pointer(b"free(): double free detected", p);
         }
         // SAFETY: as for `free_small_fast`.

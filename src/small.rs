@@ -183,14 +183,18 @@ impl SmallBins {
         // SAFETY: the run's free list holds blocks of the run, linked under the lock.
         unsafe {
             let mut f = (*r).free;
-            while !f.is_null() {
+            // Bounded: a list longer than its run has a cycle (a corrupted link).
+            for _ in 0..=run_blocks((*r).class()) {
+                if f.is_null() {
+                    return false;
+                }
                 if f == b {
                     return true;
                 }
                 f = (*f).next;
             }
         }
-        false
+        crate::diag::invalid_pointer(b"coreheap: free list of a run has a cycle", b.cast())
     }
 
     unsafe fn link(&mut self, class: usize, r: *mut PageDesc) {

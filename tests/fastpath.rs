@@ -51,7 +51,10 @@ fn counter_child() {
     }
     let stats = coreheap::stats();
     let fast: u64 = stats.arenas.iter().map(|a| a.fast_allocs).sum();
+    #[cfg(all(target_arch = "x86_64", target_os = "linux", target_env = "gnu"))]
     let registered = coreheap::os::rseq::area_offset().is_some();
+    #[cfg(not(all(target_arch = "x86_64", target_os = "linux", target_env = "gnu")))]
+    let registered = false;
     println!(
         "registered={} fast_path={} fast_allocs={}",
         registered as u8,
@@ -191,9 +194,34 @@ fn migrated_threads_lose_and_duplicate_nothing() {
 /// Threads (three per core) allocate, check and free blocks, a quarter of them on another
 /// thread, while moving themselves to a random core every 32 operations. Returns the
 /// cores, threads, blocks allocated (all freed again), time taken and migrations.
+/// Signals delivered to the stress threads: each one delivered inside a critical section
+/// aborts and restarts it.
+static SIGNALS: AtomicU64 = AtomicU64::new(0);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    SIGNALS.fetch_add(1, Ordering::Relaxed);
+}
+
+fn install_handler() {
+    // SAFETY: a zeroed sigaction is valid; the handler only does an atomic add, which is
+    // async-signal-safe; SA_RESTART keeps the threads' blocking calls going.
+    unsafe {
+        let mut sa: libc::sigaction = std::mem::zeroed();
+        sa.sa_sigaction = on_signal as *const () as usize;
+        sa.sa_flags = libc::SA_RESTART;
+        assert_eq!(libc::sigaction(libc::SIGUSR1, &sa, std::ptr::null_mut()), 0);
+    }
+}
+
 fn stress_round(ops_per_thread: usize) -> (usize, usize, u64, Duration, u64) {
     let cores = core_affinity::get_core_ids().unwrap_or_default();
     let threads = 3 * cores.len().max(2);
+    install_handler();
+    // Threads report their pthread ids here, and stay alive (at `parked`) until the signal
+    // storm has stopped, so no signal is sent to a thread that has exited.
+    let tids = Arc::new(Mutex::new(Vec::<libc::pthread_t>::new()));
+    let finished = Arc::new(AtomicU64::new(0));
+    let parked = Arc::new(std::sync::Barrier::new(threads + 1));
     let allocated = Arc::new(AtomicU64::new(0));
     let freed = Arc::new(AtomicU64::new(0));
     let migrations = Arc::new(AtomicU64::new(0));
@@ -210,7 +238,10 @@ fn stress_round(ops_per_thread: usize) -> (usize, usize, u64, Duration, u64) {
                 migrations.clone(),
                 mailboxes.clone(),
             );
+            let (tids, finished, parked) = (tids.clone(), finished.clone(), parked.clone());
             std::thread::spawn(move || {
+                // SAFETY: pthread_self has no preconditions.
+                tids.lock().unwrap().push(unsafe { libc::pthread_self() });
                 let mut rng = Rng(0x2545_f491_4f6c_dd1d ^ ((t as u64 + 1) * 0x9e37_79b9));
                 let mut live: Vec<Blk> = Vec::with_capacity(600);
                 let mut serial = 0u64;
@@ -248,9 +279,31 @@ fn stress_round(ops_per_thread: usize) -> (usize, usize, u64, Duration, u64) {
                     check_and_free(b);
                     freed.fetch_add(1, Ordering::Relaxed);
                 }
+                finished.fetch_add(1, Ordering::Release);
+                parked.wait();
             })
         })
         .collect();
+    // The signal storm: SIGUSR1 to a random stress thread, as fast as one thread sends.
+    let storm = {
+        let (tids, finished, parked) = (tids.clone(), finished.clone(), parked.clone());
+        std::thread::spawn(move || {
+            let mut rng = Rng(0x5851_f42d_4c95_7f2d);
+            while finished.load(Ordering::Acquire) < threads as u64 {
+                let t = {
+                    let tids = tids.lock().unwrap();
+                    (!tids.is_empty()).then(|| tids[rng.below(tids.len())])
+                };
+                if let Some(t) = t {
+                    // SAFETY: `t` is a live thread: none exits before `parked` releases it.
+                    unsafe { libc::pthread_kill(t, libc::SIGUSR1) };
+                }
+                std::thread::yield_now();
+            }
+            parked.wait();
+        })
+    };
+    storm.join().expect("the signal thread failed");
     for h in handles {
         h.join().expect("a stress thread failed");
     }
@@ -269,5 +322,9 @@ fn stress_round(ops_per_thread: usize) -> (usize, usize, u64, Duration, u64) {
     // Everything this test allocated goes before the heap is measured again.
     drop((mailboxes, allocated, freed, migrations, cores));
     assert_eq!(a, f, "blocks allocated and freed differ");
+    eprintln!(
+        "fastpath: round of {ops_per_thread} ops per thread: {} signals handled",
+        SIGNALS.load(Ordering::Relaxed)
+    );
     (ncores, threads, a, start.elapsed(), moved)
 }

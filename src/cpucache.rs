@@ -70,8 +70,9 @@ const _: () = assert!(batch(0) == BATCH_MAX);
 /// Per CPU that bounds the caches to 64 * (16 + ... + 512) + 4 * 32 KiB, about 192 KiB.
 #[inline]
 pub const fn limit(class: usize) -> usize {
-    // 32 KiB / class_size(class), as a shift; class < NUM_CLASSES keeps it in range.
-    let by_bytes = (32 * 1024 / class_size(0)) >> (class % NUM_CLASSES);
+    // 32 KiB / class_size(class), as a shift (kept in range for any `class`).
+    let shift = if class < NUM_CLASSES { class } else { NUM_CLASSES };
+    let by_bytes = (32 * 1024 / class_size(0)) >> shift;
     if by_bytes < 64 {
         by_bytes
     } else {

@@ -11,7 +11,6 @@
 
 use core::cell::UnsafeCell;
 use core::ptr;
-use core::sync::atomic::Ordering;
 
 use crossbeam_utils::CachePadded;
 
@@ -43,6 +42,9 @@ struct State {
     bins: SmallBins,
     heap: PageHeap,
     large: LargeCounters,
+    /// Blocks that came back through the pending stack (counted at the drain, so the
+    /// remote free itself pays no second atomic on the stack's line).
+    pending_drained: u64,
 }
 
 /// One arena. Lives in a [`CachePadded`] slot of the arena table; the pending stack has a
@@ -50,6 +52,9 @@ struct State {
 pub struct Arena {
     lock: RawLock,
     index: u32,
+    /// The secret that encodes this arena's free-list links; written once at initialisation,
+    /// on a line that only the lock and bins share (never the pending stack's).
+    key: usize,
     state: UnsafeCell<State>,
     pending: CachePadded<Pending>,
 }
@@ -66,7 +71,8 @@ pub struct ArenaStats {
     pub pages: PageCounters,
     /// Free pages known to hold data (not yet purged).
     pub dirty_bytes: usize,
-    /// Frees pushed by a thread on another CPU.
+    /// Frees that came back through the pending stack: every free from a CPU of another
+    /// arena, and local ones that found the lock held (counted when drained).
     pub remote_frees: u64,
     /// Times a thread found this arena's lock held.
     pub contentions: u64,
@@ -150,18 +156,65 @@ pub fn lookup<S: PageSource>(src: &S, p: *const u8) -> Lookup {
     }
 }
 
+/// For a pointer into one of coreheap's chunks that is not a block start (an interior or
+/// stale pointer): the owning arena (none for a huge block) and the size of the block or
+/// run it points into. `None` for memory coreheap does not manage.
+pub fn describe<S: PageSource>(src: &S, p: *const u8) -> Option<(Option<u32>, usize)> {
+    let c = chunk_of(p);
+    if !src.owns_chunk(c) {
+        return None;
+    }
+    let h = c as *mut ChunkHeader;
+    // SAFETY: as in `lookup`: the chunk is mapped and its header readable.
+    unsafe {
+        if (*h).magic != MAGIC {
+            return None;
+        }
+        if (*h).kind != CHUNK_ARENA {
+            return Some((None, (*h).huge_size));
+        }
+        let mut i = page_index(p);
+        let mut d = &(*h).pages[i];
+        if d.kind() == Kind::SmallInterior {
+            i -= d.lead();
+            d = &(*h).pages[i];
+        }
+        // Interior pages of a large run keep no distance to its head: walk back.
+        while d.kind() == Kind::Interior && i > 0 {
+            i -= 1;
+            d = &(*h).pages[i];
+        }
+        let size = match d.kind() {
+            Kind::Small => class_size(d.class()),
+            _ => d.npages as usize * PAGE,
+        };
+        Some((Some((*h).arena), size))
+    }
+}
+
 impl Arena {
     /// Makes the zeroed memory at `slot` arena number `index`.
     ///
     /// # Safety
     /// `slot` points to zeroed, writable memory for an `Arena` that nothing else uses.
-    pub unsafe fn init_in_place(slot: *mut Arena, index: u32) {
+    /// `debug`: debug mode's run scrubbing (see [`SmallBins::set_scrub`]).
+    pub unsafe fn init_in_place(slot: *mut Arena, index: u32, debug: bool) {
+        let key = crate::os::secret_key(index as usize);
         // SAFETY: by the contract; all-zero is a valid arena (see the module documentation),
-        // and we write the two fields that hold the index.
+        // and we write the fields that hold the index and the free-list key.
         unsafe {
             ptr::addr_of_mut!((*slot).index).write(index);
-            (*(*slot).state.get()).heap = PageHeap::new(index);
+            ptr::addr_of_mut!((*slot).key).write(key);
+            let st = &mut *(*slot).state.get();
+            st.heap = PageHeap::new(index);
+            st.bins.set_key(key);
+            st.bins.set_scrub(debug);
         }
+    }
+
+    /// The secret that encodes this arena's free-list links. Fixed after initialisation.
+    pub fn key(&self) -> usize {
+        self.key
     }
 
     /// Allocates `size` bytes aligned to `align` (`size <= LARGE_MAX`,
@@ -265,7 +318,7 @@ impl Arena {
         // SAFETY: the block is ours now and at least 16 bytes long.
         unsafe {
             if (*b).mark == mark {
-                self.confirm_double_free(src, p, what);
+                self.confirm_double_free(src, p, what, b"free(): double free detected");
             }
             (*b).mark = mark;
             self.free_marked(src, p, what, local);
@@ -293,7 +346,7 @@ impl Arena {
                         let st = &mut *self.state.get();
                         st.bins.free(&mut st.heap, src, run, b);
                         self.lock.unlock();
-                    } else if self.pending.push(b) >= Pending::FLUSH {
+                    } else if self.pending.push(b, self.key) >= Pending::FLUSH {
                         self.flush_pending(src);
                     }
                 }
@@ -369,11 +422,13 @@ impl Arena {
         unsafe {
             let st = &mut *self.state.get();
             let index = self.index;
-            let r = crate::cpucache::for_each_block(chain, |b| match lookup(src, b as *const u8) {
-                Lookup::Small { run, arena } if arena == index => {
-                    st.bins.free(&mut st.heap, src, run, b)
+            let r = crate::cpucache::for_each_block(chain, self.key(), |b| {
+                match lookup(src, b as *const u8) {
+                    Lookup::Small { run, arena } if arena == index => {
+                        st.bins.free(&mut st.heap, src, run, b)
+                    }
+                    _ => crate::diag::invalid_pointer(b"coreheap: corrupted cpu cache", b.cast()),
                 }
-                _ => crate::diag::invalid_pointer(b"coreheap: corrupted cpu cache", b.cast()),
             });
             if let Err(b) = r {
                 crate::diag::invalid_pointer(
@@ -383,12 +438,6 @@ impl Arena {
             }
         }
         self.lock.unlock();
-    }
-
-    /// Counts a free that came from another CPU.
-    #[inline]
-    pub fn note_remote_free(&self) {
-        self.pending.remote_frees.fetch_add(1, Ordering::Relaxed);
     }
 
     #[cold]
@@ -402,27 +451,39 @@ impl Arena {
     }
 
     /// The block's mark says it may be free already: look for it under the lock and abort
-    /// if it is. A live block whose data happens to equal the mark passes.
+    /// with `msg` if it is. A live block whose data happens to equal the mark passes.
+    ///
+    /// # Safety
+    /// `what` is `lookup(p)`, a block of this arena.
     #[cold]
     #[inline(never)]
-    pub unsafe fn confirm_double_free<S: PageSource>(&self, src: &S, p: *mut u8, what: Lookup) {
+    pub unsafe fn confirm_double_free<S: PageSource>(
+        &self,
+        src: &S,
+        p: *mut u8,
+        what: Lookup,
+        msg: &[u8],
+    ) {
         self.lock.lock();
         // SAFETY: the lock is held; a run found by `lookup` stays a run of ours while it has
         // a block in use or pending, and is re-examined here under the lock.
-        let dup = unsafe {
+        let (dup, size) = unsafe {
             let st = &mut *self.state.get();
             self.drain_locked(src, st);
             match what {
-                Lookup::Small { run, .. } => {
-                    (*run).kind() != Kind::Small || st.bins.run_has_free(run, p.cast())
+                Lookup::Small { run, .. } => (
+                    (*run).kind() != Kind::Small || st.bins.run_has_free(run, p.cast()),
+                    class_size((*run).class()),
+                ),
+                Lookup::Large { run, .. } => {
+                    ((*run).kind() != Kind::Large, (*run).npages as usize * PAGE)
                 }
-                Lookup::Large { run, .. } => (*run).kind() != Kind::Large,
-                _ => false,
+                _ => (false, 0),
             }
         };
         self.lock.unlock();
         if dup {
-            crate::diag::invalid_pointer(b"free(): double free detected", p);
+            crate::diag::block_error(msg, p, Some(self.index), size);
         }
     }
 
@@ -432,14 +493,21 @@ impl Arena {
     /// The caller holds the lock and passes this arena's state.
     unsafe fn drain_locked<S: PageSource>(&self, src: &S, st: &mut State) {
         let mut b = self.pending.take_all();
+        let key = self.key;
         while !b.is_null() {
             // SAFETY: blocks on the pending stack are blocks of this arena that were live
-            // when freed; their runs stay allocated until they are returned here.
+            // when freed; their runs stay allocated until they are returned here. A link
+            // that does not decode to one (checked by `lookup`) aborts.
             unsafe {
-                let next = (*b).next;
+                st.pending_drained += 1;
+                let next = Pending::next_of(b, key);
                 match lookup(src, b as *const u8) {
-                    Lookup::Small { run, .. } => st.bins.free(&mut st.heap, src, run, b),
-                    Lookup::Large { run, .. } => Self::free_large_locked(src, st, run),
+                    Lookup::Small { run, arena } if arena == self.index => {
+                        st.bins.free(&mut st.heap, src, run, b)
+                    }
+                    Lookup::Large { run, arena } if arena == self.index => {
+                        Self::free_large_locked(src, st, run)
+                    }
                     _ => {
                         crate::diag::invalid_pointer(b"coreheap: corrupted pending free", b.cast())
                     }
@@ -523,7 +591,7 @@ impl Arena {
                 large: st.large,
                 pages: st.heap.counters,
                 dirty_bytes: st.heap.dirty_pages * PAGE,
-                remote_frees: self.pending.remote_frees.load(Ordering::Relaxed),
+                remote_frees: st.pending_drained,
                 contentions: self.lock.contentions(),
                 ..ArenaStats::default()
             }
@@ -543,6 +611,7 @@ impl Arena {
             if r.is_ok() {
                 let mut in_use = 0usize;
                 let mut runs = 0usize;
+                let key = st.bins.key();
                 st.heap.for_each_chunk(|c| {
                     let mut i = crate::chunk::HEADER_PAGES;
                     while i < crate::size_class::CHUNK_PAGES {
@@ -551,7 +620,7 @@ impl Arena {
                             Kind::Small => {
                                 runs += 1;
                                 if r.is_ok() {
-                                    r = crate::small::check_run(d);
+                                    r = crate::small::check_run(d, key);
                                 }
                             }
                             Kind::Large => {
@@ -611,7 +680,7 @@ mod tests {
             let p = unsafe { std::alloc::alloc_zeroed(layout) }.cast::<Arena>();
             assert!(!p.is_null());
             // SAFETY: `p` is zeroed, writable memory for an `Arena` that nothing else uses.
-            unsafe { Arena::init_in_place(p, index) };
+            unsafe { Arena::init_in_place(p, index, false) };
             Self(p)
         }
     }

@@ -12,9 +12,11 @@
 //! disabled interrupts.
 //!
 //! A list head packs the first block's address (low 48 bits) and the list's length (high 16
-//! bits), and each block's first word holds the packed head of the rest of the list. A pop
-//! is therefore "load head, load its link, store the link as the new head", and the count
-//! costs nothing. An empty list is the word 0.
+//! bits), and each block's first word holds the packed head of the rest of the list, encoded
+//! with the arena's secret and the block's address ([`encode_link`]). A pop is therefore
+//! "load head, load and decode its link, check that the link's count is one less than the
+//! head's, store the link as the new head"; the count costs nothing and doubles as the
+//! check that the link was not overwritten. An empty list is the word 0.
 //!
 //! Invariants:
 //! - a block on cache `c`'s list belongs to arena `caches[c].arena` (the arena the CPU map
@@ -32,7 +34,7 @@
 
 use core::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 
-use crate::chunk::Block;
+use crate::chunk::{encode_link, Block};
 use crate::size_class::{class_size, NUM_CLASSES};
 
 const PTR_BITS: u32 = 48;
@@ -57,11 +59,14 @@ pub struct CpuCache {
     fast_frees: AtomicU64,
     /// The arena that every block in this cache belongs to. Written once at initialisation.
     arena: AtomicU32,
+    /// That arena's secret for links ([`encode_link`]). Written once at initialisation.
+    key: AtomicUsize,
 }
 
 const OFF_ALLOCS: usize = core::mem::offset_of!(CpuCache, fast_allocs);
 const OFF_FREES: usize = core::mem::offset_of!(CpuCache, fast_frees);
 const OFF_ARENA: usize = core::mem::offset_of!(CpuCache, arena);
+const OFF_KEY: usize = core::mem::offset_of!(CpuCache, key);
 const _: () = assert!(core::mem::size_of::<CpuCache>() == 1 << STRIDE_SHIFT);
 const _: () = assert!(core::mem::offset_of!(CpuCache, heads) == 0);
 const _: () = assert!(batch(0) == BATCH_MAX);
@@ -71,7 +76,11 @@ const _: () = assert!(batch(0) == BATCH_MAX);
 #[inline]
 pub const fn limit(class: usize) -> usize {
     // 32 KiB / class_size(class), as a shift (kept in range for any `class`).
-    let shift = if class < NUM_CLASSES { class } else { NUM_CLASSES };
+    let shift = if class < NUM_CLASSES {
+        class
+    } else {
+        NUM_CLASSES
+    };
     let by_bytes = (32 * 1024 / class_size(0)) >> shift;
     if by_bytes < 64 {
         by_bytes
@@ -133,20 +142,27 @@ impl Caches {
         len << STRIDE_SHIFT
     }
 
-    /// Builds the table in `mem` for CPU ids below `arena_of.len()`, the cache of CPU `c`
-    /// holding blocks of arena `arena_of[c]`.
+    /// Builds the table in `mem`, one cache per item of `arena_of`: the cache of CPU `c`
+    /// holds blocks of arena `arena_of[c].0`, whose link secret is `arena_of[c].1`.
     ///
     /// # Safety
     /// `mem` is zeroed, writable, 128-byte aligned memory of `table_bytes(arena_of.len())`
     /// bytes that lives for the rest of the process and that nothing else uses; `rseq_off`
     /// is glibc's `__rseq_offset` and glibc registered an rseq area.
-    pub unsafe fn init(mem: *mut u8, arena_of: impl Iterator<Item = u32>, rseq_off: isize) -> Self {
+    pub unsafe fn init(
+        mem: *mut u8,
+        arena_of: impl Iterator<Item = (u32, usize)>,
+        rseq_off: isize,
+    ) -> Self {
         let base = mem.cast::<CpuCache>();
         let mut len = 0;
-        for a in arena_of {
+        for (a, key) in arena_of {
             // SAFETY: slot `len` is inside `mem` by the contract; zeroed memory is a valid
             // CpuCache (atomics), so a shared reference to it is sound.
-            unsafe { (*base.add(len)).arena.store(a, Ordering::Relaxed) };
+            unsafe {
+                (*base.add(len)).arena.store(a, Ordering::Relaxed);
+                (*base.add(len)).key.store(key, Ordering::Relaxed);
+            }
             len += 1;
         }
         Self {
@@ -192,11 +208,13 @@ impl Caches {
 /// Builds packed chains for [`Caches::install`]: push blocks one by one.
 pub struct Chain {
     head: usize,
+    /// The link secret of the arena the blocks belong to.
+    key: usize,
 }
 
 impl Chain {
-    pub const fn new() -> Self {
-        Self { head: 0 }
+    pub const fn new(key: usize) -> Self {
+        Self { head: 0, key }
     }
 
     /// Adds `b` in front.
@@ -206,7 +224,7 @@ impl Chain {
     #[inline]
     pub unsafe fn push(&mut self, b: *mut Block) {
         // SAFETY: by the contract the block is ours to write.
-        unsafe { (*b).next = self.head as *mut Block };
+        unsafe { (*b).next = encode_link(self.head, b, self.key) as *mut Block };
         self.head = b as usize | (((self.head >> PTR_BITS) + 1) << PTR_BITS);
     }
 
@@ -227,13 +245,18 @@ impl Chain {
 /// double free that put a block on two lists) can cause: the caller reports it.
 ///
 /// # Safety
-/// `head` is a packed chain that the caller owns whole, as long as its shape holds.
-pub unsafe fn for_each_block(head: usize, mut f: impl FnMut(*mut Block)) -> Result<(), *mut Block> {
+/// `head` is a packed chain of blocks of the arena whose link secret is `key`, which the
+/// caller owns whole, as long as its shape holds.
+pub unsafe fn for_each_block(
+    head: usize,
+    key: usize,
+    mut f: impl FnMut(*mut Block),
+) -> Result<(), *mut Block> {
     let mut h = head;
     while h & PTR_MASK != 0 {
         let b = (h & PTR_MASK) as *mut Block;
         // SAFETY: by the contract every block of the chain is ours and links the rest.
-        let next = unsafe { (*b).next } as usize;
+        let next = encode_link(unsafe { (*b).next } as usize, b, key);
         let n = h >> PTR_BITS;
         if n == 0 || next >> PTR_BITS != n - 1 || (next >> PTR_BITS == 0) != (next == 0) {
             return Err(b);
@@ -264,7 +287,7 @@ mod sections {
     //! `rseq_cs` at 8. An unregistered thread reads a negative `cpu_id`, which compares as a
     //! huge unsigned number and takes the way out.
 
-    use super::{Caches, OFF_ALLOCS, OFF_ARENA, OFF_FREES, STRIDE_SHIFT};
+    use super::{Caches, OFF_ALLOCS, OFF_ARENA, OFF_FREES, OFF_KEY, STRIDE_SHIFT};
     use core::arch::asm;
 
     /// glibc's `RSEQ_SIG` for x86.
@@ -281,6 +304,21 @@ mod sections {
                 "shl {c}, {shift}\n",
                 "add {c}, {base}\n",
             )
+        };
+    }
+
+    /// Instructions of the link encoding (see `chunk::encode_link`); in a build with the
+    /// `unhardened` feature they become a comment, which still names their operands.
+    #[cfg(not(feature = "unhardened"))]
+    macro_rules! hardened {
+        ($($line:expr),* $(,)?) => {
+            concat!($($line, "\n"),*)
+        };
+    }
+    #[cfg(feature = "unhardened")]
+    macro_rules! hardened {
+        ($($line:expr),* $(,)?) => {
+            concat!("/* ", $($line, "; ",)* "*/\n")
         };
     }
 
@@ -311,10 +349,12 @@ mod sections {
 
     impl Caches {
         /// Pops a block of class `class` from the current CPU's cache. Returns the packed
-        /// head it popped (0 when the list is empty or the thread has no usable CPU id).
+        /// head it popped (0 when the list is empty or the thread has no usable CPU id), and
+        /// whether that block's link failed its check (then nothing was popped).
         #[inline(always)]
-        pub(super) fn pop_raw(&self, class: usize) -> usize {
+        pub(super) fn pop_raw(&self, class: usize) -> (usize, bool) {
             let head: usize;
+            let bad: u32;
             // SAFETY: by the `Caches` invariant (callers check `enabled`) the table and the
             // rseq area exist; the section touches only the current CPU's cache (index
             // checked against `len`) and the first word of the block at its head, which is
@@ -323,31 +363,49 @@ mod sections {
                 asm!(
                     rseq_section!(
                         "xor {h:e}, {h:e}",
+                        "mov {bad:e}, 1",
                         current_cache!(),
                         "mov {h}, qword ptr [{c} + {cls} * 8]",
                         "test {h}, {h}",
                         "jz 75f",
+                        // t = the block, x = its decoded link
                         "mov {t}, {h}",
                         "shl {t}, 16",
                         "shr {t}, 16",
-                        "mov {t}, qword ptr [{t}]",
+                        "mov {x}, qword ptr [{t}]",
+                        // decode; the link's count must be the head's minus one
+                        hardened!(
+                            "xor {x}, qword ptr [{c} + {key}]",
+                            "xor {x}, {t}",
+                            "mov {t}, {x}",
+                            "shr {t}, 48",
+                            "add {t}, 1",
+                            "shl {t}, 48",
+                            "xor {t}, {h}",
+                            "shr {t}, 48",
+                            "jnz 75f",
+                        ),
                         "add qword ptr [{c} + {allocs}], 1",
-                        "mov qword ptr [{c} + {cls} * 8], {t}",
+                        "xor {bad:e}, {bad:e}",
+                        "mov qword ptr [{c} + {cls} * 8], {x}",
                     ),
                     off = in(reg) self.rseq_off,
                     n = in(reg) self.len,
                     base = in(reg) self.base,
                     cls = in(reg) class,
                     h = out(reg) head,
+                    bad = out(reg) bad,
                     c = out(reg) _,
                     t = out(reg) _,
+                    x = out(reg) _,
                     shift = const STRIDE_SHIFT,
                     allocs = const OFF_ALLOCS,
+                    key = const OFF_KEY,
                     sig = const RSEQ_SIG,
                     options(nostack),
                 );
             }
-            head
+            (head, bad != 0)
         }
 
         /// Pushes block `b` of arena `arena`, class `class`, on the current CPU's cache if
@@ -383,6 +441,7 @@ mod sections {
                         "add {t}, 1",
                         "shl {t}, 48",
                         "or {t}, {b}",
+                        hardened!("xor {h}, qword ptr [{c} + {key}]", "xor {h}, {b}"),
                         "mov qword ptr [{b}], {h}",
                         "add qword ptr [{c} + {frees}], 1",
                         "xor {st:e}, {st:e}",
@@ -402,6 +461,7 @@ mod sections {
                     shift = const STRIDE_SHIFT,
                     arena_off = const OFF_ARENA,
                     frees = const OFF_FREES,
+                    key = const OFF_KEY,
                     sig = const RSEQ_SIG,
                     options(nostack),
                 );
@@ -504,7 +564,9 @@ mod sections {
                         "je 78f",
                         "sub {k}, 1",
                         "jz 75f",
-                        "mov {h}, qword ptr [{h}]",
+                        "mov {t}, qword ptr [{h}]",
+                        hardened!("xor {t}, qword ptr [{c} + {key}]", "xor {t}, {h}"),
+                        "mov {h}, {t}",
                         "jmp 77b",
                         "78:",
                         "mov {st:e}, 1",
@@ -521,6 +583,7 @@ mod sections {
                     c = out(reg) _,
                     t = out(reg) _,
                     shift = const STRIDE_SHIFT,
+                    key = const OFF_KEY,
                     sig = const RSEQ_SIG,
                     options(nostack),
                 );
@@ -537,8 +600,8 @@ mod sections {
     use super::Caches;
 
     impl Caches {
-        pub(super) fn pop_raw(&self, _class: usize) -> usize {
-            0
+        pub(super) fn pop_raw(&self, _class: usize) -> (usize, bool) {
+            (0, false)
         }
         pub(super) unsafe fn push_raw(&self, _: usize, _: usize, _: u32, _: usize) -> u32 {
             1
@@ -557,13 +620,37 @@ mod sections {
 
 impl Caches {
     /// Pops a free block of class `class` from the current CPU's cache, or returns null.
-    /// The block's first word still holds a link; its second is untouched.
+    /// The block's first word still holds a link; its second is untouched. A block whose
+    /// link fails its check is reported (the process aborts).
     ///
     /// Callers check `enabled` first.
     #[inline(always)]
     pub fn pop(&self, class: usize) -> *mut Block {
         debug_assert!(self.enabled && class < NUM_CLASSES);
-        (self.pop_raw(class) & PTR_MASK) as *mut Block
+        let (head, bad) = self.pop_raw(class);
+        let b = (head & PTR_MASK) as *mut Block;
+        if bad && !b.is_null() {
+            self.corrupt(b, class);
+        }
+        b
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn corrupt(&self, b: *mut Block, class: usize) -> ! {
+        let arena = crate::os::current_cpu();
+        let arena = (arena < self.len).then(|| self.arena_of(arena) as u32);
+        crate::diag::block_error(
+            b"coreheap: corrupted free list (a write into a freed block)",
+            b.cast(),
+            arena,
+            class_size(class),
+        )
+    }
+
+    /// The link secret of CPU `cpu`'s cache.
+    pub fn key_of(&self, cpu: usize) -> usize {
+        self.cache(cpu).key.load(Ordering::Relaxed)
     }
 
     /// Pushes `b`, a block of class `class` of arena `arena`, on the current CPU's cache.
@@ -626,6 +713,7 @@ impl Caches {
         }
         (0..self.len).any(|cpu| {
             let mut h = self.cache(cpu).heads[class].load(Ordering::Relaxed);
+            let key = self.key_of(cpu);
             for _ in 0..=limit(class) {
                 let p = h & PTR_MASK;
                 if p == 0 || !is_block(p) {
@@ -636,7 +724,8 @@ impl Caches {
                 }
                 // SAFETY: `is_block` vouched that `p` is a block in a mapped chunk of ours;
                 // its first word is read as one volatile word and only used as a candidate.
-                h = unsafe { core::ptr::read_volatile(p as *const usize) };
+                let raw = unsafe { core::ptr::read_volatile(p as *const usize) };
+                h = encode_link(raw, p as *const Block, key);
             }
             false
         })

@@ -88,6 +88,19 @@ pub fn invalid_pointer(what: &[u8], p: *mut u8) -> ! {
     os::fatal(l.as_bytes())
 }
 
+/// Aborts with `what: 0x<pointer> (arena N, S-byte block)`: a misuse of a block coreheap
+/// knows, named with the call, the pointer, its arena (if it has one) and its size.
+#[cold]
+pub fn block_error(what: &[u8], p: *mut u8, arena: Option<u32>, size: usize) -> ! {
+    let mut l = Line::new();
+    l.str(what).str(b": ").hex(p as usize).str(b" (");
+    if let Some(a) = arena {
+        l.str(b"arena ").num(a as u64).str(b", ");
+    }
+    l.num(size as u64).str(b"-byte block)\n");
+    os::fatal(l.as_bytes())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

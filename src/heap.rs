@@ -13,13 +13,17 @@ use core::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering}
 
 use crossbeam_utils::{Backoff, CachePadded};
 
-use crate::arena::{lookup, Arena, ArenaStats, Lookup, LARGE_ALIGN_MAX};
+use crate::arena::{describe, lookup, Arena, ArenaStats, Lookup, LARGE_ALIGN_MAX};
 use crate::chunk::{chunk_of, Block, ChunkHeader, CHUNK_HUGE, MAGIC, REGISTRY};
 use crate::cpucache::{batch, Caches, Chain, Push};
-use crate::diag::{invalid_pointer, Line};
+use crate::debug;
+use crate::diag::{block_error, invalid_pointer, Line};
 use crate::os;
 use crate::size_class::{class_of, class_size, pages_for, CHUNK, LARGE_MAX, PAGE, SMALL_MAX};
 use crate::source::OsSource;
+
+/// What a double free is reported as.
+const DOUBLE_FREE: &[u8] = b"free(): double free detected";
 
 const UNINIT: u8 = 0;
 const INITING: u8 = 1;
@@ -41,6 +45,8 @@ struct Config {
     mark: usize,
     /// The per-CPU caches of the rseq fast path (`enabled` false when it is off).
     caches: Caches,
+    /// `COREHEAP_DEBUG=1`: guard bytes and fill patterns (`debug.rs`); the caches are off.
+    debug: bool,
 }
 
 /// Counters of directly mapped blocks.
@@ -124,6 +130,7 @@ impl Heap {
                 cpu_map_len: 0,
                 mark: 0,
                 caches: Caches::disabled(),
+                debug: false,
             }),
             huge: HugeCounters {
                 allocs: AtomicU64::new(0),
@@ -193,7 +200,8 @@ impl Heap {
         };
         let possible = os::possible_cpus();
         let table = count * core::mem::size_of::<CachePadded<Arena>>();
-        let fast = fast_path_wanted();
+        let debug = os::env_usize(b"COREHEAP_DEBUG\0").unwrap_or(0) > 0;
+        let fast = if debug { None } else { fast_path_wanted() };
         let caches_bytes = if fast.is_some() {
             Caches::table_bytes(possible)
         } else {
@@ -209,7 +217,7 @@ impl Heap {
         for i in 0..count {
             // SAFETY: slot `i` lies in the fresh zeroed mapping; CachePadded is
             // repr(align) around the arena, which sits at its start.
-            unsafe { Arena::init_in_place(arenas.add(i).cast::<Arena>(), i as u32) };
+            unsafe { Arena::init_in_place(arenas.add(i).cast::<Arena>(), i as u32, debug) };
         }
         let map = (mem as usize + table + caches_bytes) as *mut u16;
         // Allowed CPUs take arenas in turn, so a process limited to CPUs 5 and 7 uses arenas
@@ -231,6 +239,7 @@ impl Heap {
         cfg.cpu_map = map;
         cfg.cpu_map_len = possible;
         cfg.mark = os::random_word() | 1;
+        cfg.debug = debug;
         if let Some(rseq_off) = fast {
             // SAFETY: the caches' part of the fresh mapping starts 128-byte aligned (the
             // arena slots are CachePadded) and is used by nothing else; `map` holds
@@ -239,7 +248,10 @@ impl Heap {
             cfg.caches = unsafe {
                 Caches::init(
                     (mem as usize + table) as *mut u8,
-                    (0..possible).map(|c| map.add(c).read() as u32),
+                    (0..possible).map(|c| {
+                        let a = map.add(c).read() as usize;
+                        (a as u32, (*arenas.add(a)).key())
+                    }),
                     rseq_off,
                 )
             };
@@ -299,12 +311,43 @@ impl Heap {
             // double-free mark must not survive into a live block.
             unsafe { (*b).mark = 0 };
             (b.cast(), false)
-        } else if size <= LARGE_MAX && align <= LARGE_ALIGN_MAX {
+        } else if cfg.debug {
+            self.alloc_debug(cfg, size, align)
+        } else {
+            self.alloc_locked(cfg, size, align)
+        }
+    }
+
+    /// Allocation without the per-CPU caches: the arena of the current CPU, or the OS.
+    #[inline]
+    fn alloc_locked(&self, cfg: &Config, size: usize, align: usize) -> (*mut u8, bool) {
+        if size <= LARGE_MAX && align <= LARGE_ALIGN_MAX {
             let a = Self::arena(cfg, Self::arena_index(cfg, os::current_cpu()));
             a.alloc(&SRC, size.max(1), align)
         } else {
             (self.alloc_huge(size, align), true)
         }
+    }
+
+    /// Debug mode: a block with room for guard bytes and a trailer (see `debug.rs`).
+    #[cold]
+    #[inline(never)]
+    fn alloc_debug(&self, cfg: &Config, size: usize, align: usize) -> (*mut u8, bool) {
+        let Some(n) = debug::inner_size(size) else {
+            return (ptr::null_mut(), false);
+        };
+        let (p, _) = self.alloc_locked(cfg, n, align);
+        if !p.is_null() {
+            // SAFETY: `p` is a fresh block of `usable_inner(p) >= n` bytes.
+            unsafe { debug::on_alloc(p, size, self.usable_inner(p), cfg.mark, false) };
+        }
+        (p, false)
+    }
+
+    /// The heap's configuration if debug mode is on.
+    #[inline]
+    fn debug_config(&self) -> Option<&Config> {
+        self.config().filter(|c| c.debug)
     }
 
     /// Allocates `size` zeroed bytes aligned to `align`.
@@ -330,7 +373,7 @@ impl Heap {
             return a.alloc(&SRC, class_size(class), 1);
         };
         let a = Self::arena(cfg, Self::arena_index(cfg, cpu));
-        let mut chain = Chain::new();
+        let mut chain = Chain::new(a.key());
         let first = a.alloc_batch(&SRC, class, batch(class), cfg.mark, &mut chain);
         let installed = chain.len() > 0
             && cpu < cfg.caches.len()
@@ -387,15 +430,22 @@ impl Heap {
             Lookup::Small { arena, .. } | Lookup::Large { arena, .. } => {
                 // A registered chunk implies READY: chunks are only mapped after init.
                 let Some(cfg) = self.config() else { return };
+                if cfg.debug {
+                    let small = matches!(what, Lookup::Small { .. });
+                    let n = self.usable_inner(p);
+                    // SAFETY: `p` is a live block of `n` bytes.
+                    unsafe { debug::on_free(p, n, cfg.mark, b"free()", small) };
+                }
                 let a = Self::arena(cfg, arena as usize);
                 let local = Self::arena_index(cfg, os::current_cpu()) == arena as usize;
-                if !local {
-                    a.note_remote_free();
-                }
                 // SAFETY: `lookup` found a live block of arena `arena`; the caller gives it up.
                 unsafe { a.free(&SRC, p, what, cfg.mark, local) }
             }
             Lookup::Huge(h) => {
+                if let Some(cfg) = self.debug_config() {
+                    // SAFETY: `p` is a live block of `usable_inner(p)` bytes.
+                    unsafe { debug::on_free(p, self.usable_inner(p), cfg.mark, b"free()", false) };
+                }
                 // SAFETY: `h` is the header of the live huge block `p`.
                 unsafe { self.free_huge(h) }
             }
@@ -430,7 +480,7 @@ impl Heap {
         unsafe {
             let class = (*run).class();
             if (*b).mark == cfg.mark {
-                Self::confirm_double_free(cfg, p, what, arena, class);
+                Self::confirm_double_free(cfg, p, what, arena, class, DOUBLE_FREE);
             }
             (*b).mark = cfg.mark;
             match cfg.caches.push(class, b, arena) {
@@ -441,9 +491,12 @@ impl Heap {
         }
     }
 
-    /// The block carries the double-free mark: abort if it is on the current CPU's cache or
+    /// The block carries the double-free mark: abort with `msg` if it is on a CPU cache or
     /// (under its arena's lock) on its run's free list; otherwise it is live data that
     /// happens to match.
+    ///
+    /// # Safety
+    /// `what` is `lookup(p)`, a small block of `arena` of class `class`.
     #[cold]
     #[inline(never)]
     unsafe fn confirm_double_free(
@@ -452,6 +505,7 @@ impl Heap {
         what: Lookup,
         arena: u32,
         class: usize,
+        msg: &[u8],
     ) {
         let in_cache = |q: usize| match lookup(&SRC, q as *const u8) {
             // SAFETY: `lookup` returns live run heads.
@@ -461,10 +515,10 @@ impl Heap {
         if cfg.caches.contains(class, p.cast())
             || cfg.caches.seen_anywhere(class, p.cast(), in_cache)
         {
-            invalid_pointer(b"free(): double free detected", p);
+            block_error(msg, p, Some(arena), class_size(class));
         }
-        // SAFETY: as for `free_small_fast`.
-        unsafe { Self::arena(cfg, arena as usize).confirm_double_free(&SRC, p, what) };
+        // SAFETY: as the contract says.
+        unsafe { Self::arena(cfg, arena as usize).confirm_double_free(&SRC, p, what, msg) };
     }
 
     /// The current CPU's cache of `class` is full: return it to its arena, then `p`.
@@ -489,9 +543,6 @@ impl Heap {
     unsafe fn free_small_foreign(cfg: &Config, p: *mut u8, what: Lookup, arena: u32) {
         let a = Self::arena(cfg, arena as usize);
         let local = Self::arena_index(cfg, os::current_cpu()) == arena as usize;
-        if !local {
-            a.note_remote_free();
-        }
         // SAFETY: by the contract.
         unsafe { a.free_marked(&SRC, p, what, local) };
     }
@@ -501,12 +552,43 @@ impl Heap {
         if BOOTSTRAP.0.contains(p) {
             return;
         }
+        Self::invalid(p, what)
+    }
+
+    /// Aborts for `p`, which is not a block coreheap handed out: if it points into one of
+    /// coreheap's blocks, the message says so and names the block's arena and size.
+    #[cold]
+    fn invalid(p: *mut u8, what: &[u8]) -> ! {
+        if let Some((arena, size)) = describe(&SRC, p) {
+            let mut l = Line::new();
+            l.str(what)
+                .str(b": ")
+                .hex(p as usize)
+                .str(b" (inside a ")
+                .num(size as u64)
+                .str(b"-byte block");
+            if let Some(a) = arena {
+                l.str(b" of arena ").num(a as u64);
+            }
+            l.str(b", not its start)\n");
+            os::fatal(l.as_bytes());
+        }
         invalid_pointer(what, p)
     }
 
-    /// The usable size of block `p` (at least what was asked for). Aborts if `p` is not a
-    /// block of this heap.
+    /// The usable size of block `p` (at least what was asked for; in debug mode exactly
+    /// that, after checking the guard bytes). Aborts if `p` is not a block of this heap.
     pub fn usable_size(&self, p: *mut u8) -> usize {
+        let n = self.usable_inner(p);
+        match self.debug_config() {
+            // SAFETY: `usable_inner` vouched for `p` (it aborts on anything else).
+            Some(cfg) if n > 0 => unsafe { debug::check(p, n, cfg.mark, b"malloc_usable_size()") },
+            _ => n,
+        }
+    }
+
+    /// The bytes the heap gave block `p`, debug trailer included.
+    fn usable_inner(&self, p: *mut u8) -> usize {
         if p.is_null() {
             return 0;
         }
@@ -521,7 +603,7 @@ impl Heap {
                 if BOOTSTRAP.0.contains(p) {
                     return 0;
                 }
-                invalid_pointer(b"malloc_usable_size(): invalid pointer", p)
+                Self::invalid(p, b"malloc_usable_size(): invalid pointer")
             }
         }
     }
@@ -537,6 +619,23 @@ impl Heap {
         }
         let aligned = p as usize & (align - 1) == 0;
         let what = lookup(&SRC, p);
+        if let Lookup::Small { arena, run } | Lookup::Large { arena, run } = what {
+            // A registered chunk implies READY.
+            if let Some(cfg) = self.config() {
+                // SAFETY: a live block of at least 16 bytes: its mark word is readable.
+                if unsafe { (*p.cast::<Block>()).mark } == cfg.mark {
+                    // SAFETY: `what` is `lookup(p)`; `run` is a live run head.
+                    unsafe { self.confirm_not_freed(cfg, p, what, arena, run) };
+                }
+                if cfg.debug {
+                    // SAFETY: `p` is a live block that the caller owns.
+                    return unsafe { self.realloc_debug(cfg, p, size, align) };
+                }
+            }
+        } else if let (Lookup::Huge(_), Some(cfg)) = (what, self.debug_config()) {
+            // SAFETY: as above.
+            return unsafe { self.realloc_debug(cfg, p, size, align) };
+        }
         let old = match what {
             Lookup::Small { run, .. } => {
                 // SAFETY: a live small run head.
@@ -577,7 +676,7 @@ impl Heap {
                     let end = BOOTSTRAP.0.buf.get() as usize + BOOTSTRAP_SIZE;
                     end - p as usize
                 } else {
-                    invalid_pointer(b"realloc(): invalid pointer", p)
+                    Self::invalid(p, b"realloc(): invalid pointer")
                 }
             }
         };
@@ -589,6 +688,50 @@ impl Heap {
         unsafe {
             ptr::copy_nonoverlapping(p, q, old.min(size));
             self.free(p);
+        }
+        q
+    }
+
+    /// `realloc` of a block that carries the free mark: abort if it is free.
+    ///
+    /// # Safety
+    /// `what` is `lookup(p)`, a small or large block of `arena` in run `run`.
+    #[cold]
+    unsafe fn confirm_not_freed(
+        &self,
+        cfg: &Config,
+        p: *mut u8,
+        what: Lookup,
+        arena: u32,
+        run: *mut crate::chunk::PageDesc,
+    ) {
+        const MSG: &[u8] = b"realloc(): invalid pointer (block already freed)";
+        // SAFETY: as the contract says.
+        unsafe {
+            match what {
+                Lookup::Small { .. } => {
+                    Self::confirm_double_free(cfg, p, what, arena, (*run).class(), MSG)
+                }
+                _ => Self::arena(cfg, arena as usize).confirm_double_free(&SRC, p, what, MSG),
+            }
+        }
+    }
+
+    /// Debug mode: checks the old block's guard, moves to a new block, frees the old one.
+    ///
+    /// # Safety
+    /// `p` is a live block of this heap that the caller owns.
+    #[cold]
+    unsafe fn realloc_debug(&self, cfg: &Config, p: *mut u8, size: usize, align: usize) -> *mut u8 {
+        // SAFETY: by the contract.
+        let old = unsafe { debug::check(p, self.usable_inner(p), cfg.mark, b"realloc()") };
+        let q = self.alloc(size, align).0;
+        if !q.is_null() {
+            // SAFETY: both blocks are live and distinct; we copy no more than either holds.
+            unsafe {
+                ptr::copy_nonoverlapping(p, q, old.min(size));
+                self.free(p);
+            }
         }
         q
     }
@@ -833,6 +976,25 @@ extern "C" fn report_at_exit() {
     HEAP.write_report(REPORT_FD.load(Ordering::Relaxed));
 }
 
+/// `COREHEAP_CHECK=1`: verifies every arena at exit; a violation aborts with its name.
+extern "C" fn check_at_exit() {
+    let mut l = Line::new();
+    match HEAP.check() {
+        Ok(()) => {
+            l.str(b"coreheap: heap check at exit: ok (")
+                .num(HEAP.arena_count() as u64)
+                .str(b" arenas)\n");
+            l.write(REPORT_FD.load(Ordering::Relaxed));
+        }
+        Err(e) => {
+            l.str(b"coreheap: heap check at exit failed: ")
+                .str(e.as_bytes())
+                .str(b"\n");
+            os::fatal(l.as_bytes());
+        }
+    }
+}
+
 /// Registers the fork handlers (and the exit report, if asked for) once per process.
 fn register_handlers() {
     static DONE: AtomicBool = AtomicBool::new(false);
@@ -844,15 +1006,25 @@ fn register_handlers() {
         l.str(b"coreheap: pthread_atfork failed; fork may deadlock\n");
         l.write(2);
     }
-    if os::env_usize(b"COREHEAP_STATS\0").unwrap_or(0) > 0 {
+    let stats = os::env_usize(b"COREHEAP_STATS\0").unwrap_or(0) > 0;
+    let check = os::env_usize(b"COREHEAP_CHECK\0").unwrap_or(0) > 0;
+    if stats || check {
         // A high descriptor number keeps out of the way of programs that pick small ones.
         // SAFETY: fcntl(F_DUPFD_CLOEXEC) only creates a new descriptor.
         let fd = unsafe { libc::fcntl(2, libc::F_DUPFD_CLOEXEC, 500) };
         if fd >= 0 {
             REPORT_FD.store(fd, Ordering::Relaxed);
         }
-        // SAFETY: `report_at_exit` is a plain function that lives for the whole program.
-        unsafe { libc::atexit(report_at_exit) };
+        // SAFETY: both are plain functions that live for the whole program. atexit runs
+        // them in reverse: the check first, then the report.
+        unsafe {
+            if stats {
+                libc::atexit(report_at_exit);
+            }
+            if check {
+                libc::atexit(check_at_exit);
+            }
+        }
     }
 }
 

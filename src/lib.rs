@@ -29,6 +29,7 @@ mod arena;
 pub mod c_api;
 mod chunk;
 mod cpucache;
+mod debug;
 mod diag;
 mod global;
 mod heap;

@@ -374,6 +374,24 @@ pub fn random_word() -> usize {
     }
 }
 
+/// A secret for arena `i`: the second half of the kernel's `AT_RANDOM` bytes, mixed with
+/// `i` (splitmix64), so every arena's free-list key differs and none equals the free mark.
+pub fn secret_key(i: usize) -> usize {
+    // SAFETY: as in `random_word`.
+    let seed = unsafe {
+        let p = libc::getauxval(libc::AT_RANDOM) as *const u8;
+        if p.is_null() {
+            0x2545_f491_4f6c_dd1d
+        } else {
+            core::ptr::read_unaligned(p.add(8).cast::<u64>())
+        }
+    };
+    let mut z = seed.wrapping_add((i as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15));
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    (z ^ (z >> 31)) as usize
+}
+
 /// Reads an environment variable as an unsigned number, without allocating. `name` must end
 /// with a NUL byte. Returns `None` if unset or not a number.
 pub fn env_usize(name: &[u8]) -> Option<usize> {

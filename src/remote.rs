@@ -10,9 +10,9 @@
 //! The head packs a pointer (low 48 bits) and a saturating count (high 16 bits) into one word.
 //! Pushes and take-all swaps have no ABA problem: nobody pops a single block.
 
-use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicUsize, Ordering};
 
-use crate::chunk::Block;
+use crate::chunk::{encode_link, Block};
 
 const PTR_BITS: u32 = 48;
 const PTR_MASK: usize = (1 << PTR_BITS) - 1;
@@ -24,8 +24,6 @@ const COUNT_MAX: usize = 0xffff;
 /// of the stack; every block on it belongs to the arena that owns this stack.
 pub struct Pending {
     head: AtomicUsize,
-    /// Blocks pushed by threads on another CPU than the owner's (statistics).
-    pub remote_frees: AtomicU64,
 }
 
 impl Pending {
@@ -35,23 +33,35 @@ impl Pending {
     pub const fn new() -> Self {
         Self {
             head: AtomicUsize::new(0),
-            remote_frees: AtomicU64::new(0),
         }
     }
 
-    /// Pushes `b` and returns how many blocks the stack holds now (saturating at 65535).
+    /// The block after `b` on a stack taken with [`Pending::take_all`], decoded with the
+    /// arena's link secret `key` (the caller validates it before use). The key is passed
+    /// in, not kept here: this line is the one remote CPUs write.
+    ///
+    /// # Safety
+    /// `b` came off this stack.
+    #[inline]
+    pub unsafe fn next_of(b: *mut Block, key: usize) -> *mut Block {
+        // SAFETY: by the contract `b`'s first word is its link.
+        encode_link(unsafe { (*b).next } as usize, b, key) as *mut Block
+    }
+
+    /// Pushes `b`, its link encoded with the arena's secret `key`, and returns how many
+    /// blocks the stack holds now (saturating at 65535).
     ///
     /// # Safety
     /// `b` is a freed block of at least 16 bytes, owned by this stack's arena, that no one
     /// else will touch until it is taken off again.
     #[inline]
-    pub unsafe fn push(&self, b: *mut Block) -> usize {
+    pub unsafe fn push(&self, b: *mut Block, key: usize) -> usize {
         debug_assert!((b as usize) & !PTR_MASK == 0);
         let mut old = self.head.load(Ordering::Relaxed);
         loop {
             let count = ((old >> PTR_BITS) + 1).min(COUNT_MAX);
             // SAFETY: by the contract `b` is ours to write until pushed.
-            unsafe { (*b).next = (old & PTR_MASK) as *mut Block };
+            unsafe { (*b).next = encode_link(old & PTR_MASK, b, key) as *mut Block };
             let new = b as usize | (count << PTR_BITS);
             // Release: the taker must see `b.next` (and the freed block's marks).
             match self
@@ -105,7 +115,7 @@ mod tests {
                             mark: t * 1_000_000 + i,
                         }));
                         // SAFETY: `b` is a fresh block nobody else uses.
-                        unsafe { stack.push(b) };
+                        unsafe { stack.push(b, 0) };
                     }
                 })
             })
@@ -114,9 +124,9 @@ mod tests {
         let mut collect = |mut b: *mut Block| {
             while !b.is_null() {
                 // SAFETY: the blocks came from Box::into_raw and were taken off the stack.
-                let boxed = unsafe { Box::from_raw(b) };
+                let (boxed, next) = unsafe { (Box::from_raw(b), Pending::next_of(b, 0)) };
                 seen.push(boxed.mark);
-                b = boxed.next;
+                b = next;
             }
         };
         for t in threads {
@@ -144,7 +154,7 @@ mod tests {
             .collect();
         for (i, b) in blocks.iter_mut().enumerate() {
             // SAFETY: each block lives in `blocks`, which outlives the stack's use of it.
-            let n = unsafe { stack.push(b) };
+            let n = unsafe { stack.push(b, 0) };
             assert_eq!(n, (i + 1).min(COUNT_MAX));
         }
         assert!(!stack.take_all().is_null());

@@ -13,7 +13,7 @@
 
 use core::ptr;
 
-use crate::chunk::{header_of_desc, run_addr, Block, Kind, PageDesc};
+use crate::chunk::{encode_link, header_of_desc, link_plausible, run_addr, Block, Kind, PageDesc};
 use crate::large::PageHeap;
 use crate::size_class::{class_size, run_blocks, run_pages, NUM_CLASSES, SMALL_MIN_SHIFT};
 use crate::source::PageSource;
@@ -30,6 +30,11 @@ pub struct ClassCounters {
 pub struct SmallBins {
     heads: [*mut PageDesc; NUM_CLASSES],
     pub counters: [ClassCounters; NUM_CLASSES],
+    /// The arena's secret for free-list links ([`encode_link`]).
+    key: usize,
+    /// Debug mode: a run's memory is zeroed when it goes back to the page heap, so that no
+    /// "freed" tag of one of its blocks outlives the run (see `debug.rs`).
+    scrub: bool,
 }
 
 impl SmallBins {
@@ -41,7 +46,40 @@ impl SmallBins {
                 frees: 0,
                 runs: 0,
             }; NUM_CLASSES],
+            key: 0,
+            scrub: false,
         }
+    }
+
+    /// Debug mode: zero runs that go back to the page heap.
+    pub fn set_scrub(&mut self, on: bool) {
+        self.scrub = on;
+    }
+
+    /// Sets the secret that encodes free-list links (before the first block is freed).
+    pub fn set_key(&mut self, key: usize) {
+        self.key = key;
+    }
+
+    /// The secret that encodes free-list links.
+    pub fn key(&self) -> usize {
+        self.key
+    }
+
+    /// The run free list's next block after `b` (a block of class `class`), checked.
+    ///
+    /// # Safety
+    /// `b` is on a run free list of this arena.
+    #[inline(always)]
+    unsafe fn next_of(&self, b: *mut Block, class: usize) -> *mut Block {
+        // SAFETY: by the contract `b` is a free block whose first word is its link.
+        let next = encode_link(unsafe { (*b).next } as usize, b, self.key);
+        if !link_plausible(next, b) {
+            let h = crate::chunk::chunk_of(b as *const u8) as *const crate::chunk::ChunkHeader;
+            // SAFETY: `b` lies in a chunk of ours, whose header is readable.
+            corrupt_link(b, unsafe { (*h).arena }, class_size(class));
+        }
+        next as *mut Block
     }
 
     /// Takes a block of class `class` from the first run of its bin, if that run has one.
@@ -59,7 +97,7 @@ impl SmallBins {
         unsafe {
             let b = (*r).free;
             if !b.is_null() {
-                (*r).free = (*b).next;
+                (*r).free = self.next_of(b, class);
                 // The block is in use now: a stale mark must not look like a double free.
                 (*b).mark = 0;
                 (*r).used += 1;
@@ -152,9 +190,14 @@ impl SmallBins {
             if index >= (*r).bump as usize || (*r).used == 0 {
                 // Never handed out by this run: the pointer is stale, freed twice across a
                 // recycling of its pages.
-                crate::diag::invalid_pointer(b"free(): double free detected", b.cast());
+                crate::diag::block_error(
+                    b"free(): double free detected",
+                    b.cast(),
+                    Some((*header_of_desc(r)).arena),
+                    class_size(class),
+                );
             }
-            (*b).next = (*r).free;
+            (*b).next = encode_link((*r).free as usize, b, self.key) as *mut Block;
             (*r).free = b;
             (*r).used -= 1;
             self.counters[class].frees += 1;
@@ -170,6 +213,9 @@ impl SmallBins {
                 }
                 (*r).set_kind(Kind::Large);
                 (*r).free = ptr::null_mut();
+                if self.scrub {
+                    ptr::write_bytes(run_addr(r), 0, run_pages(class) * crate::size_class::PAGE);
+                }
                 heap.free_run(src, r);
             }
         }
@@ -191,7 +237,7 @@ impl SmallBins {
                 if f == b {
                     return true;
                 }
-                f = (*f).next;
+                f = self.next_of(f, (*r).class());
             }
         }
         crate::diag::invalid_pointer(b"coreheap: free list of a run has a cycle", b.cast())
@@ -241,7 +287,7 @@ impl SmallBins {
                     if (*r).kind() != Kind::Small || (*r).class() != class || !(*r).in_bin {
                         return Err("bin holds a run of another class");
                     }
-                    check_run(r)?;
+                    check_run(r, self.key)?;
                     r = (*r).next;
                 }
                 count += 1;
@@ -253,11 +299,11 @@ impl SmallBins {
 }
 
 /// Verifies `used + len(free) == bump <= capacity` and that free blocks lie in the run at
-/// block boundaries.
+/// block boundaries (links decoded with the arena's `key`).
 ///
 /// # Safety
 /// The caller holds the arena lock; `r` heads a small run.
-pub unsafe fn check_run(r: *mut PageDesc) -> Result<(), &'static str> {
+pub unsafe fn check_run(r: *mut PageDesc, key: usize) -> Result<(), &'static str> {
     // SAFETY: as the contract says.
     unsafe {
         let class = (*r).class();
@@ -275,13 +321,26 @@ pub unsafe fn check_run(r: *mut PageDesc) -> Result<(), &'static str> {
             if n > cap {
                 return Err("free list longer than its run (a cycle?)");
             }
-            f = (*f).next;
+            f = encode_link((*f).next as usize, f, key) as *mut Block;
         }
         if (*r).used as usize + n != (*r).bump as usize || (*r).bump as usize > cap {
             return Err("small run counts do not add up");
         }
     }
     Ok(())
+}
+
+/// A free-list link that decodes to an impossible address: something wrote into the free
+/// block `b` (an overflow from the block before it, or a write after free).
+#[cold]
+#[inline(never)]
+pub fn corrupt_link(b: *mut Block, arena: u32, size: usize) -> ! {
+    crate::diag::block_error(
+        b"coreheap: corrupted free list (a write into a freed block)",
+        b.cast(),
+        Some(arena),
+        size,
+    )
 }
 
 impl Default for SmallBins {
@@ -356,7 +415,7 @@ mod tests {
         unsafe {
             assert_eq!((*first_run).used as usize, cap);
             assert_eq!((*first_run).bump as usize, cap);
-            assert_eq!(check_run(first_run), Ok(()));
+            assert_eq!(check_run(first_run, 0), Ok(()));
             assert_eq!((*first_run).npages as usize, run_pages(class));
             assert_eq!(run_pages(class) * PAGE, cap * cs);
         }
@@ -369,7 +428,7 @@ mod tests {
             (*p.cast::<Block>()).mark = 0xdead;
             bins.free(&mut heap, &src, first_run, p.cast());
             assert!(bins.run_has_free(first_run, p.cast()));
-            assert_eq!(check_run(first_run), Ok(()));
+            assert_eq!(check_run(first_run, 0), Ok(()));
         }
         check_all(&bins, &heap);
         let (q, zero) = alloc(&mut bins, &mut heap, &src, class);

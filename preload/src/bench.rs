@@ -29,6 +29,8 @@ and writes a report (results.md, results.svg) to the output folder.
   --quick           a smoke run: --scale 0.01 --runs 1
   --out DIR         where to write results.md and results.svg (default docs/bench)
   --lib PATH        coreheap's preload library (default: as for `coreheap run`)
+  --alt-lib PATH    another build of it, run as allocator coreheap-alt (for example one
+                    built with --features unhardened, to measure what the hardening costs)
   --timeout SECS    kill a run that takes longer and fail (default 600)";
 
 /// Allocators known by name, with the shared objects that provide them (first found wins).
@@ -86,6 +88,8 @@ struct Options {
     scale: f64,
     out: PathBuf,
     lib: Option<PathBuf>,
+    /// A second build of coreheap's library to compare, run as `coreheap-alt`.
+    alt_lib: Option<PathBuf>,
     timeout: Duration,
 }
 
@@ -146,6 +150,7 @@ fn parse(args: Vec<OsString>) -> Result<Options, String> {
         scale: 1.0,
         out: PathBuf::from("docs/bench"),
         lib: std::env::var_os("COREHEAP_LIB").map(PathBuf::from),
+        alt_lib: None,
         timeout: Duration::from_secs(600),
     };
     let mut it = args.into_iter().map(|a| a.to_string_lossy().into_owned());
@@ -168,6 +173,7 @@ fn parse(args: Vec<OsString>) -> Result<Options, String> {
             }
             "--out" => o.out = PathBuf::from(value()?),
             "--lib" => o.lib = Some(PathBuf::from(value()?)),
+            "--alt-lib" => o.alt_lib = Some(PathBuf::from(value()?)),
             "--timeout" => o.timeout = Duration::from_secs(number(&value()?)? as u64),
             "-h" | "--help" => {
                 println!("{USAGE}");
@@ -227,6 +233,15 @@ fn find_allocators(o: &Options) -> Result<Vec<Allocator>, String> {
                 env: &[],
             });
         }
+    }
+    if let Some(alt) = &o.alt_lib {
+        // Absolute: the workloads run in a scratch directory.
+        let alt = fs::canonicalize(alt).map_err(|e| format!("{}: {e}", alt.display()))?;
+        found.push(Allocator {
+            name: "coreheap-alt".into(),
+            preload: Some(alt),
+            env: &[],
+        });
     }
     let Some(want) = &o.allocators else {
         return Ok(found);
@@ -826,7 +841,8 @@ impl Report {
                 lx + 14.0,
                 self.allocators[a]
             );
-            lx += 90.0;
+            // About 7 px per character at the default 12 px font, and a gap.
+            lx += 14.0 + 7.0 * self.allocators[a].len() as f64 + 24.0;
         }
         let glibc = self.index("glibc");
         for (panel, (title, v)) in [("wall time", &self.time), ("peak RSS", &self.rss)]

@@ -131,27 +131,137 @@ fn fork_from_multithreaded_parent() {
     assert!(text(&out.stdout).contains("forks ok 300"));
 }
 
+/// Runs `misuse CASE` on coreheap with `env`; returns its standard output and error after
+/// checking that it was killed by SIGABRT with a line containing `needle` and a pointer.
+fn misuse(exe: &Path, case: &str, env: &[(&str, &str)], needle: &str) -> (String, String) {
+    let mut cmd = Command::new(runner());
+    cmd.args(["run", "--"]).arg(exe).arg(case);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = run_limited(cmd, Duration::from_secs(30));
+    let (stdout, err) = (text(&out.stdout), text(&out.stderr));
+    use std::os::unix::process::ExitStatusExt;
+    if stdout.starts_with("skip") {
+        eprintln!("{case}: {stdout}");
+        return (stdout, err);
+    }
+    assert_eq!(
+        out.status.signal(),
+        Some(libc::SIGABRT),
+        "{case}: {stdout} {err}"
+    );
+    let named = err
+        .lines()
+        .any(|l| l.contains(needle) && l.split("0x").nth(1).is_some());
+    assert!(named, "{case}: wanted {needle:?} and a pointer in: {err}");
+    (stdout, err)
+}
+
 #[test]
 fn invalid_free_aborts_naming_the_pointer() {
     let exe = compile("misuse.c", "misuse", &[]);
     for (case, needle) in [
         ("stack", "free(): invalid pointer: 0x"),
         ("interior", "free(): invalid pointer: 0x"),
-        ("double", "free(): double free detected: 0x"),
         ("realloc-stack", "realloc(): invalid pointer: 0x"),
     ] {
-        let mut cmd = Command::new(runner());
-        cmd.args(["run", "--"]).arg(&exe).arg(case);
-        let out = run_limited(cmd, Duration::from_secs(30));
-        let err = text(&out.stderr);
-        use std::os::unix::process::ExitStatusExt;
-        assert_eq!(out.status.signal(), Some(libc::SIGABRT), "{case}: {err}");
-        assert!(err.contains(needle), "{case}: {err}");
-        let named = err
-            .lines()
-            .any(|l| l.contains(needle) && l.split("0x").nth(1).is_some());
-        assert!(named, "{case}: {err}");
+        misuse(&exe, case, &[], needle);
     }
+    // An interior pointer is named as such, with its block.
+    let (_, err) = misuse(&exe, "interior", &[], "free(): invalid pointer");
+    assert!(err.contains("inside a 64-byte block of arena"), "{err}");
+}
+
+#[test]
+fn double_free_and_freed_block_misuse_abort_naming_arena_and_class() {
+    let exe = compile("misuse.c", "misuse", &[]);
+    for env in [&[][..], &[("COREHEAP_RSEQ", "0")][..]] {
+        for (case, needle) in [
+            ("double", "free(): double free detected: 0x"),
+            ("double-other-cpu", "free(): double free detected: 0x"),
+            (
+                "realloc-freed",
+                "realloc(): invalid pointer (block already freed): 0x",
+            ),
+            ("overwrite-link", "coreheap: corrupted free list"),
+        ] {
+            let (stdout, err) = misuse(&exe, case, env, needle);
+            if !stdout.starts_with("skip") {
+                assert!(
+                    err.contains("(arena ") && err.contains("-byte block)"),
+                    "{case} {env:?}: arena and size not named: {err}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn debug_mode_reports_overflow_and_write_after_free() {
+    let exe = compile("misuse.c", "misuse", &[]);
+    let debug = [("COREHEAP_DEBUG", "1")];
+    let (_, err) = misuse(
+        &exe,
+        "overflow1",
+        &debug,
+        "heap overflow: 1 byte(s) past the end",
+    );
+    assert!(err.contains("of size 100"), "{err}");
+    let (_, err) = misuse(
+        &exe,
+        "write-after-free",
+        &debug,
+        "write after free: byte 40",
+    );
+    assert!(err.contains("of freed block 0x"), "{err}");
+    misuse(&exe, "double", &debug, "double free detected");
+    // Without debug mode neither is seen (the guard and fill are what catch them).
+    for case in ["overflow1", "write-after-free"] {
+        let out = preloaded(exe.to_str().unwrap(), &[case], &[], 30);
+        assert!(text(&out.stdout).contains("got ") || text(&out.stdout).contains("survived"));
+    }
+    // New memory is filled in debug mode; calloc's is still zero.
+    let out = preloaded(exe.to_str().unwrap(), &["uninit"], &debug, 30);
+    assert!(
+        text(&out.stdout).contains("uninit filled, calloc zero"),
+        "{}",
+        text(&out.stdout)
+    );
+}
+
+#[test]
+fn correct_programs_run_clean_in_debug_mode() {
+    let env = [("COREHEAP_DEBUG", "1"), ("COREHEAP_CHECK", "1")];
+    let api = compile("api.c", "api", &[]);
+    let out = preloaded(api.to_str().unwrap(), &[], &env, 60);
+    assert!(
+        text(&out.stdout).contains("all ok"),
+        "{}",
+        text(&out.stdout)
+    );
+    assert!(
+        text(&out.stderr).contains("heap check at exit: ok"),
+        "{}",
+        text(&out.stderr)
+    );
+    let fork = compile("fork_stress.c", "fork_stress", &["-lpthread"]);
+    let out = preloaded(fork.to_str().unwrap(), &["50"], &env, 120);
+    assert!(text(&out.stdout).contains("forks ok 50"));
+    let py = preloaded(
+        "python3",
+        &["-c", PY_DICTS],
+        &[env[0], env[1], ("PYTHONMALLOC", "malloc")],
+        120,
+    );
+    let err = text(&py.stderr);
+    assert!(err.contains("heap check at exit: ok"), "{err}");
+    assert!(
+        !err.contains("overflow") && !err.contains("after free"),
+        "{err}"
+    );
+    let sort = preloaded("sort", &["/etc/services"], &env, 60);
+    assert!(text(&sort.stderr).contains("heap check at exit: ok"));
 }
 
 const PY_DICTS: &str = r#"

@@ -156,10 +156,21 @@ pub fn lookup<S: PageSource>(src: &S, p: *const u8) -> Lookup {
     }
 }
 
+/// What a pointer that is not a block start points into (see [`describe`]).
+pub struct Inside {
+    /// The owning arena; none for a huge block.
+    pub arena: Option<u32>,
+    /// Bytes of the block or free run (0 when unknown).
+    pub size: usize,
+    /// Whether that is a block in use (a small or large block, or a huge one) rather than
+    /// free memory or a chunk header.
+    pub block: bool,
+}
+
 /// For a pointer into one of coreheap's chunks that is not a block start (an interior or
-/// stale pointer): the owning arena (none for a huge block) and the size of the block or
-/// run it points into. `None` for memory coreheap does not manage.
-pub fn describe<S: PageSource>(src: &S, p: *const u8) -> Option<(Option<u32>, usize)> {
+/// stale pointer): what it points into. `None` for memory coreheap does not manage. Read
+/// without the arena's lock, for a message only.
+pub fn describe<S: PageSource>(src: &S, p: *const u8) -> Option<Inside> {
     let c = chunk_of(p);
     if !src.owns_chunk(c) {
         return None;
@@ -171,7 +182,12 @@ pub fn describe<S: PageSource>(src: &S, p: *const u8) -> Option<(Option<u32>, us
             return None;
         }
         if (*h).kind != CHUNK_ARENA {
-            return Some((None, (*h).huge_size));
+            let block = p as usize >= (*h).huge_ptr;
+            return Some(Inside {
+                arena: None,
+                size: (*h).huge_size,
+                block,
+            });
         }
         let mut i = page_index(p);
         let mut d = &(*h).pages[i];
@@ -184,11 +200,16 @@ pub fn describe<S: PageSource>(src: &S, p: *const u8) -> Option<(Option<u32>, us
             i -= 1;
             d = &(*h).pages[i];
         }
-        let size = match d.kind() {
-            Kind::Small => class_size(d.class()),
-            _ => d.npages as usize * PAGE,
+        let (size, block) = match d.kind() {
+            Kind::Small => (class_size(d.class()), true),
+            Kind::Large => (d.npages as usize * PAGE, true),
+            _ => (0, false),
         };
-        Some((Some((*h).arena), size))
+        Some(Inside {
+            arena: Some((*h).arena),
+            size,
+            block,
+        })
     }
 }
 
@@ -494,24 +515,32 @@ impl Arena {
     unsafe fn drain_locked<S: PageSource>(&self, src: &S, st: &mut State) {
         let mut b = self.pending.take_all();
         let key = self.key;
+        // The block whose link led to `b` (null for the head, which the stack itself holds).
+        let mut from: *mut Block = ptr::null_mut();
         while !b.is_null() {
-            // SAFETY: blocks on the pending stack are blocks of this arena that were live
-            // when freed; their runs stay allocated until they are returned here. A link
-            // that does not decode to one (checked by `lookup`) aborts.
+            // Every block is looked up before anything is read through it: a link that does
+            // not decode to a block of this arena was overwritten in `from`.
+            let what = lookup(src, b as *const u8);
+            let ok = matches!(what, Lookup::Small { arena, .. } | Lookup::Large { arena, .. }
+                if arena == self.index);
+            if !ok {
+                let at = if from.is_null() { b } else { from };
+                crate::diag::invalid_pointer(
+                    b"coreheap: corrupted free list (a write into a freed block on a pending stack)",
+                    at.cast(),
+                );
+            }
+            // SAFETY: `b` is a block of this arena (just checked) that was freed onto the
+            // pending stack; its run stays allocated until it is returned here.
             unsafe {
                 st.pending_drained += 1;
                 let next = Pending::next_of(b, key);
-                match lookup(src, b as *const u8) {
-                    Lookup::Small { run, arena } if arena == self.index => {
-                        st.bins.free(&mut st.heap, src, run, b)
-                    }
-                    Lookup::Large { run, arena } if arena == self.index => {
-                        Self::free_large_locked(src, st, run)
-                    }
-                    _ => {
-                        crate::diag::invalid_pointer(b"coreheap: corrupted pending free", b.cast())
-                    }
+                match what {
+                    Lookup::Small { run, .. } => st.bins.free(&mut st.heap, src, run, b),
+                    Lookup::Large { run, .. } => Self::free_large_locked(src, st, run),
+                    _ => {}
                 }
+                from = b;
                 b = next;
             }
         }

@@ -70,27 +70,29 @@ pub struct Block {
     pub mark: usize,
 }
 
-/// Encodes (or, applied again, decodes) link value `v` stored in the block at `at`: XOR with
-/// the arena's secret `key` and with the block's own address, so the same value stored in
-/// two blocks looks different and a guess learned from one block does not carry over.
+/// Encodes link value `v` to be stored in the block at `at`: its bytes reversed, then XORed
+/// with the arena's secret `key` and with the block's own address. The XORs make the same
+/// value stored in two blocks look different, so a guess learned from one block does not
+/// carry over; the byte swap puts the bits every reader checks (an address's high bits, a
+/// packed count) in the low bytes, which an overflow or a stray write reaches first.
 /// With the `unhardened` feature (for measuring what this costs) links are stored plain.
 #[inline(always)]
 pub fn encode_link(v: usize, at: *const Block, key: usize) -> usize {
     if cfg!(feature = "unhardened") {
         v
     } else {
-        v ^ key ^ (at as usize)
+        v.swap_bytes() ^ key ^ (at as usize)
     }
 }
 
-/// Whether `next`, a decoded link found in block `b`, may be a block of the same run: null
-/// or in the same chunk, 16-byte aligned. A corrupted link decodes to noise that fails this
-/// with near certainty (the chunk check alone leaves 2^-26 of the address space).
+/// The inverse of [`encode_link`].
 #[inline(always)]
-pub fn link_plausible(next: usize, b: *const Block) -> bool {
-    cfg!(feature = "unhardened")
-        || next == 0
-        || (((next ^ b as usize) >> crate::size_class::CHUNK_SHIFT) == 0 && next & 15 == 0)
+pub fn decode_link(stored: usize, at: *const Block, key: usize) -> usize {
+    if cfg!(feature = "unhardened") {
+        stored
+    } else {
+        (stored ^ key ^ (at as usize)).swap_bytes()
+    }
 }
 
 /// The descriptor of one page of an arena chunk. Only the descriptor of a run's first page

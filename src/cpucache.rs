@@ -34,7 +34,7 @@
 
 use core::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 
-use crate::chunk::{encode_link, Block};
+use crate::chunk::{decode_link, encode_link, Block};
 use crate::size_class::{class_size, NUM_CLASSES};
 
 const PTR_BITS: u32 = 48;
@@ -256,7 +256,7 @@ pub unsafe fn for_each_block(
     while h & PTR_MASK != 0 {
         let b = (h & PTR_MASK) as *mut Block;
         // SAFETY: by the contract every block of the chain is ours and links the rest.
-        let next = encode_link(unsafe { (*b).next } as usize, b, key);
+        let next = decode_link(unsafe { (*b).next } as usize, b, key);
         let n = h >> PTR_BITS;
         if n == 0 || next >> PTR_BITS != n - 1 || (next >> PTR_BITS == 0) != (next == 0) {
             return Err(b);
@@ -377,6 +377,7 @@ mod sections {
                         hardened!(
                             "xor {x}, qword ptr [{c} + {key}]",
                             "xor {x}, {t}",
+                            "bswap {x}",
                             "mov {t}, {x}",
                             "shr {t}, 48",
                             "add {t}, 1",
@@ -441,7 +442,11 @@ mod sections {
                         "add {t}, 1",
                         "shl {t}, 48",
                         "or {t}, {b}",
-                        hardened!("xor {h}, qword ptr [{c} + {key}]", "xor {h}, {b}"),
+                        hardened!(
+                            "bswap {h}",
+                            "xor {h}, qword ptr [{c} + {key}]",
+                            "xor {h}, {b}",
+                        ),
                         "mov qword ptr [{b}], {h}",
                         "add qword ptr [{c} + {frees}], 1",
                         "xor {st:e}, {st:e}",
@@ -565,7 +570,11 @@ mod sections {
                         "sub {k}, 1",
                         "jz 75f",
                         "mov {t}, qword ptr [{h}]",
-                        hardened!("xor {t}, qword ptr [{c} + {key}]", "xor {t}, {h}"),
+                        hardened!(
+                            "xor {t}, qword ptr [{c} + {key}]",
+                            "xor {t}, {h}",
+                            "bswap {t}",
+                        ),
                         "mov {h}, {t}",
                         "jmp 77b",
                         "78:",
@@ -638,8 +647,10 @@ impl Caches {
     #[cold]
     #[inline(never)]
     fn corrupt(&self, b: *mut Block, class: usize) -> ! {
-        let arena = crate::os::current_cpu();
-        let arena = (arena < self.len).then(|| self.arena_of(arena) as u32);
+        let h = crate::chunk::chunk_of(b as *const u8) as *const crate::chunk::ChunkHeader;
+        // SAFETY: `b` headed a cache list, so it is a block in a mapped chunk of ours (only
+        // its link was damaged); the header's arena field never changes while mapped.
+        let arena = Some(unsafe { (*h).arena });
         crate::diag::block_error(
             b"coreheap: corrupted free list (a write into a freed block)",
             b.cast(),
@@ -725,7 +736,7 @@ impl Caches {
                 // SAFETY: `is_block` vouched that `p` is a block in a mapped chunk of ours;
                 // its first word is read as one volatile word and only used as a candidate.
                 let raw = unsafe { core::ptr::read_volatile(p as *const usize) };
-                h = encode_link(raw, p as *const Block, key);
+                h = decode_link(raw, p as *const Block, key);
             }
             false
         })

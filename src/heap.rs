@@ -307,9 +307,13 @@ impl Heap {
             if b.is_null() {
                 return Self::refill(cfg, class);
             }
-            // SAFETY: the popped block is ours and at least 16 bytes long. A stale
-            // double-free mark must not survive into a live block.
-            unsafe { (*b).mark = 0 };
+            // SAFETY: the popped block is ours and at least 16 bytes long. Neither its encoded
+            // link (which would help guess the arena's secret) nor the free mark may
+            // survive into a live block.
+            unsafe {
+                (*b).next = ptr::null_mut();
+                (*b).mark = 0;
+            }
             (b.cast(), false)
         } else if cfg.debug {
             self.alloc_debug(cfg, size, align)
@@ -559,18 +563,22 @@ impl Heap {
     /// coreheap's blocks, the message says so and names the block's arena and size.
     #[cold]
     fn invalid(p: *mut u8, what: &[u8]) -> ! {
-        if let Some((arena, size)) = describe(&SRC, p) {
+        if let Some(inside) = describe(&SRC, p) {
             let mut l = Line::new();
-            l.str(what)
-                .str(b": ")
-                .hex(p as usize)
-                .str(b" (inside a ")
-                .num(size as u64)
-                .str(b"-byte block");
-            if let Some(a) = arena {
-                l.str(b" of arena ").num(a as u64);
+            l.str(what).str(b": ").hex(p as usize);
+            if inside.block {
+                l.str(b" (inside a ")
+                    .num(inside.size as u64)
+                    .str(b"-byte block");
+                if let Some(a) = inside.arena {
+                    l.str(b" of arena ").num(a as u64);
+                }
+                l.str(b", not its start)\n");
+            } else {
+                l.str(b" (in free memory of arena ")
+                    .num(inside.arena.unwrap_or(0) as u64)
+                    .str(b": freed already?)\n");
             }
-            l.str(b", not its start)\n");
             os::fatal(l.as_bytes());
         }
         invalid_pointer(what, p)

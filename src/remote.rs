@@ -12,7 +12,7 @@
 
 use core::sync::atomic::{AtomicUsize, Ordering};
 
-use crate::chunk::{encode_link, Block};
+use crate::chunk::{decode_link, encode_link, Block};
 
 const PTR_BITS: u32 = 48;
 const PTR_MASK: usize = (1 << PTR_BITS) - 1;
@@ -45,7 +45,7 @@ impl Pending {
     #[inline]
     pub unsafe fn next_of(b: *mut Block, key: usize) -> *mut Block {
         // SAFETY: by the contract `b`'s first word is its link.
-        encode_link(unsafe { (*b).next } as usize, b, key) as *mut Block
+        decode_link(unsafe { (*b).next } as usize, b, key) as *mut Block
     }
 
     /// Pushes `b`, its link encoded with the arena's secret `key`, and returns how many

@@ -13,7 +13,7 @@
 
 use core::ptr;
 
-use crate::chunk::{encode_link, header_of_desc, link_plausible, run_addr, Block, Kind, PageDesc};
+use crate::chunk::{decode_link, encode_link, header_of_desc, run_addr, Block, Kind, PageDesc};
 use crate::large::PageHeap;
 use crate::size_class::{class_size, run_blocks, run_pages, NUM_CLASSES, SMALL_MIN_SHIFT};
 use crate::source::PageSource;
@@ -66,15 +66,20 @@ impl SmallBins {
         self.key
     }
 
-    /// The run free list's next block after `b` (a block of class `class`), checked.
+    /// The next block after `b` on the free list of run `r` (of class `class`), checked: null
+    /// or a block boundary inside the run.
     ///
     /// # Safety
-    /// `b` is on a run free list of this arena.
+    /// `b` is on the free list of run `r` of this arena.
     #[inline(always)]
-    unsafe fn next_of(&self, b: *mut Block, class: usize) -> *mut Block {
-        // SAFETY: by the contract `b` is a free block whose first word is its link.
-        let next = encode_link(unsafe { (*b).next } as usize, b, self.key);
-        if !link_plausible(next, b) {
+    unsafe fn next_of(&self, r: *mut PageDesc, b: *mut Block, class: usize) -> *mut Block {
+        // SAFETY: by the contract `b` is a free block whose first word is its link, and `r`
+        // a live run head.
+        let (next, start) = unsafe { (decode_link((*b).next as usize, b, self.key), run_addr(r)) };
+        let off = next.wrapping_sub(start as usize);
+        let size = class_size(class);
+        let bad = next != 0 && (off >= run_blocks(class) * size || off & (size - 1) != 0);
+        if bad && !cfg!(feature = "unhardened") {
             let h = crate::chunk::chunk_of(b as *const u8) as *const crate::chunk::ChunkHeader;
             // SAFETY: `b` lies in a chunk of ours, whose header is readable.
             corrupt_link(b, unsafe { (*h).arena }, class_size(class));
@@ -97,7 +102,9 @@ impl SmallBins {
         unsafe {
             let b = (*r).free;
             if !b.is_null() {
-                (*r).free = self.next_of(b, class);
+                (*r).free = self.next_of(r, b, class);
+                // Handed out: neither the encoded link nor a stale mark may show.
+                (*b).next = ptr::null_mut();
                 // The block is in use now: a stale mark must not look like a double free.
                 (*b).mark = 0;
                 (*r).used += 1;
@@ -237,7 +244,7 @@ impl SmallBins {
                 if f == b {
                     return true;
                 }
-                f = self.next_of(f, (*r).class());
+                f = self.next_of(r, f, (*r).class());
             }
         }
         crate::diag::invalid_pointer(b"coreheap: free list of a run has a cycle", b.cast())
@@ -321,7 +328,7 @@ pub unsafe fn check_run(r: *mut PageDesc, key: usize) -> Result<(), &'static str
             if n > cap {
                 return Err("free list longer than its run (a cycle?)");
             }
-            f = encode_link((*f).next as usize, f, key) as *mut Block;
+            f = decode_link((*f).next as usize, f, key) as *mut Block;
         }
         if (*r).used as usize + n != (*r).bump as usize || (*r).bump as usize > cap {
             return Err("small run counts do not add up");

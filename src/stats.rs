@@ -25,7 +25,8 @@ impl Stats {
     pub fn mapped(&self) -> usize {
         self.arenas.iter().map(|a| a.pages.mapped).sum::<usize>() + self.huge_mapped
     }
-    /// Frees that came from another CPU than the owning arena's.
+    /// Frees that came back through a pending stack: frees from a CPU of another arena, and
+    /// local ones that found the arena's lock held.
     pub fn remote_frees(&self) -> u64 {
         self.arenas.iter().map(|a| a.remote_frees).sum()
     }

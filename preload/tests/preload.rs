@@ -260,8 +260,14 @@ fn correct_programs_run_clean_in_debug_mode() {
         !err.contains("overflow") && !err.contains("after free"),
         "{err}"
     );
-    let sort = preloaded("sort", &["/etc/services"], &env, 60);
+    let input = tmp().join("debug-sort-input");
+    let lines: String = (0..50_000u64)
+        .map(|i| format!("{}\n", i.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 40))
+        .collect();
+    std::fs::write(&input, lines).unwrap();
+    let sort = preloaded("sort", &[input.to_str().unwrap()], &env, 60);
     assert!(text(&sort.stderr).contains("heap check at exit: ok"));
+    assert_eq!(text(&sort.stdout).lines().count(), 50_000);
 }
 
 const PY_DICTS: &str = r#"

@@ -791,8 +791,8 @@ impl Report {
     /// Two panels of horizontal bars, time and peak RSS, each relative to glibc on a log
     /// scale, one group per workload, one bar per allocator.
     fn svg(&self) -> String {
-        const COLORS: [&str; 6] = [
-            "#8c8c8c", "#d62728", "#1f77b4", "#2ca02c", "#9467bd", "#ff7f0e",
+        const COLORS: [&str; 7] = [
+            "#8c8c8c", "#d62728", "#1f77b4", "#2ca02c", "#9467bd", "#ff7f0e", "#e377c2",
         ];
         let color = |a: usize| match self.allocators[a].as_str() {
             "glibc" => COLORS[0],
@@ -800,7 +800,8 @@ impl Report {
             "jemalloc" => COLORS[2],
             "mimalloc" => COLORS[3],
             "tcmalloc" => COLORS[4],
-            _ => COLORS[5],
+            "coreheap-locked" => COLORS[5],
+            _ => COLORS[6],
         };
         let na = self.allocators.len();
         let bar = 11.0;

@@ -82,7 +82,7 @@ fn arena_line(a: &ArenaStats) -> Line {
         .num_w(a.pages.purged.div_ceil(1024), 8)
         .str(b" KiB  runs ")
         .num_w(a.pages.runs as u64, 6)
-        .str(b"  allocs ")
+        .str(b"  locked allocs ")
         .num_w(allocs, 10)
         .str(b"  fast allocs ")
         .num_w(a.fast_allocs, 10)

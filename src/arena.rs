@@ -18,7 +18,7 @@ use crate::chunk::{chunk_of, page_index, Block, ChunkHeader, Kind, PageDesc, CHU
 use crate::cpucache::{Chain, BATCH_MAX};
 use crate::large::{PageCounters, PageHeap};
 use crate::lock::RawLock;
-use crate::remote::Pending;
+use crate::remote::{Batch, Pending};
 use crate::size_class::{
     class_of, class_size, pages_for, NUM_CLASSES, PAGE, PAGE_SHIFT, SMALL_MAX,
 };
@@ -459,6 +459,18 @@ impl Arena {
             }
         }
         self.lock.unlock();
+    }
+
+    /// Pushes `batch` (blocks of this arena freed on another CPU) onto the pending stack with
+    /// one compare-and-swap, and drains the stack if it overflows and the lock is free.
+    ///
+    /// # Safety
+    /// As for [`Pending::push_batch`], with this arena's key.
+    pub unsafe fn push_remote_batch<S: PageSource>(&self, src: &S, batch: &Batch) {
+        // SAFETY: by the contract.
+        if unsafe { self.pending.push_batch(batch) } >= Pending::FLUSH {
+            self.flush_pending(src);
+        }
     }
 
     #[cold]

@@ -18,10 +18,15 @@
 //! head's, store the link as the new head"; the count costs nothing and doubles as the
 //! check that the link was not overwritten. An empty list is the word 0.
 //!
+//! Each cache also has an **outbox** ([`OUTBOX`]): small blocks of *other* arenas freed on
+//! this CPU, of any class. They are never handed out from there; a full outbox is sent, each
+//! owner getting its blocks back with one push onto its pending stack.
+//!
 //! Invariants:
-//! - a block on cache `c`'s list belongs to arena `caches[c].arena` (the arena the CPU map
-//!   gives CPU `c`), is free, and is counted as in use by its run (the run only learns of it
-//!   again when the block is flushed back);
+//! - a block on a class list of cache `c` belongs to arena `caches[c].arena` (the arena the
+//!   CPU map gives CPU `c`); a block in the outbox belongs to another arena; either way it is
+//!   free, marked, and counted as in use by its run (the run only learns of it again when the
+//!   block is flushed or sent back);
 //! - the lists of `c` are written only inside the critical sections below, by threads on
 //!   CPU `c` (a forked child inherits them as a consistent snapshot: a commit is one store);
 //! - a list never holds more than [`limit`] blocks of its class, so its count fits 16 bits.
@@ -51,8 +56,8 @@ const STRIDE_SHIFT: usize = 7;
 /// accesses, single-copy atomic on x86_64), so the fast path executes no atomic instruction.
 #[repr(C, align(128))]
 pub struct CpuCache {
-    /// Packed list heads, one per size class.
-    heads: [AtomicUsize; NUM_CLASSES],
+    /// Packed list heads, one per size class, then the outbox ([`OUTBOX`]).
+    heads: [AtomicUsize; NUM_CLASSES + 1],
     /// Blocks popped by the fast path (statistics; may count a restarted pop twice).
     fast_allocs: AtomicU64,
     /// Blocks pushed by the fast path (statistics; as above).
@@ -70,6 +75,15 @@ const OFF_KEY: usize = core::mem::offset_of!(CpuCache, key);
 const _: () = assert!(core::mem::size_of::<CpuCache>() == 1 << STRIDE_SHIFT);
 const _: () = assert!(core::mem::offset_of!(CpuCache, heads) == 0);
 const _: () = assert!(batch(0) == BATCH_MAX);
+
+/// The list index of a CPU's outbox: small blocks of other arenas freed on this CPU, of
+/// any class, on their way back to their owners. They are never handed out from here: a
+/// full outbox is sorted by owner and each owner gets its blocks with one push onto its
+/// pending stack, so a remote free costs no atomic instruction of its own.
+pub const OUTBOX: usize = NUM_CLASSES;
+
+/// How many blocks an outbox holds before it is sent.
+pub const OUTBOX_LIMIT: usize = 64;
 
 /// The most blocks a CPU keeps of class `class`: 64, and at most 32 KiB of the class.
 /// Per CPU that bounds the caches to 64 * (16 + ... + 512) + 4 * 32 KiB, about 192 KiB.
@@ -105,8 +119,10 @@ pub enum Push {
     Done,
     /// The list is at its limit; nothing changed.
     Full,
-    /// The current CPU's cache is not for the block's arena (or the thread has no CPU id
-    /// from rseq); nothing changed.
+    /// The current CPU's cache is for another arena than the block's: it belongs in the
+    /// outbox ([`Caches::push_outbox`]); nothing changed.
+    Remote,
+    /// The thread has no CPU id from rseq; nothing changed.
     Foreign,
 }
 
@@ -287,7 +303,7 @@ mod sections {
     //! `rseq_cs` at 8. An unregistered thread reads a negative `cpu_id`, which compares as a
     //! huge unsigned number and takes the way out.
 
-    use super::{Caches, OFF_ALLOCS, OFF_ARENA, OFF_FREES, OFF_KEY, STRIDE_SHIFT};
+    use super::{Caches, OFF_ALLOCS, OFF_ARENA, OFF_FREES, OFF_KEY, OUTBOX, STRIDE_SHIFT};
     use core::arch::asm;
 
     /// glibc's `RSEQ_SIG` for x86.
@@ -431,8 +447,14 @@ mod sections {
                     rseq_section!(
                         "mov {st:e}, 1",
                         current_cache!(),
+                        // a class list takes blocks of the cache's arena only (status 3
+                        // otherwise); the outbox takes any
+                        "mov {st:e}, 3",
+                        "cmp {cls}, {outbox}",
+                        "je 71f",
                         "cmp dword ptr [{c} + {arena_off}], {arena:e}",
                         "jne 75f",
+                        "71:",
                         "mov {h}, qword ptr [{c} + {cls} * 8]",
                         "mov {t}, {h}",
                         "shr {t}, 48",
@@ -465,6 +487,7 @@ mod sections {
                     t = out(reg) _,
                     shift = const STRIDE_SHIFT,
                     arena_off = const OFF_ARENA,
+                    outbox = const OUTBOX,
                     frees = const OFF_FREES,
                     key = const OFF_KEY,
                     sig = const RSEQ_SIG,
@@ -676,6 +699,23 @@ impl Caches {
         match unsafe { self.push_raw(class, b as usize, arena, limit(class)) } {
             0 => Push::Done,
             2 => Push::Full,
+            3 => Push::Remote,
+            _ => Push::Foreign,
+        }
+    }
+
+    /// Pushes `b`, a free small block of another arena than the current CPU's, on the
+    /// current CPU's outbox.
+    ///
+    /// # Safety
+    /// `enabled`; `b` is a free small block, marked, which the caller owns and gives up if
+    /// the answer is [`Push::Done`].
+    #[inline(always)]
+    pub unsafe fn push_outbox(&self, b: *mut Block) -> Push {
+        // SAFETY: by the contract.
+        match unsafe { self.push_raw(OUTBOX, b as usize, 0, OUTBOX_LIMIT) } {
+            0 => Push::Done,
+            2 => Push::Full,
             _ => Push::Foreign,
         }
     }
@@ -705,10 +745,11 @@ impl Caches {
         self.enabled && self.contains_raw(class, b as usize, limit(class) + 1)
     }
 
-    /// Whether `b` seems to be on any CPU's list of class `class`, looked for without those
-    /// CPUs' cooperation: their lists may change under the walk, so every link is read as
-    /// one machine word and followed only if `is_block(link)` says it is a free-able block
-    /// of that class (which keeps the walk inside mapped memory), at most `limit + 1`
+    /// Whether `b` seems to be on any CPU's list of class `class` or outbox, looked for
+    /// without those CPUs' cooperation: their lists may change under the walk, so every link
+    /// is read as one machine word and followed only if `is_block(link, list)` says it is a
+    /// free-able small block fit for that list (of `class` for a class list, of any class
+    /// for an outbox), which keeps the walk inside mapped memory; at most a list's limit + 1
     /// links per CPU. Used only to confirm a suspected double free, where `b` carries the
     /// free mark and is on no list of the current CPU or its arena: a hit means some CPU
     /// held `b` as free during the walk.
@@ -717,28 +758,54 @@ impl Caches {
         &self,
         class: usize,
         b: *mut Block,
-        is_block: impl Fn(usize) -> bool,
+        is_block: impl Fn(usize, usize) -> bool,
     ) -> bool {
-        if !self.enabled {
-            return false;
-        }
-        (0..self.len).any(|cpu| {
-            let mut h = self.cache(cpu).heads[class].load(Ordering::Relaxed);
-            let key = self.key_of(cpu);
-            for _ in 0..=limit(class) {
-                let p = h & PTR_MASK;
-                if p == 0 || !is_block(p) {
-                    return false;
-                }
-                if p == b as usize {
-                    return true;
-                }
-                // SAFETY: `is_block` vouched that `p` is a block in a mapped chunk of ours;
-                // its first word is read as one volatile word and only used as a candidate.
-                let raw = unsafe { core::ptr::read_volatile(p as *const usize) };
-                h = decode_link(raw, p as *const Block, key);
+        let mut seen = false;
+        for list in [class, OUTBOX] {
+            for cpu in 0..self.len {
+                self.walk(
+                    cpu,
+                    list,
+                    |p| {
+                        seen |= p == b as usize;
+                        !seen
+                    },
+                    &is_block,
+                );
             }
-            false
-        })
+        }
+        seen
+    }
+
+    /// Calls `f` on each block of CPU `cpu`'s list `list` (a class or [`OUTBOX`]), walked
+    /// without that CPU's cooperation as [`Caches::seen_anywhere`] explains, while `f`
+    /// returns true. Exact only while no thread runs on `cpu`.
+    pub fn walk(
+        &self,
+        cpu: usize,
+        list: usize,
+        mut f: impl FnMut(usize) -> bool,
+        is_block: &impl Fn(usize, usize) -> bool,
+    ) {
+        if !self.enabled {
+            return;
+        }
+        let max = if list == OUTBOX {
+            OUTBOX_LIMIT
+        } else {
+            limit(list)
+        };
+        let mut h = self.cache(cpu).heads[list].load(Ordering::Relaxed);
+        let key = self.key_of(cpu);
+        for _ in 0..=max {
+            let p = h & PTR_MASK;
+            if p == 0 || !is_block(p, list) || !f(p) {
+                return;
+            }
+            // SAFETY: `is_block` vouched that `p` is a block in a mapped chunk of ours; its
+            // first word is read as one volatile word and only used as a candidate.
+            let raw = unsafe { core::ptr::read_volatile(p as *const usize) };
+            h = decode_link(raw, p as *const Block, key);
+        }
     }
 }

@@ -15,10 +15,11 @@ use crossbeam_utils::{Backoff, CachePadded};
 
 use crate::arena::{describe, lookup, Arena, ArenaStats, Lookup, LARGE_ALIGN_MAX};
 use crate::chunk::{chunk_of, Block, ChunkHeader, CHUNK_HUGE, MAGIC, REGISTRY};
-use crate::cpucache::{batch, Caches, Chain, Push};
+use crate::cpucache::{batch, Caches, Chain, Push, OUTBOX};
 use crate::debug;
 use crate::diag::{block_error, invalid_pointer, Line};
 use crate::os;
+use crate::remote::Batch;
 use crate::size_class::{class_of, class_size, pages_for, CHUNK, LARGE_MAX, PAGE, SMALL_MAX};
 use crate::source::OsSource;
 
@@ -490,6 +491,11 @@ impl Heap {
             match cfg.caches.push(class, b, arena) {
                 Push::Done => {}
                 Push::Full => Self::free_small_full(cfg, p, what, arena, class),
+                Push::Remote => match cfg.caches.push_outbox(b) {
+                    Push::Done => {}
+                    Push::Full => Self::free_outbox_full(cfg, p, what, arena),
+                    _ => Self::free_small_foreign(cfg, p, what, arena),
+                },
                 Push::Foreign => Self::free_small_foreign(cfg, p, what, arena),
             }
         }
@@ -511,9 +517,9 @@ impl Heap {
         class: usize,
         msg: &[u8],
     ) {
-        let in_cache = |q: usize| match lookup(&SRC, q as *const u8) {
+        let in_cache = |q: usize, list: usize| match lookup(&SRC, q as *const u8) {
             // SAFETY: `lookup` returns live run heads.
-            Lookup::Small { run, .. } => (unsafe { (*run).class() }) == class,
+            Lookup::Small { run, .. } => list == OUTBOX || (unsafe { (*run).class() }) == list,
             _ => false,
         };
         if cfg.caches.contains(class, p.cast())
@@ -535,6 +541,69 @@ impl Heap {
         Self::flush(cfg, class);
         // SAFETY: by the contract.
         unsafe { Self::arena(cfg, arena as usize).free_marked(&SRC, p, what, true) };
+    }
+
+    /// The current CPU's outbox is full: send it, then put `p` in the emptied outbox.
+    ///
+    /// # Safety
+    /// As for `free_small_full`.
+    #[cold]
+    #[inline(never)]
+    unsafe fn free_outbox_full(cfg: &Config, p: *mut u8, what: Lookup, arena: u32) {
+        Self::send_outbox(cfg);
+        // SAFETY: by the contract.
+        if unsafe { cfg.caches.push_outbox(p.cast()) } != Push::Done {
+            // SAFETY: by the contract.
+            unsafe { Self::free_small_foreign(cfg, p, what, arena) };
+        }
+    }
+
+    /// Sends the current CPU's outbox: each block back to its owning arena, with one push
+    /// onto the owner's pending stack per owner (for up to `GROUPS` owners; blocks of
+    /// further owners are pushed one by one).
+    #[cold]
+    #[inline(never)]
+    fn send_outbox(cfg: &Config) {
+        const GROUPS: usize = 4;
+        let Some((cpu, chain)) = cfg.caches.take_all(OUTBOX) else {
+            return;
+        };
+        let mut groups = [(usize::MAX, Batch::new(0)); GROUPS];
+        // SAFETY: a chain taken off an outbox is ours, its links encoded with the cache's
+        // key; every block is a free, marked small block of some arena, counted in use by
+        // its run, which only its owner's drain will change.
+        let r = unsafe {
+            crate::cpucache::for_each_block(chain, cfg.caches.key_of(cpu), |b| {
+                let what = lookup(&SRC, b as *const u8);
+                let Lookup::Small { arena, .. } = what else {
+                    invalid_pointer(b"coreheap: corrupted outbox", b.cast());
+                };
+                let owner = Self::arena(cfg, arena as usize);
+                let slot = groups
+                    .iter()
+                    .position(|g| g.0 == arena as usize)
+                    .or_else(|| groups.iter().position(|g| g.0 == usize::MAX));
+                match slot {
+                    Some(i) => {
+                        if groups[i].0 == usize::MAX {
+                            groups[i] = (arena as usize, Batch::new(owner.key()));
+                        }
+                        groups[i].1.add(b);
+                    }
+                    None => owner.free_marked(&SRC, b.cast(), what, false),
+                }
+            })
+        };
+        if let Err(b) = r {
+            invalid_pointer(
+                b"coreheap: free list link overwritten (write after free or double free)",
+                b.cast(),
+            );
+        }
+        for (owner, batch) in groups.iter().filter(|g| g.0 != usize::MAX) {
+            // SAFETY: the batch holds blocks of `owner`, built with its key.
+            unsafe { Self::arena(cfg, *owner).push_remote_batch(&SRC, batch) };
+        }
     }
 
     /// `p` belongs to another arena than the current CPU's (or the thread has no rseq CPU
@@ -879,6 +948,26 @@ impl Heap {
             for i in 0..cfg.count {
                 let mut st = Self::arena(cfg, i).stats(&SRC);
                 if cfg.caches.enabled {
+                    // Outbox blocks count against their owners, found by their headers.
+                    let small = |q: usize, _: usize| {
+                        matches!(lookup(&SRC, q as *const u8), Lookup::Small { .. })
+                    };
+                    for cpu in 0..cfg.caches.len() {
+                        cfg.caches.walk(
+                            cpu,
+                            OUTBOX,
+                            |q| {
+                                if let Lookup::Small { arena, run } = lookup(&SRC, q as *const u8) {
+                                    if arena as usize == i {
+                                        // SAFETY: `lookup` returns live run heads.
+                                        st.cached[unsafe { (*run).class() }] += 1;
+                                    }
+                                }
+                                true
+                            },
+                            &small,
+                        );
+                    }
                     for cpu in (0..cfg.caches.len()).filter(|&c| cfg.caches.arena_of(c) == i) {
                         let (allocs, frees, cached) = cfg.caches.counters(cpu);
                         st.fast_allocs += allocs;
@@ -922,6 +1011,7 @@ impl Heap {
                 for class in 0..crate::size_class::NUM_CLASSES {
                     Self::flush(cfg, class);
                 }
+                Self::send_outbox(cfg);
             }
             for i in 0..cfg.count {
                 Self::arena(cfg, i).trim(&SRC);

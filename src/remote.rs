@@ -74,6 +74,36 @@ impl Pending {
         }
     }
 
+    /// Pushes every block of `batch` with one compare-and-swap; returns how many blocks the
+    /// stack holds now (saturating).
+    ///
+    /// # Safety
+    /// The batch's blocks are freed blocks of this stack's arena, built with that arena's
+    /// key, which no one else will touch until they are taken off again.
+    pub unsafe fn push_batch(&self, batch: &Batch) -> usize {
+        if batch.first.is_null() {
+            return 0;
+        }
+        let mut old = self.head.load(Ordering::Relaxed);
+        loop {
+            let count = ((old >> PTR_BITS) + batch.n).min(COUNT_MAX);
+            // SAFETY: by the contract the batch's last block is ours to write until pushed.
+            unsafe {
+                (*batch.last).next =
+                    encode_link(old & PTR_MASK, batch.last, batch.key) as *mut Block
+            };
+            let new = batch.first as usize | (count << PTR_BITS);
+            // Release: as in `push`.
+            match self
+                .head
+                .compare_exchange_weak(old, new, Ordering::Release, Ordering::Relaxed)
+            {
+                Ok(_) => return count,
+                Err(cur) => old = cur,
+            }
+        }
+    }
+
     /// Takes every block off the stack; returns the first (its `next` links the others).
     #[inline]
     pub fn take_all(&self) -> *mut Block {
@@ -88,6 +118,41 @@ impl Pending {
     #[cfg(test)]
     pub fn len(&self) -> usize {
         self.head.load(Ordering::Relaxed) >> PTR_BITS
+    }
+}
+
+/// Blocks gathered for one [`Pending::push_batch`] onto the stack of one arena.
+#[derive(Clone, Copy)]
+pub struct Batch {
+    first: *mut Block,
+    last: *mut Block,
+    n: usize,
+    key: usize,
+}
+
+impl Batch {
+    /// An empty batch for the arena whose link secret is `key`.
+    pub const fn new(key: usize) -> Self {
+        Self {
+            first: core::ptr::null_mut(),
+            last: core::ptr::null_mut(),
+            n: 0,
+            key,
+        }
+    }
+
+    /// Adds `b` in front.
+    ///
+    /// # Safety
+    /// `b` is a freed block of at least 16 bytes that the caller owns, on no list.
+    pub unsafe fn add(&mut self, b: *mut Block) {
+        // SAFETY: by the contract `b` is ours to write.
+        unsafe { (*b).next = encode_link(self.first as usize, b, self.key) as *mut Block };
+        if self.first.is_null() {
+            self.last = b;
+        }
+        self.first = b;
+        self.n += 1;
     }
 }
 

@@ -76,8 +76,9 @@ pub struct ArenaStats {
     pub remote_frees: u64,
     /// Times a thread found this arena's lock held.
     pub contentions: u64,
-    /// Free blocks of each class sitting in the per-CPU caches of this arena's CPUs
-    /// (counted in use by their runs, so `classes` counts them as allocated).
+    /// Free blocks of each class sitting in the class lists of this arena's CPUs' caches,
+    /// and this arena's blocks in any CPU's outbox (counted in use by their runs, so
+    /// `classes` counts them as allocated).
     pub cached: [u64; NUM_CLASSES],
     /// Blocks handed out and taken back by the lock-free rseq fast path on this arena's
     /// CPUs.

@@ -24,12 +24,15 @@
 //!
 //! Invariants:
 //! - a block on a class list of cache `c` belongs to arena `caches[c].arena` (the arena the
-//!   CPU map gives CPU `c`); a block in the outbox belongs to another arena; either way it is
-//!   free, marked, and counted as in use by its run (the run only learns of it again when the
-//!   block is flushed or sent back);
+//!   CPU map gives CPU `c`); a block in the outbox is of any arena (usually another: a
+//!   thread that migrates between its two sections can put its own arena's block there,
+//!   which is harmless, since sending routes each block by its header); either way it is
+//!   free, marked, and counted as in use by its run (the run only learns of it again when
+//!   the block is flushed or sent back);
 //! - the lists of `c` are written only inside the critical sections below, by threads on
 //!   CPU `c` (a forked child inherits them as a consistent snapshot: a commit is one store);
-//! - a list never holds more than [`limit`] blocks of its class, so its count fits 16 bits.
+//! - a class list never holds more than [`limit`] blocks of its class, the outbox no more
+//!   than [`OUTBOX_LIMIT`] blocks of 512 bytes or less, so counts fit 16 bits.
 //!
 //! The locked path (the arena's bins) remains the way in whenever rseq is unavailable, and
 //! refills and flushes the caches. The sections are x86_64 assembly; elsewhere
@@ -60,7 +63,7 @@ pub struct CpuCache {
     heads: [AtomicUsize; NUM_CLASSES + 1],
     /// Blocks popped by the fast path (statistics; may count a restarted pop twice).
     fast_allocs: AtomicU64,
-    /// Blocks pushed by the fast path (statistics; as above).
+    /// Blocks pushed by the fast path, outbox pushes included (statistics; as above).
     fast_frees: AtomicU64,
     /// The arena that every block in this cache belongs to. Written once at initialisation.
     arena: AtomicU32,
@@ -425,12 +428,14 @@ mod sections {
             (head, bad != 0)
         }
 
-        /// Pushes block `b` of arena `arena`, class `class`, on the current CPU's cache if
-        /// that cache is for `arena` and holds fewer than `limit` blocks. Returns 0 (done),
-        /// 1 (foreign) or 2 (full).
+        /// Pushes block `b` of arena `arena` on the current CPU's list `class`, which holds
+        /// fewer than `limit` blocks: a class list if that cache is for `arena`, or the
+        /// outbox ([`OUTBOX`]) for any arena. Returns 0 (done), 1 (no usable CPU id),
+        /// 2 (full) or 3 (a class list of another arena's cache).
         ///
         /// # Safety
-        /// `b` is a free block of class `class` of arena `arena` that the caller owns.
+        /// `b` is a free block of class `class` of arena `arena` (for the outbox: a free
+        /// small block of 512 bytes or less) that the caller owns.
         #[inline(always)]
         pub(super) unsafe fn push_raw(
             &self,

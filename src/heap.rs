@@ -15,7 +15,7 @@ use crossbeam_utils::{Backoff, CachePadded};
 
 use crate::arena::{describe, lookup, Arena, ArenaStats, Lookup, LARGE_ALIGN_MAX};
 use crate::chunk::{chunk_of, Block, ChunkHeader, CHUNK_HUGE, MAGIC, REGISTRY};
-use crate::cpucache::{batch, Caches, Chain, Push, OUTBOX};
+use crate::cpucache::{batch, limit, Caches, Chain, Push, OUTBOX, OUTBOX_LIMIT};
 use crate::debug;
 use crate::diag::{block_error, invalid_pointer, Line};
 use crate::os;
@@ -491,11 +491,13 @@ impl Heap {
             match cfg.caches.push(class, b, arena) {
                 Push::Done => {}
                 Push::Full => Self::free_small_full(cfg, p, what, arena, class),
-                Push::Remote => match cfg.caches.push_outbox(b) {
+                // Up to 512 bytes (where a class list holds 64 too): an outbox holds 32 KiB.
+                Push::Remote if limit(class) == OUTBOX_LIMIT => match cfg.caches.push_outbox(b) {
                     Push::Done => {}
                     Push::Full => Self::free_outbox_full(cfg, p, what, arena),
                     _ => Self::free_small_foreign(cfg, p, what, arena),
                 },
+                Push::Remote => Self::free_small_foreign(cfg, p, what, arena),
                 Push::Foreign => Self::free_small_foreign(cfg, p, what, arena),
             }
         }
@@ -1003,8 +1005,9 @@ impl Heap {
     }
 
     /// Returns pending frees to their runs and every unused dirty page to the OS.
-    /// The calling CPU's caches go back to their arena first (other CPUs' caches cannot be
-    /// reached without their cooperation; they hold at most ~192 KiB each).
+    /// The calling CPU's caches go back to their arena and its outbox to the owners first
+    /// (other CPUs' caches cannot be reached without their cooperation; they hold at most
+    /// ~192 KiB each, and 32 KiB of outbox).
     pub fn trim(&self) {
         if let Some(cfg) = self.config() {
             if cfg.caches.enabled {

@@ -225,6 +225,9 @@ impl Caches {
 }
 
 /// Builds packed chains for [`Caches::install`]: push blocks one by one.
+///
+/// Invariant: `head` is 0 or the packed head of a chain whose count is its length, each
+/// block's link encoded with `key` as a CPU cache list's is (see the module documentation).
 pub struct Chain {
     head: usize,
     /// The link secret of the arena the blocks belong to.

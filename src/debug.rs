@@ -63,11 +63,11 @@ unsafe fn first_not(p: *mut u8, from: usize, to: usize, v: u8) -> Option<usize> 
 
 /// The block at `p` was just handed out by the heap with `usable` bytes for a request of
 /// `size` (so `usable >= size + EXTRA`): checks the fill if it was freed in debug mode,
-/// then writes the new fill (unless `zero`: the caller clears it), guard and trailer.
+/// then writes the new fill, guard and trailer (`calloc` clears the fill afterwards).
 ///
 /// # Safety
 /// `p` is a block of `usable` bytes that the caller owns.
-pub unsafe fn on_alloc(p: *mut u8, size: usize, usable: usize, key: usize, zero: bool) {
+pub unsafe fn on_alloc(p: *mut u8, size: usize, usable: usize, key: usize) {
     debug_assert!(usable >= size + EXTRA);
     let t = trailer(p, usable);
     // SAFETY: the whole block is the caller's.
@@ -86,7 +86,7 @@ pub unsafe fn on_alloc(p: *mut u8, size: usize, usable: usize, key: usize, zero:
                 crate::os::fatal(l.as_bytes());
             }
         }
-        core::ptr::write_bytes(p, if zero { 0 } else { ALLOC_FILL }, size);
+        core::ptr::write_bytes(p, ALLOC_FILL, size);
         core::ptr::write_bytes(p.add(size), GUARD, usable - 8 - size);
         t.write(encode(size, p, key));
     }

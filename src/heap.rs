@@ -344,7 +344,7 @@ impl Heap {
         let (p, _) = self.alloc_locked(cfg, n, align);
         if !p.is_null() {
             // SAFETY: `p` is a fresh block of `usable_inner(p) >= n` bytes.
-            unsafe { debug::on_alloc(p, size, self.usable_inner(p), cfg.mark, false) };
+            unsafe { debug::on_alloc(p, size, self.usable_inner(p), cfg.mark) };
         }
         (p, false)
     }

@@ -122,6 +122,10 @@ impl Pending {
 }
 
 /// Blocks gathered for one [`Pending::push_batch`] onto the stack of one arena.
+///
+/// Invariant: `first` is null (and `n` 0) or the first of `n` blocks linked from `first` to
+/// `last` with links encoded with `key`, as on a pending stack; `last`'s link is written by
+/// the push that publishes the batch.
 #[derive(Clone, Copy)]
 pub struct Batch {
     first: *mut Block,

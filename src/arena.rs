@@ -249,7 +249,7 @@ impl Arena {
             // SAFETY: the lock is held.
             let st = unsafe { &mut *self.state.get() };
             // SAFETY: the lock is held.
-            let r = match unsafe { st.bins.alloc_fast(class) } {
+            let r = match unsafe { st.bins.alloc_fast(src, class) } {
                 Some(r) => r,
                 // SAFETY: the lock is held.
                 None => unsafe { self.alloc_small_slow(src, st, class) },
@@ -368,7 +368,7 @@ impl Arena {
                         let st = &mut *self.state.get();
                         st.bins.free(&mut st.heap, src, run, b);
                         self.lock.unlock();
-                    } else if self.pending.push(b, self.key) >= Pending::FLUSH {
+                    } else if self.pending.push(b, self.key, src.base()) >= Pending::FLUSH {
                         self.flush_pending(src);
                     }
                 }
@@ -388,6 +388,9 @@ impl Arena {
     /// whether it reads zero), with the others pushed on `chain`. Null when memory is
     /// exhausted.
     /// Every block put on the chain gets `mark`, as freed blocks do.
+    ///
+    /// Only for a source with base 0: a chain links plain addresses, as the CPU caches'
+    /// assembly does (`cpucache.rs`), and only the process heap has CPU caches.
     pub fn alloc_batch<S: PageSource>(
         &self,
         src: &S,
@@ -396,11 +399,12 @@ impl Arena {
         mark: usize,
         chain: &mut Chain,
     ) -> (*mut u8, bool) {
+        debug_assert_eq!(src.base(), 0, "CPU-cache chains link plain addresses");
         self.lock.lock();
         // SAFETY: the lock is held.
         let st = unsafe { &mut *self.state.get() };
         // SAFETY: the lock is held.
-        let first = match unsafe { st.bins.alloc_fast(class) } {
+        let first = match unsafe { st.bins.alloc_fast(src, class) } {
             Some(r) => r,
             // SAFETY: the lock is held.
             None => unsafe { self.alloc_small_slow(src, st, class) },
@@ -414,7 +418,7 @@ impl Arena {
             let mut k = 0;
             while k < n.min(BATCH_MAX) - 1 {
                 // SAFETY: the lock is held.
-                let Some((b, _)) = (unsafe { st.bins.alloc_fast(class) }) else {
+                let Some((b, _)) = (unsafe { st.bins.alloc_fast(src, class) }) else {
                     break;
                 };
                 got[k] = b;
@@ -437,8 +441,10 @@ impl Arena {
     ///
     /// # Safety
     /// The chain is the caller's, and its blocks are free small blocks of this arena, each
-    /// counted in use by its run.
+    /// counted in use by its run. The source's base is 0 (chains link plain addresses; see
+    /// [`Arena::alloc_batch`]).
     pub unsafe fn free_chain<S: PageSource>(&self, src: &S, chain: usize) {
+        debug_assert_eq!(src.base(), 0, "CPU-cache chains link plain addresses");
         self.lock.lock();
         // SAFETY: the lock is held; the blocks are ours and of this arena (contract).
         unsafe {
@@ -466,8 +472,9 @@ impl Arena {
     /// one compare-and-swap, and drains the stack if it overflows and the lock is free.
     ///
     /// # Safety
-    /// As for [`Pending::push_batch`], with this arena's key.
+    /// As for [`Pending::push_batch`], with this arena's key (so `src` has base 0).
     pub unsafe fn push_remote_batch<S: PageSource>(&self, src: &S, batch: &Batch) {
+        debug_assert_eq!(src.base(), 0, "outbox batches link plain addresses");
         // SAFETY: by the contract.
         if unsafe { self.pending.push_batch(batch) } >= Pending::FLUSH {
             self.flush_pending(src);
@@ -506,7 +513,7 @@ impl Arena {
             self.drain_locked(src, st);
             match what {
                 Lookup::Small { run, .. } => (
-                    (*run).kind() != Kind::Small || st.bins.run_has_free(run, p.cast()),
+                    (*run).kind() != Kind::Small || st.bins.run_has_free(src, run, p.cast()),
                     class_size((*run).class()),
                 ),
                 Lookup::Large { run, .. } => {
@@ -526,7 +533,8 @@ impl Arena {
     /// # Safety
     /// The caller holds the lock and passes this arena's state.
     unsafe fn drain_locked<S: PageSource>(&self, src: &S, st: &mut State) {
-        let mut b = self.pending.take_all();
+        let base = src.base();
+        let mut b = self.pending.take_all(base);
         let key = self.key;
         // The block whose link led to `b` (null for the head, which the stack itself holds).
         let mut from: *mut Block = ptr::null_mut();
@@ -547,7 +555,7 @@ impl Arena {
             // pending stack; its run stays allocated until it is returned here.
             unsafe {
                 st.pending_drained += 1;
-                let next = Pending::next_of(b, key);
+                let next = Pending::next_of(b, key, base);
                 match what {
                     Lookup::Small { run, .. } => st.bins.free(&mut st.heap, src, run, b),
                     Lookup::Large { run, .. } => Self::free_large_locked(src, st, run),
@@ -591,7 +599,7 @@ impl Arena {
             let st = &mut *self.state.get();
             let have = (*run).npages as usize;
             if n > have {
-                let ok = st.heap.grow_run(run, n);
+                let ok = st.heap.grow_run(src, run, n);
                 if ok {
                     st.large.in_use += (n - have) * PAGE;
                 }
@@ -649,12 +657,12 @@ impl Arena {
         let r = unsafe {
             let st = &mut *self.state.get();
             self.drain_locked(src, st);
-            let mut r = st.heap.check().and_then(|_| st.bins.check());
+            let mut r = st.heap.check(src).and_then(|_| st.bins.check(src));
             if r.is_ok() {
                 let mut in_use = 0usize;
                 let mut runs = 0usize;
                 let key = st.bins.key();
-                st.heap.for_each_chunk(|c| {
+                st.heap.for_each_chunk(src, |c| {
                     let mut i = crate::chunk::HEADER_PAGES;
                     while i < crate::size_class::CHUNK_PAGES {
                         let d = &mut (*c).pages[i] as *mut PageDesc;
@@ -662,7 +670,7 @@ impl Arena {
                             Kind::Small => {
                                 runs += 1;
                                 if r.is_ok() {
-                                    r = crate::small::check_run(d, key);
+                                    r = crate::small::check_run(src, d, key);
                                 }
                             }
                             Kind::Large => {
@@ -708,6 +716,7 @@ mod tests {
     use crate::chunk::{run_addr, CHUNK_HUGE, HEADER_PAGES};
     use crate::large::tests::TestSource;
     use crate::size_class::{run_blocks, run_pages, CHUNK};
+    use core::sync::atomic::Ordering;
     use std::alloc::Layout;
 
     const MARK: usize = 0x5a5a_1234_8765_a5a5 | 1;
@@ -921,5 +930,314 @@ mod tests {
             assert_eq!(a.check(&src), Ok(()));
             large_run(&src, p);
         }
+    }
+
+    /// Chunks in the shared test file: chunk 0 holds the bookkeeping and the arena, the
+    /// others are handed out as arena chunks.
+    const FILE_CHUNKS: usize = 16;
+    /// Where the arena lies in the file.
+    const ARENA_OFF: usize = PAGE;
+    const _: () = assert!(ARENA_OFF + core::mem::size_of::<Arena>() <= CHUNK);
+
+    /// The start of the shared file, seen by every view: which chunks are handed out.
+    #[repr(C)]
+    struct FileMeta {
+        used: [core::sync::atomic::AtomicBool; FILE_CHUNKS],
+    }
+
+    /// A memfd of `FILE_CHUNKS` chunks (sparse: it reads zero until written).
+    struct MemFile(i32);
+
+    impl MemFile {
+        fn new() -> Self {
+            // SAFETY: plain system calls on a descriptor of our own.
+            unsafe {
+                let fd = libc::memfd_create(c"coreheap-shared-test".as_ptr(), libc::MFD_CLOEXEC);
+                assert!(fd >= 0, "memfd_create failed");
+                assert_eq!(libc::ftruncate(fd, (FILE_CHUNKS * CHUNK) as libc::off_t), 0);
+                Self(fd)
+            }
+        }
+    }
+
+    impl Drop for MemFile {
+        fn drop(&mut self) {
+            // SAFETY: the descriptor is ours; the views that map it are gone by now.
+            unsafe { libc::close(self.0) };
+        }
+    }
+
+    /// One process's view of the shared file, at an address of its own (`CHUNK`-aligned), and
+    /// the page source for that view: its base is where the view starts.
+    struct View<'f> {
+        file: &'f MemFile,
+        base: usize,
+    }
+
+    impl<'f> View<'f> {
+        fn map(file: &'f MemFile) -> Self {
+            let len = FILE_CHUNKS * CHUNK;
+            let r = crate::os::reserve_aligned(len, CHUNK);
+            assert!(!r.is_null());
+            // SAFETY: MAP_FIXED replaces only our own reservation, `len` bytes at `r`.
+            let p = unsafe {
+                libc::mmap(
+                    r.cast(),
+                    len,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_SHARED | libc::MAP_FIXED,
+                    file.0,
+                    0,
+                )
+            };
+            assert_eq!(p, r.cast(), "mmap of the memfd failed");
+            Self {
+                file,
+                base: r as usize,
+            }
+        }
+
+        fn meta(&self) -> &FileMeta {
+            // SAFETY: the file starts with a `FileMeta` (all-zero: no chunk handed out).
+            unsafe { &*(self.base as *const FileMeta) }
+        }
+
+        fn arena(&self) -> &Arena {
+            // SAFETY: the test initialises the arena at `ARENA_OFF` before it calls this.
+            unsafe { &*((self.base + ARENA_OFF) as *const Arena) }
+        }
+
+        /// The index in the file of the chunk at `chunk` in this view, if it is an arena
+        /// chunk's place.
+        fn slot(&self, chunk: usize) -> Option<usize> {
+            let off = chunk.wrapping_sub(self.base);
+            let i = off / CHUNK;
+            (off % CHUNK == 0 && (1..FILE_CHUNKS).contains(&i)).then_some(i)
+        }
+
+        /// Makes the whole view inaccessible (or accessible again): a stored address of
+        /// this view, followed through the other one, then faults.
+        fn hide(&self, hidden: bool) {
+            let prot = if hidden {
+                libc::PROT_NONE
+            } else {
+                libc::PROT_READ | libc::PROT_WRITE
+            };
+            // SAFETY: the range is this view's own mapping.
+            let r = unsafe { libc::mprotect(self.base as *mut _, FILE_CHUNKS * CHUNK, prot) };
+            assert_eq!(r, 0);
+        }
+
+        /// Zeroes `len` bytes of the file at `off`, in every view.
+        fn punch(&self, off: usize, len: usize) -> bool {
+            // SAFETY: a hole punched in our own file; no live data lies there (the callers'
+            // contracts).
+            unsafe {
+                libc::fallocate(
+                    self.file.0,
+                    libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                    off as libc::off_t,
+                    len as libc::off_t,
+                ) == 0
+            }
+        }
+    }
+
+    impl Drop for View<'_> {
+        fn drop(&mut self) {
+            crate::os::unmap(self.base as *mut u8, FILE_CHUNKS * CHUNK);
+        }
+    }
+
+    // SAFETY: chunks are handed out once each (a compare-and-swap on the shared table) and
+    // are zero when handed out (the file starts zero, a returned chunk is punched out);
+    // they are `CHUNK`-aligned because the view is; the base is the view's start, below every
+    // chunk (chunk 0 is never handed out); nothing allocates or panics.
+    unsafe impl PageSource for View<'_> {
+        fn base(&self) -> usize {
+            self.base
+        }
+
+        fn map_chunk(&self) -> *mut u8 {
+            for (i, used) in self.meta().used.iter().enumerate().skip(1) {
+                if used
+                    .compare_exchange(false, true, Ordering::AcqRel, Ordering::Relaxed)
+                    .is_ok()
+                {
+                    return (self.base + i * CHUNK) as *mut u8;
+                }
+            }
+            ptr::null_mut()
+        }
+
+        unsafe fn unmap_chunk(&self, chunk: *mut u8) {
+            let Some(i) = self.slot(chunk as usize) else {
+                crate::os::fatal(b"View: unmap of a chunk it does not own\n");
+            };
+            // Zero for the next user (in every view), then give the slot back.
+            if !self.punch(i * CHUNK, CHUNK) {
+                crate::os::fatal(b"View: fallocate failed\n");
+            }
+            self.meta().used[i].store(false, Ordering::Release);
+        }
+
+        unsafe fn purge(&self, p: *mut u8, len: usize) -> bool {
+            self.punch(p as usize - self.base, len)
+        }
+
+        fn owns_chunk(&self, chunk: usize) -> bool {
+            self.slot(chunk)
+                .is_some_and(|i| self.meta().used[i].load(Ordering::Acquire))
+        }
+    }
+
+    /// A live block of the shared heap: its offset in the file, its size, its fill byte.
+    type Shared = (usize, usize, u8);
+
+    /// Sizes and alignments of every kind: small classes, whole pages, aligned and
+    /// multi-chunk large.
+    const SIZES: [(usize, usize); 12] = [
+        (16, 8),
+        (40, 8),
+        (100, 16),
+        (256, 256),
+        (700, 8),
+        (3000, 8),
+        (8192, 8),
+        (3 * PAGE, 8),
+        (20 * PAGE + 5, 8),
+        (300 * 1024, 8),
+        (5 * PAGE, LARGE_ALIGN_MAX),
+        (1 << 20, 8),
+    ];
+
+    /// Allocates through view `v` and fills the block with the next fill byte (never 0).
+    fn alloc_filled(v: &View, size: usize, align: usize, fill: &mut u8) -> Shared {
+        *fill = fill.wrapping_add(1).max(1);
+        let (p, _) = v.arena().alloc(v, size, align);
+        assert!(!p.is_null(), "out of memory at {size} bytes");
+        // SAFETY: `p` is a fresh block of at least `size` bytes.
+        unsafe { ptr::write_bytes(p, *fill, size) };
+        (p as usize - v.base, size, *fill)
+    }
+
+    /// One round through view `v`: frees every `nth` block of `blocks` (alternately
+    /// straight to its run and through the pending stack), then allocates `more` blocks of
+    /// every `stride`th size of [`SIZES`]. Returns the blocks live now.
+    fn churn(
+        v: &View,
+        blocks: Vec<Shared>,
+        nth: usize,
+        more: usize,
+        stride: usize,
+        fill: &mut u8,
+    ) -> Vec<Shared> {
+        let mut live = Vec::new();
+        for (i, blk) in blocks.into_iter().enumerate() {
+            if i % nth == 0 {
+                free_via(v, blk, (i / nth) % 2 == 0);
+            } else {
+                live.push(blk);
+            }
+        }
+        for i in 0..more {
+            let (size, align) = SIZES[(i * stride) % SIZES.len()];
+            live.push(alloc_filled(v, size, align, fill));
+        }
+        live
+    }
+
+    /// Each block reads its fill through view `v`, and `lookup` there finds it.
+    fn verify(v: &View, blocks: &[Shared]) {
+        for &(off, size, fill) in blocks {
+            let p = (v.base + off) as *mut u8;
+            assert!(
+                matches!(
+                    lookup(v, p),
+                    Lookup::Small { arena: 3, .. } | Lookup::Large { arena: 3, .. }
+                ),
+                "block at file offset {off:#x} not found through the view at {:#x}",
+                v.base
+            );
+            // SAFETY: a live block of `size` bytes, reached through this view.
+            let bytes = unsafe { core::slice::from_raw_parts(p, size) };
+            assert!(
+                bytes.iter().all(|&x| x == fill),
+                "block at file offset {off:#x} ({size} B) lost its contents"
+            );
+        }
+    }
+
+    /// Frees the block through view `v`: from the "owner's CPU" (straight to its run) or
+    /// not (through the pending stack).
+    fn free_via(v: &View, block: Shared, local: bool) {
+        let p = (v.base + block.0) as *mut u8;
+        let what = lookup(v, p);
+        // SAFETY: a live block of the arena, given up here.
+        unsafe { v.arena().free(v, p, what, MARK, local) };
+    }
+
+    /// The arena engine keeps no address in memory: an arena built in a file that two
+    /// views map at different addresses works through either view, one after the other.
+    /// Each view is hidden (`PROT_NONE`) while the other is used, so a stored address of the
+    /// hidden view would fault when followed; links that decode to the wrong view's
+    /// addresses also make `check` report blocks outside their runs.
+    #[test]
+    fn arena_in_a_shared_file_works_through_views_at_different_addresses() {
+        let file = MemFile::new();
+        let a = View::map(&file);
+        let b = View::map(&file);
+        assert_ne!(a.base, b.base);
+        assert_eq!(a.base % CHUNK, 0);
+        assert_eq!(b.base % CHUNK, 0);
+        // SAFETY: the file is fresh (zero) and chunk 0, which holds the arena, is never
+        // handed out as an arena chunk.
+        unsafe { Arena::init_in_place((a.base + ARENA_OFF) as *mut Arena, 3, false) };
+
+        // Through A: a mix of blocks, several of each size.
+        let mut fill = 0u8;
+        let live = churn(&a, Vec::new(), 1, 96, 1, &mut fill);
+        verify(&a, &live);
+        assert_eq!(a.arena().check(&a), Ok(()));
+
+        // Through B alone: the same blocks, frees to the runs and to the pending stack,
+        // new blocks, a trim (purges), checks.
+        a.hide(true);
+        assert_eq!(b.arena().check(&b), Ok(()));
+        verify(&b, &live);
+        let mut live = churn(&b, live, 2, 64, 5, &mut fill);
+        verify(&b, &live);
+        assert_eq!(b.arena().check(&b), Ok(()));
+        b.arena().trim(&b);
+        assert_eq!(b.arena().check(&b), Ok(()));
+        verify(&b, &live);
+        // Small blocks left on the pending stack, for A to drain.
+        for _ in 0..5 {
+            let i = live.iter().position(|blk| blk.1 <= SMALL_MAX).unwrap();
+            free_via(&b, live.swap_remove(i), false);
+        }
+
+        // Through A alone: what B left, some freed, more blocks; then everything freed.
+        b.hide(true);
+        a.hide(false);
+        assert_eq!(a.arena().check(&a), Ok(()));
+        verify(&a, &live);
+        let live = churn(&a, live, 3, 48, 7, &mut fill);
+        verify(&a, &live);
+        assert_eq!(a.arena().check(&a), Ok(()));
+        assert!(churn(&a, live, 1, 0, 1, &mut fill).is_empty());
+        assert_eq!(a.arena().check(&a), Ok(()));
+        assert_eq!(a.arena().stats(&a).in_use(), 0);
+
+        // Both views agree at the end.
+        b.hide(false);
+        assert_eq!(b.arena().check(&b), Ok(()));
+        assert_eq!(b.arena().stats(&b).in_use(), 0);
+        let (p, _) = b.arena().alloc(&b, 64, 8);
+        assert!(!p.is_null());
+        assert!(matches!(
+            lookup(&a, (p as usize - b.base + a.base) as *const u8),
+            Lookup::Small { arena: 3, .. }
+        ));
     }
 }

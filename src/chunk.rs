@@ -18,8 +18,14 @@
 //!
 //! So the left neighbour of a run is found from the page before it, the right neighbour from
 //! the page after it, and an interior pointer into a large run is recognised as invalid.
+//!
+//! Nothing here stores an address. The links kept in headers, descriptors and free blocks
+//! are [`Rel`]s, offsets from the page source's base (`PageSource::base`), so that a heap
+//! in a file mapping reads the same through every process's view of it; encoded block links
+//! ([`encode_link`]) hold offsets too. With the process heap's base of 0 an offset is the
+//! address itself, and a stored word is what it would be without any of this.
 
-use core::ptr;
+use core::marker::PhantomData;
 use core::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
 
 use crate::size_class::{CHUNK, CHUNK_PAGES, CHUNK_SHIFT, PAGE, PAGE_SHIFT};
@@ -58,6 +64,76 @@ impl Kind {
     }
 }
 
+/// Address `a` (0 for null) as stored: relative to the page source's `base`. Null stays 0;
+/// any other address lies above the base (the `PageSource` contract), so it is never 0.
+/// Branch-free, and the identity when `base` is 0.
+#[inline(always)]
+pub fn to_rel(a: usize, base: usize) -> usize {
+    a.wrapping_sub(base & ((a != 0) as usize).wrapping_neg())
+}
+
+/// The inverse of [`to_rel`]: the address (0 for null) of stored value `v`.
+#[inline(always)]
+pub fn from_rel(v: usize, base: usize) -> usize {
+    v.wrapping_add(base & ((v != 0) as usize).wrapping_neg())
+}
+
+/// A pointer to a `T` as the engine stores it: relative to the page source's base
+/// (`PageSource::base`), 0 for null. The base is per process and never stored with it, so
+/// the same `Rel` means the same object in every process that maps the heap. All-zero
+/// memory is a null `Rel`.
+#[repr(transparent)]
+pub struct Rel<T>(usize, PhantomData<*mut T>);
+
+impl<T> Clone for Rel<T> {
+    #[inline(always)]
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T> Copy for Rel<T> {}
+
+impl<T> PartialEq for Rel<T> {
+    #[inline(always)]
+    fn eq(&self, other: &Self) -> bool {
+        self.0 == other.0
+    }
+}
+impl<T> Eq for Rel<T> {}
+
+impl<T> core::fmt::Debug for Rel<T> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(f, "Rel({:#x})", self.0)
+    }
+}
+
+impl<T> Rel<T> {
+    pub const NULL: Self = Self(0, PhantomData);
+
+    /// `p` (a pointer of this process, or null) stored relative to `base`.
+    #[inline(always)]
+    pub fn new(p: *mut T, base: usize) -> Self {
+        Self(to_rel(p as usize, base), PhantomData)
+    }
+
+    /// The pointer in this process, whose source's base is `base`.
+    #[inline(always)]
+    pub fn get(self, base: usize) -> *mut T {
+        from_rel(self.0, base) as *mut T
+    }
+
+    #[inline(always)]
+    pub fn is_null(self) -> bool {
+        self.0 == 0
+    }
+
+    /// The stored value: the offset from the base (0 for null).
+    #[inline(always)]
+    pub fn bits(self) -> usize {
+        self.0
+    }
+}
+
 /// A free block on a list: the link, and a word that marks the block as freed.
 ///
 /// On a run's free list, a pending stack and a CPU cache the link is stored encoded
@@ -66,32 +142,38 @@ impl Kind {
 /// the next reader rejects, never into an address of the writer's choosing.
 #[repr(C)]
 pub struct Block {
-    pub next: *mut Block,
+    /// The encoded link to the rest of the list: [`encode_link`] of a value relative to the
+    /// page source's base (a [`to_rel`] address, or a packed head of one). Not a pointer.
+    pub link: usize,
     pub mark: usize,
 }
 
-/// Encodes link value `v` to be stored in the block at `at`: its bytes reversed, then XORed
-/// with the arena's secret `key` and with the block's own address. The XORs make the same
-/// value stored in two blocks look different, so a guess learned from one block does not
-/// carry over; the byte swap puts the bits every reader checks (an address's high bits, a
-/// packed count) in the low bytes, which an overflow or a stray write reaches first.
-/// With the `unhardened` feature (for measuring what this costs) links are stored plain.
+/// Encodes link value `v` to be stored in the block whose stored (base-relative, see
+/// [`to_rel`]) address is `at`: its bytes reversed, then XORed with the arena's secret `key`
+/// and with `at`. The XORs make the same value stored in two blocks look different, so a
+/// guess learned from one block does not carry over; the byte swap puts the bits every
+/// reader checks (an address's high bits, a packed count) in the low bytes, which an
+/// overflow or a stray write reaches first. Both `v` and `at` are relative to the base, so
+/// every process that maps the block decodes the same link; with base 0 (the process heap,
+/// and the CPU caches' code in `cpucache.rs`, which uses absolute addresses) they are
+/// addresses. With the `unhardened` feature (for measuring what this costs) links are
+/// stored plain.
 #[inline(always)]
-pub fn encode_link(v: usize, at: *const Block, key: usize) -> usize {
+pub fn encode_link(v: usize, at: usize, key: usize) -> usize {
     if cfg!(feature = "unhardened") {
         v
     } else {
-        v.swap_bytes() ^ key ^ (at as usize)
+        v.swap_bytes() ^ key ^ at
     }
 }
 
 /// The inverse of [`encode_link`].
 #[inline(always)]
-pub fn decode_link(stored: usize, at: *const Block, key: usize) -> usize {
+pub fn decode_link(stored: usize, at: usize, key: usize) -> usize {
     if cfg!(feature = "unhardened") {
         stored
     } else {
-        (stored ^ key ^ (at as usize)).swap_bytes()
+        (stored ^ key ^ at).swap_bytes()
     }
 }
 
@@ -121,10 +203,10 @@ pub struct PageDesc {
     /// Small runs: blocks carved so far; blocks at index `bump..capacity` were never used.
     pub bump: u32,
     /// Small runs: the run-local free list.
-    pub free: *mut Block,
+    pub free: Rel<Block>,
     /// Links: the bin's run list (small) or the arena's free list for this length (free).
-    pub next: *mut PageDesc,
-    pub prev: *mut PageDesc,
+    pub next: Rel<PageDesc>,
+    pub prev: Rel<PageDesc>,
 }
 
 impl PageDesc {
@@ -164,15 +246,16 @@ pub struct ChunkHeader {
     pub kind: u32,
     /// Arena chunks: the owning arena's index.
     pub arena: u32,
-    /// Huge: start and length of the whole mapping, and the block's address.
+    /// Huge: start and length of the whole mapping, and the block's address. Plain
+    /// addresses: huge blocks are mapped directly by the process heap, never from a source.
     pub map_base: usize,
     pub map_len: usize,
     pub huge_ptr: usize,
     /// Huge: the size the caller asked for (statistics).
     pub huge_size: usize,
     /// Arena chunks: the arena's list of chunks.
-    pub next: *mut ChunkHeader,
-    pub prev: *mut ChunkHeader,
+    pub next: Rel<ChunkHeader>,
+    pub prev: Rel<ChunkHeader>,
     /// Arena chunks: pages of this chunk in free runs.
     pub free_pages: usize,
     pub pages: [PageDesc; CHUNK_PAGES],
@@ -305,13 +388,13 @@ pub static REGISTRY: Registry = Registry::new();
 pub unsafe fn init_arena_chunk(chunk: *mut u8, arena: u32) -> *mut PageDesc {
     let h = chunk.cast::<ChunkHeader>();
     // SAFETY: by the contract the region is ours and large enough for a header; zeroed memory
-    // is a valid header (null pointers, zero counts, kind Interior).
+    // is a valid header (null links, zero counts, kind Interior).
     unsafe {
         (*h).magic = MAGIC;
         (*h).kind = CHUNK_ARENA;
         (*h).arena = arena;
-        (*h).next = ptr::null_mut();
-        (*h).prev = ptr::null_mut();
+        (*h).next = Rel::NULL;
+        (*h).prev = Rel::NULL;
         (*h).free_pages = USABLE_PAGES;
         for i in 0..HEADER_PAGES {
             (*h).pages[i].set_kind(Kind::Header);
@@ -340,6 +423,25 @@ mod tests {
         // A block aligned to a whole chunk finds its header in the chunk before it.
         assert_eq!(chunk_of((base + CHUNK) as *const u8), base);
         assert_eq!(page_index((base + 5 * PAGE + 17) as *const u8), 5);
+    }
+
+    #[test]
+    fn rel_round_trips_and_keeps_null() {
+        let base = 0x7f12_3440_0000usize;
+        let p = (base + CHUNK + 0x1230) as *mut Block;
+        for b in [0, base] {
+            let r = Rel::new(p, b);
+            assert!(!r.is_null());
+            assert_eq!(r.get(b), p);
+            assert_eq!(from_rel(to_rel(p as usize, b), b), p as usize);
+            assert!(Rel::<Block>::new(core::ptr::null_mut(), b).is_null());
+            assert!(Rel::<Block>::NULL.get(b).is_null());
+        }
+        assert_eq!(to_rel(p as usize, 0), p as usize, "base 0 stores addresses");
+        assert_eq!(to_rel(p as usize, base), CHUNK + 0x1230);
+        // SAFETY: all-zero bytes are a valid `Rel` (a `usize`).
+        let z: Rel<Block> = unsafe { core::mem::zeroed() };
+        assert_eq!(z, Rel::NULL);
     }
 
     #[test]

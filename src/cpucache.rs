@@ -16,7 +16,10 @@
 //! with the arena's secret and the block's address ([`encode_link`]). A pop is therefore
 //! "load head, load and decode its link, check that the link's count is one less than the
 //! head's, store the link as the new head"; the count costs nothing and doubles as the
-//! check that the link was not overwritten. An empty list is the word 0.
+//! check that the link was not overwritten. An empty list is the word 0. Heads and links
+//! hold plain addresses: the caches serve only the process heap, whose page source has base
+//! 0, where the engine's base-relative links (`chunk::Rel`) are plain addresses too. A heap
+//! with another base must not use them (nor [`Chain`], nor the outbox's batches).
 //!
 //! Each cache also has an **outbox** ([`OUTBOX`]): small blocks of *other* arenas freed on
 //! this CPU, of any class. They are never handed out from there; a full outbox is sent, each
@@ -246,7 +249,7 @@ impl Chain {
     #[inline]
     pub unsafe fn push(&mut self, b: *mut Block) {
         // SAFETY: by the contract the block is ours to write.
-        unsafe { (*b).next = encode_link(self.head, b, self.key) as *mut Block };
+        unsafe { (*b).link = encode_link(self.head, b as usize, self.key) };
         self.head = b as usize | (((self.head >> PTR_BITS) + 1) << PTR_BITS);
     }
 
@@ -278,7 +281,7 @@ pub unsafe fn for_each_block(
     while h & PTR_MASK != 0 {
         let b = (h & PTR_MASK) as *mut Block;
         // SAFETY: by the contract every block of the chain is ours and links the rest.
-        let next = decode_link(unsafe { (*b).next } as usize, b, key);
+        let next = decode_link(unsafe { (*b).link }, b as usize, key);
         let n = h >> PTR_BITS;
         if n == 0 || next >> PTR_BITS != n - 1 || (next >> PTR_BITS == 0) != (next == 0) {
             return Err(b);
@@ -813,7 +816,7 @@ impl Caches {
             // SAFETY: `is_block` vouched that `p` is a block in a mapped chunk of ours; its
             // first word is read as one volatile word and only used as a candidate.
             let raw = unsafe { core::ptr::read_volatile(p as *const usize) };
-            h = decode_link(raw, p as *const Block, key);
+            h = decode_link(raw, p, key);
         }
     }
 }

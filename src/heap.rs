@@ -312,7 +312,7 @@ impl Heap {
             // link (which would help guess the arena's secret) nor the free mark may
             // survive into a live block.
             unsafe {
-                (*b).next = ptr::null_mut();
+                (*b).link = 0;
                 (*b).mark = 0;
             }
             (b.cast(), false)

@@ -29,11 +29,16 @@
 //! - `dirty_pages` is the sum of `npages` over the dirty free runs;
 //! - a chunk's `free_pages` is the sum of `npages` over its free runs; `free_chunks` counts
 //!   the chunks with `free_pages == USABLE_PAGES`.
+//!
+//! The lists, the chunk list and the descriptors' links are [`Rel`]s: offsets from the page
+//! source's base, which every method that follows them is given (`src.base()`, or `base`).
+//! The heap lives wherever its arena does, possibly in memory that another process maps
+//! elsewhere; the base never does.
 
 use core::ptr;
 
 use crate::chunk::{
-    header_of_desc, init_arena_chunk, ChunkHeader, Kind, PageDesc, CHUNK_ARENA, HEADER_PAGES,
+    header_of_desc, init_arena_chunk, ChunkHeader, Kind, PageDesc, Rel, CHUNK_ARENA, HEADER_PAGES,
     MAGIC, USABLE_PAGES,
 };
 use crate::size_class::{CHUNK, CHUNK_PAGES, PAGE};
@@ -72,10 +77,10 @@ pub struct PageCounters {
 /// See the module documentation.
 pub struct PageHeap {
     /// `lists[k][n]`: free runs of kind `k` (`CLEAN` or `DIRTY`) and length `n`.
-    lists: [[*mut PageDesc; USABLE_PAGES + 1]; 2],
+    lists: [[Rel<PageDesc>; USABLE_PAGES + 1]; 2],
     bitmap: [[u64; BITMAP_WORDS]; 2],
     /// The arena's chunks, linked through their headers.
-    chunks: *mut ChunkHeader,
+    chunks: Rel<ChunkHeader>,
     /// Chunks that are entirely free (kept: at most [`Self::SPARE_CHUNKS`]).
     free_chunks: usize,
     pub dirty_pages: usize,
@@ -96,9 +101,9 @@ impl PageHeap {
 
     pub const fn new(arena: u32) -> Self {
         Self {
-            lists: [[ptr::null_mut(); USABLE_PAGES + 1]; 2],
+            lists: [[Rel::NULL; USABLE_PAGES + 1]; 2],
             bitmap: [[0; BITMAP_WORDS]; 2],
-            chunks: ptr::null_mut(),
+            chunks: Rel::NULL,
             free_chunks: 0,
             dirty_pages: 0,
             counters: PageCounters {
@@ -136,7 +141,7 @@ impl PageHeap {
         // Only an aligned request needs slack: a run of `want` pages holds an aligned run of
         // `n` pages wherever it starts.
         let want = n + align_pages - 1;
-        let d = match self.find_fit(want) {
+        let d = match self.find_fit(src, want) {
             Some(d) => d,
             None => {
                 // A wholly free chunk split into dirty and clean runs is one run once purged:
@@ -144,23 +149,23 @@ impl PageHeap {
                 if self.free_chunks > 0 && self.dirty_pages > 0 {
                     // SAFETY: the caller holds the lock.
                     unsafe { self.purge_all(src) };
-                    if let Some(d) = self.find_fit(want) {
+                    if let Some(d) = self.find_fit(src, want) {
                         // SAFETY: as below.
-                        return unsafe { self.take_run(d, n, align_pages) };
+                        return unsafe { self.take_run(src, d, n, align_pages) };
                     }
                 }
                 // SAFETY: the caller holds the lock.
                 if !unsafe { self.grow(src) } {
                     return (ptr::null_mut(), false);
                 }
-                match self.find_fit(want) {
+                match self.find_fit(src, want) {
                     Some(d) => d,
                     None => return (ptr::null_mut(), false),
                 }
             }
         };
         // SAFETY: `d` is a free run on our lists that fits; the lock is held.
-        unsafe { self.take_run(d, n, align_pages) }
+        unsafe { self.take_run(src, d, n, align_pages) }
     }
 
     /// Takes `n` pages aligned to `align_pages` out of the free run `d` (which holds them),
@@ -169,15 +174,16 @@ impl PageHeap {
     /// # Safety
     /// The caller holds the lock; `d` heads a free run on our lists of at least
     /// `n + align_pages - 1` pages.
-    unsafe fn take_run(
+    unsafe fn take_run<S: PageSource>(
         &mut self,
+        src: &S,
         d: *mut PageDesc,
         n: usize,
         align_pages: usize,
     ) -> (*mut PageDesc, bool) {
         // SAFETY: as the contract says.
         unsafe {
-            self.unlink(d);
+            self.unlink(src, d);
             let h = header_of_desc(d);
             let first = (*h).desc_index(d);
             let total = (*d).npages as usize;
@@ -192,13 +198,13 @@ impl PageHeap {
             // it.
             if skip > 0 {
                 self.make_free(h, first, skip, dirty, stamp);
-                self.link(h, first);
+                self.link(src, h, first);
             }
             let start = first + skip;
             let rest = total - skip - n;
             if rest > 0 {
                 self.make_free(h, start + n, rest, dirty, stamp);
-                self.link(h, start + n);
+                self.link(src, h, start + n);
             }
             let r = &mut (*h).pages[start] as *mut PageDesc;
             // The run's last page may have been a free tail; it is an interior page now.
@@ -238,7 +244,7 @@ impl PageHeap {
                     return;
                 }
             }
-            self.insert_free(h, first, freed, true);
+            self.insert_free(src, h, first, freed, true);
             if self.dirty_pages > self.dirty_limit() && self.purge_ok {
                 self.purge_all(src);
             }
@@ -251,7 +257,14 @@ impl PageHeap {
     ///
     /// # Safety
     /// The caller holds the lock and owns those pages; `(*h).free_pages` already counts them.
-    unsafe fn insert_free(&mut self, h: *mut ChunkHeader, first: usize, n: usize, dirty: bool) {
+    unsafe fn insert_free<S: PageSource>(
+        &mut self,
+        src: &S,
+        h: *mut ChunkHeader,
+        first: usize,
+        n: usize,
+        dirty: bool,
+    ) {
         // SAFETY: as the contract says; neighbours are read through our own descriptors.
         unsafe {
             let mut first = first;
@@ -268,7 +281,7 @@ impl PageHeap {
             if let Some(lh) = left_head {
                 let l = &mut (*h).pages[lh] as *mut PageDesc;
                 if (*l).dirty == dirty {
-                    self.unlink(l);
+                    self.unlink(src, l);
                     n += (*l).npages as usize;
                     (*h).pages[first - 1].set_kind(Kind::Interior);
                     (*l).set_kind(Kind::Interior);
@@ -280,13 +293,13 @@ impl PageHeap {
             if right < CHUNK_PAGES && (*h).pages[right].kind() == Kind::Free {
                 let r = &mut (*h).pages[right] as *mut PageDesc;
                 if (*r).dirty == dirty {
-                    self.unlink(r);
+                    self.unlink(src, r);
                     n += (*r).npages as usize;
                     (*r).set_kind(Kind::Interior);
                 }
             }
             self.make_free(h, first, n, dirty, self.now);
-            self.link(h, first);
+            self.link(src, h, first);
         }
     }
 
@@ -295,7 +308,7 @@ impl PageHeap {
     ///
     /// # Safety
     /// The caller holds the arena lock; `d` heads an allocated large run of this heap.
-    pub unsafe fn grow_run(&mut self, d: *mut PageDesc, n: usize) -> bool {
+    pub unsafe fn grow_run<S: PageSource>(&mut self, src: &S, d: *mut PageDesc, n: usize) -> bool {
         // SAFETY: as in `free_run`.
         unsafe {
             let h = header_of_desc(d);
@@ -316,11 +329,11 @@ impl PageHeap {
             }
             let rdirty = (*r).dirty;
             let stamp = (*r).bump;
-            self.unlink(r);
+            self.unlink(src, r);
             (*r).set_kind(Kind::Interior);
             if rn > extra {
                 self.make_free(h, right + extra, rn - extra, rdirty, stamp);
-                self.link(h, right + extra);
+                self.link(src, h, right + extra);
             } else {
                 (*h).pages[right + rn - 1].set_kind(Kind::Interior);
             }
@@ -384,18 +397,19 @@ impl PageHeap {
     /// Purges the dirty runs whose stamp satisfies `old`; stops at the first purge the source
     /// refuses (and then purges only when [`Self::purge_all`] is called).
     unsafe fn purge_where<S: PageSource>(&mut self, src: &S, old: impl Fn(u32) -> bool) -> bool {
+        let base = src.base();
         for w in 0..BITMAP_WORDS {
             let mut bits = self.bitmap[DIRTY][w];
             while bits != 0 {
                 let n = w * 64 + bits.trailing_zeros() as usize;
                 bits &= bits - 1;
-                let mut d = self.lists[DIRTY][n];
+                let mut d = self.lists[DIRTY][n].get(base);
                 while !d.is_null() {
                     // SAFETY: runs on our lists are free runs of our chunks; the lock is held.
                     // Purging `d` unlinks only `d` from the dirty lists (its merges touch clean
                     // runs), so `next`, read first, stays valid.
                     unsafe {
-                        let next = (*d).next;
+                        let next = (*d).next.get(base);
                         if old((*d).bump) {
                             let h = header_of_desc(d);
                             let first = (*h).desc_index(d);
@@ -403,9 +417,9 @@ impl PageHeap {
                                 self.purge_ok = false;
                                 return false;
                             }
-                            self.unlink(d);
+                            self.unlink(src, d);
                             self.counters.purged += (n * PAGE) as u64;
-                            self.insert_free(h, first, n, false);
+                            self.insert_free(src, h, first, n, false);
                         }
                         d = next;
                     }
@@ -422,19 +436,20 @@ impl PageHeap {
         if c.is_null() {
             return false;
         }
+        let base = src.base();
         // SAFETY: the source hands us a fresh zeroed chunk; the lock is held.
         unsafe {
             let d = init_arena_chunk(c, self.arena);
             let h = c.cast::<ChunkHeader>();
             (*h).next = self.chunks;
             if !self.chunks.is_null() {
-                (*self.chunks).prev = h;
+                (*self.chunks.get(base)).prev = Rel::new(h, base);
             }
-            self.chunks = h;
+            self.chunks = Rel::new(h, base);
             self.free_chunks += 1;
             self.counters.mapped += CHUNK;
             self.counters.chunks_mapped += 1;
-            self.link(h, (*h).desc_index(d));
+            self.link(src, h, (*h).desc_index(d));
         }
         true
     }
@@ -442,6 +457,7 @@ impl PageHeap {
     /// Unmaps the wholly free chunk `h`, whose pages are free runs except the run at page
     /// `skip`, which is on no list (the run being freed).
     unsafe fn release_chunk<S: PageSource>(&mut self, src: &S, h: *mut ChunkHeader, skip: usize) {
+        let base = src.base();
         // SAFETY: `h` is one of our chunks, entirely free; the lock is held. Its runs are
         // walked by length from the first usable page.
         unsafe {
@@ -449,17 +465,17 @@ impl PageHeap {
             while i < CHUNK_PAGES {
                 let d = &mut (*h).pages[i] as *mut PageDesc;
                 if i != skip {
-                    self.unlink(d);
+                    self.unlink(src, d);
                 }
                 i += (*d).npages as usize;
             }
             if (*h).prev.is_null() {
                 self.chunks = (*h).next;
             } else {
-                (*(*h).prev).next = (*h).next;
+                (*(*h).prev.get(base)).next = (*h).next;
             }
             if !(*h).next.is_null() {
-                (*(*h).next).prev = (*h).prev;
+                (*(*h).next.get(base)).prev = (*h).prev;
             }
             self.free_chunks -= 1;
             self.counters.mapped -= CHUNK;
@@ -493,18 +509,21 @@ impl PageHeap {
         }
     }
 
-    unsafe fn link(&mut self, h: *mut ChunkHeader, first: usize) {
+    /// Puts the free run at page `first` of `h` on its list.
+    unsafe fn link<S: PageSource>(&mut self, src: &S, h: *mut ChunkHeader, first: usize) {
+        let base = src.base();
         // SAFETY: page `first` of `h` heads a free run that is on no list.
         unsafe {
             let d = &mut (*h).pages[first] as *mut PageDesc;
             let n = (*d).npages as usize;
             let k = (*d).dirty as usize;
-            (*d).prev = ptr::null_mut();
+            let rd = Rel::new(d, base);
+            (*d).prev = Rel::NULL;
             (*d).next = self.lists[k][n];
             if !(*d).next.is_null() {
-                (*(*d).next).prev = d;
+                (*(*d).next.get(base)).prev = rd;
             }
-            self.lists[k][n] = d;
+            self.lists[k][n] = rd;
             self.bitmap[k][n / 64] |= 1 << (n % 64);
             if k == DIRTY {
                 self.dirty_pages += n;
@@ -512,7 +531,9 @@ impl PageHeap {
         }
     }
 
-    unsafe fn unlink(&mut self, d: *mut PageDesc) {
+    /// Takes the free run `d` off its list.
+    unsafe fn unlink<S: PageSource>(&mut self, src: &S, d: *mut PageDesc) {
+        let base = src.base();
         // SAFETY: `d` heads a free run on list `(dirty, npages)`.
         unsafe {
             let n = (*d).npages as usize;
@@ -523,13 +544,13 @@ impl PageHeap {
                     self.bitmap[k][n / 64] &= !(1 << (n % 64));
                 }
             } else {
-                (*(*d).prev).next = (*d).next;
+                (*(*d).prev.get(base)).next = (*d).next;
             }
             if !(*d).next.is_null() {
-                (*(*d).next).prev = (*d).prev;
+                (*(*d).next.get(base)).prev = (*d).prev;
             }
-            (*d).next = ptr::null_mut();
-            (*d).prev = ptr::null_mut();
+            (*d).next = Rel::NULL;
+            (*d).prev = Rel::NULL;
             if k == DIRTY {
                 self.dirty_pages -= n;
             }
@@ -537,7 +558,7 @@ impl PageHeap {
     }
 
     /// The head of the shortest free run of kind `k` of at least `n` pages.
-    fn first_of(&self, k: usize, n: usize) -> Option<*mut PageDesc> {
+    fn first_of<S: PageSource>(&self, src: &S, k: usize, n: usize) -> Option<*mut PageDesc> {
         if n > USABLE_PAGES {
             return None;
         }
@@ -546,7 +567,7 @@ impl PageHeap {
         loop {
             if bits != 0 {
                 let len = w * 64 + bits.trailing_zeros() as usize;
-                return Some(self.lists[k][len]);
+                return Some(self.lists[k][len].get(src.base()));
             }
             w += 1;
             if w == BITMAP_WORDS {
@@ -557,8 +578,9 @@ impl PageHeap {
     }
 
     /// Best fit for `n` pages: the shortest dirty run that fits, else the shortest clean one.
-    fn find_fit(&self, n: usize) -> Option<*mut PageDesc> {
-        self.first_of(DIRTY, n).or_else(|| self.first_of(CLEAN, n))
+    fn find_fit<S: PageSource>(&self, src: &S, n: usize) -> Option<*mut PageDesc> {
+        self.first_of(src, DIRTY, n)
+            .or_else(|| self.first_of(src, CLEAN, n))
     }
 
     /// Verifies the invariants of the module documentation and of every chunk's page
@@ -566,7 +588,8 @@ impl PageHeap {
     ///
     /// # Safety
     /// The caller holds the arena lock.
-    pub unsafe fn check(&self) -> Result<(), &'static str> {
+    pub unsafe fn check<S: PageSource>(&self, src: &S) -> Result<(), &'static str> {
+        let base = src.base();
         let mut dirty = 0;
         for k in [CLEAN, DIRTY] {
             for n in 1..=USABLE_PAGES {
@@ -574,7 +597,7 @@ impl PageHeap {
                 if has == self.lists[k][n].is_null() {
                     return Err("free-run bitmap disagrees with its lists");
                 }
-                let mut d = self.lists[k][n];
+                let mut d = self.lists[k][n].get(base);
                 while !d.is_null() {
                     // SAFETY: runs on our lists live in our chunks.
                     unsafe {
@@ -587,7 +610,7 @@ impl PageHeap {
                         if k == DIRTY {
                             dirty += n;
                         }
-                        d = (*d).next;
+                        d = (*d).next.get(base);
                     }
                 }
             }
@@ -596,7 +619,7 @@ impl PageHeap {
             return Err("dirty page count is off");
         }
         let mut free_chunks = 0;
-        let mut c = self.chunks;
+        let mut c = self.chunks.get(base);
         while !c.is_null() {
             // SAFETY: the chunk list holds our mapped chunks.
             unsafe {
@@ -649,7 +672,7 @@ impl PageHeap {
                 if free == USABLE_PAGES {
                     free_chunks += 1;
                 }
-                c = (*c).next;
+                c = (*c).next.get(base);
             }
         }
         if free_chunks != self.free_chunks {
@@ -662,12 +685,17 @@ impl PageHeap {
     ///
     /// # Safety
     /// The caller holds the arena lock.
-    pub unsafe fn for_each_chunk(&self, mut f: impl FnMut(*mut ChunkHeader)) {
-        let mut c = self.chunks;
+    pub unsafe fn for_each_chunk<S: PageSource>(
+        &self,
+        src: &S,
+        mut f: impl FnMut(*mut ChunkHeader),
+    ) {
+        let base = src.base();
+        let mut c = self.chunks.get(base);
         while !c.is_null() {
             f(c);
             // SAFETY: chunks on our list are mapped.
-            c = unsafe { (*c).next };
+            c = unsafe { (*c).next.get(base) };
         }
     }
 }
@@ -812,9 +840,9 @@ pub(crate) mod tests {
         unsafe { heap.free_run(src, d) }
     }
 
-    fn check(heap: &PageHeap) {
+    fn check(heap: &PageHeap, src: &TestSource) {
         // SAFETY: the test owns the heap.
-        if let Err(e) = unsafe { heap.check() } {
+        if let Err(e) = unsafe { heap.check(src) } {
             panic!("page heap check failed: {e}");
         }
     }
@@ -848,11 +876,11 @@ pub(crate) mod tests {
         let mut v = Vec::new();
         for k in [CLEAN, DIRTY] {
             for n in 1..=USABLE_PAGES {
-                let mut d = heap.lists[k][n];
+                let mut d = heap.lists[k][n].get(0);
                 while !d.is_null() {
                     v.push((addr(d), n));
                     // SAFETY: runs on the lists are free runs of mapped chunks.
-                    d = unsafe { (*d).next };
+                    d = unsafe { (*d).next.get(0) };
                 }
             }
         }
@@ -899,12 +927,12 @@ pub(crate) mod tests {
             assert_eq!(addr(*d), base + off * PAGE);
             off += n;
         }
-        check(&heap);
+        check(&heap, &src);
         // Free the runs of 5, 3, 8 and 2 pages; the 1-page runs keep them apart.
         for i in [0, 2, 4, 6] {
             give(&mut heap, &src, runs[i]);
         }
-        check(&heap);
+        check(&heap, &src);
         let tail = USABLE_PAGES - off;
         let mut want_free = vec![
             (addr(runs[0]), 5),
@@ -915,7 +943,7 @@ pub(crate) mod tests {
         ];
         assert_eq!(free_runs(&heap), want_free);
         for n in 1..=USABLE_PAGES + 1 {
-            let fast = heap.find_fit(n).map(npages);
+            let fast = heap.find_fit(&src, n).map(npages);
             assert_eq!(fast, slow_fit(&heap, n).map(|f| f.1), "find_fit({n})");
         }
 
@@ -923,14 +951,14 @@ pub(crate) mod tests {
         assert_eq!(addr(take(&mut heap, &src, 3, 1)), addr(runs[2]));
         assert_eq!(addr(take(&mut heap, &src, 2, 1)), addr(runs[6]));
         assert_eq!(addr(take(&mut heap, &src, 4, 1)), addr(runs[0]));
-        check(&heap);
+        check(&heap, &src);
         // The 5-page run left one page behind; a 1-page request takes it, not the 8.
         assert_eq!(run_at(addr(runs[0]) + 4 * PAGE), (Kind::Free, 1));
         assert_eq!(addr(take(&mut heap, &src, 1, 1)), addr(runs[0]) + 4 * PAGE);
         assert_eq!(addr(take(&mut heap, &src, 6, 1)), addr(runs[4]));
         assert_eq!(run_at(addr(runs[4]) + 6 * PAGE), (Kind::Free, 2));
         assert_eq!(addr(take(&mut heap, &src, 9, 1)), base + off * PAGE);
-        check(&heap);
+        check(&heap, &src);
         want_free = vec![
             (addr(runs[4]) + 6 * PAGE, 2),
             (base + (off + 9) * PAGE, tail - 9),
@@ -954,9 +982,9 @@ pub(crate) mod tests {
         assert_eq!(run_at(xa), (Kind::Free, 4));
         give(&mut heap, &src, z); // no free neighbour (the guard is after it)
         assert_eq!(run_at(za), (Kind::Free, 3));
-        check(&heap);
+        check(&heap, &src);
         give(&mut heap, &src, y); // merges with both
-        check(&heap);
+        check(&heap, &src);
         assert_eq!(run_at(xa), (Kind::Free, 13));
         let tail = desc_at(xa + 12 * PAGE);
         // SAFETY: a descriptor in a mapped chunk header.
@@ -980,13 +1008,13 @@ pub(crate) mod tests {
         assert_eq!(run_at(xa + 5 * PAGE), (Kind::Free, 8));
         give(&mut heap, &src, a);
         assert_eq!(run_at(xa), (Kind::Free, 13));
-        check(&heap);
+        check(&heap, &src);
 
         // Freeing the guard leaves the chunk wholly free: a dirty run of the 14 pages used so
         // far beside the clean remainder. It is the heap's spare, kept mapped, not purged.
         let purged_before = src.purged_bytes.load(Ordering::Relaxed);
         give(&mut heap, &src, guard);
-        check(&heap);
+        check(&heap, &src);
         assert_eq!(
             free_runs(&heap),
             vec![(xa, 14), (xa + 14 * PAGE, USABLE_PAGES - 14)]
@@ -998,7 +1026,7 @@ pub(crate) mod tests {
         // Purging turns the dirty run clean, and it merges with the remainder.
         // SAFETY: the test owns the heap.
         unsafe { heap.purge_all(&src) };
-        check(&heap);
+        check(&heap, &src);
         assert_eq!(free_runs(&heap), vec![(xa, USABLE_PAGES)]);
         assert_eq!(heap.dirty_pages, 0);
         assert_eq!(
@@ -1013,10 +1041,10 @@ pub(crate) mod tests {
         let c2 = take(&mut heap, &src, USABLE_PAGES, 1);
         assert_eq!(src.maps.load(Ordering::Relaxed), 2);
         assert_eq!(heap.free_chunks, 0);
-        check(&heap);
+        check(&heap, &src);
         give(&mut heap, &src, c1);
         give(&mut heap, &src, c2);
-        check(&heap);
+        check(&heap, &src);
         assert_eq!(src.unmaps.load(Ordering::Relaxed), 1);
         assert_eq!(src.live(), 1);
         assert_eq!(heap.free_chunks, 1);
@@ -1039,7 +1067,7 @@ pub(crate) mod tests {
                     let d = take(&mut heap, &src, n, align);
                     assert_eq!(addr(d) % (align * PAGE), 0, "n {n} align {align}");
                     live.push(d);
-                    check(&heap);
+                    check(&heap, &src);
                 }
             }
         }
@@ -1060,7 +1088,7 @@ pub(crate) mod tests {
             let i = rng.below(live.len());
             let d = live.swap_remove(i);
             give(&mut heap, &src, d);
-            check(&heap);
+            check(&heap, &src);
         }
         assert_eq!(heap.counters.runs, 0);
         assert_eq!(src.live(), 1);
@@ -1080,25 +1108,28 @@ pub(crate) mod tests {
         let aa = addr(a);
         // SAFETY: (for all the calls below) the test owns the heap; `a` heads a live large run.
         unsafe {
-            assert!(heap.grow_run(a, 4), "growing to the same size is a no-op");
-            assert!(!heap.grow_run(a, 5), "the next run is in use");
+            assert!(
+                heap.grow_run(&src, a, 4),
+                "growing to the same size is a no-op"
+            );
+            assert!(!heap.grow_run(&src, a, 5), "the next run is in use");
             give(&mut heap, &src, b);
-            assert!(heap.grow_run(a, 6));
+            assert!(heap.grow_run(&src, a, 6));
             assert_eq!(npages(a), 6);
             assert_eq!(run_at(aa + 6 * PAGE), (Kind::Free, 2));
-            check(&heap);
-            assert!(!heap.grow_run(a, 9), "only two free pages follow");
+            check(&heap, &src);
+            assert!(!heap.grow_run(&src, a, 9), "only two free pages follow");
             assert_eq!(npages(a), 6);
-            assert!(heap.grow_run(a, 8), "taking the whole free run");
+            assert!(heap.grow_run(&src, a, 8), "taking the whole free run");
             assert_eq!(npages(a), 8);
             assert_eq!(run_at(aa + 8 * PAGE).0, Kind::Large); // the guard
-            check(&heap);
-            assert!(!heap.grow_run(a, 9));
+            check(&heap, &src);
+            assert!(!heap.grow_run(&src, a, 9));
 
             heap.shrink_run(&src, a, 3);
             assert_eq!(npages(a), 3);
             assert_eq!(run_at(aa + 3 * PAGE), (Kind::Free, 5));
-            check(&heap);
+            check(&heap, &src);
             heap.shrink_run(&src, a, 3); // no-op
             heap.shrink_run(&src, a, 7); // no-op: it only shrinks
             assert_eq!(npages(a), 3);
@@ -1106,15 +1137,15 @@ pub(crate) mod tests {
             heap.shrink_run(&src, a, 1);
             assert_eq!(npages(a), 1);
             assert_eq!(run_at(aa + PAGE), (Kind::Free, 7));
-            check(&heap);
+            check(&heap, &src);
             assert_eq!(heap.counters.runs, 2);
             // And growing over the merged run works again.
-            assert!(heap.grow_run(a, 8));
-            check(&heap);
+            assert!(heap.grow_run(&src, a, 8));
+            check(&heap, &src);
         }
         give(&mut heap, &src, a);
         give(&mut heap, &src, guard);
-        check(&heap);
+        check(&heap, &src);
         assert_eq!(heap.counters.runs, 0);
     }
 
@@ -1131,7 +1162,7 @@ pub(crate) mod tests {
         give(&mut heap, &src, b);
         assert_eq!(heap.dirty_pages, 310, "freed runs stay dirty, however long");
         assert_eq!(src.purged_bytes.load(Ordering::Relaxed), 0);
-        check(&heap);
+        check(&heap, &src);
         // A dirty run is reused before any clean one, although the clean remainder of the
         // chunk would fit too; the part left over stays a dirty free run.
         // SAFETY: the test owns the heap.
@@ -1145,19 +1176,19 @@ pub(crate) mod tests {
         // SAFETY: `d` heads the run just taken.
         unsafe { (*d).set_kind(Kind::Large) };
         assert_eq!(heap.dirty_pages, 306);
-        check(&heap);
+        check(&heap, &src);
         give(&mut heap, &src, d);
         assert_eq!(heap.dirty_pages, 310);
         // Freeing the guard merges it with the dirty run before it, not with the clean
         // remainder after it.
         give(&mut heap, &src, _guard2);
         assert_eq!(heap.dirty_pages, 311);
-        check(&heap);
+        check(&heap, &src);
         // SAFETY: the test owns the heap.
         unsafe { heap.purge_all(&src) };
         assert_eq!(heap.dirty_pages, 0);
         assert_eq!(src.purged_bytes.load(Ordering::Relaxed), 311 * PAGE);
-        check(&heap);
+        check(&heap, &src);
         // Purged runs merged with the clean remainder: one run from the guard to the end.
         let runs = free_runs(&heap);
         assert_eq!(runs.len(), 2, "{runs:x?}");
@@ -1188,7 +1219,7 @@ pub(crate) mod tests {
         assert!(heap.counters.purges >= 1);
         assert!(heap.dirty_pages <= heap.dirty_limit());
         assert!(src.purged_bytes.load(Ordering::Relaxed) > DIRTY_MIN_PAGES * PAGE);
-        check(&heap);
+        check(&heap, &src);
     }
 
     #[test]
@@ -1199,16 +1230,16 @@ pub(crate) mod tests {
         assert!(try_take(&mut heap, &src, 9, 1).is_null());
         // Aligned requests reserve `n + align - 1` pages, so this fails too.
         assert!(try_take(&mut heap, &src, 8, 2).is_null());
-        check(&heap);
+        check(&heap, &src);
         let b = take(&mut heap, &src, 8, 1);
         assert!(try_take(&mut heap, &src, 1, 1).is_null());
-        check(&heap);
+        check(&heap, &src);
         give(&mut heap, &src, a);
         let c = take(&mut heap, &src, 100, 1);
-        check(&heap);
+        check(&heap, &src);
         give(&mut heap, &src, b);
         give(&mut heap, &src, c);
-        check(&heap);
+        check(&heap, &src);
         assert_eq!(src.maps.load(Ordering::Relaxed), 1);
         assert_eq!(free_runs(&heap), vec![(addr(a), USABLE_PAGES)]);
     }
@@ -1226,7 +1257,7 @@ pub(crate) mod tests {
             ones.push(take(&mut heap, &src, 1, 1));
         }
         assert_eq!(src.maps.load(Ordering::Relaxed), CHUNKS);
-        check(&heap);
+        check(&heap, &src);
         // Free every other page: ~40,000 one-page free runs, none adjacent.
         let mut live: BTreeMap<usize, *mut PageDesc> = BTreeMap::new();
         for (i, d) in ones.into_iter().enumerate() {
@@ -1236,7 +1267,7 @@ pub(crate) mod tests {
                 live.insert(addr(d), d);
             }
         }
-        check(&heap);
+        check(&heap, &src);
         let runs = free_runs(&heap);
         assert!(runs.len() >= 40_000, "{} free runs", runs.len());
         assert!(runs.iter().all(|&(_, n)| n == 1));
@@ -1254,11 +1285,11 @@ pub(crate) mod tests {
                 let want = n + align - 1;
                 let fit = slow_fit(&heap, want);
                 let found = heap
-                    .find_fit(want)
+                    .find_fit(&src, want)
                     // SAFETY: a run found on the lists is a free run of a mapped chunk.
                     .map(|d| (unsafe { (*d).dirty } as usize, npages(d)));
                 assert_eq!(found, fit, "find_fit({want})");
-                let expect_in = fit.map(|(k, len)| (addr(heap.lists[k][len]), len));
+                let expect_in = fit.map(|(k, len)| (addr(heap.lists[k][len].get(0)), len));
                 let d = take(&mut heap, &src, n, align);
                 let a = addr(d);
                 assert_eq!(a % (align * PAGE), 0);
@@ -1290,15 +1321,15 @@ pub(crate) mod tests {
                 give(&mut heap, &src, d);
             }
             if step % 500 == 0 {
-                check(&heap);
+                check(&heap, &src);
             }
         }
-        check(&heap);
+        check(&heap, &src);
         let allocated: usize = live.values().map(|&d| npages(d)).sum();
         let mut free_total = 0;
         // SAFETY: the test owns the heap.
         unsafe {
-            heap.for_each_chunk(|c| free_total += (*c).free_pages);
+            heap.for_each_chunk(&src, |c| free_total += (*c).free_pages);
         }
         let chunks = src.live();
         assert_eq!(free_total + allocated, chunks * USABLE_PAGES);
@@ -1308,7 +1339,7 @@ pub(crate) mod tests {
         for (_, d) in std::mem::take(&mut live) {
             give(&mut heap, &src, d);
         }
-        check(&heap);
+        check(&heap, &src);
         assert_eq!(heap.counters.runs, 0);
         assert_eq!(src.live(), 1, "all but the spare chunk are unmapped");
         // The spare is free runs of both kinds side by side; purged, it is one run.
@@ -1316,7 +1347,7 @@ pub(crate) mod tests {
         assert_eq!(runs.iter().map(|r| r.1).sum::<usize>(), USABLE_PAGES);
         // SAFETY: the test owns the heap.
         unsafe { heap.purge_all(&src) };
-        check(&heap);
+        check(&heap, &src);
         assert_eq!(free_runs(&heap).len(), 1);
     }
 
@@ -1344,12 +1375,12 @@ pub(crate) mod tests {
         unsafe { heap.decay(&src, 11_050) };
         assert_eq!(heap.dirty_pages, 20);
         assert_eq!(src.purged_bytes.load(Ordering::Relaxed), 10 * PAGE);
-        check(&heap);
+        check(&heap, &src);
         // `b` goes once it is a second old.
         // SAFETY: the test owns the heap.
         unsafe { heap.decay(&src, 11_700) };
         assert_eq!(heap.dirty_pages, 0, "b decays at the next tick");
-        check(&heap);
+        check(&heap, &src);
 
         // A source that refuses to purge: the run stays dirty, and nothing reads as zero
         // that is not.
@@ -1359,7 +1390,7 @@ pub(crate) mod tests {
         // SAFETY: the test owns the heap.
         assert!(!unsafe { heap.purge_all(&src) });
         assert_eq!(heap.dirty_pages, 5);
-        check(&heap);
+        check(&heap, &src);
         // SAFETY: the test owns the heap.
         let (d, dirty) = unsafe { heap.alloc_run(&src, 5, 1) };
         assert!(dirty, "a run whose purge failed is still dirty");
@@ -1374,6 +1405,6 @@ pub(crate) mod tests {
         // SAFETY: the test owns the heap.
         assert!(unsafe { heap.purge_all(&src) });
         assert_eq!(heap.dirty_pages, 0);
-        check(&heap);
+        check(&heap, &src);
     }
 }

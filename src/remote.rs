@@ -8,11 +8,14 @@
 //! "interlock only when a list runs empty or overflows".
 //!
 //! The head packs a pointer (low 48 bits) and a saturating count (high 16 bits) into one word.
-//! Pushes and take-all swaps have no ABA problem: nobody pops a single block.
+//! Pushes and take-all swaps have no ABA problem: nobody pops a single block. The pointer,
+//! and each block's encoded link, are stored relative to the page source's base
+//! (`chunk::to_rel`), like every link the engine keeps; a [`Batch`] is built with plain
+//! addresses and so serves only the process heap, whose base is 0.
 
 use core::sync::atomic::{AtomicUsize, Ordering};
 
-use crate::chunk::{decode_link, encode_link, Block};
+use crate::chunk::{decode_link, encode_link, from_rel, to_rel, Block};
 
 const PTR_BITS: u32 = 48;
 const PTR_MASK: usize = (1 << PTR_BITS) - 1;
@@ -20,8 +23,9 @@ const COUNT_MAX: usize = 0xffff;
 
 /// A lock-free stack of freed blocks.
 ///
-/// Invariant: the pointer bits of `head` are null or a block whose `next` word links the rest
-/// of the stack; every block on it belongs to the arena that owns this stack.
+/// Invariant: the pointer bits of `head` are 0 or a block's address relative to the source's
+/// base, and that block's `link` word links the rest of the stack (encoded relative values,
+/// as in `chunk::encode_link`); every block on it belongs to the arena that owns this stack.
 pub struct Pending {
     head: AtomicUsize,
 }
@@ -37,33 +41,36 @@ impl Pending {
     }
 
     /// The block after `b` on a stack taken with [`Pending::take_all`], decoded with the
-    /// arena's link secret `key` (the caller validates it before use). The key is passed
-    /// in, not kept here: this line is the one remote CPUs write.
+    /// arena's link secret `key` (the caller validates it before use); `base` is the page
+    /// source's. Both are passed in, not kept here: this line is the one remote CPUs write,
+    /// and the base differs between processes.
     ///
     /// # Safety
     /// `b` came off this stack.
     #[inline]
-    pub unsafe fn next_of(b: *mut Block, key: usize) -> *mut Block {
+    pub unsafe fn next_of(b: *mut Block, key: usize, base: usize) -> *mut Block {
         // SAFETY: by the contract `b`'s first word is its link.
-        decode_link(unsafe { (*b).next } as usize, b, key) as *mut Block
+        let stored = unsafe { (*b).link };
+        from_rel(decode_link(stored, to_rel(b as usize, base), key), base) as *mut Block
     }
 
     /// Pushes `b`, its link encoded with the arena's secret `key`, and returns how many
-    /// blocks the stack holds now (saturating at 65535).
+    /// blocks the stack holds now (saturating at 65535). `base` is the page source's.
     ///
     /// # Safety
     /// `b` is a freed block of at least 16 bytes, owned by this stack's arena, that no one
     /// else will touch until it is taken off again.
     #[inline]
-    pub unsafe fn push(&self, b: *mut Block, key: usize) -> usize {
-        debug_assert!((b as usize) & !PTR_MASK == 0);
+    pub unsafe fn push(&self, b: *mut Block, key: usize, base: usize) -> usize {
+        let rb = to_rel(b as usize, base);
+        debug_assert!(rb & !PTR_MASK == 0);
         let mut old = self.head.load(Ordering::Relaxed);
         loop {
             let count = ((old >> PTR_BITS) + 1).min(COUNT_MAX);
             // SAFETY: by the contract `b` is ours to write until pushed.
-            unsafe { (*b).next = encode_link(old & PTR_MASK, b, key) as *mut Block };
-            let new = b as usize | (count << PTR_BITS);
-            // Release: the taker must see `b.next` (and the freed block's marks).
+            unsafe { (*b).link = encode_link(old & PTR_MASK, rb, key) };
+            let new = rb | (count << PTR_BITS);
+            // Release: the taker must see `b.link` (and the freed block's marks).
             match self
                 .head
                 .compare_exchange_weak(old, new, Ordering::Release, Ordering::Relaxed)
@@ -79,7 +86,9 @@ impl Pending {
     ///
     /// # Safety
     /// The batch's blocks are freed blocks of this stack's arena, built with that arena's
-    /// key, which no one else will touch until they are taken off again.
+    /// key, which no one else will touch until they are taken off again. The arena's page
+    /// source has base 0 (a batch links plain addresses; only the process heap, whose
+    /// CPU caches fill outboxes, builds batches).
     pub unsafe fn push_batch(&self, batch: &Batch) -> usize {
         if batch.first.is_null() {
             return 0;
@@ -89,8 +98,7 @@ impl Pending {
             let count = ((old >> PTR_BITS) + batch.n).min(COUNT_MAX);
             // SAFETY: by the contract the batch's last block is ours to write until pushed.
             unsafe {
-                (*batch.last).next =
-                    encode_link(old & PTR_MASK, batch.last, batch.key) as *mut Block
+                (*batch.last).link = encode_link(old & PTR_MASK, batch.last as usize, batch.key)
             };
             let new = batch.first as usize | (count << PTR_BITS);
             // Release: as in `push`.
@@ -104,14 +112,15 @@ impl Pending {
         }
     }
 
-    /// Takes every block off the stack; returns the first (its `next` links the others).
+    /// Takes every block off the stack; returns the first (its `link` leads to the others,
+    /// see [`Pending::next_of`]). `base` is the page source's.
     #[inline]
-    pub fn take_all(&self) -> *mut Block {
+    pub fn take_all(&self, base: usize) -> *mut Block {
         if self.head.load(Ordering::Relaxed) == 0 {
             return core::ptr::null_mut();
         }
         // Acquire: pairs with the Release of `push`, so the links are visible.
-        (self.head.swap(0, Ordering::Acquire) & PTR_MASK) as *mut Block
+        from_rel(self.head.swap(0, Ordering::Acquire) & PTR_MASK, base) as *mut Block
     }
 
     /// Blocks on the stack now (approximate while others push).
@@ -124,8 +133,8 @@ impl Pending {
 /// Blocks gathered for one [`Pending::push_batch`] onto the stack of one arena.
 ///
 /// Invariant: `first` is null (and `n` 0) or the first of `n` blocks linked from `first` to
-/// `last` with links encoded with `key`, as on a pending stack; `last`'s link is written by
-/// the push that publishes the batch.
+/// `last` with links encoded with `key`, as on a pending stack of a source with base 0
+/// (plain addresses); `last`'s link is written by the push that publishes the batch.
 #[derive(Clone, Copy)]
 pub struct Batch {
     first: *mut Block,
@@ -151,7 +160,7 @@ impl Batch {
     /// `b` is a freed block of at least 16 bytes that the caller owns, on no list.
     pub unsafe fn add(&mut self, b: *mut Block) {
         // SAFETY: by the contract `b` is ours to write.
-        unsafe { (*b).next = encode_link(self.first as usize, b, self.key) as *mut Block };
+        unsafe { (*b).link = encode_link(self.first as usize, b as usize, self.key) };
         if self.first.is_null() {
             self.last = b;
         }
@@ -180,11 +189,11 @@ mod tests {
                 std::thread::spawn(move || {
                     for i in 0..10_000usize {
                         let b = Box::into_raw(Box::new(Block {
-                            next: core::ptr::null_mut(),
+                            link: 0,
                             mark: t * 1_000_000 + i,
                         }));
                         // SAFETY: `b` is a fresh block nobody else uses.
-                        unsafe { stack.push(b, 0) };
+                        unsafe { stack.push(b, 0, 0) };
                     }
                 })
             })
@@ -193,16 +202,16 @@ mod tests {
         let mut collect = |mut b: *mut Block| {
             while !b.is_null() {
                 // SAFETY: the blocks came from Box::into_raw and were taken off the stack.
-                let (boxed, next) = unsafe { (Box::from_raw(b), Pending::next_of(b, 0)) };
+                let (boxed, next) = unsafe { (Box::from_raw(b), Pending::next_of(b, 0, 0)) };
                 seen.push(boxed.mark);
                 b = next;
             }
         };
         for t in threads {
-            collect(stack.take_all());
+            collect(stack.take_all(0));
             t.join().unwrap();
         }
-        collect(stack.take_all());
+        collect(stack.take_all(0));
         seen.sort_unstable();
         let mut want: Vec<usize> = (0..4)
             .flat_map(|t| (0..10_000).map(move |i| t * 1_000_000 + i))
@@ -215,19 +224,14 @@ mod tests {
     #[test]
     fn count_tracks_pushes_and_saturates() {
         let stack = Pending::new();
-        let mut blocks: Vec<Block> = (0..70_000)
-            .map(|_| Block {
-                next: core::ptr::null_mut(),
-                mark: 0,
-            })
-            .collect();
+        let mut blocks: Vec<Block> = (0..70_000).map(|_| Block { link: 0, mark: 0 }).collect();
         for (i, b) in blocks.iter_mut().enumerate() {
             // SAFETY: each block lives in `blocks`, which outlives the stack's use of it.
-            let n = unsafe { stack.push(b, 0) };
+            let n = unsafe { stack.push(b, 0, 0) };
             assert_eq!(n, (i + 1).min(COUNT_MAX));
         }
-        assert!(!stack.take_all().is_null());
+        assert!(!stack.take_all(0).is_null());
         assert_eq!(stack.len(), 0);
-        assert!(stack.take_all().is_null());
+        assert!(stack.take_all(0).is_null());
     }
 }

@@ -10,10 +10,17 @@
 //! - `r.used + len(r.free) == r.bump <= run_blocks(c)`;
 //! - `r.in_bin` iff `r` is on bin `c`'s list; a run off the list has no block to give;
 //! - a run with `used == 0` is on its bin only while it is the bin's only run.
+//!
+//! The bins' heads, the runs' links and free lists, and the encoded links in free blocks are
+//! stored relative to the page source's base (`chunk::Rel`, `chunk::to_rel`); the functions
+//! that follow them take `base` or the source.
 
 use core::ptr;
 
-use crate::chunk::{decode_link, encode_link, header_of_desc, run_addr, Block, Kind, PageDesc};
+use crate::chunk::{
+    decode_link, encode_link, from_rel, header_of_desc, run_addr, to_rel, Block, Kind, PageDesc,
+    Rel,
+};
 use crate::large::PageHeap;
 use crate::size_class::{class_size, run_blocks, run_pages, NUM_CLASSES, SMALL_MIN_SHIFT};
 use crate::source::PageSource;
@@ -28,7 +35,7 @@ pub struct ClassCounters {
 
 /// The bins of one arena.
 pub struct SmallBins {
-    heads: [*mut PageDesc; NUM_CLASSES],
+    heads: [Rel<PageDesc>; NUM_CLASSES],
     pub counters: [ClassCounters; NUM_CLASSES],
     /// The arena's secret for free-list links ([`encode_link`]).
     key: usize,
@@ -40,7 +47,7 @@ pub struct SmallBins {
 impl SmallBins {
     pub const fn new() -> Self {
         Self {
-            heads: [ptr::null_mut(); NUM_CLASSES],
+            heads: [Rel::NULL; NUM_CLASSES],
             counters: [ClassCounters {
                 allocs: 0,
                 frees: 0,
@@ -72,10 +79,16 @@ impl SmallBins {
     /// # Safety
     /// `b` is on the free list of run `r` of this arena.
     #[inline(always)]
-    unsafe fn next_of(&self, r: *mut PageDesc, b: *mut Block, class: usize) -> *mut Block {
+    unsafe fn next_of<S: PageSource>(
+        &self,
+        src: &S,
+        r: *mut PageDesc,
+        b: *mut Block,
+        class: usize,
+    ) -> *mut Block {
         // SAFETY: by the contract `b` is a free block whose first word is its link, and `r`
         // a live run head.
-        let (next, start) = unsafe { (decode_link((*b).next as usize, b, self.key), run_addr(r)) };
+        let (next, start) = unsafe { (link_of(src, b, self.key), run_addr(r)) };
         let off = next.wrapping_sub(start as usize);
         let size = class_size(class);
         let bad = next != 0 && (off >= run_blocks(class) * size || off & (size - 1) != 0);
@@ -93,18 +106,23 @@ impl SmallBins {
     /// # Safety
     /// The caller holds the arena lock.
     #[inline]
-    pub unsafe fn alloc_fast(&mut self, class: usize) -> Option<(*mut u8, bool)> {
-        let r = self.heads[class];
+    pub unsafe fn alloc_fast<S: PageSource>(
+        &mut self,
+        src: &S,
+        class: usize,
+    ) -> Option<(*mut u8, bool)> {
+        let base = src.base();
+        let r = self.heads[class].get(base);
         if r.is_null() {
             return None;
         }
         // SAFETY: runs on a bin are live small runs of this arena; the lock is held.
         unsafe {
-            let b = (*r).free;
+            let b = (*r).free.get(base);
             if !b.is_null() {
-                (*r).free = self.next_of(r, b, class);
+                (*r).free = Rel::new(self.next_of(src, r, b, class), base);
                 // Handed out: neither the encoded link nor a stale mark may show.
-                (*b).next = ptr::null_mut();
+                (*b).link = 0;
                 // The block is in use now: a stale mark must not look like a double free.
                 (*b).mark = 0;
                 (*r).used += 1;
@@ -139,17 +157,18 @@ impl SmallBins {
         src: &S,
         class: usize,
     ) -> Option<(*mut u8, bool)> {
+        let base = src.base();
         // SAFETY: the lock is held; runs on the bin are ours.
         unsafe {
             loop {
-                if let Some(r) = self.alloc_fast(class) {
+                if let Some(r) = self.alloc_fast(src, class) {
                     return Some(r);
                 }
-                let r = self.heads[class];
+                let r = self.heads[class].get(base);
                 if r.is_null() {
                     break;
                 }
-                self.unlink(class, r);
+                self.unlink(src, class, r);
             }
             let (r, dirty) = heap.alloc_run(src, run_pages(class), 1);
             if r.is_null() {
@@ -161,7 +180,7 @@ impl SmallBins {
             (*r).dirty = dirty;
             (*r).used = 0;
             (*r).bump = 0;
-            (*r).free = ptr::null_mut();
+            (*r).free = Rel::NULL;
             for j in 1..run_pages(class) {
                 let d = &(*h).pages[first + j];
                 d.set_lead(j);
@@ -170,8 +189,8 @@ impl SmallBins {
             // The kind is set last: a racing validator that sees Small sees the class too.
             (*r).set_kind(Kind::Small);
             self.counters[class].runs += 1;
-            self.link(class, r);
-            self.alloc_fast(class)
+            self.link(src, class, r);
+            self.alloc_fast(src, class)
         }
     }
 
@@ -188,6 +207,7 @@ impl SmallBins {
         r: *mut PageDesc,
         b: *mut Block,
     ) {
+        let base = src.base();
         // SAFETY: as the contract says; the index check below catches a caller that broke it
         // by freeing a stale pointer into a run that was recycled.
         unsafe {
@@ -204,22 +224,23 @@ impl SmallBins {
                     class_size(class),
                 );
             }
-            (*b).next = encode_link((*r).free as usize, b, self.key) as *mut Block;
-            (*r).free = b;
+            let rb = Rel::new(b, base);
+            (*b).link = encode_link((*r).free.bits(), rb.bits(), self.key);
+            (*r).free = rb;
             (*r).used -= 1;
             self.counters[class].frees += 1;
             if !(*r).in_bin {
-                self.link(class, r);
+                self.link(src, class, r);
             }
             if (*r).used == 0 && !((*r).next.is_null() && (*r).prev.is_null()) {
-                self.unlink(class, r);
+                self.unlink(src, class, r);
                 let h = header_of_desc(r);
                 let first = (*h).desc_index(r);
                 for j in 1..run_pages(class) {
                     (*h).pages[first + j].set_kind(Kind::Interior);
                 }
                 (*r).set_kind(Kind::Large);
-                (*r).free = ptr::null_mut();
+                (*r).free = Rel::NULL;
                 if self.scrub {
                     ptr::write_bytes(run_addr(r), 0, run_pages(class) * crate::size_class::PAGE);
                 }
@@ -232,10 +253,15 @@ impl SmallBins {
     ///
     /// # Safety
     /// The caller holds the arena lock; `r` is a small run of this arena.
-    pub unsafe fn run_has_free(&self, r: *mut PageDesc, b: *mut Block) -> bool {
+    pub unsafe fn run_has_free<S: PageSource>(
+        &self,
+        src: &S,
+        r: *mut PageDesc,
+        b: *mut Block,
+    ) -> bool {
         // SAFETY: the run's free list holds blocks of the run, linked under the lock.
         unsafe {
-            let mut f = (*r).free;
+            let mut f = (*r).free.get(src.base());
             // Bounded: a list longer than its run has a cycle (a corrupted link).
             for _ in 0..=run_blocks((*r).class()) {
                 if f.is_null() {
@@ -244,38 +270,43 @@ impl SmallBins {
                 if f == b {
                     return true;
                 }
-                f = self.next_of(r, f, (*r).class());
+                f = self.next_of(src, r, f, (*r).class());
             }
         }
         crate::diag::invalid_pointer(b"coreheap: free list of a run has a cycle", b.cast())
     }
 
-    unsafe fn link(&mut self, class: usize, r: *mut PageDesc) {
+    /// Puts run `r` at the front of bin `class`.
+    unsafe fn link<S: PageSource>(&mut self, src: &S, class: usize, r: *mut PageDesc) {
+        let base = src.base();
         // SAFETY: `r` is a small run of this arena on no list.
         unsafe {
-            (*r).prev = ptr::null_mut();
+            let rr = Rel::new(r, base);
+            (*r).prev = Rel::NULL;
             (*r).next = self.heads[class];
             if !(*r).next.is_null() {
-                (*(*r).next).prev = r;
+                (*(*r).next.get(base)).prev = rr;
             }
-            self.heads[class] = r;
+            self.heads[class] = rr;
             (*r).in_bin = true;
         }
     }
 
-    unsafe fn unlink(&mut self, class: usize, r: *mut PageDesc) {
+    /// Takes run `r` off bin `class`.
+    unsafe fn unlink<S: PageSource>(&mut self, src: &S, class: usize, r: *mut PageDesc) {
+        let base = src.base();
         // SAFETY: `r` is on bin `class`.
         unsafe {
             if (*r).prev.is_null() {
                 self.heads[class] = (*r).next;
             } else {
-                (*(*r).prev).next = (*r).next;
+                (*(*r).prev.get(base)).next = (*r).next;
             }
             if !(*r).next.is_null() {
-                (*(*r).next).prev = (*r).prev;
+                (*(*r).next.get(base)).prev = (*r).prev;
             }
-            (*r).next = ptr::null_mut();
-            (*r).prev = ptr::null_mut();
+            (*r).next = Rel::NULL;
+            (*r).prev = Rel::NULL;
             (*r).in_bin = false;
         }
     }
@@ -284,9 +315,10 @@ impl SmallBins {
     ///
     /// # Safety
     /// The caller holds the arena lock.
-    pub unsafe fn check(&self) -> Result<(), &'static str> {
+    pub unsafe fn check<S: PageSource>(&self, src: &S) -> Result<(), &'static str> {
+        let base = src.base();
         for class in 0..NUM_CLASSES {
-            let mut r = self.heads[class];
+            let mut r = self.heads[class].get(base);
             let mut count = 0;
             while !r.is_null() {
                 // SAFETY: runs on the bins are ours.
@@ -294,8 +326,8 @@ impl SmallBins {
                     if (*r).kind() != Kind::Small || (*r).class() != class || !(*r).in_bin {
                         return Err("bin holds a run of another class");
                     }
-                    check_run(r, self.key)?;
-                    r = (*r).next;
+                    check_run(src, r, self.key)?;
+                    r = (*r).next.get(base);
                 }
                 count += 1;
             }
@@ -310,7 +342,11 @@ impl SmallBins {
 ///
 /// # Safety
 /// The caller holds the arena lock; `r` heads a small run.
-pub unsafe fn check_run(r: *mut PageDesc, key: usize) -> Result<(), &'static str> {
+pub unsafe fn check_run<S: PageSource>(
+    src: &S,
+    r: *mut PageDesc,
+    key: usize,
+) -> Result<(), &'static str> {
     // SAFETY: as the contract says.
     unsafe {
         let class = (*r).class();
@@ -318,7 +354,7 @@ pub unsafe fn check_run(r: *mut PageDesc, key: usize) -> Result<(), &'static str
         let size = class_size(class);
         let cap = run_blocks(class);
         let mut n = 0usize;
-        let mut f = (*r).free;
+        let mut f = (*r).free.get(src.base());
         while !f.is_null() {
             let a = f as usize;
             if a < start || a >= start + cap * size || (a - start) % size != 0 {
@@ -328,13 +364,26 @@ pub unsafe fn check_run(r: *mut PageDesc, key: usize) -> Result<(), &'static str
             if n > cap {
                 return Err("free list longer than its run (a cycle?)");
             }
-            f = decode_link((*f).next as usize, f, key) as *mut Block;
+            f = link_of(src, f, key) as *mut Block;
         }
         if (*r).used as usize + n != (*r).bump as usize || (*r).bump as usize > cap {
             return Err("small run counts do not add up");
         }
     }
     Ok(())
+}
+
+/// The address (0 for none) that the link in free block `b` leads to, decoded with the
+/// arena's `key`; nothing checked.
+///
+/// # Safety
+/// `b` is a free block on a run's list (readable).
+#[inline(always)]
+unsafe fn link_of<S: PageSource>(src: &S, b: *mut Block, key: usize) -> usize {
+    let base = src.base();
+    // SAFETY: by the contract.
+    let stored = unsafe { (*b).link };
+    from_rel(decode_link(stored, to_rel(b as usize, base), key), base)
 }
 
 /// A free-list link that decodes to an impossible address: something wrote into the free
@@ -371,7 +420,7 @@ mod tests {
     ) -> (*mut u8, bool) {
         // SAFETY: the test owns the bins and the heap (the arena lock's role).
         unsafe {
-            bins.alloc_fast(class)
+            bins.alloc_fast(src, class)
                 .or_else(|| bins.alloc_refill(heap, src, class))
                 .expect("small allocation failed")
         }
@@ -384,11 +433,11 @@ mod tests {
         }
     }
 
-    fn check_all(bins: &SmallBins, heap: &PageHeap) {
+    fn check_all(bins: &SmallBins, heap: &PageHeap, src: &TestSource) {
         // SAFETY: the test owns the bins and the heap.
         unsafe {
-            assert_eq!(bins.check(), Ok(()));
-            assert_eq!(heap.check(), Ok(()));
+            assert_eq!(bins.check(src), Ok(()));
+            assert_eq!(heap.check(src), Ok(()));
         }
     }
 
@@ -422,11 +471,11 @@ mod tests {
         unsafe {
             assert_eq!((*first_run).used as usize, cap);
             assert_eq!((*first_run).bump as usize, cap);
-            assert_eq!(check_run(first_run, 0), Ok(()));
+            assert_eq!(check_run(&src, first_run, 0), Ok(()));
             assert_eq!((*first_run).npages as usize, run_pages(class));
             assert_eq!(run_pages(class) * PAGE, cap * cs);
         }
-        check_all(&bins, &heap);
+        check_all(&bins, &heap, &src);
 
         // A freed block is reused first (and its double-free mark cleared).
         let p = blocks[5];
@@ -434,17 +483,17 @@ mod tests {
         unsafe {
             (*p.cast::<Block>()).mark = 0xdead;
             bins.free(&mut heap, &src, first_run, p.cast());
-            assert!(bins.run_has_free(first_run, p.cast()));
-            assert_eq!(check_run(first_run, 0), Ok(()));
+            assert!(bins.run_has_free(&src, first_run, p.cast()));
+            assert_eq!(check_run(&src, first_run, 0), Ok(()));
         }
-        check_all(&bins, &heap);
+        check_all(&bins, &heap, &src);
         let (q, zero) = alloc(&mut bins, &mut heap, &src, class);
         assert_eq!(q, p);
         assert!(!zero, "a reused block may hold old data");
         // SAFETY: `q` is a live block of at least 16 bytes.
         unsafe {
             assert_eq!((*q.cast::<Block>()).mark, 0);
-            assert!(!bins.run_has_free(first_run, q.cast()));
+            assert!(!bins.run_has_free(&src, first_run, q.cast()));
         }
 
         // Emptying a run that is not the bin's only run gives its pages back.
@@ -454,7 +503,7 @@ mod tests {
         }
         assert_eq!(heap.counters.runs, 3);
         assert!(matches!(lookup(&src, blocks[0]), Lookup::Invalid));
-        check_all(&bins, &heap);
+        check_all(&bins, &heap, &src);
 
         // Free the rest: the last empty run stays on its bin, the others are returned.
         for &p in &blocks[cap..] {
@@ -462,7 +511,7 @@ mod tests {
             // SAFETY: each block is in use and freed once.
             unsafe { bins.free(&mut heap, &src, r, p.cast()) };
         }
-        check_all(&bins, &heap);
+        check_all(&bins, &heap, &src);
         assert_eq!(heap.counters.runs, 1);
         assert_eq!(
             bins.counters[class].frees, bins.counters[class].allocs,
@@ -475,6 +524,6 @@ mod tests {
         let r = run_of(&src, p);
         // SAFETY: `p` is in use in `r`.
         unsafe { bins.free(&mut heap, &src, r, p.cast()) };
-        check_all(&bins, &heap);
+        check_all(&bins, &heap, &src);
     }
 }

@@ -16,8 +16,19 @@ use crate::size_class::CHUNK;
 ///   `malloc`, under an arena lock: printing or formatting may allocate and deadlock);
 /// - `map_chunk` returns null or a `CHUNK`-aligned, readable, writable, zeroed region of
 ///   `CHUNK` bytes that nothing else uses, for which `owns_chunk` is true until
-///   `unmap_chunk`.
+///   `unmap_chunk`;
+/// - `base` returns the same value for the life of the source, and every chunk lies
+///   strictly above it (`base < chunk`), so that no chunk address is stored as 0, the null
+///   link.
 pub unsafe trait PageSource: Sync {
+    /// The address stored links are relative to: 0 for memory private to this process
+    /// (links are then plain addresses), the mapping's address for a heap that several
+    /// processes map at different addresses.
+    #[inline(always)]
+    fn base(&self) -> usize {
+        0
+    }
+
     /// A fresh zeroed chunk, or null when memory is exhausted.
     fn map_chunk(&self) -> *mut u8;
     /// Returns a chunk from `map_chunk`.

@@ -14,10 +14,12 @@ use core::ptr;
 
 use crossbeam_utils::CachePadded;
 
-use crate::chunk::{chunk_of, page_index, Block, ChunkHeader, Kind, PageDesc, CHUNK_ARENA, MAGIC};
+use crate::chunk::{
+    chunk_of, header_of_desc, page_index, Block, ChunkHeader, Kind, PageDesc, CHUNK_ARENA, MAGIC,
+};
 use crate::cpucache::{Chain, BATCH_MAX};
 use crate::large::{PageCounters, PageHeap};
-use crate::lock::RawLock;
+use crate::lock::{RawLock, RobustLock, Taken};
 use crate::remote::{Batch, Pending};
 use crate::size_class::{
     class_of, class_size, pages_for, NUM_CLASSES, PAGE, PAGE_SHIFT, SMALL_MAX,
@@ -45,6 +47,10 @@ struct State {
     /// Blocks that came back through the pending stack (counted at the drain, so the
     /// remote free itself pays no second atomic on the stack's line).
     pending_drained: u64,
+    /// Shared heaps: times the lock was taken over from a dead holder, and chunks given up
+    /// because the dead holder left the arena damaged (see [`Arena::recover`]).
+    recoveries: u64,
+    orphaned: u64,
 }
 
 /// One arena. Lives in a [`CachePadded`] slot of the arena table; the pending stack has a
@@ -57,9 +63,18 @@ pub struct Arena {
     key: usize,
     state: UnsafeCell<State>,
     pending: CachePadded<Pending>,
+    /// The lock of an arena in a shared heap (`PageSource::SHARED`), used instead of `lock`;
+    /// unused (and all zero) in the process heap.
+    robust: RobustLock,
 }
 
-// SAFETY: `state` is only reached with `lock` held; `pending` is a lock-free structure.
+/// The arena index written into the chunks of a shared heap's arena that a dead process
+/// left damaged: they stay mapped, their live blocks stay valid, but they belong to no arena
+/// any more (frees of their blocks are dropped, see [`Arena::recover`]).
+pub const ORPHAN: u32 = u32::MAX - 1;
+
+// SAFETY: `state` is only reached with the arena's lock held (`lock`, or `robust` in a
+// shared heap); `pending` is a lock-free structure.
 unsafe impl Sync for Arena {}
 
 /// A snapshot of one arena's counters.
@@ -76,6 +91,10 @@ pub struct ArenaStats {
     pub remote_frees: u64,
     /// Times a thread found this arena's lock held.
     pub contentions: u64,
+    /// Shared heaps: times this arena's lock was taken over from a dead process, and chunks
+    /// it gave up because that process left them half-updated.
+    pub recoveries: u64,
+    pub orphaned_chunks: u64,
     /// Free blocks of each class sitting in the class lists of this arena's CPUs' caches,
     /// and this arena's blocks in any CPU's outbox (counted in use by their runs, so
     /// `classes` counts them as allocated).
@@ -134,13 +153,13 @@ pub fn lookup<S: PageSource>(src: &S, p: *const u8) -> Lookup {
             return Lookup::Invalid;
         }
         if (*h).kind != CHUNK_ARENA {
-            return if (*h).huge_ptr == p as usize {
+            return if (*h).huge_ptr == crate::chunk::to_rel(p as usize, src.base()) {
                 Lookup::Huge(h)
             } else {
                 Lookup::Invalid
             };
         }
-        let arena = (*h).arena;
+        let arena = (*h).arena_index();
         let mut i = page_index(p);
         let mut d = &(*h).pages[i];
         if d.kind() == Kind::SmallInterior {
@@ -183,7 +202,7 @@ pub fn describe<S: PageSource>(src: &S, p: *const u8) -> Option<Inside> {
             return None;
         }
         if (*h).kind != CHUNK_ARENA {
-            let block = p as usize >= (*h).huge_ptr;
+            let block = crate::chunk::to_rel(p as usize, src.base()) >= (*h).huge_ptr;
             return Some(Inside {
                 arena: None,
                 size: (*h).huge_size,
@@ -207,7 +226,7 @@ pub fn describe<S: PageSource>(src: &S, p: *const u8) -> Option<Inside> {
             _ => (0, false),
         };
         Some(Inside {
-            arena: Some((*h).arena),
+            arena: Some((*h).arena_index()),
             size,
             block,
         })
@@ -234,9 +253,115 @@ impl Arena {
         }
     }
 
+    /// Makes the zeroed memory at `slot` arena number `index` of a shared heap, with a
+    /// process-shared robust lock. Returns false if the lock could not be made.
+    ///
+    /// # Safety
+    /// As for [`Arena::init_in_place`].
+    pub unsafe fn init_shared(slot: *mut Arena, index: u32) -> bool {
+        // SAFETY: by the contract.
+        unsafe {
+            Self::init_in_place(slot, index, false);
+            RobustLock::init_in_place(ptr::addr_of_mut!((*slot).robust))
+        }
+    }
+
     /// The secret that encodes this arena's free-list links. Fixed after initialisation.
     pub fn key(&self) -> usize {
         self.key
+    }
+
+    /// Takes the arena's lock: the private futex lock, or in a shared heap the robust lock,
+    /// recovering the arena if its last holder died holding it.
+    #[inline(always)]
+    fn acquire<S: PageSource>(&self, src: &S) {
+        if S::SHARED {
+            if self.robust.lock() == Taken::OwnerDied {
+                self.recover(src);
+            }
+        } else {
+            self.lock.lock();
+        }
+    }
+
+    /// Takes the lock if it is free now (see [`Arena::acquire`]).
+    #[inline(always)]
+    fn try_acquire<S: PageSource>(&self, src: &S) -> bool {
+        if S::SHARED {
+            match self.robust.try_lock() {
+                None => false,
+                Some(t) => {
+                    if t == Taken::OwnerDied {
+                        self.recover(src);
+                    }
+                    true
+                }
+            }
+        } else {
+            self.lock.try_lock()
+        }
+    }
+
+    #[inline(always)]
+    fn release<S: PageSource>(&self, _src: &S) {
+        if S::SHARED {
+            self.robust.unlock()
+        } else {
+            self.lock.unlock()
+        }
+    }
+
+    /// Shared heaps: whether the run `run` (found by a lookup made before the lock was
+    /// taken) still belongs to this arena; a recovery may have orphaned its chunk since.
+    /// Always true in the process heap.
+    ///
+    /// pre: the caller holds the lock; `run` is a descriptor in a mapped chunk.
+    #[inline(always)]
+    fn owns_run<S: PageSource>(&self, run: *mut PageDesc) -> bool {
+        // SAFETY: by the precondition the header is mapped.
+        !S::SHARED || unsafe { (*header_of_desc(run)).arena_index() } == self.index
+    }
+
+    /// The lock was taken from a holder that died in its critical section: check the arena
+    /// and, if the check fails, orphan its chunks and start it over empty. Blocks in
+    /// orphaned chunks stay valid for whoever holds them; their memory is lost to the heap.
+    /// A half-done operation cannot be finished or undone in general (a split or a merge of
+    /// page runs, a list half-linked), and handing out memory from a damaged structure could
+    /// give one block out twice; giving up the arena's memory cannot.
+    ///
+    /// pre: the calling thread holds `robust`, just taken with `Taken::OwnerDied`.
+    #[cold]
+    #[inline(never)]
+    fn recover<S: PageSource>(&self, src: &S) {
+        // SAFETY: the lock is held (precondition).
+        let st = unsafe { &mut *self.state.get() };
+        st.recoveries += 1;
+        // SAFETY: as above; the walks only follow links the engine wrote (a dead holder
+        // leaves old or new values in them, each a descriptor of a mapped chunk or null).
+        if unsafe { self.check_locked(src, st) }.is_err() {
+            let index = self.index;
+            let mut n = 0;
+            src.for_each_chunk(&mut |c| {
+                let h = c.cast::<ChunkHeader>();
+                // SAFETY: the source lists mapped chunks, whose headers are readable.
+                unsafe {
+                    if (*h).magic == MAGIC
+                        && (*h).kind == CHUNK_ARENA
+                        && (*h).arena_index() == index
+                    {
+                        (*h).set_arena_index(ORPHAN);
+                        n += 1;
+                    }
+                }
+            });
+            let key = self.key;
+            st.bins = SmallBins::new();
+            st.bins.set_key(key);
+            st.heap = PageHeap::new(index);
+            st.large = LargeCounters::default();
+            st.orphaned += n;
+        }
+        self.robust.mark_consistent();
     }
 
     /// Allocates `size` bytes aligned to `align` (`size <= LARGE_MAX`,
@@ -245,7 +370,7 @@ impl Arena {
     pub fn alloc<S: PageSource>(&self, src: &S, size: usize, align: usize) -> (*mut u8, bool) {
         if size <= SMALL_MAX && align <= PAGE {
             let class = class_of(if size > align { size } else { align });
-            self.lock.lock();
+            self.acquire(src);
             // SAFETY: the lock is held.
             let st = unsafe { &mut *self.state.get() };
             // SAFETY: the lock is held.
@@ -254,7 +379,7 @@ impl Arena {
                 // SAFETY: the lock is held.
                 None => unsafe { self.alloc_small_slow(src, st, class) },
             };
-            self.lock.unlock();
+            self.release(src);
             r
         } else {
             self.alloc_large(src, size, align)
@@ -284,7 +409,7 @@ impl Arena {
     fn alloc_large<S: PageSource>(&self, src: &S, size: usize, align: usize) -> (*mut u8, bool) {
         let n = pages_for(size);
         let align_pages = if align > PAGE { align >> PAGE_SHIFT } else { 1 };
-        self.lock.lock();
+        self.acquire(src);
         // SAFETY: the lock is held.
         let st = unsafe { &mut *self.state.get() };
         // Pending frees may hold the pages we need: return them before the page heap maps
@@ -312,7 +437,7 @@ impl Arena {
                 p
             }
         };
-        self.lock.unlock();
+        self.release(src);
         (p, !dirty)
     }
 
@@ -364,20 +489,24 @@ impl Arena {
         unsafe {
             match what {
                 Lookup::Small { run, .. } => {
-                    if local && self.lock.try_lock() {
+                    if local && self.try_acquire(src) {
                         let st = &mut *self.state.get();
-                        st.bins.free(&mut st.heap, src, run, b);
-                        self.lock.unlock();
+                        if self.owns_run::<S>(run) {
+                            st.bins.free(&mut st.heap, src, run, b);
+                        }
+                        self.release(src);
                     } else if self.pending.push(b, self.key, src.base()) >= Pending::FLUSH {
                         self.flush_pending(src);
                     }
                 }
                 Lookup::Large { run, .. } => {
-                    self.lock.lock();
+                    self.acquire(src);
                     let st = &mut *self.state.get();
-                    Self::free_large_locked(src, st, run);
+                    if self.owns_run::<S>(run) {
+                        Self::free_large_locked(src, st, run);
+                    }
                     self.drain_locked(src, st);
-                    self.lock.unlock();
+                    self.release(src);
                 }
                 _ => crate::diag::invalid_pointer(b"coreheap: free of a foreign block", p),
             }
@@ -400,7 +529,7 @@ impl Arena {
         chain: &mut Chain,
     ) -> (*mut u8, bool) {
         debug_assert_eq!(src.base(), 0, "CPU-cache chains link plain addresses");
-        self.lock.lock();
+        self.acquire(src);
         // SAFETY: the lock is held.
         let st = unsafe { &mut *self.state.get() };
         // SAFETY: the lock is held.
@@ -432,7 +561,7 @@ impl Arena {
                 }
             }
         }
-        self.lock.unlock();
+        self.release(src);
         first
     }
 
@@ -445,7 +574,7 @@ impl Arena {
     /// [`Arena::alloc_batch`]).
     pub unsafe fn free_chain<S: PageSource>(&self, src: &S, chain: usize) {
         debug_assert_eq!(src.base(), 0, "CPU-cache chains link plain addresses");
-        self.lock.lock();
+        self.acquire(src);
         // SAFETY: the lock is held; the blocks are ours and of this arena (contract).
         unsafe {
             let st = &mut *self.state.get();
@@ -465,7 +594,7 @@ impl Arena {
                 );
             }
         }
-        self.lock.unlock();
+        self.release(src);
     }
 
     /// Pushes `batch` (blocks of this arena freed on another CPU) onto the pending stack with
@@ -484,10 +613,10 @@ impl Arena {
     #[cold]
     #[inline(never)]
     fn flush_pending<S: PageSource>(&self, src: &S) {
-        if self.lock.try_lock() {
+        if self.try_acquire(src) {
             // SAFETY: the lock is held.
             unsafe { self.drain_locked(src, &mut *self.state.get()) };
-            self.lock.unlock();
+            self.release(src);
         }
     }
 
@@ -505,13 +634,18 @@ impl Arena {
         what: Lookup,
         msg: &[u8],
     ) {
-        self.lock.lock();
+        self.acquire(src);
         // SAFETY: the lock is held; a run found by `lookup` stays a run of ours while it has
         // a block in use or pending, and is re-examined here under the lock.
         let (dup, size) = unsafe {
             let st = &mut *self.state.get();
             self.drain_locked(src, st);
             match what {
+                Lookup::Small { run, .. } | Lookup::Large { run, .. }
+                    if !self.owns_run::<S>(run) =>
+                {
+                    (false, 0)
+                }
                 Lookup::Small { run, .. } => (
                     (*run).kind() != Kind::Small || st.bins.run_has_free(src, run, p.cast()),
                     class_size((*run).class()),
@@ -522,7 +656,7 @@ impl Arena {
                 _ => (false, 0),
             }
         };
-        self.lock.unlock();
+        self.release(src);
         if dup {
             crate::diag::block_error(msg, p, Some(self.index), size);
         }
@@ -544,7 +678,11 @@ impl Arena {
             let what = lookup(src, b as *const u8);
             let ok = matches!(what, Lookup::Small { arena, .. } | Lookup::Large { arena, .. }
                 if arena == self.index);
-            if !ok {
+            // A shared heap's block whose chunk a recovery orphaned: dropped.
+            let orphan = S::SHARED
+                && matches!(what, Lookup::Small { arena, .. } | Lookup::Large { arena, .. }
+                    if arena == ORPHAN);
+            if !ok && !orphan {
                 let at = if from.is_null() { b } else { from };
                 crate::diag::invalid_pointer(
                     b"coreheap: corrupted free list (a write into a freed block on a pending stack)",
@@ -557,6 +695,7 @@ impl Arena {
                 st.pending_drained += 1;
                 let next = Pending::next_of(b, key, base);
                 match what {
+                    _ if orphan => {}
                     Lookup::Small { run, .. } => st.bins.free(&mut st.heap, src, run, b),
                     Lookup::Large { run, .. } => Self::free_large_locked(src, st, run),
                     _ => {}
@@ -593,12 +732,14 @@ impl Arena {
     ) -> bool {
         // At least one page: shrinking to zero pages would free the run under a live block.
         let n = pages_for(size).max(1);
-        self.lock.lock();
+        self.acquire(src);
         // SAFETY: the lock is held; `run` is ours.
         let ok = unsafe {
             let st = &mut *self.state.get();
             let have = (*run).npages as usize;
-            if n > have {
+            if !self.owns_run::<S>(run) {
+                false
+            } else if n > have {
                 let ok = st.heap.grow_run(src, run, n);
                 if ok {
                     st.large.in_use += (n - have) * PAGE;
@@ -612,25 +753,25 @@ impl Arena {
                 true
             }
         };
-        self.lock.unlock();
+        self.release(src);
         ok
     }
 
     /// Drains pending frees and purges every dirty free page.
     pub fn trim<S: PageSource>(&self, src: &S) {
-        self.lock.lock();
+        self.acquire(src);
         // SAFETY: the lock is held.
         unsafe {
             let st = &mut *self.state.get();
             self.drain_locked(src, st);
             st.heap.purge_all(src);
         }
-        self.lock.unlock();
+        self.release(src);
     }
 
     /// A snapshot of the counters (drains pending frees first, so they are exact).
     pub fn stats<S: PageSource>(&self, src: &S) -> ArenaStats {
-        self.lock.lock();
+        self.acquire(src);
         // SAFETY: the lock is held.
         let s = unsafe {
             let st = &mut *self.state.get();
@@ -642,21 +783,44 @@ impl Arena {
                 pages: st.heap.counters,
                 dirty_bytes: st.heap.dirty_pages * PAGE,
                 remote_frees: st.pending_drained,
-                contentions: self.lock.contentions(),
+                contentions: if S::SHARED {
+                    self.robust.contentions()
+                } else {
+                    self.lock.contentions()
+                },
+                recoveries: st.recoveries,
+                orphaned_chunks: st.orphaned,
                 ..ArenaStats::default()
             }
         };
-        self.lock.unlock();
+        self.release(src);
         s
     }
 
     /// Verifies this arena's invariants (see `small.rs`, `large.rs` and `chunk.rs`).
     pub fn check<S: PageSource>(&self, src: &S) -> Result<(), &'static str> {
-        self.lock.lock();
+        self.acquire(src);
         // SAFETY: the lock is held.
         let r = unsafe {
             let st = &mut *self.state.get();
             self.drain_locked(src, st);
+            self.check_locked(src, st)
+        };
+        self.release(src);
+        r
+    }
+
+    /// [`Arena::check`] without draining the pending stack first.
+    ///
+    /// # Safety
+    /// The caller holds the lock and passes this arena's state.
+    unsafe fn check_locked<S: PageSource>(
+        &self,
+        src: &S,
+        st: &mut State,
+    ) -> Result<(), &'static str> {
+        // SAFETY: by the contract.
+        unsafe {
             let mut r = st.heap.check(src).and_then(|_| st.bins.check(src));
             if r.is_ok() {
                 let mut in_use = 0usize;
@@ -690,9 +854,19 @@ impl Arena {
                 }
             }
             r
-        };
-        self.lock.unlock();
-        r
+        }
+    }
+
+    /// Takes the lock and keeps it: for tests of what happens when its holder dies.
+    #[doc(hidden)]
+    pub fn acquire_and_keep<S: PageSource>(&self, src: &S, damage: bool) {
+        self.acquire(src);
+        if damage {
+            // What a holder killed half-way through a large allocation leaves: a counter
+            // updated, the run not (yet) taken.
+            // SAFETY: the lock is held.
+            unsafe { (*self.state.get()).large.in_use += PAGE };
+        }
     }
 
     /// Fork: take the lock before `fork` (called for every arena in index order).

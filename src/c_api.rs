@@ -17,6 +17,7 @@
 use core::ffi::{c_int, c_void};
 
 use crate::heap::HEAP;
+use crate::shm::process::heap as shm_heap;
 use crate::size_class::PAGE;
 
 /// The alignment of every block the C interface returns.
@@ -47,11 +48,20 @@ fn alloc_aligned(size: usize, align: usize) -> *mut c_void {
     if size > MAX_SIZE {
         return nomem();
     }
-    let p = HEAP.alloc(size, align).0;
+    let p = raw_alloc(size, align);
     if p.is_null() {
         nomem()
     } else {
         p.cast()
+    }
+}
+
+/// A block from the shared heap of `COREHEAP_SHM`, or else from the process heap.
+#[inline]
+fn raw_alloc(size: usize, align: usize) -> *mut u8 {
+    match shm_heap() {
+        Some(h) => h.alloc_raw(size, align),
+        None => HEAP.alloc(size, align).0,
     }
 }
 
@@ -71,8 +81,12 @@ pub unsafe fn free(p: *mut c_void) {
         return;
     }
     let e = errno();
-    // SAFETY: passed on from the caller; an invalid pointer aborts.
-    unsafe { HEAP.free(p.cast()) };
+    match shm_heap() {
+        // SAFETY: passed on from the caller; an invalid pointer aborts.
+        Some(h) if h.contains(p.cast()) => unsafe { h.free(p.cast()) },
+        // SAFETY: as above.
+        _ => unsafe { HEAP.free(p.cast()) },
+    }
     set_errno(e);
 }
 
@@ -84,7 +98,10 @@ pub fn calloc(n: usize, size: usize) -> *mut c_void {
     if total > MAX_SIZE {
         return nomem();
     }
-    let p = HEAP.alloc_zeroed(total, MIN_ALIGN);
+    let p = match shm_heap() {
+        Some(h) => h.alloc_zeroed_raw(total, MIN_ALIGN),
+        None => HEAP.alloc_zeroed(total, MIN_ALIGN),
+    };
     if p.is_null() {
         nomem()
     } else {
@@ -108,8 +125,12 @@ pub unsafe fn realloc(p: *mut c_void, size: usize) -> *mut c_void {
     if size > MAX_SIZE {
         return nomem();
     }
-    // SAFETY: passed on from the caller.
-    let q = unsafe { HEAP.realloc(p.cast(), size, MIN_ALIGN) };
+    let q = match shm_heap() {
+        // SAFETY: passed on from the caller.
+        Some(h) if h.contains(p.cast()) => unsafe { h.realloc_aligned(p.cast(), size, MIN_ALIGN) },
+        // SAFETY: passed on from the caller.
+        _ => unsafe { HEAP.realloc(p.cast(), size, MIN_ALIGN) },
+    };
     if q.is_null() {
         nomem()
     } else {
@@ -140,7 +161,7 @@ pub unsafe fn posix_memalign(out: *mut *mut c_void, align: usize, size: usize) -
     if size > MAX_SIZE {
         return libc::ENOMEM;
     }
-    let p = HEAP.alloc(size, align.max(MIN_ALIGN)).0;
+    let p = raw_alloc(size, align.max(MIN_ALIGN));
     if p.is_null() {
         return libc::ENOMEM;
     }
@@ -189,7 +210,31 @@ pub fn pvalloc(size: usize) -> *mut c_void {
 /// # Safety
 /// `p` is null or a live block of coreheap.
 pub unsafe fn malloc_usable_size(p: *mut c_void) -> usize {
-    HEAP.usable_size(p.cast())
+    match shm_heap() {
+        Some(h) if h.contains(p.cast()) => h.usable_size(p.cast()),
+        _ => HEAP.usable_size(p.cast()),
+    }
+}
+
+/// `coreheap_shm_set_root(p)`: publishes `p` (a block of the `COREHEAP_SHM` heap, or null)
+/// as the shared heap's root for other processes. Returns 0, or -1 without such a heap or
+/// for a pointer outside it.
+pub fn shm_set_root(p: *mut c_void) -> c_int {
+    match shm_heap() {
+        Some(h) if p.is_null() || h.contains(p.cast()) => {
+            h.set_root(h.offset_of(p));
+            0
+        }
+        _ => -1,
+    }
+}
+
+/// `coreheap_shm_root()`: the `COREHEAP_SHM` heap's root, or null.
+pub fn shm_root() -> *mut c_void {
+    match shm_heap() {
+        Some(h) => h.ptr(h.root()).cast(),
+        None => core::ptr::null_mut(),
+    }
 }
 
 /// `malloc_trim(3)`: returns 1 (memory may have been released).
@@ -208,6 +253,7 @@ pub fn malloc_stats() {
 /// allocates; the allocator itself needs no constructor.
 pub fn init() {
     HEAP.arena_count();
+    shm_heap();
 }
 
 /// `struct mallinfo2` of glibc 2.33 and later.

@@ -246,8 +246,9 @@ pub struct ChunkHeader {
     pub kind: u32,
     /// Arena chunks: the owning arena's index.
     pub arena: u32,
-    /// Huge: start and length of the whole mapping, and the block's address. Plain
-    /// addresses: huge blocks are mapped directly by the process heap, never from a source.
+    /// Huge: start and length of the whole mapping, and the block's address, relative to
+    /// the source's base like every stored address (`to_rel`): plain addresses in the process
+    /// heap, which maps huge blocks directly; offsets in a shared heap (spans of chunks).
     pub map_base: usize,
     pub map_len: usize,
     pub huge_ptr: usize,
@@ -280,6 +281,23 @@ pub fn page_index(p: *const u8) -> usize {
 }
 
 impl ChunkHeader {
+    /// The owning arena's index, read atomically: a shared heap's recovery may rewrite it
+    /// (to `arena::ORPHAN`) while other processes look blocks up.
+    #[inline]
+    pub fn arena_index(&self) -> u32 {
+        // SAFETY: `arena` is an aligned u32 that lives as long as `self`; all concurrent
+        // writers use `set_arena_index`, also atomic.
+        unsafe { (*(core::ptr::addr_of!(self.arena) as *const AtomicU32)).load(Ordering::Relaxed) }
+    }
+
+    /// Rewrites the owning arena's index (a shared heap's recovery).
+    pub fn set_arena_index(&self, i: u32) {
+        // SAFETY: as in `arena_index`.
+        unsafe {
+            (*(core::ptr::addr_of!(self.arena) as *const AtomicU32)).store(i, Ordering::Relaxed)
+        }
+    }
+
     /// The address of page `i` of this chunk.
     #[inline]
     pub fn page_addr(&self, i: usize) -> *mut u8 {

@@ -7,6 +7,7 @@
 //! The fork child calls [`RawLock::reinit`] rather than unlocking: the thread that took the
 //! lock in the parent does not exist in the child.
 
+use core::cell::UnsafeCell;
 use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use crossbeam_utils::Backoff;
 
@@ -104,6 +105,115 @@ impl RawLock {
         self.state.load(Ordering::Relaxed) != UNLOCKED
     }
 }
+
+/// How a [`RobustLock`] was taken.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Taken {
+    /// From a holder that released it.
+    Clean,
+    /// From a holder that died holding it: what it guards may be half-updated. The taker
+    /// must check (and repair) it, then call [`RobustLock::mark_consistent`].
+    OwnerDied,
+}
+
+/// A lock for memory that several processes share: a process-shared, robust pthread mutex.
+///
+/// The mutex word holds the owner's thread id, and glibc lists every robust mutex a thread
+/// holds with the kernel (`set_robust_list`); when the thread dies, even by `SIGKILL`, the
+/// kernel marks the word "owner died" and wakes a waiter, whose lock call then succeeds with
+/// [`Taken::OwnerDied`]. glibc's mutex functions neither allocate nor take other locks.
+///
+/// Invariant: initialised once with [`RobustLock::init_in_place`] before any other use;
+/// all-zero memory is *not* a valid robust lock (it is a private, non-robust mutex).
+pub struct RobustLock {
+    m: UnsafeCell<libc::pthread_mutex_t>,
+    /// How many times a taker found the lock held (statistics only).
+    contended: AtomicU64,
+}
+
+// SAFETY: a pthread mutex is made to be shared between threads (and, process-shared,
+// between processes); the counter is atomic.
+unsafe impl Sync for RobustLock {}
+
+impl RobustLock {
+    /// Makes the memory at `slot` an unlocked process-shared robust mutex. Returns false if
+    /// glibc refused.
+    ///
+    /// # Safety
+    /// `slot` is writable memory for a `RobustLock` that no one uses yet.
+    pub unsafe fn init_in_place(slot: *mut RobustLock) -> bool {
+        // SAFETY: `attr` is initialised by pthread_mutexattr_init before use and destroyed
+        // after; `slot` is ours by the contract.
+        unsafe {
+            let mut attr: libc::pthread_mutexattr_t = core::mem::zeroed();
+            if libc::pthread_mutexattr_init(&mut attr) != 0 {
+                return false;
+            }
+            let ok = libc::pthread_mutexattr_setpshared(&mut attr, PTHREAD_PROCESS_SHARED) == 0
+                && libc::pthread_mutexattr_setrobust(&mut attr, PTHREAD_MUTEX_ROBUST) == 0
+                && libc::pthread_mutex_init((*slot).m.get(), &attr) == 0;
+            libc::pthread_mutexattr_destroy(&mut attr);
+            core::ptr::addr_of_mut!((*slot).contended).write(AtomicU64::new(0));
+            ok
+        }
+    }
+
+    /// Takes the lock, waiting for it if needed.
+    pub fn lock(&self) -> Taken {
+        let r = self.try_lock();
+        if let Some(t) = r {
+            return t;
+        }
+        self.contended.fetch_add(1, Ordering::Relaxed);
+        // SAFETY: the mutex was initialised (type invariant).
+        Self::taken(unsafe { libc::pthread_mutex_lock(self.m.get()) })
+    }
+
+    /// Takes the lock if it is free now.
+    pub fn try_lock(&self) -> Option<Taken> {
+        // SAFETY: the mutex was initialised (type invariant).
+        match unsafe { libc::pthread_mutex_trylock(self.m.get()) } {
+            libc::EBUSY => None,
+            r => Some(Self::taken(r)),
+        }
+    }
+
+    fn taken(r: i32) -> Taken {
+        match r {
+            0 => Taken::Clean,
+            libc::EOWNERDEAD => Taken::OwnerDied,
+            // ENOTRECOVERABLE (a taker after an owner's death released the lock without
+            // marking it consistent: coreheap never does) or EINVAL (not initialised: the
+            // memory is not a heap's).
+            _ => crate::os::fatal(b"coreheap: shared heap lock unusable (not initialised, or abandoned inconsistent)\n"),
+        }
+    }
+
+    /// After [`Taken::OwnerDied`] and the repair: the guarded data is sound again.
+    ///
+    /// pre: the calling thread holds the lock.
+    pub fn mark_consistent(&self) {
+        // SAFETY: the mutex was initialised and is held by this thread (precondition).
+        unsafe { libc::pthread_mutex_consistent(self.m.get()) };
+    }
+
+    /// Releases the lock.
+    ///
+    /// pre: the calling thread holds it.
+    pub fn unlock(&self) {
+        // SAFETY: the mutex was initialised and is held by this thread (precondition).
+        unsafe { libc::pthread_mutex_unlock(self.m.get()) };
+    }
+
+    /// How many times a taker found this lock already held.
+    pub fn contentions(&self) -> u64 {
+        self.contended.load(Ordering::Relaxed)
+    }
+}
+
+// glibc's values (not exported by the libc crate for this target).
+const PTHREAD_PROCESS_SHARED: i32 = 1;
+const PTHREAD_MUTEX_ROBUST: i32 = 1;
 
 #[cfg(test)]
 mod tests {

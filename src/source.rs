@@ -29,6 +29,16 @@ pub unsafe trait PageSource: Sync {
         0
     }
 
+    /// Whether several processes share the memory: arenas then lock with their
+    /// process-shared robust lock (`Arena::init_shared`) instead of the private futex lock,
+    /// and recover an arena whose lock holder died.
+    const SHARED: bool = false;
+
+    /// Calls `f` with every chunk of this source that may belong to an arena (a superset
+    /// is fine), for the recovery of an arena whose own chunk list may be damaged. Sources
+    /// that are never shared need not implement it.
+    fn for_each_chunk(&self, _f: &mut dyn FnMut(*mut u8)) {}
+
     /// A fresh zeroed chunk, or null when memory is exhausted.
     fn map_chunk(&self) -> *mut u8;
     /// Returns a chunk from `map_chunk`.

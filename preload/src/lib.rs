@@ -117,3 +117,16 @@ pub unsafe extern "C" fn malloc_stats() {
 pub unsafe extern "C" fn mallinfo2() -> c_api::MallInfo2 {
     c_api::mallinfo2()
 }
+
+/// Publishes `p` as the root of the `COREHEAP_SHM` heap (see `coreheap::shm::process`).
+/// Returns 0, or -1 without such a heap.
+#[no_mangle]
+pub extern "C" fn coreheap_shm_set_root(p: *mut c_void) -> c_int {
+    c_api::shm_set_root(p)
+}
+
+/// The root of the `COREHEAP_SHM` heap, or null.
+#[no_mangle]
+pub extern "C" fn coreheap_shm_root() -> *mut c_void {
+    c_api::shm_root()
+}

@@ -1,0 +1,149 @@
+//! `COREHEAP_SHM=NAME:SIZE`: the C interface (the preload library) takes the whole
+//! process's heap from the shared heap `/dev/shm/NAME`, created with `SIZE` bytes if it does
+//! not exist (a number with an optional `K`, `M` or `G`). The heap is fixed-address, so other
+//! processes can map it (read-only if they like) and follow the raw pointers the program
+//! stored; the program publishes an entry point with `coreheap_shm_set_root`.
+//!
+//! Decided once, at the first call: without the variable, or if the heap cannot be opened
+//! (a one-line warning on stderr), everything stays on the process heap. Blocks allocated
+//! before the decision stay on the process heap too; `free` tells the two apart by address.
+
+use core::mem::MaybeUninit;
+use core::sync::atomic::{AtomicU8, Ordering};
+
+use super::{Fixed, Options, SharedHeap};
+use crate::os;
+
+const UNKNOWN: u8 = 0;
+const OFF: u8 = 1;
+const ON: u8 = 2;
+const OPENING: u8 = 3;
+
+static STATE: AtomicU8 = AtomicU8::new(UNKNOWN);
+
+/// The heap, written once before `STATE` becomes `ON`.
+struct Slot(core::cell::UnsafeCell<MaybeUninit<SharedHeap>>);
+// SAFETY: written by one thread (the one that moved STATE to OPENING) before the Release
+// store of ON; read only after an Acquire load of ON.
+unsafe impl Sync for Slot {}
+static HEAP: Slot = Slot(core::cell::UnsafeCell::new(MaybeUninit::uninit()));
+
+/// The process's shared heap, if `COREHEAP_SHM` asked for one and it could be opened.
+#[inline]
+pub fn heap() -> Option<&'static SharedHeap> {
+    match STATE.load(Ordering::Acquire) {
+        OFF | OPENING => None,
+        // SAFETY: ON is stored (Release) only after the slot was written; never changes.
+        ON => Some(unsafe { (*HEAP.0.get()).assume_init_ref() }),
+        _ => open(),
+    }
+}
+
+#[cold]
+fn open() -> Option<&'static SharedHeap> {
+    if STATE
+        .compare_exchange(UNKNOWN, OPENING, Ordering::Acquire, Ordering::Acquire)
+        .is_err()
+    {
+        // Another thread is opening it: this call uses the process heap meanwhile.
+        return heap_if_on();
+    }
+    // SAFETY: the name is NUL-terminated; getenv returns null or a NUL-terminated string
+    // that we read at once.
+    let v = unsafe { libc::getenv(c"COREHEAP_SHM".as_ptr()) };
+    if v.is_null() {
+        STATE.store(OFF, Ordering::Release);
+        return None;
+    }
+    // SAFETY: as above.
+    let v = unsafe { core::ffi::CStr::from_ptr(v) }.to_bytes();
+    let Some((path, size)) = parse(v) else {
+        os::write_all(
+            2,
+            b"coreheap: COREHEAP_SHM must be NAME:SIZE (e.g. myheap:256M); ignored\n",
+        );
+        STATE.store(OFF, Ordering::Release);
+        return None;
+    };
+    let opts = Options {
+        fixed: Fixed::Anywhere,
+        ..Options::default()
+    };
+    // SAFETY: `parse` NUL-terminated the path.
+    let cpath = unsafe { core::ffi::CStr::from_ptr(path.as_ptr().cast()) };
+    match SharedHeap::open_or_create_cstr(cpath, size, &opts, &mut |_| {}) {
+        Ok(h) => {
+            // SAFETY: only this thread writes the slot (it moved STATE to OPENING).
+            unsafe { (*HEAP.0.get()).write(h) };
+            STATE.store(ON, Ordering::Release);
+            heap_if_on()
+        }
+        Err(e) => {
+            let mut l = crate::diag::Line::new();
+            l.str(b"coreheap: COREHEAP_SHM: cannot open the shared heap: ")
+                .str(e.what.as_bytes())
+                .str(b"; using the process heap\n");
+            l.write(2);
+            STATE.store(OFF, Ordering::Release);
+            None
+        }
+    }
+}
+
+fn heap_if_on() -> Option<&'static SharedHeap> {
+    if STATE.load(Ordering::Acquire) == ON {
+        // SAFETY: as in `heap`.
+        Some(unsafe { (*HEAP.0.get()).assume_init_ref() })
+    } else {
+        None
+    }
+}
+
+/// `NAME:SIZE` -> (`/dev/shm/NAME` NUL-terminated, size in bytes).
+fn parse(v: &[u8]) -> Option<([u8; super::PATH_MAX + 1], u64)> {
+    let colon = v.iter().rposition(|&c| c == b':')?;
+    let (name, size) = (&v[..colon], &v[colon + 1..]);
+    if name.is_empty() || name.contains(&b'/') || size.is_empty() {
+        return None;
+    }
+    let (digits, unit) = match size.last()? {
+        b'k' | b'K' => (&size[..size.len() - 1], 1u64 << 10),
+        b'm' | b'M' => (&size[..size.len() - 1], 1 << 20),
+        b'g' | b'G' => (&size[..size.len() - 1], 1 << 30),
+        _ => (size, 1),
+    };
+    let mut n: u64 = 0;
+    for &d in digits {
+        if !d.is_ascii_digit() {
+            return None;
+        }
+        n = n.checked_mul(10)?.checked_add((d - b'0') as u64)?;
+    }
+    let prefix = b"/dev/shm/";
+    let mut path = [0u8; super::PATH_MAX + 1];
+    if prefix.len() + name.len() > super::PATH_MAX {
+        return None;
+    }
+    path[..prefix.len()].copy_from_slice(prefix);
+    path[prefix.len()..prefix.len() + name.len()].copy_from_slice(name);
+    Some((path, n.checked_mul(unit)?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_name_and_size() {
+        let (p, n) = parse(b"cache:256M").unwrap();
+        assert!(p.starts_with(b"/dev/shm/cache\0"));
+        assert_eq!(n, 256 << 20);
+        assert_eq!(parse(b"x:4096").unwrap().1, 4096);
+        assert_eq!(parse(b"x:2g").unwrap().1, 2 << 30);
+        assert!(parse(b"x").is_none());
+        assert!(parse(b":1M").is_none());
+        assert!(parse(b"a/b:1M").is_none());
+        assert!(parse(b"x:12Q").is_none());
+        assert!(parse(b"x:99999999999999999999G").is_none());
+    }
+}

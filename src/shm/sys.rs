@@ -1,0 +1,245 @@
+//! The system calls of shared heaps: files, shared mappings, hole punching. Nothing here
+//! allocates, so the preload library can open a heap from inside `malloc`.
+
+use core::ptr;
+
+use libc::c_char;
+
+/// The calling thread's `errno`.
+pub fn errno() -> i32 {
+    // SAFETY: __errno_location always returns the calling thread's errno slot.
+    unsafe { *libc::__errno_location() }
+}
+
+/// Creates `path` exclusively (fails with `EEXIST` if it exists), read-write, with `mode`.
+/// Returns the descriptor or `Err(errno)`.
+///
+/// pre: `path` is NUL-terminated.
+pub fn create_excl(path: *const c_char, mode: u32) -> Result<i32, i32> {
+    // SAFETY: `path` is a NUL-terminated string (precondition).
+    let fd = unsafe {
+        libc::open(
+            path,
+            libc::O_RDWR | libc::O_CREAT | libc::O_EXCL | libc::O_CLOEXEC,
+            mode as libc::c_uint,
+        )
+    };
+    if fd < 0 {
+        Err(errno())
+    } else {
+        Ok(fd)
+    }
+}
+
+/// Opens an existing `path` read-write or read-only.
+///
+/// pre: `path` is NUL-terminated.
+pub fn open(path: *const c_char, writable: bool) -> Result<i32, i32> {
+    let flags = if writable {
+        libc::O_RDWR
+    } else {
+        libc::O_RDONLY
+    };
+    // SAFETY: `path` is a NUL-terminated string (precondition).
+    let fd = unsafe { libc::open(path, flags | libc::O_CLOEXEC) };
+    if fd < 0 {
+        Err(errno())
+    } else {
+        Ok(fd)
+    }
+}
+
+/// The length of the file open at `fd`.
+pub fn file_size(fd: i32) -> Result<u64, i32> {
+    // SAFETY: `st` is plain data that fstat fills.
+    unsafe {
+        let mut st: libc::stat = core::mem::zeroed();
+        if libc::fstat(fd, &mut st) != 0 {
+            return Err(errno());
+        }
+        Ok(st.st_size as u64)
+    }
+}
+
+/// Sets the length of the file at `fd` (new bytes read zero and take no space).
+pub fn set_size(fd: i32, len: u64) -> Result<(), i32> {
+    // SAFETY: ftruncate on our own descriptor.
+    if unsafe { libc::ftruncate(fd, len as libc::off_t) } != 0 {
+        Err(errno())
+    } else {
+        Ok(())
+    }
+}
+
+pub fn close(fd: i32) {
+    // SAFETY: closing a descriptor we own.
+    unsafe { libc::close(fd) };
+}
+
+/// pre: `path` is NUL-terminated.
+pub fn unlink(path: *const c_char) -> Result<(), i32> {
+    // SAFETY: `path` is a NUL-terminated string (precondition).
+    if unsafe { libc::unlink(path) } != 0 {
+        Err(errno())
+    } else {
+        Ok(())
+    }
+}
+
+/// Linux's `MAP_FIXED_NOREPLACE` (4.17): map exactly there, or fail with `EEXIST`.
+const MAP_FIXED_NOREPLACE: i32 = 0x10_0000;
+
+/// Maps the first `len` bytes of the file at `fd` shared. With `at`, exactly at that address
+/// (`Err(EEXIST)` if anything is mapped there); otherwise at an address aligned to `align`.
+pub fn map_shared(
+    fd: i32,
+    len: usize,
+    writable: bool,
+    at: Option<usize>,
+    align: usize,
+) -> Result<*mut u8, i32> {
+    let prot = if writable {
+        libc::PROT_READ | libc::PROT_WRITE
+    } else {
+        libc::PROT_READ
+    };
+    if let Some(addr) = at {
+        // SAFETY: MAP_FIXED_NOREPLACE never replaces an existing mapping.
+        let p = unsafe {
+            libc::mmap(
+                addr as *mut libc::c_void,
+                len,
+                prot,
+                libc::MAP_SHARED | MAP_FIXED_NOREPLACE,
+                fd,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(errno());
+        }
+        if p as usize != addr {
+            // A kernel older than 4.17 takes the flag as a hint.
+            unmap(p.cast(), len);
+            return Err(libc::EEXIST);
+        }
+        return Ok(p.cast());
+    }
+    let start = crate::os::reserve_aligned(len, align);
+    if start.is_null() {
+        return Err(libc::ENOMEM);
+    }
+    // SAFETY: MAP_FIXED replaces only our own reservation at `start`.
+    let p = unsafe {
+        libc::mmap(
+            start.cast(),
+            len,
+            prot,
+            libc::MAP_SHARED | libc::MAP_FIXED,
+            fd,
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        let e = errno();
+        unmap(start, len);
+        return Err(e);
+    }
+    Ok(p.cast())
+}
+
+/// Maps the first `len` bytes of `fd` read-only anywhere (to read a header).
+pub fn map_peek(fd: i32, len: usize) -> Result<*const u8, i32> {
+    // SAFETY: a new shared read-only mapping anywhere touches no existing memory.
+    let p = unsafe {
+        libc::mmap(
+            ptr::null_mut(),
+            len,
+            libc::PROT_READ,
+            libc::MAP_SHARED,
+            fd,
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        Err(errno())
+    } else {
+        Ok(p as *const u8)
+    }
+}
+
+/// pre: `[p, p + len)` is a mapping of this module that nothing refers to any more.
+pub fn unmap(p: *mut u8, len: usize) {
+    crate::os::unmap(p, len)
+}
+
+/// Gives the pages of `[p, p + len)` back to the file system: they read zero afterwards, in
+/// every process. Returns false (nothing changed) where the file system cannot punch holes.
+///
+/// pre: the range lies in a writable shared mapping of this module and holds no live data.
+pub fn punch(p: *mut u8, len: usize) -> bool {
+    // SAFETY: by the precondition nothing live is in the range; MADV_REMOVE frees the
+    // backing store of a shared mapping (tmpfs, and file systems with hole punching).
+    unsafe { libc::madvise(p.cast(), len, libc::MADV_REMOVE) == 0 }
+}
+
+/// Whether process `pid` may still run: it exists and is not a zombie.
+pub fn process_alive(pid: u32) -> bool {
+    // SAFETY: signal 0 only checks for existence and permission.
+    if unsafe { libc::kill(pid as i32, 0) } != 0 && errno() == libc::ESRCH {
+        return false;
+    }
+    // A killed process whose parent has not waited for it yet still answers kill(): look at
+    // its state in /proc/PID/stat ("PID (comm) S ..."), without allocating.
+    let mut path = [0u8; 32];
+    let prefix = b"/proc/";
+    path[..prefix.len()].copy_from_slice(prefix);
+    let mut n = prefix.len();
+    let mut digits = [0u8; 10];
+    let mut d = 0;
+    let mut v = pid;
+    loop {
+        digits[d] = b'0' + (v % 10) as u8;
+        d += 1;
+        v /= 10;
+        if v == 0 {
+            break;
+        }
+    }
+    while d > 0 {
+        d -= 1;
+        path[n] = digits[d];
+        n += 1;
+    }
+    path[n..n + 5].copy_from_slice(b"/stat");
+    let Ok(fd) = open(path.as_ptr().cast(), false) else {
+        return true;
+    };
+    let mut buf = [0u8; 256];
+    // SAFETY: `buf` is writable for its length.
+    let got = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
+    close(fd);
+    if got <= 0 {
+        return true;
+    }
+    let s = &buf[..got as usize];
+    match s.iter().rposition(|&c| c == b')') {
+        Some(i) if i + 2 < s.len() => !matches!(s[i + 2], b'Z' | b'X'),
+        _ => true,
+    }
+}
+
+pub fn pid() -> u32 {
+    // SAFETY: getpid has no preconditions.
+    unsafe { libc::getpid() as u32 }
+}
+
+/// Sleeps about `us` microseconds.
+pub fn sleep_us(us: u64) {
+    let ts = libc::timespec {
+        tv_sec: (us / 1_000_000) as libc::time_t,
+        tv_nsec: ((us % 1_000_000) * 1000) as libc::c_long,
+    };
+    // SAFETY: `ts` is valid; the remainder is not wanted.
+    unsafe { libc::nanosleep(&ts, ptr::null_mut()) };
+}

@@ -869,6 +869,22 @@ impl Arena {
         }
     }
 
+    /// Releases a lock taken with [`Arena::acquire_and_keep`].
+    pub fn release_kept<S: PageSource>(&self, src: &S) {
+        self.release(src);
+    }
+
+    /// Makes a shared arena's lock anew, unlocked: for a private copy of a shared heap
+    /// made in a fork child, whose locks were held by the parent.
+    ///
+    /// # Safety
+    /// `a` is an arena of a shared heap that no other thread uses, whose lock is on no
+    /// thread's robust list.
+    pub unsafe fn reinit_shared_lock(a: *mut Arena) {
+        // SAFETY: by the contract.
+        unsafe { RobustLock::init_in_place(ptr::addr_of_mut!((*a).robust)) };
+    }
+
     /// Fork: take the lock before `fork` (called for every arena in index order).
     pub fn fork_lock(&self) {
         self.lock.lock();

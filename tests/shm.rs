@@ -35,9 +35,16 @@ fn main() {
         }
         return;
     }
+    // Heap files are left behind only by a failing run: remove them then too.
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        remove_test_files();
+        hook(info)
+    }));
     std::thread::spawn(|| {
         std::thread::sleep(Duration::from_secs(300));
         eprintln!("shm: hung for 300 s, failing");
+        remove_test_files();
         std::process::exit(1);
     });
     let t = Instant::now();
@@ -52,6 +59,19 @@ fn main() {
     offsets_and_root();
     huge_blocks_and_exhaustion();
     eprintln!("shm: all tests passed in {:?}", t.elapsed());
+}
+
+fn remove_test_files() {
+    let prefix = format!("coreheap-test-{}-", std::process::id());
+    for e in std::fs::read_dir("/dev/shm")
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        if e.file_name().to_string_lossy().starts_with(&prefix) {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
 }
 
 /// A fresh path under /dev/shm for one test.

@@ -526,3 +526,103 @@ fn bench_smoke_run() {
     let svg = std::fs::read_to_string(out_dir.join("results.svg")).expect("results.svg");
     assert!(svg.starts_with("<svg") && svg.contains("coreheap"));
 }
+
+/// The root table `shm_strings.c` publishes.
+#[repr(C)]
+struct CTable {
+    magic: u64,
+    count: u64,
+    items: *const *const libc::c_char,
+}
+
+#[test]
+fn shared_heap_strings_read_by_another_process() {
+    let exe = compile("shm_strings.c", "shm_strings", &["-ldl"]);
+    let name = format!("coreheap-preload-test-{}", std::process::id());
+    let path = coreheap::shm::shm_path(&name);
+    let _ = std::fs::remove_file(&path);
+    let shm = format!("{name}:64M");
+    let out = preloaded(
+        exe.to_str().unwrap(),
+        &["3000"],
+        &[("COREHEAP_SHM", &shm)],
+        60,
+    );
+    assert!(
+        text(&out.stdout).contains("published 3000 strings"),
+        "{}",
+        text(&out.stdout)
+    );
+    // This process maps the heap read-only, at the address the program used, and follows
+    // the program's raw pointers.
+    let heap = coreheap::shm::SharedHeap::open_readonly(&path).expect("open the program's heap");
+    assert!(heap.is_fixed());
+    let t = heap.ptr(heap.root()) as *const CTable;
+    assert!(!t.is_null(), "the program published no root");
+    // SAFETY: the program wrote a `CTable` with `count` string pointers into the heap, which
+    // is mapped here at the same address; nothing writes it any more.
+    unsafe {
+        assert_eq!((*t).magic, 0x7367_6e69_7274_7363);
+        assert_eq!((*t).count, 3000);
+        let alphabet = b"abcdefghijklmnopqrstuvwxyzabcdefghijklmnopqrstuvwxyzabcdefgh";
+        for i in 0..3000usize {
+            let p = *(*t).items.add(i);
+            assert!(
+                heap.contains(p.cast()),
+                "string {i} lies outside the shared heap"
+            );
+            let s = std::ffi::CStr::from_ptr(p).to_bytes();
+            let mut want = format!("string {i} of 3000: ").into_bytes();
+            want.extend_from_slice(&alphabet[..i % 60]);
+            assert_eq!(s, &want[..], "string {i}");
+        }
+    }
+    drop(heap);
+    // A writable view: the program's heap is sound, and its churn was all freed.
+    let heap = coreheap::shm::SharedHeap::open(&path).unwrap();
+    heap.check().expect("the heap a program left behind checks");
+    heap.destroy().unwrap();
+}
+
+#[test]
+fn python_runs_on_a_shared_heap() {
+    if !have("python3") {
+        panic!("python3 is required (installed by .ci/run)");
+    }
+    let name = format!("coreheap-preload-py-{}", std::process::id());
+    let path = coreheap::shm::shm_path(&name);
+    let _ = std::fs::remove_file(&path);
+    let shm = format!("{name}:256M");
+    let script = "d = {str(i): [i] * (i % 20) for i in range(200000)}\n\
+                  s = sorted(d, key=lambda k: -len(d[k]))\n\
+                  print('ok', len(d), len(s[0]))";
+    // Every Python object through malloc (no pymalloc arenas), and a fork.
+    let env = [("COREHEAP_SHM", shm.as_str()), ("PYTHONMALLOC", "malloc")];
+    let script = format!(
+        "{script}\nimport os\npid = os.fork()\nif pid == 0:\n    d.clear()\n    os._exit(0)\n\
+         os.waitpid(pid, 0)\nprint('parent still has', len(d))"
+    );
+    let out = preloaded("python3", &["-c", &script], &env, 120);
+    assert!(
+        text(&out.stdout).contains("parent still has 200000"),
+        "{}",
+        text(&out.stdout)
+    );
+    assert!(
+        text(&out.stdout).starts_with("ok 200000"),
+        "{}",
+        text(&out.stdout)
+    );
+    let heap = coreheap::shm::SharedHeap::open(&path).unwrap();
+    let st = heap.stats();
+    assert!(
+        st.arenas
+            .iter()
+            .map(|a| a.classes.iter().map(|c| c.allocs).sum::<u64>())
+            .sum::<u64>()
+            > 200_000,
+        "python's objects came from the shared heap"
+    );
+    heap.check().expect("check after python");
+    heap.destroy().unwrap();
+}

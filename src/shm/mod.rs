@@ -692,6 +692,45 @@ impl SharedHeap {
         }
     }
 
+    /// Fork of a process whose own heap this is (`COREHEAP_SHM`), before `fork`: takes every
+    /// arena lock and the chunk lock, so the child's copy is taken between operations.
+    fn fork_prepare(&self) {
+        for a in self.heap.arenas() {
+            a.acquire_and_keep(&self.heap.src, false);
+        }
+        self.heap.src.lock_chunks();
+    }
+
+    /// Fork, parent side (after the child has made its copy): releases the locks.
+    fn fork_parent(&self) {
+        self.heap.header().chunk_lock.unlock();
+        for a in self.heap.arenas() {
+            a.release_kept(&self.heap.src);
+        }
+    }
+
+    /// Fork, child side: the child must not share its parent's heap (it would free and
+    /// overwrite the parent's objects), so the mapping is replaced by a private copy at the
+    /// same address, and the locks (held by the parent's forking thread) are made anew.
+    /// Returns false if the copy could not be made: the child then shares the heap.
+    fn fork_child(&self) -> bool {
+        let (base, len) = (self.heap.src.base as *mut u8, self.heap.src.len);
+        if !sys::privatize(base, len) {
+            return false;
+        }
+        // SAFETY: the memory is this process's private copy now; the locks in it belong to
+        // a thread of the parent, and glibc emptied this thread's robust list at the fork, so
+        // no list refers to them.
+        unsafe {
+            let h = self.heap.header() as *const ShmHeader as *mut ShmHeader;
+            crate::lock::RobustLock::init_in_place(ptr::addr_of_mut!((*h).chunk_lock));
+            for a in self.heap.arenas() {
+                Arena::reinit_shared_lock(a as *const Arena as *mut Arena);
+            }
+        }
+        true
+    }
+
     /// Returns free pages to the file system (holes in the file).
     pub fn trim(&self) {
         if self.heap.src.writable {

@@ -4,6 +4,14 @@
 //! processes can map it (read-only if they like) and follow the raw pointers the program
 //! stored; the program publishes an entry point with `coreheap_shm_set_root`.
 //!
+//! Fork: a child must not share its parent's heap (it would free and overwrite the parent's
+//! objects), so fork handlers give the child a private copy of the heap at the same address
+//! (the parent waits in `fork` until the copy is made; all arena locks are held meanwhile).
+//! The child's later allocations stay private; only the process that opened the heap
+//! publishes into it. Another thread of the parent that writes into its blocks while the
+//! child copies may leave the child a torn copy of that object (a real fork copies the
+//! address space at one instant): fork from threads that do not share heap objects, or exec.
+//!
 //! Decided once, at the first call: without the variable, or if the heap cannot be opened
 //! (a one-line warning on stderr), everything stays on the process heap. Blocks allocated
 //! before the decision stay on the process heap too; `free` tells the two apart by address.
@@ -76,6 +84,12 @@ fn open() -> Option<&'static SharedHeap> {
             // SAFETY: only this thread writes the slot (it moved STATE to OPENING).
             unsafe { (*HEAP.0.get()).write(h) };
             STATE.store(ON, Ordering::Release);
+            if !os::register_atfork(fork_prepare, fork_parent, fork_child) {
+                os::write_all(
+                    2,
+                    b"coreheap: COREHEAP_SHM: no fork handlers; a fork child would share the heap\n",
+                );
+            }
             heap_if_on()
         }
         Err(e) => {
@@ -86,6 +100,58 @@ fn open() -> Option<&'static SharedHeap> {
             l.write(2);
             STATE.store(OFF, Ordering::Release);
             None
+        }
+    }
+}
+
+/// The pipe through which a fork child tells its parent that its copy is made.
+static FORK_PIPE: [core::sync::atomic::AtomicI32; 2] = [
+    core::sync::atomic::AtomicI32::new(-1),
+    core::sync::atomic::AtomicI32::new(-1),
+];
+
+unsafe extern "C" fn fork_prepare() {
+    if let Some(h) = heap_if_on() {
+        let (r, w) = super::sys::pipe().unwrap_or((-1, -1));
+        FORK_PIPE[0].store(r, Ordering::Relaxed);
+        FORK_PIPE[1].store(w, Ordering::Relaxed);
+        h.fork_prepare();
+    }
+}
+
+unsafe extern "C" fn fork_parent() {
+    if let Some(h) = heap_if_on() {
+        let (r, w) = (
+            FORK_PIPE[0].load(Ordering::Relaxed),
+            FORK_PIPE[1].load(Ordering::Relaxed),
+        );
+        if r >= 0 {
+            // Our write end closed, the read returns when the child writes or exits.
+            super::sys::close(w);
+            super::sys::await_signal(r);
+            super::sys::close(r);
+        }
+        h.fork_parent();
+    }
+}
+
+unsafe extern "C" fn fork_child() {
+    if let Some(h) = heap_if_on() {
+        if !h.fork_child() {
+            os::write_all(
+                2,
+                b"coreheap: COREHEAP_SHM: no memory for the fork child's copy of the heap\n",
+            );
+            os::fatal(b"coreheap: a fork child cannot share its parent's heap\n");
+        }
+        let (r, w) = (
+            FORK_PIPE[0].load(Ordering::Relaxed),
+            FORK_PIPE[1].load(Ordering::Relaxed),
+        );
+        if w >= 0 {
+            super::sys::signal(w);
+            super::sys::close(w);
+            super::sys::close(r);
         }
     }
 }

@@ -78,7 +78,7 @@ impl ShmSource {
         }
     }
 
-    fn lock_chunks(&self) {
+    pub(super) fn lock_chunks(&self) {
         // A holder that died between two bit updates leaves at worst a chunk marked used
         // that nothing uses: leaked, never handed out twice. Nothing to repair.
         if self.header().chunk_lock.lock() == Taken::OwnerDied {

@@ -243,3 +243,88 @@ pub fn sleep_us(us: u64) {
     // SAFETY: `ts` is valid; the remainder is not wanted.
     unsafe { libc::nanosleep(&ts, ptr::null_mut()) };
 }
+
+/// Replaces the shared mapping `[p, p + len)` by a private copy of its contents at the same
+/// address (for a fork child that must not share its parent's heap). Copies only the pages
+/// resident in the file (the others are holes and read zero). Returns false, with the
+/// shared mapping in place, if memory for the copy cannot be had.
+///
+/// pre: `[p, p + len)` is one shared mapping of this module, page-aligned, that no other
+/// thread of this process uses.
+pub fn privatize(p: *mut u8, len: usize) -> bool {
+    let page = crate::os::OS_PAGE;
+    // SAFETY: a fresh private anonymous mapping anywhere.
+    let tmp = unsafe {
+        libc::mmap(
+            ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            -1,
+            0,
+        )
+    };
+    if tmp == libc::MAP_FAILED {
+        return false;
+    }
+    let tmp = tmp as *mut u8;
+    let mut resident = [0u8; 4096];
+    let mut off = 0;
+    while off < len {
+        let n = (len - off).min(resident.len() * page);
+        // SAFETY: the range is part of our mapping; `resident` holds one byte per page.
+        let ok = unsafe { libc::mincore(p.add(off).cast(), n, resident.as_mut_ptr()) } == 0;
+        for (i, r) in resident[..n / page].iter().enumerate() {
+            if !ok || r & 1 != 0 {
+                let at = off + i * page;
+                // SAFETY: both ranges are mapped, a page long, and distinct.
+                unsafe { ptr::copy_nonoverlapping(p.add(at), tmp.add(at), page) };
+            }
+        }
+        off += n;
+    }
+    // SAFETY: moves our private copy over our shared mapping (MREMAP_FIXED unmaps it).
+    let r = unsafe {
+        libc::mremap(
+            tmp.cast(),
+            len,
+            len,
+            libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
+            p.cast::<libc::c_void>(),
+        )
+    };
+    if r == libc::MAP_FAILED {
+        unmap(tmp, len);
+        return false;
+    }
+    true
+}
+
+/// A pipe whose ends are closed on exec: (read end, write end).
+pub fn pipe() -> Option<(i32, i32)> {
+    let mut fds = [0i32; 2];
+    // SAFETY: `fds` has room for the two descriptors.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } == 0 {
+        Some((fds[0], fds[1]))
+    } else {
+        None
+    }
+}
+
+/// Writes one byte to `fd` (ignoring errors).
+pub fn signal(fd: i32) {
+    // SAFETY: one byte from a live local.
+    unsafe { libc::write(fd, [1u8].as_ptr().cast(), 1) };
+}
+
+/// Waits for one byte on `fd`, or its end (the writer closed or died).
+pub fn await_signal(fd: i32) {
+    let mut b = [0u8; 1];
+    loop {
+        // SAFETY: `b` is writable for one byte.
+        let r = unsafe { libc::read(fd, b.as_mut_ptr().cast(), 1) };
+        if r >= 0 || errno() != libc::EINTR {
+            return;
+        }
+    }
+}

@@ -68,6 +68,43 @@ pub struct Arena {
     robust: RobustLock,
 }
 
+/// A fingerprint of how the structures a shared heap keeps in its file are laid out here:
+/// sizes and field offsets (the types are not `repr(C)`, so two builds may order fields
+/// differently) and the link encoding. A heap written by a build with another fingerprint
+/// is refused.
+pub const LAYOUT_HASH: u64 = {
+    use core::mem::{offset_of, size_of};
+    let parts = [
+        size_of::<Arena>(),
+        offset_of!(Arena, lock),
+        offset_of!(Arena, index),
+        offset_of!(Arena, key),
+        offset_of!(Arena, state),
+        offset_of!(Arena, pending),
+        offset_of!(Arena, robust),
+        size_of::<State>(),
+        offset_of!(State, bins),
+        offset_of!(State, heap),
+        offset_of!(State, large),
+        offset_of!(State, pending_drained),
+        offset_of!(State, recoveries),
+        offset_of!(State, orphaned),
+        size_of::<SmallBins>(),
+        size_of::<PageHeap>(),
+        size_of::<PageDesc>(),
+        size_of::<ChunkHeader>(),
+        size_of::<RobustLock>(),
+        cfg!(feature = "unhardened") as usize,
+    ];
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut i = 0;
+    while i < parts.len() {
+        h = (h ^ parts[i] as u64).wrapping_mul(0x0100_0000_01b3);
+        i += 1;
+    }
+    h
+};
+
 /// The arena index written into the chunks of a shared heap's arena that a dead process
 /// left damaged: they stay mapped, their live blocks stay valid, but they belong to no arena
 /// any more (frees of their blocks are dropped, see [`Arena::recover`]).
@@ -322,12 +359,16 @@ impl Arena {
         !S::SHARED || unsafe { (*header_of_desc(run)).arena_index() } == self.index
     }
 
-    /// The lock was taken from a holder that died in its critical section: check the arena
-    /// and, if the check fails, orphan its chunks and start it over empty. Blocks in
-    /// orphaned chunks stay valid for whoever holds them; their memory is lost to the heap.
-    /// A half-done operation cannot be finished or undone in general (a split or a merge of
-    /// page runs, a list half-linked), and handing out memory from a damaged structure could
-    /// give one block out twice; giving up the arena's memory cannot.
+    /// The lock was taken from a holder that died in its critical section: orphan the
+    /// arena's chunks and start it over empty. Blocks in orphaned chunks stay valid for
+    /// whoever holds them; their memory is lost to the heap.
+    ///
+    /// Always, not only when a check fails: a holder can die between any two stores of a
+    /// list update (a free run linked forwards but not yet made the list head, a chunk
+    /// half-linked), and such states pass every check that follows `next` links while the
+    /// next `unlink` corrupts the lists and hands one run out twice (a review reproduced
+    /// exactly that). Finishing or undoing the dead holder's work would need a journal of
+    /// every operation; giving up the arena's chunks cannot hand out a block twice.
     ///
     /// pre: the calling thread holds `robust`, just taken with `Taken::OwnerDied`.
     #[cold]
@@ -336,31 +377,28 @@ impl Arena {
         // SAFETY: the lock is held (precondition).
         let st = unsafe { &mut *self.state.get() };
         st.recoveries += 1;
-        // SAFETY: as above; the walks only follow links the engine wrote (a dead holder
-        // leaves old or new values in them, each a descriptor of a mapped chunk or null).
-        if unsafe { self.check_locked(src, st) }.is_err() {
-            let index = self.index;
-            let mut n = 0;
-            src.for_each_chunk(&mut |c| {
-                let h = c.cast::<ChunkHeader>();
-                // SAFETY: the source lists mapped chunks, whose headers are readable.
-                unsafe {
-                    if (*h).magic == MAGIC
-                        && (*h).kind == CHUNK_ARENA
-                        && (*h).arena_index() == index
-                    {
-                        (*h).set_arena_index(ORPHAN);
-                        n += 1;
-                    }
+        let index = self.index;
+        let mut n = 0;
+        // Through the source, not the arena's chunk list, which may be half-updated.
+        src.for_each_chunk(&mut |c| {
+            let h = c.cast::<ChunkHeader>();
+            // SAFETY: the source lists mapped chunks, whose headers are readable; `magic`
+            // is written last when a chunk is set up (`init_arena_chunk`), so a header
+            // with it names its arena.
+            unsafe {
+                if (*h).magic() == MAGIC && (*h).kind == CHUNK_ARENA && (*h).arena_index() == index
+                {
+                    (*h).set_arena_index(ORPHAN);
+                    n += 1;
                 }
-            });
-            let key = self.key;
-            st.bins = SmallBins::new();
-            st.bins.set_key(key);
-            st.heap = PageHeap::new(index);
-            st.large = LargeCounters::default();
-            st.orphaned += n;
-        }
+            }
+        });
+        let key = self.key;
+        st.bins = SmallBins::new();
+        st.bins.set_key(key);
+        st.heap = PageHeap::new(index);
+        st.large = LargeCounters::default();
+        st.orphaned += n;
         self.robust.mark_consistent();
     }
 

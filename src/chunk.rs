@@ -290,6 +290,22 @@ impl ChunkHeader {
         unsafe { (*(core::ptr::addr_of!(self.arena) as *const AtomicU32)).load(Ordering::Relaxed) }
     }
 
+    /// The magic, read with Acquire (see [`ChunkHeader::set_magic`]).
+    #[inline]
+    pub fn magic(&self) -> u64 {
+        // SAFETY: `magic` is an aligned u64 that lives as long as `self`.
+        unsafe { (*(core::ptr::addr_of!(self.magic) as *const AtomicU64)).load(Ordering::Acquire) }
+    }
+
+    /// Writes the magic with Release: everything written into the header before is seen
+    /// by a reader that sees the magic.
+    pub fn set_magic(&self, m: u64) {
+        // SAFETY: as in `magic`.
+        unsafe {
+            (*(core::ptr::addr_of!(self.magic) as *const AtomicU64)).store(m, Ordering::Release)
+        }
+    }
+
     /// Rewrites the owning arena's index (a shared heap's recovery).
     pub fn set_arena_index(&self, i: u32) {
         // SAFETY: as in `arena_index`.
@@ -408,7 +424,6 @@ pub unsafe fn init_arena_chunk(chunk: *mut u8, arena: u32) -> *mut PageDesc {
     // SAFETY: by the contract the region is ours and large enough for a header; zeroed memory
     // is a valid header (null links, zero counts, kind Interior).
     unsafe {
-        (*h).magic = MAGIC;
         (*h).kind = CHUNK_ARENA;
         (*h).arena = arena;
         (*h).next = Rel::NULL;
@@ -424,6 +439,9 @@ pub unsafe fn init_arena_chunk(chunk: *mut u8, arena: u32) -> *mut PageDesc {
         let t = &(*h).pages[CHUNK_PAGES - 1];
         t.set_kind(Kind::FreeTail);
         t.set_lead(USABLE_PAGES - 1);
+        // Last, with Release: a shared heap's recovery in another process that sees the
+        // magic sees the arena index and kind written before it.
+        (*h).set_magic(MAGIC);
         d
     }
 }

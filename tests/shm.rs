@@ -360,8 +360,8 @@ fn a_dead_lock_holder_is_taken_over(damage: bool) {
     assert!(t.elapsed() < Duration::from_secs(10));
     let st = heap.stats();
     assert_eq!(st.arenas[0].recoveries, 1);
-    // A damaged arena gives up its chunk and starts over; an intact one keeps it.
-    assert_eq!(st.arenas[0].orphaned_chunks, damage as u64);
+    // The arena gave up its chunk (whatever the dead holder was doing) and started over.
+    assert_eq!(st.arenas[0].orphaned_chunks, 1);
     // The blocks from before are intact either way, and can be freed.
     verify(small, &heap);
     verify(large, &heap);
@@ -377,9 +377,9 @@ fn a_dead_lock_holder_is_taken_over(damage: bool) {
     eprintln!(
         "shm: a lock held by a killed process was taken over{}",
         if damage {
-            "; the arena it damaged gave up its chunk and went on"
+            " (arena damaged); its chunk was orphaned and the arena went on"
         } else {
-            " and the arena checked"
+            " (arena intact); its chunk was orphaned and the arena went on"
         }
     );
 }
@@ -520,9 +520,9 @@ fn collections_in_a_fixed_heap() {
         },
     )
     .unwrap();
-    let a = heap
-        .allocator()
-        .expect("a fixed heap has an allocator handle");
+    // SAFETY: every process that uses the handle (this one, the reader) has the heap open
+    // while it does.
+    let a = unsafe { heap.allocator() }.expect("a fixed heap has an allocator handle");
     let mut v = AVec::new_in(a);
     let mut m = Map::with_hasher_in(Default::default(), a);
     for i in 0..10_000u64 {

@@ -52,6 +52,9 @@ pub struct ShmHeader {
     pub chunk: u64,
     pub page: u64,
     pub arena_size: u64,
+    /// `arena::LAYOUT_HASH`: field offsets of the structures in the file, and the link
+    /// encoding (`unhardened`).
+    pub layout: u64,
     pub size: u64,
     pub meta: u64,
     pub nchunks: u64,
@@ -69,6 +72,9 @@ pub struct ShmHeader {
     pub arenas_off: u64,
     /// The root: an offset (0 = null) that every process can read and set.
     pub root: AtomicU64,
+    /// `COREHEAP_SHM`: the process that publishes through this heap (0: none yet).
+    pub publisher: AtomicU32,
+    pub _pad2: u32,
     /// Huge blocks (spans of whole chunks): count and bytes in use now.
     pub huge_count: AtomicU64,
     pub huge_bytes: AtomicU64,

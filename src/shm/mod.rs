@@ -169,6 +169,9 @@ pub fn shm_path(name: &str) -> std::path::PathBuf {
 /// How long an opener waits for a heap that is being created whose creator shows no sign of
 /// life yet (the file exists, nothing is written).
 const WAIT_EMPTY_US: u64 = 5_000_000;
+/// How long an opener waits for a heap whose creator is alive but not done (its `init` may
+/// be running).
+const WAIT_READY_US: u64 = 60_000_000;
 
 /// A shared heap, mapped in this process.
 ///
@@ -337,6 +340,12 @@ impl SharedHeap {
         };
         sys::set_size(fd, plan.size).map_err(|e| ShmError::os("ftruncate", e))?;
         let base = map(fd, plan.size as usize, true, at)?;
+        let used = (plan.arenas_off as usize + narenas as usize * size_of::<Arena>())
+            .next_multiple_of(PAGE);
+        if !sys::populate(base as *mut u8, used) {
+            sys::unmap(base as *mut u8, plan.size as usize);
+            return Err(ShmError::os("allocate the header's space", libc::ENOSPC));
+        }
         let h = base as *mut ShmHeader;
         // SAFETY: the file is new and ours alone until the header says READY (other openers
         // wait for that); the mapping covers the plan; zeroed bytes are a valid header.
@@ -345,6 +354,7 @@ impl SharedHeap {
             (*h).chunk = CHUNK as u64;
             (*h).page = PAGE as u64;
             (*h).arena_size = core::mem::size_of::<Arena>() as u64;
+            (*h).layout = crate::arena::LAYOUT_HASH;
             (*h).size = plan.size;
             (*h).meta = plan.meta;
             (*h).nchunks = plan.nchunks;
@@ -416,6 +426,16 @@ impl SharedHeap {
         sys::unmap(peek as *mut u8, PAGE);
         let (size, fixed) = r?;
         let base = map(fd, size as usize, writable, fixed)?;
+        // Validated again in the mapping that is used (the file could have changed since
+        // the peek); `Heap::view` then copies the layout once.
+        if Self::wait_ready(base as *const ShmHeader, len) != Ok((size, fixed)) {
+            sys::unmap(base as *mut u8, size as usize);
+            return Err(ShmError::new(
+                ShmErrorKind::NotAHeap,
+                "heap header changed while it was being opened",
+                0,
+            ));
+        }
         Ok(SharedHeap {
             heap: Heap::view(base, writable),
             fd,
@@ -428,37 +448,42 @@ impl SharedHeap {
     fn wait_ready(h: *const ShmHeader, len: u64) -> Result<(u64, Option<usize>), ShmError> {
         let mut waited = 0u64;
         loop {
-            // SAFETY: `h` maps the file's first page, which exists (len >= PAGE); fields
-            // are read with volatile or atomic loads because the creator may be writing.
-            let (magic, version, creator, state) = unsafe {
+            // SAFETY: `h` maps the file's first page, which exists (len >= PAGE). The
+            // creator writes the header, then magic and version, then `state` with Release:
+            // fields are trusted only after an Acquire load of a non-zero state, and read
+            // volatile before (the creator may be writing them).
+            let (state, magic, creator) = unsafe {
                 (
-                    ptr::read_volatile(ptr::addr_of!((*h).magic)),
-                    ptr::read_volatile(ptr::addr_of!((*h).version)),
-                    (*h).creator.load(Ordering::Relaxed),
                     (*h).state.load(Ordering::Acquire),
+                    ptr::read_volatile(ptr::addr_of!((*h).magic)),
+                    (*h).creator.load(Ordering::Relaxed),
                 )
             };
-            if magic == SHM_MAGIC && version != SHM_VERSION {
-                return Err(ShmError::new(
-                    ShmErrorKind::Version,
-                    "a coreheap heap of another version",
-                    version as u64,
-                ));
-            }
-            if magic != SHM_MAGIC && magic != 0 {
+            if magic != SHM_MAGIC && (magic != 0 || state != 0) {
                 return Err(ShmError::new(
                     ShmErrorKind::NotAHeap,
                     "not a coreheap shared heap (bad magic)",
                     0,
                 ));
             }
-            if magic == SHM_MAGIC && state == STATE_READY {
-                break;
+            if state != 0 {
+                // SAFETY: as above.
+                let version = unsafe { ptr::read_volatile(ptr::addr_of!((*h).version)) };
+                if version != SHM_VERSION {
+                    return Err(ShmError::new(
+                        ShmErrorKind::Version,
+                        "a coreheap heap of another version",
+                        version as u64,
+                    ));
+                }
+                if state == STATE_READY {
+                    break;
+                }
             }
             if creator != 0 && !sys::process_alive(creator) {
                 return Err(ShmError::new(
                     ShmErrorKind::CreatorDied,
-                    "the process creating the heap died before it was ready",
+                    "the process creating the heap died before it was ready (remove the file)",
                     0,
                 ));
             }
@@ -466,6 +491,13 @@ impl SharedHeap {
                 return Err(ShmError::new(
                     ShmErrorKind::NotAHeap,
                     "not a coreheap shared heap (no header)",
+                    0,
+                ));
+            }
+            if waited >= WAIT_READY_US {
+                return Err(ShmError::new(
+                    ShmErrorKind::Timeout,
+                    "the heap did not become ready within 60 s (its creator's init still running?)",
                     0,
                 ));
             }
@@ -477,6 +509,7 @@ impl SharedHeap {
         if h.chunk != CHUNK as u64
             || h.page != PAGE as u64
             || h.arena_size != core::mem::size_of::<Arena>() as u64
+            || h.layout != crate::arena::LAYOUT_HASH
         {
             return Err(ShmError::new(
                 ShmErrorKind::Incompatible,
@@ -543,7 +576,7 @@ impl SharedHeap {
 
     /// The number of arenas.
     pub fn arenas(&self) -> usize {
-        self.heap.header().narenas as usize
+        self.heap.src.narenas
     }
 
     /// Whether every process maps this heap at [`SharedHeap::base`].
@@ -556,10 +589,17 @@ impl SharedHeap {
         self.heap.src.writable
     }
 
-    /// An allocator handle for Rust collections that other processes may use too: valid in
-    /// every process that maps this heap. `None` unless the heap is fixed-address.
-    pub fn allocator(&self) -> Option<ShmAlloc> {
-        self.is_fixed().then_some(ShmAlloc {
+    /// An allocator handle for Rust collections that other processes may use too: it holds
+    /// only the heap's fixed address, so a copy stored in the heap works in every process
+    /// that maps it. `None` unless the heap is fixed-address and writable here.
+    ///
+    /// # Safety
+    /// The handle is not tied to this value's lifetime (it could not live in the heap if
+    /// it were): every process that uses a copy of it must have the heap mapped, writable,
+    /// while it does (a `SharedHeap` of it open). Using it after the last one is closed
+    /// reads and writes whatever is mapped at that address then.
+    pub unsafe fn allocator(&self) -> Option<ShmAlloc> {
+        (self.is_fixed() && self.is_writable()).then_some(ShmAlloc {
             base: self.heap.src.base,
         })
     }
@@ -692,6 +732,28 @@ impl SharedHeap {
         }
     }
 
+    /// `COREHEAP_SHM`: makes this process the heap's publisher unless another live process
+    /// is. Returns whether it is now (children started with the variable inherited find
+    /// their parent there, and keep their own heaps).
+    fn claim_publisher(&self) -> bool {
+        let me = sys::pid();
+        let w = &self.heap.header().publisher;
+        loop {
+            let cur = w.load(Ordering::Acquire);
+            if cur == me {
+                return true;
+            }
+            if cur != 0 && sys::process_alive(cur) {
+                return false;
+            }
+            if w.compare_exchange(cur, me, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+            {
+                return true;
+            }
+        }
+    }
+
     /// Fork of a process whose own heap this is (`COREHEAP_SHM`), before `fork`: takes every
     /// arena lock and the chunk lock, so the child's copy is taken between operations.
     fn fork_prepare(&self) {
@@ -715,7 +777,7 @@ impl SharedHeap {
     /// Returns false if the copy could not be made: the child then shares the heap.
     fn fork_child(&self) -> bool {
         let (base, len) = (self.heap.src.base as *mut u8, self.heap.src.len);
-        if !sys::privatize(base, len) {
+        if !sys::privatize(base, len, self.fd) {
             return false;
         }
         // SAFETY: the memory is this process's private copy now; the locks in it belong to
@@ -786,8 +848,8 @@ impl ShmStats {
 /// that maps the heap, so collections that other processes grow and free can live in the
 /// heap ([`allocator_api2::alloc::Allocator`]).
 ///
-/// Invariant: `base` is the fixed address of a ready shared heap. Every process that uses a
-/// handle must map the heap there (opening it does), writable to allocate or free.
+/// Invariant: `base` is the fixed address of a ready shared heap, mapped writable in the
+/// process that uses the handle (the contract of [`SharedHeap::allocator`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ShmAlloc {
     base: usize,
@@ -795,8 +857,7 @@ pub struct ShmAlloc {
 
 impl ShmAlloc {
     fn heap(&self) -> Heap {
-        // SAFETY: see the type invariant: the heap is mapped at `base`. Writability is the
-        // mapping's: a read-only process that allocates faults, it cannot corrupt.
+        // SAFETY: the type invariant: the heap is mapped writable at `base`.
         Heap::view(self.base, true)
     }
 }
@@ -870,6 +931,10 @@ impl Heap {
                 len: h.size as usize,
                 meta: h.meta as usize,
                 nchunks: h.nchunks as usize,
+                used_off: h.used_off as usize,
+                heads_off: h.heads_off as usize,
+                arenas_off: h.arenas_off as usize,
+                narenas: h.narenas as usize,
                 writable,
             },
         }
@@ -880,22 +945,21 @@ impl Heap {
     }
 
     fn arena(&self, i: usize) -> &Arena {
-        let h = self.header();
-        debug_assert!(i < h.narenas as usize);
+        assert!(i < self.src.narenas);
         // SAFETY: arena `i < narenas` lies in the table of the mapped meta area (layout
         // invariant), initialised by the creator.
         unsafe {
-            &*((self.src.base + h.arenas_off as usize + i * core::mem::size_of::<Arena>())
+            &*((self.src.base + self.src.arenas_off + i * core::mem::size_of::<Arena>())
                 as *const Arena)
         }
     }
 
     fn arenas(&self) -> impl Iterator<Item = &Arena> {
-        (0..self.header().narenas as usize).map(move |i| self.arena(i))
+        (0..self.src.narenas).map(move |i| self.arena(i))
     }
 
     fn current(&self) -> usize {
-        crate::os::current_cpu() % self.header().narenas as usize
+        crate::os::current_cpu() % self.src.narenas
     }
 
     fn alloc(&self, size: usize, align: usize) -> *mut u8 {
@@ -918,7 +982,7 @@ impl Heap {
         }
         let size = size.max(1);
         if size <= LARGE_MAX && align <= LARGE_ALIGN_MAX {
-            let n = self.header().narenas as usize;
+            let n = self.src.narenas;
             let first = self.current();
             // The arena of this CPU first; when the file has no chunk left for it, another
             // arena may still have free pages.
@@ -961,7 +1025,7 @@ impl Heap {
             (*h).map_len = n * CHUNK;
             (*h).huge_ptr = c as usize + lead - base;
             (*h).huge_size = size;
-            (*h).magic = MAGIC;
+            (*h).set_magic(MAGIC);
         }
         self.src.publish(c);
         let hd = self.header();
@@ -982,7 +1046,7 @@ impl Heap {
         let what = lookup(&self.src, p);
         match what {
             Lookup::Small { arena, .. } | Lookup::Large { arena, .. }
-                if arena < self.header().narenas =>
+                if (arena as usize) < self.src.narenas =>
             {
                 let local = arena as usize == self.current();
                 // SAFETY: `p` is a live block of arena `arena` (lookup; the caller's
@@ -1020,6 +1084,16 @@ impl Heap {
             }
             ((*h).map_base + self.src.base, (*h).map_len)
         };
+        let first = self.src.chunk_index(span);
+        if span != h as usize
+            || len % CHUNK != 0
+            || first.map_or(true, |f| f + len / CHUNK > self.src.nchunks)
+        {
+            crate::diag::invalid_pointer(
+                b"coreheap: shared heap free(): corrupted huge block header",
+                p,
+            );
+        }
         let hd = self.header();
         hd.huge_count.fetch_sub(1, Ordering::Relaxed);
         hd.huge_bytes.fetch_sub(len as u64, Ordering::Relaxed);
@@ -1050,7 +1124,7 @@ impl Heap {
             return self.alloc(size, align);
         }
         let have = self.usable_size(p);
-        if size <= have && size >= have / 4 {
+        if size <= have && size >= have / 4 && p as usize % align == 0 {
             return p;
         }
         let q = self.alloc(size, align);
@@ -1088,7 +1162,7 @@ impl Heap {
         for a in self.arenas() {
             a.check(&self.src)?;
         }
-        let narenas = self.header().narenas;
+        let narenas = self.src.narenas as u32;
         let mut r = Ok(());
         self.src.for_each_head(|c| {
             let h = c as *const ChunkHeader;

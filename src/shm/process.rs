@@ -12,6 +12,10 @@
 //! child copies may leave the child a torn copy of that object (a real fork copies the
 //! address space at one instant): fork from threads that do not share heap objects, or exec.
 //!
+//! One publisher: a process started with the variable while another live process
+//! publishes through the heap (typically a child that inherited the environment and ran
+//! `exec`) keeps its own process heap; it would only leak into the shared one.
+//!
 //! Decided once, at the first call: without the variable, or if the heap cannot be opened
 //! (a one-line warning on stderr), everything stays on the process heap. Blocks allocated
 //! before the decision stay on the process heap too; `free` tells the two apart by address.
@@ -56,6 +60,16 @@ fn open() -> Option<&'static SharedHeap> {
         // Another thread is opening it: this call uses the process heap meanwhile.
         return heap_if_on();
     }
+    // Opening the heap must not change what the program sees in errno.
+    // SAFETY: __errno_location returns the calling thread's errno slot.
+    let errno = unsafe { *libc::__errno_location() };
+    let r = open_from_env();
+    // SAFETY: as above.
+    unsafe { *libc::__errno_location() = errno };
+    r
+}
+
+fn open_from_env() -> Option<&'static SharedHeap> {
     // SAFETY: the name is NUL-terminated; getenv returns null or a NUL-terminated string
     // that we read at once.
     let v = unsafe { libc::getenv(c"COREHEAP_SHM".as_ptr()) };
@@ -80,6 +94,13 @@ fn open() -> Option<&'static SharedHeap> {
     // SAFETY: `parse` NUL-terminated the path.
     let cpath = unsafe { core::ffi::CStr::from_ptr(path.as_ptr().cast()) };
     match SharedHeap::open_or_create_cstr(cpath, size, &opts, &mut |_| {}) {
+        Ok(h) if !h.claim_publisher() => {
+            // A process started by the publisher with the variable inherited: it keeps a
+            // heap of its own (it would only leak into the shared one).
+            drop(h);
+            STATE.store(OFF, Ordering::Release);
+            None
+        }
         Ok(h) => {
             // SAFETY: only this thread writes the slot (it moved STATE to OPENING).
             unsafe { (*HEAP.0.get()).write(h) };

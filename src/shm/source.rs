@@ -15,13 +15,18 @@ use crate::source::PageSource;
 /// One process's view of a shared heap's memory.
 ///
 /// Invariant: `base` is the `CHUNK`-aligned address where this process mapped the whole
-/// file (`len` bytes), whose header is ready; `meta`, `nchunks` and the bitmaps are the
-/// header's.
+/// file (`len` bytes), whose header is ready; the other fields are the header's layout,
+/// validated once when the heap was opened (`Plan`) and never read from the file again, so
+/// a later write into the header cannot make this process index out of bounds.
 pub struct ShmSource {
     pub base: usize,
     pub len: usize,
     pub meta: usize,
     pub nchunks: usize,
+    pub used_off: usize,
+    pub heads_off: usize,
+    pub arenas_off: usize,
+    pub narenas: usize,
     pub writable: bool,
 }
 
@@ -31,23 +36,23 @@ impl ShmSource {
         unsafe { &*(self.base as *const ShmHeader) }
     }
 
-    fn bits(&self, off: u64) -> &[AtomicU64] {
+    fn bits(&self, off: usize) -> &[AtomicU64] {
         // SAFETY: the bitmap lies in the meta area of the mapping (layout invariant) and
         // holds `nchunks.div_ceil(64)` words.
         unsafe {
             core::slice::from_raw_parts(
-                (self.base + off as usize) as *const AtomicU64,
+                (self.base + off) as *const AtomicU64,
                 self.nchunks.div_ceil(64),
             )
         }
     }
 
     fn used(&self) -> &[AtomicU64] {
-        self.bits(self.header().used_off)
+        self.bits(self.used_off)
     }
 
     fn heads(&self) -> &[AtomicU64] {
-        self.bits(self.header().heads_off)
+        self.bits(self.heads_off)
     }
 
     fn test(bits: &[AtomicU64], i: usize) -> bool {
@@ -113,10 +118,21 @@ impl ShmSource {
             }
         }
         self.header().chunk_lock.unlock();
-        match found {
-            Some(first) => self.chunk_addr(first),
-            None => core::ptr::null_mut(),
+        let Some(first) = found else {
+            return core::ptr::null_mut();
+        };
+        let c = self.chunk_addr(first);
+        // The file is sparse: make sure its space exists now, so that a full file system
+        // gives a null here rather than SIGBUS at the first touch.
+        if !sys::populate(c, n * CHUNK) {
+            self.lock_chunks();
+            for i in first..first + n {
+                Self::set(self.used(), i, false);
+            }
+            self.header().chunk_lock.unlock();
+            return core::ptr::null_mut();
         }
+        c
     }
 
     /// Marks the span at `chunk` as holding a live header (after writing it).
@@ -135,6 +151,9 @@ impl ShmSource {
         let Some(first) = self.chunk_index(chunk as usize) else {
             return;
         };
+        if n == 0 || first + n > self.nchunks {
+            return;
+        }
         Self::set(self.heads(), first, false);
         if !sys::punch(chunk, n * CHUNK) {
             // SAFETY: the span is ours and unused (contract).
@@ -197,8 +216,11 @@ unsafe impl PageSource for ShmSource {
         unsafe { self.give_span(chunk, 1) }
     }
 
-    unsafe fn purge(&self, p: *mut u8, len: usize) -> bool {
-        self.writable && sys::punch(p, len)
+    unsafe fn purge(&self, _p: *mut u8, _len: usize) -> bool {
+        // Never inside a live chunk: a punched page is allocated again at its next touch,
+        // which raises SIGBUS when the file system is full. Wholly free chunks are punched
+        // when they go back (`give_span`) and populated when taken again.
+        false
     }
 
     #[inline]

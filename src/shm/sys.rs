@@ -244,15 +244,16 @@ pub fn sleep_us(us: u64) {
     unsafe { libc::nanosleep(&ts, ptr::null_mut()) };
 }
 
-/// Replaces the shared mapping `[p, p + len)` by a private copy of its contents at the same
-/// address (for a fork child that must not share its parent's heap). Copies only the pages
-/// resident in the file (the others are holes and read zero). Returns false, with the
-/// shared mapping in place, if memory for the copy cannot be had.
+/// Replaces the shared mapping `[p, p + len)` of the file `fd` by a private copy of its
+/// contents at the same address (for a fork child that must not share its parent's heap).
+/// Copies the file's data ranges (`SEEK_DATA`/`SEEK_HOLE`: holes read zero and need no
+/// copy; swapped-out pages are data, unlike what `mincore` would say); everything where the
+/// file system cannot tell. Returns false, with the shared mapping in place, if memory for
+/// the copy cannot be had.
 ///
-/// pre: `[p, p + len)` is one shared mapping of this module, page-aligned, that no other
-/// thread of this process uses.
-pub fn privatize(p: *mut u8, len: usize) -> bool {
-    let page = crate::os::OS_PAGE;
+/// pre: `[p, p + len)` maps `fd` from offset 0, page-aligned, and no other thread of this
+/// process uses it.
+pub fn privatize(p: *mut u8, len: usize, fd: i32) -> bool {
     // SAFETY: a fresh private anonymous mapping anywhere.
     let tmp = unsafe {
         libc::mmap(
@@ -268,20 +269,30 @@ pub fn privatize(p: *mut u8, len: usize) -> bool {
         return false;
     }
     let tmp = tmp as *mut u8;
-    let mut resident = [0u8; 4096];
-    let mut off = 0;
+    let mut off = 0usize;
     while off < len {
-        let n = (len - off).min(resident.len() * page);
-        // SAFETY: the range is part of our mapping; `resident` holds one byte per page.
-        let ok = unsafe { libc::mincore(p.add(off).cast(), n, resident.as_mut_ptr()) } == 0;
-        for (i, r) in resident[..n / page].iter().enumerate() {
-            if !ok || r & 1 != 0 {
-                let at = off + i * page;
-                // SAFETY: both ranges are mapped, a page long, and distinct.
-                unsafe { ptr::copy_nonoverlapping(p.add(at), tmp.add(at), page) };
+        // SAFETY: lseek on our descriptor.
+        let data = unsafe { libc::lseek(fd, off as libc::off_t, libc::SEEK_DATA) };
+        let (start, end) = if data < 0 {
+            if errno() == libc::ENXIO {
+                break; // no data after `off`
             }
+            (off, len) // SEEK_DATA unsupported: copy the rest
+        } else {
+            // SAFETY: as above.
+            let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
+            let end = if hole < 0 {
+                len
+            } else {
+                (hole as usize).min(len)
+            };
+            ((data as usize).min(len), end)
+        };
+        if start < end {
+            // SAFETY: both ranges lie in mappings of `len` bytes and are distinct.
+            unsafe { ptr::copy_nonoverlapping(p.add(start), tmp.add(start), end - start) };
         }
-        off += n;
+        off = end.max(off + 1);
     }
     // SAFETY: moves our private copy over our shared mapping (MREMAP_FIXED unmaps it).
     let r = unsafe {
@@ -327,4 +338,16 @@ pub fn await_signal(fd: i32) {
             return;
         }
     }
+}
+
+/// Allocates the file's space behind `[p, p + len)` now (`MADV_POPULATE_WRITE`, Linux 5.14).
+/// Returns false if the file system has no room; true also where the kernel lacks the call
+/// (the pages are then allocated at their first touch, as before).
+///
+/// pre: the range lies in a writable shared mapping of this module and holds no live data.
+pub fn populate(p: *mut u8, len: usize) -> bool {
+    const MADV_POPULATE_WRITE: i32 = 23;
+    // SAFETY: populating pages of our own mapping writes nothing visible (they read zero).
+    let r = unsafe { libc::madvise(p.cast(), len, MADV_POPULATE_WRITE) };
+    r == 0 || errno() == libc::EINVAL
 }

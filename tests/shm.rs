@@ -30,6 +30,7 @@ fn main() {
             "worker" => worker(&path, arg.parse().unwrap()),
             "holder" => holder(&path, arg == "damage"),
             "racer" => racer(&path, &arg),
+            "slow-creator" => slow_creator(&path),
             "reader" => collections_reader(&path),
             _ => panic!("unknown role {role}"),
         }
@@ -53,6 +54,7 @@ fn main() {
     a_dead_lock_holder_is_taken_over(false);
     a_dead_lock_holder_is_taken_over(true);
     open_or_create_runs_init_once();
+    a_creator_killed_in_init_is_taken_over();
     bad_files_give_errors();
     collections_in_a_fixed_heap();
     fork_child_uses_the_heap();
@@ -427,6 +429,49 @@ fn open_or_create_runs_init_once() {
     let _ = std::fs::remove_file(&counter);
     let _ = std::fs::remove_file(&path);
     eprintln!("shm: 8 processes raced open_or_create; init ran once, all saw its root");
+}
+
+/// Creates the heap with an `init` that never finishes.
+fn slow_creator(path: &Path) {
+    let _heap = SharedHeap::open_or_create(path, 16 << 20, |_| {
+        println!("in init");
+        std::thread::sleep(Duration::from_secs(60));
+    })
+    .unwrap();
+}
+
+fn a_creator_killed_in_init_is_taken_over() {
+    let path = test_path("slow");
+    let mut c = Command::new(std::env::current_exe().unwrap())
+        .env(ROLE, "slow-creator")
+        .env("COREHEAP_SHM_PATH", &path)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(c.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    assert_eq!(line.trim(), "in init");
+    c.kill().unwrap();
+    c.wait().unwrap();
+    // Opening says what happened, at once.
+    let e = SharedHeap::open(&path).unwrap_err();
+    assert_eq!(e.kind, ShmErrorKind::CreatorDied, "{e}");
+    // open_or_create takes over: creates the heap anew and runs its own init.
+    let mut ran = false;
+    let heap = SharedHeap::open_or_create(&path, 16 << 20, |h| {
+        ran = true;
+        h.set_root(h.alloc_shm(8));
+    })
+    .expect("open_or_create after the creator died");
+    assert!(ran, "init ran in the process that took over");
+    assert!(!heap.root().is_null());
+    heap.check().unwrap();
+    heap.destroy().unwrap();
+    eprintln!("shm: a creator killed in init: open reports it, open_or_create creates anew");
 }
 
 fn bad_files_give_errors() {

@@ -282,29 +282,122 @@ impl SharedHeap {
         let mut saved = [0u8; PATH_MAX + 1];
         saved[..bytes.len()].copy_from_slice(bytes);
         if mode != Mode::Open {
-            match sys::create_excl(path.as_ptr(), opts.mode) {
-                Ok(fd) => {
-                    return match Self::build(fd, size, opts, saved, init) {
-                        Ok(h) => Ok(h),
-                        Err(e) => {
-                            let _ = sys::unlink(path.as_ptr());
-                            sys::close(fd);
-                            Err(e)
-                        }
-                    };
-                }
-                Err(libc::EEXIST) if mode == Mode::OpenOrCreate => {}
-                Err(e) => return Err(ShmError::os("create the heap file", e)),
+            match Self::create_locked(path, opts) {
+                // Named, empty, and flock-ed by us until the heap is ready.
+                Ok(fd) => return Self::build_locked(fd, path, size, opts, saved, init, true),
+                Err(e) if e.code == libc::EEXIST as u64 && mode == Mode::OpenOrCreate => {}
+                Err(e) => return Err(e),
             }
         }
         let fd = sys::open(path.as_ptr(), writable).map_err(|e| ShmError::os("open", e))?;
-        match Self::attach(fd, writable, saved) {
-            Ok(h) => Ok(h),
-            Err(e) => {
-                sys::close(fd);
-                Err(e)
+        // A creator holds the file's flock until its heap is ready (its `init` included):
+        // wait for it. open_or_create takes the lock exclusively, as it may have to create.
+        let exclusive = mode == Mode::OpenOrCreate;
+        if !sys::flock(fd, exclusive, WAIT_READY_US) {
+            sys::close(fd);
+            return Err(ShmError::new(
+                ShmErrorKind::Timeout,
+                "the heap did not become ready within 60 s (its creator's init still running?)",
+                0,
+            ));
+        }
+        if exclusive && Self::abandoned(fd) {
+            // Its creator died before the heap was ready (we hold the lock, so no creator
+            // runs): create it anew here, `init` included.
+            return Self::build_locked(fd, path, size, opts, saved, init, false);
+        }
+        let r = Self::attach(fd, writable, saved);
+        sys::unlock(fd);
+        r.inspect_err(|_| sys::close(fd))
+    }
+
+    /// Creates the file at `path` empty, and already flock-ed: built unnamed (`O_TMPFILE`),
+    /// locked, then linked into place, so no other process sees it unlocked before it is
+    /// ready. Where the file system has no unnamed files, created by name and then locked
+    /// (an opener may then lock it first and create the heap itself; `build_locked` copes).
+    fn create_locked(path: &CStr, opts: &Options) -> Result<i32, ShmError> {
+        let exists = |e| {
+            if e == libc::EEXIST {
+                ShmError::new(ShmErrorKind::Os, "create the heap file", e as u64)
+            } else {
+                ShmError::os("create the heap file", e)
+            }
+        };
+        if let Ok(fd) = sys::create_unnamed(path.to_bytes_with_nul(), opts.mode) {
+            sys::flock(fd, true, 0);
+            match sys::link(fd, path.as_ptr()) {
+                Ok(()) => return Ok(fd),
+                Err(libc::ENOENT) | Err(libc::EPERM) => sys::close(fd), // no /proc: by name
+                Err(e) => {
+                    sys::close(fd);
+                    return Err(exists(e));
+                }
             }
         }
+        let fd = sys::create_excl(path.as_ptr(), opts.mode).map_err(exists)?;
+        if !sys::flock(fd, true, WAIT_READY_US) {
+            sys::close(fd);
+            return Err(ShmError::new(
+                ShmErrorKind::Timeout,
+                "flock of the new heap file",
+                0,
+            ));
+        }
+        Ok(fd)
+    }
+
+    /// Whether the heap file `fd`, whose lock we hold, was left unfinished by a creator that
+    /// died (empty, or a coreheap header that never became ready). Garbage is not: opening
+    /// it reports what it is.
+    fn abandoned(fd: i32) -> bool {
+        match sys::file_size(fd) {
+            Ok(0) => true,
+            Ok(len) if len >= PAGE as u64 => {
+                let Ok(peek) = sys::map_peek(fd, PAGE) else {
+                    return false;
+                };
+                let h = peek as *const ShmHeader;
+                // SAFETY: the first page is mapped; nobody writes it (we hold the lock).
+                let (magic, state) = unsafe {
+                    (
+                        ptr::read_volatile(ptr::addr_of!((*h).magic)),
+                        (*h).state.load(Ordering::Acquire),
+                    )
+                };
+                sys::unmap(peek as *mut u8, PAGE);
+                (magic == SHM_MAGIC || magic == 0) && state != STATE_READY
+            }
+            _ => false,
+        }
+    }
+
+    /// Builds the heap in `fd`, whose flock we hold, and releases the lock once it is ready.
+    /// `fresh`: we created the file (on failure it is removed again). If the file is not
+    /// empty and holds a ready heap (an opener got the lock first and built it), opens that.
+    fn build_locked(
+        fd: i32,
+        path: &CStr,
+        size: u64,
+        opts: &Options,
+        saved: [u8; PATH_MAX + 1],
+        init: &mut dyn FnMut(&SharedHeap),
+        fresh: bool,
+    ) -> Result<SharedHeap, ShmError> {
+        if fresh && !Self::abandoned(fd) {
+            let r = Self::attach(fd, true, saved);
+            sys::unlock(fd);
+            return r.inspect_err(|_| sys::close(fd));
+        }
+        let r = sys::set_size(fd, 0)
+            .map_err(|e| ShmError::os("ftruncate", e))
+            .and_then(|_| Self::build(fd, size, opts, saved, init));
+        sys::unlock(fd);
+        r.inspect_err(|_| {
+            if fresh {
+                let _ = sys::unlink(path.as_ptr());
+            }
+            sys::close(fd);
+        })
     }
 
     /// Lays out and initialises a new heap in the freshly created, empty file `fd`.

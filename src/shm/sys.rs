@@ -31,6 +31,107 @@ pub fn create_excl(path: *const c_char, mode: u32) -> Result<i32, i32> {
     }
 }
 
+/// Creates an unnamed file (`O_TMPFILE`) in the directory of `path`, read-write, with
+/// `mode`; it appears under a name only when [`link`]ed. `Err(errno)`, `EOPNOTSUPP` where the
+/// file system cannot.
+///
+/// pre: `path` is NUL-terminated, at most `buf`'s length.
+pub fn create_unnamed(path: &[u8], mode: u32) -> Result<i32, i32> {
+    let mut dir = [0u8; 257];
+    let name = &path[..path.len() - 1];
+    match name.iter().rposition(|&c| c == b'/') {
+        Some(0) => dir[0] = b'/',
+        Some(i) if i < dir.len() - 1 => dir[..i].copy_from_slice(&name[..i]),
+        Some(_) => return Err(libc::ENAMETOOLONG),
+        None => dir[0] = b'.',
+    }
+    // SAFETY: `dir` is NUL-terminated (zero-filled past the copied bytes).
+    let fd = unsafe {
+        libc::open(
+            dir.as_ptr().cast(),
+            libc::O_TMPFILE | libc::O_RDWR | libc::O_CLOEXEC,
+            mode as libc::c_uint,
+        )
+    };
+    if fd < 0 {
+        Err(errno())
+    } else {
+        Ok(fd)
+    }
+}
+
+/// Gives the unnamed file `fd` the name `path`; `Err(EEXIST)` if the name is taken.
+///
+/// pre: `path` is NUL-terminated.
+pub fn link(fd: i32, path: *const c_char) -> Result<(), i32> {
+    let mut proc_path = [0u8; 32];
+    let prefix = b"/proc/self/fd/";
+    proc_path[..prefix.len()].copy_from_slice(prefix);
+    let mut n = prefix.len();
+    let mut digits = [0u8; 10];
+    let mut d = 0;
+    let mut v = fd as u32;
+    loop {
+        digits[d] = b'0' + (v % 10) as u8;
+        d += 1;
+        v /= 10;
+        if v == 0 {
+            break;
+        }
+    }
+    while d > 0 {
+        d -= 1;
+        proc_path[n] = digits[d];
+        n += 1;
+    }
+    // SAFETY: both paths are NUL-terminated.
+    let r = unsafe {
+        libc::linkat(
+            libc::AT_FDCWD,
+            proc_path.as_ptr().cast(),
+            libc::AT_FDCWD,
+            path,
+            libc::AT_SYMLINK_FOLLOW,
+        )
+    };
+    if r != 0 {
+        Err(errno())
+    } else {
+        Ok(())
+    }
+}
+
+/// Takes the `flock` lock of `fd` (shared or exclusive), waiting at most `limit_us`.
+/// Returns whether it did. The kernel drops the lock when its holder dies.
+pub fn flock(fd: i32, exclusive: bool, limit_us: u64) -> bool {
+    let op = if exclusive {
+        libc::LOCK_EX
+    } else {
+        libc::LOCK_SH
+    };
+    let mut waited = 0;
+    loop {
+        // SAFETY: flock on our descriptor.
+        if unsafe { libc::flock(fd, op | libc::LOCK_NB) } == 0 {
+            return true;
+        }
+        if errno() != libc::EWOULDBLOCK && errno() != libc::EINTR {
+            return false;
+        }
+        if waited >= limit_us {
+            return false;
+        }
+        sleep_us(500);
+        waited += 500;
+    }
+}
+
+/// Releases the `flock` lock of `fd`.
+pub fn unlock(fd: i32) {
+    // SAFETY: flock on our descriptor.
+    unsafe { libc::flock(fd, libc::LOCK_UN) };
+}
+
 /// Opens an existing `path` read-write or read-only.
 ///
 /// pre: `path` is NUL-terminated.

@@ -50,6 +50,7 @@ struct State {
     /// Shared heaps: times the lock was taken over from a dead holder, and chunks given up
     /// because the dead holder left the arena damaged (see [`Arena::recover`]).
     recoveries: u64,
+    repairs: u64,
     orphaned: u64,
 }
 
@@ -88,6 +89,7 @@ pub const LAYOUT_HASH: u64 = {
         offset_of!(State, large),
         offset_of!(State, pending_drained),
         offset_of!(State, recoveries),
+        offset_of!(State, repairs),
         offset_of!(State, orphaned),
         size_of::<SmallBins>(),
         size_of::<PageHeap>(),
@@ -131,6 +133,9 @@ pub struct ArenaStats {
     /// Shared heaps: times this arena's lock was taken over from a dead process, and chunks
     /// it gave up because that process left them half-updated.
     pub recoveries: u64,
+    /// Of those, the take-overs after which the arena was repaired in place (the others
+    /// orphaned its chunks).
+    pub repairs: u64,
     pub orphaned_chunks: u64,
     /// Free blocks of each class sitting in the class lists of this arena's CPUs' caches,
     /// and this arena's blocks in any CPU's outbox (counted in use by their runs, so
@@ -359,16 +364,24 @@ impl Arena {
         !S::SHARED || unsafe { (*header_of_desc(run)).arena_index() } == self.index
     }
 
-    /// The lock was taken from a holder that died in its critical section: orphan the
-    /// arena's chunks and start it over empty. Blocks in orphaned chunks stay valid for
-    /// whoever holds them; their memory is lost to the heap.
+    /// The lock was taken from a holder that died in its critical section: repair the arena
+    /// or, where that cannot be done safely, orphan its chunks and start it over empty.
     ///
-    /// Always, not only when a check fails: a holder can die between any two stores of a
-    /// list update (a free run linked forwards but not yet made the list head, a chunk
-    /// half-linked), and such states pass every check that follows `next` links while the
-    /// next `unlink` corrupts the lists and hands one run out twice (a review reproduced
-    /// exactly that). Finishing or undoing the dead holder's work would need a journal of
-    /// every operation; giving up the arena's chunks cannot hand out a block twice.
+    /// Repair, when the holder died outside every update of page runs (the page heap's
+    /// `busy` mark, set around each of them in a shared heap): the page runs, the free-run
+    /// lists and the chunk list are then as the last finished update left them, and what
+    /// the holder may have half-done is confined to small runs and bins (a block half
+    /// popped or pushed, a bin half-linked, counts not yet updated), which
+    /// [`SmallBins::rebuild`] rebuilds from the runs themselves; the large counters are
+    /// recounted from the runs; then the whole arena is checked.
+    ///
+    /// Orphan, when the mark was set or the check fails: every chunk whose header names
+    /// this arena is rewritten to name [`ORPHAN`] and the arena starts over empty. Blocks in
+    /// orphaned chunks stay valid for whoever holds them; their memory is lost to the heap.
+    /// A page-run update cut short (a run split but not yet listed, a list half-linked)
+    /// passes checks that follow `next` links, and the next unlink then hands a run out
+    /// twice (a review reproduced exactly that); finishing or undoing it would need a
+    /// journal of every operation, giving up the chunks cannot hand out a block twice.
     ///
     /// pre: the calling thread holds `robust`, just taken with `Taken::OwnerDied`.
     #[cold]
@@ -377,6 +390,42 @@ impl Arena {
         // SAFETY: the lock is held (precondition).
         let st = unsafe { &mut *self.state.get() };
         st.recoveries += 1;
+        // SAFETY: as above; with the mark clear the page heap is sound (see above), and the
+        // walks of `rebuild` are bounded and checked.
+        let repaired = !st.heap.busy()
+            && unsafe {
+                st.bins.rebuild(&mut st.heap, src);
+                let (mut large, mut runs) = (0usize, 0usize);
+                st.heap.for_each_chunk(src, |c| {
+                    let mut i = crate::chunk::HEADER_PAGES;
+                    while i < crate::size_class::CHUNK_PAGES {
+                        let d = &(*c).pages[i];
+                        match d.kind() {
+                            Kind::Large => {
+                                large += d.npages as usize * PAGE;
+                                runs += 1;
+                            }
+                            Kind::Small => runs += 1,
+                            _ => {}
+                        }
+                        i += (d.npages as usize).max(1);
+                    }
+                });
+                st.large.in_use = large;
+                st.heap.counters.runs = runs;
+                self.check_locked(src, st).is_ok()
+            };
+        if repaired {
+            st.repairs += 1;
+        } else {
+            self.orphan_all(src, st);
+        }
+        self.robust.mark_consistent();
+    }
+
+    /// See [`Arena::recover`].
+    #[cold]
+    fn orphan_all<S: PageSource>(&self, src: &S, st: &mut State) {
         let index = self.index;
         let mut n = 0;
         // Through the source, not the arena's chunk list, which may be half-updated.
@@ -399,7 +448,6 @@ impl Arena {
         st.heap = PageHeap::new(index);
         st.large = LargeCounters::default();
         st.orphaned += n;
-        self.robust.mark_consistent();
     }
 
     /// Allocates `size` bytes aligned to `align` (`size <= LARGE_MAX`,
@@ -827,6 +875,7 @@ impl Arena {
                     self.lock.contentions()
                 },
                 recoveries: st.recoveries,
+                repairs: st.repairs,
                 orphaned_chunks: st.orphaned,
                 ..ArenaStats::default()
             }
@@ -895,15 +944,20 @@ impl Arena {
         }
     }
 
-    /// Takes the lock and keeps it: for tests of what happens when its holder dies.
+    /// Takes the lock and keeps it: for tests of what happens when its holder dies. With
+    /// `damage` 1 it then leaves what a holder killed half-way through a small allocation
+    /// leaves (a run's count off, one of its free blocks gone from its list); with 2, a
+    /// page-run update begun and not finished.
     #[doc(hidden)]
-    pub fn acquire_and_keep<S: PageSource>(&self, src: &S, damage: bool) {
+    pub fn acquire_and_keep<S: PageSource>(&self, src: &S, damage: u8) {
         self.acquire(src);
-        if damage {
-            // What a holder killed half-way through a large allocation leaves: a counter
-            // updated, the run not (yet) taken.
+        // SAFETY: the lock is held.
+        let st = unsafe { &mut *self.state.get() };
+        match damage {
             // SAFETY: the lock is held.
-            unsafe { (*self.state.get()).large.in_use += PAGE };
+            1 => unsafe { st.bins.damage_for_test(src) },
+            2 => st.heap.enter::<S>(),
+            _ => {}
         }
     }
 

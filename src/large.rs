@@ -93,6 +93,11 @@ pub struct PageHeap {
     last_tick: u32,
     /// False once the page source refused a purge: purge only when asked ([`Self::trim`]).
     purge_ok: bool,
+    /// Shared heaps: non-zero while an update of this page heap (or of page runs, see
+    /// [`PageHeap::enter`]) is under way, so that the recovery after a lock holder's death
+    /// knows whether the runs and free lists can be trusted. Never touched in the process
+    /// heap.
+    busy: u32,
 }
 
 impl PageHeap {
@@ -118,7 +123,111 @@ impl PageHeap {
             now: 0,
             last_tick: 0,
             purge_ok: true,
+            busy: 0,
         }
+    }
+
+    /// Marks the start of an update of page runs (shared heaps only; nests). Every public
+    /// mutator of this page heap is marked; callers that change run kinds around one (a
+    /// small run's birth and death, `small.rs`) mark the whole section.
+    #[inline(always)]
+    pub fn enter<S: PageSource>(&mut self) {
+        if S::SHARED {
+            // SAFETY: a plain field of ours; volatile so that the store is not merged or
+            // moved, and the fence keeps the update's stores after it.
+            unsafe { ptr::write_volatile(&mut self.busy, self.busy + 1) };
+            core::sync::atomic::compiler_fence(core::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    /// Marks the end of an update begun with [`PageHeap::enter`].
+    #[inline(always)]
+    pub fn leave<S: PageSource>(&mut self) {
+        if S::SHARED {
+            core::sync::atomic::compiler_fence(core::sync::atomic::Ordering::SeqCst);
+            // SAFETY: as in `enter`.
+            unsafe { ptr::write_volatile(&mut self.busy, self.busy - 1) };
+        }
+    }
+
+    /// Whether an update was under way (a dead lock holder left it unfinished).
+    pub fn busy(&self) -> bool {
+        self.busy != 0
+    }
+
+    /// Allocates a run of `n` pages whose first page is aligned to `align_pages` pages
+    /// (see `alloc_run_unmarked`).
+    ///
+    /// # Safety
+    /// As for `alloc_run_unmarked`.
+    pub unsafe fn alloc_run<S: PageSource>(
+        &mut self,
+        src: &S,
+        n: usize,
+        align_pages: usize,
+    ) -> (*mut PageDesc, bool) {
+        self.enter::<S>();
+        // SAFETY: passed on.
+        let r = unsafe { self.alloc_run_unmarked(src, n, align_pages) };
+        self.leave::<S>();
+        r
+    }
+
+    /// Returns run `d` to the free runs (see `free_run_unmarked`).
+    ///
+    /// # Safety
+    /// As for `free_run_unmarked`.
+    pub unsafe fn free_run<S: PageSource>(&mut self, src: &S, d: *mut PageDesc) {
+        self.enter::<S>();
+        // SAFETY: passed on.
+        unsafe { self.free_run_unmarked(src, d) };
+        self.leave::<S>();
+    }
+
+    /// Grows run `d` in place (see `grow_run_unmarked`).
+    ///
+    /// # Safety
+    /// As for `grow_run_unmarked`.
+    pub unsafe fn grow_run<S: PageSource>(&mut self, src: &S, d: *mut PageDesc, n: usize) -> bool {
+        self.enter::<S>();
+        // SAFETY: passed on.
+        let r = unsafe { self.grow_run_unmarked(src, d, n) };
+        self.leave::<S>();
+        r
+    }
+
+    /// Shrinks run `d` in place (see `shrink_run_unmarked`).
+    ///
+    /// # Safety
+    /// As for `shrink_run_unmarked`.
+    pub unsafe fn shrink_run<S: PageSource>(&mut self, src: &S, d: *mut PageDesc, n: usize) {
+        self.enter::<S>();
+        // SAFETY: passed on.
+        unsafe { self.shrink_run_unmarked(src, d, n) };
+        self.leave::<S>();
+    }
+
+    /// Purges every dirty free page (see `purge_all_unmarked`).
+    ///
+    /// # Safety
+    /// As for `purge_all_unmarked`.
+    pub unsafe fn purge_all<S: PageSource>(&mut self, src: &S) -> bool {
+        self.enter::<S>();
+        // SAFETY: passed on.
+        let r = unsafe { self.purge_all_unmarked(src) };
+        self.leave::<S>();
+        r
+    }
+
+    /// Purges old dirty runs (see `decay_unmarked`).
+    ///
+    /// # Safety
+    /// As for `decay_unmarked`.
+    pub unsafe fn decay<S: PageSource>(&mut self, src: &S, now_ms: u32) {
+        self.enter::<S>();
+        // SAFETY: passed on.
+        unsafe { self.decay_unmarked(src, now_ms) };
+        self.leave::<S>();
     }
 
     /// Dirty free pages past which the heap purges them all.
@@ -132,7 +241,7 @@ impl PageHeap {
     ///
     /// # Safety
     /// The caller holds the arena lock; `1 <= n` and `n + align_pages - 1 <= USABLE_PAGES`.
-    pub unsafe fn alloc_run<S: PageSource>(
+    unsafe fn alloc_run_unmarked<S: PageSource>(
         &mut self,
         src: &S,
         n: usize,
@@ -229,7 +338,7 @@ impl PageHeap {
     /// # Safety
     /// The caller holds the arena lock; `d` heads an allocated run of this heap with no live
     /// block in it; interior pages of a small run have already been reset to `Interior`.
-    pub unsafe fn free_run<S: PageSource>(&mut self, src: &S, d: *mut PageDesc) {
+    unsafe fn free_run_unmarked<S: PageSource>(&mut self, src: &S, d: *mut PageDesc) {
         // SAFETY: `d` is a run head of one of our chunks; the lock is held.
         unsafe {
             let h = header_of_desc(d);
@@ -308,7 +417,12 @@ impl PageHeap {
     ///
     /// # Safety
     /// The caller holds the arena lock; `d` heads an allocated large run of this heap.
-    pub unsafe fn grow_run<S: PageSource>(&mut self, src: &S, d: *mut PageDesc, n: usize) -> bool {
+    unsafe fn grow_run_unmarked<S: PageSource>(
+        &mut self,
+        src: &S,
+        d: *mut PageDesc,
+        n: usize,
+    ) -> bool {
         // SAFETY: as in `free_run`.
         unsafe {
             let h = header_of_desc(d);
@@ -347,7 +461,7 @@ impl PageHeap {
     ///
     /// # Safety
     /// As for [`Self::grow_run`]; no live data lies past page `n` of the run.
-    pub unsafe fn shrink_run<S: PageSource>(&mut self, src: &S, d: *mut PageDesc, n: usize) {
+    unsafe fn shrink_run_unmarked<S: PageSource>(&mut self, src: &S, d: *mut PageDesc, n: usize) {
         // SAFETY: as in `free_run`; the tail becomes a run of its own and is then freed.
         unsafe {
             let h = header_of_desc(d);
@@ -371,7 +485,7 @@ impl PageHeap {
     ///
     /// # Safety
     /// The caller holds the arena lock.
-    pub unsafe fn purge_all<S: PageSource>(&mut self, src: &S) -> bool {
+    unsafe fn purge_all_unmarked<S: PageSource>(&mut self, src: &S) -> bool {
         self.counters.purges += (self.dirty_pages > 0) as u64;
         // SAFETY: the caller holds the lock.
         unsafe { self.purge_where(src, |_| true) }
@@ -382,7 +496,7 @@ impl PageHeap {
     ///
     /// # Safety
     /// The caller holds the arena lock.
-    pub unsafe fn decay<S: PageSource>(&mut self, src: &S, now_ms: u32) {
+    unsafe fn decay_unmarked<S: PageSource>(&mut self, src: &S, now_ms: u32) {
         self.now = now_ms;
         if now_ms.wrapping_sub(self.last_tick) < TICK_MS {
             return;

@@ -170,8 +170,12 @@ impl SmallBins {
                 }
                 self.unlink(src, class, r);
             }
+            // A run's birth, from the page heap's lists to the bin, is one page-run update
+            // for a shared heap's recovery (`PageHeap::enter`).
+            heap.enter::<S>();
             let (r, dirty) = heap.alloc_run(src, run_pages(class), 1);
             if r.is_null() {
+                heap.leave::<S>();
                 return None;
             }
             let h = header_of_desc(r);
@@ -190,6 +194,7 @@ impl SmallBins {
             (*r).set_kind(Kind::Small);
             self.counters[class].runs += 1;
             self.link(src, class, r);
+            heap.leave::<S>();
             self.alloc_fast(src, class)
         }
     }
@@ -233,6 +238,27 @@ impl SmallBins {
                 self.link(src, class, r);
             }
             if (*r).used == 0 && !((*r).next.is_null() && (*r).prev.is_null()) {
+                self.release(heap, src, class, r);
+            }
+        }
+    }
+
+    /// Gives the empty run `r` of bin `class` back to `heap`.
+    ///
+    /// # Safety
+    /// The caller holds the arena lock; `r` is an empty small run on bin `class`.
+    unsafe fn release<S: PageSource>(
+        &mut self,
+        heap: &mut PageHeap,
+        src: &S,
+        class: usize,
+        r: *mut PageDesc,
+    ) {
+        // SAFETY: by the contract.
+        unsafe {
+            {
+                // A run's death, from the bin to the page heap's lists: one update.
+                heap.enter::<S>();
                 self.unlink(src, class, r);
                 let h = header_of_desc(r);
                 let first = (*h).desc_index(r);
@@ -245,8 +271,118 @@ impl SmallBins {
                     ptr::write_bytes(run_addr(r), 0, run_pages(class) * crate::size_class::PAGE);
                 }
                 heap.free_run(src, r);
+                heap.leave::<S>();
             }
         }
+    }
+
+    /// Tests: what a holder killed in `alloc_fast` between unlinking a block and counting
+    /// it leaves: the first run with a free block loses that block from its list, its
+    /// count unchanged.
+    ///
+    /// # Safety
+    /// The caller holds the arena lock.
+    #[doc(hidden)]
+    pub unsafe fn damage_for_test<S: PageSource>(&mut self, src: &S) {
+        let base = src.base();
+        for class in 0..NUM_CLASSES {
+            let r = self.heads[class].get(base);
+            // SAFETY: runs on the bins are ours; the lock is held.
+            unsafe {
+                if !r.is_null() && !(*r).free.is_null() {
+                    let b = (*r).free.get(base);
+                    (*r).free = Rel::new(self.next_of(src, r, b, class), base);
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Shared heaps, after a lock holder died outside any page-run update
+    /// ([`PageHeap::busy`] false): the page runs and free lists are sound, but a bin list,
+    /// a run's free list or its counts may be half-updated. Rebuilds them from the runs:
+    /// each small run's free list is walked (checked: inside the run, at block boundaries,
+    /// no longer than the run); a sound list sets `used = bump - len`, a broken one is
+    /// dropped (its blocks count as used: leaked, never handed out twice). The bins are
+    /// linked anew, empty runs beyond one per class go back to `heap`, and the class
+    /// counters are made to agree with the runs. Returns the number of small runs.
+    ///
+    /// # Safety
+    /// The caller holds the arena lock; `heap` is this arena's page heap, sound.
+    pub unsafe fn rebuild<S: PageSource>(&mut self, heap: &mut PageHeap, src: &S) -> usize {
+        let base = src.base();
+        let key = self.key;
+        let mut in_use = [0u64; NUM_CLASSES];
+        let mut runs = 0;
+        self.heads = [Rel::NULL; NUM_CLASSES];
+        // SAFETY: the lock is held; the chunks and their run partitions are sound.
+        unsafe {
+            heap.for_each_chunk(src, |c| {
+                let mut i = crate::chunk::HEADER_PAGES;
+                while i < crate::size_class::CHUNK_PAGES {
+                    let r = &mut (*c).pages[i] as *mut PageDesc;
+                    let n = ((*r).npages as usize).max(1);
+                    if (*r).kind() == Kind::Small {
+                        runs += 1;
+                        let class = (*r).class();
+                        let cap = run_blocks(class);
+                        let start = run_addr(r) as usize;
+                        let size = class_size(class);
+                        let mut len = 0usize;
+                        let mut f = (*r).free.get(base) as usize;
+                        let mut sound = ((*r).bump as usize) <= cap;
+                        while sound && f != 0 {
+                            let off = f.wrapping_sub(start);
+                            if off >= ((*r).bump as usize) * size || off % size != 0 || len >= cap {
+                                sound = false;
+                                break;
+                            }
+                            len += 1;
+                            f = from_rel(
+                                decode_link((*(f as *mut Block)).link, to_rel(f, base), key),
+                                base,
+                            );
+                        }
+                        if !sound || len > (*r).bump as usize {
+                            (*r).free = Rel::NULL;
+                            (*r).bump = ((*r).bump as usize).min(cap) as u32;
+                            len = 0;
+                        }
+                        (*r).used = (*r).bump - len as u32;
+                        (*r).next = Rel::NULL;
+                        (*r).prev = Rel::NULL;
+                        (*r).in_bin = false;
+                        in_use[class] += (*r).used as u64;
+                        let gives = !(*r).free.is_null() || ((*r).bump as usize) < cap;
+                        if gives {
+                            self.link(src, class, r);
+                        }
+                    }
+                    i += n;
+                }
+            });
+            // One empty run per bin at most (the invariant of `free`).
+            #[allow(clippy::needless_range_loop)] // `class` indexes the bins too
+            for class in 0..NUM_CLASSES {
+                let mut kept = false;
+                let mut r = self.heads[class].get(base);
+                while !r.is_null() {
+                    let next = (*r).next.get(base);
+                    if (*r).used == 0 {
+                        if kept {
+                            self.release(heap, src, class, r);
+                            runs -= 1;
+                        }
+                        kept = true;
+                    }
+                    r = next;
+                }
+                let k = &mut self.counters[class];
+                k.allocs = k.allocs.max(in_use[class]);
+                k.frees = k.allocs - in_use[class];
+            }
+        }
+        runs
     }
 
     /// Whether `b` is on the free list of run `r` (for double-free confirmation).

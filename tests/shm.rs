@@ -28,7 +28,7 @@ fn main() {
         let path = PathBuf::from(std::env::var("COREHEAP_SHM_PATH").unwrap());
         match role.as_str() {
             "worker" => worker(&path, arg.parse().unwrap()),
-            "holder" => holder(&path, arg == "damage"),
+            "holder" => holder(&path, arg.parse().unwrap()),
             "racer" => racer(&path, &arg),
             "slow-creator" => slow_creator(&path),
             "reader" => collections_reader(&path),
@@ -51,8 +51,9 @@ fn main() {
     let t = Instant::now();
     processes_share_one_heap();
     a_killed_process_does_not_wedge_the_others();
-    a_dead_lock_holder_is_taken_over(false);
-    a_dead_lock_holder_is_taken_over(true);
+    a_dead_lock_holder_is_taken_over(0);
+    a_dead_lock_holder_is_taken_over(1);
+    a_dead_lock_holder_is_taken_over(2);
     open_or_create_runs_init_once();
     a_creator_killed_in_init_is_taken_over();
     bad_files_give_errors();
@@ -307,23 +308,26 @@ fn a_killed_process_does_not_wedge_the_others() {
     heap.check().expect("heap check after killed processes");
     let st = heap.stats();
     let recovered: u64 = st.arenas.iter().map(|a| a.recoveries).sum();
+    let repaired: u64 = st.arenas.iter().map(|a| a.repairs).sum();
     let orphaned: u64 = st.arenas.iter().map(|a| a.orphaned_chunks).sum();
     eprintln!(
         "shm: {KILLS} workers killed, {recovered} arena locks taken over from them \
-         ({orphaned} chunks orphaned), check ok"
+         ({repaired} arenas repaired, {orphaned} chunks orphaned), check ok"
     );
     heap.destroy().unwrap();
 }
 
 /// Takes arena 0's lock (damaging the arena first if asked) and waits to be killed.
-fn holder(path: &Path, damage: bool) {
+fn holder(path: &Path, damage: u8) {
     let heap = SharedHeap::open(path).unwrap();
     heap.hold_arena_lock_for_test(0, damage);
     println!("holding");
     std::thread::sleep(Duration::from_secs(60));
 }
 
-fn a_dead_lock_holder_is_taken_over(damage: bool) {
+/// `damage`: 0 none, 1 a half-done small allocation (repaired), 2 a half-done page-run
+/// update (the arena's chunks are orphaned).
+fn a_dead_lock_holder_is_taken_over(damage: u8) {
     let path = test_path("holder");
     let heap = SharedHeap::create_with(
         &path,
@@ -339,10 +343,14 @@ fn a_dead_lock_holder_is_taken_over(damage: bool) {
     let large = heap.alloc(Layout::from_size_align(40 << 10, 8).unwrap());
     fill(small, 48, 1, 11);
     fill(large, 40 << 10, 1, 12);
+    // A free block on the small run's list, for the holder to damage.
+    let spare = heap.alloc(Layout::from_size_align(48, 8).unwrap());
+    // SAFETY: our block.
+    unsafe { heap.free(spare) };
     let mut h = Command::new(std::env::current_exe().unwrap())
         .env(ROLE, "holder")
         .env("COREHEAP_SHM_PATH", &path)
-        .env("COREHEAP_SHM_ARG", if damage { "damage" } else { "" })
+        .env("COREHEAP_SHM_ARG", damage.to_string())
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();
@@ -362,8 +370,12 @@ fn a_dead_lock_holder_is_taken_over(damage: bool) {
     assert!(t.elapsed() < Duration::from_secs(10));
     let st = heap.stats();
     assert_eq!(st.arenas[0].recoveries, 1);
-    // The arena gave up its chunk (whatever the dead holder was doing) and started over.
-    assert_eq!(st.arenas[0].orphaned_chunks, 1);
+    let orphaned = damage == 2;
+    assert_eq!(st.arenas[0].repairs, !orphaned as u64, "repaired in place");
+    assert_eq!(
+        st.arenas[0].orphaned_chunks, orphaned as u64,
+        "chunks given up"
+    );
     // The blocks from before are intact either way, and can be freed.
     verify(small, &heap);
     verify(large, &heap);
@@ -374,15 +386,18 @@ fn a_dead_lock_holder_is_taken_over(damage: bool) {
         heap.free(p);
     }
     heap.check().unwrap();
-    assert_eq!(heap.stats().in_use(), 0, "orphaned blocks are not counted");
+    // After a repair every byte is accounted for again (the block a half-done allocation
+    // took is lost: counted in use); orphaned blocks are not counted at all.
+    let lost = if damage == 1 { 64 } else { 0 };
+    assert_eq!(heap.stats().in_use(), lost);
     heap.destroy().unwrap();
     eprintln!(
-        "shm: a lock held by a killed process was taken over{}",
-        if damage {
-            " (arena damaged); its chunk was orphaned and the arena went on"
-        } else {
-            " (arena intact); its chunk was orphaned and the arena went on"
-        }
+        "shm: a lock held by a killed process was taken over: {}",
+        [
+            "intact arena, repaired",
+            "half-done small allocation, repaired",
+            "half-done page update, chunks orphaned"
+        ][damage as usize]
     );
 }
 

@@ -816,10 +816,11 @@ impl SharedHeap {
         self.heap.stats()
     }
 
-    /// Takes arena `i`'s lock and never releases it (with `damage`, after breaking one of
-    /// its counters as a half-done update would): for tests of a lock holder's death.
+    /// Takes arena `i`'s lock and never releases it, after leaving damage of kind `damage`
+    /// (0 none, 1 a half-done small allocation, 2 a half-done page-run update): for tests of
+    /// a lock holder's death.
     #[doc(hidden)]
-    pub fn hold_arena_lock_for_test(&self, i: usize, damage: bool) {
+    pub fn hold_arena_lock_for_test(&self, i: usize, damage: u8) {
         if i < self.arenas() {
             self.heap.arena(i).acquire_and_keep(&self.heap.src, damage);
         }
@@ -851,7 +852,7 @@ impl SharedHeap {
     /// arena lock and the chunk lock, so the child's copy is taken between operations.
     fn fork_prepare(&self) {
         for a in self.heap.arenas() {
-            a.acquire_and_keep(&self.heap.src, false);
+            a.acquire_and_keep(&self.heap.src, 0);
         }
         self.heap.src.lock_chunks();
     }

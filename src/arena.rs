@@ -390,36 +390,44 @@ impl Arena {
         // SAFETY: the lock is held (precondition).
         let st = unsafe { &mut *self.state.get() };
         st.recoveries += 1;
-        // SAFETY: as above; with the mark clear the page heap is sound (see above), and the
-        // walks of `rebuild` are bounded and checked.
-        let repaired = !st.heap.busy()
+        let intact = !st.heap.busy();
+        // The recovery is itself an update: if this process dies in it, the next taker
+        // orphans (a repair half done is not trusted).
+        st.heap.enter::<S>();
+        // SAFETY: as above; with the mark clear the page heap is sound (see above), which
+        // its check confirms before `rebuild` changes anything; the walks of `rebuild` are
+        // bounded and checked.
+        let repaired = intact
             && unsafe {
-                st.bins.rebuild(&mut st.heap, src);
-                let (mut large, mut runs) = (0usize, 0usize);
-                st.heap.for_each_chunk(src, |c| {
-                    let mut i = crate::chunk::HEADER_PAGES;
-                    while i < crate::size_class::CHUNK_PAGES {
-                        let d = &(*c).pages[i];
-                        match d.kind() {
-                            Kind::Large => {
-                                large += d.npages as usize * PAGE;
-                                runs += 1;
+                st.heap.check(src).is_ok() && {
+                    st.bins.rebuild(&mut st.heap, src);
+                    let (mut large, mut runs) = (0usize, 0usize);
+                    st.heap.for_each_chunk(src, |c| {
+                        let mut i = crate::chunk::HEADER_PAGES;
+                        while i < crate::size_class::CHUNK_PAGES {
+                            let d = &(*c).pages[i];
+                            match d.kind() {
+                                Kind::Large => {
+                                    large += d.npages as usize * PAGE;
+                                    runs += 1;
+                                }
+                                Kind::Small => runs += 1,
+                                _ => {}
                             }
-                            Kind::Small => runs += 1,
-                            _ => {}
+                            i += (d.npages as usize).max(1);
                         }
-                        i += (d.npages as usize).max(1);
-                    }
-                });
-                st.large.in_use = large;
-                st.heap.counters.runs = runs;
-                self.check_locked(src, st).is_ok()
+                    });
+                    st.large.in_use = large;
+                    st.heap.counters.runs = runs;
+                    self.check_locked(src, st).is_ok()
+                }
             };
         if repaired {
             st.repairs += 1;
         } else {
             self.orphan_all(src, st);
         }
+        st.heap.leave::<S>();
         self.robust.mark_consistent();
     }
 
@@ -445,7 +453,12 @@ impl Arena {
         let key = self.key;
         st.bins = SmallBins::new();
         st.bins.set_key(key);
-        st.heap = PageHeap::new(index);
+        // The new page heap carries the caller's update mark (`recover` holds one): a
+        // death while it is being written leaves a heap that is marked busy, whatever
+        // order the copy writes its bytes in.
+        let mut fresh = PageHeap::new(index);
+        fresh.enter::<S>();
+        st.heap = fresh;
         st.large = LargeCounters::default();
         st.orphaned += n;
     }
@@ -505,14 +518,18 @@ impl Arena {
         let (d, dirty) = unsafe {
             self.drain_locked(src, st);
             st.heap.decay(src, crate::os::now_ms());
+            // Taking the run and marking it Large is one page-run update (see `recover`).
+            st.heap.enter::<S>();
             st.heap.alloc_run(src, n, align_pages)
         };
         let p = if d.is_null() {
+            st.heap.leave::<S>();
             ptr::null_mut()
         } else {
             // SAFETY: `d` heads the run we just took.
             unsafe {
                 (*d).set_kind(Kind::Large);
+                st.heap.leave::<S>();
                 st.large.allocs += 1;
                 st.large.in_use += n * PAGE;
                 let p = crate::chunk::run_addr(d);

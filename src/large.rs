@@ -705,6 +705,9 @@ impl PageHeap {
     pub unsafe fn check<S: PageSource>(&self, src: &S) -> Result<(), &'static str> {
         let base = src.base();
         let mut dirty = 0;
+        // Free runs on the lists, and free run heads in the chunks: every free run must be
+        // listed (a run taken off its list by an update cut short is not free).
+        let (mut listed, mut heads) = (0usize, 0usize);
         for k in [CLEAN, DIRTY] {
             for n in 1..=USABLE_PAGES {
                 let has = self.bitmap[k][n / 64] & (1 << (n % 64)) != 0;
@@ -723,6 +726,10 @@ impl PageHeap {
                         }
                         if k == DIRTY {
                             dirty += n;
+                        }
+                        listed += 1;
+                        if listed > CHUNK_PAGES * (self.counters.chunks_mapped as usize + 1) {
+                            return Err("free list has a cycle");
                         }
                         d = (*d).next.get(base);
                     }
@@ -752,6 +759,7 @@ impl PageHeap {
                     }
                     match d.kind() {
                         Kind::Free => {
+                            heads += 1;
                             if prev_free == Some(d.dirty) {
                                 return Err("two free runs of one kind side by side");
                             }
@@ -791,6 +799,9 @@ impl PageHeap {
         }
         if free_chunks != self.free_chunks {
             return Err("wholly free chunk count is off");
+        }
+        if listed != heads {
+            return Err("a free run is missing from the free lists");
         }
         Ok(())
     }

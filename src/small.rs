@@ -361,10 +361,17 @@ impl SmallBins {
                     i += n;
                 }
             });
-            // One empty run per bin at most (the invariant of `free`).
+            // An empty run stays on its bin only as the bin's only run (the invariant of
+            // `free`): with other runs there, every empty one goes back.
             #[allow(clippy::needless_range_loop)] // `class` indexes the bins too
             for class in 0..NUM_CLASSES {
-                let mut kept = false;
+                let mut busy_runs = 0;
+                let mut r = self.heads[class].get(base);
+                while !r.is_null() {
+                    busy_runs += ((*r).used != 0) as usize;
+                    r = (*r).next.get(base);
+                }
+                let mut kept = busy_runs > 0;
                 let mut r = self.heads[class].get(base);
                 while !r.is_null() {
                     let next = (*r).next.get(base);

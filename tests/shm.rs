@@ -56,6 +56,7 @@ fn main() {
     a_dead_lock_holder_is_taken_over(2);
     open_or_create_runs_init_once();
     a_creator_killed_in_init_is_taken_over();
+    init_that_opens_its_own_heap_gets_an_error();
     bad_files_give_errors();
     collections_in_a_fixed_heap();
     fork_child_uses_the_heap();
@@ -487,6 +488,18 @@ fn a_creator_killed_in_init_is_taken_over() {
     heap.check().unwrap();
     heap.destroy().unwrap();
     eprintln!("shm: a creator killed in init: open reports it, open_or_create creates anew");
+}
+
+fn init_that_opens_its_own_heap_gets_an_error() {
+    let path = test_path("reentrant");
+    let mut inner = None;
+    let heap = SharedHeap::open_or_create(&path, 16 << 20, |_| {
+        inner = Some(SharedHeap::open(&path).map(|_| ()));
+    })
+    .unwrap();
+    let e = inner.unwrap().unwrap_err();
+    assert_eq!(e.kind, ShmErrorKind::InInit, "{e}");
+    heap.destroy().unwrap();
 }
 
 fn bad_files_give_errors() {

@@ -116,6 +116,8 @@ pub enum ShmErrorKind {
     CreatorDied,
     /// The heap did not become ready in time.
     Timeout,
+    /// The heap was opened from inside its own `init` (it is not ready until `init` returns).
+    InInit,
 }
 
 /// An error from [`SharedHeap`]'s constructors.
@@ -289,70 +291,128 @@ impl SharedHeap {
                 Err(e) => return Err(e),
             }
         }
-        let fd = sys::open(path.as_ptr(), writable).map_err(|e| ShmError::os("open", e))?;
-        // A creator holds the file's flock until its heap is ready (its `init` included):
-        // wait for it. open_or_create takes the lock exclusively, as it may have to create.
+        // Open the existing file. A creator holds its flock until its heap is ready (`init`
+        // included): wait for that. open_or_create takes the lock exclusively, as it may
+        // have to create the heap itself.
         let exclusive = mode == Mode::OpenOrCreate;
-        if !sys::flock(fd, exclusive, WAIT_READY_US) {
+        let fd = loop {
+            let fd = match sys::open(path.as_ptr(), writable) {
+                Ok(fd) => fd,
+                // Removed between our failed creation and this open: try again.
+                Err(libc::ENOENT) if mode == Mode::OpenOrCreate => {
+                    match Self::create_locked(path, opts) {
+                        Ok(fd) => {
+                            return Self::build_locked(fd, path, size, opts, saved, init, true)
+                        }
+                        Err(e) if e.code == libc::EEXIST as u64 => continue,
+                        Err(e) => return Err(e),
+                    }
+                }
+                Err(e) => return Err(ShmError::os("open", e)),
+            };
+            if Self::opened_in_own_init(fd) {
+                sys::close(fd);
+                return Err(ShmError::new(
+                    ShmErrorKind::InInit,
+                    "the heap was opened from inside its own init",
+                    0,
+                ));
+            }
+            if let Err(e) = sys::flock(fd, exclusive, WAIT_READY_US) {
+                sys::close(fd);
+                return Err(if e == libc::ETIMEDOUT {
+                    ShmError::new(
+                        ShmErrorKind::Timeout,
+                        "the heap did not become ready within 60 s (its creator's init still running?)",
+                        0,
+                    )
+                } else {
+                    ShmError::os("flock", e)
+                });
+            }
+            // The name may have been removed, or given to a new file, while we waited.
+            if sys::still_named(fd, path.as_ptr()) {
+                break fd;
+            }
+            sys::unlock(fd);
+            sys::close(fd);
+        };
+        if Self::abandoned(fd) {
+            // We hold the lock and the heap is not ready: its creator died.
+            if exclusive {
+                // Create it anew here, `init` included.
+                return Self::build_locked(fd, path, size, opts, saved, init, false);
+            }
+            sys::unlock(fd);
             sys::close(fd);
             return Err(ShmError::new(
-                ShmErrorKind::Timeout,
-                "the heap did not become ready within 60 s (its creator's init still running?)",
+                ShmErrorKind::CreatorDied,
+                "the process creating the heap died before it was ready",
                 0,
             ));
-        }
-        if exclusive && Self::abandoned(fd) {
-            // Its creator died before the heap was ready (we hold the lock, so no creator
-            // runs): create it anew here, `init` included.
-            return Self::build_locked(fd, path, size, opts, saved, init, false);
         }
         let r = Self::attach(fd, writable, saved);
         sys::unlock(fd);
         r.inspect_err(|_| sys::close(fd))
     }
 
+    /// Whether this process is creating the heap in `fd` and has not finished: `init`
+    /// opening its own heap would wait for itself.
+    fn opened_in_own_init(fd: i32) -> bool {
+        if sys::file_size(fd).map_or(true, |l| l < PAGE as u64) {
+            return false;
+        }
+        let Ok(peek) = sys::map_peek(fd, PAGE) else {
+            return false;
+        };
+        let h = peek as *const ShmHeader;
+        // SAFETY: the first page is mapped; the fields are read atomically.
+        let (creator, state) = unsafe {
+            (
+                (*h).creator.load(Ordering::Relaxed),
+                (*h).state.load(Ordering::Acquire),
+            )
+        };
+        sys::unmap(peek as *mut u8, PAGE);
+        creator == sys::pid() && state == STATE_INIT
+    }
+
     /// Creates the file at `path` empty, and already flock-ed: built unnamed (`O_TMPFILE`),
     /// locked, then linked into place, so no other process sees it unlocked before it is
     /// ready. Where the file system has no unnamed files, created by name and then locked
-    /// (an opener may then lock it first and create the heap itself; `build_locked` copes).
+    /// (an opener may then lock it first: `build_locked` and `abandoned` cope).
     fn create_locked(path: &CStr, opts: &Options) -> Result<i32, ShmError> {
-        let exists = |e| {
-            if e == libc::EEXIST {
-                ShmError::new(ShmErrorKind::Os, "create the heap file", e as u64)
-            } else {
-                ShmError::os("create the heap file", e)
-            }
-        };
         if let Ok(fd) = sys::create_unnamed(path.to_bytes_with_nul(), opts.mode) {
-            sys::flock(fd, true, 0);
+            if let Err(e) = sys::flock(fd, true, 0) {
+                sys::close(fd);
+                return Err(ShmError::os("flock", e));
+            }
             match sys::link(fd, path.as_ptr()) {
                 Ok(()) => return Ok(fd),
                 Err(libc::ENOENT) | Err(libc::EPERM) => sys::close(fd), // no /proc: by name
                 Err(e) => {
                     sys::close(fd);
-                    return Err(exists(e));
+                    return Err(ShmError::os("create the heap file", e));
                 }
             }
         }
-        let fd = sys::create_excl(path.as_ptr(), opts.mode).map_err(exists)?;
-        if !sys::flock(fd, true, WAIT_READY_US) {
+        let fd = sys::create_excl(path.as_ptr(), opts.mode)
+            .map_err(|e| ShmError::os("create the heap file", e))?;
+        if let Err(e) = sys::flock(fd, true, WAIT_READY_US) {
             sys::close(fd);
-            return Err(ShmError::new(
-                ShmErrorKind::Timeout,
-                "flock of the new heap file",
-                0,
-            ));
+            return Err(ShmError::os("flock", e));
         }
         Ok(fd)
     }
 
     /// Whether the heap file `fd`, whose lock we hold, was left unfinished by a creator that
-    /// died (empty, or a coreheap header that never became ready). Garbage is not: opening
-    /// it reports what it is.
+    /// died: empty, or a coreheap header that never became ready in a file of whole chunks
+    /// (the size a creator gives it). Anything else is not ours to overwrite: opening it
+    /// reports what it is.
     fn abandoned(fd: i32) -> bool {
         match sys::file_size(fd) {
             Ok(0) => true,
-            Ok(len) if len >= PAGE as u64 => {
+            Ok(len) if len >= PAGE as u64 && len % CHUNK as u64 == 0 => {
                 let Ok(peek) = sys::map_peek(fd, PAGE) else {
                     return false;
                 };
@@ -372,8 +432,9 @@ impl SharedHeap {
     }
 
     /// Builds the heap in `fd`, whose flock we hold, and releases the lock once it is ready.
-    /// `fresh`: we created the file (on failure it is removed again). If the file is not
-    /// empty and holds a ready heap (an opener got the lock first and built it), opens that.
+    /// `fresh`: we created the file (on failure its name is removed again, before the lock
+    /// is released, so no waiting opener takes over a file about to lose its name). If the
+    /// file holds a ready heap (an opener got the lock first and built it), opens that.
     fn build_locked(
         fd: i32,
         path: &CStr,
@@ -391,13 +452,11 @@ impl SharedHeap {
         let r = sys::set_size(fd, 0)
             .map_err(|e| ShmError::os("ftruncate", e))
             .and_then(|_| Self::build(fd, size, opts, saved, init));
+        if r.is_err() && fresh {
+            let _ = sys::unlink(path.as_ptr());
+        }
         sys::unlock(fd);
-        r.inspect_err(|_| {
-            if fresh {
-                let _ = sys::unlink(path.as_ptr());
-            }
-            sys::close(fd);
-        })
+        r.inspect_err(|_| sys::close(fd))
     }
 
     /// Lays out and initialises a new heap in the freshly created, empty file `fd`.

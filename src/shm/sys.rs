@@ -102,8 +102,9 @@ pub fn link(fd: i32, path: *const c_char) -> Result<(), i32> {
 }
 
 /// Takes the `flock` lock of `fd` (shared or exclusive), waiting at most `limit_us`.
-/// Returns whether it did. The kernel drops the lock when its holder dies.
-pub fn flock(fd: i32, exclusive: bool, limit_us: u64) -> bool {
+/// `Err(ETIMEDOUT)` after the wait, `Err(errno)` on any other failure. The kernel drops the
+/// lock when the last descriptor of the open file is closed (its holder died).
+pub fn flock(fd: i32, exclusive: bool, limit_us: u64) -> Result<(), i32> {
     let op = if exclusive {
         libc::LOCK_EX
     } else {
@@ -113,16 +114,34 @@ pub fn flock(fd: i32, exclusive: bool, limit_us: u64) -> bool {
     loop {
         // SAFETY: flock on our descriptor.
         if unsafe { libc::flock(fd, op | libc::LOCK_NB) } == 0 {
-            return true;
+            return Ok(());
         }
-        if errno() != libc::EWOULDBLOCK && errno() != libc::EINTR {
-            return false;
+        let e = errno();
+        if e != libc::EWOULDBLOCK && e != libc::EINTR {
+            return Err(e);
         }
         if waited >= limit_us {
-            return false;
+            return Err(libc::ETIMEDOUT);
         }
         sleep_us(500);
         waited += 500;
+    }
+}
+
+/// Whether `fd` is still the file named `path` (not removed, nor replaced by another file
+/// of that name).
+///
+/// pre: `path` is NUL-terminated.
+pub fn still_named(fd: i32, path: *const c_char) -> bool {
+    // SAFETY: `a` and `b` are plain data that the calls fill; `path` is NUL-terminated.
+    unsafe {
+        let mut a: libc::stat = core::mem::zeroed();
+        let mut b: libc::stat = core::mem::zeroed();
+        libc::fstat(fd, &mut a) == 0
+            && libc::stat(path, &mut b) == 0
+            && a.st_nlink > 0
+            && a.st_dev == b.st_dev
+            && a.st_ino == b.st_ino
     }
 }
 

@@ -64,31 +64,13 @@ pub fn create_unnamed(path: &[u8], mode: u32) -> Result<i32, i32> {
 ///
 /// pre: `path` is NUL-terminated.
 pub fn link(fd: i32, path: *const c_char) -> Result<(), i32> {
-    let mut proc_path = [0u8; 32];
-    let prefix = b"/proc/self/fd/";
-    proc_path[..prefix.len()].copy_from_slice(prefix);
-    let mut n = prefix.len();
-    let mut digits = [0u8; 10];
-    let mut d = 0;
-    let mut v = fd as u32;
-    loop {
-        digits[d] = b'0' + (v % 10) as u8;
-        d += 1;
-        v /= 10;
-        if v == 0 {
-            break;
-        }
-    }
-    while d > 0 {
-        d -= 1;
-        proc_path[n] = digits[d];
-        n += 1;
-    }
+    let mut proc_path = crate::diag::Line::new();
+    proc_path.str(b"/proc/self/fd/").num(fd as u64).str(b"\0");
     // SAFETY: both paths are NUL-terminated.
     let r = unsafe {
         libc::linkat(
             libc::AT_FDCWD,
-            proc_path.as_ptr().cast(),
+            proc_path.as_bytes().as_ptr().cast(),
             libc::AT_FDCWD,
             path,
             libc::AT_SYMLINK_FOLLOW,
@@ -311,28 +293,9 @@ pub fn process_alive(pid: u32) -> bool {
     }
     // A killed process whose parent has not waited for it yet still answers kill(): look at
     // its state in /proc/PID/stat ("PID (comm) S ..."), without allocating.
-    let mut path = [0u8; 32];
-    let prefix = b"/proc/";
-    path[..prefix.len()].copy_from_slice(prefix);
-    let mut n = prefix.len();
-    let mut digits = [0u8; 10];
-    let mut d = 0;
-    let mut v = pid;
-    loop {
-        digits[d] = b'0' + (v % 10) as u8;
-        d += 1;
-        v /= 10;
-        if v == 0 {
-            break;
-        }
-    }
-    while d > 0 {
-        d -= 1;
-        path[n] = digits[d];
-        n += 1;
-    }
-    path[n..n + 5].copy_from_slice(b"/stat");
-    let Ok(fd) = open(path.as_ptr().cast(), false) else {
+    let mut path = crate::diag::Line::new();
+    path.str(b"/proc/").num(pid as u64).str(b"/stat\0");
+    let Ok(fd) = open(path.as_bytes().as_ptr().cast(), false) else {
         return true;
     };
     let mut buf = [0u8; 256];

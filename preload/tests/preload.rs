@@ -626,3 +626,24 @@ fn python_runs_on_a_shared_heap() {
     heap.check().expect("check after python");
     heap.destroy().unwrap();
 }
+
+#[test]
+fn shell_subshells_on_a_shared_heap_get_private_copies() {
+    // Subshells (fork) that allocate new chunks in their private copy of the heap and fork
+    // again: the grandchild must copy its parent's memory, not the file's (it lost the
+    // child's new chunks once: zeroed headers, wrong output).
+    let name = format!("coreheap-preload-sh-{}", std::process::id());
+    let path = coreheap::shm::shm_path(&name);
+    let _ = std::fs::remove_file(&path);
+    let script = "for i in 1 2 3; do\n\
+        x=$( big=$(head -c 3000000 /dev/zero | tr '\\0' a); s=''; \
+        for j in $(seq 1 2000); do s=\"$s$j\"; done; \
+        y=$(echo \"${big:0:5}${#s}\"); echo \"$y ${#big}\" )\n\
+        done\necho \"last $x\"";
+    let shm = format!("{name}:64M");
+    let out = preloaded("bash", &["-c", script], &[("COREHEAP_SHM", &shm)], 120);
+    assert_eq!(text(&out.stdout).trim(), "last aaaaa6893 3000000");
+    let heap = coreheap::shm::SharedHeap::open(&path).unwrap();
+    heap.check().expect("check after the shell");
+    heap.destroy().unwrap();
+}

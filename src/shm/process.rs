@@ -125,6 +125,21 @@ fn open_from_env() -> Option<&'static SharedHeap> {
     }
 }
 
+/// Set in a fork child once its heap is a private copy: from then on the mapping is
+/// ordinary private memory, which `fork` itself copies, and the handlers do nothing (a
+/// second privatization would copy only what the file holds, losing the copy's own
+/// writes: a grandchild of bash found zeroed chunk headers).
+static PRIVATE: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(false);
+
+/// The heap while it is still the shared file's mapping.
+fn shared_heap() -> Option<&'static SharedHeap> {
+    if PRIVATE.load(Ordering::Relaxed) {
+        None
+    } else {
+        heap_if_on()
+    }
+}
+
 /// The pipe through which a fork child tells its parent that its copy is made.
 static FORK_PIPE: [core::sync::atomic::AtomicI32; 2] = [
     core::sync::atomic::AtomicI32::new(-1),
@@ -132,7 +147,7 @@ static FORK_PIPE: [core::sync::atomic::AtomicI32; 2] = [
 ];
 
 unsafe extern "C" fn fork_prepare() {
-    if let Some(h) = heap_if_on() {
+    if let Some(h) = shared_heap() {
         let (r, w) = super::sys::pipe().unwrap_or((-1, -1));
         FORK_PIPE[0].store(r, Ordering::Relaxed);
         FORK_PIPE[1].store(w, Ordering::Relaxed);
@@ -141,7 +156,7 @@ unsafe extern "C" fn fork_prepare() {
 }
 
 unsafe extern "C" fn fork_parent() {
-    if let Some(h) = heap_if_on() {
+    if let Some(h) = shared_heap() {
         let (r, w) = (
             FORK_PIPE[0].load(Ordering::Relaxed),
             FORK_PIPE[1].load(Ordering::Relaxed),
@@ -157,7 +172,7 @@ unsafe extern "C" fn fork_parent() {
 }
 
 unsafe extern "C" fn fork_child() {
-    if let Some(h) = heap_if_on() {
+    if let Some(h) = shared_heap() {
         if !h.fork_child() {
             os::write_all(
                 2,
@@ -165,6 +180,7 @@ unsafe extern "C" fn fork_child() {
             );
             os::fatal(b"coreheap: a fork child cannot share its parent's heap\n");
         }
+        PRIVATE.store(true, Ordering::Relaxed);
         let (r, w) = (
             FORK_PIPE[0].load(Ordering::Relaxed),
             FORK_PIPE[1].load(Ordering::Relaxed),

@@ -17,7 +17,9 @@
 //!
 //! `process heap` is coreheap's in-process heap (`CoreHeap` called through `GlobalAlloc`,
 //! with its per-CPU caches when rseq is available): in the multi-process rows each process
-//! has its own. `shared heap` is one `SharedHeap` that all processes map.
+//! has its own; `(no rseq cache)` is the same with `COREHEAP_RSEQ=0` (every operation under
+//! the arena's futex lock, as in the shared heap). `shared heap` is one `SharedHeap` that
+//! all processes map. `ratio` is shared / process heap, `ratio2` shared / no rseq cache.
 
 use std::alloc::{GlobalAlloc, Layout};
 use std::hint::black_box;
@@ -192,8 +194,14 @@ fn main() {
         heap.arenas()
     );
     println!(
-        "{:<12} {:>10} {:>14} {:>13} {:>7}",
-        "workload", "processes", "process heap", "shared heap", "ratio"
+        "{:<12} {:>10} {:>14} {:>15} {:>13} {:>7} {:>7}",
+        "workload",
+        "processes",
+        "process heap",
+        "(no rseq cache)",
+        "shared heap",
+        "ratio",
+        "ratio2"
     );
     for work in ["pair", "batch", "handoff"] {
         let counts: Vec<usize> = if work == "handoff" {
@@ -202,9 +210,9 @@ fn main() {
             vec![1, cores, 2 * cores]
         };
         for procs in counts {
-            let mut r = [Vec::new(), Vec::new()];
+            let mut r = [Vec::new(), Vec::new(), Vec::new()];
             for _ in 0..z.runs {
-                for (k, kind) in ["process", "shared"].iter().enumerate() {
+                for (k, kind) in ["process", "locked", "shared"].iter().enumerate() {
                     // SAFETY: no process uses the rings between runs.
                     unsafe { std::ptr::write_bytes(rings, 0, MAX_PAIRS) };
                     r[k].push(run(work, kind, procs, &path));
@@ -215,12 +223,14 @@ fn main() {
                 v[v.len() / 2]
             });
             println!(
-                "{:<12} {:>10} {:>14.1} {:>13.1} {:>6.2}x",
+                "{:<12} {:>10} {:>14.1} {:>15.1} {:>13.1} {:>6.2}x {:>6.2}x",
                 work,
                 procs,
                 m[0],
                 m[1],
-                m[1] / m[0]
+                m[2],
+                m[2] / m[0],
+                m[2] / m[1]
             );
         }
     }
@@ -241,6 +251,8 @@ fn run(work: &str, kind: &str, procs: usize, path: &Path) -> f64 {
         .map(|i| {
             Command::new(std::env::current_exe().unwrap())
                 .env(ROLE, format!("{work}:{kind}:{i}"))
+                // `locked`: the process heap without its per-CPU caches.
+                .env("COREHEAP_RSEQ", if kind == "locked" { "0" } else { "1" })
                 .env("COREHEAP_SHM_BENCH_PATH", path)
                 .args(std::env::args().skip(1))
                 .stdout(Stdio::piped())

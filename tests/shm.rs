@@ -512,6 +512,12 @@ fn bad_files_give_errors() {
         SharedHeap::open(&path).unwrap_err().kind,
         ShmErrorKind::NotAHeap
     );
+    // Empty.
+    std::fs::write(&path, b"").unwrap();
+    assert_eq!(
+        SharedHeap::open(&path).unwrap_err().kind,
+        ShmErrorKind::NotAHeap
+    );
     // Shorter than a header.
     std::fs::write(&path, b"coreheap").unwrap();
     assert_eq!(

@@ -343,13 +343,22 @@ impl SharedHeap {
                 // Create it anew here, `init` included.
                 return Self::build_locked(fd, path, size, opts, saved, init, false);
             }
+            let empty = sys::file_size(fd) == Ok(0);
             sys::unlock(fd);
             sys::close(fd);
-            return Err(ShmError::new(
-                ShmErrorKind::CreatorDied,
-                "the process creating the heap died before it was ready",
-                0,
-            ));
+            return Err(if empty {
+                ShmError::new(
+                    ShmErrorKind::NotAHeap,
+                    "not a coreheap shared heap (empty file; or its creator died at once)",
+                    0,
+                )
+            } else {
+                ShmError::new(
+                    ShmErrorKind::CreatorDied,
+                    "the process creating the heap died before it was ready",
+                    0,
+                )
+            });
         }
         let r = Self::attach(fd, writable, saved);
         sys::unlock(fd);

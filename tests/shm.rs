@@ -621,6 +621,12 @@ fn collections_in_a_fixed_heap() {
     assert_eq!(s.m.get(&123_456), Some(&42));
     // SAFETY: the only owner; built with `a`.
     drop(unsafe { ABox::from_raw_in(root, a) });
+    // `&SharedHeap` is an allocator too (for structures this process alone uses).
+    let mut local: AVec<u64, &SharedHeap> = AVec::new_in(&heap);
+    local.extend(0..1000u64);
+    assert!(heap.contains(local.as_ptr().cast()));
+    assert_eq!(local.iter().sum::<u64>(), 499_500);
+    drop(local);
     heap.check().unwrap();
     heap.destroy().unwrap();
     eprintln!("shm: a Vec and a hash map built by one process, read and grown by another");

@@ -143,9 +143,10 @@ pub fn remap_in_place(p: *mut u8, old: usize, new: usize) -> bool {
 /// On success `[p, p + old)` is unmapped; on failure nothing changed.
 ///
 /// pre: `[p, p + old)` is one mapping of this module; `[target, target + new)` is a
-/// reservation of [`reserve_aligned`] that nothing else uses.
+/// reservation of [`reserve_aligned`], or a mapping of this process's (a shared heap's, see
+/// `shm::sys::privatize`), that nothing else uses.
 pub fn move_mapping(p: *mut u8, old: usize, new: usize, target: *mut u8) -> bool {
-    // SAFETY: MREMAP_FIXED replaces only the reservation at `target`, which is ours.
+    // SAFETY: MREMAP_FIXED replaces only what is at `target`, which is ours and unused.
     let r = unsafe {
         libc::mremap(
             p.cast(),

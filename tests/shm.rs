@@ -98,6 +98,8 @@ fn spawn_ops(role: &str, path: &Path, arg: &str, ops: usize) -> Child {
         .env(ROLE, role)
         .env("COREHEAP_SHM_PATH", path)
         .env("COREHEAP_SHM_ARG", arg)
+        // A worker reports one line at its end (read by `processes_share_one_heap`).
+        .stdout(std::process::Stdio::piped())
         .spawn()
         .expect("spawn worker")
 }
@@ -262,10 +264,21 @@ fn processes_share_one_heap() {
     let mut kids: Vec<Child> = (0..6)
         .map(|i| spawn("worker", &path, &i.to_string()))
         .collect();
+    let mut foreign = 0u64;
     for (i, k) in kids.iter_mut().enumerate() {
         let s = wait(k, Duration::from_secs(120), "worker");
         assert!(s.success(), "worker {i} failed: {s}");
+        let mut out = String::new();
+        std::io::Read::read_to_string(&mut k.stdout.take().unwrap(), &mut out).unwrap();
+        // "worker N: F blocks of other processes freed"
+        foreign += out
+            .split_whitespace()
+            .nth(2)
+            .and_then(|f| f.parse::<u64>().ok())
+            .unwrap();
     }
+    // Every worker verified and freed blocks that others allocated.
+    assert!(foreign > 1000, "only {foreign} cross-process frees");
     let left = drain_exchange(&heap);
     heap.check().expect("heap check after six processes");
     let st = heap.stats();
@@ -276,8 +289,9 @@ fn processes_share_one_heap() {
     );
     let remote: u64 = st.arenas.iter().map(|a| a.remote_frees).sum();
     eprintln!(
-        "shm: 6 processes, {} arenas, {left} blocks left in the exchange, {remote} frees \
-         through pending stacks, check ok",
+        "shm: 6 processes, {} arenas, {foreign} blocks freed by a process that did not \
+         allocate them, {left} left in the exchange, {remote} frees through pending stacks, \
+         check ok",
         heap.arenas()
     );
     heap.destroy().unwrap();

@@ -168,11 +168,8 @@ pub fn shm_path(name: &str) -> std::path::PathBuf {
     std::path::Path::new("/dev/shm").join(name.trim_start_matches('/'))
 }
 
-/// How long an opener waits for a heap that is being created whose creator shows no sign of
-/// life yet (the file exists, nothing is written).
-const WAIT_EMPTY_US: u64 = 5_000_000;
-/// How long an opener waits for a heap whose creator is alive but not done (its `init` may
-/// be running).
+/// How long an opener waits for the file's lock, which a creator holds until its heap is
+/// ready (its `init` may be running).
 const WAIT_READY_US: u64 = 60_000_000;
 
 /// A shared heap, mapped in this process.
@@ -258,11 +255,6 @@ impl SharedHeap {
         init: &mut dyn FnMut(&SharedHeap),
     ) -> Result<SharedHeap, ShmError> {
         Self::open_raw(path, Mode::OpenOrCreate, size, opts, true, init)
-    }
-
-    /// [`SharedHeap::open_readonly`] without allocating.
-    pub fn open_readonly_cstr(path: &CStr) -> Result<SharedHeap, ShmError> {
-        Self::open_raw(path, Mode::Open, 0, &Options::default(), false, &mut |_| {})
     }
 
     fn open_raw(
@@ -365,25 +357,32 @@ impl SharedHeap {
         r.inspect_err(|_| sys::close(fd))
     }
 
+    /// Calls `f` with the header of the file `fd` mapped read-only on its own; `None` if
+    /// the file is shorter than a page (or cannot be mapped).
+    fn peek<T>(fd: i32, f: impl FnOnce(*const ShmHeader) -> T) -> Option<T> {
+        if sys::file_size(fd).map_or(true, |l| l < PAGE as u64) {
+            return None;
+        }
+        let page = sys::map_peek(fd, PAGE).ok()?;
+        let r = f(page.cast());
+        sys::unmap(page as *mut u8, PAGE);
+        Some(r)
+    }
+
     /// Whether this process is creating the heap in `fd` and has not finished: `init`
     /// opening its own heap would wait for itself.
     fn opened_in_own_init(fd: i32) -> bool {
-        if sys::file_size(fd).map_or(true, |l| l < PAGE as u64) {
-            return false;
-        }
-        let Ok(peek) = sys::map_peek(fd, PAGE) else {
-            return false;
-        };
-        let h = peek as *const ShmHeader;
-        // SAFETY: the first page is mapped; the fields are read atomically.
-        let (creator, state) = unsafe {
-            (
-                (*h).creator.load(Ordering::Relaxed),
-                (*h).state.load(Ordering::Acquire),
-            )
-        };
-        sys::unmap(peek as *mut u8, PAGE);
-        creator == sys::pid() && state == STATE_INIT
+        Self::peek(fd, |h| {
+            // SAFETY: `peek` maps the first page; the fields are read atomically.
+            let (creator, state) = unsafe {
+                (
+                    (*h).creator.load(Ordering::Relaxed),
+                    (*h).state.load(Ordering::Acquire),
+                )
+            };
+            creator == sys::pid() && state == STATE_INIT
+        })
+        .unwrap_or(false)
     }
 
     /// Creates the file at `path` empty, and already flock-ed: built unnamed (`O_TMPFILE`),
@@ -421,21 +420,12 @@ impl SharedHeap {
     fn abandoned(fd: i32) -> bool {
         match sys::file_size(fd) {
             Ok(0) => true,
-            Ok(len) if len >= PAGE as u64 && len % CHUNK as u64 == 0 => {
-                let Ok(peek) = sys::map_peek(fd, PAGE) else {
-                    return false;
-                };
-                let h = peek as *const ShmHeader;
-                // SAFETY: the first page is mapped; nobody writes it (we hold the lock).
-                let (magic, state) = unsafe {
-                    (
-                        ptr::read_volatile(ptr::addr_of!((*h).magic)),
-                        (*h).state.load(Ordering::Acquire),
-                    )
-                };
-                sys::unmap(peek as *mut u8, PAGE);
+            Ok(len) if len % CHUNK as u64 == 0 => Self::peek(fd, |h| {
+                // SAFETY: `peek` maps the first page; nobody writes it (we hold the lock).
+                let (magic, state) = unsafe { ((*h).magic, (*h).state.load(Ordering::Acquire)) };
                 (magic == SHM_MAGIC || magic == 0) && state != STATE_READY
-            }
+            })
+            .unwrap_or(false),
             _ => false,
         }
     }
@@ -555,41 +545,20 @@ impl SharedHeap {
         Ok(heap)
     }
 
-    /// Validates the heap in `fd` (waiting while its creator is still at work) and maps it.
+    /// Validates the heap in `fd`, whose flock we hold and which `abandoned` said is not
+    /// unfinished, and maps it.
     fn attach(fd: i32, writable: bool, path: [u8; PATH_MAX + 1]) -> Result<SharedHeap, ShmError> {
-        let mut waited = 0u64;
-        // The creator sets the file's length right after creating it.
-        let len = loop {
-            let len = sys::file_size(fd).map_err(|e| ShmError::os("fstat", e))?;
-            if len > 0 || waited >= WAIT_EMPTY_US {
-                break len;
-            }
-            sys::sleep_us(200);
-            waited += 200;
-        };
-        if len < PAGE as u64 {
-            return Err(ShmError::new(
-                if len == 0 {
-                    ShmErrorKind::NotAHeap
-                } else {
-                    ShmErrorKind::Truncated
-                },
-                if len == 0 {
-                    "not a coreheap shared heap (empty file)"
-                } else {
-                    "not a coreheap shared heap (shorter than a header)"
-                },
+        let len = sys::file_size(fd).map_err(|e| ShmError::os("fstat", e))?;
+        let (size, fixed) =
+            Self::peek(fd, |h| Self::validate(h, len)).unwrap_or(Err(ShmError::new(
+                ShmErrorKind::Truncated,
+                "not a coreheap shared heap (shorter than a header)",
                 0,
-            ));
-        }
-        let peek = sys::map_peek(fd, PAGE).map_err(|e| ShmError::os("mmap", e))?;
-        let r = Self::wait_ready(peek.cast(), len);
-        sys::unmap(peek as *mut u8, PAGE);
-        let (size, fixed) = r?;
+            )))?;
         let base = map(fd, size as usize, writable, fixed)?;
         // Validated again in the mapping that is used (the file could have changed since
         // the peek); `Heap::view` then copies the layout once.
-        if Self::wait_ready(base as *const ShmHeader, len) != Ok((size, fixed)) {
+        if Self::validate(base as *const ShmHeader, len) != Ok((size, fixed)) {
             sys::unmap(base as *mut u8, size as usize);
             return Err(ShmError::new(
                 ShmErrorKind::NotAHeap,
@@ -604,69 +573,39 @@ impl SharedHeap {
         })
     }
 
-    /// Waits until the header at `h` is ready and checks it against a file of `len` bytes.
-    /// Returns the heap's size and its fixed address, if any.
-    fn wait_ready(h: *const ShmHeader, len: u64) -> Result<(u64, Option<usize>), ShmError> {
-        let mut waited = 0u64;
-        loop {
-            // SAFETY: `h` maps the file's first page, which exists (len >= PAGE). The
-            // creator writes the header, then magic and version, then `state` with Release:
-            // fields are trusted only after an Acquire load of a non-zero state, and read
-            // volatile before (the creator may be writing them).
-            let (state, magic, creator) = unsafe {
-                (
-                    (*h).state.load(Ordering::Acquire),
-                    ptr::read_volatile(ptr::addr_of!((*h).magic)),
-                    (*h).creator.load(Ordering::Relaxed),
-                )
-            };
-            if magic != SHM_MAGIC && (magic != 0 || state != 0) {
+    /// Checks the header at `h` against a file of `len` bytes. Returns the heap's size and
+    /// its fixed address, if any.
+    ///
+    /// pre: `h` maps the file's first page, and we hold the file's flock, so no creator is
+    /// writing it: a heap that is not READY now never will be.
+    fn validate(h: *const ShmHeader, len: u64) -> Result<(u64, Option<usize>), ShmError> {
+        // SAFETY: by the precondition the page is mapped and nobody writes the header; the
+        // creator stored `state` (Release) after everything else, hence the Acquire.
+        let h = unsafe {
+            let state = (*h).state.load(Ordering::Acquire);
+            if (*h).magic != SHM_MAGIC {
                 return Err(ShmError::new(
                     ShmErrorKind::NotAHeap,
                     "not a coreheap shared heap (bad magic)",
                     0,
                 ));
             }
-            if state != 0 {
-                // SAFETY: as above.
-                let version = unsafe { ptr::read_volatile(ptr::addr_of!((*h).version)) };
-                if version != SHM_VERSION {
-                    return Err(ShmError::new(
-                        ShmErrorKind::Version,
-                        "a coreheap heap of another version",
-                        version as u64,
-                    ));
-                }
-                if state == STATE_READY {
-                    break;
-                }
+            if (*h).version != SHM_VERSION {
+                return Err(ShmError::new(
+                    ShmErrorKind::Version,
+                    "a coreheap heap of another version",
+                    (*h).version as u64,
+                ));
             }
-            if creator != 0 && !sys::process_alive(creator) {
+            if state != STATE_READY {
                 return Err(ShmError::new(
                     ShmErrorKind::CreatorDied,
-                    "the process creating the heap died before it was ready (remove the file)",
+                    "the process creating the heap died before it was ready",
                     0,
                 ));
             }
-            if creator == 0 && waited >= WAIT_EMPTY_US {
-                return Err(ShmError::new(
-                    ShmErrorKind::NotAHeap,
-                    "not a coreheap shared heap (no header)",
-                    0,
-                ));
-            }
-            if waited >= WAIT_READY_US {
-                return Err(ShmError::new(
-                    ShmErrorKind::Timeout,
-                    "the heap did not become ready within 60 s (its creator's init still running?)",
-                    0,
-                ));
-            }
-            sys::sleep_us(500);
-            waited += 500;
-        }
-        // SAFETY: as above; the header is complete and fixed once READY.
-        let h = unsafe { &*h };
+            &*h
+        };
         if h.chunk != CHUNK as u64
             || h.page != PAGE as u64
             || h.arena_size != core::mem::size_of::<Arena>() as u64
@@ -955,7 +894,9 @@ impl SharedHeap {
         true
     }
 
-    /// Returns free pages to the file system (holes in the file).
+    /// Returns pending frees to their arenas. Free pages inside live chunks stay allocated
+    /// in the file (punching them could raise SIGBUS on a full file system, see
+    /// `ShmSource::purge`); wholly free chunks go back as they empty.
     pub fn trim(&self) {
         if self.heap.src.writable {
             for a in self.heap.arenas() {
@@ -1029,10 +970,7 @@ impl ShmAlloc {
 // copied anywhere names the same heap.
 unsafe impl allocator_api2::alloc::Allocator for ShmAlloc {
     fn allocate(&self, layout: Layout) -> Result<NonNull<[u8]>, allocator_api2::alloc::AllocError> {
-        let p = self.heap().alloc(layout.size(), layout.align());
-        NonNull::new(p)
-            .map(|p| NonNull::slice_from_raw_parts(p, layout.size()))
-            .ok_or(allocator_api2::alloc::AllocError)
+        self.heap().allocate(layout)
     }
 
     unsafe fn deallocate(&self, ptr: NonNull<u8>, _layout: Layout) {
@@ -1045,10 +983,7 @@ unsafe impl allocator_api2::alloc::Allocator for ShmAlloc {
 // blanket `impl Allocator for &A`.
 unsafe impl allocator_api2::alloc::Allocator for SharedHeap {
     fn allocate(&self, layout: Layout) -> Result<NonNull<[u8]>, allocator_api2::alloc::AllocError> {
-        let p = self.alloc(layout);
-        NonNull::new(p)
-            .map(|p| NonNull::slice_from_raw_parts(p, layout.size()))
-            .ok_or(allocator_api2::alloc::AllocError)
+        self.heap.allocate(layout)
     }
 
     unsafe fn deallocate(&self, ptr: NonNull<u8>, _layout: Layout) {
@@ -1126,6 +1061,13 @@ impl Heap {
 
     fn alloc(&self, size: usize, align: usize) -> *mut u8 {
         self.alloc_inner(size, align).0
+    }
+
+    /// `Allocator::allocate`.
+    fn allocate(&self, layout: Layout) -> Result<NonNull<[u8]>, allocator_api2::alloc::AllocError> {
+        NonNull::new(self.alloc(layout.size(), layout.align()))
+            .map(|p| NonNull::slice_from_raw_parts(p, layout.size()))
+            .ok_or(allocator_api2::alloc::AllocError)
     }
 
     fn alloc_zeroed(&self, size: usize, align: usize) -> *mut u8 {
@@ -1329,7 +1271,7 @@ impl Heap {
         self.src.for_each_head(|c| {
             let h = c as *const ChunkHeader;
             // SAFETY: a chunk with a `heads` bit is mapped and starts with a header.
-            let (magic, kind, arena) = unsafe { ((*h).magic, (*h).kind, (*h).arena) };
+            let (magic, kind, arena) = unsafe { ((*h).magic(), (*h).kind, (*h).arena_index()) };
             if r.is_ok() && magic != MAGIC && magic != 0 {
                 r = Err("a chunk header has a bad magic");
             } else if r.is_ok()

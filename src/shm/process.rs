@@ -146,6 +146,14 @@ static FORK_PIPE: [core::sync::atomic::AtomicI32; 2] = [
     core::sync::atomic::AtomicI32::new(-1),
 ];
 
+/// The fork pipe's (read, write) ends, -1 when it could not be made.
+fn fork_pipe() -> (i32, i32) {
+    (
+        FORK_PIPE[0].load(Ordering::Relaxed),
+        FORK_PIPE[1].load(Ordering::Relaxed),
+    )
+}
+
 unsafe extern "C" fn fork_prepare() {
     if let Some(h) = shared_heap() {
         let (r, w) = super::sys::pipe().unwrap_or((-1, -1));
@@ -157,10 +165,7 @@ unsafe extern "C" fn fork_prepare() {
 
 unsafe extern "C" fn fork_parent() {
     if let Some(h) = shared_heap() {
-        let (r, w) = (
-            FORK_PIPE[0].load(Ordering::Relaxed),
-            FORK_PIPE[1].load(Ordering::Relaxed),
-        );
+        let (r, w) = fork_pipe();
         if r >= 0 {
             // Our write end closed, the read returns when the child writes or exits.
             super::sys::close(w);
@@ -181,10 +186,7 @@ unsafe extern "C" fn fork_child() {
             os::fatal(b"coreheap: a fork child cannot share its parent's heap\n");
         }
         PRIVATE.store(true, Ordering::Relaxed);
-        let (r, w) = (
-            FORK_PIPE[0].load(Ordering::Relaxed),
-            FORK_PIPE[1].load(Ordering::Relaxed),
-        );
+        let (r, w) = fork_pipe();
         if w >= 0 {
             super::sys::signal(w);
             super::sys::close(w);

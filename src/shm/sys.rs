@@ -377,17 +377,8 @@ pub fn privatize(p: *mut u8, len: usize, fd: i32) -> bool {
         }
         off = end.max(off + 1);
     }
-    // SAFETY: moves our private copy over our shared mapping (MREMAP_FIXED unmaps it).
-    let r = unsafe {
-        libc::mremap(
-            tmp.cast(),
-            len,
-            len,
-            libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
-            p.cast::<libc::c_void>(),
-        )
-    };
-    if r == libc::MAP_FAILED {
+    // Moves our private copy over our shared mapping (MREMAP_FIXED unmaps it).
+    if !crate::os::move_mapping(tmp, len, len, p) {
         unmap(tmp, len);
         return false;
     }

@@ -662,20 +662,23 @@ mod sections {
 }
 
 impl Caches {
-    /// Pops a free block of class `class` from the current CPU's cache, or returns null.
-    /// The block's first word still holds a link; its second is untouched. A block whose
-    /// link fails its check is reported (the process aborts).
+    /// Pops a free block of class `class` from the current CPU's cache. The block's first
+    /// word still holds a link; its second is untouched. `Err` when nothing was popped
+    /// (the list is empty, or the thread has no usable CPU id); a block whose link fails its
+    /// check is reported (the process aborts).
     ///
     /// Callers check `enabled` first.
     #[inline(always)]
-    pub fn pop(&self, class: usize) -> *mut Block {
+    pub fn pop(&self, class: usize) -> Result<*mut Block, ()> {
         debug_assert!(self.enabled && class < NUM_CLASSES);
         let (head, bad) = self.pop_raw(class);
-        let b = (head & PTR_MASK) as *mut Block;
-        if bad && !b.is_null() {
-            self.corrupt(b, class);
+        if bad {
+            if head != 0 {
+                self.corrupt((head & PTR_MASK) as *mut Block, class);
+            }
+            return Err(());
         }
-        b
+        Ok((head & PTR_MASK) as *mut Block)
     }
 
     #[cold]

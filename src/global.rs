@@ -29,9 +29,10 @@ unsafe impl GlobalAlloc for CoreHeap {
     }
 
     #[inline]
-    unsafe fn dealloc(&self, ptr: *mut u8, _layout: Layout) {
-        // SAFETY: the caller hands back a block this allocator returned.
-        unsafe { HEAP.free(ptr) }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: the caller hands back a block this allocator returned, with the layout
+        // it was allocated or last reallocated with.
+        unsafe { HEAP.free_sized(ptr, layout.size(), layout.align()) }
     }
 
     #[inline]

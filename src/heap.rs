@@ -61,9 +61,13 @@ struct HugeCounters {
 /// The process heap. There is one, [`HEAP`].
 ///
 /// Invariant: `config` is written only by the thread that moved `state` to `INITING`, and
-/// read only after `state == READY` was observed with Acquire ordering.
+/// read only after `state == READY` (or `fast`, set after it) was observed with Acquire
+/// ordering.
 pub struct Heap {
     state: AtomicU8,
+    /// Set (Release) once, after `READY`, when the per-CPU caches are on: the fast paths
+    /// test this one flag. Seeing it set with Acquire implies `READY` was observed.
+    fast: AtomicBool,
     init_thread: AtomicUsize,
     config: UnsafeCell<Config>,
     huge: HugeCounters,
@@ -113,9 +117,10 @@ impl Bootstrap {
         }
     }
 
+    #[inline]
     fn contains(&self, p: *const u8) -> bool {
-        let base = self.buf.get() as usize;
-        (base..base + BOOTSTRAP_SIZE).contains(&(p as usize))
+        // One compare: below the buffer wraps around to a huge offset.
+        (p as usize).wrapping_sub(self.buf.get() as usize) < BOOTSTRAP_SIZE
     }
 }
 
@@ -123,6 +128,7 @@ impl Heap {
     const fn new() -> Self {
         Self {
             state: AtomicU8::new(UNINIT),
+            fast: AtomicBool::new(false),
             init_thread: AtomicUsize::new(0),
             config: UnsafeCell::new(Config {
                 arenas: ptr::null_mut(),
@@ -171,6 +177,11 @@ impl Heap {
                     self.state
                         .store(if ok { READY } else { FAILED }, Ordering::Release);
                     if ok {
+                        // SAFETY: `config` was just published by READY and is read-only.
+                        if unsafe { (*self.config.get()).caches.enabled } {
+                            // Release: publishes `config` (and READY) to `fast_path_ready`.
+                            self.fast.store(true, Ordering::Release);
+                        }
                         register_handlers();
                     }
                     return ok;
@@ -299,15 +310,13 @@ impl Heap {
     /// null, and whether it is known to read zero.
     #[inline]
     pub fn alloc(&self, size: usize, align: usize) -> (*mut u8, bool) {
-        let Some(cfg) = self.config() else {
-            return (self.alloc_bootstrap(size, align), true);
-        };
-        if cfg.caches.enabled && size <= SMALL_MAX && align <= PAGE {
+        if size <= SMALL_MAX && align <= PAGE && self.fast_path_ready() {
+            // SAFETY: the fast path is on, so the config is READY.
+            let cfg = unsafe { &*self.config.get() };
             let class = class_of(if size > align { size } else { align });
-            let b = cfg.caches.pop(class);
-            if b.is_null() {
+            let Ok(b) = cfg.caches.pop(class) else {
                 return Self::refill(cfg, class);
-            }
+            };
             // SAFETY: the popped block is ours and at least 16 bytes long. Neither its encoded
             // link (which would help guess the arena's secret) nor the free mark may
             // survive into a live block.
@@ -315,8 +324,19 @@ impl Heap {
                 (*b).link = 0;
                 (*b).mark = 0;
             }
-            (b.cast(), false)
-        } else if cfg.debug {
+            return (b.cast(), false);
+        }
+        self.alloc_slow(size, align)
+    }
+
+    /// Everything but a small block from the caches. Out of line, so that the fast path
+    /// above needs no registers saved.
+    #[inline(never)]
+    fn alloc_slow(&self, size: usize, align: usize) -> (*mut u8, bool) {
+        let Some(cfg) = self.config() else {
+            return (self.alloc_bootstrap(size, align), true);
+        };
+        if cfg.debug {
             self.alloc_debug(cfg, size, align)
         } else {
             self.alloc_locked(cfg, size, align)
@@ -428,9 +448,9 @@ impl Heap {
             Lookup::Small { arena, run } if self.fast_path_ready() => {
                 // SAFETY: the fast path is on, so the config is READY.
                 let cfg = unsafe { &*self.config.get() };
-                // SAFETY: `lookup` found a live small block of arena `arena`, which the
-                // caller gives up.
-                unsafe { Self::free_small_fast(cfg, p, what, arena, run) }
+                // SAFETY: `lookup` found a live small block of arena `arena` in run `run`
+                // (a live run head), which the caller gives up.
+                unsafe { Self::free_small_fast(cfg, p, arena, (*run).class()) }
             }
             Lookup::Small { arena, .. } | Lookup::Large { arena, .. } => {
                 // A registered chunk implies READY: chunks are only mapped after init.
@@ -458,47 +478,132 @@ impl Heap {
         }
     }
 
-    /// Whether the heap is READY with the fast path on (one load each).
+    /// Whether the heap is READY with the fast path on (one load). When true, `config`
+    /// may be read.
     #[inline(always)]
     fn fast_path_ready(&self) -> bool {
-        // Acquire: as in `config`.
-        self.state.load(Ordering::Acquire) == READY
-            // SAFETY: READY was observed with Acquire (see the invariant on `Heap`).
-            && unsafe { (*self.config.get()).caches.enabled }
+        // Acquire: pairs with the Release store of `fast`, which follows READY.
+        self.fast.load(Ordering::Acquire)
+    }
+
+    /// Frees `p`, which the caller allocated (or last resized) with `size` and `align`, the
+    /// way `GlobalAlloc::dealloc` is called. A small block skips [`lookup`]: its class comes
+    /// from the size, which `realloc` keeps exact (a small block stays in place only within
+    /// its class, a large one only while it stays large), and its arena from its chunk's
+    /// header.
+    ///
+    /// # Safety
+    /// `p` is a live block of this heap that the caller gives up, last allocated or resized
+    /// by this heap with `size` and `align` (a power of two).
+    #[inline]
+    pub unsafe fn free_sized(&self, p: *mut u8, size: usize, align: usize) {
+        if size <= SMALL_MAX && align <= PAGE && self.fast_path_ready() && !BOOTSTRAP.0.contains(p)
+        {
+            // SAFETY: the fast path is on, so the config is READY.
+            let cfg = unsafe { &*self.config.get() };
+            let class = class_of(if size > align { size } else { align });
+            let h = chunk_of(p) as *const ChunkHeader;
+            // SAFETY: by the contract `p` is a small block of this heap (a size of at most
+            // SMALL_MAX with such an alignment is never served another way, bootstrap
+            // blocks aside), so its chunk is mapped and its header readable.
+            let (magic, arena) = unsafe { ((*h).magic, (*h).arena_index()) };
+            if magic == MAGIC {
+                debug_assert!(
+                    // SAFETY: `lookup` returns live run heads.
+                    matches!(lookup(&SRC, p), Lookup::Small { run, .. } if unsafe { (*run).class() } == class),
+                    "free_sized: the size does not match the block's class"
+                );
+                // SAFETY: a live small block of `arena` and `class` (contract), given up.
+                return unsafe { Self::free_small_fast(cfg, p, arena, class) };
+            }
+        }
+        // SAFETY: by the contract.
+        unsafe { self.free_outlined(p) }
+    }
+
+    /// [`Heap::free`], out of line: the fallback of `free_sized`, which then needs no
+    /// registers saved.
+    ///
+    /// # Safety
+    /// As for `free`.
+    #[inline(never)]
+    unsafe fn free_outlined(&self, p: *mut u8) {
+        // SAFETY: passed on from the caller.
+        unsafe { self.free(p) }
     }
 
     /// Frees small block `p` of arena `arena` through the current CPU's cache.
     ///
     /// # Safety
-    /// `cfg.caches.enabled`; `what` is `lookup(p)`, a live small block of `arena` in run
-    /// `run`, which the caller gives up.
+    /// `cfg.caches.enabled`; `p` is a live small block of `arena` of class `class`, which
+    /// the caller gives up.
     #[inline(always)]
-    unsafe fn free_small_fast(
-        cfg: &Config,
-        p: *mut u8,
-        what: Lookup,
-        arena: u32,
-        run: *mut crate::chunk::PageDesc,
-    ) {
-        let b = p.cast::<Block>();
-        // SAFETY: `run` is a live small run (contract); the block is ours and 16 bytes long.
+    unsafe fn free_small_fast(cfg: &Config, p: *mut u8, arena: u32, class: usize) {
+        // SAFETY: the block is ours (contract) and at least 16 bytes long.
+        if unsafe { (*p.cast::<Block>()).mark } == cfg.mark {
+            // SAFETY: by the contract.
+            return unsafe { Self::free_small_suspect(cfg, p, arena, class) };
+        }
+        // SAFETY: by the contract.
+        unsafe { Self::free_small_push(cfg, p, arena, class) }
+    }
+
+    /// `p` carries the double-free mark: abort if it is free; otherwise (live data that
+    /// happens to match) free it as usual.
+    ///
+    /// # Safety
+    /// As for `free_small_fast`.
+    #[cold]
+    #[inline(never)]
+    unsafe fn free_small_suspect(cfg: &Config, p: *mut u8, arena: u32, class: usize) {
+        // SAFETY: by the contract.
         unsafe {
-            let class = (*run).class();
-            if (*b).mark == cfg.mark {
-                Self::confirm_double_free(cfg, p, what, arena, class, DOUBLE_FREE);
-            }
+            Self::confirm_double_free(cfg, p, lookup(&SRC, p), arena, class, DOUBLE_FREE);
+            Self::free_small_push(cfg, p, arena, class);
+        }
+    }
+
+    /// Marks `p` free and pushes it on the current CPU's list (or, when that cannot take
+    /// it, the slower ways).
+    ///
+    /// # Safety
+    /// As for `free_small_fast`, and the block is not free.
+    #[inline(always)]
+    unsafe fn free_small_push(cfg: &Config, p: *mut u8, arena: u32, class: usize) {
+        let b = p.cast::<Block>();
+        // SAFETY: the block is ours and at least 16 bytes long (contract).
+        unsafe {
             (*b).mark = cfg.mark;
             match cfg.caches.push(class, b, arena) {
                 Push::Done => {}
+                r => Self::free_small_slow(cfg, p, arena, class, r),
+            }
+        }
+    }
+
+    /// The current CPU's list could not take `p` (`r` says why): the outbox, a flush, or
+    /// the locked path.
+    ///
+    /// # Safety
+    /// As for `free_small_fast`, with the mark written.
+    #[cold]
+    #[inline(never)]
+    unsafe fn free_small_slow(cfg: &Config, p: *mut u8, arena: u32, class: usize, r: Push) {
+        let what = lookup(&SRC, p);
+        // SAFETY: by the contract.
+        unsafe {
+            match r {
+                Push::Done => {}
                 Push::Full => Self::free_small_full(cfg, p, what, arena, class),
                 // Up to 512 bytes (where a class list holds 64 too): an outbox holds 32 KiB.
-                Push::Remote if limit(class) == OUTBOX_LIMIT => match cfg.caches.push_outbox(b) {
-                    Push::Done => {}
-                    Push::Full => Self::free_outbox_full(cfg, p, what, arena),
-                    _ => Self::free_small_foreign(cfg, p, what, arena),
-                },
-                Push::Remote => Self::free_small_foreign(cfg, p, what, arena),
-                Push::Foreign => Self::free_small_foreign(cfg, p, what, arena),
+                Push::Remote if limit(class) == OUTBOX_LIMIT => {
+                    match cfg.caches.push_outbox(p.cast()) {
+                        Push::Done => {}
+                        Push::Full => Self::free_outbox_full(cfg, p, what, arena),
+                        _ => Self::free_small_foreign(cfg, p, what, arena),
+                    }
+                }
+                Push::Remote | Push::Foreign => Self::free_small_foreign(cfg, p, what, arena),
             }
         }
     }
@@ -719,14 +824,16 @@ impl Heap {
             Lookup::Small { run, .. } => {
                 // SAFETY: a live small run head.
                 let cs = class_size(unsafe { (*run).class() });
-                // In place unless the block would be less than a quarter used.
-                if aligned && size <= cs && (size > cs / 4 || cs == class_size(0)) {
+                // In place only within the class, so that `free_sized` can take the class
+                // from the size.
+                if aligned && class_of(if size > align { size } else { align }) == class_of(cs) {
                     return p;
                 }
                 cs
             }
             Lookup::Large { arena, run } => {
-                if aligned && size <= LARGE_MAX {
+                // A size that a small block would serve moves to one (see `free_sized`).
+                if aligned && size <= LARGE_MAX && (size > SMALL_MAX || align > PAGE) {
                     if let Some(cfg) = self.config() {
                         let a = Self::arena(cfg, arena as usize);
                         // SAFETY: `run` heads the live large block `p`, which the caller owns.

@@ -23,9 +23,13 @@ static GLOBAL: coreheap::CoreHeap = coreheap::CoreHeap::new();
 const CHILD_VAR: &str = "COREHEAP_FASTPATH_CHILD";
 
 fn main() {
-    if std::env::var_os(CHILD_VAR).is_some() {
-        counter_child();
-        return;
+    match std::env::var(CHILD_VAR).as_deref() {
+        Ok("double") => double_dealloc_child(),
+        Ok(_) => {
+            counter_child();
+            return;
+        }
+        Err(_) => {}
     }
     std::thread::spawn(|| {
         std::thread::sleep(Duration::from_secs(240));
@@ -33,6 +37,8 @@ fn main() {
         std::process::exit(1);
     });
     fast_path_taken_only_with_rseq();
+    double_dealloc_aborts();
+    realloc_keeps_the_class_that_dealloc_computes();
     migrated_threads_lose_and_duplicate_nothing();
     eprintln!("fastpath: all tests passed");
 }
@@ -61,6 +67,55 @@ fn counter_child() {
         coreheap::fast_path() as u8,
         fast
     );
+}
+
+/// The child: frees one small block twice through `GlobalAlloc::dealloc` (the sized path),
+/// with other blocks of its class freed in between. Must not return.
+fn double_dealloc_child() -> ! {
+    let layout = Layout::from_size_align(48, 8).unwrap();
+    // SAFETY: deliberately wrong: `p` is deallocated twice, which coreheap must detect.
+    unsafe {
+        let p = alloc(layout);
+        let others: Vec<*mut u8> = (0..5).map(|_| alloc(layout)).collect();
+        println!("block={p:p}");
+        dealloc(p, layout);
+        for q in others {
+            dealloc(q, layout);
+        }
+        dealloc(p, layout);
+    }
+    println!("second dealloc returned");
+    std::process::exit(0);
+}
+
+/// A double `dealloc` aborts with glibc's message naming the block, with the caches on
+/// and off.
+fn double_dealloc_aborts() {
+    use std::os::unix::process::ExitStatusExt;
+    for env in [vec![], vec![("COREHEAP_RSEQ", "0")]] {
+        let out = Command::new(std::env::current_exe().unwrap())
+            .env(CHILD_VAR, "double")
+            .env_remove("COREHEAP_RSEQ")
+            .envs(env.iter().copied())
+            .output()
+            .expect("cannot run the test binary");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let block = stdout
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("block="))
+            .unwrap_or_else(|| panic!("no block in {stdout:?}"));
+        assert_eq!(
+            out.status.signal(),
+            Some(libc::SIGABRT),
+            "double dealloc ({env:?}) did not abort: {stdout} {stderr}"
+        );
+        assert!(
+            stderr.contains("double free") && stderr.contains(block.trim_start_matches("0x")),
+            "double dealloc ({env:?}): message does not name {block}: {stderr}"
+        );
+    }
+    eprintln!("fastpath: a double dealloc aborts, caches on and off");
 }
 
 fn run_child(env: &[(&str, &str)]) -> (bool, bool, u64) {
@@ -123,6 +178,96 @@ fn fast_path_taken_only_with_rseq() {
         assert!(!on, "the fast path must be off with {env:?}");
         assert_eq!(fast, 0, "fast allocs counted with {env:?}");
     }
+}
+
+/// `dealloc` takes a small block's class from its layout (`Heap::free_sized`), so `realloc`
+/// must leave every block with a usable size that its new layout maps back to: a small
+/// block stays in place only within its class, and a size small blocks serve is never left
+/// in a large or huge block. Every pair of sizes across the class edges, at three
+/// alignments; contents are checked, and the heap must end where it started.
+fn realloc_keeps_the_class_that_dealloc_computes() {
+    // The class a (size, align) with align <= 4 KiB and size <= 8 KiB is served from.
+    let class_bytes = |size: usize, align: usize| size.max(align).max(16).next_power_of_two();
+    let sizes = [
+        1,
+        8,
+        16,
+        17,
+        24,
+        32,
+        33,
+        48,
+        64,
+        65,
+        100,
+        127,
+        128,
+        129,
+        250,
+        256,
+        257,
+        600,
+        1024,
+        1500,
+        2048,
+        4000,
+        4096,
+        4097,
+        8000,
+        8192,
+        8193,
+        12_000,
+        16_384,
+        100_000,
+        1 << 20,
+        3 << 20,
+    ];
+    let before = coreheap::stats().in_use();
+    let mut moved = 0;
+    for align in [8, 64, 4096] {
+        for &from in &sizes {
+            for &to in &sizes {
+                let old = Layout::from_size_align(from, align).unwrap();
+                // SAFETY: non-zero size; the block is resized and freed with the layouts
+                // it has at each step, and only the bytes it holds are touched.
+                unsafe {
+                    let p = alloc(old);
+                    assert!(!p.is_null());
+                    for i in 0..from.min(4096) {
+                        p.add(i).write(i as u8 ^ 0x5a);
+                    }
+                    let q = std::alloc::realloc(p, old, to);
+                    assert!(
+                        !q.is_null(),
+                        "realloc {from} -> {to} (align {align}) failed"
+                    );
+                    assert_eq!(q as usize % align, 0);
+                    moved += (q != p) as usize;
+                    for i in 0..from.min(to).min(4096) {
+                        assert_eq!(q.add(i).read(), i as u8 ^ 0x5a, "byte {i}, {from} -> {to}");
+                    }
+                    let usable = coreheap::usable_size(q);
+                    if to <= coreheap::SMALL_MAX && align <= coreheap::PAGE {
+                        assert_eq!(
+                            usable,
+                            class_bytes(to, align),
+                            "realloc {from} -> {to} (align {align}) left a block of {usable} B"
+                        );
+                    } else {
+                        assert!(usable >= to);
+                    }
+                    dealloc(q, Layout::from_size_align(to, align).unwrap());
+                }
+            }
+        }
+    }
+    let after = coreheap::stats().in_use();
+    eprintln!("fastpath: realloc across class edges: {moved} moved, in use {before} -> {after}");
+    assert_eq!(
+        after, before,
+        "realloc and dealloc lost or double-counted memory"
+    );
+    coreheap::check_heap().unwrap();
 }
 
 /// A block in flight: address, layout, and the tag written at both ends.

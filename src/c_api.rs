@@ -129,7 +129,7 @@ pub unsafe fn realloc(p: *mut c_void, size: usize) -> *mut c_void {
         // SAFETY: passed on from the caller.
         Some(h) if h.contains(p.cast()) => unsafe { h.realloc_aligned(p.cast(), size, MIN_ALIGN) },
         // SAFETY: passed on from the caller.
-        _ => unsafe { HEAP.realloc(p.cast(), size, MIN_ALIGN) },
+        _ => unsafe { HEAP.realloc(p.cast(), size, MIN_ALIGN, false) },
     };
     if q.is_null() {
         nomem()

@@ -43,6 +43,6 @@ unsafe impl GlobalAlloc for CoreHeap {
     #[inline]
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
         // SAFETY: the caller owns `ptr`, a block of this allocator.
-        unsafe { HEAP.realloc(ptr, new_size, layout.align()) }
+        unsafe { HEAP.realloc(ptr, new_size, layout.align(), true) }
     }
 }

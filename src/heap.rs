@@ -795,9 +795,14 @@ impl Heap {
     /// Resizes `p` to `size` bytes aligned to `align`, in place when it can. Returns the
     /// block, or null (and `p` is untouched) when memory is exhausted.
     ///
+    /// With `exact` (for callers that free with [`Heap::free_sized`]) the block left has
+    /// the class `size` maps to: a small block stays in place only within its class, and a
+    /// large block that shrinks to a small size moves. Without it (the C interface) a small
+    /// block also shrinks in place while at least a quarter of it stays in use.
+    ///
     /// # Safety
     /// `p` is null or a live block of this heap that the caller owns.
-    pub unsafe fn realloc(&self, p: *mut u8, size: usize, align: usize) -> *mut u8 {
+    pub unsafe fn realloc(&self, p: *mut u8, size: usize, align: usize, exact: bool) -> *mut u8 {
         if p.is_null() {
             return self.alloc(size, align).0;
         }
@@ -824,16 +829,18 @@ impl Heap {
             Lookup::Small { run, .. } => {
                 // SAFETY: a live small run head.
                 let cs = class_size(unsafe { (*run).class() });
-                // In place only within the class, so that `free_sized` can take the class
-                // from the size.
-                if aligned && class_of(if size > align { size } else { align }) == class_of(cs) {
+                let in_place = if exact {
+                    class_of(if size > align { size } else { align }) == class_of(cs)
+                } else {
+                    size <= cs && (size > cs / 4 || cs == class_size(0))
+                };
+                if aligned && in_place {
                     return p;
                 }
                 cs
             }
             Lookup::Large { arena, run } => {
-                // A size that a small block would serve moves to one (see `free_sized`).
-                if aligned && size <= LARGE_MAX && (size > SMALL_MAX || align > PAGE) {
+                if aligned && size <= LARGE_MAX && (!exact || size > SMALL_MAX || align > PAGE) {
                     if let Some(cfg) = self.config() {
                         let a = Self::arena(cfg, arena as usize);
                         // SAFETY: `run` heads the live large block `p`, which the caller owns.

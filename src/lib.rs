@@ -140,6 +140,6 @@ pub mod raw {
     #[inline]
     pub unsafe fn realloc(p: *mut u8, size: usize, align: usize) -> *mut u8 {
         // SAFETY: passed on from the caller.
-        unsafe { HEAP.realloc(p, size, align) }
+        unsafe { HEAP.realloc(p, size, align, false) }
     }
 }

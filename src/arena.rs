@@ -218,6 +218,40 @@ pub fn lookup<S: PageSource>(src: &S, p: *const u8) -> Lookup {
     }
 }
 
+/// If `p` is a live small block of at most a page, its arena and class: [`lookup`]'s answer
+/// for such blocks, found from the block's own page descriptor (every page of a small run
+/// records the class), without going to the run's first page. `None` for anything else,
+/// which [`lookup`] then sorts out.
+#[inline]
+pub fn lookup_small<S: PageSource>(src: &S, p: *const u8) -> Option<(u32, usize)> {
+    let c = chunk_of(p);
+    if !src.owns_chunk(c) {
+        return None;
+    }
+    let h = c as *const ChunkHeader;
+    // SAFETY: as in `lookup`: the chunk is mapped, its header readable; page descriptors are
+    // read through atomics.
+    unsafe {
+        if (*h).magic != MAGIC || (*h).kind != CHUNK_ARENA {
+            return None;
+        }
+        let d = &(*h).pages[page_index(p)];
+        if !matches!(d.kind(), Kind::Small | Kind::SmallInterior) {
+            return None;
+        }
+        let class = d.class();
+        // Runs start on a page; blocks of at most a page are at multiples of their size from
+        // the start, so exactly the addresses aligned to that size are block starts.
+        if class >= NUM_CLASSES
+            || class_size(class) > PAGE
+            || p as usize & (class_size(class) - 1) != 0
+        {
+            return None;
+        }
+        Some(((*h).arena_index(), class))
+    }
+}
+
 /// What a pointer that is not a block start points into (see [`describe`]).
 pub struct Inside {
     /// The owning arena; none for a huge block.

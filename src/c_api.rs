@@ -80,6 +80,21 @@ pub unsafe fn free(p: *mut c_void) {
     if p.is_null() {
         return;
     }
+    // SAFETY: passed on from the caller. A CPU cache taking the block makes no system call,
+    // so errno needs saving only on the other paths.
+    if shm_heap().is_none() && unsafe { HEAP.free_cached(p.cast()) } {
+        return;
+    }
+    // SAFETY: as above.
+    unsafe { free_slow(p) }
+}
+
+/// Every other `free`: out of line, so that the path above saves no registers.
+///
+/// # Safety
+/// As for `free`, `p` not null.
+#[inline(never)]
+unsafe fn free_slow(p: *mut c_void) {
     let e = errno();
     match shm_heap() {
         // SAFETY: passed on from the caller; an invalid pointer aborts.

@@ -13,7 +13,8 @@
 //! - the first page of every run has kind `Free`, `Small` or `Large` and `npages` its length;
 //! - the last page of a free run of two or more pages has kind `FreeTail` and `lead` the
 //!   distance back to the first page;
-//! - every other page of a small run has kind `SmallInterior` and `lead` the distance back;
+//! - every other page of a small run has kind `SmallInterior`, `lead` the distance back and
+//!   the run's `class` (so a block's class is known from its own page);
 //! - every other page has kind `Interior`.
 //!
 //! So the left neighbour of a run is found from the page before it, the right neighbour from

@@ -43,10 +43,10 @@
 //! same five sections for its ISA, and its `RSEQ_SIG` placed before each abort handler as
 //! the kernel's selftests (`tools/testing/selftests/rseq/rseq-*.h`) show.
 
-use core::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 
 use crate::chunk::{decode_link, encode_link, Block};
-use crate::size_class::{class_size, NUM_CLASSES};
+use crate::size_class::{class_of as class_of_size, class_size, NUM_CLASSES};
 
 const PTR_BITS: u32 = 48;
 /// The address bits of a packed head or link.
@@ -70,6 +70,9 @@ pub struct CpuCache {
     fast_frees: AtomicU64,
     /// The arena that every block in this cache belongs to. Written once at initialisation.
     arena: AtomicU32,
+    /// The most blocks each list holds: [`limit`] of its class, then [`OUTBOX_LIMIT`].
+    /// Written once at initialisation; a push compares with it in memory.
+    limits: [AtomicU8; NUM_CLASSES + 1],
     /// That arena's secret for links ([`encode_link`]). Written once at initialisation.
     key: AtomicUsize,
 }
@@ -78,6 +81,7 @@ const OFF_ALLOCS: usize = core::mem::offset_of!(CpuCache, fast_allocs);
 const OFF_FREES: usize = core::mem::offset_of!(CpuCache, fast_frees);
 const OFF_ARENA: usize = core::mem::offset_of!(CpuCache, arena);
 const OFF_KEY: usize = core::mem::offset_of!(CpuCache, key);
+const OFF_LIMITS: usize = core::mem::offset_of!(CpuCache, limits);
 const _: () = assert!(core::mem::size_of::<CpuCache>() == 1 << STRIDE_SHIFT);
 const _: () = assert!(core::mem::offset_of!(CpuCache, heads) == 0);
 const _: () = assert!(batch(0) == BATCH_MAX);
@@ -90,6 +94,12 @@ pub const OUTBOX: usize = NUM_CLASSES;
 
 /// How many blocks an outbox holds before it is sent.
 pub const OUTBOX_LIMIT: usize = 64;
+
+/// The largest blocks an outbox takes (where a class list holds [`OUTBOX_LIMIT`] blocks
+/// too, so an outbox holds at most 32 KiB); frees of larger blocks of other arenas take the
+/// locked path or the owner's pending stack.
+pub const OUTBOX_MAX_BLOCK: usize = 512;
+const _: () = assert!(limit(class_of_size(OUTBOX_MAX_BLOCK)) == OUTBOX_LIMIT);
 
 /// The most blocks a CPU keeps of class `class`: 64, and at most 32 KiB of the class.
 /// Per CPU that bounds the caches to 64 * (16 + ... + 512) + 4 * 32 KiB, about 192 KiB.
@@ -181,9 +191,16 @@ impl Caches {
         for (a, key) in arena_of {
             // SAFETY: slot `len` is inside `mem` by the contract; zeroed memory is a valid
             // CpuCache (atomics), so a shared reference to it is sound.
-            unsafe {
-                (*base.add(len)).arena.store(a, Ordering::Relaxed);
-                (*base.add(len)).key.store(key, Ordering::Relaxed);
+            let c = unsafe { &*base.add(len) };
+            c.arena.store(a, Ordering::Relaxed);
+            c.key.store(key, Ordering::Relaxed);
+            for (list, l) in c.limits.iter().enumerate() {
+                let n = if list == OUTBOX {
+                    OUTBOX_LIMIT
+                } else {
+                    limit(list)
+                };
+                l.store(n as u8, Ordering::Relaxed);
             }
             len += 1;
         }
@@ -312,7 +329,9 @@ mod sections {
     //! `rseq_cs` at 8. An unregistered thread reads a negative `cpu_id`, which compares as a
     //! huge unsigned number and takes the way out.
 
-    use super::{Caches, OFF_ALLOCS, OFF_ARENA, OFF_FREES, OFF_KEY, OUTBOX, STRIDE_SHIFT};
+    use super::{
+        Caches, OFF_ALLOCS, OFF_ARENA, OFF_FREES, OFF_KEY, OFF_LIMITS, OUTBOX, STRIDE_SHIFT,
+    };
     use core::arch::asm;
 
     /// glibc's `RSEQ_SIG` for x86.
@@ -434,8 +453,8 @@ mod sections {
             (head, bad != 0)
         }
 
-        /// Pushes block `b` of arena `arena` on the current CPU's list `class`, which holds
-        /// fewer than `limit` blocks: a class list if that cache is for `arena`, or the
+        /// Pushes block `b` of arena `arena` on the current CPU's list `class` if it holds
+        /// fewer blocks than its limit: a class list if that cache is for `arena`, or the
         /// outbox ([`OUTBOX`]) for any arena. Returns 0 (done), 1 (no usable CPU id),
         /// 2 (full) or 3 (a class list of another arena's cache).
         ///
@@ -443,13 +462,7 @@ mod sections {
         /// `b` is a free block of class `class` of arena `arena` (for the outbox: a free
         /// small block of 512 bytes or less) that the caller owns.
         #[inline(always)]
-        pub(super) unsafe fn push_raw(
-            &self,
-            class: usize,
-            b: usize,
-            arena: u32,
-            limit: usize,
-        ) -> u32 {
+        pub(super) unsafe fn push_raw(&self, class: usize, b: usize, arena: u32) -> u32 {
             let status: u32;
             // SAFETY: as in `pop_raw`; the section also writes the first word of `b`, which
             // the caller owns, before the commit publishes it.
@@ -470,7 +483,7 @@ mod sections {
                         "mov {t}, {h}",
                         "shr {t}, 48",
                         "mov {st:e}, 2",
-                        "cmp {t}, {limit}",
+                        "cmp {t:l}, byte ptr [{c} + {cls} + {limits}]",
                         "jae 75f",
                         "add {t}, 1",
                         "shl {t}, 48",
@@ -491,7 +504,7 @@ mod sections {
                     cls = in(reg) class,
                     b = in(reg) b,
                     arena = in(reg) arena,
-                    limit = in(reg) limit,
+                    limits = const OFF_LIMITS,
                     st = out(reg) status,
                     h = out(reg) _,
                     c = out(reg) _,
@@ -646,7 +659,7 @@ mod sections {
         pub(super) fn pop_raw(&self, _class: usize) -> (usize, bool) {
             (0, false)
         }
-        pub(super) unsafe fn push_raw(&self, _: usize, _: usize, _: u32, _: usize) -> u32 {
+        pub(super) unsafe fn push_raw(&self, _: usize, _: usize, _: u32) -> u32 {
             1
         }
         pub(super) fn take_all_raw(&self, _class: usize) -> (usize, usize) {
@@ -710,7 +723,7 @@ impl Caches {
     pub unsafe fn push(&self, class: usize, b: *mut Block, arena: u32) -> Push {
         debug_assert!(self.enabled && class < NUM_CLASSES);
         // SAFETY: by the contract.
-        match unsafe { self.push_raw(class, b as usize, arena, limit(class)) } {
+        match unsafe { self.push_raw(class, b as usize, arena) } {
             0 => Push::Done,
             2 => Push::Full,
             3 => Push::Remote,
@@ -727,7 +740,7 @@ impl Caches {
     #[inline(always)]
     pub unsafe fn push_outbox(&self, b: *mut Block) -> Push {
         // SAFETY: by the contract.
-        match unsafe { self.push_raw(OUTBOX, b as usize, 0, OUTBOX_LIMIT) } {
+        match unsafe { self.push_raw(OUTBOX, b as usize, 0) } {
             0 => Push::Done,
             2 => Push::Full,
             _ => Push::Foreign,

@@ -13,9 +13,9 @@ use core::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering}
 
 use crossbeam_utils::{Backoff, CachePadded};
 
-use crate::arena::{describe, lookup, Arena, ArenaStats, Lookup, LARGE_ALIGN_MAX};
+use crate::arena::{describe, lookup, lookup_small, Arena, ArenaStats, Lookup, LARGE_ALIGN_MAX};
 use crate::chunk::{chunk_of, Block, ChunkHeader, CHUNK_HUGE, MAGIC, REGISTRY};
-use crate::cpucache::{batch, limit, Caches, Chain, Push, OUTBOX, OUTBOX_LIMIT};
+use crate::cpucache::{batch, Caches, Chain, Push, OUTBOX, OUTBOX_MAX_BLOCK};
 use crate::debug;
 use crate::diag::{block_error, invalid_pointer, Line};
 use crate::os;
@@ -486,6 +486,68 @@ impl Heap {
         self.fast.load(Ordering::Acquire)
     }
 
+    /// Frees `p` if it is a small block that the current CPU's cache (or, for a block of
+    /// another arena, its outbox) takes at once; returns whether it did. Makes no system
+    /// call, so errno is untouched; when this returns false nothing has changed, and the
+    /// caller goes on with [`Heap::free`], which handles every other case (and reports an
+    /// invalid pointer).
+    ///
+    /// # Safety
+    /// As for [`Heap::free`], `p` not null.
+    #[inline]
+    pub unsafe fn free_cached(&self, p: *mut u8) -> bool {
+        if !self.fast_path_ready() {
+            return false;
+        }
+        let Some((arena, class)) = lookup_small(&SRC, p) else {
+            return false;
+        };
+        // SAFETY: the fast path is on, so the config is READY.
+        let cfg = unsafe { &*self.config.get() };
+        let b = p.cast::<Block>();
+        // SAFETY: `lookup_small` found a live small block (at least 16 bytes) of `arena` and
+        // `class`; the caller gives it up. A block with the mark is left to `free`, which
+        // tells a double free from data that happens to match.
+        unsafe {
+            let old = (*b).mark;
+            if old == cfg.mark {
+                return false;
+            }
+            (*b).mark = cfg.mark;
+            match cfg.caches.push(class, b, arena) {
+                Push::Done => true,
+                r => Self::free_cached_other(cfg, b, class, old, r),
+            }
+        }
+    }
+
+    /// `free_cached` when the CPU's list could not take `b` (`r` says why): the outbox, for
+    /// a small block of another arena; otherwise the mark is undone and nothing changed.
+    /// Out of line, so that `free_cached`'s common path saves no registers.
+    ///
+    /// # Safety
+    /// As in `free_cached`, with the mark written over `old`.
+    #[inline(never)]
+    unsafe fn free_cached_other(
+        cfg: &Config,
+        b: *mut Block,
+        class: usize,
+        old: usize,
+        r: Push,
+    ) -> bool {
+        // SAFETY: by the contract.
+        unsafe {
+            if r == Push::Remote
+                && class_size(class) <= OUTBOX_MAX_BLOCK
+                && cfg.caches.push_outbox(b) == Push::Done
+            {
+                return true;
+            }
+            (*b).mark = old;
+        }
+        false
+    }
+
     /// Frees `p`, which the caller allocated (or last resized) with `size` and `align`, the
     /// way `GlobalAlloc::dealloc` is called. A small block skips [`lookup`]: its class comes
     /// from the size, which `realloc` keeps exact (a small block stays in place only within
@@ -595,8 +657,7 @@ impl Heap {
             match r {
                 Push::Done => {}
                 Push::Full => Self::free_small_full(cfg, p, what, arena, class),
-                // Up to 512 bytes (where a class list holds 64 too): an outbox holds 32 KiB.
-                Push::Remote if limit(class) == OUTBOX_LIMIT => {
+                Push::Remote if class_size(class) <= OUTBOX_MAX_BLOCK => {
                     match cfg.caches.push_outbox(p.cast()) {
                         Push::Done => {}
                         Push::Full => Self::free_outbox_full(cfg, p, what, arena),

@@ -777,9 +777,12 @@ impl PageHeap {
                     }
                     let last = if d.kind() == Kind::Free { n - 1 } else { n };
                     for j in 1..last {
-                        let k = (*c).pages[i + j].kind();
+                        let e = &(*c).pages[i + j];
+                        let k = e.kind();
                         let ok = match d.kind() {
-                            Kind::Small => k == Kind::SmallInterior,
+                            Kind::Small => {
+                                k == Kind::SmallInterior && e.lead() == j && e.class() == d.class()
+                            }
                             _ => k == Kind::Interior,
                         };
                         if !ok {

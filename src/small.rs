@@ -188,6 +188,7 @@ impl SmallBins {
             for j in 1..run_pages(class) {
                 let d = &(*h).pages[first + j];
                 d.set_lead(j);
+                d.set_class(class);
                 d.set_kind(Kind::SmallInterior);
             }
             // The kind is set last: a racing validator that sees Small sees the class too.

@@ -148,7 +148,7 @@ fn spin_recv<T>(rx: &Receiver<T>) -> Option<T> {
             Err(TryRecvError::Disconnected) => return None,
             Err(TryRecvError::Empty) => {
                 spins += 1;
-                if spins % 1024 == 0 {
+                if spins.is_multiple_of(1024) {
                     thread::yield_now();
                 } else {
                     std::hint::spin_loop();
@@ -168,7 +168,7 @@ fn spin_send<T>(tx: &SyncSender<T>, mut v: T) {
             Err(TrySendError::Full(back)) => {
                 v = back;
                 spins += 1;
-                if spins % 1024 == 0 {
+                if spins.is_multiple_of(1024) {
                     thread::yield_now();
                 } else {
                     std::hint::spin_loop();

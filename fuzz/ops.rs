@@ -41,7 +41,11 @@ static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 const EDGE: usize = 64;
 
 fn claim(b: Live, align: usize) {
-    assert!(b.p % align == 0, "block {:#x} not aligned to {align}", b.p);
+    assert!(
+        b.p.is_multiple_of(align),
+        "block {:#x} not aligned to {align}",
+        b.p
+    );
     let end = b.p + b.size.max(1);
     let mut r = RANGES.lock().unwrap_or_else(|e| e.into_inner());
     if let Some((&s, &e)) = r.range(..end).next_back() {

@@ -211,7 +211,9 @@ pub fn lookup<S: PageSource>(src: &S, p: *const u8) -> Lookup {
         let run = d as *const PageDesc as *mut PageDesc;
         let off = (p as usize) - (*h).page_addr(i) as usize;
         match d.kind() {
-            Kind::Small if off % class_size(d.class()) == 0 => Lookup::Small { arena, run },
+            Kind::Small if off.is_multiple_of(class_size(d.class())) => {
+                Lookup::Small { arena, run }
+            }
             Kind::Large if off == 0 => Lookup::Large { arena, run },
             _ => Lookup::Invalid,
         }
@@ -1345,7 +1347,7 @@ mod tests {
         fn slot(&self, chunk: usize) -> Option<usize> {
             let off = chunk.wrapping_sub(self.base);
             let i = off / CHUNK;
-            (off % CHUNK == 0 && (1..FILE_CHUNKS).contains(&i)).then_some(i)
+            (off.is_multiple_of(CHUNK) && (1..FILE_CHUNKS).contains(&i)).then_some(i)
         }
 
         /// Makes the whole view inaccessible (or accessible again): a stored address of
@@ -1468,7 +1470,7 @@ mod tests {
         let mut live = Vec::new();
         for (i, blk) in blocks.into_iter().enumerate() {
             if i % nth == 0 {
-                free_via(v, blk, (i / nth) % 2 == 0);
+                free_via(v, blk, (i / nth).is_multiple_of(2));
             } else {
                 live.push(blk);
             }

@@ -338,13 +338,18 @@ mod sections {
     const RSEQ_SIG: u32 = 0x5305_3053;
 
     /// Loads the CPU id into `{c}` and makes `{c}` point to that CPU's cache, or leaves the
-    /// section (to label 75) when the id is not below `{n}`.
+    /// section (to label 75, or to `$exit`) when the id is not below `{n}`.
     macro_rules! current_cache {
         () => {
+            current_cache!("75f")
+        };
+        ($exit:literal) => {
             concat!(
                 "mov {c:e}, dword ptr fs:[{off} + 4]\n",
                 "cmp {c}, {n}\n",
-                "jae 75f\n",
+                "jae ",
+                $exit,
+                "\n",
                 "shl {c}, {shift}\n",
                 "add {c}, {base}\n",
             )
@@ -456,35 +461,32 @@ mod sections {
         /// Pushes block `b` of arena `arena` on the current CPU's list `class` if it holds
         /// fewer blocks than its limit: a class list if that cache is for `arena`, or the
         /// outbox ([`OUTBOX`]) for any arena. Returns 0 (done), 1 (no usable CPU id),
-        /// 2 (full) or 3 (a class list of another arena's cache).
+        /// 2 (full) or 3 (a class list of another arena's cache). The section leaves by a
+        /// jump to the answer, so that, inlined, no status is computed and tested.
         ///
         /// # Safety
         /// `b` is a free block of class `class` of arena `arena` (for the outbox: a free
         /// small block of 512 bytes or less) that the caller owns.
         #[inline(always)]
         pub(super) unsafe fn push_raw(&self, class: usize, b: usize, arena: u32) -> u32 {
-            let status: u32;
             // SAFETY: as in `pop_raw`; the section also writes the first word of `b`, which
             // the caller owns, before the commit publishes it.
             unsafe {
                 asm!(
                     rseq_section!(
-                        "mov {st:e}, 1",
-                        current_cache!(),
-                        // a class list takes blocks of the cache's arena only (status 3
-                        // otherwise); the outbox takes any
-                        "mov {st:e}, 3",
+                        current_cache!("{foreign}"),
+                        // a class list takes blocks of the cache's arena only; the outbox
+                        // takes any
                         "cmp {cls}, {outbox}",
                         "je 71f",
                         "cmp dword ptr [{c} + {arena_off}], {arena:e}",
-                        "jne 75f",
+                        "jne {remote}",
                         "71:",
                         "mov {h}, qword ptr [{c} + {cls} * 8]",
                         "mov {t}, {h}",
                         "shr {t}, 48",
-                        "mov {st:e}, 2",
                         "cmp {t:l}, byte ptr [{c} + {cls} + {limits}]",
-                        "jae 75f",
+                        "jae {full}",
                         "add {t}, 1",
                         "shl {t}, 48",
                         "or {t}, {b}",
@@ -495,7 +497,6 @@ mod sections {
                         ),
                         "mov qword ptr [{b}], {h}",
                         "add qword ptr [{c} + {frees}], 1",
-                        "xor {st:e}, {st:e}",
                         "mov qword ptr [{c} + {cls} * 8], {t}",
                     ),
                     off = in(reg) self.rseq_off,
@@ -505,7 +506,6 @@ mod sections {
                     b = in(reg) b,
                     arena = in(reg) arena,
                     limits = const OFF_LIMITS,
-                    st = out(reg) status,
                     h = out(reg) _,
                     c = out(reg) _,
                     t = out(reg) _,
@@ -515,10 +515,13 @@ mod sections {
                     frees = const OFF_FREES,
                     key = const OFF_KEY,
                     sig = const RSEQ_SIG,
+                    foreign = label { return 1 },
+                    full = label { return 2 },
+                    remote = label { return 3 },
                     options(nostack),
                 );
             }
-            status
+            0
         }
 
         /// Empties the current CPU's list of class `class`. Returns the CPU id read and the

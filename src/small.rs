@@ -334,7 +334,10 @@ impl SmallBins {
                         let mut sound = ((*r).bump as usize) <= cap;
                         while sound && f != 0 {
                             let off = f.wrapping_sub(start);
-                            if off >= ((*r).bump as usize) * size || off % size != 0 || len >= cap {
+                            if off >= ((*r).bump as usize) * size
+                                || !off.is_multiple_of(size)
+                                || len >= cap
+                            {
                                 sound = false;
                                 break;
                             }
@@ -501,7 +504,7 @@ pub unsafe fn check_run<S: PageSource>(
         let mut f = (*r).free.get(src.base());
         while !f.is_null() {
             let a = f as usize;
-            if a < start || a >= start + cap * size || (a - start) % size != 0 {
+            if a < start || a >= start + cap * size || !(a - start).is_multiple_of(size) {
                 return Err("free list leaves its run");
             }
             n += 1;

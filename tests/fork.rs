@@ -76,7 +76,7 @@ impl Blk {
             .all(|(k, off)| s[off..off + 8] == (w ^ k as u64).to_ne_bytes());
         // The words end before the last byte, so nothing overwrites it.
         let last_ok = s[last] == w as u8 ^ 0x5a;
-        words_ok && last_ok && self.p as usize % self.layout.align() == 0
+        words_ok && last_ok && (self.p as usize).is_multiple_of(self.layout.align())
     }
 }
 
@@ -132,7 +132,7 @@ fn worker(me: u64, stop: &AtomicBool, ops: &AtomicU64) {
             assert!(old.intact(), "worker block corrupted");
         }
         n += 1;
-        if n % 1024 == 0 {
+        if n.is_multiple_of(1024) {
             ops.fetch_add(1024, Ordering::Relaxed);
         }
     }

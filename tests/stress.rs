@@ -131,7 +131,7 @@ struct Shared {
 fn check_and_free(s: &Shared, b: Blk) {
     // SAFETY: `b.p` is a live block of `b.layout.size()` bytes that we own.
     let ok = unsafe { verify(b.p, b.layout.size(), b.id) };
-    if !ok || b.p as usize % b.layout.align() != 0 {
+    if !ok || !(b.p as usize).is_multiple_of(b.layout.align()) {
         s.bad.fetch_add(1, Ordering::Relaxed);
         panic!(
             "block {:#x} (id {:#x}, {:?}) corrupted or misaligned",

@@ -1191,7 +1191,7 @@ impl Heap {
         let first = self.src.chunk_index(span);
         if span != h as usize
             || len % CHUNK != 0
-            || first.map_or(true, |f| f + len / CHUNK > self.src.nchunks)
+            || first.is_none_or(|f| f + len / CHUNK > self.src.nchunks)
         {
             crate::diag::invalid_pointer(
                 b"coreheap: shared heap free(): corrupted huge block header",
@@ -1228,7 +1228,7 @@ impl Heap {
             return self.alloc(size, align);
         }
         let have = self.usable_size(p);
-        if size <= have && size >= have / 4 && p as usize % align == 0 {
+        if size <= have && size >= have / 4 && (p as usize).is_multiple_of(align) {
             return p;
         }
         let q = self.alloc(size, align);

@@ -76,7 +76,7 @@ impl ShmSource {
     /// The index of the chunk at `addr`, if `addr` is the start of one.
     pub fn chunk_index(&self, addr: usize) -> Option<usize> {
         let off = addr.wrapping_sub(self.base + self.meta);
-        if off % CHUNK == 0 && off / CHUNK < self.nchunks {
+        if off.is_multiple_of(CHUNK) && off / CHUNK < self.nchunks {
             Some(off / CHUNK)
         } else {
             None

@@ -330,7 +330,8 @@ mod sections {
     //! huge unsigned number and takes the way out.
 
     use super::{
-        Caches, OFF_ALLOCS, OFF_ARENA, OFF_FREES, OFF_KEY, OFF_LIMITS, OUTBOX, STRIDE_SHIFT,
+        Caches, OFF_ALLOCS, OFF_ARENA, OFF_FREES, OFF_KEY, OFF_LIMITS, OUTBOX, PTR_BITS,
+        STRIDE_SHIFT,
     };
     use core::arch::asm;
 
@@ -396,6 +397,61 @@ mod sections {
         };
     }
 
+    /// The push section (see `Caches::push_raw`): `$check` holds the instructions that
+    /// compare the cache's arena with the block's and jump to `{remote}` when they differ
+    /// (none for the outbox). The section leaves by a jump to the answer, so that, inlined,
+    /// no status is computed and tested.
+    macro_rules! push_section {
+        ($self:ident, $class:expr, $b:expr, $arena:expr, [$($check:expr,)*]) => {{
+            // SAFETY: as in `pop_raw`; the section also writes the first word of `b`, which
+            // the caller owns, before the commit publishes it.
+            unsafe {
+                asm!(
+                    rseq_section!(
+                        current_cache!("{foreign}"),
+                        $($check,)*
+                        "mov {h}, qword ptr [{c} + {cls} * 8]",
+                        "mov {t}, {h}",
+                        "shr {t}, 48",
+                        "cmp {t:l}, byte ptr [{c} + {cls} + {limits}]",
+                        "jae {full}",
+                        "add {t}, 1",
+                        "shl {t}, 48",
+                        "or {t}, {b}",
+                        hardened!(
+                            "bswap {h}",
+                            "xor {h}, qword ptr [{c} + {key}]",
+                            "xor {h}, {b}",
+                        ),
+                        "mov qword ptr [{b}], {h}",
+                        "add qword ptr [{c} + {frees}], 1",
+                        "mov qword ptr [{c} + {cls} * 8], {t}",
+                    ),
+                    off = in(reg) $self.rseq_off,
+                    n = in(reg) $self.len,
+                    base = in(reg) $self.base,
+                    cls = in(reg) $class,
+                    b = in(reg) $b,
+                    arena = in(reg) $arena,
+                    limits = const OFF_LIMITS,
+                    h = out(reg) _,
+                    c = out(reg) _,
+                    t = out(reg) _,
+                    shift = const STRIDE_SHIFT,
+                    arena_off = const OFF_ARENA,
+                    frees = const OFF_FREES,
+                    key = const OFF_KEY,
+                    sig = const RSEQ_SIG,
+                    foreign = label { return 1 },
+                    full = label { return 2 },
+                    remote = label { return 3 },
+                    options(nostack),
+                );
+            }
+            0
+        }};
+    }
+
     impl Caches {
         /// Pops a block of class `class` from the current CPU's cache. Returns the packed
         /// head it popped (0 when the list is empty or the thread has no usable CPU id), and
@@ -427,10 +483,7 @@ mod sections {
                             "xor {x}, qword ptr [{c} + {key}]",
                             "xor {x}, {t}",
                             "bswap {x}",
-                            "mov {t}, {x}",
-                            "shr {t}, 48",
-                            "add {t}, 1",
-                            "shl {t}, 48",
+                            "lea {t}, [{x} + {one}]",
                             "xor {t}, {h}",
                             "shr {t}, 48",
                             "jnz 75f",
@@ -443,6 +496,7 @@ mod sections {
                     n = in(reg) self.len,
                     base = in(reg) self.base,
                     cls = in(reg) class,
+                    one = in(reg) 1usize << PTR_BITS,
                     h = out(reg) head,
                     bad = out(reg) bad,
                     c = out(reg) _,
@@ -458,70 +512,43 @@ mod sections {
             (head, bad != 0)
         }
 
-        /// Pushes block `b` of arena `arena` on the current CPU's list `class` if it holds
-        /// fewer blocks than its limit: a class list if that cache is for `arena`, or the
-        /// outbox ([`OUTBOX`]) for any arena. Returns 0 (done), 1 (no usable CPU id),
-        /// 2 (full) or 3 (a class list of another arena's cache). The section leaves by a
-        /// jump to the answer, so that, inlined, no status is computed and tested.
+        /// Pushes block `b` of arena `arena` on the current CPU's list `class` if that cache
+        /// is for `arena` and the list holds fewer blocks than its limit. Returns 0 (done),
+        /// 1 (no usable CPU id), 2 (full) or 3 (the cache is another arena's).
         ///
         /// # Safety
-        /// `b` is a free block of class `class` of arena `arena` (for the outbox: a free
-        /// small block of 512 bytes or less) that the caller owns.
+        /// `b` is a free block of class `class` of arena `arena` that the caller owns.
         #[inline(always)]
         pub(super) unsafe fn push_raw(&self, class: usize, b: usize, arena: u32) -> u32 {
-            // SAFETY: as in `pop_raw`; the section also writes the first word of `b`, which
-            // the caller owns, before the commit publishes it.
-            unsafe {
-                asm!(
-                    rseq_section!(
-                        current_cache!("{foreign}"),
-                        // a class list takes blocks of the cache's arena only; the outbox
-                        // takes any
-                        "cmp {cls}, {outbox}",
-                        "je 71f",
-                        "cmp dword ptr [{c} + {arena_off}], {arena:e}",
-                        "jne {remote}",
-                        "71:",
-                        "mov {h}, qword ptr [{c} + {cls} * 8]",
-                        "mov {t}, {h}",
-                        "shr {t}, 48",
-                        "cmp {t:l}, byte ptr [{c} + {cls} + {limits}]",
-                        "jae {full}",
-                        "add {t}, 1",
-                        "shl {t}, 48",
-                        "or {t}, {b}",
-                        hardened!(
-                            "bswap {h}",
-                            "xor {h}, qword ptr [{c} + {key}]",
-                            "xor {h}, {b}",
-                        ),
-                        "mov qword ptr [{b}], {h}",
-                        "add qword ptr [{c} + {frees}], 1",
-                        "mov qword ptr [{c} + {cls} * 8], {t}",
-                    ),
-                    off = in(reg) self.rseq_off,
-                    n = in(reg) self.len,
-                    base = in(reg) self.base,
-                    cls = in(reg) class,
-                    b = in(reg) b,
-                    arena = in(reg) arena,
-                    limits = const OFF_LIMITS,
-                    h = out(reg) _,
-                    c = out(reg) _,
-                    t = out(reg) _,
-                    shift = const STRIDE_SHIFT,
-                    arena_off = const OFF_ARENA,
-                    outbox = const OUTBOX,
-                    frees = const OFF_FREES,
-                    key = const OFF_KEY,
-                    sig = const RSEQ_SIG,
-                    foreign = label { return 1 },
-                    full = label { return 2 },
-                    remote = label { return 3 },
-                    options(nostack),
-                );
-            }
-            0
+            push_section!(
+                self,
+                class,
+                b,
+                arena,
+                [
+                    "cmp dword ptr [{c} + {arena_off}], {arena:e}",
+                    "jne {remote}",
+                ]
+            )
+        }
+
+        /// Pushes `b` on the current CPU's outbox, which takes blocks of any arena. Returns
+        /// as `push_raw` (never 3).
+        ///
+        /// # Safety
+        /// `b` is a free small block of at most `OUTBOX_MAX_BLOCK` bytes that the caller
+        /// owns.
+        #[inline(always)]
+        pub(super) unsafe fn push_outbox_raw(&self, b: usize) -> u32 {
+            // No arena check: `{arena}`, `{arena_off}` and `{remote}` are named in a comment
+            // only.
+            push_section!(
+                self,
+                OUTBOX,
+                b,
+                0u32,
+                ["/* {arena:e} {arena_off} {remote} */",]
+            )
         }
 
         /// Empties the current CPU's list of class `class`. Returns the CPU id read and the
@@ -665,6 +692,9 @@ mod sections {
         pub(super) unsafe fn push_raw(&self, _: usize, _: usize, _: u32) -> u32 {
             1
         }
+        pub(super) unsafe fn push_outbox_raw(&self, _: usize) -> u32 {
+            1
+        }
         pub(super) fn take_all_raw(&self, _class: usize) -> (usize, usize) {
             (usize::MAX, 0)
         }
@@ -743,7 +773,7 @@ impl Caches {
     #[inline(always)]
     pub unsafe fn push_outbox(&self, b: *mut Block) -> Push {
         // SAFETY: by the contract.
-        match unsafe { self.push_raw(OUTBOX, b as usize, 0) } {
+        match unsafe { self.push_outbox_raw(b as usize) } {
             0 => Push::Done,
             2 => Push::Full,
             _ => Push::Foreign,

@@ -220,6 +220,15 @@ pub fn lookup<S: PageSource>(src: &S, p: *const u8) -> Lookup {
     }
 }
 
+/// Whether `p`, on a page of a small run of class `class`, is the start of one of its
+/// blocks, for classes of at most a page (false for larger ones): runs start on a page and
+/// such blocks lie at multiples of their size from the start, so exactly the addresses
+/// aligned to that size are block starts.
+#[inline]
+pub fn small_block_start(p: *const u8, class: usize) -> bool {
+    class < NUM_CLASSES && class_size(class) <= PAGE && (p as usize) & (class_size(class) - 1) == 0
+}
+
 /// If `p` is a live small block of at most a page, its arena and class: [`lookup`]'s answer
 /// for such blocks, found from the block's own page descriptor (every page of a small run
 /// records the class), without going to the run's first page. `None` for anything else,
@@ -237,20 +246,8 @@ pub fn lookup_small<S: PageSource>(src: &S, p: *const u8) -> Option<(u32, usize)
         if (*h).magic != MAGIC || (*h).kind != CHUNK_ARENA {
             return None;
         }
-        let d = &(*h).pages[page_index(p)];
-        if !matches!(d.kind(), Kind::Small | Kind::SmallInterior) {
-            return None;
-        }
-        let class = d.class();
-        // Runs start on a page; blocks of at most a page are at multiples of their size from
-        // the start, so exactly the addresses aligned to that size are block starts.
-        if class >= NUM_CLASSES
-            || class_size(class) > PAGE
-            || p as usize & (class_size(class) - 1) != 0
-        {
-            return None;
-        }
-        Some(((*h).arena_index(), class))
+        let class = (*h).pages[page_index(p)].small_class()?;
+        small_block_start(p, class).then(|| ((*h).arena_index(), class))
     }
 }
 
@@ -1113,6 +1110,14 @@ mod tests {
             "{p:?}: expected Invalid, found {:?}",
             lookup(src, p)
         );
+        assert_eq!(lookup_small(src, p), None, "{p:?}: lookup_small accepts it");
+    }
+
+    /// `lookup_small` agrees with `lookup` on small block `p` of class `c` of arena 3: the
+    /// arena and class for classes of at most a page, none for larger ones.
+    fn small_agrees(src: &TestSource, p: *const u8, c: usize) {
+        let want = (class_size(c) <= PAGE).then_some((3, c));
+        assert_eq!(lookup_small(src, p), want, "{p:?}, class {c}");
     }
 
     #[test]
@@ -1135,6 +1140,7 @@ mod tests {
             }
             let start = run_addr(run) as usize;
             assert!((start..start + run_pages(c) * PAGE).contains(&(p as usize)));
+            small_agrees(&src, p, c);
             invalid(&src, p.wrapping_add(1));
             invalid(&src, p.wrapping_add(cs / 2 + 1));
             if cs >= 32 {
@@ -1153,6 +1159,7 @@ mod tests {
             while unsafe { (*run).bump as usize } < run_blocks(c) {
                 last = a.alloc(&src, class_size(c), 1).0;
                 assert_eq!(small_run(&src, last), run);
+                small_agrees(&src, last, c);
             }
             let end = run_addr(run) as usize + run_pages(c) * PAGE;
             assert_eq!(last as usize, end - class_size(c), "class {c}");

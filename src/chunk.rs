@@ -27,7 +27,7 @@
 //! address itself, and a stored word is what it would be without any of this.
 
 use core::marker::PhantomData;
-use core::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
+use core::sync::atomic::{AtomicU16, AtomicU32, AtomicU64, Ordering};
 
 use crate::size_class::{CHUNK, CHUNK_PAGES, CHUNK_SHIFT, PAGE, PAGE_SHIFT};
 
@@ -181,14 +181,15 @@ pub fn decode_link(stored: usize, at: usize, key: usize) -> usize {
 /// The descriptor of one page of an arena chunk. Only the descriptor of a run's first page
 /// describes the run; see the module invariants for the others.
 ///
-/// `kind`, `class` and `lead` are atomics because `free` reads them without the owner's lock
-/// to validate a pointer; for a live block they cannot change until it is freed. All other
-/// fields are guarded by the owning arena's lock.
+/// `kind_class` and `lead` are atomics because `free` reads them without the owner's lock
+/// to validate a pointer; for a live block they cannot change until it is freed. They, like
+/// all other fields, are written only under the owning arena's lock (or before the chunk is
+/// published), so a read-modify-write of `kind_class` by its writer is never lost.
 #[repr(C)]
 pub struct PageDesc {
-    kind: AtomicU8,
-    /// Small runs: the size class.
-    class: AtomicU8,
+    /// The page's [`Kind`] in the low byte; small runs: the size class in the high byte. One
+    /// word, so that a validator checks both with one load.
+    kind_class: AtomicU16,
     /// Free runs: some page may hold data or be resident. Small runs: the uncarved blocks
     /// (from `bump` on) are known to read zero.
     pub dirty: bool,
@@ -213,19 +214,39 @@ pub struct PageDesc {
 impl PageDesc {
     #[inline]
     pub fn kind(&self) -> Kind {
-        Kind::from_u8(self.kind.load(Ordering::Relaxed))
+        Kind::from_u8(self.kind_class.load(Ordering::Relaxed) as u8)
     }
+    /// Release: a reader that sees the new kind with [`PageDesc::is_small_of`] sees the
+    /// fields written before it.
     #[inline]
     pub fn set_kind(&self, k: Kind) {
-        self.kind.store(k as u8, Ordering::Relaxed)
+        let v = self.kind_class.load(Ordering::Relaxed);
+        self.kind_class
+            .store((v & 0xff00) | k as u16, Ordering::Release)
+    }
+    /// Whether this page belongs to a small run of class `class` (as its first page or
+    /// another): one load, for validating a block without the owner's lock.
+    #[inline]
+    pub fn is_small_of(&self, class: usize) -> bool {
+        const _: () = assert!(Kind::Small as u16 | 1 == Kind::SmallInterior as u16);
+        self.kind_class.load(Ordering::Acquire) | 1
+            == (class as u16) << 8 | Kind::SmallInterior as u16
+    }
+    /// The class, if this page belongs to a small run (its first page or another).
+    #[inline]
+    pub fn small_class(&self) -> Option<usize> {
+        let v = self.kind_class.load(Ordering::Acquire);
+        (v as u8 | 1 == Kind::SmallInterior as u8).then_some((v >> 8) as usize)
     }
     #[inline]
     pub fn class(&self) -> usize {
-        self.class.load(Ordering::Relaxed) as usize
+        (self.kind_class.load(Ordering::Relaxed) >> 8) as usize
     }
     #[inline]
     pub fn set_class(&self, c: usize) {
-        self.class.store(c as u8, Ordering::Relaxed)
+        let v = self.kind_class.load(Ordering::Relaxed);
+        self.kind_class
+            .store((v & 0xff) | (c as u16) << 8, Ordering::Relaxed)
     }
     #[inline]
     pub fn lead(&self) -> usize {

@@ -404,7 +404,8 @@ mod sections {
     macro_rules! push_section {
         ($self:ident, $class:expr, $b:expr, $arena:expr, [$($check:expr,)*]) => {{
             // SAFETY: as in `pop_raw`; the section also writes the first word of `b`, which
-            // the caller owns, before the commit publishes it.
+            // the caller owns, before the commit publishes it (a section restarted and then
+            // left by a way out leaves that word written, and `b` still the caller's).
             unsafe {
                 asm!(
                     rseq_section!(

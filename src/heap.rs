@@ -13,8 +13,12 @@ use core::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering}
 
 use crossbeam_utils::{Backoff, CachePadded};
 
-use crate::arena::{describe, lookup, lookup_small, Arena, ArenaStats, Lookup, LARGE_ALIGN_MAX};
-use crate::chunk::{chunk_of, Block, ChunkHeader, CHUNK_HUGE, MAGIC, REGISTRY};
+use crate::arena::{
+    describe, lookup, lookup_small, small_block_start, Arena, ArenaStats, Lookup, LARGE_ALIGN_MAX,
+};
+use crate::chunk::{
+    chunk_of, page_index, Block, ChunkHeader, CHUNK_ARENA, CHUNK_HUGE, MAGIC, REGISTRY,
+};
 use crate::cpucache::{batch, Caches, Chain, Push, OUTBOX, OUTBOX_MAX_BLOCK};
 use crate::debug;
 use crate::diag::{block_error, invalid_pointer, Line};
@@ -488,9 +492,10 @@ impl Heap {
 
     /// Frees `p` if it is a small block that the current CPU's cache (or, for a block of
     /// another arena, its outbox) takes at once; returns whether it did. Makes no system
-    /// call, so errno is untouched; when this returns false nothing has changed, and the
-    /// caller goes on with [`Heap::free`], which handles every other case (and reports an
-    /// invalid pointer).
+    /// call, so errno is untouched. When this returns false the block is still the caller's
+    /// as it was (but for its first word, which a restarted push may have overwritten: the
+    /// block is being freed anyway), and the caller goes on with [`Heap::free`], which
+    /// handles every other case (and reports an invalid pointer).
     ///
     /// # Safety
     /// As for [`Heap::free`], `p` not null.
@@ -505,9 +510,10 @@ impl Heap {
         // SAFETY: the fast path is on, so the config is READY.
         let cfg = unsafe { &*self.config.get() };
         let b = p.cast::<Block>();
-        // SAFETY: `lookup_small` found a live small block (at least 16 bytes) of `arena` and
-        // `class`; the caller gives it up. A block with the mark is left to `free`, which
-        // tells a double free from data that happens to match.
+        // SAFETY: `lookup_small` found a block start (at least 16 bytes) in a small run of
+        // `arena` and `class`, and by the contract it is a live block that the caller gives
+        // up (or a double free, which the mark shows). A block with the mark is left to
+        // `free`, which tells a double free from data that happens to match.
         unsafe {
             let old = (*b).mark;
             if old == cfg.mark {
@@ -549,34 +555,46 @@ impl Heap {
     }
 
     /// Frees `p`, which the caller allocated (or last resized) with `size` and `align`, the
-    /// way `GlobalAlloc::dealloc` is called. A small block skips [`lookup`]: its class comes
-    /// from the size, which `realloc` keeps exact (a small block stays in place only within
-    /// its class, a large one only while it stays large), and its arena from its chunk's
-    /// header.
+    /// way `GlobalAlloc::dealloc` is called. A small block of at most a page skips most of
+    /// [`lookup`]: its class comes from the size (which `realloc` keeps exact: a small block
+    /// stays in place only within its class, a large one only while it stays large) and is
+    /// checked, with the block's alignment, against the block's own page descriptor (one
+    /// load); its arena comes from its chunk's header, after the registry says the chunk is
+    /// mapped. Anything else, including a pointer whose page no longer belongs to a small
+    /// run of that class (a double free after the run was released, a wrong layout), takes
+    /// [`Heap::free`], which validates it fully.
     ///
     /// # Safety
     /// `p` is a live block of this heap that the caller gives up, last allocated or resized
     /// by this heap with `size` and `align` (a power of two).
     #[inline]
     pub unsafe fn free_sized(&self, p: *mut u8, size: usize, align: usize) {
-        if size <= SMALL_MAX && align <= PAGE && self.fast_path_ready() && !BOOTSTRAP.0.contains(p)
-        {
+        if size <= PAGE && align <= PAGE && self.fast_path_ready() {
+            if cfg!(debug_assertions) && BOOTSTRAP.0.contains(p) {
+                // Never seen (see below); a debug build checks rather than assume.
+                // SAFETY: by the contract.
+                return unsafe { self.free_outlined(p) };
+            }
             // SAFETY: the fast path is on, so the config is READY.
             let cfg = unsafe { &*self.config.get() };
             let class = class_of(if size > align { size } else { align });
             let h = chunk_of(p) as *const ChunkHeader;
-            // SAFETY: by the contract `p` is a small block of this heap (a size of at most
-            // SMALL_MAX with such an alignment is never served another way, bootstrap
-            // blocks aside), so its chunk is mapped and its header readable.
-            let (magic, arena) = unsafe { ((*h).magic, (*h).arena_index()) };
-            if magic == MAGIC {
-                debug_assert!(
-                    // SAFETY: `lookup` returns live run heads.
-                    matches!(lookup(&SRC, p), Lookup::Small { run, .. } if unsafe { (*run).class() } == class),
-                    "free_sized: the size does not match the block's class"
-                );
-                // SAFETY: a live small block of `arena` and `class` (contract), given up.
-                return unsafe { Self::free_small_fast(cfg, p, arena, class) };
+            // SAFETY: by the contract `p` came from this heap's `alloc` once, and is not a
+            // bootstrap block (those are handed out only to the initialising thread while it
+            // initialises, which in a Rust program allocates nothing), so it lies in one of
+            // our chunks; arena chunks stay mapped while any of their pages are in use, and
+            // a double free after the chunk was unmapped faults here (documented). Page
+            // descriptors are read through atomics; a huge block's chunk has another kind.
+            unsafe {
+                if (*h).magic == MAGIC
+                    && (*h).kind == CHUNK_ARENA
+                    && (*h).pages[page_index(p)].is_small_of(class)
+                    && small_block_start(p, class)
+                {
+                    // A block start of a small run of `class` of the chunk's arena, as
+                    // `lookup` would say, and the caller gives it up.
+                    return Self::free_small_fast(cfg, p, (*h).arena_index(), class);
+                }
             }
         }
         // SAFETY: by the contract.
@@ -618,9 +636,16 @@ impl Heap {
     #[cold]
     #[inline(never)]
     unsafe fn free_small_suspect(cfg: &Config, p: *mut u8, arena: u32, class: usize) {
+        let what = lookup(&SRC, p);
+        // SAFETY: `lookup` returns live run heads.
+        let same = matches!(what, Lookup::Small { arena: a, run } if a == arena && unsafe { (*run).class() } == class);
+        if !same {
+            // The callers validated the block; anything else now is not a block to free.
+            Self::invalid(p, DOUBLE_FREE);
+        }
         // SAFETY: by the contract.
         unsafe {
-            Self::confirm_double_free(cfg, p, lookup(&SRC, p), arena, class, DOUBLE_FREE);
+            Self::confirm_double_free(cfg, p, what, arena, class, DOUBLE_FREE);
             Self::free_small_push(cfg, p, arena, class);
         }
     }

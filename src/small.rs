@@ -185,14 +185,16 @@ impl SmallBins {
             (*r).used = 0;
             (*r).bump = 0;
             (*r).free = Rel::NULL;
+            // The first page's kind is set after its class, the other pages' after it: a
+            // racing validator that sees Small (or SmallInterior, with `lookup_small`) sees
+            // the class too, and sees no page of a run whose first page is not Small yet.
+            (*r).set_kind(Kind::Small);
             for j in 1..run_pages(class) {
                 let d = &(*h).pages[first + j];
                 d.set_lead(j);
                 d.set_class(class);
                 d.set_kind(Kind::SmallInterior);
             }
-            // The kind is set last: a racing validator that sees Small sees the class too.
-            (*r).set_kind(Kind::Small);
             self.counters[class].runs += 1;
             self.link(src, class, r);
             heap.leave::<S>();

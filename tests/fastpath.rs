@@ -25,6 +25,7 @@ const CHILD_VAR: &str = "COREHEAP_FASTPATH_CHILD";
 fn main() {
     match std::env::var(CHILD_VAR).as_deref() {
         Ok("double") => double_dealloc_child(),
+        Ok("double-released") => double_dealloc_released_child(),
         Ok(_) => {
             counter_child();
             return;
@@ -88,13 +89,44 @@ fn double_dealloc_child() -> ! {
     std::process::exit(0);
 }
 
-/// A double `dealloc` aborts with glibc's message naming the block, with the caches on
-/// and off.
+/// The child: a thread pinned to one core allocates 1024 blocks of one class, frees them
+/// all and trims (so their runs go back to the page heap, and their pages to the OS), then
+/// frees the first block again. Must not return.
+fn double_dealloc_released_child() -> ! {
+    if let Some(core) = core_affinity::get_core_ids().and_then(|c| c.first().copied()) {
+        core_affinity::set_for_current(core);
+    }
+    let layout = Layout::from_size_align(48, 8).unwrap();
+    // SAFETY: deliberately wrong: `blocks[0]` is deallocated twice, which coreheap must
+    // detect although its run is gone.
+    unsafe {
+        let blocks: Vec<*mut u8> = (0..1024).map(|_| alloc(layout)).collect();
+        for &q in &blocks {
+            dealloc(q, layout);
+        }
+        coreheap::trim();
+        let p = blocks[0];
+        println!("block={p:p} released={}", !coreheap::owns(p) as u8);
+        dealloc(p, layout);
+    }
+    println!("second dealloc returned");
+    std::process::exit(0);
+}
+
+/// A double `dealloc` aborts with a message naming the block, with the caches on and off:
+/// while the block is free in a cache or run (glibc's `double free detected`), and after
+/// its run was released and trimmed (then the block is no longer in a small run, so the
+/// sized path must not take it: `invalid pointer ... freed already?`).
 fn double_dealloc_aborts() {
     use std::os::unix::process::ExitStatusExt;
-    for env in [vec![], vec![("COREHEAP_RSEQ", "0")]] {
+    for (mode, env) in [
+        ("double", vec![]),
+        ("double", vec![("COREHEAP_RSEQ", "0")]),
+        ("double-released", vec![]),
+        ("double-released", vec![("COREHEAP_RSEQ", "0")]),
+    ] {
         let out = Command::new(std::env::current_exe().unwrap())
-            .env(CHILD_VAR, "double")
+            .env(CHILD_VAR, mode)
             .env_remove("COREHEAP_RSEQ")
             .envs(env.iter().copied())
             .output()
@@ -108,14 +140,27 @@ fn double_dealloc_aborts() {
         assert_eq!(
             out.status.signal(),
             Some(libc::SIGABRT),
-            "double dealloc ({env:?}) did not abort: {stdout} {stderr}"
+            "double dealloc ({mode}, {env:?}) did not abort: {stdout} {stderr}"
         );
+        let named = stderr.contains(block.trim_start_matches("0x"));
+        let said = if mode == "double" {
+            stderr.contains("double free")
+        } else {
+            // The scenario must really be the released one.
+            assert!(
+                stdout.contains("released=1"),
+                "the run was not released: {stdout}"
+            );
+            stderr.contains("double free") || stderr.contains("freed already?")
+        };
         assert!(
-            stderr.contains("double free") && stderr.contains(block.trim_start_matches("0x")),
-            "double dealloc ({env:?}): message does not name {block}: {stderr}"
+            named && said,
+            "double dealloc ({mode}, {env:?}): message does not name {block}: {stderr}"
         );
     }
-    eprintln!("fastpath: a double dealloc aborts, caches on and off");
+    eprintln!(
+        "fastpath: a double dealloc aborts, caches on and off, also after its run was released"
+    );
 }
 
 fn run_child(env: &[(&str, &str)]) -> (bool, bool, u64) {

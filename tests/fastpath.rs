@@ -40,6 +40,7 @@ fn main() {
     fast_path_taken_only_with_rseq();
     double_dealloc_aborts();
     realloc_keeps_the_class_that_dealloc_computes();
+    c_free_takes_every_path();
     migrated_threads_lose_and_duplicate_nothing();
     eprintln!("fastpath: all tests passed");
 }
@@ -312,6 +313,83 @@ fn realloc_keeps_the_class_that_dealloc_computes() {
         after, before,
         "realloc and dealloc lost or double-counted memory"
     );
+    coreheap::check_heap().unwrap();
+}
+
+/// The C interface's `free` through each of its ways: a CPU cache taking the block, a full
+/// cache (flush), a block of another arena of 512 bytes or less (the outbox, and a full
+/// outbox sent) and a larger one (the owner's pending stack), large and huge blocks. Blocks
+/// are allocated on a thread pinned to one core and freed, with contents checked, on a
+/// thread pinned to another (and on the first); errno must come back unchanged from every
+/// `free`, and the heap must end where it started.
+fn c_free_takes_every_path() {
+    use coreheap::c_api::{free, malloc};
+    let cores = core_affinity::get_core_ids().unwrap_or_default();
+    let (home, away) = match cores.as_slice() {
+        [a, b, ..] => (*a, *b),
+        [a] => (*a, *a),
+        [] => return,
+    };
+    let before = coreheap::stats().in_use();
+    let sizes: Vec<usize> = (0..3000)
+        .map(|i| {
+            [
+                16, 48, 100, 500, 512, 600, 2000, 4096, 8000, 20_000, 300_000,
+            ][i % 11]
+        })
+        .chain([3 << 20])
+        .collect();
+    let blocks = std::thread::spawn(move || {
+        core_affinity::set_for_current(home);
+        sizes
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| {
+                let p = malloc(n).cast::<u8>();
+                assert!(!p.is_null());
+                // SAFETY: `p` has `n >= 16` bytes.
+                unsafe {
+                    p.write(i as u8);
+                    p.add(n - 1).write(!(i as u8));
+                }
+                (p as usize, n)
+            })
+            .collect::<Vec<_>>()
+    })
+    .join()
+    .unwrap();
+    let (mine, theirs): (Vec<_>, Vec<_>) = blocks
+        .into_iter()
+        .enumerate()
+        .partition(|(i, _)| i % 3 == 0);
+    for (core, list) in [(away, theirs), (home, mine)] {
+        std::thread::spawn(move || {
+            core_affinity::set_for_current(core);
+            for (i, (p, n)) in list {
+                let p = p as *mut u8;
+                // SAFETY: a live block of `n` bytes from `malloc`, freed once here.
+                unsafe {
+                    assert!(
+                        p.read() == i as u8 && p.add(n - 1).read() == !(i as u8),
+                        "block {i} of {n} B changed"
+                    );
+                    *libc::__errno_location() = 4321;
+                    free(p.cast());
+                    assert_eq!(
+                        *libc::__errno_location(),
+                        4321,
+                        "free of {n} B changed errno"
+                    );
+                }
+            }
+        })
+        .join()
+        .unwrap();
+    }
+    coreheap::trim();
+    let after = coreheap::stats().in_use();
+    eprintln!("fastpath: C free on every path: in use {before} -> {after}");
+    assert_eq!(after, before, "C free lost or double-counted memory");
     coreheap::check_heap().unwrap();
 }
 

@@ -1,5 +1,10 @@
 //! Allocation microbenchmarks: coreheap against glibc malloc (`System`) and mimalloc, all
-//! three called directly through `GlobalAlloc` in one process (no `#[global_allocator]`).
+//! three called through `GlobalAlloc` in one process (no `#[global_allocator]`), each behind
+//! a [`Shim`] of functions that are never inlined. A program with `#[global_allocator]`
+//! calls `__rust_alloc` and `__rust_dealloc`, out-of-line functions that call the
+//! allocator's methods; the shim stands for them, so that coreheap's methods, which would
+//! otherwise inline into the timed loop, cost the call a real program pays (mimalloc's and
+//! glibc's then pay the shim's call and their own FFI call, as they do in a real program).
 //!
 //! ```text
 //! cargo bench --bench pairs              # full run, well under a minute
@@ -44,14 +49,43 @@ enum Which {
 
 const ALL: [Which; 3] = [Which::Core, Which::Sys, Which::Mi];
 
-/// Calls the generic function `$f` with the allocator `$w` stands for as first argument, so
-/// each allocator gets its own monomorphised (statically dispatched) copy.
+/// An allocator behind out-of-line functions, as `#[global_allocator]` puts it behind
+/// `__rust_alloc` and friends (see the module documentation).
+struct Shim<A>(A);
+
+// SAFETY: every method forwards to the wrapped allocator with the same arguments.
+unsafe impl<A: GlobalAlloc> GlobalAlloc for Shim<A> {
+    #[inline(never)]
+    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
+        // SAFETY: forwarded.
+        unsafe { self.0.alloc(l) }
+    }
+    #[inline(never)]
+    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
+        // SAFETY: forwarded.
+        unsafe { self.0.dealloc(p, l) }
+    }
+    #[inline(never)]
+    unsafe fn alloc_zeroed(&self, l: Layout) -> *mut u8 {
+        // SAFETY: forwarded.
+        unsafe { self.0.alloc_zeroed(l) }
+    }
+    #[inline(never)]
+    unsafe fn realloc(&self, p: *mut u8, l: Layout, n: usize) -> *mut u8 {
+        // SAFETY: forwarded.
+        unsafe { self.0.realloc(p, l, n) }
+    }
+}
+
+/// Calls the generic function `$f` with the allocator `$w` stands for (behind its [`Shim`])
+/// as first argument, so each allocator gets its own monomorphised (statically dispatched)
+/// copy.
 macro_rules! dispatch {
     ($w:expr, $f:ident ( $($arg:expr),* )) => {
         match $w {
-            Which::Core => $f(&CoreHeap::new(), $($arg),*),
-            Which::Sys => $f(&System, $($arg),*),
-            Which::Mi => $f(&MiMalloc, $($arg),*),
+            Which::Core => $f(&Shim(CoreHeap::new()), $($arg),*),
+            Which::Sys => $f(&Shim(System), $($arg),*),
+            Which::Mi => $f(&Shim(MiMalloc), $($arg),*),
         }
     };
 }

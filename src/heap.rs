@@ -312,7 +312,7 @@ impl Heap {
 
     /// Allocates `size` bytes aligned to `align` (a power of two). Returns the block, or
     /// null, and whether it is known to read zero.
-    #[inline]
+    #[inline(always)]
     pub fn alloc(&self, size: usize, align: usize) -> (*mut u8, bool) {
         if size <= SMALL_MAX && align <= PAGE && self.fast_path_ready() {
             // SAFETY: the fast path is on, so the config is READY.
@@ -567,7 +567,7 @@ impl Heap {
     /// # Safety
     /// `p` is a live block of this heap that the caller gives up, last allocated or resized
     /// by this heap with `size` and `align` (a power of two).
-    #[inline]
+    #[inline(always)]
     pub unsafe fn free_sized(&self, p: *mut u8, size: usize, align: usize) {
         if size <= PAGE && align <= PAGE && self.fast_path_ready() {
             if cfg!(debug_assertions) && BOOTSTRAP.0.contains(p) {

@@ -82,6 +82,9 @@ const OFF_FREES: usize = core::mem::offset_of!(CpuCache, fast_frees);
 const OFF_ARENA: usize = core::mem::offset_of!(CpuCache, arena);
 const OFF_KEY: usize = core::mem::offset_of!(CpuCache, key);
 const OFF_LIMITS: usize = core::mem::offset_of!(CpuCache, limits);
+const OFF_CS_BASE: usize = core::mem::offset_of!(Caches, base);
+const OFF_CS_LEN: usize = core::mem::offset_of!(Caches, len);
+const OFF_CS_RSEQ: usize = core::mem::offset_of!(Caches, rseq_off);
 const _: () = assert!(core::mem::size_of::<CpuCache>() == 1 << STRIDE_SHIFT);
 const _: () = assert!(core::mem::offset_of!(CpuCache, heads) == 0);
 const _: () = assert!(batch(0) == BATCH_MAX);
@@ -330,29 +333,30 @@ mod sections {
     //! huge unsigned number and takes the way out.
 
     use super::{
-        Caches, OFF_ALLOCS, OFF_ARENA, OFF_FREES, OFF_KEY, OFF_LIMITS, OUTBOX, PTR_BITS,
-        STRIDE_SHIFT,
+        Caches, OFF_ALLOCS, OFF_ARENA, OFF_CS_BASE, OFF_CS_LEN, OFF_CS_RSEQ, OFF_FREES, OFF_KEY,
+        OFF_LIMITS, OUTBOX, PTR_BITS, STRIDE_SHIFT,
     };
     use core::arch::asm;
 
     /// glibc's `RSEQ_SIG` for x86.
     const RSEQ_SIG: u32 = 0x5305_3053;
 
-    /// Loads the CPU id into `{c}` and makes `{c}` point to that CPU's cache, or leaves the
-    /// section (to label 75, or to `$exit`) when the id is not below `{n}`.
+    /// Loads the CPU id into `{c}` (from the rseq area, whose offset `{t}` holds) and makes
+    /// `{c}` point to that CPU's cache, or leaves the section (to label 75, or to `$exit`)
+    /// when the id is not below the table's length. `{t}` is free afterwards.
     macro_rules! current_cache {
         () => {
             current_cache!("75f")
         };
         ($exit:literal) => {
             concat!(
-                "mov {c:e}, dword ptr fs:[{off} + 4]\n",
-                "cmp {c}, {n}\n",
+                "mov {c:e}, dword ptr fs:[{t} + 4]\n",
+                "cmp {c}, qword ptr [{cs} + {cs_len}]\n",
                 "jae ",
                 $exit,
                 "\n",
                 "shl {c}, {shift}\n",
-                "add {c}, {base}\n",
+                "add {c}, qword ptr [{cs} + {cs_base}]\n",
             )
         };
     }
@@ -382,8 +386,9 @@ mod sections {
                 ".quad 74f, 75f - 74f, 76f\n",
                 ".popsection\n",
                 "73:\n",
-                "lea {t}, [rip + 72b]\n",
-                "mov qword ptr fs:[{off} + 8], {t}\n",
+                "mov {t}, qword ptr [{cs} + {cs_rseq}]\n",
+                "lea {c}, [rip + 72b]\n",
+                "mov qword ptr fs:[{t} + 8], {c}\n",
                 "74:\n",
                 $($body, "\n",)*
                 "75:\n",
@@ -428,9 +433,10 @@ mod sections {
                         "add qword ptr [{c} + {frees}], 1",
                         "mov qword ptr [{c} + {cls} * 8], {t}",
                     ),
-                    off = in(reg) $self.rseq_off,
-                    n = in(reg) $self.len,
-                    base = in(reg) $self.base,
+                    cs = in(reg) $self as *const Caches,
+                    cs_rseq = const OFF_CS_RSEQ,
+                    cs_len = const OFF_CS_LEN,
+                    cs_base = const OFF_CS_BASE,
                     cls = in(reg) $class,
                     b = in(reg) $b,
                     arena = in(reg) $arena,
@@ -493,9 +499,10 @@ mod sections {
                         "xor {bad:e}, {bad:e}",
                         "mov qword ptr [{c} + {cls} * 8], {x}",
                     ),
-                    off = in(reg) self.rseq_off,
-                    n = in(reg) self.len,
-                    base = in(reg) self.base,
+                    cs = in(reg) self as *const Caches,
+                    cs_rseq = const OFF_CS_RSEQ,
+                    cs_len = const OFF_CS_LEN,
+                    cs_base = const OFF_CS_BASE,
                     cls = in(reg) class,
                     one = in(reg) 1usize << PTR_BITS,
                     h = out(reg) head,
@@ -563,14 +570,15 @@ mod sections {
                 asm!(
                     rseq_section!(
                         "xor {h:e}, {h:e}",
-                        "mov {cpu:e}, dword ptr fs:[{off} + 4]",
+                        "mov {cpu:e}, dword ptr fs:[{t} + 4]",
                         current_cache!(),
                         "mov {h}, qword ptr [{c} + {cls} * 8]",
                         "mov qword ptr [{c} + {cls} * 8], 0",
                     ),
-                    off = in(reg) self.rseq_off,
-                    n = in(reg) self.len,
-                    base = in(reg) self.base,
+                    cs = in(reg) self as *const Caches,
+                    cs_rseq = const OFF_CS_RSEQ,
+                    cs_len = const OFF_CS_LEN,
+                    cs_base = const OFF_CS_BASE,
                     cls = in(reg) class,
                     h = out(reg) head,
                     cpu = out(reg) cpu,
@@ -598,19 +606,20 @@ mod sections {
                 asm!(
                     rseq_section!(
                         "mov {st:e}, 1",
-                        "mov {c:e}, dword ptr fs:[{off} + 4]",
+                        "mov {c:e}, dword ptr fs:[{t} + 4]",
                         "cmp {c}, {want}",
                         "jne 75f",
                         "shl {c}, {shift}",
-                        "add {c}, {base}",
+                        "add {c}, qword ptr [{cs} + {cs_base}]",
                         "cmp qword ptr [{c} + {cls} * 8], 0",
                         "jne 75f",
                         "xor {st:e}, {st:e}",
                         "mov qword ptr [{c} + {cls} * 8], {chain}",
                     ),
-                    off = in(reg) self.rseq_off,
+                    cs = in(reg) self as *const Caches,
+                    cs_rseq = const OFF_CS_RSEQ,
+                    cs_base = const OFF_CS_BASE,
                     want = in(reg) cpu,
-                    base = in(reg) self.base,
                     cls = in(reg) class,
                     chain = in(reg) chain,
                     st = out(reg) status,
@@ -658,9 +667,10 @@ mod sections {
                         "78:",
                         "mov {st:e}, 1",
                     ),
-                    off = in(reg) self.rseq_off,
-                    n = in(reg) self.len,
-                    base = in(reg) self.base,
+                    cs = in(reg) self as *const Caches,
+                    cs_rseq = const OFF_CS_RSEQ,
+                    cs_len = const OFF_CS_LEN,
+                    cs_base = const OFF_CS_BASE,
                     cls = in(reg) class,
                     b = in(reg) b,
                     max = in(reg) max,

@@ -24,7 +24,9 @@ use crate::debug;
 use crate::diag::{block_error, invalid_pointer, Line};
 use crate::os;
 use crate::remote::Batch;
-use crate::size_class::{class_of, class_size, pages_for, CHUNK, LARGE_MAX, PAGE, SMALL_MAX};
+use crate::size_class::{
+    class_of, class_of_small, class_size, pages_for, CHUNK, LARGE_MAX, PAGE, SMALL_MAX,
+};
 use crate::source::OsSource;
 
 /// What a double free is reported as.
@@ -317,7 +319,7 @@ impl Heap {
         if size <= SMALL_MAX && align <= PAGE && self.fast_path_ready() {
             // SAFETY: the fast path is on, so the config is READY.
             let cfg = unsafe { &*self.config.get() };
-            let class = class_of(if size > align { size } else { align });
+            let class = class_of_small(if size > align { size } else { align });
             let Ok(b) = cfg.caches.pop(class) else {
                 return Self::refill(cfg, class);
             };
@@ -577,7 +579,7 @@ impl Heap {
             }
             // SAFETY: the fast path is on, so the config is READY.
             let cfg = unsafe { &*self.config.get() };
-            let class = class_of(if size > align { size } else { align });
+            let class = class_of_small(if size > align { size } else { align });
             let h = chunk_of(p) as *const ChunkHeader;
             // SAFETY: by the contract `p` came from this heap's `alloc` once, and is not a
             // bootstrap block (those are handed out only to the initialising thread while it

@@ -580,6 +580,10 @@ impl Heap {
             // SAFETY: the fast path is on, so the config is READY.
             let cfg = unsafe { &*self.config.get() };
             let class = class_of_small(if size > align { size } else { align });
+            // SAFETY: `size` and `align` are at most a page, so `class` is at most
+            // `class_of(PAGE)` (the table is `class_of`, checked size by size in a unit
+            // test); said here so the compiler drops `small_block_start`'s range tests.
+            unsafe { core::hint::assert_unchecked(class_size(class) <= PAGE) };
             let h = chunk_of(p) as *const ChunkHeader;
             // SAFETY: by the contract `p` came from this heap's `alloc` once, and is not a
             // bootstrap block (those are handed out only to the initialising thread while it

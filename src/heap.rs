@@ -319,7 +319,8 @@ impl Heap {
         if size <= SMALL_MAX && align <= PAGE && self.fast_path_ready() {
             // SAFETY: the fast path is on, so the config is READY.
             let cfg = unsafe { &*self.config.get() };
-            let class = class_of_small(if size > align { size } else { align });
+            // SAFETY: both are at most SMALL_MAX.
+            let class = unsafe { class_of_small(if size > align { size } else { align }) };
             let Ok(b) = cfg.caches.pop(class) else {
                 return Self::refill(cfg, class);
             };
@@ -561,9 +562,11 @@ impl Heap {
     /// [`lookup`]: its class comes from the size (which `realloc` keeps exact: a small block
     /// stays in place only within its class, a large one only while it stays large) and is
     /// checked, with the block's alignment, against the block's own page descriptor (one
-    /// load); its arena comes from its chunk's header, after the registry says the chunk is
-    /// mapped. Anything else, including a pointer whose page no longer belongs to a small
-    /// run of that class (a double free after the run was released, a wrong layout), takes
+    /// load); its arena comes from its chunk's header. The chunk registry is not asked: a
+    /// Rust `dealloc` gets only pointers this heap handed out, whose chunks stay mapped while
+    /// in use (a double `dealloc` after the chunk was unmapped faults reading the header).
+    /// Anything else, including a pointer whose page no longer belongs to a small run of
+    /// that class (a double free after the run was released, a wrong layout), takes
     /// [`Heap::free`], which validates it fully.
     ///
     /// # Safety
@@ -579,11 +582,12 @@ impl Heap {
             }
             // SAFETY: the fast path is on, so the config is READY.
             let cfg = unsafe { &*self.config.get() };
-            let class = class_of_small(if size > align { size } else { align });
+            // SAFETY: both are at most a page.
+            let class = unsafe { class_of_small(if size > align { size } else { align }) };
             // SAFETY: `size` and `align` are at most a page, so `class` is at most
             // `class_of(PAGE)` (the table is `class_of`, checked size by size in a unit
             // test); said here so the compiler drops `small_block_start`'s range tests.
-            unsafe { core::hint::assert_unchecked(class_size(class) <= PAGE) };
+            unsafe { core::hint::assert_unchecked(class <= class_of(PAGE)) };
             let h = chunk_of(p) as *const ChunkHeader;
             // SAFETY: by the contract `p` came from this heap's `alloc` once, and is not a
             // bootstrap block (those are handed out only to the initialising thread while it

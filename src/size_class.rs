@@ -50,15 +50,19 @@ pub const fn class_of(size: usize) -> usize {
     }
 }
 
-/// The block size of class `class`.
-/// `class_of` for the fast paths: one load from a table indexed by 16-byte steps, instead of
-/// a bit scan and its special case for the smallest sizes.
+/// `class_of` for the fast paths: a load from a table indexed by 16-byte steps (two loads
+/// in position-independent code, the table's address coming from the GOT), instead of a bit
+/// scan and its special case for the smallest sizes.
 ///
-/// `size` is at most [`SMALL_MAX`].
+/// # Safety
+/// `size` is at most [`SMALL_MAX`] (the index is not checked: no panic path in the
+/// allocator's fast paths).
 #[inline(always)]
-pub fn class_of_small(size: usize) -> usize {
+pub unsafe fn class_of_small(size: usize) -> usize {
     debug_assert!(size <= SMALL_MAX);
-    CLASS_OF_STEP[(size + SMALL_MIN - 1) >> SMALL_MIN_SHIFT] as usize
+    // SAFETY: `size <= SMALL_MAX`, so the index is at most `SMALL_MAX / SMALL_MIN`, the
+    // table's last entry.
+    unsafe { *CLASS_OF_STEP.get_unchecked((size + SMALL_MIN - 1) >> SMALL_MIN_SHIFT) as usize }
 }
 
 /// Entry `i`: the class of sizes `16 * (i - 1) + 1 ..= 16 * i` (and of 0 for `i = 0`).
@@ -72,6 +76,7 @@ static CLASS_OF_STEP: [u8; SMALL_MAX / SMALL_MIN + 1] = {
     t
 };
 
+/// The block size of class `class`.
 #[inline]
 pub const fn class_size(class: usize) -> usize {
     SMALL_MIN << class
@@ -115,7 +120,8 @@ mod tests {
         assert_eq!(class_of(SMALL_MAX), NUM_CLASSES - 1);
         for size in 1..=SMALL_MAX {
             let c = class_of(size);
-            assert_eq!(class_of_small(size), c, "size {size}");
+            // SAFETY: `size <= SMALL_MAX`.
+            assert_eq!(unsafe { class_of_small(size) }, c, "size {size}");
             assert!(class_size(c) >= size, "size {size}");
             assert!(c == 0 || class_size(c - 1) < size, "size {size}");
         }

@@ -31,7 +31,7 @@ fn set_errno(e: c_int) {
     unsafe { *libc::__errno_location() = e };
 }
 
-#[inline]
+#[cfg(test)]
 fn errno() -> c_int {
     // SAFETY: as in `set_errno`.
     unsafe { *libc::__errno_location() }
@@ -80,9 +80,9 @@ pub unsafe fn free(p: *mut c_void) {
     if p.is_null() {
         return;
     }
-    // SAFETY: passed on from the caller. A CPU cache taking the block makes no system call,
-    // so errno needs saving only on the other paths.
-    if shm_heap().is_none() && unsafe { HEAP.free_cached(p.cast()) } {
+    // SAFETY: passed on from the caller. `free_small` keeps errno itself (its fast path
+    // makes no system call), so it is saved here only on the other paths.
+    if shm_heap().is_none() && unsafe { HEAP.free_small(p.cast()) } {
         return;
     }
     // SAFETY: as above.
@@ -95,14 +95,12 @@ pub unsafe fn free(p: *mut c_void) {
 /// As for `free`, `p` not null.
 #[inline(never)]
 unsafe fn free_slow(p: *mut c_void) {
-    let e = errno();
-    match shm_heap() {
+    crate::os::keeping_errno(|| match shm_heap() {
         // SAFETY: passed on from the caller; an invalid pointer aborts.
         Some(h) if h.contains(p.cast()) => unsafe { h.free(p.cast()) },
         // SAFETY: as above.
         _ => unsafe { HEAP.free(p.cast()) },
-    }
-    set_errno(e);
+    })
 }
 
 /// `calloc(3)`.

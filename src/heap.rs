@@ -493,17 +493,15 @@ impl Heap {
         self.fast.load(Ordering::Acquire)
     }
 
-    /// Frees `p` if it is a small block that the current CPU's cache (or, for a block of
-    /// another arena, its outbox) takes at once; returns whether it did. Makes no system
-    /// call, so errno is untouched. When this returns false the block is still the caller's
-    /// as it was (but for its first word, which a restarted push may have overwritten: the
-    /// block is being freed anyway), and the caller goes on with [`Heap::free`], which
-    /// handles every other case (and reports an invalid pointer).
+    /// Frees `p` if it is a small block of at most a page, found from the block's own page
+    /// ([`lookup_small`]), through the current CPU's cache; returns whether it did (false:
+    /// nothing was done, and [`Heap::free`] handles every other case). Keeps errno: the path
+    /// through the cache makes no system call, and the slower ones keep it themselves.
     ///
     /// # Safety
     /// As for [`Heap::free`], `p` not null.
     #[inline]
-    pub unsafe fn free_cached(&self, p: *mut u8) -> bool {
+    pub unsafe fn free_small(&self, p: *mut u8) -> bool {
         if !self.fast_path_ready() {
             return false;
         }
@@ -512,49 +510,11 @@ impl Heap {
         };
         // SAFETY: the fast path is on, so the config is READY.
         let cfg = unsafe { &*self.config.get() };
-        let b = p.cast::<Block>();
-        // SAFETY: `lookup_small` found a block start (at least 16 bytes) in a small run of
-        // `arena` and `class`, and by the contract it is a live block that the caller gives
-        // up (or a double free, which the mark shows). A block with the mark is left to
-        // `free`, which tells a double free from data that happens to match.
-        unsafe {
-            let old = (*b).mark;
-            if old == cfg.mark {
-                return false;
-            }
-            (*b).mark = cfg.mark;
-            match cfg.caches.push(class, b, arena) {
-                Push::Done => true,
-                r => Self::free_cached_other(cfg, b, class, old, r),
-            }
-        }
-    }
-
-    /// `free_cached` when the CPU's list could not take `b` (`r` says why): the outbox, for
-    /// a small block of another arena; otherwise the mark is undone and nothing changed.
-    /// Out of line, so that `free_cached`'s common path saves no registers.
-    ///
-    /// # Safety
-    /// As in `free_cached`, with the mark written over `old`.
-    #[inline(never)]
-    unsafe fn free_cached_other(
-        cfg: &Config,
-        b: *mut Block,
-        class: usize,
-        old: usize,
-        r: Push,
-    ) -> bool {
-        // SAFETY: by the contract.
-        unsafe {
-            if r == Push::Remote
-                && class_size(class) <= OUTBOX_MAX_BLOCK
-                && cfg.caches.push_outbox(b) == Push::Done
-            {
-                return true;
-            }
-            (*b).mark = old;
-        }
-        false
+        // SAFETY: `lookup_small` found a block start in a small run of `arena` and `class`;
+        // by the contract it is a live block the caller gives up (or a double free, which
+        // the mark shows and `free_small_fast` reports).
+        unsafe { Self::free_small_fast(cfg, p, arena, class) };
+        true
     }
 
     /// Frees `p`, which the caller allocated (or last resized) with `size` and `align`, the
@@ -639,13 +599,22 @@ impl Heap {
     }
 
     /// `p` carries the double-free mark: abort if it is free; otherwise (live data that
-    /// happens to match) free it as usual.
+    /// happens to match) free it as usual. Keeps errno (see `free_small`).
     ///
     /// # Safety
     /// As for `free_small_fast`.
     #[cold]
     #[inline(never)]
     unsafe fn free_small_suspect(cfg: &Config, p: *mut u8, arena: u32, class: usize) {
+        os::keeping_errno(|| {
+            // SAFETY: by the contract.
+            unsafe { Self::free_small_suspect_inner(cfg, p, arena, class) }
+        })
+    }
+
+    /// # Safety
+    /// As for `free_small_suspect`.
+    unsafe fn free_small_suspect_inner(cfg: &Config, p: *mut u8, arena: u32, class: usize) {
         let what = lookup(&SRC, p);
         // SAFETY: `lookup` returns live run heads.
         let same = matches!(what, Lookup::Small { arena: a, run } if a == arena && unsafe { (*run).class() } == class);
@@ -679,7 +648,7 @@ impl Heap {
     }
 
     /// The current CPU's list could not take `p` (`r` says why): the outbox, a flush, or
-    /// the locked path.
+    /// the locked path. Keeps errno (see `free_small`).
     ///
     /// # Safety
     /// As for `free_small_fast`, with the mark written.
@@ -688,7 +657,7 @@ impl Heap {
     unsafe fn free_small_slow(cfg: &Config, p: *mut u8, arena: u32, class: usize, r: Push) {
         let what = lookup(&SRC, p);
         // SAFETY: by the contract.
-        unsafe {
+        os::keeping_errno(|| unsafe {
             match r {
                 Push::Done => {}
                 Push::Full => Self::free_small_full(cfg, p, what, arena, class),
@@ -701,7 +670,7 @@ impl Heap {
                 }
                 Push::Remote | Push::Foreign => Self::free_small_foreign(cfg, p, what, arena),
             }
-        }
+        })
     }
 
     /// The block carries the double-free mark: abort with `msg` if it is on a CPU cache or
@@ -924,9 +893,10 @@ impl Heap {
         let old = match what {
             Lookup::Small { run, .. } => {
                 // SAFETY: a live small run head.
-                let cs = class_size(unsafe { (*run).class() });
+                let class = unsafe { (*run).class() };
+                let cs = class_size(class);
                 let in_place = if exact {
-                    class_of(if size > align { size } else { align }) == class_of(cs)
+                    class_of(if size > align { size } else { align }) == class
                 } else {
                     size <= cs && (size > cs / 4 || cs == class_size(0))
                 };

@@ -415,6 +415,18 @@ pub fn env_usize(name: &[u8]) -> Option<usize> {
     }
 }
 
+/// Runs `f` and puts the calling thread's errno back as it was: for the paths of `free` that
+/// may make system calls (C's `free` must not change errno).
+#[inline]
+pub fn keeping_errno<R>(f: impl FnOnce() -> R) -> R {
+    // SAFETY: __errno_location returns the calling thread's errno slot.
+    let e = unsafe { *libc::__errno_location() };
+    let r = f();
+    // SAFETY: as above.
+    unsafe { *libc::__errno_location() = e };
+    r
+}
+
 /// Writes all of `bytes` to file descriptor `fd`, ignoring errors. Never allocates.
 pub fn write_all(fd: i32, mut bytes: &[u8]) {
     while !bytes.is_empty() {

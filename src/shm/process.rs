@@ -61,12 +61,7 @@ fn open() -> Option<&'static SharedHeap> {
         return heap_if_on();
     }
     // Opening the heap must not change what the program sees in errno.
-    // SAFETY: __errno_location returns the calling thread's errno slot.
-    let errno = unsafe { *libc::__errno_location() };
-    let r = open_from_env();
-    // SAFETY: as above.
-    unsafe { *libc::__errno_location() = errno };
-    r
+    crate::os::keeping_errno(open_from_env)
 }
 
 fn open_from_env() -> Option<&'static SharedHeap> {

@@ -187,8 +187,9 @@ pub fn decode_link(stored: usize, at: usize, key: usize) -> usize {
 /// published), so a read-modify-write of `kind_class` by its writer is never lost.
 #[repr(C)]
 pub struct PageDesc {
-    /// The page's [`Kind`] in the low byte; small runs: the size class in the high byte. One
-    /// word, so that a validator checks both with one load.
+    /// The page's [`Kind`] in the high byte; small runs: the size class in the low byte. One
+    /// word, so that a validator checks both with one load (and, the class being the low
+    /// byte, with one XOR against the class it expects).
     kind_class: AtomicU16,
     /// Free runs: some page may hold data or be resident. Small runs: the uncarved blocks
     /// (from `bump` on) are known to read zero.
@@ -214,7 +215,7 @@ pub struct PageDesc {
 impl PageDesc {
     #[inline]
     pub fn kind(&self) -> Kind {
-        Kind::from_u8(self.kind_class.load(Ordering::Relaxed) as u8)
+        Kind::from_u8((self.kind_class.load(Ordering::Relaxed) >> 8) as u8)
     }
     /// Release: a reader that sees the new kind with [`PageDesc::is_small_of`] sees the
     /// fields written before it.
@@ -222,31 +223,31 @@ impl PageDesc {
     pub fn set_kind(&self, k: Kind) {
         let v = self.kind_class.load(Ordering::Relaxed);
         self.kind_class
-            .store((v & 0xff00) | k as u16, Ordering::Release)
+            .store((v & 0xff) | (k as u16) << 8, Ordering::Release)
     }
     /// Whether this page belongs to a small run of class `class` (as its first page or
     /// another): one load, for validating a block without the owner's lock.
     #[inline]
     pub fn is_small_of(&self, class: usize) -> bool {
         const _: () = assert!(Kind::Small as u16 | 1 == Kind::SmallInterior as u16);
-        self.kind_class.load(Ordering::Acquire) | 1
-            == (class as u16) << 8 | Kind::SmallInterior as u16
+        let want = (Kind::SmallInterior as u32) << 8 | class as u32;
+        (self.kind_class.load(Ordering::Acquire) as u32 ^ want) & !(1 << 8) == 0
     }
     /// The class, if this page belongs to a small run (its first page or another).
     #[inline]
     pub fn small_class(&self) -> Option<usize> {
         let v = self.kind_class.load(Ordering::Acquire);
-        (v as u8 | 1 == Kind::SmallInterior as u8).then_some((v >> 8) as usize)
+        ((v >> 8) as u8 | 1 == Kind::SmallInterior as u8).then_some((v & 0xff) as usize)
     }
     #[inline]
     pub fn class(&self) -> usize {
-        (self.kind_class.load(Ordering::Relaxed) >> 8) as usize
+        (self.kind_class.load(Ordering::Relaxed) & 0xff) as usize
     }
     #[inline]
     pub fn set_class(&self, c: usize) {
         let v = self.kind_class.load(Ordering::Relaxed);
         self.kind_class
-            .store((v & 0xff) | (c as u16) << 8, Ordering::Relaxed)
+            .store((v & 0xff00) | c as u16, Ordering::Relaxed)
     }
     #[inline]
     pub fn lead(&self) -> usize {

@@ -460,13 +460,14 @@ mod sections {
     }
 
     impl Caches {
-        /// Pops a block of class `class` from the current CPU's cache. Returns the packed
-        /// head it popped (0 when the list is empty or the thread has no usable CPU id), and
-        /// whether that block's link failed its check (then nothing was popped).
+        /// Pops a block of class `class` from the current CPU's cache. Returns the block
+        /// popped, or 0 and then the block at the list's head if its link failed its check
+        /// (nothing was popped), or 0 and 0 if the list was empty or the thread has no
+        /// usable CPU id.
         #[inline(always)]
-        pub(super) fn pop_raw(&self, class: usize) -> (usize, bool) {
-            let head: usize;
-            let bad: u32;
+        pub(super) fn pop_raw(&self, class: usize) -> (usize, usize) {
+            let block: usize;
+            let bad: usize;
             // SAFETY: by the `Caches` invariant (callers check `enabled`) the table and the
             // rseq area exist; the section touches only the current CPU's cache (index
             // checked against `len`) and the first word of the block at its head, which is
@@ -475,41 +476,48 @@ mod sections {
                 asm!(
                     rseq_section!(
                         "xor {h:e}, {h:e}",
-                        "mov {bad:e}, 1",
+                        "xor {b:e}, {b:e}",
                         current_cache!(),
                         "mov {h}, qword ptr [{c} + {cls} * 8]",
                         "test {h}, {h}",
                         "jz 75f",
-                        // t = the block, x = its decoded link
-                        "mov {t}, {h}",
-                        "shl {t}, 16",
-                        "shr {t}, 16",
-                        "mov {x}, qword ptr [{t}]",
-                        // decode; the link's count must be the head's minus one
+                        // b = the block, t = its decoded link
+                        "mov {b}, {h}",
+                        "and {b}, {mask}",
+                        "mov {t}, qword ptr [{b}]",
+                        // decode; the link's count must be the head's minus one, else the
+                        // section leaves through 77 with no block
                         hardened!(
-                            "xor {x}, qword ptr [{c} + {key}]",
-                            "xor {x}, {t}",
-                            "bswap {x}",
-                            "lea {t}, [{x} + {one}]",
-                            "xor {t}, {h}",
-                            "shr {t}, 48",
-                            "jnz 75f",
+                            "xor {t}, qword ptr [{c} + {key}]",
+                            "xor {t}, {b}",
+                            "bswap {t}",
+                            "sub {h}, {one}",
+                            "xor {h}, {t}",
+                            "shr {h}, 48",
+                            "jnz 77f",
                         ),
                         "add qword ptr [{c} + {allocs}], 1",
-                        "xor {bad:e}, {bad:e}",
-                        "mov qword ptr [{c} + {cls} * 8], {x}",
+                        "mov qword ptr [{c} + {cls} * 8], {t}",
                     ),
+                    // Out of line, beside the abort handlers: a bad link. The block goes
+                    // back in `{h}`, none in `{b}`.
+                    ".pushsection __rseq_failure, \"ax\"",
+                    "77:",
+                    "mov {h}, {b}",
+                    "xor {b:e}, {b:e}",
+                    "jmp 75b",
+                    ".popsection",
                     cs = in(reg) self as *const Caches,
                     cs_rseq = const OFF_CS_RSEQ,
                     cs_len = const OFF_CS_LEN,
                     cs_base = const OFF_CS_BASE,
                     cls = in(reg) class,
                     one = in(reg) 1usize << PTR_BITS,
-                    h = out(reg) head,
-                    bad = out(reg) bad,
+                    mask = in(reg) super::PTR_MASK,
+                    h = out(reg) bad,
+                    b = out(reg) block,
                     c = out(reg) _,
                     t = out(reg) _,
-                    x = out(reg) _,
                     shift = const STRIDE_SHIFT,
                     allocs = const OFF_ALLOCS,
                     key = const OFF_KEY,
@@ -517,7 +525,7 @@ mod sections {
                     options(nostack),
                 );
             }
-            (head, bad != 0)
+            (block, bad)
         }
 
         /// Pushes block `b` of arena `arena` on the current CPU's list `class` if that cache
@@ -697,8 +705,8 @@ mod sections {
     use super::Caches;
 
     impl Caches {
-        pub(super) fn pop_raw(&self, _class: usize) -> (usize, bool) {
-            (0, false)
+        pub(super) fn pop_raw(&self, _class: usize) -> (usize, usize) {
+            (0, 0)
         }
         pub(super) unsafe fn push_raw(&self, _: usize, _: usize, _: u32) -> u32 {
             1
@@ -728,14 +736,14 @@ impl Caches {
     #[inline(always)]
     pub fn pop(&self, class: usize) -> Result<*mut Block, ()> {
         debug_assert!(self.enabled && class < NUM_CLASSES);
-        let (head, bad) = self.pop_raw(class);
-        if bad {
-            if head != 0 {
-                self.corrupt((head & PTR_MASK) as *mut Block, class);
+        let (block, bad) = self.pop_raw(class);
+        if block == 0 {
+            if bad != 0 {
+                self.corrupt(bad as *mut Block, class);
             }
             return Err(());
         }
-        Ok((head & PTR_MASK) as *mut Block)
+        Ok(block as *mut Block)
     }
 
     #[cold]

@@ -13,9 +13,7 @@ use core::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering}
 
 use crossbeam_utils::{Backoff, CachePadded};
 
-use crate::arena::{
-    describe, lookup, lookup_small, small_block_start, Arena, ArenaStats, Lookup, LARGE_ALIGN_MAX,
-};
+use crate::arena::{describe, lookup, lookup_small, Arena, ArenaStats, Lookup, LARGE_ALIGN_MAX};
 use crate::chunk::{
     chunk_of, page_index, Block, ChunkHeader, CHUNK_ARENA, CHUNK_HUGE, MAGIC, REGISTRY,
 };
@@ -25,7 +23,8 @@ use crate::diag::{block_error, invalid_pointer, Line};
 use crate::os;
 use crate::remote::Batch;
 use crate::size_class::{
-    class_of, class_of_small, class_size, pages_for, CHUNK, LARGE_MAX, PAGE, SMALL_MAX,
+    block_mask_of_bound, class_of, class_of_bound, class_size, pages_for, request_bound, CHUNK,
+    LARGE_MAX, PAGE, SMALL_MAX,
 };
 use crate::source::OsSource;
 
@@ -42,7 +41,13 @@ const FAILED: u8 = 3;
 pub const MAX_ARENAS: usize = 4096;
 
 /// What initialisation computes; written once before `READY`, read-only after.
+///
+/// `repr(C)` with `caches` first, and first in [`Heap`] too: the fast paths hand the
+/// critical sections `&HEAP.config.caches`, which is then `&HEAP` itself, no addition.
+#[repr(C)]
 struct Config {
+    /// The per-CPU caches of the rseq fast path (`enabled` false when it is off).
+    caches: Caches,
     arenas: *mut CachePadded<Arena>,
     count: usize,
     /// CPU id -> arena index, for ids below `cpu_map_len`.
@@ -50,8 +55,6 @@ struct Config {
     cpu_map_len: usize,
     /// The double-free mark: a per-process random word written into freed blocks.
     mark: usize,
-    /// The per-CPU caches of the rseq fast path (`enabled` false when it is off).
-    caches: Caches,
     /// `COREHEAP_DEBUG=1`: guard bytes and fill patterns (`debug.rs`); the caches are off.
     debug: bool,
 }
@@ -69,13 +72,15 @@ struct HugeCounters {
 /// Invariant: `config` is written only by the thread that moved `state` to `INITING`, and
 /// read only after `state == READY` (or `fast`, set after it) was observed with Acquire
 /// ordering.
+#[repr(C)]
 pub struct Heap {
+    /// First: see [`Config`].
+    config: UnsafeCell<Config>,
     state: AtomicU8,
     /// Set (Release) once, after `READY`, when the per-CPU caches are on: the fast paths
     /// test this one flag. Seeing it set with Acquire implies `READY` was observed.
     fast: AtomicBool,
     init_thread: AtomicUsize,
-    config: UnsafeCell<Config>,
     huge: HugeCounters,
 }
 
@@ -316,11 +321,12 @@ impl Heap {
     /// null, and whether it is known to read zero.
     #[inline(always)]
     pub fn alloc(&self, size: usize, align: usize) -> (*mut u8, bool) {
-        if size <= SMALL_MAX && align <= PAGE && self.fast_path_ready() {
+        let bound = request_bound(size, align);
+        if bound < SMALL_MAX && align <= PAGE && self.fast_path_ready() {
             // SAFETY: the fast path is on, so the config is READY.
             let cfg = unsafe { &*self.config.get() };
-            // SAFETY: both are at most SMALL_MAX.
-            let class = unsafe { class_of_small(if size > align { size } else { align }) };
+            // SAFETY: just checked.
+            let class = unsafe { class_of_bound(bound) };
             let Ok(b) = cfg.caches.pop(class) else {
                 return Self::refill(cfg, class);
             };
@@ -534,7 +540,9 @@ impl Heap {
     /// by this heap with `size` and `align` (a power of two).
     #[inline(always)]
     pub unsafe fn free_sized(&self, p: *mut u8, size: usize, align: usize) {
-        if size <= PAGE && align <= PAGE && self.fast_path_ready() {
+        let bound = request_bound(size, align);
+        // Both `size` and `align` at most a page, `size` not 0.
+        if bound < PAGE && self.fast_path_ready() {
             if cfg!(debug_assertions) && BOOTSTRAP.0.contains(p) {
                 // Never seen (see below); a debug build checks rather than assume.
                 // SAFETY: by the contract.
@@ -542,13 +550,11 @@ impl Heap {
             }
             // SAFETY: the fast path is on, so the config is READY.
             let cfg = unsafe { &*self.config.get() };
-            // SAFETY: both are at most a page.
-            let class = unsafe { class_of_small(if size > align { size } else { align }) };
-            // SAFETY: `size` and `align` are at most a page, so `class` is at most
-            // `class_of(PAGE)` (the table is `class_of`, checked size by size in a unit
-            // test); said here so the compiler drops `small_block_start`'s range tests.
-            unsafe { core::hint::assert_unchecked(class <= class_of(PAGE)) };
-            let h = chunk_of(p) as *const ChunkHeader;
+            // SAFETY: `bound < PAGE`, for both.
+            let (class, mask) = unsafe { (class_of_bound(bound), block_mask_of_bound(bound)) };
+            // `p` rounded down: a block of at most a page never starts a chunk (the header
+            // does), so `chunk_of`'s step back for huge blocks is not needed.
+            let h = (p as usize & !(CHUNK - 1)) as *const ChunkHeader;
             // SAFETY: by the contract `p` came from this heap's `alloc` once, and is not a
             // bootstrap block (those are handed out only to the initialising thread while it
             // initialises, which in a Rust program allocates nothing), so it lies in one of
@@ -559,7 +565,7 @@ impl Heap {
                 if (*h).magic == MAGIC
                     && (*h).kind == CHUNK_ARENA
                     && (*h).pages[page_index(p)].is_small_of(class)
-                    && small_block_start(p, class)
+                    && p as usize & mask == 0
                 {
                     // A block start of a small run of `class` of the chunk's arena, as
                     // `lookup` would say, and the caller gives it up.

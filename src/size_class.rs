@@ -50,27 +50,67 @@ pub const fn class_of(size: usize) -> usize {
     }
 }
 
-/// `class_of` for the fast paths: a load from a table indexed by 16-byte steps (two loads
-/// in position-independent code, the table's address coming from the GOT), instead of a bit
-/// scan and its special case for the smallest sizes.
-///
-/// # Safety
-/// `size` is at most [`SMALL_MAX`] (the index is not checked: no panic path in the
-/// allocator's fast paths).
+/// What the fast paths classify a request by: `(size - 1) | (align - 1)`, for `align` a power
+/// of two. For `size >= 1` its bit length is that of `max(size, align) - 1` (the OR of two
+/// numbers is as long as the longer), so `bound + 1` has the class of `max(size, align)`;
+/// and one comparison, `bound < limit` for a power of two `limit`, says that both `size`
+/// and `align` are at most `limit`. A `size` of 0 wraps to a huge bound, which fails every
+/// such comparison, so it takes the slow paths.
 #[inline(always)]
-pub unsafe fn class_of_small(size: usize) -> usize {
-    debug_assert!(size <= SMALL_MAX);
-    // SAFETY: `size <= SMALL_MAX`, so the index is at most `SMALL_MAX / SMALL_MIN`, the
-    // table's last entry.
-    unsafe { *CLASS_OF_STEP.get_unchecked((size + SMALL_MIN - 1) >> SMALL_MIN_SHIFT) as usize }
+pub const fn request_bound(size: usize, align: usize) -> usize {
+    size.wrapping_sub(1) | align.wrapping_sub(1)
 }
 
-/// Entry `i`: the class of sizes `16 * (i - 1) + 1 ..= 16 * i` (and of 0 for `i = 0`).
-static CLASS_OF_STEP: [u8; SMALL_MAX / SMALL_MIN + 1] = {
-    let mut t = [0u8; SMALL_MAX / SMALL_MIN + 1];
+/// The class of a request whose [`request_bound`] is `bound`: a load from a table indexed
+/// by 16-byte steps (two loads in position-independent code, the table's address coming
+/// from the GOT), instead of a bit scan and its special case for the smallest sizes.
+///
+/// # Safety
+/// `bound < SMALL_MAX` (the index is not checked: no panic path in the allocator's fast
+/// paths).
+#[inline(always)]
+pub unsafe fn class_of_bound(bound: usize) -> usize {
+    debug_assert!(bound < SMALL_MAX);
+    // SAFETY: `bound < SMALL_MAX`, so the index is below `SMALL_MAX / SMALL_MIN`, the
+    // table's length.
+    unsafe { *STEPS.class.get_unchecked(bound >> SMALL_MIN_SHIFT) as usize }
+}
+
+/// `class_size(c) - 1` for the class `c` of a request whose [`request_bound`] is `bound`:
+/// the bits that are 0 in the address of every block of that class (at most a page, whose
+/// blocks lie at multiples of their size). From the same table as [`class_of_bound`], so
+/// a caller of both reaches it through one address.
+///
+/// # Safety
+/// `bound < PAGE` (the index is not checked).
+#[inline(always)]
+pub unsafe fn block_mask_of_bound(bound: usize) -> usize {
+    debug_assert!(bound < PAGE);
+    // SAFETY: `bound < PAGE`, so the index is below `PAGE / SMALL_MIN`, the table's length.
+    unsafe { *STEPS.block_mask.get_unchecked(bound >> SMALL_MIN_SHIFT) as usize }
+}
+
+/// The tables of the fast paths, indexed by a request's [`request_bound`] in 16-byte
+/// steps: entry `i` is for sizes `16 * i + 1 ..= 16 * (i + 1)`.
+#[repr(C)]
+struct Steps {
+    /// Their class.
+    class: [u8; SMALL_MAX / SMALL_MIN],
+    /// Their class's block size minus one (up to a page).
+    block_mask: [u16; PAGE / SMALL_MIN],
+}
+
+static STEPS: Steps = {
+    let mut t = Steps {
+        class: [0; SMALL_MAX / SMALL_MIN],
+        block_mask: [0; PAGE / SMALL_MIN],
+    };
     let mut i = 0;
-    while i < t.len() {
-        t[i] = class_of(i * SMALL_MIN) as u8;
+    while i < t.class.len() {
+        t.class[i] = class_of((i + 1) * SMALL_MIN) as u8;
+        if i < t.block_mask.len() {
+            t.block_mask[i] = (class_size(class_of((i + 1) * SMALL_MIN)) - 1) as u16;
+        }
         i += 1;
     }
     t
@@ -118,10 +158,24 @@ mod tests {
         assert_eq!(class_of(4096), 8);
         assert_eq!(class_of(4097), 9);
         assert_eq!(class_of(SMALL_MAX), NUM_CLASSES - 1);
+        assert!(request_bound(0, 16) >= SMALL_MAX);
         for size in 1..=SMALL_MAX {
             let c = class_of(size);
-            // SAFETY: `size <= SMALL_MAX`.
-            assert_eq!(unsafe { class_of_small(size) }, c, "size {size}");
+            for align in (0..=PAGE_SHIFT + 1).map(|s| 1 << s) {
+                let bound = request_bound(size, align);
+                assert_eq!(bound < SMALL_MAX, size.max(align) <= SMALL_MAX);
+                assert_eq!(bound < PAGE, size.max(align) <= PAGE);
+                if bound < SMALL_MAX {
+                    // SAFETY: just checked.
+                    let got = unsafe { class_of_bound(bound) };
+                    assert_eq!(got, class_of(size.max(align)), "size {size} align {align}");
+                }
+                if bound < PAGE {
+                    // SAFETY: just checked.
+                    let mask = unsafe { block_mask_of_bound(bound) };
+                    assert_eq!(mask, class_size(class_of(size.max(align))) - 1);
+                }
+            }
             assert!(class_size(c) >= size, "size {size}");
             assert!(c == 0 || class_size(c - 1) < size, "size {size}");
         }

@@ -50,11 +50,13 @@ fn counter_child() {
     let layout = Layout::from_size_align(64, 8).unwrap();
     for i in 0..10_000u32 {
         // SAFETY: non-zero size; the block is freed with its layout.
+        // (`black_box`: the compiler may remove an allocation nobody reads, and with it
+        // what this counts.)
         unsafe {
-            let p = alloc(layout);
+            let p = std::hint::black_box(alloc(layout));
             assert!(!p.is_null());
             p.write(i as u8);
-            dealloc(p, layout);
+            dealloc(std::hint::black_box(p), layout);
         }
     }
     let stats = coreheap::stats();

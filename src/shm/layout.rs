@@ -22,7 +22,7 @@ use crate::size_class::{CHUNK, PAGE};
 /// version, so that any version can tell a heap of another version.
 pub const SHM_MAGIC: u64 = u64::from_le_bytes(*b"chshheap");
 /// The format version; a heap of another version is refused, not converted.
-pub const SHM_VERSION: u32 = 2;
+pub const SHM_VERSION: u32 = 3;
 
 /// `state`: 0 while the file is being created (the header may be incomplete); then
 /// created; the creator's `init` is running.

@@ -34,9 +34,11 @@ use crate::size_class::{CHUNK, CHUNK_PAGES, CHUNK_SHIFT, PAGE, PAGE_SHIFT};
 /// "coreheap" in ASCII: marks a header written by this allocator.
 pub const MAGIC: u64 = 0x7061_6568_6572_6f63;
 
-/// What a chunk is.
-pub const CHUNK_ARENA: u32 = 1;
-pub const CHUNK_HUGE: u32 = 2;
+/// What a chunk is: `kind`, a 32-bit tag in ASCII, unlikely in memory that is not a chunk
+/// header, so that a check of a pointer coreheap handed out (`Heap::free_sized`) can test it
+/// alone, without `magic` beside it.
+pub const CHUNK_ARENA: u32 = u32::from_le_bytes(*b"aren");
+pub const CHUNK_HUGE: u32 = u32::from_le_bytes(*b"huge");
 
 /// What a page of an arena chunk is (see the module invariants).
 #[repr(u8)]

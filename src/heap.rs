@@ -13,7 +13,9 @@ use core::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering}
 
 use crossbeam_utils::{Backoff, CachePadded};
 
-use crate::arena::{describe, lookup, lookup_small, Arena, ArenaStats, Lookup, LARGE_ALIGN_MAX};
+use crate::arena::{
+    describe, lookup, lookup_small, small_block_start, Arena, ArenaStats, Lookup, LARGE_ALIGN_MAX,
+};
 use crate::chunk::{
     chunk_of, page_index, Block, ChunkHeader, CHUNK_ARENA, CHUNK_HUGE, MAGIC, REGISTRY,
 };
@@ -23,7 +25,7 @@ use crate::diag::{block_error, invalid_pointer, Line};
 use crate::os;
 use crate::remote::Batch;
 use crate::size_class::{
-    block_mask_of_bound, class_of, class_of_bound, class_size, pages_for, request_bound, CHUNK,
+    class_of, class_of_bound, class_size, pages_for, request_bound, ClassTable, CHUNK, CLASS_TABLE,
     LARGE_MAX, PAGE, SMALL_MAX,
 };
 use crate::source::OsSource;
@@ -82,6 +84,8 @@ pub struct Heap {
     fast: AtomicBool,
     init_thread: AtomicUsize,
     huge: HugeCounters,
+    /// [`CLASS_TABLE`], here so that the fast paths find it from `HEAP`'s address.
+    classes: ClassTable,
 }
 
 // SAFETY: see the invariant on `Heap`; every other field is atomic.
@@ -141,6 +145,7 @@ impl Heap {
             state: AtomicU8::new(UNINIT),
             fast: AtomicBool::new(false),
             init_thread: AtomicUsize::new(0),
+            classes: CLASS_TABLE,
             config: UnsafeCell::new(Config {
                 arenas: ptr::null_mut(),
                 count: 0,
@@ -326,7 +331,7 @@ impl Heap {
             // SAFETY: the fast path is on, so the config is READY.
             let cfg = unsafe { &*self.config.get() };
             // SAFETY: just checked.
-            let class = unsafe { class_of_bound(bound) };
+            let class = unsafe { class_of_bound(&self.classes, bound) };
             let Ok(b) = cfg.caches.pop(class) else {
                 return Self::refill(cfg, class);
             };
@@ -550,8 +555,12 @@ impl Heap {
             }
             // SAFETY: the fast path is on, so the config is READY.
             let cfg = unsafe { &*self.config.get() };
-            // SAFETY: `bound < PAGE`, for both.
-            let (class, mask) = unsafe { (class_of_bound(bound), block_mask_of_bound(bound)) };
+            // SAFETY: `bound < PAGE`.
+            let class = unsafe { class_of_bound(&self.classes, bound) };
+            // SAFETY: `bound < PAGE`, so `class` is at most `class_of(PAGE)` (the table is
+            // `class_of`, checked size by size in a unit test); said here so the compiler
+            // drops `small_block_start`'s range tests.
+            unsafe { core::hint::assert_unchecked(class <= class_of(PAGE)) };
             // `p` rounded down: a block of at most a page never starts a chunk (the header
             // does), so `chunk_of`'s step back for huge blocks is not needed.
             let h = (p as usize & !(CHUNK - 1)) as *const ChunkHeader;
@@ -561,11 +570,11 @@ impl Heap {
             // our chunks; arena chunks stay mapped while any of their pages are in use, and
             // a double free after the chunk was unmapped faults here (documented). Page
             // descriptors are read through atomics; a huge block's chunk has another kind.
+            // `magic` is not read: every chunk has one, and `kind` is a tag of its own.
             unsafe {
-                if (*h).magic == MAGIC
-                    && (*h).kind == CHUNK_ARENA
+                if (*h).kind == CHUNK_ARENA
                     && (*h).pages[page_index(p)].is_small_of(class)
-                    && p as usize & mask == 0
+                    && small_block_start(p, class)
                 {
                     // A block start of a small run of `class` of the chunk's arena, as
                     // `lookup` would say, and the caller gives it up.

@@ -61,56 +61,32 @@ pub const fn request_bound(size: usize, align: usize) -> usize {
     size.wrapping_sub(1) | align.wrapping_sub(1)
 }
 
-/// The class of a request whose [`request_bound`] is `bound`: a load from a table indexed
-/// by 16-byte steps (two loads in position-independent code, the table's address coming
-/// from the GOT), instead of a bit scan and its special case for the smallest sizes.
+/// The class of a request whose [`request_bound`] is `bound`, from `table` (which is
+/// [`CLASS_TABLE`]): one load by 16-byte steps instead of a bit scan and its special case
+/// for the smallest sizes. The table is passed in so that the process heap can keep its
+/// copy inside `HEAP`, whose address the fast paths load anyway: a static of its own would
+/// cost a second load, of its address from the GOT.
 ///
 /// # Safety
 /// `bound < SMALL_MAX` (the index is not checked: no panic path in the allocator's fast
 /// paths).
 #[inline(always)]
-pub unsafe fn class_of_bound(bound: usize) -> usize {
+pub unsafe fn class_of_bound(table: &ClassTable, bound: usize) -> usize {
     debug_assert!(bound < SMALL_MAX);
     // SAFETY: `bound < SMALL_MAX`, so the index is below `SMALL_MAX / SMALL_MIN`, the
     // table's length.
-    unsafe { *STEPS.class.get_unchecked(bound >> SMALL_MIN_SHIFT) as usize }
+    unsafe { *table.get_unchecked(bound >> SMALL_MIN_SHIFT) as usize }
 }
 
-/// `class_size(c) - 1` for the class `c` of a request whose [`request_bound`] is `bound`:
-/// the bits that are 0 in the address of every block of that class (at most a page, whose
-/// blocks lie at multiples of their size). From the same table as [`class_of_bound`], so
-/// a caller of both reaches it through one address.
-///
-/// # Safety
-/// `bound < PAGE` (the index is not checked).
-#[inline(always)]
-pub unsafe fn block_mask_of_bound(bound: usize) -> usize {
-    debug_assert!(bound < PAGE);
-    // SAFETY: `bound < PAGE`, so the index is below `PAGE / SMALL_MIN`, the table's length.
-    unsafe { *STEPS.block_mask.get_unchecked(bound >> SMALL_MIN_SHIFT) as usize }
-}
+/// The type of [`CLASS_TABLE`].
+pub type ClassTable = [u8; SMALL_MAX / SMALL_MIN];
 
-/// The tables of the fast paths, indexed by a request's [`request_bound`] in 16-byte
-/// steps: entry `i` is for sizes `16 * i + 1 ..= 16 * (i + 1)`.
-#[repr(C)]
-struct Steps {
-    /// Their class.
-    class: [u8; SMALL_MAX / SMALL_MIN],
-    /// Their class's block size minus one (up to a page).
-    block_mask: [u16; PAGE / SMALL_MIN],
-}
-
-static STEPS: Steps = {
-    let mut t = Steps {
-        class: [0; SMALL_MAX / SMALL_MIN],
-        block_mask: [0; PAGE / SMALL_MIN],
-    };
+/// Entry `i`: the class of sizes `16 * i + 1 ..= 16 * (i + 1)`.
+pub const CLASS_TABLE: ClassTable = {
+    let mut t = [0u8; SMALL_MAX / SMALL_MIN];
     let mut i = 0;
-    while i < t.class.len() {
-        t.class[i] = class_of((i + 1) * SMALL_MIN) as u8;
-        if i < t.block_mask.len() {
-            t.block_mask[i] = (class_size(class_of((i + 1) * SMALL_MIN)) - 1) as u16;
-        }
+    while i < t.len() {
+        t[i] = class_of((i + 1) * SMALL_MIN) as u8;
         i += 1;
     }
     t
@@ -167,13 +143,8 @@ mod tests {
                 assert_eq!(bound < PAGE, size.max(align) <= PAGE);
                 if bound < SMALL_MAX {
                     // SAFETY: just checked.
-                    let got = unsafe { class_of_bound(bound) };
+                    let got = unsafe { class_of_bound(&CLASS_TABLE, bound) };
                     assert_eq!(got, class_of(size.max(align)), "size {size} align {align}");
-                }
-                if bound < PAGE {
-                    // SAFETY: just checked.
-                    let mask = unsafe { block_mask_of_bound(bound) };
-                    assert_eq!(mask, class_size(class_of(size.max(align))) - 1);
                 }
             }
             assert!(class_size(c) >= size, "size {size}");

@@ -61,7 +61,8 @@ fn alloc_aligned(size: usize, align: usize) -> *mut c_void {
 fn raw_alloc(size: usize, align: usize) -> *mut u8 {
     match shm_heap() {
         Some(h) => h.alloc_raw(size, align),
-        None => HEAP.alloc(size, align).0,
+        // 0 as 1: the fast path takes sizes from 1 (`request_bound`); malloc(0) is common.
+        None => HEAP.alloc(size.max(1), align).0,
     }
 }
 

@@ -94,6 +94,26 @@ unsafe impl Sync for Heap {}
 /// The process heap.
 pub static HEAP: Heap = Heap::new();
 
+/// `r`, as a value the compiler must keep in a register. For `&HEAP`, whose address it
+/// loads from the GOT: taking that address for a constant, it would rather load it again
+/// after an `asm!` block than keep the register it had (one load more per `free`).
+#[inline(always)]
+fn in_register<T>(r: &T) -> &T {
+    let mut p = r as *const T;
+    // SAFETY: an empty instruction sequence: `p` comes out as it went in.
+    // (The lint is for blocks that read through a pointer; this one only passes it on.)
+    #[allow(clippy::pointers_in_nomem_asm_block)]
+    unsafe {
+        core::arch::asm!(
+            "/* {p} */",
+            p = inout(reg) p,
+            options(pure, nomem, nostack, preserves_flags)
+        );
+    }
+    // SAFETY: `p` is `r`.
+    unsafe { &*p }
+}
+
 const SRC: OsSource = OsSource;
 
 /// A bump buffer for allocations made by the initialising thread during initialisation.
@@ -513,14 +533,15 @@ impl Heap {
     /// As for [`Heap::free`], `p` not null.
     #[inline]
     pub unsafe fn free_small(&self, p: *mut u8) -> bool {
-        if !self.fast_path_ready() {
+        let this = in_register(self);
+        if !this.fast_path_ready() {
             return false;
         }
         let Some((arena, class)) = lookup_small(&SRC, p) else {
             return false;
         };
         // SAFETY: the fast path is on, so the config is READY.
-        let cfg = unsafe { &*self.config.get() };
+        let cfg = unsafe { &*this.config.get() };
         // SAFETY: `lookup_small` found a block start in a small run of `arena` and `class`;
         // by the contract it is a live block the caller gives up (or a double free, which
         // the mark shows and `free_small_fast` reports).
@@ -545,18 +566,19 @@ impl Heap {
     /// by this heap with `size` and `align` (a power of two).
     #[inline(always)]
     pub unsafe fn free_sized(&self, p: *mut u8, size: usize, align: usize) {
+        let this = in_register(self);
         let bound = request_bound(size, align);
         // Both `size` and `align` at most a page, `size` not 0.
-        if bound < PAGE && self.fast_path_ready() {
+        if bound < PAGE && this.fast_path_ready() {
             if cfg!(debug_assertions) && BOOTSTRAP.0.contains(p) {
                 // Never seen (see below); a debug build checks rather than assume.
                 // SAFETY: by the contract.
-                return unsafe { self.free_outlined(p) };
+                return unsafe { this.free_outlined(p) };
             }
             // SAFETY: the fast path is on, so the config is READY.
-            let cfg = unsafe { &*self.config.get() };
+            let cfg = unsafe { &*this.config.get() };
             // SAFETY: `bound < PAGE`.
-            let class = unsafe { class_of_bound(&self.classes, bound) };
+            let class = unsafe { class_of_bound(&this.classes, bound) };
             // SAFETY: `bound < PAGE`, so `class` is at most `class_of(PAGE)` (the table is
             // `class_of`, checked size by size in a unit test); said here so the compiler
             // drops `small_block_start`'s range tests.
@@ -583,7 +605,7 @@ impl Heap {
             }
         }
         // SAFETY: by the contract.
-        unsafe { self.free_outlined(p) }
+        unsafe { this.free_outlined(p) }
     }
 
     /// [`Heap::free`], out of line: the fallback of `free_sized`, which then needs no

@@ -1224,7 +1224,7 @@ impl Heap {
     /// Returns pending frees to their runs and every unused dirty page to the OS.
     /// The calling CPU's caches go back to their arena and its outbox to the owners first
     /// (other CPUs' caches cannot be reached without their cooperation; they hold at most
-    /// ~192 KiB each, and 32 KiB of outbox).
+    /// ~222 KiB each, and 32 KiB of outbox).
     pub fn trim(&self) {
         if let Some(cfg) = self.config() {
             if cfg.caches.enabled {

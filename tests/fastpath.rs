@@ -205,7 +205,7 @@ fn fast_path_taken_only_with_rseq() {
         assert!(!on, "no fast path outside x86_64");
     }
     if on {
-        // 10,000 pairs: all but the refills (one per 32 blocks at most) are fast.
+        // 10,000 pairs: all but the refills (one per 64 blocks at most) are fast.
         assert!(
             fast >= 9_000,
             "fast path on but only {fast} of 10000 allocs took it"

@@ -83,9 +83,10 @@ pub struct Heap {
     /// test this one flag. Seeing it set with Acquire implies `READY` was observed.
     fast: AtomicBool,
     init_thread: AtomicUsize,
-    huge: HugeCounters,
     /// [`CLASS_TABLE`], here so that the fast paths find it from `HEAP`'s address.
     classes: ClassTable,
+    /// Last, off the cache lines the fast paths read: huge allocations write these.
+    huge: HugeCounters,
 }
 
 // SAFETY: see the invariant on `Heap`; every other field is atomic.
@@ -99,9 +100,12 @@ pub static HEAP: Heap = Heap::new();
 /// after an `asm!` block than keep the register it had (one load more per `free`).
 #[inline(always)]
 fn in_register<T>(r: &T) -> &T {
+    #[cfg_attr(not(target_arch = "x86_64"), allow(unused_mut))]
     let mut p = r as *const T;
     // SAFETY: an empty instruction sequence: `p` comes out as it went in.
-    // (The lint is for blocks that read through a pointer; this one only passes it on.)
+    // (The lint is for blocks that read through a pointer; this one only passes it on. Only
+    // on x86_64, the one architecture with the fast paths: `asm!` is not stable on all.)
+    #[cfg(target_arch = "x86_64")]
     #[allow(clippy::pointers_in_nomem_asm_block)]
     unsafe {
         core::arch::asm!(

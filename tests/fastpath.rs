@@ -26,6 +26,7 @@ fn main() {
     match std::env::var(CHILD_VAR).as_deref() {
         Ok("double") => double_dealloc_child(),
         Ok("double-released") => double_dealloc_released_child(),
+        Ok("corrupt-link") => corrupt_link_child(),
         Ok(_) => {
             counter_child();
             return;
@@ -39,6 +40,7 @@ fn main() {
     });
     fast_path_taken_only_with_rseq();
     double_dealloc_aborts();
+    corrupt_link_aborts();
     realloc_keeps_the_class_that_dealloc_computes();
     c_free_takes_every_path();
     migrated_threads_lose_and_duplicate_nothing();
@@ -136,10 +138,7 @@ fn double_dealloc_aborts() {
             .expect("cannot run the test binary");
         let stdout = String::from_utf8_lossy(&out.stdout);
         let stderr = String::from_utf8_lossy(&out.stderr);
-        let block = stdout
-            .split_whitespace()
-            .find_map(|w| w.strip_prefix("block="))
-            .unwrap_or_else(|| panic!("no block in {stdout:?}"));
+        let block = printed_block(&stdout);
         assert_eq!(
             out.status.signal(),
             Some(libc::SIGABRT),
@@ -164,6 +163,66 @@ fn double_dealloc_aborts() {
     eprintln!(
         "fastpath: a double dealloc aborts, caches on and off, also after its run was released"
     );
+}
+
+/// The child: a thread pinned to one core frees a block into its CPU's cache, overwrites
+/// the block's link (a write after free), and allocates the same size again, which pops
+/// that block. Must not return.
+fn corrupt_link_child() -> ! {
+    if let Some(core) = core_affinity::get_core_ids().and_then(|c| c.first().copied()) {
+        core_affinity::set_for_current(core);
+    }
+    let layout = Layout::from_size_align(64, 8).unwrap();
+    println!("fast={}", coreheap::fast_path() as u8);
+    // SAFETY: deliberately wrong: `p` is written after it was freed, which the pop must
+    // detect before it hands out the block or follows the link.
+    unsafe {
+        let p = std::hint::black_box(alloc(layout));
+        println!("block={p:p}");
+        dealloc(std::hint::black_box(p), layout);
+        std::ptr::write_volatile(p.cast::<u64>(), 0x4141_4141_4141_4141);
+        let q = std::hint::black_box(alloc(layout));
+        println!("allocated {q:p}");
+    }
+    println!("the damaged link was followed");
+    std::process::exit(0);
+}
+
+/// A write into a freed block that sits in a CPU cache (its link overwritten) aborts the
+/// next pop with a message naming the block (the pop section's bad-link way out).
+fn corrupt_link_aborts() {
+    use std::os::unix::process::ExitStatusExt;
+    let out = Command::new(std::env::current_exe().unwrap())
+        .env(CHILD_VAR, "corrupt-link")
+        .env_remove("COREHEAP_RSEQ")
+        .env_remove("GLIBC_TUNABLES")
+        .output()
+        .expect("cannot run the test binary");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if !stdout.contains("fast=1") {
+        eprintln!("fastpath: no fast path here; the damaged-link check is not run");
+        return;
+    }
+    let block = printed_block(&stdout);
+    assert_eq!(
+        out.status.signal(),
+        Some(libc::SIGABRT),
+        "a damaged link in a CPU cache did not abort: {stdout} {stderr}"
+    );
+    assert!(
+        stderr.contains("corrupted free list") && stderr.contains(block.trim_start_matches("0x")),
+        "the message does not name the damaged block {block}: {stderr}"
+    );
+    eprintln!("fastpath: a damaged link in a CPU cache aborts, naming the block");
+}
+
+/// The address a child printed as `block=0x...`.
+fn printed_block(stdout: &str) -> &str {
+    stdout
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("block="))
+        .unwrap_or_else(|| panic!("no block in {stdout:?}"))
 }
 
 fn run_child(env: &[(&str, &str)]) -> (bool, bool, u64) {

@@ -166,9 +166,11 @@ fn child() -> Result<(), &'static str> {
     }
     // SAFETY: non-zero sizes.
     unsafe {
-        let h = alloc(huge);
-        let l = alloc(large);
-        let s = alloc(small);
+        // (`black_box`, as above: without it the compiler may remove `h`, `l` and `s`,
+        // which are only written or compared with null, and take them to have succeeded.)
+        let h = std::hint::black_box(alloc(huge));
+        let l = std::hint::black_box(alloc(large));
+        let s = std::hint::black_box(alloc(small));
         let z = alloc_zeroed(large);
         if h.is_null() || l.is_null() || s.is_null() || z.is_null() {
             return Err("allocation still fails after freeing");

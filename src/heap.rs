@@ -25,8 +25,8 @@ use crate::diag::{block_error, invalid_pointer, Line};
 use crate::os;
 use crate::remote::Batch;
 use crate::size_class::{
-    class_of, class_of_bound, class_size, pages_for, request_bound, ClassTable, CHUNK, CLASS_TABLE,
-    LARGE_MAX, PAGE, SMALL_MAX,
+    class_of, class_size, pages_for, request_bound, CHUNK, CLASS_TABLE, LARGE_MAX, PAGE, SMALL_MAX,
+    SMALL_MIN, SMALL_MIN_SHIFT,
 };
 use crate::source::OsSource;
 
@@ -83,8 +83,12 @@ pub struct Heap {
     /// test this one flag. Seeing it set with Acquire implies `READY` was observed.
     fast: AtomicBool,
     init_thread: AtomicUsize,
-    /// [`CLASS_TABLE`], here so that the fast paths find it from `HEAP`'s address.
-    classes: ClassTable,
+    /// [`CLASS_TABLE`] once the fast path is on, [`NOT_FAST`] in every entry before (and
+    /// for good when it stays off), so that the fast paths learn both the class and that
+    /// they may run from one load. Here so that they find it from `HEAP`'s address. Written
+    /// only by the initialising thread, entry by entry with Release after `config` is
+    /// complete (and READY stored); read with Acquire, so a class seen implies `config` is.
+    classes: [AtomicU8; SMALL_MAX / SMALL_MIN],
     /// Last, off the cache lines the fast paths read: huge allocations write these.
     huge: HugeCounters,
 }
@@ -95,9 +99,12 @@ unsafe impl Sync for Heap {}
 /// The process heap.
 pub static HEAP: Heap = Heap::new();
 
+/// An entry of `Heap::classes` while the fast path is off.
+const NOT_FAST: u8 = u8::MAX;
+
 /// `r`, as a value the compiler must keep in a register. For `&HEAP`, whose address it
 /// loads from the GOT: taking that address for a constant, it would rather load it again
-/// after an `asm!` block than keep the register it had (one load more per `free`).
+/// after an `asm!` block than keep the register it had (one load more per operation).
 #[inline(always)]
 fn in_register<T>(r: &T) -> &T {
     #[cfg_attr(not(target_arch = "x86_64"), allow(unused_mut))]
@@ -169,7 +176,7 @@ impl Heap {
             state: AtomicU8::new(UNINIT),
             fast: AtomicBool::new(false),
             init_thread: AtomicUsize::new(0),
-            classes: CLASS_TABLE,
+            classes: [const { AtomicU8::new(NOT_FAST) }; SMALL_MAX / SMALL_MIN],
             config: UnsafeCell::new(Config {
                 arenas: ptr::null_mut(),
                 count: 0,
@@ -219,8 +226,12 @@ impl Heap {
                     if ok {
                         // SAFETY: `config` was just published by READY and is read-only.
                         if unsafe { (*self.config.get()).caches.enabled } {
-                            // Release: publishes `config` (and READY) to `fast_path_ready`.
+                            // Release: publishes `config` (and READY) to `fast_path_ready`
+                            // and to `fast_class`.
                             self.fast.store(true, Ordering::Release);
+                            for (e, &c) in self.classes.iter().zip(CLASS_TABLE.iter()) {
+                                e.store(c, Ordering::Release);
+                            }
                         }
                         register_handlers();
                     }
@@ -350,12 +361,17 @@ impl Heap {
     /// null, and whether it is known to read zero.
     #[inline(always)]
     pub fn alloc(&self, size: usize, align: usize) -> (*mut u8, bool) {
+        let this = in_register(self);
         let bound = request_bound(size, align);
-        if bound < SMALL_MAX && align <= PAGE && self.fast_path_ready() {
-            // SAFETY: the fast path is on, so the config is READY.
-            let cfg = unsafe { &*self.config.get() };
-            // SAFETY: just checked.
-            let class = unsafe { class_of_bound(&self.classes, bound) };
+        let class = if bound < SMALL_MAX && align <= PAGE {
+            // SAFETY: `bound < SMALL_MAX`.
+            unsafe { this.fast_class(bound) }
+        } else {
+            None
+        };
+        if let Some(class) = class {
+            // SAFETY: `fast_class` saw the fast path on, so the config is READY.
+            let cfg = unsafe { &*this.config.get() };
             let Ok(b) = cfg.caches.pop(class) else {
                 return Self::refill(cfg, class);
             };
@@ -520,6 +536,20 @@ impl Heap {
         }
     }
 
+    /// The class of a request whose [`request_bound`] is `bound`, if the fast path is on
+    /// (one load, from `classes`); then `config` may be read.
+    ///
+    /// # Safety
+    /// `bound < SMALL_MAX` (the index is not checked).
+    #[inline(always)]
+    unsafe fn fast_class(&self, bound: usize) -> Option<usize> {
+        // SAFETY: `bound < SMALL_MAX`, so the index is below the table's length.
+        let e = unsafe { self.classes.get_unchecked(bound >> SMALL_MIN_SHIFT) };
+        // Acquire: pairs with the Release stores that follow READY.
+        let c = e.load(Ordering::Acquire);
+        (c != NOT_FAST).then_some(c as usize)
+    }
+
     /// Whether the heap is READY with the fast path on (one load). When true, `config`
     /// may be read.
     #[inline(always)]
@@ -572,8 +602,15 @@ impl Heap {
     pub unsafe fn free_sized(&self, p: *mut u8, size: usize, align: usize) {
         let this = in_register(self);
         let bound = request_bound(size, align);
-        // Both `size` and `align` at most a page, `size` not 0.
-        if bound < PAGE && this.fast_path_ready() {
+        // Both `size` and `align` at most a page, `size` not 0; then whether the fast path
+        // is on.
+        let class = if bound < PAGE {
+            // SAFETY: `bound < PAGE < SMALL_MAX`.
+            unsafe { this.fast_class(bound) }
+        } else {
+            None
+        };
+        if let Some(class) = class {
             if cfg!(debug_assertions) && BOOTSTRAP.0.contains(p) {
                 // Never seen (see below); a debug build checks rather than assume.
                 // SAFETY: by the contract.
@@ -581,8 +618,6 @@ impl Heap {
             }
             // SAFETY: the fast path is on, so the config is READY.
             let cfg = unsafe { &*this.config.get() };
-            // SAFETY: `bound < PAGE`.
-            let class = unsafe { class_of_bound(&this.classes, bound) };
             // SAFETY: `bound < PAGE`, so `class` is at most `class_of(PAGE)` (the table is
             // `class_of`, checked size by size in a unit test); said here so the compiler
             // drops `small_block_start`'s range tests.

@@ -61,28 +61,12 @@ pub const fn request_bound(size: usize, align: usize) -> usize {
     size.wrapping_sub(1) | align.wrapping_sub(1)
 }
 
-/// The class of a request whose [`request_bound`] is `bound`, from `table` (which is
-/// [`CLASS_TABLE`]): one load by 16-byte steps instead of a bit scan and its special case
-/// for the smallest sizes. The table is passed in so that the process heap can keep its
-/// copy inside `HEAP`, whose address the fast paths load anyway: a static of its own would
-/// cost a second load, of its address from the GOT.
-///
-/// # Safety
-/// `bound < SMALL_MAX` (the index is not checked: no panic path in the allocator's fast
-/// paths).
-#[inline(always)]
-pub unsafe fn class_of_bound(table: &ClassTable, bound: usize) -> usize {
-    debug_assert!(bound < SMALL_MAX);
-    // SAFETY: `bound < SMALL_MAX`, so the index is below `SMALL_MAX / SMALL_MIN`, the
-    // table's length.
-    unsafe { *table.get_unchecked(bound >> SMALL_MIN_SHIFT) as usize }
-}
-
-/// The type of [`CLASS_TABLE`].
-pub type ClassTable = [u8; SMALL_MAX / SMALL_MIN];
-
-/// Entry `i`: the class of sizes `16 * i + 1 ..= 16 * (i + 1)`.
-pub const CLASS_TABLE: ClassTable = {
+/// The fast paths' classes of requests by [`request_bound`], in 16-byte steps: entry
+/// `bound >> 4` is the class of sizes `16 * i + 1 ..= 16 * (i + 1)` for `i = bound >> 4`,
+/// one load instead of a bit scan and its special case for the smallest sizes. (The process
+/// heap keeps a copy inside `HEAP`, whose address the fast paths load anyway: rustc reaches
+/// a static of its own through the GOT, one load more.)
+pub const CLASS_TABLE: [u8; SMALL_MAX / SMALL_MIN] = {
     let mut t = [0u8; SMALL_MAX / SMALL_MIN];
     let mut i = 0;
     while i < t.len() {
@@ -142,8 +126,7 @@ mod tests {
                 assert_eq!(bound < SMALL_MAX, size.max(align) <= SMALL_MAX);
                 assert_eq!(bound < PAGE, size.max(align) <= PAGE);
                 if bound < SMALL_MAX {
-                    // SAFETY: just checked.
-                    let got = unsafe { class_of_bound(&CLASS_TABLE, bound) };
+                    let got = CLASS_TABLE[bound >> SMALL_MIN_SHIFT] as usize;
                     assert_eq!(got, class_of(size.max(align)), "size {size} align {align}");
                 }
             }

@@ -79,8 +79,9 @@ pub struct Heap {
     /// First: see [`Config`].
     config: UnsafeCell<Config>,
     state: AtomicU8,
-    /// Set (Release) once, after `READY`, when the per-CPU caches are on: the fast paths
-    /// test this one flag. Seeing it set with Acquire implies `READY` was observed.
+    /// Set (Release) once, after `READY`, when the per-CPU caches are on: C `free`'s fast
+    /// path tests this one flag (`alloc` and `free_sized` read `classes` instead). Seeing it
+    /// set with Acquire implies `READY` was observed.
     fast: AtomicBool,
     init_thread: AtomicUsize,
     /// [`CLASS_TABLE`] once the fast path is on, [`NOT_FAST`] in every entry before (and

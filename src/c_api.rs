@@ -61,19 +61,7 @@ fn alloc_aligned(size: usize, align: usize) -> *mut c_void {
 fn raw_alloc(size: usize, align: usize) -> *mut u8 {
     match shm_heap() {
         Some(h) => h.alloc_raw(size, align),
-        // 0 as 1 when the fast path is on: it takes sizes from 1 (`request_bound`). Not
-        // otherwise: in debug mode (no fast path) the guard bytes start at the size asked.
-        None => {
-            HEAP.alloc(
-                if size == 0 && HEAP.fast_path() {
-                    1
-                } else {
-                    size
-                },
-                align,
-            )
-            .0
-        }
+        None => HEAP.alloc(size, align).0,
     }
 }
 

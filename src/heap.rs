@@ -72,21 +72,18 @@ struct HugeCounters {
 /// The process heap. There is one, [`HEAP`].
 ///
 /// Invariant: `config` is written only by the thread that moved `state` to `INITING`, and
-/// read only after `state == READY` (or `fast`, set after it) was observed with Acquire
-/// ordering.
+/// read only after `state == READY` (or a class in `classes`, stored after it) was observed
+/// with Acquire ordering.
 #[repr(C)]
 pub struct Heap {
     /// First: see [`Config`].
     config: UnsafeCell<Config>,
     state: AtomicU8,
-    /// Set (Release) once, after `READY`, when the per-CPU caches are on: C `free`'s fast
-    /// path tests this one flag (`alloc` and `free_sized` read `classes` instead). Seeing it
-    /// set with Acquire implies `READY` was observed.
-    fast: AtomicBool,
     init_thread: AtomicUsize,
     /// [`CLASS_TABLE`] once the fast path is on, [`NOT_FAST`] in every entry before (and
     /// for good when it stays off), so that the fast paths learn both the class and that
-    /// they may run from one load. Here so that they find it from `HEAP`'s address. Written
+    /// they may run from one load (C `free` reads the first entry as the flag). Here so that
+    /// they find it from `HEAP`'s address. Written
     /// only by the initialising thread, entry by entry with Release after `config` is
     /// complete (and READY stored); read with Acquire, so a class seen implies `config` is.
     classes: [AtomicU8; SMALL_MAX / SMALL_MIN],
@@ -175,7 +172,6 @@ impl Heap {
     const fn new() -> Self {
         Self {
             state: AtomicU8::new(UNINIT),
-            fast: AtomicBool::new(false),
             init_thread: AtomicUsize::new(0),
             classes: [const { AtomicU8::new(NOT_FAST) }; SMALL_MAX / SMALL_MIN],
             config: UnsafeCell::new(Config {
@@ -227,9 +223,8 @@ impl Heap {
                     if ok {
                         // SAFETY: `config` was just published by READY and is read-only.
                         if unsafe { (*self.config.get()).caches.enabled } {
-                            // Release: publishes `config` (and READY) to `fast_path_ready`
-                            // and to `fast_class`.
-                            self.fast.store(true, Ordering::Release);
+                            // Release: publishes `config` (and READY) to `fast_class` and
+                            // `fast_path_ready`.
                             for (e, &c) in self.classes.iter().zip(CLASS_TABLE.iter()) {
                                 e.store(c, Ordering::Release);
                             }
@@ -397,6 +392,11 @@ impl Heap {
         };
         if cfg.debug {
             self.alloc_debug(cfg, size, align)
+        } else if size == 0 && cfg.caches.enabled {
+            // C's malloc(0): the fast path takes sizes from 1 (`request_bound`). Here, not
+            // in `alloc`, so that no other allocation tests for it (debug mode, above, keeps
+            // the size asked: its guard bytes start there).
+            self.alloc(1, align)
         } else {
             self.alloc_locked(cfg, size, align)
         }
@@ -551,12 +551,12 @@ impl Heap {
         (c != NOT_FAST).then_some(c as usize)
     }
 
-    /// Whether the heap is READY with the fast path on (one load). When true, `config`
-    /// may be read.
+    /// Whether the heap is READY with the fast path on (one load: the first entry of
+    /// `classes`). When true, `config` may be read.
     #[inline(always)]
     fn fast_path_ready(&self) -> bool {
-        // Acquire: pairs with the Release store of `fast`, which follows READY.
-        self.fast.load(Ordering::Acquire)
+        // Acquire: pairs with the Release stores that follow READY.
+        self.classes[0].load(Ordering::Acquire) != NOT_FAST
     }
 
     /// Frees `p` if it is a small block of at most a page, found from the block's own page

@@ -410,6 +410,12 @@ impl Registry {
         }
     }
 
+    /// Whether the chunk holding address `a` can be recorded.
+    #[inline]
+    pub fn covers(&self, a: usize) -> bool {
+        Self::slot(a).is_some()
+    }
+
     /// Records `chunk` as ours. Returns false if its address cannot be recorded.
     pub fn insert(&self, chunk: usize) -> bool {
         match Self::slot(chunk) {

@@ -31,6 +31,7 @@ mod chunk;
 mod cpucache;
 mod debug;
 mod diag;
+mod front;
 mod global;
 mod heap;
 mod large;
@@ -53,7 +54,7 @@ use heap::HEAP;
 /// A snapshot of every arena's counters and of the directly mapped blocks. Pending frees are
 /// returned to their arenas first, so the counts are exact at the moment each arena is read.
 pub fn stats() -> Stats {
-    stats::collect(&HEAP)
+    HEAP.stats()
 }
 
 /// Writes the human-readable statistics report to file descriptor `fd` (2 for stderr)

@@ -439,6 +439,24 @@ pub fn write_all(fd: i32, mut bytes: &[u8]) {
     }
 }
 
+/// Lets another thread run (`sched_yield`).
+pub fn yield_now() {
+    // SAFETY: sched_yield has no preconditions.
+    unsafe { libc::sched_yield() };
+}
+
+/// A duplicate of `fd` numbered at least `min`, closed on exec; negative on failure.
+pub fn dup_fd_high(fd: i32, min: i32) -> i32 {
+    // SAFETY: fcntl(F_DUPFD_CLOEXEC) only creates a new descriptor.
+    unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, min) }
+}
+
+/// Runs `f` at normal process exit (`atexit`); handlers run in reverse order.
+pub fn at_exit(f: extern "C" fn()) {
+    // SAFETY: `f` is a plain function that lives for the whole program.
+    unsafe { libc::atexit(f) };
+}
+
 /// Writes `msg` to stderr and aborts the process. Used for heap corruption and invalid frees.
 #[cold]
 pub fn fatal(msg: &[u8]) -> ! {

@@ -54,6 +54,59 @@ pub unsafe trait PageSource: Sync {
     unsafe fn purge(&self, p: *mut u8, len: usize) -> bool;
     /// Whether `chunk` (a `CHUNK`-aligned address) is a live chunk of this source.
     fn owns_chunk(&self, chunk: usize) -> bool;
+
+    /// A span for one huge block: at least `len` bytes (a multiple of `PAGE`) aligned to
+    /// `align` (a power of two, at least `CHUNK`), zeroed, readable and writable, that
+    /// nothing else uses and `owns_chunk` does not see yet. Returns its start and its real
+    /// length, or null when memory is exhausted. By default a source has no spans (and the
+    /// other span methods are never called).
+    fn map_span(&self, _len: usize, _align: usize) -> (*mut u8, usize) {
+        (core::ptr::null_mut(), 0)
+    }
+    /// Makes `head` (a `CHUNK`-aligned address inside a span from `map_span` or
+    /// `move_span`, where the huge block's chunk header is written) seen by `owns_chunk`.
+    /// Returns false if the source cannot record that address (never for a span from
+    /// `move_span`); the span is then still the caller's, unpublished.
+    ///
+    /// # Safety
+    /// The header at `head` is complete.
+    unsafe fn publish_span(&self, _head: *mut u8) -> bool {
+        false
+    }
+    /// Makes a head published with `publish_span` unseen again.
+    ///
+    /// # Safety
+    /// The span's block is no longer live.
+    unsafe fn unpublish_span(&self, _head: *mut u8) {}
+    /// Returns a span from `map_span` or `move_span` of `len` bytes (its real length).
+    ///
+    /// # Safety
+    /// Its head is not published and nothing refers into it any more.
+    unsafe fn unmap_span(&self, _span: *mut u8, _len: usize) {}
+    /// Resizes the span at `span` from `len` to `new_len` bytes (multiples of `PAGE`)
+    /// without moving it. Returns false, with nothing changed, if the source cannot.
+    ///
+    /// # Safety
+    /// The span is the caller's.
+    unsafe fn resize_span(&self, _span: *mut u8, _len: usize, _new_len: usize) -> bool {
+        false
+    }
+    /// Moves the pages of the span at `span` (`len` bytes, head `head` published) to a new
+    /// span of `new_len` bytes aligned to `align`, without copying, and unpublishes `head`.
+    /// Returns the new span, or null with nothing changed (the caller then copies).
+    ///
+    /// # Safety
+    /// The span is the caller's.
+    unsafe fn move_span(
+        &self,
+        _head: *mut u8,
+        _span: *mut u8,
+        _len: usize,
+        _new_len: usize,
+        _align: usize,
+    ) -> *mut u8 {
+        core::ptr::null_mut()
+    }
 }
 
 /// Anonymous private memory from `mmap`, recorded in the process-wide chunk registry.
@@ -83,5 +136,48 @@ unsafe impl PageSource for OsSource {
     #[inline]
     fn owns_chunk(&self, chunk: usize) -> bool {
         REGISTRY.contains(chunk)
+    }
+
+    fn map_span(&self, len: usize, align: usize) -> (*mut u8, usize) {
+        (os::map_aligned(len, align), len)
+    }
+
+    unsafe fn publish_span(&self, head: *mut u8) -> bool {
+        REGISTRY.insert(head as usize)
+    }
+
+    unsafe fn unpublish_span(&self, head: *mut u8) {
+        REGISTRY.remove(head as usize);
+    }
+
+    unsafe fn unmap_span(&self, span: *mut u8, len: usize) {
+        os::unmap(span, len);
+    }
+
+    unsafe fn resize_span(&self, span: *mut u8, len: usize, new_len: usize) -> bool {
+        os::remap_in_place(span, len, new_len)
+    }
+
+    unsafe fn move_span(
+        &self,
+        head: *mut u8,
+        span: *mut u8,
+        len: usize,
+        new_len: usize,
+        align: usize,
+    ) -> *mut u8 {
+        let target = os::reserve_aligned(new_len, align);
+        if target.is_null() {
+            return target;
+        }
+        // Every chunk of the new span must be recordable, so that its head can be published.
+        if !REGISTRY.covers(target as usize + new_len - 1)
+            || !os::move_mapping(span, len, new_len, target)
+        {
+            os::unmap(target, new_len);
+            return core::ptr::null_mut();
+        }
+        REGISTRY.remove(head as usize);
+        target
     }
 }

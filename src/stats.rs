@@ -1,9 +1,21 @@
 //! Statistics: snapshots for Rust callers, and a report written without allocating.
+//!
+//! A heap hands its counters over: a walk over its arenas' snapshots (`each`, which calls
+//! its argument once per arena) and its huge-block counters. Nothing here knows the heap.
 
 use crate::arena::ArenaStats;
 use crate::diag::Line;
-use crate::heap::Heap;
 use crate::size_class::{class_size, NUM_CLASSES};
+
+/// Huge-block counters as a heap reports them: (allocations, frees, bytes in use, bytes
+/// mapped).
+pub type HugeTotals = (u64, u64, usize, usize);
+
+/// The report's first line: how many arenas, and whether the per-CPU caches are on.
+pub struct Heading {
+    pub arenas: usize,
+    pub caches: bool,
+}
 
 /// Counters of the whole heap: one entry per arena, and the directly mapped blocks.
 #[derive(Clone, Debug, Default)]
@@ -49,13 +61,17 @@ impl core::fmt::Display for Stats {
     }
 }
 
-/// Collects a snapshot of every arena.
-pub fn collect(heap: &Heap) -> Stats {
-    let mut arenas = Vec::with_capacity(heap.arena_count());
-    heap.for_each_arena(|a| arenas.push(a));
-    let (huge_allocs, huge_frees, huge_in_use, huge_mapped) = heap.huge_counters();
+/// Collects a snapshot: `each` walks the heap's `arenas` arenas.
+pub fn collect(
+    arenas: usize,
+    each: impl FnOnce(&mut dyn FnMut(ArenaStats)),
+    huge: HugeTotals,
+) -> Stats {
+    let mut all = Vec::with_capacity(arenas);
+    each(&mut |a| all.push(a));
+    let (huge_allocs, huge_frees, huge_in_use, huge_mapped) = huge;
     Stats {
-        arenas,
+        arenas: all,
         huge_allocs,
         huge_frees,
         huge_in_use,
@@ -125,11 +141,16 @@ fn total_line(t: &Totals) -> Line {
 
 /// Writes the report to `fd`: a line per arena, a line per size class in use, totals. Never
 /// allocates, so it may run at exit or from `malloc_stats`.
-pub fn write_report(heap: &Heap, fd: i32) {
+pub fn write_report(
+    fd: i32,
+    heading: Heading,
+    each: impl FnOnce(&mut dyn FnMut(ArenaStats)),
+    huge: HugeTotals,
+) {
     let mut head = Line::new();
     head.str(b"coreheap: ")
-        .num(heap.arena_count() as u64)
-        .str(if heap.fast_path() {
+        .num(heading.arenas as u64)
+        .str(if heading.caches {
             b" arenas, per-CPU caches on (rseq)\n".as_slice()
         } else {
             b" arenas, per-CPU caches off (no rseq)\n".as_slice()
@@ -139,7 +160,7 @@ pub fn write_report(heap: &Heap, fd: i32) {
     let mut mapped = 0;
     let mut remote = 0;
     let mut per_class = [0usize; NUM_CLASSES];
-    heap.for_each_arena(|a| {
+    each(&mut |a| {
         arena_line(&a).write(fd);
         in_use += a.in_use();
         mapped += a.pages.mapped;
@@ -158,7 +179,7 @@ pub fn write_report(heap: &Heap, fd: i32) {
     }
     l.str(b"\n");
     l.write(fd);
-    let (huge_allocs, _, huge_in_use, huge_mapped) = heap.huge_counters();
+    let (huge_allocs, _, huge_in_use, huge_mapped) = huge;
     total_line(&Totals {
         huge_allocs,
         huge_in_use,

@@ -15,6 +15,7 @@
 use core::sync::atomic::{AtomicU32, AtomicU64};
 
 use crate::arena::Arena;
+use crate::front::HugeCounters;
 use crate::lock::RobustLock;
 use crate::size_class::{CHUNK, PAGE};
 
@@ -22,7 +23,7 @@ use crate::size_class::{CHUNK, PAGE};
 /// version, so that any version can tell a heap of another version.
 pub const SHM_MAGIC: u64 = u64::from_le_bytes(*b"chshheap");
 /// The format version; a heap of another version is refused, not converted.
-pub const SHM_VERSION: u32 = 3;
+pub const SHM_VERSION: u32 = 4;
 
 /// `state`: 0 while the file is being created (the header may be incomplete); then
 /// created; the creator's `init` is running.
@@ -75,9 +76,8 @@ pub struct ShmHeader {
     /// `COREHEAP_SHM`: the process that publishes through this heap (0: none yet).
     pub publisher: AtomicU32,
     pub _pad2: u32,
-    /// Huge blocks (spans of whole chunks): count and bytes in use now.
-    pub huge_count: AtomicU64,
-    pub huge_bytes: AtomicU64,
+    /// Counters of huge blocks (spans of whole chunks).
+    pub huge: HugeCounters,
     /// Guards the bitmaps' writes (chunk allocation); taken under an arena lock, never the
     /// other way round.
     pub chunk_lock: RobustLock,

@@ -142,8 +142,15 @@ impl ShmSource {
         }
     }
 
-    /// Returns the `n` chunks at `chunk` (taken with [`Self::take_span`]), zeroed for their
-    /// next user.
+    /// Marks the span at `chunk` as no longer holding a live header.
+    pub fn unpublish(&self, chunk: *mut u8) {
+        if let Some(i) = self.chunk_index(chunk as usize) {
+            Self::set(self.heads(), i, false);
+        }
+    }
+
+    /// Returns the `n` chunks at `chunk` (taken with [`Self::take_span`], unpublished),
+    /// zeroed for their next user.
     ///
     /// # Safety
     /// Nothing refers into the span any more.
@@ -154,7 +161,6 @@ impl ShmSource {
         if n == 0 || first + n > self.nchunks {
             return;
         }
-        Self::set(self.heads(), first, false);
         if !sys::punch(chunk, n * CHUNK) {
             // SAFETY: the span is ours and unused (contract).
             unsafe { core::ptr::write_bytes(chunk, 0, n * CHUNK) };
@@ -212,6 +218,7 @@ unsafe impl PageSource for ShmSource {
     }
 
     unsafe fn unmap_chunk(&self, chunk: *mut u8) {
+        self.unpublish(chunk);
         // SAFETY: passed on from the caller.
         unsafe { self.give_span(chunk, 1) }
     }
@@ -229,5 +236,29 @@ unsafe impl PageSource for ShmSource {
             Some(i) => Self::test(self.heads(), i),
             None => false,
         }
+    }
+
+    /// Whole chunks of the file; alignments above a chunk cannot be had (the file's chunks
+    /// are aligned to `CHUNK` only).
+    fn map_span(&self, len: usize, align: usize) -> (*mut u8, usize) {
+        if align > CHUNK {
+            return (core::ptr::null_mut(), 0);
+        }
+        let n = len.div_ceil(CHUNK);
+        (self.take_span(n), n * CHUNK)
+    }
+
+    unsafe fn publish_span(&self, head: *mut u8) -> bool {
+        self.publish(head);
+        true
+    }
+
+    unsafe fn unpublish_span(&self, head: *mut u8) {
+        self.unpublish(head);
+    }
+
+    unsafe fn unmap_span(&self, span: *mut u8, len: usize) {
+        // SAFETY: passed on from the caller.
+        unsafe { self.give_span(span, len / CHUNK) }
     }
 }

@@ -1,0 +1,224 @@
+//! Lazy initialisation of the process heap, and the bootstrap buffer that serves the
+//! initialising thread meanwhile.
+//!
+//! No constructor runs before `main`: the first allocation in any thread moves `state` from
+//! `UNINIT` to `INITING`, maps the arena table, CPU map and per-CPU caches in one mapping,
+//! then publishes `READY` (or `FAILED`). Other threads wait for `READY`; the initialising
+//! thread itself, should anything it calls allocate, is served from [`BOOTSTRAP`], whose
+//! blocks are never freed. The fork and exit handlers are registered once, after `READY`.
+
+use core::cell::UnsafeCell;
+use core::ptr;
+use core::sync::atomic::{AtomicUsize, Ordering};
+
+use crossbeam_utils::{Backoff, CachePadded};
+
+use super::{fork, Config, ProcessHeap, FAILED, INITING, MAX_ARENAS, READY, UNINIT};
+use crate::arena::Arena;
+use crate::cpucache::Caches;
+use crate::os;
+use crate::size_class::{CLASS_TABLE, PAGE};
+
+/// A bump buffer for allocations made by the initialising thread during initialisation.
+///
+/// Invariant: `used` only grows, and `buf[..used]` is handed out in disjoint pieces.
+pub(super) struct Bootstrap {
+    buf: UnsafeCell<[u8; BOOTSTRAP_SIZE]>,
+    used: AtomicUsize,
+}
+const BOOTSTRAP_SIZE: usize = 64 * 1024;
+// SAFETY: `used` hands out disjoint ranges of `buf` by compare-and-swap; nothing reads a
+// range before it is handed out.
+unsafe impl Sync for Bootstrap {}
+#[repr(align(4096))]
+pub(super) struct BootstrapAligned(pub(super) Bootstrap);
+pub(super) static BOOTSTRAP: BootstrapAligned = BootstrapAligned(Bootstrap {
+    buf: UnsafeCell::new([0; BOOTSTRAP_SIZE]),
+    used: AtomicUsize::new(0),
+});
+
+impl Bootstrap {
+    /// `size` bytes aligned to `align`, or null when the buffer is used up.
+    pub(super) fn alloc(&self, size: usize, align: usize) -> *mut u8 {
+        let base = self.buf.get() as usize;
+        let mut cur = self.used.load(Ordering::Relaxed);
+        loop {
+            let start = (base + cur + align - 1) & !(align - 1);
+            let end = start - base + size;
+            if end > BOOTSTRAP_SIZE {
+                return ptr::null_mut();
+            }
+            match self
+                .used
+                .compare_exchange(cur, end, Ordering::Relaxed, Ordering::Relaxed)
+            {
+                Ok(_) => return start as *mut u8,
+                Err(c) => cur = c,
+            }
+        }
+    }
+
+    #[inline]
+    pub(super) fn contains(&self, p: *const u8) -> bool {
+        // One compare: below the buffer wraps around to a huge offset.
+        (p as usize).wrapping_sub(self.buf.get() as usize) < BOOTSTRAP_SIZE
+    }
+
+    /// For a pointer into the buffer, the bytes from it to the buffer's end (bootstrap
+    /// blocks record no size).
+    pub(super) fn readable_from(&self, p: *const u8) -> Option<usize> {
+        self.contains(p)
+            .then(|| self.buf.get() as usize + BOOTSTRAP_SIZE - p as usize)
+    }
+}
+
+impl ProcessHeap {
+    /// Initialises the heap, or waits for the thread that does. Returns whether it is
+    /// READY; false for the initialising thread itself (re-entry) and after a failure.
+    #[cold]
+    #[inline(never)]
+    pub(super) fn init_slow(&self) -> bool {
+        let backoff = Backoff::new();
+        loop {
+            match self
+                .state
+                .compare_exchange(UNINIT, INITING, Ordering::Acquire, Ordering::Acquire)
+            {
+                Ok(_) => {
+                    self.init_thread.store(os::thread_id(), Ordering::Relaxed);
+                    // SAFETY: we moved the state to INITING, so we are the only writer.
+                    let ok = unsafe { init_config(&mut *self.config.get()) };
+                    // Release: publishes `config`.
+                    self.state
+                        .store(if ok { READY } else { FAILED }, Ordering::Release);
+                    if ok {
+                        // SAFETY: `config` was just published by READY and is read-only.
+                        if unsafe { (*self.config.get()).caches.enabled } {
+                            // Release: publishes `config` (and READY) to `fast_class` and
+                            // `fast_path_ready`.
+                            for (e, &c) in self.classes.iter().zip(CLASS_TABLE.iter()) {
+                                e.store(c, Ordering::Release);
+                            }
+                        }
+                        fork::register_handlers();
+                    }
+                    return ok;
+                }
+                Err(READY) => return true,
+                Err(FAILED) => return false,
+                Err(_) => {
+                    if self.init_thread.load(Ordering::Relaxed) == os::thread_id() {
+                        return false;
+                    }
+                    if backoff.is_completed() {
+                        os::yield_now();
+                    } else {
+                        backoff.snooze();
+                    }
+                }
+            }
+        }
+    }
+
+    /// A block for the initialising thread, or null if initialisation failed.
+    #[cold]
+    pub(super) fn alloc_bootstrap(&self, size: usize, align: usize) -> *mut u8 {
+        if self.state.load(Ordering::Acquire) == FAILED {
+            return ptr::null_mut();
+        }
+        BOOTSTRAP.0.alloc(size.max(1), align.max(16))
+    }
+}
+
+/// Computes the configuration: the arena count, the arenas, the CPU map and the caches, in
+/// one fresh mapping. False if it cannot be mapped.
+fn init_config(cfg: &mut Config) -> bool {
+    let mut allowed = [0u64; 16];
+    let ncpu = os::cpu_affinity(&mut allowed);
+    let count = match os::env_usize(b"COREHEAP_ARENAS\0") {
+        Some(n) if n >= 1 => n.min(MAX_ARENAS),
+        _ => ncpu,
+    };
+    let possible = os::possible_cpus();
+    let table = count * core::mem::size_of::<CachePadded<Arena>>();
+    let debug = os::env_usize(b"COREHEAP_DEBUG\0").unwrap_or(0) > 0;
+    let fast = if debug { None } else { fast_path_wanted() };
+    let caches_bytes = if fast.is_some() {
+        Caches::table_bytes(possible)
+    } else {
+        0
+    };
+    let map_bytes = possible * 2;
+    let len = (table + caches_bytes + map_bytes).div_ceil(PAGE) * PAGE;
+    let mem = os::map_anon(len);
+    if mem.is_null() {
+        return false;
+    }
+    let arenas = mem.cast::<CachePadded<Arena>>();
+    for i in 0..count {
+        // SAFETY: slot `i` lies in the fresh zeroed mapping; CachePadded is repr(align)
+        // around the arena, which sits at its start.
+        unsafe { Arena::init_in_place(arenas.add(i).cast::<Arena>(), i as u32, debug) };
+    }
+    let map = (mem as usize + table + caches_bytes) as *mut u16;
+    // Allowed CPUs take arenas in turn, so a process limited to CPUs 5 and 7 uses arenas 0
+    // and 1; other ids (allowed later, or never) fall back to id % count.
+    let mut next = 0;
+    for cpu in 0..possible {
+        let is_allowed = cpu < 1024 && allowed[cpu / 64] & (1 << (cpu % 64)) != 0;
+        let a = if is_allowed {
+            next += 1;
+            (next - 1) % count
+        } else {
+            cpu % count
+        };
+        // SAFETY: `cpu < possible`, inside the map's part of the mapping.
+        unsafe { map.add(cpu).write(a as u16) };
+    }
+    cfg.arenas = arenas;
+    cfg.count = count;
+    cfg.cpu_map = map;
+    cfg.cpu_map_len = possible;
+    cfg.mark = os::random_word() | 1;
+    cfg.debug = debug;
+    if let Some(rseq_off) = fast {
+        // SAFETY: the caches' part of the fresh mapping starts 128-byte aligned (the arena
+        // slots are CachePadded) and is used by nothing else; `map` holds `possible` arena
+        // indices below `count`; `rseq_off` came from glibc, which registered an area.
+        cfg.caches = unsafe {
+            Caches::init(
+                (mem as usize + table) as *mut u8,
+                (0..possible).map(|c| {
+                    let a = map.add(c).read() as usize;
+                    (a as u32, (*arenas.add(a)).key())
+                }),
+                rseq_off,
+            )
+        };
+    }
+    true
+}
+
+/// The calling thread's CPU id from its rseq area, if it has one.
+#[inline]
+pub(super) fn rseq_cpu() -> Option<usize> {
+    #[cfg(all(target_arch = "x86_64", target_os = "linux", target_env = "gnu"))]
+    return os::rseq::cpu_id();
+    #[cfg(not(all(target_arch = "x86_64", target_os = "linux", target_env = "gnu")))]
+    None
+}
+
+/// The rseq area offset if the per-CPU fast path can and may be used: a build with the
+/// critical sections, an rseq area registered by glibc (none under `GLIBC_TUNABLES=
+/// glibc.pthread.rseq=0`, on kernels before 4.18, or under valgrind), a CPU id in it for the
+/// initialising thread, and no `COREHEAP_RSEQ=0` in the environment. Decided once.
+fn fast_path_wanted() -> Option<isize> {
+    if !Caches::AVAILABLE || os::env_usize(b"COREHEAP_RSEQ\0") == Some(0) {
+        return None;
+    }
+    #[cfg(all(target_arch = "x86_64", target_os = "linux", target_env = "gnu"))]
+    if os::rseq::cpu_id().is_some() {
+        return os::rseq::area_offset();
+    }
+    None
+}

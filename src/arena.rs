@@ -1396,6 +1396,8 @@ mod tests {
     // they are `CHUNK`-aligned because the view is; the base is the view's start, below every
     // chunk (chunk 0 is never handed out); nothing allocates or panics.
     unsafe impl PageSource for View<'_> {
+        type Lock = crate::lock::RawLock;
+
         fn base(&self) -> usize {
             self.base
         }

@@ -16,9 +16,7 @@ use crossbeam_utils::{Backoff, CachePadded};
 use crate::arena::{
     describe, lookup, lookup_small, small_block_start, Arena, ArenaStats, Lookup, LARGE_ALIGN_MAX,
 };
-use crate::chunk::{
-    chunk_of, page_index, Block, ChunkHeader, CHUNK_ARENA, CHUNK_HUGE, MAGIC, REGISTRY,
-};
+use crate::chunk::{chunk_of, page_index, Block, ChunkHeader, CHUNK_ARENA, CHUNK_HUGE, MAGIC};
 use crate::cpucache::{batch, Caches, Chain, Push, OUTBOX, OUTBOX_MAX_BLOCK};
 use crate::debug;
 use crate::diag::{block_error, invalid_pointer, Line};
@@ -28,6 +26,7 @@ use crate::size_class::{
     class_of, class_size, pages_for, request_bound, CHUNK, CLASS_TABLE, LARGE_MAX, PAGE, SMALL_MAX,
     SMALL_MIN, SMALL_MIN_SHIFT,
 };
+use crate::source::registry::REGISTRY;
 use crate::source::OsSource;
 
 /// What a double free is reported as.

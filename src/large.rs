@@ -877,6 +877,8 @@ pub(crate) mod tests {
     // are recorded before they are returned and forgotten before they are unmapped; nothing
     // here allocates or panics.
     unsafe impl PageSource for TestSource {
+        type Lock = crate::lock::RawLock;
+
         fn map_chunk(&self) -> *mut u8 {
             if self.live() >= self.limit {
                 return ptr::null_mut();

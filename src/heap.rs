@@ -17,7 +17,7 @@ use crate::arena::{
     describe, lookup, lookup_small, small_block_start, Arena, ArenaStats, Lookup, LARGE_ALIGN_MAX,
 };
 use crate::chunk::{chunk_of, page_index, Block, ChunkHeader, CHUNK_ARENA, CHUNK_HUGE, MAGIC};
-use crate::cpucache::{batch, Caches, Chain, Push, OUTBOX, OUTBOX_MAX_BLOCK};
+use crate::cpucache::{batch, return_chain, take_batch, Caches, Push, OUTBOX, OUTBOX_MAX_BLOCK};
 use crate::debug;
 use crate::diag::{block_error, invalid_pointer, Line};
 use crate::os;
@@ -49,7 +49,7 @@ pub const MAX_ARENAS: usize = 4096;
 struct Config {
     /// The per-CPU caches of the rseq fast path (`enabled` false when it is off).
     caches: Caches,
-    arenas: *mut CachePadded<Arena>,
+    arenas: *mut CachePadded<Arena<OsSource>>,
     count: usize,
     /// CPU id -> arena index, for ids below `cpu_map_len`.
     cpu_map: *const u16,
@@ -257,7 +257,7 @@ impl Heap {
             _ => ncpu,
         };
         let possible = os::possible_cpus();
-        let table = count * core::mem::size_of::<CachePadded<Arena>>();
+        let table = count * core::mem::size_of::<CachePadded<Arena<OsSource>>>();
         let debug = os::env_usize(b"COREHEAP_DEBUG\0").unwrap_or(0) > 0;
         let fast = if debug { None } else { fast_path_wanted() };
         let caches_bytes = if fast.is_some() {
@@ -271,11 +271,13 @@ impl Heap {
         if mem.is_null() {
             return false;
         }
-        let arenas = mem.cast::<CachePadded<Arena>>();
+        let arenas = mem.cast::<CachePadded<Arena<OsSource>>>();
         for i in 0..count {
             // SAFETY: slot `i` lies in the fresh zeroed mapping; CachePadded is
             // repr(align) around the arena, which sits at its start.
-            unsafe { Arena::init_in_place(arenas.add(i).cast::<Arena>(), i as u32, debug) };
+            unsafe {
+                Arena::init_in_place(arenas.add(i).cast::<Arena<OsSource>>(), i as u32, debug)
+            };
         }
         let map = (mem as usize + table + caches_bytes) as *mut u16;
         // Allowed CPUs take arenas in turn, so a process limited to CPUs 5 and 7 uses arenas
@@ -333,7 +335,7 @@ impl Heap {
     }
 
     #[inline]
-    fn arena(cfg: &Config, i: usize) -> &Arena {
+    fn arena(cfg: &Config, i: usize) -> &Arena<OsSource> {
         debug_assert!(i < cfg.count);
         // SAFETY: `i < count` and the table lives for the rest of the process.
         unsafe { &*cfg.arenas.add(i) }
@@ -456,8 +458,7 @@ impl Heap {
             return a.alloc(&SRC, class_size(class), 1);
         };
         let a = Self::arena(cfg, Self::arena_index(cfg, cpu));
-        let mut chain = Chain::new(a.key());
-        let first = a.alloc_batch(&SRC, class, batch(class), cfg.mark, &mut chain);
+        let (first, chain) = take_batch(a, &SRC, class, batch(class), cfg.mark);
         let installed = chain.len() > 0
             && cpu < cfg.caches.len()
             // SAFETY: the chain's blocks are free blocks of class `class` of the arena the
@@ -466,7 +467,7 @@ impl Heap {
         if chain.len() > 0 && !installed {
             // Migrated meanwhile, or another thread on this CPU filled the list first.
             // SAFETY: the chain is ours and its blocks are of arena `a`, counted in use.
-            unsafe { a.free_chain(&SRC, chain.head()) };
+            unsafe { return_chain(a, &SRC, chain.head()) };
         }
         first
     }
@@ -479,7 +480,7 @@ impl Heap {
             let a = Self::arena(cfg, cfg.caches.arena_of(cpu));
             // SAFETY: a chain taken off cache `cpu` is ours, and its blocks belong to the
             // cache's arena and are counted in use by their runs (module invariants).
-            unsafe { a.free_chain(&SRC, chain) };
+            unsafe { return_chain(a, &SRC, chain) };
         }
     }
 
@@ -744,7 +745,7 @@ impl Heap {
                         _ => Self::free_small_foreign(cfg, p, what, arena),
                     }
                 }
-                Push::Remote | Push::Foreign => Self::free_small_foreign(cfg, p, what, arena),
+                Push::Remote | Push::NoCache => Self::free_small_foreign(cfg, p, what, arena),
             }
         })
     }
@@ -1283,7 +1284,7 @@ impl Heap {
         os::stdio_list_lock();
         if let Some(cfg) = self.config() {
             for i in 0..cfg.count {
-                Self::arena(cfg, i).fork_lock();
+                Self::arena(cfg, i).fork_lock(&SRC);
             }
         }
     }
@@ -1291,7 +1292,7 @@ impl Heap {
     fn fork_parent(&self) {
         if let Some(cfg) = self.config() {
             for i in (0..cfg.count).rev() {
-                Self::arena(cfg, i).fork_unlock();
+                Self::arena(cfg, i).fork_unlock(&SRC);
             }
         }
         os::stdio_list_unlock();
@@ -1302,7 +1303,9 @@ impl Heap {
         self.init_thread.store(0, Ordering::Relaxed);
         if let Some(cfg) = self.config() {
             for i in 0..cfg.count {
-                Self::arena(cfg, i).fork_reinit();
+                // SAFETY: the child of fork: only this thread exists, and process arenas'
+                // locks are on no robust list.
+                unsafe { Self::arena(cfg, i).fork_reinit() };
             }
         }
         os::stdio_list_reset();

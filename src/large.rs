@@ -829,116 +829,12 @@ impl PageHeap {
 }
 
 #[cfg(test)]
-pub(crate) mod tests {
+mod tests {
     use super::*;
     use crate::chunk::run_addr;
-    use crate::os;
-    use core::sync::atomic::{AtomicUsize, Ordering};
+    use crate::test_support::{Rng, TestSource, SLOTS};
+    use core::sync::atomic::Ordering;
     use std::collections::BTreeMap;
-
-    /// Chunks a [`TestSource`] can have mapped at once.
-    const SLOTS: usize = 256;
-
-    /// A page source for unit tests: maps chunks with `os::map_aligned`, records them in its
-    /// own fixed table (no allocation, and no interference with the process registry), counts
-    /// its calls, and refuses to map more than `limit` chunks at once.
-    pub(crate) struct TestSource {
-        slots: [AtomicUsize; SLOTS],
-        limit: usize,
-        pub maps: AtomicUsize,
-        pub unmaps: AtomicUsize,
-        pub purged_bytes: AtomicUsize,
-        /// When set, purges fail (as madvise does for mlock'ed memory).
-        pub refuse_purge: core::sync::atomic::AtomicBool,
-    }
-
-    impl TestSource {
-        pub(crate) fn new(limit: usize) -> Self {
-            assert!(limit <= SLOTS);
-            Self {
-                slots: [const { AtomicUsize::new(0) }; SLOTS],
-                limit,
-                maps: AtomicUsize::new(0),
-                unmaps: AtomicUsize::new(0),
-                purged_bytes: AtomicUsize::new(0),
-                refuse_purge: core::sync::atomic::AtomicBool::new(false),
-            }
-        }
-
-        pub(crate) fn live(&self) -> usize {
-            self.slots
-                .iter()
-                .filter(|s| s.load(Ordering::Relaxed) != 0)
-                .count()
-        }
-    }
-
-    // SAFETY: chunks come from `os::map_aligned` (fresh, zeroed, CHUNK-aligned, private) and
-    // are recorded before they are returned and forgotten before they are unmapped; nothing
-    // here allocates or panics.
-    unsafe impl PageSource for TestSource {
-        type Lock = crate::lock::RawLock;
-
-        fn map_chunk(&self) -> *mut u8 {
-            if self.live() >= self.limit {
-                return ptr::null_mut();
-            }
-            let p = os::map_aligned(CHUNK, CHUNK);
-            if p.is_null() {
-                return p;
-            }
-            for s in &self.slots {
-                if s.compare_exchange(0, p as usize, Ordering::AcqRel, Ordering::Relaxed)
-                    .is_ok()
-                {
-                    self.maps.fetch_add(1, Ordering::Relaxed);
-                    return p;
-                }
-            }
-            os::unmap(p, CHUNK);
-            ptr::null_mut()
-        }
-
-        unsafe fn unmap_chunk(&self, chunk: *mut u8) {
-            for s in &self.slots {
-                if s.compare_exchange(chunk as usize, 0, Ordering::AcqRel, Ordering::Relaxed)
-                    .is_ok()
-                {
-                    self.unmaps.fetch_add(1, Ordering::Relaxed);
-                    os::unmap(chunk, CHUNK);
-                    return;
-                }
-            }
-            os::fatal(b"TestSource: unmap of a chunk it does not own\n");
-        }
-
-        unsafe fn purge(&self, p: *mut u8, len: usize) -> bool {
-            if self.refuse_purge.load(Ordering::Relaxed) {
-                return false;
-            }
-            self.purged_bytes.fetch_add(len, Ordering::Relaxed);
-            os::purge(p, len)
-        }
-
-        fn owns_chunk(&self, chunk: usize) -> bool {
-            chunk != 0
-                && self
-                    .slots
-                    .iter()
-                    .any(|s| s.load(Ordering::Acquire) == chunk)
-        }
-    }
-
-    impl Drop for TestSource {
-        fn drop(&mut self) {
-            for s in &self.slots {
-                let c = s.swap(0, Ordering::Relaxed);
-                if c != 0 {
-                    os::unmap(c as *mut u8, CHUNK);
-                }
-            }
-        }
-    }
 
     // The helpers below stand in for the arena: a test owns its heap, which takes the place of
     // holding the arena lock.
@@ -1027,20 +923,6 @@ pub(crate) mod tests {
                 .find(|&len| !heap.lists[k][len].is_null())
                 .map(|len| (k, len))
         })
-    }
-
-    struct Rng(u64);
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            // xorshift64*
-            self.0 ^= self.0 >> 12;
-            self.0 ^= self.0 << 25;
-            self.0 ^= self.0 >> 27;
-            self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-        }
-        fn below(&mut self, n: usize) -> usize {
-            (self.next() % n as u64) as usize
-        }
     }
 
     #[test]

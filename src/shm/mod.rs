@@ -32,10 +32,10 @@ use core::ffi::CStr;
 use core::ptr::{self, NonNull};
 use core::sync::atomic::Ordering;
 
-use crate::arena::{lookup, Arena, ArenaStats, Lookup, LARGE_ALIGN_MAX, ORPHAN};
+use crate::arena::{lookup, ArenaStats, Lookup, LARGE_ALIGN_MAX, ORPHAN};
 use crate::chunk::{ChunkHeader, CHUNK_HUGE, MAGIC};
 use crate::size_class::{class_size, CHUNK, LARGE_MAX, PAGE};
-use layout::{Plan, ShmHeader, FLAG_FIXED, SHM_MAGIC, STATE_INIT, STATE_READY};
+use layout::{Plan, ShmArena, ShmHeader, FLAG_FIXED, SHM_MAGIC, STATE_INIT, STATE_READY};
 pub use layout::{MAX_ARENAS, MAX_SIZE, SHM_VERSION};
 pub use source::ShmSource;
 
@@ -491,7 +491,7 @@ impl SharedHeap {
         };
         sys::set_size(fd, plan.size).map_err(|e| ShmError::os("ftruncate", e))?;
         let base = map(fd, plan.size as usize, true, at)?;
-        let used = (plan.arenas_off as usize + narenas as usize * size_of::<Arena>())
+        let used = (plan.arenas_off as usize + narenas as usize * size_of::<ShmArena>())
             .next_multiple_of(PAGE);
         if !sys::populate(base as *mut u8, used) {
             sys::unmap(base as *mut u8, plan.size as usize);
@@ -504,8 +504,8 @@ impl SharedHeap {
             (*h).creator.store(sys::pid(), Ordering::Relaxed);
             (*h).chunk = CHUNK as u64;
             (*h).page = PAGE as u64;
-            (*h).arena_size = core::mem::size_of::<Arena>() as u64;
-            (*h).layout = crate::arena::LAYOUT_HASH;
+            (*h).arena_size = core::mem::size_of::<ShmArena>() as u64;
+            (*h).layout = layout::LAYOUT_HASH;
             (*h).size = plan.size;
             (*h).meta = plan.meta;
             (*h).nchunks = plan.nchunks;
@@ -520,9 +520,9 @@ impl SharedHeap {
             }
             let mut ok = crate::lock::RobustLock::init_in_place(ptr::addr_of_mut!((*h).chunk_lock));
             for i in 0..narenas {
-                let slot = (base + plan.arenas_off as usize + i as usize * size_of::<Arena>())
-                    as *mut Arena;
-                ok &= Arena::init_shared(slot, i);
+                let slot = (base + plan.arenas_off as usize + i as usize * size_of::<ShmArena>())
+                    as *mut ShmArena;
+                ok &= ShmArena::init_in_place(slot, i, false);
             }
             if !ok {
                 sys::unmap(base as *mut u8, plan.size as usize);
@@ -608,8 +608,8 @@ impl SharedHeap {
         };
         if h.chunk != CHUNK as u64
             || h.page != PAGE as u64
-            || h.arena_size != core::mem::size_of::<Arena>() as u64
-            || h.layout != crate::arena::LAYOUT_HASH
+            || h.arena_size != core::mem::size_of::<ShmArena>() as u64
+            || h.layout != layout::LAYOUT_HASH
         {
             return Err(ShmError::new(
                 ShmErrorKind::Incompatible,
@@ -826,10 +826,13 @@ impl SharedHeap {
     /// Takes arena `i`'s lock and never releases it, after leaving damage of kind `damage`
     /// (0 none, 1 a half-done small allocation, 2 a half-done page-run update): for tests of
     /// a lock holder's death.
+    #[cfg(feature = "test-hooks")]
     #[doc(hidden)]
     pub fn hold_arena_lock_for_test(&self, i: usize, damage: u8) {
         if i < self.arenas() {
-            self.heap.arena(i).acquire_and_keep(&self.heap.src, damage);
+            self.heap
+                .arena(i)
+                .acquire_and_damage(&self.heap.src, damage);
         }
     }
 
@@ -859,7 +862,7 @@ impl SharedHeap {
     /// arena lock and the chunk lock, so the child's copy is taken between operations.
     fn fork_prepare(&self) {
         for a in self.heap.arenas() {
-            a.acquire_and_keep(&self.heap.src, 0);
+            a.fork_lock(&self.heap.src);
         }
         self.heap.src.lock_chunks();
     }
@@ -868,7 +871,7 @@ impl SharedHeap {
     fn fork_parent(&self) {
         self.heap.header().chunk_lock.unlock();
         for a in self.heap.arenas() {
-            a.release_kept(&self.heap.src);
+            a.fork_unlock(&self.heap.src);
         }
     }
 
@@ -888,7 +891,7 @@ impl SharedHeap {
             let h = self.heap.header() as *const ShmHeader as *mut ShmHeader;
             crate::lock::RobustLock::init_in_place(ptr::addr_of_mut!((*h).chunk_lock));
             for a in self.heap.arenas() {
-                Arena::reinit_shared_lock(a as *const Arena as *mut Arena);
+                a.fork_reinit();
             }
         }
         true
@@ -1041,17 +1044,17 @@ impl Heap {
         self.src.header()
     }
 
-    fn arena(&self, i: usize) -> &Arena {
+    fn arena(&self, i: usize) -> &ShmArena {
         assert!(i < self.src.narenas);
         // SAFETY: arena `i < narenas` lies in the table of the mapped meta area (layout
         // invariant), initialised by the creator.
         unsafe {
-            &*((self.src.base + self.src.arenas_off + i * core::mem::size_of::<Arena>())
-                as *const Arena)
+            &*((self.src.base + self.src.arenas_off + i * core::mem::size_of::<ShmArena>())
+                as *const ShmArena)
         }
     }
 
-    fn arenas(&self) -> impl Iterator<Item = &Arena> {
+    fn arenas(&self) -> impl Iterator<Item = &ShmArena> {
         (0..self.src.narenas).map(move |i| self.arena(i))
     }
 

@@ -158,7 +158,7 @@ pub struct Block {
 /// reader checks (an address's high bits, a packed count) in the low bytes, which an
 /// overflow or a stray write reaches first. Both `v` and `at` are relative to the base, so
 /// every process that maps the block decodes the same link; with base 0 (the process heap,
-/// and the CPU caches' code in `cpucache.rs`, which uses absolute addresses) they are
+/// and the CPU caches' code in `cpucache/`, which uses absolute addresses) they are
 /// addresses. With the `unhardened` feature (for measuring what this costs) links are
 /// stored plain.
 #[inline(always)]

@@ -1,5 +1,5 @@
 //! Verifying an arena: its page heap, bins and runs against each other (the invariants of
-//! `small.rs`, `large.rs` and `chunk.rs`).
+//! `small.rs`, `large/` and `chunk.rs`).
 
 use super::{Arena, ArenaLock, State};
 use crate::chunk::{Kind, PageDesc, HEADER_PAGES};
@@ -8,7 +8,7 @@ use crate::small::check_run;
 use crate::source::PageSource;
 
 impl<S: PageSource<Lock: ArenaLock>> Arena<S> {
-    /// Verifies this arena's invariants (see `small.rs`, `large.rs` and `chunk.rs`).
+    /// Verifies this arena's invariants (see `small.rs`, `large/` and `chunk.rs`).
     pub fn check(&self, src: &S) -> Result<(), &'static str> {
         self.acquire(src);
         // SAFETY: the lock is held.

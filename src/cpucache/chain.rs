@@ -93,14 +93,15 @@ pub fn take_batch<S: PageSource<Lock: ArenaLock>>(
     let mut got = [core::ptr::null_mut::<u8>(); BATCH_MAX];
     let mut k = 0;
     let first = a.alloc_batch(src, class, n.min(BATCH_MAX), mark, |b| {
-        // `alloc_batch` calls this at most `n.min(BATCH_MAX) - 1` times.
-        if let Some(slot) = got.get_mut(k) {
-            *slot = b;
-            k += 1;
-        }
+        debug_assert!(k < BATCH_MAX);
+        // SAFETY: `alloc_batch` calls this at most `n.min(BATCH_MAX) - 1` times (its
+        // contract), so `k < BATCH_MAX`.
+        unsafe { *got.get_unchecked_mut(k) = b };
+        k += 1;
     });
     let mut chain = Chain::new(a.key());
-    for &b in got.iter().take(k).rev() {
+    // `k < BATCH_MAX` (above).
+    for &b in got.get(..k).unwrap_or(&[]).iter().rev() {
         // SAFETY: the arena handed the block over: a free block of ours, on no list.
         unsafe { chain.push(b.cast()) };
     }

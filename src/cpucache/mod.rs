@@ -114,10 +114,8 @@ pub const OUTBOX_MAX_BLOCK: usize = 512;
 const _: () = assert!(limit(class_of_size(OUTBOX_MAX_BLOCK)) == OUTBOX_LIMIT);
 
 /// The most blocks a CPU keeps of class `class`: 128, and at most 32 KiB of the class.
-/// Per CPU that bounds the caches to 128 * (16 + ... + 256) + 5 * 32 KiB, about 222 KiB.
-/// (With 64 blocks the `batch` row of the pairs benchmark, 1000 blocks of random small
-/// sizes allocated then freed, took 1.7x mimalloc's time, refilling and flushing under the
-/// lock; with 128, 1.3x.)
+/// Per CPU that bounds the caches to 128 * (16 + ... + 256) + 5 * 32 KiB, about 222 KiB
+/// (why 128: `docs/bench-core.md`, "Notes moved out of the code").
 #[inline]
 pub const fn limit(class: usize) -> usize {
     // 32 KiB / class_size(class), as a shift (kept in range for any `class`).

@@ -29,7 +29,7 @@
 use core::marker::PhantomData;
 use core::sync::atomic::{AtomicU16, AtomicU32, AtomicU64, Ordering};
 
-use crate::size_class::{CHUNK, CHUNK_PAGES, CHUNK_SHIFT, PAGE, PAGE_SHIFT};
+use crate::size_class::{CHUNK, CHUNK_PAGES, PAGE, PAGE_SHIFT};
 
 /// "coreheap" in ASCII: marks a header written by this allocator.
 pub const MAGIC: u64 = 0x7061_6568_6572_6f63;
@@ -158,7 +158,7 @@ pub struct Block {
 /// reader checks (an address's high bits, a packed count) in the low bytes, which an
 /// overflow or a stray write reaches first. Both `v` and `at` are relative to the base, so
 /// every process that maps the block decodes the same link; with base 0 (the process heap,
-/// and the CPU caches' code in `cpucache.rs`, which uses absolute addresses) they are
+/// and the CPU caches' code in `cpucache/`, which uses absolute addresses) they are
 /// addresses. With the `unhardened` feature (for measuring what this costs) links are
 /// stored plain.
 #[inline(always)]
@@ -368,82 +368,6 @@ pub fn run_addr(d: *const PageDesc) -> *mut u8 {
     (h as usize + (i << PAGE_SHIFT)) as *mut u8
 }
 
-/// The set of chunks this process has mapped, one bit per possible chunk address: the
-/// cheap test that tells a pointer coreheap returned from one it never did.
-///
-/// 2^47 bytes of user address space / 4 MiB chunks = 2^25 bits = 4 MiB of zeroed static
-/// memory, of which only the pages for chunks in use are ever touched.
-pub struct Registry {
-    bits: [AtomicU64; REGISTRY_WORDS],
-}
-
-const ADDRESS_BITS: usize = 47;
-const REGISTRY_WORDS: usize = (1 << (ADDRESS_BITS - CHUNK_SHIFT)) / 64;
-
-impl Registry {
-    pub const fn new() -> Self {
-        #[allow(clippy::declare_interior_mutable_const)]
-        const ZERO: AtomicU64 = AtomicU64::new(0);
-        Self {
-            bits: [ZERO; REGISTRY_WORDS],
-        }
-    }
-
-    #[inline]
-    fn slot(chunk: usize) -> Option<(usize, u64)> {
-        let n = chunk >> CHUNK_SHIFT;
-        if n / 64 >= REGISTRY_WORDS {
-            None
-        } else {
-            Some((n / 64, 1 << (n % 64)))
-        }
-    }
-
-    /// Whether `chunk` is a chunk of ours that is mapped now.
-    #[inline]
-    pub fn contains(&self, chunk: usize) -> bool {
-        match Self::slot(chunk) {
-            // Acquire: pairs with the Release in `insert`, so a reader that sees the bit also
-            // sees the header written before it.
-            Some((w, b)) => self.bits[w].load(Ordering::Acquire) & b != 0,
-            None => false,
-        }
-    }
-
-    /// Whether the chunk holding address `a` can be recorded.
-    #[inline]
-    pub fn covers(&self, a: usize) -> bool {
-        Self::slot(a).is_some()
-    }
-
-    /// Records `chunk` as ours. Returns false if its address cannot be recorded.
-    pub fn insert(&self, chunk: usize) -> bool {
-        match Self::slot(chunk) {
-            Some((w, b)) => {
-                // Release: publishes the header written before registration.
-                self.bits[w].fetch_or(b, Ordering::Release);
-                true
-            }
-            None => false,
-        }
-    }
-
-    pub fn remove(&self, chunk: usize) {
-        if let Some((w, b)) = Self::slot(chunk) {
-            self.bits[w].fetch_and(!b, Ordering::Relaxed);
-        }
-    }
-}
-
-impl Default for Registry {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-/// The registry of chunks mapped by this process.
-pub static REGISTRY: Registry = Registry::new();
-
 /// Writes the header of a fresh arena chunk: header pages, then one free run over the rest.
 /// Returns the descriptor of that free run.
 ///
@@ -509,20 +433,5 @@ mod tests {
         // SAFETY: all-zero bytes are a valid `Rel` (a `usize`).
         let z: Rel<Block> = unsafe { core::mem::zeroed() };
         assert_eq!(z, Rel::NULL);
-    }
-
-    #[test]
-    fn registry_insert_contains_remove() {
-        static R: Registry = Registry::new();
-        let r = &R;
-        let c = 0x5555_0000_0000usize;
-        assert!(!r.contains(c));
-        assert!(r.insert(c));
-        assert!(r.contains(c));
-        assert!(!r.contains(c + CHUNK));
-        r.remove(c);
-        assert!(!r.contains(c));
-        assert!(!r.insert(1 << 60));
-        assert!(!r.contains(1 << 60));
     }
 }

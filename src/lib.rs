@@ -43,6 +43,8 @@ mod size_class;
 mod small;
 pub mod source;
 mod stats;
+#[cfg(test)]
+mod test_support;
 
 pub use arena::ArenaStats;
 pub use global::CoreHeap;

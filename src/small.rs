@@ -279,6 +279,7 @@ impl SmallBins {
         }
     }
 
+    #[cfg(feature = "test-hooks")]
     /// Tests: what a holder killed in `alloc_fast` between unlinking a block and counting
     /// it leaves: the first run with a free block loses that block from its list, its
     /// count unchanged.
@@ -558,8 +559,8 @@ impl Default for SmallBins {
 mod tests {
     use super::*;
     use crate::arena::{lookup, Lookup};
-    use crate::large::tests::TestSource;
     use crate::size_class::PAGE;
+    use crate::test_support::TestSource;
 
     fn alloc(
         bins: &mut SmallBins,

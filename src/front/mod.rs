@@ -17,7 +17,7 @@ pub(crate) mod report;
 
 use core::ptr;
 
-use crate::arena::{lookup, Arena, ArenaStats, Lookup, LARGE_ALIGN_MAX, ORPHAN};
+use crate::arena::{lookup, Arena, ArenaLock, ArenaStats, Lookup, LARGE_ALIGN_MAX, ORPHAN};
 use crate::chunk::Block;
 use crate::size_class::{class_of, class_size, LARGE_MAX, PAGE, SMALL_MAX};
 use crate::source::PageSource;
@@ -33,7 +33,7 @@ const REALLOC_FREED: &[u8] = b"realloc(): invalid pointer (block already freed)"
 /// for as long as the backend is; every chunk header of the source names an arena below
 /// `arena_count()`, or [`ORPHAN`] in a shared source; `mark` never changes.
 pub(crate) trait Backend {
-    type Source: PageSource;
+    type Source: PageSource<Lock: ArenaLock>;
 
     /// Where the heap's chunks and huge spans come from.
     fn source(&self) -> &Self::Source;
@@ -42,7 +42,7 @@ pub(crate) trait Backend {
     /// Arena `i`.
     ///
     /// pre: `i < arena_count()`.
-    fn arena(&self, i: usize) -> &Arena;
+    fn arena(&self, i: usize) -> &Arena<Self::Source>;
     /// The arena the calling thread allocates from now.
     fn current_arena(&self) -> usize;
     /// The double-free mark written into freed small blocks.

@@ -9,7 +9,7 @@ use super::init::rseq_cpu;
 use super::{Config, ProcessHeap, SRC};
 use crate::arena::{lookup, Lookup};
 use crate::chunk::Block;
-use crate::cpucache::{batch, Chain, Push, OUTBOX, OUTBOX_MAX_BLOCK};
+use crate::cpucache::{batch, return_chain, take_batch, Push, OUTBOX, OUTBOX_MAX_BLOCK};
 use crate::diag::{block_error, invalid_pointer};
 use crate::front::report::{self, DOUBLE_FREE};
 use crate::os;
@@ -29,8 +29,7 @@ impl ProcessHeap {
             return a.alloc(&SRC, class_size(class), 1);
         };
         let a = cfg.arena(cfg.arena_index(cpu));
-        let mut chain = Chain::new(a.key());
-        let first = a.alloc_batch(&SRC, class, batch(class), cfg.mark, &mut chain);
+        let (first, chain) = take_batch(a, &SRC, class, batch(class), cfg.mark);
         let installed = chain.len() > 0
             && cpu < cfg.caches.len()
             // SAFETY: the chain's blocks are free blocks of class `class` of the arena the
@@ -39,7 +38,7 @@ impl ProcessHeap {
         if chain.len() > 0 && !installed {
             // Migrated meanwhile, or another thread on this CPU filled the list first.
             // SAFETY: the chain is ours and its blocks are of arena `a`, counted in use.
-            unsafe { a.free_chain(&SRC, chain.head()) };
+            unsafe { return_chain(a, &SRC, chain.head()) };
         }
         first
     }
@@ -52,7 +51,7 @@ impl ProcessHeap {
             let a = cfg.arena(cfg.caches.arena_of(cpu));
             // SAFETY: a chain taken off cache `cpu` is ours, and its blocks belong to the
             // cache's arena and are counted in use by their runs (module invariants).
-            unsafe { a.free_chain(&SRC, chain) };
+            unsafe { return_chain(a, &SRC, chain) };
         }
     }
 
@@ -142,7 +141,7 @@ impl ProcessHeap {
                         _ => Self::free_small_remote(cfg, p, what, arena),
                     }
                 }
-                Push::Remote | Push::Foreign => Self::free_small_remote(cfg, p, what, arena),
+                Push::Remote | Push::NoCache => Self::free_small_remote(cfg, p, what, arena),
             }
         })
     }

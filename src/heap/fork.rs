@@ -6,7 +6,7 @@
 
 use core::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 
-use super::{ProcessHeap, HEAP};
+use super::{ProcessHeap, HEAP, SRC};
 use crate::diag::Line;
 use crate::os;
 
@@ -15,7 +15,7 @@ impl ProcessHeap {
         os::stdio_list_lock();
         if let Some(cfg) = self.config() {
             for i in 0..cfg.count {
-                cfg.arena(i).fork_lock();
+                cfg.arena(i).fork_lock(&SRC);
             }
         }
     }
@@ -23,7 +23,7 @@ impl ProcessHeap {
     fn fork_parent(&self) {
         if let Some(cfg) = self.config() {
             for i in (0..cfg.count).rev() {
-                cfg.arena(i).fork_unlock();
+                cfg.arena(i).fork_unlock(&SRC);
             }
         }
         os::stdio_list_unlock();
@@ -34,7 +34,9 @@ impl ProcessHeap {
         self.init_thread.store(0, Ordering::Relaxed);
         if let Some(cfg) = self.config() {
             for i in 0..cfg.count {
-                cfg.arena(i).fork_reinit();
+                // SAFETY: the child of fork: only this thread exists, and process arenas'
+                // locks are on no robust list.
+                unsafe { cfg.arena(i).fork_reinit() };
             }
         }
         os::stdio_list_reset();

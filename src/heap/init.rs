@@ -18,6 +18,7 @@ use crate::arena::Arena;
 use crate::cpucache::Caches;
 use crate::os;
 use crate::size_class::{CLASS_TABLE, PAGE};
+use crate::source::OsSource;
 
 /// A bump buffer for allocations made by the initialising thread during initialisation.
 ///
@@ -140,7 +141,7 @@ fn init_config(cfg: &mut Config) -> bool {
         _ => ncpu,
     };
     let possible = os::possible_cpus();
-    let table = count * core::mem::size_of::<CachePadded<Arena>>();
+    let table = count * core::mem::size_of::<CachePadded<Arena<OsSource>>>();
     let debug = os::env_usize(b"COREHEAP_DEBUG\0").unwrap_or(0) > 0;
     let fast = if debug { None } else { fast_path_wanted() };
     let caches_bytes = if fast.is_some() {
@@ -154,11 +155,11 @@ fn init_config(cfg: &mut Config) -> bool {
     if mem.is_null() {
         return false;
     }
-    let arenas = mem.cast::<CachePadded<Arena>>();
+    let arenas = mem.cast::<CachePadded<Arena<OsSource>>>();
     for i in 0..count {
         // SAFETY: slot `i` lies in the fresh zeroed mapping; CachePadded is repr(align)
         // around the arena, which sits at its start.
-        unsafe { Arena::init_in_place(arenas.add(i).cast::<Arena>(), i as u32, debug) };
+        unsafe { Arena::init_in_place(arenas.add(i).cast::<Arena<OsSource>>(), i as u32, debug) };
     }
     let map = (mem as usize + table + caches_bytes) as *mut u16;
     // Allowed CPUs take arenas in turn, so a process limited to CPUs 5 and 7 uses arenas 0

@@ -54,7 +54,7 @@ const SRC: OsSource = OsSource;
 struct Config {
     /// The per-CPU caches of the rseq fast path (`enabled` false when it is off).
     caches: Caches,
-    arenas: *mut CachePadded<Arena>,
+    arenas: *mut CachePadded<Arena<OsSource>>,
     count: usize,
     /// CPU id -> arena index, for ids below `cpu_map_len`.
     cpu_map: *const u16,
@@ -79,7 +79,7 @@ impl Config {
     }
 
     #[inline]
-    fn arena(&self, i: usize) -> &Arena {
+    fn arena(&self, i: usize) -> &Arena<OsSource> {
         debug_assert!(i < self.count);
         // SAFETY: `i < count` and the table lives for the rest of the process.
         unsafe { &*self.arenas.add(i) }
@@ -133,7 +133,7 @@ impl Backend for Ready<'_> {
         self.cfg.count
     }
     #[inline]
-    fn arena(&self, i: usize) -> &Arena {
+    fn arena(&self, i: usize) -> &Arena<OsSource> {
         self.cfg.arena(i)
     }
     #[inline]

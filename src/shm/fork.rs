@@ -6,7 +6,6 @@ use core::sync::atomic::Ordering;
 
 use super::layout::ShmHeader;
 use super::{sys, SharedHeap};
-use crate::arena::Arena;
 
 impl SharedHeap {
     /// `COREHEAP_SHM`: makes this process the heap's publisher unless another live process
@@ -35,7 +34,7 @@ impl SharedHeap {
     /// arena lock and the chunk lock, so the child's copy is taken between operations.
     pub(super) fn fork_prepare(&self) {
         for a in self.view.arenas() {
-            a.acquire_and_keep(&self.view.src, 0);
+            a.fork_lock(&self.view.src);
         }
         self.view.src.lock_chunks();
     }
@@ -44,7 +43,7 @@ impl SharedHeap {
     pub(super) fn fork_parent(&self) {
         self.view.header().chunk_lock.unlock();
         for a in self.view.arenas() {
-            a.release_kept(&self.view.src);
+            a.fork_unlock(&self.view.src);
         }
     }
 
@@ -64,7 +63,7 @@ impl SharedHeap {
             let h = self.view.header() as *const ShmHeader as *mut ShmHeader;
             crate::lock::RobustLock::init_in_place(ptr::addr_of_mut!((*h).chunk_lock));
             for a in self.view.arenas() {
-                Arena::reinit_shared_lock(a as *const Arena as *mut Arena);
+                a.fork_reinit();
             }
         }
         true

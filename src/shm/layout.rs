@@ -14,7 +14,9 @@
 
 use core::sync::atomic::{AtomicU32, AtomicU64};
 
+use super::source::ShmSource;
 use crate::arena::Arena;
+use crate::chunk::{ChunkHeader, PageDesc};
 use crate::front::HugeCounters;
 use crate::lock::RobustLock;
 use crate::size_class::{CHUNK, PAGE};
@@ -24,6 +26,38 @@ use crate::size_class::{CHUNK, PAGE};
 pub const SHM_MAGIC: u64 = u64::from_le_bytes(*b"chshheap");
 /// The format version; a heap of another version is refused, not converted.
 pub const SHM_VERSION: u32 = 4;
+
+/// An arena as a shared heap's file holds it: locked with the robust lock its page source
+/// chooses.
+pub type ShmArena = Arena<ShmSource>;
+
+/// A fingerprint of how the structures a shared heap keeps in its file are laid out here:
+/// sizes and field offsets of the arena and of what it holds ([`Arena::LAYOUT`]; the types
+/// are not `repr(C)`, so two builds may order fields differently), of the page descriptors,
+/// chunk headers and the lock, and the link encoding. A heap written by a build with another
+/// fingerprint is refused.
+pub const LAYOUT_HASH: u64 = {
+    use core::mem::size_of;
+    let arena = ShmArena::LAYOUT;
+    let rest = [
+        size_of::<PageDesc>(),
+        size_of::<ChunkHeader>(),
+        size_of::<RobustLock>(),
+        cfg!(feature = "unhardened") as usize,
+    ];
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut i = 0;
+    while i < arena.len() + rest.len() {
+        let part = if i < arena.len() {
+            arena[i]
+        } else {
+            rest[i - arena.len()]
+        };
+        h = (h ^ part as u64).wrapping_mul(0x0100_0000_01b3);
+        i += 1;
+    }
+    h
+};
 
 /// `state`: 0 while the file is being created (the header may be incomplete); then
 /// created; the creator's `init` is running.
@@ -53,7 +87,7 @@ pub struct ShmHeader {
     pub chunk: u64,
     pub page: u64,
     pub arena_size: u64,
-    /// `arena::LAYOUT_HASH`: field offsets of the structures in the file, and the link
+    /// [`LAYOUT_HASH`]: field offsets of the structures in the file, and the link
     /// encoding (`unhardened`).
     pub layout: u64,
     pub size: u64,
@@ -104,7 +138,7 @@ impl Plan {
         let used_off = (core::mem::size_of::<ShmHeader>() as u64).next_multiple_of(64);
         let heads_off = used_off + words * 8;
         let arenas_off = (heads_off + words * 8).next_multiple_of(PAGE as u64);
-        let arena_bytes = core::mem::size_of::<Arena>() as u64 * narenas as u64;
+        let arena_bytes = core::mem::size_of::<ShmArena>() as u64 * narenas as u64;
         let meta = (arenas_off + arena_bytes).next_multiple_of(CHUNK as u64);
         if meta >= size {
             return None;
@@ -120,7 +154,7 @@ impl Plan {
     }
 }
 
-const _: () = assert!(core::mem::align_of::<Arena>() <= PAGE);
+const _: () = assert!(core::mem::align_of::<ShmArena>() <= PAGE);
 const _: () = assert!(core::mem::size_of::<ShmHeader>() <= PAGE);
 
 #[cfg(test)]
@@ -132,7 +166,7 @@ mod tests {
         let p = Plan::new(64 << 20, 2).unwrap();
         assert_eq!(p.meta, CHUNK as u64);
         assert_eq!(p.meta + p.nchunks * CHUNK as u64, p.size);
-        assert!(p.arenas_off + 2 * core::mem::size_of::<Arena>() as u64 <= p.meta);
+        assert!(p.arenas_off + 2 * core::mem::size_of::<ShmArena>() as u64 <= p.meta);
         // Too small: the meta chunk alone.
         assert!(Plan::new(CHUNK as u64, 2).is_none());
         // Not a multiple of CHUNK: rounded down.

@@ -35,8 +35,6 @@ use core::ffi::CStr;
 use core::ptr::NonNull;
 use core::sync::atomic::Ordering;
 
-use crate::front::Backend;
-
 use crate::arena::ArenaStats;
 use layout::FLAG_FIXED;
 pub use layout::{MAX_ARENAS, MAX_SIZE, SHM_VERSION};
@@ -434,10 +432,15 @@ impl SharedHeap {
     /// Takes arena `i`'s lock and never releases it, after leaving damage of kind `damage`
     /// (0 none, 1 a half-done small allocation, 2 a half-done page-run update): for tests of
     /// a lock holder's death.
+    #[cfg(feature = "test-hooks")]
+    #[cfg(feature = "test-hooks")]
     #[doc(hidden)]
     pub fn hold_arena_lock_for_test(&self, i: usize, damage: u8) {
+        use crate::front::Backend;
         if i < self.arenas() {
-            self.view.arena(i).acquire_and_keep(&self.view.src, damage);
+            self.view
+                .arena(i)
+                .acquire_and_damage(&self.view.src, damage);
         }
     }
 

@@ -6,13 +6,14 @@ use core::ffi::CStr;
 use core::ptr;
 use core::sync::atomic::Ordering;
 
-use super::layout::{Plan, ShmHeader, FLAG_FIXED, SHM_MAGIC, STATE_INIT, STATE_READY};
+use super::layout::{
+    self, Plan, ShmArena, ShmHeader, FLAG_FIXED, SHM_MAGIC, STATE_INIT, STATE_READY,
+};
 use super::view::View;
 use super::{
     sys, Fixed, Mode, Options, SharedHeap, ShmError, ShmErrorKind, MAX_ARENAS, MAX_SIZE, PATH_MAX,
     SHM_VERSION, WAIT_READY_US,
 };
-use crate::arena::Arena;
 use crate::size_class::{CHUNK, PAGE};
 
 impl SharedHeap {
@@ -250,7 +251,7 @@ impl SharedHeap {
         };
         sys::set_size(fd, plan.size).map_err(|e| ShmError::os("ftruncate", e))?;
         let base = map(fd, plan.size as usize, true, at)?;
-        let used = (plan.arenas_off as usize + narenas as usize * size_of::<Arena>())
+        let used = (plan.arenas_off as usize + narenas as usize * size_of::<ShmArena>())
             .next_multiple_of(PAGE);
         if !sys::populate(base as *mut u8, used) {
             sys::unmap(base as *mut u8, plan.size as usize);
@@ -263,8 +264,8 @@ impl SharedHeap {
             (*h).creator.store(sys::pid(), Ordering::Relaxed);
             (*h).chunk = CHUNK as u64;
             (*h).page = PAGE as u64;
-            (*h).arena_size = core::mem::size_of::<Arena>() as u64;
-            (*h).layout = crate::arena::LAYOUT_HASH;
+            (*h).arena_size = core::mem::size_of::<ShmArena>() as u64;
+            (*h).layout = layout::LAYOUT_HASH;
             (*h).size = plan.size;
             (*h).meta = plan.meta;
             (*h).nchunks = plan.nchunks;
@@ -279,9 +280,9 @@ impl SharedHeap {
             }
             let mut ok = crate::lock::RobustLock::init_in_place(ptr::addr_of_mut!((*h).chunk_lock));
             for i in 0..narenas {
-                let slot = (base + plan.arenas_off as usize + i as usize * size_of::<Arena>())
-                    as *mut Arena;
-                ok &= Arena::init_shared(slot, i);
+                let slot = (base + plan.arenas_off as usize + i as usize * size_of::<ShmArena>())
+                    as *mut ShmArena;
+                ok &= ShmArena::init_in_place(slot, i, false);
             }
             if !ok {
                 sys::unmap(base as *mut u8, plan.size as usize);
@@ -367,8 +368,8 @@ impl SharedHeap {
         };
         if h.chunk != CHUNK as u64
             || h.page != PAGE as u64
-            || h.arena_size != core::mem::size_of::<Arena>() as u64
-            || h.layout != crate::arena::LAYOUT_HASH
+            || h.arena_size != core::mem::size_of::<ShmArena>() as u64
+            || h.layout != layout::LAYOUT_HASH
         {
             return Err(ShmError::new(
                 ShmErrorKind::Incompatible,

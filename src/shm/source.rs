@@ -197,6 +197,7 @@ impl ShmSource {
 // Nothing here allocates or panics.
 unsafe impl PageSource for ShmSource {
     const SHARED: bool = true;
+    type Lock = crate::lock::RobustLock;
 
     #[inline]
     fn base(&self) -> usize {

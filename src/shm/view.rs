@@ -7,9 +7,9 @@
 use core::alloc::Layout;
 use core::ptr::{self, NonNull};
 
-use super::layout::ShmHeader;
+use super::layout::{ShmArena, ShmHeader};
 use super::{ShmPtr, ShmSource, ShmStats};
-use crate::arena::{lookup, Arena, ORPHAN};
+use crate::arena::{lookup, ORPHAN};
 use crate::chunk::{ChunkHeader, CHUNK_HUGE, MAGIC};
 use crate::front::{self, Backend, HugeCounters};
 
@@ -33,13 +33,13 @@ impl Backend for View {
     fn arena_count(&self) -> usize {
         self.src.narenas
     }
-    fn arena(&self, i: usize) -> &Arena {
+    fn arena(&self, i: usize) -> &ShmArena {
         assert!(i < self.src.narenas);
         // SAFETY: arena `i < narenas` lies in the table of the mapped meta area (layout
         // invariant), initialised by the creator.
         unsafe {
-            &*((self.src.base + self.src.arenas_off + i * core::mem::size_of::<Arena>())
-                as *const Arena)
+            &*((self.src.base + self.src.arenas_off + i * core::mem::size_of::<ShmArena>())
+                as *const ShmArena)
         }
     }
     fn current_arena(&self) -> usize {
@@ -98,7 +98,7 @@ impl View {
         self.src.header()
     }
 
-    pub(super) fn arenas(&self) -> impl Iterator<Item = &Arena> {
+    pub(super) fn arenas(&self) -> impl Iterator<Item = &ShmArena> {
         (0..self.src.narenas).map(move |i| self.arena(i))
     }
 

@@ -1,12 +1,20 @@
 //! Where an engine's memory comes from: the seam between the arena engine and the OS.
 //!
 //! The arenas ask a [`PageSource`] for whole chunks and give them back; they never call the
-//! OS themselves. [`OsSource`] maps anonymous memory; a heap in a shared file mapping will be
-//! another implementation of the same trait.
+//! OS themselves, and they learn whether an address is one of their chunks only through
+//! [`PageSource::owns_chunk`]. The source also chooses the lock its arenas take
+//! ([`PageSource::Lock`]).
+//!
+//! - [`OsSource`] (`os.rs`): anonymous private memory, recorded in the process-wide chunk
+//!   [`registry`];
+//! - `ShmSource` (`shm/source.rs`): chunks of a shared file, which several processes map.
+//!
+//! This module imports nothing of the engine: it sits below it.
 
-use crate::chunk::REGISTRY;
-use crate::os;
-use crate::size_class::CHUNK;
+mod os;
+pub mod registry;
+
+pub use os::OsSource;
 
 /// A provider of chunks.
 ///
@@ -29,10 +37,17 @@ pub unsafe trait PageSource: Sync {
         0
     }
 
-    /// Whether several processes share the memory: arenas then lock with their
-    /// process-shared robust lock (`Arena::init_shared`) instead of the private futex lock,
-    /// and recover an arena whose lock holder died.
+    /// Whether several processes share the memory, so that a process may die in the middle
+    /// of an update of it: the page heap then marks its updates (`PageHeap::enter`) for the
+    /// recovery of an arena whose lock holder died. Equals `Lock::ROBUST` (checked where
+    /// arenas are built).
     const SHARED: bool = false;
+
+    /// The lock of the arenas built on this source (`arena::ArenaLock` is implemented for
+    /// it; the bound is stated there, so that this seam imports nothing of the engine): the
+    /// private futex lock for memory of one process, a process-shared robust lock for memory
+    /// several processes share.
+    type Lock;
 
     /// Calls `f` with every chunk of this source that may belong to an arena (a superset
     /// is fine), for the recovery of an arena whose own chunk list may be damaged. Sources
@@ -106,78 +121,5 @@ pub unsafe trait PageSource: Sync {
         _align: usize,
     ) -> *mut u8 {
         core::ptr::null_mut()
-    }
-}
-
-/// Anonymous private memory from `mmap`, recorded in the process-wide chunk registry.
-pub struct OsSource;
-
-// SAFETY: `os::map_aligned` returns zeroed, aligned, private memory; the registry bit is set
-// before the chunk is returned and cleared before it is unmapped; nothing here allocates.
-unsafe impl PageSource for OsSource {
-    fn map_chunk(&self) -> *mut u8 {
-        let p = os::map_aligned(CHUNK, CHUNK);
-        if !p.is_null() && !REGISTRY.insert(p as usize) {
-            os::unmap(p, CHUNK);
-            return core::ptr::null_mut();
-        }
-        p
-    }
-
-    unsafe fn unmap_chunk(&self, chunk: *mut u8) {
-        REGISTRY.remove(chunk as usize);
-        os::unmap(chunk, CHUNK);
-    }
-
-    unsafe fn purge(&self, p: *mut u8, len: usize) -> bool {
-        os::purge(p, len)
-    }
-
-    #[inline]
-    fn owns_chunk(&self, chunk: usize) -> bool {
-        REGISTRY.contains(chunk)
-    }
-
-    fn map_span(&self, len: usize, align: usize) -> (*mut u8, usize) {
-        (os::map_aligned(len, align), len)
-    }
-
-    unsafe fn publish_span(&self, head: *mut u8) -> bool {
-        REGISTRY.insert(head as usize)
-    }
-
-    unsafe fn unpublish_span(&self, head: *mut u8) {
-        REGISTRY.remove(head as usize);
-    }
-
-    unsafe fn unmap_span(&self, span: *mut u8, len: usize) {
-        os::unmap(span, len);
-    }
-
-    unsafe fn resize_span(&self, span: *mut u8, len: usize, new_len: usize) -> bool {
-        os::remap_in_place(span, len, new_len)
-    }
-
-    unsafe fn move_span(
-        &self,
-        head: *mut u8,
-        span: *mut u8,
-        len: usize,
-        new_len: usize,
-        align: usize,
-    ) -> *mut u8 {
-        let target = os::reserve_aligned(new_len, align);
-        if target.is_null() {
-            return target;
-        }
-        // Every chunk of the new span must be recordable, so that its head can be published.
-        if !REGISTRY.covers(target as usize + new_len - 1)
-            || !os::move_mapping(span, len, new_len, target)
-        {
-            os::unmap(target, new_len);
-            return core::ptr::null_mut();
-        }
-        REGISTRY.remove(head as usize);
-        target
     }
 }

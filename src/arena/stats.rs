@@ -1,0 +1,62 @@
+//! An arena's counters: [`LargeCounters`] (kept under its lock) and the snapshot
+//! [`ArenaStats`] that `Arena::stats` returns.
+
+use crate::large::PageCounters;
+use crate::size_class::{class_size, NUM_CLASSES};
+use crate::small::ClassCounters;
+
+/// Counters of large blocks (guarded by the arena lock).
+#[derive(Clone, Copy, Default, Debug)]
+pub struct LargeCounters {
+    pub allocs: u64,
+    pub frees: u64,
+    /// Bytes of large runs in use (whole pages).
+    pub in_use: usize,
+}
+
+/// A snapshot of one arena's counters.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ArenaStats {
+    pub index: usize,
+    pub classes: [ClassCounters; NUM_CLASSES],
+    pub large: LargeCounters,
+    pub pages: PageCounters,
+    /// Free pages known to hold data (not yet purged).
+    pub dirty_bytes: usize,
+    /// Frees that came back through the pending stack: every free from a CPU of another
+    /// arena, and local ones that found the lock held (counted when drained).
+    pub remote_frees: u64,
+    /// Times a thread found this arena's lock held.
+    pub contentions: u64,
+    /// Shared heaps: times this arena's lock was taken over from a dead process, and chunks
+    /// it gave up because that process left them half-updated.
+    pub recoveries: u64,
+    /// Of those, the take-overs after which the arena was repaired in place (the others
+    /// orphaned its chunks).
+    pub repairs: u64,
+    pub orphaned_chunks: u64,
+    /// Free blocks of each class sitting in the class lists of this arena's CPUs' caches,
+    /// and this arena's blocks in any CPU's outbox (counted in use by their runs, so
+    /// `classes` counts them as allocated).
+    pub cached: [u64; NUM_CLASSES],
+    /// Blocks handed out and taken back by the lock-free rseq fast path on this arena's
+    /// CPUs.
+    pub fast_allocs: u64,
+    pub fast_frees: u64,
+}
+
+impl ArenaStats {
+    /// Bytes of small blocks of class `c` in use.
+    pub fn class_in_use(&self, c: usize) -> usize {
+        let k = &self.classes[c];
+        // The caches are read without their CPUs' cooperation: clamp a racy snapshot.
+        (k.allocs - k.frees).saturating_sub(self.cached[c]) as usize * class_size(c)
+    }
+    /// Bytes of blocks in use, small and large.
+    pub fn in_use(&self) -> usize {
+        (0..NUM_CLASSES)
+            .map(|c| self.class_in_use(c))
+            .sum::<usize>()
+            + self.large.in_use
+    }
+}

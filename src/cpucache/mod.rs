@@ -1,0 +1,421 @@
+//! Per-CPU caches of free small blocks, used without locks or atomic instructions through
+//! Linux restartable sequences (rseq).
+//!
+//! Each possible CPU id has a [`CpuCache`]: for every size class, a singly linked list of
+//! free blocks that belong to the arena of that CPU. Only threads running on that CPU touch
+//! it, and only inside an rseq critical section: a few instructions that read the CPU id from
+//! the thread's rseq area, index the cache, and end in one store (the commit). If the kernel
+//! preempts, migrates or signals the thread before the commit, it moves the thread to the
+//! section's abort handler, which starts it over; so no two threads ever interleave inside a
+//! section on one CPU, and a section that has run to its commit was never interrupted. This
+//! is McKenney and Slingwine's per-CPU free list with the kernel's restart standing in for
+//! disabled interrupts.
+//!
+//! A list head packs the first block's address (low 48 bits) and the list's length (high 16
+//! bits), and each block's first word holds the packed head of the rest of the list, encoded
+//! with the arena's secret and the block's address ([`encode_link`]). A pop is therefore
+//! "load head, load and decode its link, check that the link's count is one less than the
+//! head's, store the link as the new head"; the count costs nothing and doubles as the
+//! check that the link was not overwritten. An empty list is the word 0. Heads and links
+//! hold plain addresses: the caches serve only the process heap, whose page source has base
+//! 0, where the engine's base-relative links (`chunk::Rel`) are plain addresses too. A heap
+//! with another base must not use them (nor [`Chain`], nor the outbox's batches).
+//!
+//! Each cache also has an **outbox** ([`OUTBOX`]): small blocks of *other* arenas freed on
+//! this CPU, of any class. They are never handed out from there; a full outbox is sent, each
+//! owner getting its blocks back with one push onto its pending stack.
+//!
+//! Invariants:
+//! - a block on a class list of cache `c` belongs to arena `caches[c].arena` (the arena the
+//!   CPU map gives CPU `c`); a block in the outbox is of any arena (usually another: a
+//!   thread that migrates between its two sections can put its own arena's block there,
+//!   which is harmless, since sending routes each block by its header); either way it is
+//!   free, marked, and counted as in use by its run (the run only learns of it again when
+//!   the block is flushed or sent back);
+//! - the lists of `c` are written only inside the critical sections below, by threads on
+//!   CPU `c` (a forked child inherits them as a consistent snapshot: a commit is one store);
+//! - a class list never holds more than [`limit`] blocks of its class, the outbox no more
+//!   than [`OUTBOX_LIMIT`] blocks of 512 bytes or less, so counts fit 16 bits.
+//!
+//! The locked path (the arena's bins) remains the way in whenever rseq is unavailable, and
+//! refills and flushes the caches. The sections are x86_64 assembly; elsewhere
+//! [`Caches::AVAILABLE`] is false and the operations are never called. A port needs the
+//! same five sections for its ISA, and its `RSEQ_SIG` placed before each abort handler as
+//! the kernel's selftests (`tools/testing/selftests/rseq/rseq-*.h`) show.
+
+use core::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering};
+
+use crate::chunk::{decode_link, Block};
+use crate::size_class::{class_of as class_of_size, class_size, NUM_CLASSES};
+
+mod chain;
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+mod sections;
+#[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
+#[path = "sections_none.rs"]
+mod sections;
+
+pub use chain::{for_each_block, return_chain, take_batch};
+
+const PTR_BITS: u32 = 48;
+/// The address bits of a packed head or link.
+pub const PTR_MASK: usize = (1 << PTR_BITS) - 1;
+
+/// log2 of the distance between two CPUs' caches.
+const STRIDE_SHIFT: usize = 7;
+
+/// One CPU's cache, on cache lines of its own.
+///
+/// The fields are atomics only so that statistics read on another CPU get whole values; the
+/// critical sections read and write them with plain loads and stores (aligned 8-byte
+/// accesses, single-copy atomic on x86_64), so the fast path executes no atomic instruction.
+#[repr(C, align(128))]
+pub struct CpuCache {
+    /// Packed list heads, one per size class, then the outbox ([`OUTBOX`]).
+    heads: [AtomicUsize; NUM_CLASSES + 1],
+    /// Blocks popped by the fast path (statistics; may count a restarted pop twice).
+    fast_allocs: AtomicU64,
+    /// Blocks pushed by the fast path, outbox pushes included (statistics; as above).
+    fast_frees: AtomicU64,
+    /// The arena that every block in this cache belongs to. Written once at initialisation.
+    arena: AtomicU32,
+    /// The most blocks each list holds: [`limit`] of its class, then [`OUTBOX_LIMIT`].
+    /// Written once at initialisation; a push compares with it in memory.
+    limits: [AtomicU8; NUM_CLASSES + 1],
+    /// That arena's secret for links ([`encode_link`]). Written once at initialisation.
+    key: AtomicUsize,
+}
+
+const OFF_ALLOCS: usize = core::mem::offset_of!(CpuCache, fast_allocs);
+const OFF_FREES: usize = core::mem::offset_of!(CpuCache, fast_frees);
+const OFF_ARENA: usize = core::mem::offset_of!(CpuCache, arena);
+const OFF_KEY: usize = core::mem::offset_of!(CpuCache, key);
+const OFF_LIMITS: usize = core::mem::offset_of!(CpuCache, limits);
+const OFF_CS_BASE: usize = core::mem::offset_of!(Caches, base);
+const OFF_CS_LEN: usize = core::mem::offset_of!(Caches, len);
+const OFF_CS_RSEQ: usize = core::mem::offset_of!(Caches, rseq_off);
+const _: () = assert!(core::mem::size_of::<CpuCache>() == 1 << STRIDE_SHIFT);
+const _: () = assert!(core::mem::offset_of!(CpuCache, heads) == 0);
+const _: () = assert!(batch(0) == BATCH_MAX);
+
+/// The list index of a CPU's outbox: small blocks of other arenas freed on this CPU, of
+/// any class, on their way back to their owners. They are never handed out from here: a
+/// full outbox is sorted by owner and each owner gets its blocks with one push onto its
+/// pending stack, so a remote free costs no atomic instruction of its own.
+pub const OUTBOX: usize = NUM_CLASSES;
+
+/// How many blocks an outbox holds before it is sent.
+pub const OUTBOX_LIMIT: usize = 64;
+
+/// The largest blocks an outbox takes (where a class list holds [`OUTBOX_LIMIT`] blocks
+/// too, so an outbox holds at most 32 KiB); frees of larger blocks of other arenas take the
+/// locked path or the owner's pending stack.
+pub const OUTBOX_MAX_BLOCK: usize = 512;
+const _: () = assert!(limit(class_of_size(OUTBOX_MAX_BLOCK)) == OUTBOX_LIMIT);
+
+/// The most blocks a CPU keeps of class `class`: 128, and at most 32 KiB of the class.
+/// Per CPU that bounds the caches to 128 * (16 + ... + 256) + 5 * 32 KiB, about 222 KiB
+/// (why 128: `docs/bench-core.md`, "Notes moved out of the code").
+#[inline]
+pub const fn limit(class: usize) -> usize {
+    // 32 KiB / class_size(class), as a shift (kept in range for any `class`).
+    let shift = if class < NUM_CLASSES {
+        class
+    } else {
+        NUM_CLASSES
+    };
+    let by_bytes = (32 * 1024 / class_size(0)) >> shift;
+    if by_bytes < 128 {
+        by_bytes
+    } else {
+        128
+    }
+}
+
+/// The largest [`batch`].
+pub const BATCH_MAX: usize = 64;
+
+/// How many blocks a refill takes from the arena: half a full cache.
+#[inline]
+pub const fn batch(class: usize) -> usize {
+    limit(class) / 2
+}
+
+/// What a push did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Push {
+    /// The block is on the current CPU's list.
+    Done,
+    /// The list is at its limit; nothing changed.
+    Full,
+    /// The current CPU's cache is for another arena than the block's: it belongs in the
+    /// outbox ([`Caches::push_outbox`]); nothing changed.
+    Remote,
+    /// The thread has no CPU cache (no CPU id from rseq); nothing changed.
+    NoCache,
+}
+
+/// The table of per-CPU caches, and what the critical sections need to find it.
+///
+/// Invariant: when `enabled`, `base` points to `len` initialised caches that live for the
+/// rest of the process, and `rseq_off` is the offset from the thread pointer to every
+/// thread's rseq area, which glibc registered with the kernel.
+#[derive(Clone, Copy)]
+pub struct Caches {
+    base: *mut CpuCache,
+    len: usize,
+    rseq_off: isize,
+    pub enabled: bool,
+}
+
+impl Caches {
+    /// Whether this build has the critical sections.
+    pub const AVAILABLE: bool = cfg!(all(target_arch = "x86_64", target_os = "linux"));
+
+    /// No caches: every operation takes the locked path.
+    pub const fn disabled() -> Self {
+        Self {
+            base: core::ptr::null_mut(),
+            len: 0,
+            rseq_off: 0,
+            enabled: false,
+        }
+    }
+
+    /// Bytes of memory the table of `len` caches needs.
+    pub const fn table_bytes(len: usize) -> usize {
+        len << STRIDE_SHIFT
+    }
+
+    /// Builds the table in `mem`, one cache per item of `arena_of`: the cache of CPU `c`
+    /// holds blocks of arena `arena_of[c].0`, whose link secret is `arena_of[c].1`.
+    ///
+    /// # Safety
+    /// `mem` is zeroed, writable, 128-byte aligned memory of `table_bytes(arena_of.len())`
+    /// bytes that lives for the rest of the process and that nothing else uses; `rseq_off`
+    /// is glibc's `__rseq_offset` and glibc registered an rseq area.
+    pub unsafe fn init(
+        mem: *mut u8,
+        arena_of: impl Iterator<Item = (u32, usize)>,
+        rseq_off: isize,
+    ) -> Self {
+        let base = mem.cast::<CpuCache>();
+        let mut len = 0;
+        for (a, key) in arena_of {
+            // SAFETY: slot `len` is inside `mem` by the contract; zeroed memory is a valid
+            // CpuCache (atomics), so a shared reference to it is sound.
+            let c = unsafe { &*base.add(len) };
+            c.arena.store(a, Ordering::Relaxed);
+            c.key.store(key, Ordering::Relaxed);
+            for (list, l) in c.limits.iter().enumerate() {
+                let n = if list == OUTBOX {
+                    OUTBOX_LIMIT
+                } else {
+                    limit(list)
+                };
+                l.store(n as u8, Ordering::Relaxed);
+            }
+            len += 1;
+        }
+        Self {
+            base,
+            len,
+            rseq_off,
+            enabled: true,
+        }
+    }
+
+    /// Number of caches (possible CPU ids).
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    fn cache(&self, cpu: usize) -> &CpuCache {
+        assert!(cpu < self.len);
+        // SAFETY: `cpu < len` and by the invariant the table is live.
+        unsafe { &*self.base.add(cpu) }
+    }
+
+    /// The arena CPU `cpu`'s cache holds blocks of.
+    pub fn arena_of(&self, cpu: usize) -> usize {
+        self.cache(cpu).arena.load(Ordering::Relaxed) as usize
+    }
+
+    /// CPU `cpu`'s statistics: blocks popped and pushed by the fast path, and blocks on its
+    /// lists per class. Read while other threads run, the values are a recent snapshot.
+    pub fn counters(&self, cpu: usize) -> (u64, u64, [u64; NUM_CLASSES]) {
+        let c = self.cache(cpu);
+        let mut cached = [0; NUM_CLASSES];
+        for (n, h) in cached.iter_mut().zip(&c.heads) {
+            *n = (h.load(Ordering::Relaxed) >> PTR_BITS) as u64;
+        }
+        (
+            c.fast_allocs.load(Ordering::Relaxed),
+            c.fast_frees.load(Ordering::Relaxed),
+            cached,
+        )
+    }
+}
+
+impl Caches {
+    /// Pops a free block of class `class` from the current CPU's cache. The block's first
+    /// word still holds a link; its second is untouched. `Err` when nothing was popped
+    /// (the list is empty, or the thread has no usable CPU id); a block whose link fails its
+    /// check is reported (the process aborts).
+    ///
+    /// Callers check `enabled` first.
+    #[inline(always)]
+    pub fn pop(&self, class: usize) -> Result<*mut Block, ()> {
+        debug_assert!(self.enabled && class < NUM_CLASSES);
+        let (block, bad) = self.pop_raw(class);
+        if block == 0 {
+            if bad != 0 {
+                self.corrupt(bad as *mut Block, class);
+            }
+            return Err(());
+        }
+        Ok(block as *mut Block)
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn corrupt(&self, b: *mut Block, class: usize) -> ! {
+        let h = crate::chunk::chunk_of(b as *const u8) as *const crate::chunk::ChunkHeader;
+        // SAFETY: `b` headed a cache list, so it is a block in a mapped chunk of ours (only
+        // its link was damaged); the header's arena field never changes while mapped.
+        let arena = Some(unsafe { (*h).arena });
+        crate::diag::block_error(
+            b"coreheap: corrupted free list (a write into a freed block)",
+            b.cast(),
+            arena,
+            class_size(class),
+        )
+    }
+
+    /// The link secret of CPU `cpu`'s cache.
+    pub fn key_of(&self, cpu: usize) -> usize {
+        self.cache(cpu).key.load(Ordering::Relaxed)
+    }
+
+    /// Pushes `b`, a block of class `class` of arena `arena`, on the current CPU's cache.
+    ///
+    /// # Safety
+    /// `enabled`; `b` is a free block of that class and arena, which the caller owns and
+    /// gives up if the answer is [`Push::Done`].
+    #[inline(always)]
+    pub unsafe fn push(&self, class: usize, b: *mut Block, arena: u32) -> Push {
+        debug_assert!(self.enabled && class < NUM_CLASSES);
+        // SAFETY: by the contract.
+        match unsafe { self.push_raw(class, b as usize, arena) } {
+            0 => Push::Done,
+            2 => Push::Full,
+            3 => Push::Remote,
+            _ => Push::NoCache,
+        }
+    }
+
+    /// Pushes `b`, a free small block of another arena than the current CPU's, on the
+    /// current CPU's outbox.
+    ///
+    /// # Safety
+    /// `enabled`; `b` is a free small block, marked, which the caller owns and gives up if
+    /// the answer is [`Push::Done`].
+    #[inline(always)]
+    pub unsafe fn push_outbox(&self, b: *mut Block) -> Push {
+        // SAFETY: by the contract.
+        match unsafe { self.push_outbox_raw(b as usize) } {
+            0 => Push::Done,
+            2 => Push::Full,
+            _ => Push::NoCache,
+        }
+    }
+
+    /// Empties the current CPU's list of class `class`: returns the CPU id and the chain,
+    /// whose blocks belong to arena `arena_of(cpu)` and are now the caller's. `None` when the
+    /// list was empty or the thread has no usable CPU id.
+    pub fn take_all(&self, class: usize) -> Option<(usize, usize)> {
+        let (cpu, head) = self.take_all_raw(class);
+        (head != 0).then_some((cpu, head))
+    }
+
+    /// Makes `chain` (from [`Chain`]) CPU `cpu`'s list of class `class` if the thread runs on
+    /// `cpu` and that list is empty; otherwise the chain stays the caller's.
+    ///
+    /// # Safety
+    /// `enabled`, `cpu < len()`; `chain` holds at most `limit(class)` free blocks of class
+    /// `class` of arena `arena_of(cpu)`, which the caller gives up if this returns true.
+    pub unsafe fn install(&self, cpu: usize, class: usize, chain: usize) -> bool {
+        debug_assert!(cpu < self.len && (chain >> PTR_BITS) <= limit(class));
+        // SAFETY: by the contract.
+        unsafe { self.install_raw(cpu, class, chain) }
+    }
+
+    /// Whether `b` is on the current CPU's list of class `class`.
+    pub fn contains(&self, class: usize, b: *mut Block) -> bool {
+        self.enabled && self.contains_raw(class, b as usize, limit(class) + 1)
+    }
+
+    /// Whether `b` seems to be on any CPU's list of class `class` or outbox, looked for
+    /// without those CPUs' cooperation: their lists may change under the walk, so every link
+    /// is read as one machine word and followed only if `is_block(link, list)` says it is a
+    /// free-able small block fit for that list (of `class` for a class list, of any class
+    /// for an outbox), which keeps the walk inside mapped memory; at most a list's limit + 1
+    /// links per CPU. Used only to confirm a suspected double free, where `b` carries the
+    /// free mark and is on no list of the current CPU or its arena: a hit means some CPU
+    /// held `b` as free during the walk.
+    #[cold]
+    pub fn seen_anywhere(
+        &self,
+        class: usize,
+        b: *mut Block,
+        is_block: impl Fn(usize, usize) -> bool,
+    ) -> bool {
+        let mut seen = false;
+        for list in [class, OUTBOX] {
+            for cpu in 0..self.len {
+                self.walk(
+                    cpu,
+                    list,
+                    |p| {
+                        seen |= p == b as usize;
+                        !seen
+                    },
+                    &is_block,
+                );
+            }
+        }
+        seen
+    }
+
+    /// Calls `f` on each block of CPU `cpu`'s list `list` (a class or [`OUTBOX`]), walked
+    /// without that CPU's cooperation as [`Caches::seen_anywhere`] explains, while `f`
+    /// returns true. Exact only while no thread runs on `cpu`.
+    pub fn walk(
+        &self,
+        cpu: usize,
+        list: usize,
+        mut f: impl FnMut(usize) -> bool,
+        is_block: &impl Fn(usize, usize) -> bool,
+    ) {
+        if !self.enabled {
+            return;
+        }
+        let max = if list == OUTBOX {
+            OUTBOX_LIMIT
+        } else {
+            limit(list)
+        };
+        let mut h = self.cache(cpu).heads[list].load(Ordering::Relaxed);
+        let key = self.key_of(cpu);
+        for _ in 0..=max {
+            let p = h & PTR_MASK;
+            if p == 0 || !is_block(p, list) || !f(p) {
+                return;
+            }
+            // SAFETY: `is_block` vouched that `p` is a block in a mapped chunk of ours; its
+            // first word is read as one volatile word and only used as a candidate.
+            let raw = unsafe { core::ptr::read_volatile(p as *const usize) };
+            h = decode_link(raw, p, key);
+        }
+    }
+}

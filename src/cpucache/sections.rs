@@ -1,0 +1,382 @@
+//! The critical sections. Each is one `asm!` block laid out as the kernel requires:
+//! a `struct rseq_cs` descriptor (version 0, flags 0, start, length up to and excluding
+//! the instruction after the commit, abort address) in section `__rseq_cs`; the section
+//! proper, entered by storing the descriptor's address in the thread's `rseq->rseq_cs`;
+//! and an abort handler in `__rseq_failure`, preceded by the 4-byte signature glibc
+//! registered (`RSEQ_SIG`, encoded as the operand of a `ud1` so a disassembler stays in
+//! step), which jumps back to re-arm the descriptor (the kernel clears `rseq_cs` when it
+//! aborts) and start over. The commit, where there is one, is the last instruction
+//! before the end label. Labels are numeric (they may be duplicated by inlining) and
+//! avoid digits 0 and 1 only, which Intel syntax could read as binary.
+//!
+//! Registers given as `out` are not shared with inputs, so the sections may write them
+//! before reading every input; no section writes an input.
+//!
+//! `struct rseq` layout (uapi `linux/rseq.h`): `cpu_id_start` at 0, `cpu_id` at 4,
+//! `rseq_cs` at 8. An unregistered thread reads a negative `cpu_id`, which compares as a
+//! huge unsigned number and takes the way out.
+
+use super::{
+    Caches, OFF_ALLOCS, OFF_ARENA, OFF_CS_BASE, OFF_CS_LEN, OFF_CS_RSEQ, OFF_FREES, OFF_KEY,
+    OFF_LIMITS, OUTBOX, PTR_BITS, STRIDE_SHIFT,
+};
+use core::arch::asm;
+
+/// glibc's `RSEQ_SIG` for x86.
+const RSEQ_SIG: u32 = 0x5305_3053;
+
+/// Loads the CPU id into `{c}` (from the rseq area, whose offset `{t}` holds) and makes
+/// `{c}` point to that CPU's cache, or leaves the section (to label 75, or to `$exit`)
+/// when the id is not below the table's length. `{t}` is free afterwards.
+macro_rules! current_cache {
+    () => {
+        current_cache!("75f")
+    };
+    ($exit:literal) => {
+        concat!(
+            "mov {c:e}, dword ptr fs:[{t} + 4]\n",
+            "cmp {c}, qword ptr [{cs} + {cs_len}]\n",
+            "jae ",
+            $exit,
+            "\n",
+            "shl {c}, {shift}\n",
+            "add {c}, qword ptr [{cs} + {cs_base}]\n",
+        )
+    };
+}
+
+/// Instructions of the link encoding (see `chunk::encode_link`); in a build with the
+/// `unhardened` feature they become a comment, which still names their operands.
+#[cfg(not(feature = "unhardened"))]
+macro_rules! hardened {
+    ($($line:expr),* $(,)?) => {
+        concat!($($line, "\n"),*)
+    };
+}
+#[cfg(feature = "unhardened")]
+macro_rules! hardened {
+    ($($line:expr),* $(,)?) => {
+        concat!("/* ", $($line, "; ",)* "*/\n")
+    };
+}
+
+macro_rules! rseq_section {
+    ($($body:expr,)*) => {
+        concat!(
+            ".pushsection __rseq_cs, \"aw\"\n",
+            ".balign 32\n",
+            "72:\n",
+            ".long 0, 0\n",
+            ".quad 74f, 75f - 74f, 76f\n",
+            ".popsection\n",
+            "73:\n",
+            "mov {t}, qword ptr [{cs} + {cs_rseq}]\n",
+            "lea {c}, [rip + 72b]\n",
+            "mov qword ptr fs:[{t} + 8], {c}\n",
+            "74:\n",
+            $($body, "\n",)*
+            "75:\n",
+            ".pushsection __rseq_failure, \"ax\"\n",
+            ".byte 0x0f, 0xb9, 0x3d\n",
+            ".long {sig}\n",
+            "76:\n",
+            "jmp 73b\n",
+            ".popsection\n",
+        )
+    };
+}
+
+/// The push section (see `Caches::push_raw`): `$check` holds the instructions that
+/// compare the cache's arena with the block's and jump to `{remote}` when they differ
+/// (none for the outbox). The section leaves by a jump to the answer, so that, inlined,
+/// no status is computed and tested.
+macro_rules! push_section {
+    ($self:ident, $class:expr, $b:expr, $arena:expr, [$($check:expr,)*]) => {{
+        // SAFETY: as in `pop_raw`; the section also writes the first word of `b`, which
+        // the caller owns, before the commit publishes it (a section restarted and then
+        // left by a way out leaves that word written, and `b` still the caller's).
+        unsafe {
+            asm!(
+                rseq_section!(
+                    current_cache!("{foreign}"),
+                    $($check,)*
+                    "mov {h}, qword ptr [{c} + {cls} * 8]",
+                    "mov {t}, {h}",
+                    "shr {t}, 48",
+                    "cmp {t:l}, byte ptr [{c} + {cls} + {limits}]",
+                    "jae {full}",
+                    "add {t}, 1",
+                    "shl {t}, 48",
+                    "or {t}, {b}",
+                    hardened!(
+                        "bswap {h}",
+                        "xor {h}, qword ptr [{c} + {key}]",
+                        "xor {h}, {b}",
+                    ),
+                    "mov qword ptr [{b}], {h}",
+                    "add qword ptr [{c} + {frees}], 1",
+                    "mov qword ptr [{c} + {cls} * 8], {t}",
+                ),
+                cs = in(reg) $self as *const Caches,
+                cs_rseq = const OFF_CS_RSEQ,
+                cs_len = const OFF_CS_LEN,
+                cs_base = const OFF_CS_BASE,
+                cls = in(reg) $class,
+                b = in(reg) $b,
+                arena = in(reg) $arena,
+                limits = const OFF_LIMITS,
+                h = out(reg) _,
+                c = out(reg) _,
+                t = out(reg) _,
+                shift = const STRIDE_SHIFT,
+                arena_off = const OFF_ARENA,
+                frees = const OFF_FREES,
+                key = const OFF_KEY,
+                sig = const RSEQ_SIG,
+                foreign = label { return 1 },
+                full = label { return 2 },
+                remote = label { return 3 },
+                options(nostack),
+            );
+        }
+        0
+    }};
+}
+
+impl Caches {
+    /// Pops a block of class `class` from the current CPU's cache. Returns the block
+    /// popped, or 0 and then the block at the list's head if its link failed its check
+    /// (nothing was popped), or 0 and 0 if the list was empty or the thread has no
+    /// usable CPU id.
+    #[inline(always)]
+    pub(super) fn pop_raw(&self, class: usize) -> (usize, usize) {
+        let block: usize;
+        let bad: usize;
+        // SAFETY: by the `Caches` invariant (callers check `enabled`) the table and the
+        // rseq area exist; the section touches only the current CPU's cache (index
+        // checked against `len`) and the first word of the block at its head, which is
+        // free and on that list while the section runs (see the module invariants).
+        unsafe {
+            asm!(
+                rseq_section!(
+                    "xor {h:e}, {h:e}",
+                    "xor {b:e}, {b:e}",
+                    current_cache!(),
+                    "mov {h}, qword ptr [{c} + {cls} * 8]",
+                    "test {h}, {h}",
+                    "jz 75f",
+                    // b = the block, t = its decoded link
+                    "mov {b}, {h}",
+                    "and {b}, {mask}",
+                    "mov {t}, qword ptr [{b}]",
+                    // decode; the link's count must be the head's minus one, else the
+                    // section leaves through 77 with no block
+                    hardened!(
+                        "xor {t}, qword ptr [{c} + {key}]",
+                        "xor {t}, {b}",
+                        "bswap {t}",
+                        "sub {h}, {one}",
+                        "xor {h}, {t}",
+                        "shr {h}, 48",
+                        "jnz 77f",
+                    ),
+                    "add qword ptr [{c} + {allocs}], 1",
+                    "mov qword ptr [{c} + {cls} * 8], {t}",
+                ),
+                // Out of line, beside the abort handlers: a bad link. The block goes
+                // back in `{h}`, none in `{b}`.
+                ".pushsection __rseq_failure, \"ax\"",
+                "77:",
+                "mov {h}, {b}",
+                "xor {b:e}, {b:e}",
+                "jmp 75b",
+                ".popsection",
+                cs = in(reg) self as *const Caches,
+                cs_rseq = const OFF_CS_RSEQ,
+                cs_len = const OFF_CS_LEN,
+                cs_base = const OFF_CS_BASE,
+                cls = in(reg) class,
+                one = in(reg) 1usize << PTR_BITS,
+                mask = in(reg) super::PTR_MASK,
+                h = out(reg) bad,
+                b = out(reg) block,
+                c = out(reg) _,
+                t = out(reg) _,
+                shift = const STRIDE_SHIFT,
+                allocs = const OFF_ALLOCS,
+                key = const OFF_KEY,
+                sig = const RSEQ_SIG,
+                options(nostack),
+            );
+        }
+        (block, bad)
+    }
+
+    /// Pushes block `b` of arena `arena` on the current CPU's list `class` if that cache
+    /// is for `arena` and the list holds fewer blocks than its limit. Returns 0 (done),
+    /// 1 (no usable CPU id), 2 (full) or 3 (the cache is another arena's).
+    ///
+    /// # Safety
+    /// `b` is a free block of class `class` of arena `arena` that the caller owns.
+    #[inline(always)]
+    pub(super) unsafe fn push_raw(&self, class: usize, b: usize, arena: u32) -> u32 {
+        push_section!(
+            self,
+            class,
+            b,
+            arena,
+            [
+                "cmp dword ptr [{c} + {arena_off}], {arena:e}",
+                "jne {remote}",
+            ]
+        )
+    }
+
+    /// Pushes `b` on the current CPU's outbox, which takes blocks of any arena. Returns
+    /// as `push_raw` (never 3).
+    ///
+    /// # Safety
+    /// `b` is a free small block of at most `OUTBOX_MAX_BLOCK` bytes that the caller
+    /// owns.
+    #[inline(always)]
+    pub(super) unsafe fn push_outbox_raw(&self, b: usize) -> u32 {
+        // No arena check: `{arena}`, `{arena_off}` and `{remote}` are named in a comment
+        // only.
+        push_section!(
+            self,
+            OUTBOX,
+            b,
+            0u32,
+            ["/* {arena:e} {arena_off} {remote} */",]
+        )
+    }
+
+    /// Empties the current CPU's list of class `class`. Returns the CPU id read and the
+    /// packed chain taken (0 if none, or if the id is out of range).
+    #[inline]
+    pub(super) fn take_all_raw(&self, class: usize) -> (usize, usize) {
+        let head: usize;
+        let cpu: usize;
+        // SAFETY: as in `pop_raw`; the commit stores 0, after which the chain is ours.
+        unsafe {
+            asm!(
+                rseq_section!(
+                    "xor {h:e}, {h:e}",
+                    "mov {cpu:e}, dword ptr fs:[{t} + 4]",
+                    current_cache!(),
+                    "mov {h}, qword ptr [{c} + {cls} * 8]",
+                    "mov qword ptr [{c} + {cls} * 8], 0",
+                ),
+                cs = in(reg) self as *const Caches,
+                cs_rseq = const OFF_CS_RSEQ,
+                cs_len = const OFF_CS_LEN,
+                cs_base = const OFF_CS_BASE,
+                cls = in(reg) class,
+                h = out(reg) head,
+                cpu = out(reg) cpu,
+                c = out(reg) _,
+                t = out(reg) _,
+                shift = const STRIDE_SHIFT,
+                sig = const RSEQ_SIG,
+                options(nostack),
+            );
+        }
+        (cpu, head)
+    }
+
+    /// Makes `chain` the list of class `class` if the thread runs on CPU `cpu` and that
+    /// list is empty. Returns whether it did.
+    ///
+    /// # Safety
+    /// `cpu < len`; `chain` is a packed chain of at most `limit(class)` free blocks of
+    /// class `class` of arena `arena_of(cpu)`, owned by the caller.
+    #[inline]
+    pub(super) unsafe fn install_raw(&self, cpu: usize, class: usize, chain: usize) -> bool {
+        let status: u32;
+        // SAFETY: as in `pop_raw`; `cpu < len` by the contract.
+        unsafe {
+            asm!(
+                rseq_section!(
+                    "mov {st:e}, 1",
+                    "mov {c:e}, dword ptr fs:[{t} + 4]",
+                    "cmp {c}, {want}",
+                    "jne 75f",
+                    "shl {c}, {shift}",
+                    "add {c}, qword ptr [{cs} + {cs_base}]",
+                    "cmp qword ptr [{c} + {cls} * 8], 0",
+                    "jne 75f",
+                    "xor {st:e}, {st:e}",
+                    "mov qword ptr [{c} + {cls} * 8], {chain}",
+                ),
+                cs = in(reg) self as *const Caches,
+                cs_rseq = const OFF_CS_RSEQ,
+                cs_base = const OFF_CS_BASE,
+                want = in(reg) cpu,
+                cls = in(reg) class,
+                chain = in(reg) chain,
+                st = out(reg) status,
+                c = out(reg) _,
+                t = out(reg) _,
+                shift = const STRIDE_SHIFT,
+                sig = const RSEQ_SIG,
+                options(nostack),
+            );
+        }
+        status == 0
+    }
+
+    /// Whether block `b` is on the current CPU's list of class `class`. Looks at no more
+    /// than `max` blocks.
+    #[inline(never)]
+    pub(super) fn contains_raw(&self, class: usize, b: usize, max: usize) -> bool {
+        let found: u32;
+        // SAFETY: as in `pop_raw`; the walk only reads links of blocks on the list,
+        // and any interruption restarts it from the head.
+        unsafe {
+            asm!(
+                rseq_section!(
+                    "xor {st:e}, {st:e}",
+                    "mov {k}, {max}",
+                    current_cache!(),
+                    "mov {h}, qword ptr [{c} + {cls} * 8]",
+                    "77:",
+                    "shl {h}, 16",
+                    "shr {h}, 16",
+                    "test {h}, {h}",
+                    "jz 75f",
+                    "cmp {h}, {b}",
+                    "je 78f",
+                    "sub {k}, 1",
+                    "jz 75f",
+                    "mov {t}, qword ptr [{h}]",
+                    hardened!(
+                        "xor {t}, qword ptr [{c} + {key}]",
+                        "xor {t}, {h}",
+                        "bswap {t}",
+                    ),
+                    "mov {h}, {t}",
+                    "jmp 77b",
+                    "78:",
+                    "mov {st:e}, 1",
+                ),
+                cs = in(reg) self as *const Caches,
+                cs_rseq = const OFF_CS_RSEQ,
+                cs_len = const OFF_CS_LEN,
+                cs_base = const OFF_CS_BASE,
+                cls = in(reg) class,
+                b = in(reg) b,
+                max = in(reg) max,
+                st = out(reg) found,
+                k = out(reg) _,
+                h = out(reg) _,
+                c = out(reg) _,
+                t = out(reg) _,
+                shift = const STRIDE_SHIFT,
+                key = const OFF_KEY,
+                sig = const RSEQ_SIG,
+                options(nostack),
+            );
+        }
+        found != 0
+    }
+}

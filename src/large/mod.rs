@@ -1,0 +1,241 @@
+//! The page heap of one arena: free page runs, best fit, coalescing, chunks to and from the
+//! page source.
+//!
+//! A free run is either *dirty* (some page may hold data and be resident) or *clean* (purged,
+//! or never touched since the chunk was mapped: reads zero, costs no memory). The two kinds are
+//! kept apart, so the heap always knows exactly which free pages are dirty: a freed run merges
+//! only with dirty neighbours, a purged run only with clean ones.
+//!
+//! Free runs of each kind are kept sorted by length in exact-length lists, one per possible
+//! length (1 ..= `USABLE_PAGES` pages), with a bitmap of the non-empty lists. Best fit is the
+//! first set bit at or above the wanted length: at most `BITMAP_WORDS` (16) word scans,
+//! however many free runs there are. Dirty runs are tried first (reusing resident pages
+//! costs no page faults); within a length the most recently freed run is used first.
+//!
+//! Purging is deferred. Freeing never calls the page source except to unmap a wholly free
+//! chunk beyond the spare. A dirty run records when it was freed (in `bump`, unused by free
+//! runs); the arena's slow paths call [`PageHeap::decay`] with the time, and every
+//! [`TICK_MS`] it purges the dirty runs nobody reused for [`DECAY_MS`]. Once the dirty pages
+//! exceed [`PageHeap::dirty_limit`] (64 MiB, or 1/8 of what the heap has mapped if more),
+//! every dirty run is purged at once. So a run freed and reallocated soon is never purged.
+//! A purge the page source refuses (an `mlock`ed process, pages other than 4 KiB) leaves the
+//! run dirty and stops further purging until an explicit trim.
+//!
+//! Invariants (checked by [`PageHeap::check`]):
+//! - a run is on list `(k, n)` iff it is free, of kind `k` (dirty or clean) and
+//!   `npages == n`; bit `n` of bitmap `k` is set iff that list is non-empty;
+//! - no two free runs of the same kind are adjacent (a freed run merges with dirty
+//!   neighbours at once, a purged one with clean neighbours);
+//! - `dirty_pages` is the sum of `npages` over the dirty free runs;
+//! - a chunk's `free_pages` is the sum of `npages` over its free runs; `free_chunks` counts
+//!   the chunks with `free_pages == USABLE_PAGES`.
+//!
+//! The lists, the chunk list and the descriptors' links are [`Rel`]s: offsets from the page
+//! source's base, which every method that follows them is given (`src.base()`, or `base`).
+//! The heap lives wherever its arena does, possibly in memory that another process maps
+//! elsewhere; the base never does.
+
+use core::ptr;
+
+use crate::chunk::{ChunkHeader, PageDesc, Rel, USABLE_PAGES};
+use crate::size_class::PAGE;
+use crate::source::PageSource;
+
+mod check;
+mod lists;
+mod purge;
+mod runs;
+#[cfg(test)]
+mod tests;
+
+const BITMAP_WORDS: usize = (USABLE_PAGES + 1).div_ceil(64);
+
+/// Dirty free pages an arena may always keep before it purges them all (64 MiB).
+pub const DIRTY_MIN_PAGES: usize = 16384;
+/// A heap that has mapped more keeps up to `mapped / DIRTY_RATIO` of it dirty.
+pub const DIRTY_RATIO: usize = 8;
+/// A dirty free run that has not been reused for this long is purged at the next tick.
+pub const DECAY_MS: u32 = 1000;
+/// How often, at most, the heap looks for dirty runs past [`DECAY_MS`].
+pub const TICK_MS: u32 = 100;
+
+const CLEAN: usize = 0;
+const DIRTY: usize = 1;
+
+/// Counters of the page heap (guarded by the arena lock).
+#[derive(Clone, Copy, Default, Debug)]
+pub struct PageCounters {
+    /// Bytes of chunks mapped from the page source now.
+    pub mapped: usize,
+    /// Chunks mapped and unmapped over the heap's life.
+    pub chunks_mapped: u64,
+    pub chunks_unmapped: u64,
+    /// Bytes returned with purge calls over the heap's life.
+    pub purged: u64,
+    /// Purge rounds (dirty limit reached, or an explicit trim).
+    pub purges: u64,
+    /// Allocated page runs now (small and large).
+    pub runs: usize,
+}
+
+/// See the module documentation.
+pub struct PageHeap {
+    /// `lists[k][n]`: free runs of kind `k` (`CLEAN` or `DIRTY`) and length `n`.
+    lists: [[Rel<PageDesc>; USABLE_PAGES + 1]; 2],
+    bitmap: [[u64; BITMAP_WORDS]; 2],
+    /// The arena's chunks, linked through their headers.
+    chunks: Rel<ChunkHeader>,
+    /// Chunks that are entirely free (kept: at most [`Self::SPARE_CHUNKS`]).
+    free_chunks: usize,
+    pub dirty_pages: usize,
+    pub counters: PageCounters,
+    /// The index written into the headers of this heap's chunks.
+    arena: u32,
+    /// The time (ms, wrapping) of the last [`Self::decay`] call, stamped on dirty runs.
+    now: u32,
+    /// When [`Self::decay`] last looked for old dirty runs.
+    last_tick: u32,
+    /// False once the page source refused a purge: purge only when asked ([`Self::trim`]).
+    purge_ok: bool,
+    /// Shared heaps: non-zero while an update of this page heap (or of page runs, see
+    /// [`PageHeap::enter`]) is under way, so that the recovery after a lock holder's death
+    /// knows whether the runs and free lists can be trusted. Never touched in the process
+    /// heap.
+    busy: u32,
+}
+
+impl PageHeap {
+    /// Wholly free chunks kept mapped to avoid mapping churn.
+    const SPARE_CHUNKS: usize = 1;
+
+    pub const fn new(arena: u32) -> Self {
+        Self {
+            lists: [[Rel::NULL; USABLE_PAGES + 1]; 2],
+            bitmap: [[0; BITMAP_WORDS]; 2],
+            chunks: Rel::NULL,
+            free_chunks: 0,
+            dirty_pages: 0,
+            counters: PageCounters {
+                mapped: 0,
+                chunks_mapped: 0,
+                chunks_unmapped: 0,
+                purged: 0,
+                purges: 0,
+                runs: 0,
+            },
+            arena,
+            now: 0,
+            last_tick: 0,
+            purge_ok: true,
+            busy: 0,
+        }
+    }
+
+    /// Marks the start of an update of page runs (shared heaps only; nests). Every public
+    /// mutator of this page heap is marked; callers that change run kinds around one (a
+    /// small run's birth and death, `small.rs`) mark the whole section.
+    #[inline(always)]
+    pub fn enter<S: PageSource>(&mut self) {
+        if S::SHARED {
+            // SAFETY: a plain field of ours; volatile so that the store is not merged or
+            // moved, and the fence keeps the update's stores after it.
+            unsafe { ptr::write_volatile(&mut self.busy, self.busy + 1) };
+            core::sync::atomic::compiler_fence(core::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    /// Marks the end of an update begun with [`PageHeap::enter`].
+    #[inline(always)]
+    pub fn leave<S: PageSource>(&mut self) {
+        if S::SHARED {
+            core::sync::atomic::compiler_fence(core::sync::atomic::Ordering::SeqCst);
+            // SAFETY: as in `enter`.
+            unsafe { ptr::write_volatile(&mut self.busy, self.busy - 1) };
+        }
+    }
+
+    /// Whether an update was under way (a dead lock holder left it unfinished).
+    pub fn busy(&self) -> bool {
+        self.busy != 0
+    }
+
+    /// Allocates a run of `n` pages whose first page is aligned to `align_pages` pages
+    /// (see `alloc_run_unmarked`).
+    ///
+    /// # Safety
+    /// As for `alloc_run_unmarked`.
+    pub unsafe fn alloc_run<S: PageSource>(
+        &mut self,
+        src: &S,
+        n: usize,
+        align_pages: usize,
+    ) -> (*mut PageDesc, bool) {
+        self.enter::<S>();
+        // SAFETY: passed on.
+        let r = unsafe { self.alloc_run_unmarked(src, n, align_pages) };
+        self.leave::<S>();
+        r
+    }
+
+    /// Returns run `d` to the free runs (see `free_run_unmarked`).
+    ///
+    /// # Safety
+    /// As for `free_run_unmarked`.
+    pub unsafe fn free_run<S: PageSource>(&mut self, src: &S, d: *mut PageDesc) {
+        self.enter::<S>();
+        // SAFETY: passed on.
+        unsafe { self.free_run_unmarked(src, d) };
+        self.leave::<S>();
+    }
+
+    /// Grows run `d` in place (see `grow_run_unmarked`).
+    ///
+    /// # Safety
+    /// As for `grow_run_unmarked`.
+    pub unsafe fn grow_run<S: PageSource>(&mut self, src: &S, d: *mut PageDesc, n: usize) -> bool {
+        self.enter::<S>();
+        // SAFETY: passed on.
+        let r = unsafe { self.grow_run_unmarked(src, d, n) };
+        self.leave::<S>();
+        r
+    }
+
+    /// Shrinks run `d` in place (see `shrink_run_unmarked`).
+    ///
+    /// # Safety
+    /// As for `shrink_run_unmarked`.
+    pub unsafe fn shrink_run<S: PageSource>(&mut self, src: &S, d: *mut PageDesc, n: usize) {
+        self.enter::<S>();
+        // SAFETY: passed on.
+        unsafe { self.shrink_run_unmarked(src, d, n) };
+        self.leave::<S>();
+    }
+
+    /// Purges every dirty free page (see `purge_all_unmarked`).
+    ///
+    /// # Safety
+    /// As for `purge_all_unmarked`.
+    pub unsafe fn purge_all<S: PageSource>(&mut self, src: &S) -> bool {
+        self.enter::<S>();
+        // SAFETY: passed on.
+        let r = unsafe { self.purge_all_unmarked(src) };
+        self.leave::<S>();
+        r
+    }
+
+    /// Purges old dirty runs (see `decay_unmarked`).
+    ///
+    /// # Safety
+    /// As for `decay_unmarked`.
+    pub unsafe fn decay<S: PageSource>(&mut self, src: &S, now_ms: u32) {
+        self.enter::<S>();
+        // SAFETY: passed on.
+        unsafe { self.decay_unmarked(src, now_ms) };
+        self.leave::<S>();
+    }
+
+    /// Dirty free pages past which the heap purges them all.
+    pub fn dirty_limit(&self) -> usize {
+        DIRTY_MIN_PAGES.max(self.counters.mapped / PAGE / DIRTY_RATIO)
+    }
+}

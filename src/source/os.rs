@@ -1,0 +1,82 @@
+//! [`OsSource`]: the process heap's page source.
+
+use super::registry::REGISTRY;
+use super::PageSource;
+use crate::lock::RawLock;
+use crate::os;
+use crate::size_class::CHUNK;
+
+/// Anonymous private memory from `mmap`, recorded in the process-wide chunk registry.
+pub struct OsSource;
+
+// SAFETY: `os::map_aligned` returns zeroed, aligned, private memory; the registry bit is set
+// before the chunk is returned and cleared before it is unmapped; nothing here allocates.
+unsafe impl PageSource for OsSource {
+    type Lock = RawLock;
+
+    fn map_chunk(&self) -> *mut u8 {
+        let p = os::map_aligned(CHUNK, CHUNK);
+        if !p.is_null() && !REGISTRY.insert(p as usize) {
+            os::unmap(p, CHUNK);
+            return core::ptr::null_mut();
+        }
+        p
+    }
+
+    unsafe fn unmap_chunk(&self, chunk: *mut u8) {
+        REGISTRY.remove(chunk as usize);
+        os::unmap(chunk, CHUNK);
+    }
+
+    unsafe fn purge(&self, p: *mut u8, len: usize) -> bool {
+        os::purge(p, len)
+    }
+
+    #[inline]
+    fn owns_chunk(&self, chunk: usize) -> bool {
+        REGISTRY.contains(chunk)
+    }
+
+    fn map_span(&self, len: usize, align: usize) -> (*mut u8, usize) {
+        (os::map_aligned(len, align), len)
+    }
+
+    unsafe fn publish_span(&self, head: *mut u8) -> bool {
+        REGISTRY.insert(head as usize)
+    }
+
+    unsafe fn unpublish_span(&self, head: *mut u8) {
+        REGISTRY.remove(head as usize);
+    }
+
+    unsafe fn unmap_span(&self, span: *mut u8, len: usize) {
+        os::unmap(span, len);
+    }
+
+    unsafe fn resize_span(&self, span: *mut u8, len: usize, new_len: usize) -> bool {
+        os::remap_in_place(span, len, new_len)
+    }
+
+    unsafe fn move_span(
+        &self,
+        head: *mut u8,
+        span: *mut u8,
+        len: usize,
+        new_len: usize,
+        align: usize,
+    ) -> *mut u8 {
+        let target = os::reserve_aligned(new_len, align);
+        if target.is_null() {
+            return target;
+        }
+        // Every chunk of the new span must be recordable, so that its head can be published.
+        if !REGISTRY.covers(target as usize + new_len - 1)
+            || !os::move_mapping(span, len, new_len, target)
+        {
+            os::unmap(target, new_len);
+            return core::ptr::null_mut();
+        }
+        REGISTRY.remove(head as usize);
+        target
+    }
+}

@@ -38,6 +38,7 @@ mod large;
 mod lock;
 pub mod os;
 mod remote;
+pub mod settings;
 pub mod shm;
 mod size_class;
 mod small;

@@ -1,4 +1,6 @@
-//! A mutex that never allocates: one `AtomicU32` and the futex system call.
+//! The locks of arenas and shared heaps, built on `os::sync`: [`RawLock`], a futex mutex
+//! that never allocates (one `AtomicU32`), and [`RobustLock`], for memory several processes
+//! share.
 //!
 //! States: 0 unlocked, 1 locked, 2 locked with possible sleepers. Taking a free lock is one
 //! compare-and-swap; releasing it is one swap, and a system call only if someone may sleep.
@@ -7,11 +9,11 @@
 //! The fork child calls [`RawLock::reinit`] rather than unlocking: the thread that took the
 //! lock in the parent does not exist in the child.
 
-use core::cell::UnsafeCell;
 use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use crossbeam_utils::Backoff;
 
 use crate::os;
+use crate::os::sync::{MutexTake, RobustMutex};
 
 const UNLOCKED: u32 = 0;
 const LOCKED: u32 = 1;
@@ -116,24 +118,18 @@ pub enum Taken {
     OwnerDied,
 }
 
-/// A lock for memory that several processes share: a process-shared, robust pthread mutex.
-///
-/// The mutex word holds the owner's thread id, and glibc lists every robust mutex a thread
-/// holds with the kernel (`set_robust_list`); when the thread dies, even by `SIGKILL`, the
-/// kernel marks the word "owner died" and wakes a waiter, whose lock call then succeeds with
-/// [`Taken::OwnerDied`]. glibc's mutex functions neither allocate nor take other locks.
+/// A lock for memory that several processes share: a process-shared, robust pthread mutex
+/// ([`os::sync::RobustMutex`]). When its holder dies, even by `SIGKILL`, the kernel marks the
+/// mutex and the next taker gets [`Taken::OwnerDied`]. Never allocates, never takes other
+/// locks.
 ///
 /// Invariant: initialised once with [`RobustLock::init_in_place`] before any other use;
 /// all-zero memory is *not* a valid robust lock (it is a private, non-robust mutex).
 pub struct RobustLock {
-    m: UnsafeCell<libc::pthread_mutex_t>,
+    m: RobustMutex,
     /// How many times a taker found the lock held (statistics only).
     contended: AtomicU64,
 }
-
-// SAFETY: a pthread mutex is made to be shared between threads (and, process-shared,
-// between processes); the counter is atomic.
-unsafe impl Sync for RobustLock {}
 
 impl RobustLock {
     /// Makes the memory at `slot` an unlocked process-shared robust mutex. Returns false if
@@ -142,17 +138,9 @@ impl RobustLock {
     /// # Safety
     /// `slot` is writable memory for a `RobustLock` that no one uses yet.
     pub unsafe fn init_in_place(slot: *mut RobustLock) -> bool {
-        // SAFETY: `attr` is initialised by pthread_mutexattr_init before use and destroyed
-        // after; `slot` is ours by the contract.
+        // SAFETY: `slot` is ours by the contract, so are its fields.
         unsafe {
-            let mut attr: libc::pthread_mutexattr_t = core::mem::zeroed();
-            if libc::pthread_mutexattr_init(&mut attr) != 0 {
-                return false;
-            }
-            let ok = libc::pthread_mutexattr_setpshared(&mut attr, PTHREAD_PROCESS_SHARED) == 0
-                && libc::pthread_mutexattr_setrobust(&mut attr, PTHREAD_MUTEX_ROBUST) == 0
-                && libc::pthread_mutex_init((*slot).m.get(), &attr) == 0;
-            libc::pthread_mutexattr_destroy(&mut attr);
+            let ok = RobustMutex::init_in_place(core::ptr::addr_of_mut!((*slot).m));
             core::ptr::addr_of_mut!((*slot).contended).write(AtomicU64::new(0));
             ok
         }
@@ -160,32 +148,31 @@ impl RobustLock {
 
     /// Takes the lock, waiting for it if needed.
     pub fn lock(&self) -> Taken {
-        let r = self.try_lock();
-        if let Some(t) = r {
+        if let Some(t) = self.try_lock() {
             return t;
         }
         self.contended.fetch_add(1, Ordering::Relaxed);
-        // SAFETY: the mutex was initialised (type invariant).
-        Self::taken(unsafe { libc::pthread_mutex_lock(self.m.get()) })
+        Self::taken(self.m.lock())
     }
 
     /// Takes the lock if it is free now.
     pub fn try_lock(&self) -> Option<Taken> {
-        // SAFETY: the mutex was initialised (type invariant).
-        match unsafe { libc::pthread_mutex_trylock(self.m.get()) } {
-            libc::EBUSY => None,
-            r => Some(Self::taken(r)),
+        match self.m.try_lock() {
+            MutexTake::Busy => None,
+            t => Some(Self::taken(t)),
         }
     }
 
-    fn taken(r: i32) -> Taken {
-        match r {
-            0 => Taken::Clean,
-            libc::EOWNERDEAD => Taken::OwnerDied,
+    fn taken(t: MutexTake) -> Taken {
+        match t {
+            MutexTake::Clean => Taken::Clean,
+            MutexTake::OwnerDied => Taken::OwnerDied,
             // ENOTRECOVERABLE (a taker after an owner's death released the lock without
             // marking it consistent: coreheap never does) or EINVAL (not initialised: the
             // memory is not a heap's).
-            _ => crate::os::fatal(b"coreheap: shared heap lock unusable (not initialised, or abandoned inconsistent)\n"),
+            MutexTake::Busy | MutexTake::Unusable(_) => os::fatal(
+                b"coreheap: shared heap lock unusable (not initialised, or abandoned inconsistent)\n",
+            ),
         }
     }
 
@@ -193,16 +180,14 @@ impl RobustLock {
     ///
     /// pre: the calling thread holds the lock.
     pub fn mark_consistent(&self) {
-        // SAFETY: the mutex was initialised and is held by this thread (precondition).
-        unsafe { libc::pthread_mutex_consistent(self.m.get()) };
+        self.m.mark_consistent();
     }
 
     /// Releases the lock.
     ///
     /// pre: the calling thread holds it.
     pub fn unlock(&self) {
-        // SAFETY: the mutex was initialised and is held by this thread (precondition).
-        unsafe { libc::pthread_mutex_unlock(self.m.get()) };
+        self.m.unlock();
     }
 
     /// How many times a taker found this lock already held.
@@ -210,10 +195,6 @@ impl RobustLock {
         self.contended.load(Ordering::Relaxed)
     }
 }
-
-// glibc's values (not exported by the libc crate for this target).
-const PTHREAD_PROCESS_SHARED: i32 = 1;
-const PTHREAD_MUTEX_ROBUST: i32 = 1;
 
 #[cfg(test)]
 mod tests {

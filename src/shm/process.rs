@@ -16,15 +16,17 @@
 //! publishes through the heap (typically a child that inherited the environment and ran
 //! `exec`) keeps its own process heap; it would only leak into the shared one.
 //!
-//! Decided once, at the first call: without the variable, or if the heap cannot be opened
-//! (a one-line warning on stderr), everything stays on the process heap. Blocks allocated
-//! before the decision stay on the process heap too; `free` tells the two apart by address.
+//! Decided once, at the first call (the value comes from `crate::settings`): without the
+//! variable, with a bad value, or if the heap cannot be opened (a one-line warning on
+//! stderr), everything stays on the process heap. Blocks allocated before the decision stay
+//! on the process heap too; `free` tells the two apart by address.
 
 use core::mem::MaybeUninit;
 use core::sync::atomic::{AtomicU8, Ordering};
 
 use super::{Fixed, Options, SharedHeap};
 use crate::os;
+use crate::settings;
 
 const UNKNOWN: u8 = 0;
 const OFF: u8 = 1;
@@ -65,20 +67,12 @@ fn open() -> Option<&'static SharedHeap> {
 }
 
 fn open_from_env() -> Option<&'static SharedHeap> {
-    // SAFETY: the name is NUL-terminated; getenv returns null or a NUL-terminated string
-    // that we read at once.
-    let v = unsafe { libc::getenv(c"COREHEAP_SHM".as_ptr()) };
-    if v.is_null() {
-        STATE.store(OFF, Ordering::Release);
-        return None;
-    }
-    // SAFETY: as above.
-    let v = unsafe { core::ffi::CStr::from_ptr(v) }.to_bytes();
-    let Some((path, size)) = parse(v) else {
-        os::write_all(
-            2,
-            b"coreheap: COREHEAP_SHM must be NAME:SIZE (e.g. myheap:256M); ignored\n",
-        );
+    // Without the variable, or with a bad value (reported when the settings were read),
+    // the process heap serves everything.
+    let Some((path, size)) = settings::get()
+        .shm
+        .and_then(|spec| Some((shm_path(spec.name())?, spec.size)))
+    else {
         STATE.store(OFF, Ordering::Release);
         return None;
     };
@@ -86,8 +80,10 @@ fn open_from_env() -> Option<&'static SharedHeap> {
         fixed: Fixed::Anywhere,
         ..Options::default()
     };
-    // SAFETY: `parse` NUL-terminated the path.
-    let cpath = unsafe { core::ffi::CStr::from_ptr(path.as_ptr().cast()) };
+    let Ok(cpath) = core::ffi::CStr::from_bytes_until_nul(&path) else {
+        STATE.store(OFF, Ordering::Release);
+        return None;
+    };
     match SharedHeap::open_or_create_cstr(cpath, size, &opts, &mut |_| {}) {
         Ok(h) if !h.claim_publisher() => {
             // A process started by the publisher with the variable inherited: it keeps a
@@ -151,7 +147,7 @@ fn fork_pipe() -> (i32, i32) {
 
 unsafe extern "C" fn fork_prepare() {
     if let Some(h) = shared_heap() {
-        let (r, w) = super::sys::pipe().unwrap_or((-1, -1));
+        let (r, w) = os::file::pipe().unwrap_or((-1, -1));
         FORK_PIPE[0].store(r, Ordering::Relaxed);
         FORK_PIPE[1].store(w, Ordering::Relaxed);
         h.fork_prepare();
@@ -163,9 +159,9 @@ unsafe extern "C" fn fork_parent() {
         let (r, w) = fork_pipe();
         if r >= 0 {
             // Our write end closed, the read returns when the child writes or exits.
-            super::sys::close(w);
-            super::sys::await_signal(r);
-            super::sys::close(r);
+            os::file::close(w);
+            os::file::await_signal(r);
+            os::file::close(r);
         }
         h.fork_parent();
     }
@@ -183,9 +179,9 @@ unsafe extern "C" fn fork_child() {
         PRIVATE.store(true, Ordering::Relaxed);
         let (r, w) = fork_pipe();
         if w >= 0 {
-            super::sys::signal(w);
-            super::sys::close(w);
-            super::sys::close(r);
+            os::file::signal(w);
+            os::file::close(w);
+            os::file::close(r);
         }
     }
 }
@@ -199,34 +195,17 @@ fn heap_if_on() -> Option<&'static SharedHeap> {
     }
 }
 
-/// `NAME:SIZE` -> (`/dev/shm/NAME` NUL-terminated, size in bytes).
-fn parse(v: &[u8]) -> Option<([u8; super::PATH_MAX + 1], u64)> {
-    let colon = v.iter().rposition(|&c| c == b':')?;
-    let (name, size) = (&v[..colon], &v[colon + 1..]);
-    if name.is_empty() || name.contains(&b'/') || size.is_empty() {
-        return None;
-    }
-    let (digits, unit) = match size.last()? {
-        b'k' | b'K' => (&size[..size.len() - 1], 1u64 << 10),
-        b'm' | b'M' => (&size[..size.len() - 1], 1 << 20),
-        b'g' | b'G' => (&size[..size.len() - 1], 1 << 30),
-        _ => (size, 1),
-    };
-    let mut n: u64 = 0;
-    for &d in digits {
-        if !d.is_ascii_digit() {
-            return None;
-        }
-        n = n.checked_mul(10)?.checked_add((d - b'0') as u64)?;
-    }
+/// `/dev/shm/NAME`, NUL-terminated; `None` if it does not fit in `PATH_MAX` bytes.
+fn shm_path(name: &[u8]) -> Option<[u8; super::PATH_MAX + 1]> {
     let prefix = b"/dev/shm/";
-    let mut path = [0u8; super::PATH_MAX + 1];
-    if prefix.len() + name.len() > super::PATH_MAX {
+    let len = prefix.len() + name.len();
+    if len > super::PATH_MAX {
         return None;
     }
+    let mut path = [0u8; super::PATH_MAX + 1];
     path[..prefix.len()].copy_from_slice(prefix);
-    path[prefix.len()..prefix.len() + name.len()].copy_from_slice(name);
-    Some((path, n.checked_mul(unit)?))
+    path[prefix.len()..len].copy_from_slice(name);
+    Some(path)
 }
 
 #[cfg(test)]
@@ -234,16 +213,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn parses_name_and_size() {
-        let (p, n) = parse(b"cache:256M").unwrap();
+    fn builds_the_path() {
+        let p = shm_path(b"cache").unwrap();
         assert!(p.starts_with(b"/dev/shm/cache\0"));
-        assert_eq!(n, 256 << 20);
-        assert_eq!(parse(b"x:4096").unwrap().1, 4096);
-        assert_eq!(parse(b"x:2g").unwrap().1, 2 << 30);
-        assert!(parse(b"x").is_none());
-        assert!(parse(b":1M").is_none());
-        assert!(parse(b"a/b:1M").is_none());
-        assert!(parse(b"x:12Q").is_none());
-        assert!(parse(b"x:99999999999999999999G").is_none());
+        let longest = [b'n'; settings::SHM_NAME_MAX];
+        assert_eq!(shm_path(&longest).unwrap()[super::super::PATH_MAX], 0);
+        assert!(shm_path(&[b'n'; settings::SHM_NAME_MAX + 1]).is_none());
     }
 }

@@ -1,0 +1,47 @@
+//! The environment, read without allocating. Which variables coreheap reads, and how it
+//! parses them, is `crate::settings`' business: this module only fetches the bytes.
+
+use core::ffi::CStr;
+
+/// Calls `f` with the value of the environment variable `name` (its bytes, without the
+/// NUL), or `None` if it is unset, and returns what `f` returns. The value is only borrowed
+/// for the call: `setenv` may free it afterwards. Thread-safe as `getenv` is (while no thread
+/// changes the environment).
+pub fn with_var<R>(name: &CStr, f: impl FnOnce(Option<&[u8]>) -> R) -> R {
+    // SAFETY: `name` is NUL-terminated by its type; getenv returns null or a NUL-terminated
+    // string that stays valid while nobody calls setenv, and `f` reads it before we return.
+    let p = unsafe { libc::getenv(name.as_ptr()) };
+    if p.is_null() {
+        return f(None);
+    }
+    // SAFETY: as above: a NUL-terminated string.
+    f(Some(unsafe { CStr::from_ptr(p) }.to_bytes()))
+}
+
+/// Reads an environment variable as an unsigned decimal number. `name` must end with a NUL
+/// byte. Returns `None` if unset, empty or not a number.
+///
+/// Kept for `heap.rs` until it reads `crate::settings`; new code reads settings.
+pub fn env_usize(name: &[u8]) -> Option<usize> {
+    let name = CStr::from_bytes_with_nul(name).ok()?;
+    with_var(name, |v| {
+        let v = v.filter(|v| !v.is_empty())?;
+        v.iter().try_fold(0usize, |n, &b| {
+            b.is_ascii_digit()
+                .then_some(())
+                .and_then(|_| n.checked_mul(10)?.checked_add((b - b'0') as usize))
+        })
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_variables() {
+        with_var(c"PATH", |v| assert!(v.is_some()));
+        with_var(c"COREHEAP_SURELY_UNSET_VARIABLE", |v| assert!(v.is_none()));
+        assert_eq!(env_usize(b"COREHEAP_SURELY_UNSET_VARIABLE\0"), None);
+    }
+}

@@ -1,0 +1,191 @@
+//! Anonymous memory: mapping, alignment, unmapping, purging, moving and resizing mappings,
+//! access protection, and the page size the allocator assumes.
+
+use core::ptr;
+
+/// The page size this build assumes. Checked against the kernel's at start-up by
+/// [`page_size_ok`]; on a kernel with larger pages the purge calls become no-ops.
+pub const OS_PAGE: usize = 4096;
+
+/// Maps `len` bytes of fresh, zeroed, read-write anonymous memory aligned to `align` (a power
+/// of two, at least [`OS_PAGE`]). Returns null on failure.
+///
+/// pre: `len` is a multiple of `OS_PAGE`.
+pub fn map_aligned(len: usize, align: usize) -> *mut u8 {
+    debug_assert!(align.is_power_of_two() && align >= OS_PAGE);
+    let Some(over) = len.checked_add(align - OS_PAGE) else {
+        return ptr::null_mut();
+    };
+    trim_to_aligned(map_anon(over), over, len, align)
+}
+
+/// Maps `len` bytes of anonymous read-write memory anywhere. Returns null on failure.
+pub fn map_anon(len: usize) -> *mut u8 {
+    mmap_anon(len, libc::PROT_READ | libc::PROT_WRITE, 0)
+}
+
+/// Maps `len` bytes of anonymous read-write memory anywhere without reserving swap for it
+/// (`MAP_NORESERVE`): for a temporary copy that may be as large as a whole shared heap.
+/// Returns null on failure.
+pub fn map_anon_noreserve(len: usize) -> *mut u8 {
+    mmap_anon(len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_NORESERVE)
+}
+
+/// Reserves `len` bytes of address space with no access, aligned to `align` (a power of two,
+/// at least [`OS_PAGE`]). Used as the target of [`move_mapping`] and of
+/// [`crate::os::file::map_shared_fixed`]. Returns null on failure.
+pub fn reserve_aligned(len: usize, align: usize) -> *mut u8 {
+    let Some(over) = len.checked_add(align - OS_PAGE) else {
+        return ptr::null_mut();
+    };
+    // PROT_NONE with MAP_NORESERVE commits nothing.
+    let raw = mmap_anon(over, libc::PROT_NONE, libc::MAP_NORESERVE);
+    trim_to_aligned(raw, over, len, align)
+}
+
+/// A private anonymous mapping of `len` bytes anywhere, with `prot` and the extra `flags`;
+/// null on failure.
+fn mmap_anon(len: usize, prot: i32, flags: i32) -> *mut u8 {
+    // SAFETY: an anonymous private mapping with no address hint touches no existing memory.
+    let p = unsafe {
+        libc::mmap(
+            ptr::null_mut(),
+            len,
+            prot,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | flags,
+            -1,
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        ptr::null_mut()
+    } else {
+        p.cast()
+    }
+}
+
+/// Unmaps the parts of the `over`-byte mapping at `raw` (null: none) before and after its
+/// first `align`-aligned `len` bytes, and returns their start (null if `raw` is null).
+fn trim_to_aligned(raw: *mut u8, over: usize, len: usize, align: usize) -> *mut u8 {
+    if raw.is_null() {
+        return raw;
+    }
+    let addr = raw as usize;
+    let start = (addr + align - 1) & !(align - 1);
+    let lead = start - addr;
+    let trail = over - lead - len;
+    if lead > 0 {
+        unmap(raw, lead);
+    }
+    if trail > 0 {
+        unmap((start + len) as *mut u8, trail);
+    }
+    start as *mut u8
+}
+
+/// Unmaps `[p, p + len)`.
+///
+/// pre: the range was mapped by this layer and nothing refers to it any more.
+pub fn unmap(p: *mut u8, len: usize) {
+    // SAFETY: by the precondition the range is ours and unused; munmap of a mapped range
+    // cannot affect other memory.
+    unsafe {
+        libc::munmap(p.cast(), len);
+    }
+}
+
+/// Tells the kernel that `[p, p + len)` is no longer needed: its pages are released and read
+/// back as zero. Returns false, with nothing changed, when the kernel refuses or the page size
+/// is not the one the allocator assumes.
+///
+/// pre: the range lies in a private anonymous mapping of this layer and holds no live data.
+pub fn purge(p: *mut u8, len: usize) -> bool {
+    if len == 0 {
+        return true;
+    }
+    if !page_size_ok() {
+        return false;
+    }
+    // SAFETY: by the precondition no live object is in the range. On success MADV_DONTNEED
+    // drops the pages of this private anonymous mapping, which then read back as zero; on
+    // failure (EINVAL for mlock'ed pages, EPERM under a seccomp filter) nothing changes.
+    unsafe { libc::madvise(p.cast(), len, libc::MADV_DONTNEED) == 0 }
+}
+
+/// Resizes the mapping `[p, p + old)` to `new` bytes without moving it. Returns whether the
+/// kernel could do so.
+///
+/// pre: `[p, p + old)` is one mapping of this layer.
+pub fn remap_in_place(p: *mut u8, old: usize, new: usize) -> bool {
+    // SAFETY: without MREMAP_MAYMOVE the mapping stays at `p`; growing only takes address
+    // space that was free.
+    let r = unsafe { libc::mremap(p.cast(), old, new, 0) };
+    r != libc::MAP_FAILED
+}
+
+/// Moves the pages of `[p, p + old)` to `target`, resized to `new` bytes, without copying.
+/// On success `[p, p + old)` is unmapped; on failure nothing changed.
+///
+/// pre: `[p, p + old)` is one mapping of this layer; `[target, target + new)` is a
+/// reservation of [`reserve_aligned`], or a mapping of this process's (a shared heap's, see
+/// [`crate::os::file::privatize`]), that nothing else uses.
+pub fn move_mapping(p: *mut u8, old: usize, new: usize, target: *mut u8) -> bool {
+    // SAFETY: MREMAP_FIXED replaces only what is at `target`, which is ours and unused.
+    let r = unsafe {
+        libc::mremap(
+            p.cast(),
+            old,
+            new,
+            libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
+            target.cast::<libc::c_void>(),
+        )
+    };
+    r != libc::MAP_FAILED
+}
+
+/// What a mapping's pages may be used for.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Access {
+    /// Any access faults.
+    None,
+    Read,
+    ReadWrite,
+}
+
+impl Access {
+    /// The `PROT_*` bits.
+    pub(crate) fn prot(self) -> i32 {
+        match self {
+            Access::None => libc::PROT_NONE,
+            Access::Read => libc::PROT_READ,
+            Access::ReadWrite => libc::PROT_READ | libc::PROT_WRITE,
+        }
+    }
+}
+
+/// Sets the access of the pages of `[p, p + len)` (`mprotect`). Returns whether the kernel
+/// did.
+///
+/// pre: the range lies in mappings of this layer; with less access than now, nothing will
+/// touch it in a way it forbids (the caller expects the fault otherwise).
+pub fn protect(p: *mut u8, len: usize, access: Access) -> bool {
+    // SAFETY: the range is the caller's own mapping (precondition); changing its protection
+    // affects no other memory.
+    unsafe { libc::mprotect(p.cast(), len, access.prot()) == 0 }
+}
+
+/// Whether the kernel's page size is [`OS_PAGE`].
+pub fn page_size_ok() -> bool {
+    use core::sync::atomic::{AtomicU8, Ordering};
+    static STATE: AtomicU8 = AtomicU8::new(0); // 0 unknown, 1 ok, 2 other
+    match STATE.load(Ordering::Relaxed) {
+        1 => true,
+        2 => false,
+        _ => {
+            // SAFETY: sysconf has no preconditions.
+            let ok = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } == OS_PAGE as libc::c_long;
+            STATE.store(if ok { 1 } else { 2 }, Ordering::Relaxed);
+            ok
+        }
+    }
+}

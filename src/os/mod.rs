@@ -1,0 +1,67 @@
+//! The operating-system layer: the only code that calls the C library or the kernel for
+//! coreheap (`mmap`, `munmap`, `mremap`, `madvise`, `mprotect`, files, `futex` and other
+//! `syscall`s, `pthread_*`, `sched_*`, `getenv`, `write`, `atexit`, `errno`).
+//!
+//! | file | what |
+//! |---|---|
+//! | [`mem`] | anonymous memory: map (aligned), reserve, unmap, purge, remap, move, protect; the page size |
+//! | `file` | files and descriptors, shared mappings, hole punching, private copies, pipes |
+//! | [`sync`] | futex wait/wake, the robust process-shared mutex, fork handlers, `sched_yield` |
+//! | `rseq` | the thread's rseq area (x86_64 glibc): its CPU id and offset |
+//! | [`cpu`] | the current CPU, the affinity set, the number of possible CPU ids |
+//! | [`env`] | environment variables (parsing them is `crate::settings`') |
+//! | [`errno`], [`io`] | `errno`; `write(2)`, `abort`, glibc's stdio list lock |
+//! | [`time`], [`process`], [`random`] | clocks and sleep; thread and process ids, liveness, `atexit`; `AT_RANDOM` |
+//!
+//! Everything is re-exported here under its plain name (`os::map_aligned`), except the
+//! functions of `file` (`os::file::map_shared`) and the rseq module (`os::rseq::cpu_id`).
+//!
+//! # Contract
+//! For every function of this layer:
+//! - it never allocates and never calls back into any allocator, so it may be called while an
+//!   arena lock is held and from inside `malloc` (also before the heap is initialised);
+//! - it never panics (debug assertions aside, which state preconditions); failure is
+//!   reported by a null pointer, `false`, `None` or `Err(errno)`;
+//! - errno: a function that returns `Err(e)` returns the `errno` value of the failing call;
+//!   every function may change the calling thread's `errno`, whether it succeeds or not
+//!   (callers that must keep it, such as C's `free`, wrap the call in [`keeping_errno`]);
+//! - addresses and lengths of memory are multiples of [`OS_PAGE`] unless a function says
+//!   otherwise; paths are NUL-terminated;
+//! - async-signal-safe where marked (`write_all`, `fatal`, `futex_wake`, the `errno`
+//!   functions, `current_cpu`, the rseq functions, `thread_id` and `pid`); the rest may be
+//!   called from a signal handler only if the C library's function is async-signal-safe too;
+//! - `pre:` lines (or `# Safety` for `unsafe fn`) state what the caller guarantees.
+//!
+//! On the fast paths (`rseq::*`, [`current_cpu`], [`keeping_errno`], [`thread_id`]) every
+//! function is `#[inline]` and makes no call.
+//!
+//! The engine does not call this layer directly for its memory: it goes through
+//! [`crate::source::PageSource`], so that a shared file mapping can take the place of
+//! anonymous memory.
+
+pub mod cpu;
+pub mod env;
+pub mod errno;
+pub(crate) mod file;
+pub mod io;
+pub mod mem;
+pub mod process;
+pub mod random;
+#[cfg(all(target_arch = "x86_64", target_os = "linux", target_env = "gnu"))]
+pub mod rseq;
+pub mod sync;
+pub mod time;
+
+pub use cpu::{cpu_affinity, current_cpu, possible_cpus};
+pub use env::{env_usize, with_var};
+pub use errno::{errno, keeping_errno, set_errno};
+pub use file::dup_fd_high;
+pub use io::{fatal, stdio_list_lock, stdio_list_reset, stdio_list_unlock, write_all};
+pub use mem::{
+    map_aligned, map_anon, map_anon_noreserve, move_mapping, page_size_ok, protect, purge,
+    remap_in_place, reserve_aligned, unmap, Access, OS_PAGE,
+};
+pub use process::{at_exit, pid, process_alive, thread_id};
+pub use random::{random_word, secret_key};
+pub use sync::{futex_wait, futex_wake, register_atfork, yield_now};
+pub use time::{now_ms, sleep_us};

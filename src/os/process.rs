@@ -1,0 +1,61 @@
+//! The process and its threads: ids, liveness of other processes, exit handlers.
+
+use core::ffi::CStr;
+
+/// A thread id for the calling thread, unique among live threads, without a system call.
+#[inline]
+pub fn thread_id() -> usize {
+    // SAFETY: pthread_self has no preconditions.
+    unsafe { libc::pthread_self() as usize }
+}
+
+/// The calling process's id.
+pub fn pid() -> u32 {
+    // SAFETY: getpid has no preconditions.
+    unsafe { libc::getpid() as u32 }
+}
+
+/// Registers `f` to run at normal process exit (`atexit`: handlers run in reverse order of
+/// registration). Returns whether the C library accepted it.
+pub fn at_exit(f: extern "C" fn()) -> bool {
+    // SAFETY: `f` is a plain function that lives for the whole program.
+    unsafe { libc::atexit(f) == 0 }
+}
+
+/// Whether process `pid` may still run: it exists and is not a zombie.
+pub fn process_alive(pid: u32) -> bool {
+    // SAFETY: signal 0 only checks for existence and permission.
+    if unsafe { libc::kill(pid as i32, 0) } != 0 && super::errno::errno() == libc::ESRCH {
+        return false;
+    }
+    // A killed process whose parent has not waited for it yet still answers kill(): look at
+    // its state in /proc/PID/stat ("PID (comm) S ..."), without allocating.
+    let mut path = [0u8; 64];
+    let Some(path) = super::file::path_with_number(&mut path, b"/proc/", pid as u64, b"/stat\0")
+    else {
+        return true;
+    };
+    let Ok(path) = CStr::from_bytes_with_nul(path) else {
+        return true;
+    };
+    let mut buf = [0u8; 256];
+    let Some(got) = super::file::read_small(path, &mut buf) else {
+        return true;
+    };
+    let s = &buf[..got];
+    match s.iter().rposition(|&c| c == b')') {
+        Some(i) if i + 2 < s.len() => !matches!(s[i + 2], b'Z' | b'X'),
+        _ => true,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn this_process_is_alive() {
+        assert!(process_alive(pid()));
+        assert_ne!(thread_id(), 0);
+    }
+}

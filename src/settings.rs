@@ -1,0 +1,518 @@
+//! Settings: every `COREHEAP_*` environment variable the library reads, in one table
+//! ([`VARS`]), parsed by one rule set and read once, lazily, in one place ([`get`]).
+//!
+//! Rules (the kind of each variable is in [`VARS`]):
+//! - a boolean is `1`/`0`, `true`/`false`, `yes`/`no` or `on`/`off`, in any case;
+//! - a count is a decimal number (digits only);
+//! - a size is a decimal number with an optional `K`, `M` or `G` suffix (any case; powers of
+//!   1024);
+//! - a variable that is unset or set to the empty string takes its default, silently;
+//! - any other value that does not parse (or a count out of its range) is reported once, on
+//!   stderr, as `coreheap: NAME=VALUE is not RULE; using DEFAULT`, and the default (for a
+//!   count above its range, the largest value) is used instead.
+//!
+//! Reading never allocates, never panics and keeps `errno`, so [`get`] may be called from
+//! inside `malloc`, before the heap exists. `COREHEAP_LIB` is the runner's, not the
+//! library's, and is not here.
+
+use core::cell::UnsafeCell;
+use core::ffi::CStr;
+use core::mem::MaybeUninit;
+use core::sync::atomic::{AtomicU8, Ordering};
+
+use crate::diag::Line;
+use crate::os;
+
+/// The largest arena count `COREHEAP_ARENAS` may ask for.
+pub const MAX_ARENAS: usize = 4096;
+
+/// The longest shared heap name of `COREHEAP_SHM`: `/dev/shm/NAME` must fit in
+/// `shm::PATH_MAX` (255) bytes.
+pub const SHM_NAME_MAX: usize = 255 - b"/dev/shm/".len();
+
+/// The typed value of every setting.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub struct Settings {
+    /// `COREHEAP_ARENAS`: the arena count asked for (1 to [`MAX_ARENAS`]), or `None` for one
+    /// per CPU the process may run on.
+    pub arenas: Option<usize>,
+    /// `COREHEAP_STATS`: print the statistics report to stderr at exit.
+    pub stats: bool,
+    /// `COREHEAP_RSEQ`: the per-CPU caches may be used (where rseq is available).
+    pub rseq: bool,
+    /// `COREHEAP_DEBUG`: debug mode (guard bytes, fill patterns).
+    pub debug: bool,
+    /// `COREHEAP_CHECK`: check every arena at exit.
+    pub check: bool,
+    /// `COREHEAP_SHM`: the shared heap the C interface takes its blocks from.
+    pub shm: Option<ShmSpec>,
+}
+
+impl Settings {
+    /// Every setting at its default (what an empty environment gives).
+    pub const DEFAULT: Settings = Settings {
+        arenas: None,
+        stats: false,
+        rseq: true,
+        debug: false,
+        check: false,
+        shm: None,
+    };
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self::DEFAULT
+    }
+}
+
+/// A `COREHEAP_SHM=NAME:SIZE` value: the heap `/dev/shm/NAME`, created with `size` bytes if
+/// it does not exist.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub struct ShmSpec {
+    name: [u8; SHM_NAME_MAX],
+    name_len: usize,
+    /// The size in bytes.
+    pub size: u64,
+}
+
+impl ShmSpec {
+    /// The name (non-empty, no `/`, at most [`SHM_NAME_MAX`] bytes, no NUL).
+    pub fn name(&self) -> &[u8] {
+        &self.name[..self.name_len]
+    }
+}
+
+/// How a variable is parsed, and where its value goes in [`Settings`].
+#[derive(Clone, Copy)]
+pub enum Kind {
+    /// A boolean.
+    Bool(fn(&mut Settings) -> &mut bool),
+    /// A count from `min` to `max` (a larger one is reported and clamped to `max`).
+    Count {
+        min: usize,
+        max: usize,
+        field: fn(&mut Settings) -> &mut Option<usize>,
+    },
+    /// `NAME:SIZE`: a name without `/` and a size.
+    NameSize(fn(&mut Settings) -> &mut Option<ShmSpec>),
+}
+
+impl Kind {
+    /// Appends the rule a value must follow, as the reports say it ("a boolean (...)").
+    pub(crate) fn describe(&self, l: &mut Line) {
+        match *self {
+            Kind::Bool(_) => l.str(b"a boolean (1/0, true/false, yes/no, on/off)"),
+            Kind::Count { min, max, .. } => l
+                .str(b"a number from ")
+                .num(min as u64)
+                .str(b" to ")
+                .num(max as u64),
+            Kind::NameSize(_) => {
+                l.str(b"NAME:SIZE (e.g. myheap:256M; SIZE in bytes, or with K, M or G)")
+            }
+        };
+    }
+}
+
+/// One environment variable.
+#[derive(Clone, Copy)]
+pub struct Var {
+    pub name: &'static CStr,
+    pub kind: Kind,
+    /// The value used when it is unset, empty or bad, as the reports say it.
+    pub default: &'static str,
+    /// What it does, in one line.
+    pub meaning: &'static str,
+}
+
+/// Every `COREHEAP_*` variable the library reads.
+pub const VARS: [Var; 6] = [
+    Var {
+        name: c"COREHEAP_ARENAS",
+        kind: Kind::Count {
+            min: 1,
+            max: MAX_ARENAS,
+            field: |s| &mut s.arenas,
+        },
+        default: "one per CPU",
+        meaning: "use this many arenas instead of one per CPU the process may run on",
+    },
+    Var {
+        name: c"COREHEAP_STATS",
+        kind: Kind::Bool(|s| &mut s.stats),
+        default: "0",
+        meaning: "print the statistics report to stderr at exit",
+    },
+    Var {
+        name: c"COREHEAP_RSEQ",
+        kind: Kind::Bool(|s| &mut s.rseq),
+        default: "1",
+        meaning: "0 turns the lock-free per-CPU caches off (the locked path only)",
+    },
+    Var {
+        name: c"COREHEAP_DEBUG",
+        kind: Kind::Bool(|s| &mut s.debug),
+        default: "0",
+        meaning: "debug mode: guard bytes and fill patterns, checked at free and realloc",
+    },
+    Var {
+        name: c"COREHEAP_CHECK",
+        kind: Kind::Bool(|s| &mut s.check),
+        default: "0",
+        meaning: "check every arena's invariants at exit",
+    },
+    Var {
+        name: c"COREHEAP_SHM",
+        kind: Kind::NameSize(|s| &mut s.shm),
+        default: "the process heap",
+        meaning: "the C interface takes the whole heap from the shared heap /dev/shm/NAME",
+    },
+];
+
+/// `1`/`0`, `true`/`false`, `yes`/`no`, `on`/`off`, in any case.
+fn parse_bool(v: &[u8]) -> Option<bool> {
+    const TRUE: [&[u8]; 4] = [b"1", b"true", b"yes", b"on"];
+    const FALSE: [&[u8]; 4] = [b"0", b"false", b"no", b"off"];
+    let is = |words: [&[u8]; 4]| words.iter().any(|w| w.eq_ignore_ascii_case(v));
+    if is(TRUE) {
+        Some(true)
+    } else if is(FALSE) {
+        Some(false)
+    } else {
+        None
+    }
+}
+
+/// A non-empty string of decimal digits that fits in a `u64`.
+fn parse_count(v: &[u8]) -> Option<u64> {
+    if v.is_empty() {
+        return None;
+    }
+    v.iter().try_fold(0u64, |n, &d| {
+        if !d.is_ascii_digit() {
+            return None;
+        }
+        n.checked_mul(10)?.checked_add((d - b'0') as u64)
+    })
+}
+
+/// A count with an optional `K`, `M` or `G` suffix (any case), in bytes.
+fn parse_size(v: &[u8]) -> Option<u64> {
+    let (digits, shift) = match v.last()? {
+        b'k' | b'K' => (&v[..v.len() - 1], 10),
+        b'm' | b'M' => (&v[..v.len() - 1], 20),
+        b'g' | b'G' => (&v[..v.len() - 1], 30),
+        _ => (v, 0),
+    };
+    let n = parse_count(digits)?;
+    n.checked_mul(1 << shift)
+}
+
+/// `NAME:SIZE`, split at the last colon.
+fn parse_name_size(v: &[u8]) -> Option<ShmSpec> {
+    let colon = v.iter().rposition(|&c| c == b':')?;
+    let (name, size) = (&v[..colon], &v[colon + 1..]);
+    if name.is_empty() || name.len() > SHM_NAME_MAX || name.contains(&b'/') {
+        return None;
+    }
+    let mut spec = ShmSpec {
+        name: [0; SHM_NAME_MAX],
+        name_len: name.len(),
+        size: parse_size(size)?,
+    };
+    spec.name[..name.len()].copy_from_slice(name);
+    Some(spec)
+}
+
+/// The longest part of a bad value a report quotes.
+const QUOTE_MAX: usize = 64;
+
+/// Sets `var` in `s` from its non-empty value `v`; a bad value leaves the default and is
+/// reported through `report` (one line, ending with a newline).
+fn apply(s: &mut Settings, var: &Var, v: &[u8], report: &mut dyn FnMut(&[u8])) {
+    // What is used instead of a bad value: the default, or a number.
+    let mut instead = None;
+    let ok = match var.kind {
+        Kind::Bool(field) => parse_bool(v).map(|b| *field(s) = b).is_some(),
+        Kind::Count { min, max, field } => match parse_count(v) {
+            Some(n) if n >= min as u64 && n <= max as u64 => {
+                *field(s) = Some(n as usize);
+                true
+            }
+            Some(n) if n > max as u64 => {
+                *field(s) = Some(max);
+                instead = Some(max);
+                false
+            }
+            _ => false,
+        },
+        Kind::NameSize(field) => parse_name_size(v)
+            .map(|spec| *field(s) = Some(spec))
+            .is_some(),
+    };
+    if ok {
+        return;
+    }
+    let mut l = Line::new();
+    l.str(b"coreheap: ")
+        .str(var.name.to_bytes())
+        .str(b"=")
+        .str(&v[..v.len().min(QUOTE_MAX)]);
+    if v.len() > QUOTE_MAX {
+        l.str(b"...");
+    }
+    l.str(b" is not ");
+    var.kind.describe(&mut l);
+    l.str(b"; using ");
+    match instead {
+        Some(n) => l.num(n as u64),
+        None => l.str(var.default.as_bytes()),
+    };
+    l.str(b"\n");
+    report(l.as_bytes());
+}
+
+/// Looks a variable up and hands its value (or `None`) to the callback.
+type Lookup<'a> = &'a dyn Fn(&CStr, &mut dyn FnMut(Option<&[u8]>));
+
+/// Every setting from `env`, bad values reported through `report`.
+fn read(env: Lookup, report: &mut dyn FnMut(&[u8])) -> Settings {
+    let mut s = Settings::DEFAULT;
+    for var in &VARS {
+        env(var.name, &mut |v| match v {
+            Some(v) if !v.is_empty() => apply(&mut s, var, v, report),
+            _ => {}
+        });
+    }
+    s
+}
+
+/// The process's environment, through the OS layer.
+fn process_env(name: &CStr, f: &mut dyn FnMut(Option<&[u8]>)) {
+    os::env::with_var(name, f)
+}
+
+const UNREAD: u8 = 0;
+const READING: u8 = 1;
+const READY: u8 = 2;
+
+static STATE: AtomicU8 = AtomicU8::new(UNREAD);
+
+/// The settings, written once before `STATE` becomes `READY`.
+struct Slot(UnsafeCell<MaybeUninit<Settings>>);
+// SAFETY: written by one thread (the one that moved STATE from UNREAD to READING) before its
+// Release store of READY; read only after an Acquire load of READY; never written again.
+unsafe impl Sync for Slot {}
+static SLOT: Slot = Slot(UnsafeCell::new(MaybeUninit::uninit()));
+
+/// The settings of this process, read from the environment at the first call. The first
+/// reader reports bad values on stderr; a thread that calls while another is reading reads
+/// the environment itself, quietly. Never allocates, never panics, keeps `errno`.
+#[inline]
+pub fn get() -> Settings {
+    if STATE.load(Ordering::Acquire) == READY {
+        // SAFETY: READY is stored (Release) only after the slot was written; never changes.
+        return unsafe { (*SLOT.0.get()).assume_init() };
+    }
+    os::keeping_errno(read_once)
+}
+
+#[cold]
+fn read_once() -> Settings {
+    match STATE.compare_exchange(UNREAD, READING, Ordering::Acquire, Ordering::Acquire) {
+        Ok(_) => {
+            let s = read(&process_env, &mut |line| os::write_all(2, line));
+            // SAFETY: only this thread writes the slot (it moved STATE to READING), and no
+            // one reads it before READY.
+            unsafe { (*SLOT.0.get()).write(s) };
+            STATE.store(READY, Ordering::Release);
+            s
+        }
+        // SAFETY: as in `get`.
+        Err(READY) => unsafe { (*SLOT.0.get()).assume_init() },
+        Err(_) => read(&process_env, &mut |_| {}),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Reads `pairs` as the environment; returns the settings and the reports.
+    fn read_from(pairs: &[(&str, &str)]) -> (Settings, Vec<String>) {
+        let env = |name: &CStr, f: &mut dyn FnMut(Option<&[u8]>)| {
+            let name = name.to_str().unwrap();
+            f(pairs.iter().find(|p| p.0 == name).map(|p| p.1.as_bytes()))
+        };
+        let mut reports = Vec::new();
+        let s = read(&env, &mut |l| {
+            reports.push(String::from_utf8(l.to_vec()).unwrap())
+        });
+        (s, reports)
+    }
+
+    #[test]
+    fn every_boolean_spelling() {
+        for v in ["1", "true", "TRUE", "True", "yes", "YES", "on", "On"] {
+            assert_eq!(parse_bool(v.as_bytes()), Some(true), "{v}");
+        }
+        for v in ["0", "false", "False", "no", "NO", "off", "OFF"] {
+            assert_eq!(parse_bool(v.as_bytes()), Some(false), "{v}");
+        }
+        for v in ["", "2", "maybe", "y", "n", "01", " 1", "1 ", "truee", "o"] {
+            assert_eq!(parse_bool(v.as_bytes()), None, "{v:?}");
+        }
+    }
+
+    #[test]
+    fn counts_and_sizes() {
+        assert_eq!(parse_count(b"0"), Some(0));
+        assert_eq!(parse_count(b"4096"), Some(4096));
+        assert_eq!(parse_count(b"18446744073709551615"), Some(u64::MAX));
+        for v in [
+            "",
+            "18446744073709551616",
+            "-1",
+            "+1",
+            "1k",
+            "1.5",
+            " 1",
+            "0x10",
+        ] {
+            assert_eq!(parse_count(v.as_bytes()), None, "{v:?}");
+        }
+        assert_eq!(parse_size(b"4096"), Some(4096));
+        assert_eq!(parse_size(b"4k"), Some(4 << 10));
+        assert_eq!(parse_size(b"4K"), Some(4 << 10));
+        assert_eq!(parse_size(b"256m"), Some(256 << 20));
+        assert_eq!(parse_size(b"256M"), Some(256 << 20));
+        assert_eq!(parse_size(b"2g"), Some(2 << 30));
+        assert_eq!(parse_size(b"2G"), Some(2 << 30));
+        assert_eq!(parse_size(b"17179869183G"), Some(17179869183 << 30));
+        for v in [
+            "",
+            "K",
+            "12Q",
+            "1KB",
+            "1T",
+            "17179869184G",
+            "99999999999999999999G",
+            "1 M",
+        ] {
+            assert_eq!(parse_size(v.as_bytes()), None, "{v:?}");
+        }
+    }
+
+    #[test]
+    fn name_and_size() {
+        let s = parse_name_size(b"cache:256M").unwrap();
+        assert_eq!((s.name(), s.size), (&b"cache"[..], 256 << 20));
+        assert_eq!(parse_name_size(b"a:b:4096").unwrap().name(), b"a:b");
+        let long = [b'n'; SHM_NAME_MAX];
+        let mut v = long.to_vec();
+        v.extend_from_slice(b":1M");
+        assert_eq!(parse_name_size(&v).unwrap().name(), &long[..]);
+        v.insert(0, b'n');
+        assert!(parse_name_size(&v).is_none());
+        for v in [
+            "x",
+            ":1M",
+            "a/b:1M",
+            "x:12Q",
+            "x:",
+            "x:99999999999999999999G",
+        ] {
+            assert!(parse_name_size(v.as_bytes()).is_none(), "{v:?}");
+        }
+    }
+
+    #[test]
+    fn defaults_and_typed_values() {
+        let (s, r) = read_from(&[]);
+        assert_eq!(s, Settings::DEFAULT);
+        assert!(r.is_empty());
+        let (s, r) = read_from(&[
+            ("COREHEAP_ARENAS", "3"),
+            ("COREHEAP_STATS", "yes"),
+            ("COREHEAP_RSEQ", "off"),
+            ("COREHEAP_DEBUG", "TRUE"),
+            ("COREHEAP_CHECK", "on"),
+            ("COREHEAP_SHM", "h:1K"),
+        ]);
+        assert!(r.is_empty(), "{r:?}");
+        assert_eq!(s.arenas, Some(3));
+        assert!(s.stats && !s.rseq && s.debug && s.check);
+        let shm = s.shm.unwrap();
+        assert_eq!((shm.name(), shm.size), (&b"h"[..], 1024));
+        // Empty is unset.
+        let (s, r) = read_from(&[("COREHEAP_RSEQ", ""), ("COREHEAP_SHM", "")]);
+        assert_eq!((s, r.len()), (Settings::DEFAULT, 0));
+        // The old spellings keep their meaning.
+        let (s, _) = read_from(&[("COREHEAP_STATS", "1"), ("COREHEAP_RSEQ", "0")]);
+        assert!(s.stats && !s.rseq);
+    }
+
+    #[test]
+    fn bad_values_are_reported_with_what_is_used() {
+        let (s, r) = read_from(&[
+            ("COREHEAP_DEBUG", "maybe"),
+            ("COREHEAP_ARENAS", "abc"),
+            ("COREHEAP_RSEQ", "2"),
+            ("COREHEAP_SHM", "nocolon"),
+        ]);
+        assert_eq!(s, Settings::DEFAULT);
+        assert_eq!(
+            r,
+            [
+                "coreheap: COREHEAP_ARENAS=abc is not a number from 1 to 4096; using one per CPU\n",
+                "coreheap: COREHEAP_RSEQ=2 is not a boolean (1/0, true/false, yes/no, on/off); using 1\n",
+                "coreheap: COREHEAP_DEBUG=maybe is not a boolean (1/0, true/false, yes/no, on/off); using 0\n",
+                "coreheap: COREHEAP_SHM=nocolon is not NAME:SIZE (e.g. myheap:256M; SIZE in bytes, or with K, M or G); using the process heap\n",
+            ]
+        );
+        let (s, r) = read_from(&[("COREHEAP_ARENAS", "0")]);
+        assert_eq!(s.arenas, None);
+        assert_eq!(r.len(), 1);
+        let (s, r) = read_from(&[("COREHEAP_ARENAS", "5000")]);
+        assert_eq!(s.arenas, Some(MAX_ARENAS));
+        assert_eq!(
+            r,
+            ["coreheap: COREHEAP_ARENAS=5000 is not a number from 1 to 4096; using 4096\n"]
+        );
+        let (s, r) = read_from(&[("COREHEAP_ARENAS", "99999999999999999999999")]);
+        assert_eq!(s.arenas, None);
+        assert_eq!(r.len(), 1);
+    }
+
+    #[test]
+    fn a_long_bad_value_is_cut_and_the_line_ends() {
+        let long = "x".repeat(1000);
+        let (_, r) = read_from(&[("COREHEAP_SHM", &long)]);
+        assert_eq!(r.len(), 1);
+        assert!(r[0].contains(&format!("={}... is not", &long[..QUOTE_MAX])));
+        assert!(r[0].ends_with("using the process heap\n"), "{}", r[0]);
+    }
+
+    #[test]
+    fn the_table_names_every_field_once() {
+        let mut s = Settings::DEFAULT;
+        for var in &VARS {
+            assert!(var.name.to_bytes().starts_with(b"COREHEAP_"));
+            let v: &[u8] = match var.kind {
+                Kind::Bool(_) => b"on",
+                Kind::Count { .. } => b"2",
+                Kind::NameSize(_) => b"n:1",
+            };
+            apply(&mut s, var, v, &mut |l| panic!("{l:?}"));
+        }
+        assert_eq!(s.arenas, Some(2));
+        assert!(s.stats && s.rseq && s.debug && s.check && s.shm.is_some());
+    }
+
+    #[test]
+    fn get_reads_the_process_environment() {
+        // Whatever the environment holds, two calls agree.
+        assert_eq!(get(), get());
+    }
+}

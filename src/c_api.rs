@@ -25,17 +25,9 @@ pub const MIN_ALIGN: usize = 16;
 /// `PTRDIFF_MAX`: no object may be larger.
 const MAX_SIZE: usize = isize::MAX as usize;
 
-#[inline]
-fn set_errno(e: c_int) {
-    // SAFETY: __errno_location returns the calling thread's errno slot.
-    unsafe { *libc::__errno_location() = e };
-}
-
 #[cfg(test)]
-fn errno() -> c_int {
-    // SAFETY: as in `set_errno`.
-    unsafe { *libc::__errno_location() }
-}
+use crate::os::errno;
+use crate::os::set_errno;
 
 #[inline]
 fn nomem() -> *mut c_void {

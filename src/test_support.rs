@@ -142,20 +142,16 @@ pub struct MemFile(i32);
 
 impl MemFile {
     pub fn new() -> Self {
-        // SAFETY: plain system calls on a descriptor of our own.
-        unsafe {
-            let fd = libc::memfd_create(c"coreheap-shared-test".as_ptr(), libc::MFD_CLOEXEC);
-            assert!(fd >= 0, "memfd_create failed");
-            assert_eq!(libc::ftruncate(fd, (FILE_CHUNKS * CHUNK) as libc::off_t), 0);
-            Self(fd)
-        }
+        let fd = os::file::memfd(c"coreheap-shared-test").expect("memfd_create failed");
+        os::file::set_size(fd, (FILE_CHUNKS * CHUNK) as u64).expect("ftruncate failed");
+        Self(fd)
     }
 }
 
 impl Drop for MemFile {
     fn drop(&mut self) {
-        // SAFETY: the descriptor is ours; the views that map it are gone by now.
-        unsafe { libc::close(self.0) };
+        // The views that map it are gone by now.
+        os::file::close(self.0);
     }
 }
 
@@ -168,24 +164,11 @@ pub struct View<'f> {
 
 impl<'f> View<'f> {
     pub fn map(file: &'f MemFile) -> Self {
-        let len = FILE_CHUNKS * CHUNK;
-        let r = crate::os::reserve_aligned(len, CHUNK);
-        assert!(!r.is_null());
-        // SAFETY: MAP_FIXED replaces only our own reservation, `len` bytes at `r`.
-        let p = unsafe {
-            libc::mmap(
-                r.cast(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED | libc::MAP_FIXED,
-                file.0,
-                0,
-            )
-        };
-        assert_eq!(p, r.cast(), "mmap of the memfd failed");
+        let p = os::file::map_shared(file.0, FILE_CHUNKS * CHUNK, true, None, CHUNK)
+            .expect("mmap of the memfd failed");
         Self {
             file,
-            base: r as usize,
+            base: p as usize,
         }
     }
 
@@ -205,28 +188,22 @@ impl<'f> View<'f> {
     /// Makes the whole view inaccessible (or accessible again): a stored address of
     /// this view, followed through the other one, then faults.
     pub fn hide(&self, hidden: bool) {
-        let prot = if hidden {
-            libc::PROT_NONE
+        let access = if hidden {
+            os::Access::None
         } else {
-            libc::PROT_READ | libc::PROT_WRITE
+            os::Access::ReadWrite
         };
-        // SAFETY: the range is this view's own mapping.
-        let r = unsafe { libc::mprotect(self.base as *mut _, FILE_CHUNKS * CHUNK, prot) };
-        assert_eq!(r, 0);
+        assert!(os::protect(
+            self.base as *mut u8,
+            FILE_CHUNKS * CHUNK,
+            access
+        ));
     }
 
-    /// Zeroes `len` bytes of the file at `off`, in every view.
+    /// Zeroes `len` bytes of the file at `off`, in every view (no live data lies there: the
+    /// callers' contracts).
     fn punch(&self, off: usize, len: usize) -> bool {
-        // SAFETY: a hole punched in our own file; no live data lies there (the callers'
-        // contracts).
-        unsafe {
-            libc::fallocate(
-                self.file.0,
-                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                off as libc::off_t,
-                len as libc::off_t,
-            ) == 0
-        }
+        os::file::punch_hole(self.file.0, off as u64, len as u64)
     }
 }
 

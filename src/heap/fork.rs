@@ -93,8 +93,8 @@ pub(super) fn register_handlers() {
         l.str(b"coreheap: pthread_atfork failed; fork may deadlock\n");
         l.write(2);
     }
-    let stats = os::env_usize(b"COREHEAP_STATS\0").unwrap_or(0) > 0;
-    let check = os::env_usize(b"COREHEAP_CHECK\0").unwrap_or(0) > 0;
+    let settings = crate::settings::get();
+    let (stats, check) = (settings.stats, settings.check);
     if stats || check {
         // A high descriptor number keeps out of the way of programs that pick small ones.
         let fd = os::dup_fd_high(2, 500);

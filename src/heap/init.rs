@@ -13,10 +13,11 @@ use core::sync::atomic::{AtomicUsize, Ordering};
 
 use crossbeam_utils::{Backoff, CachePadded};
 
-use super::{fork, Config, ProcessHeap, FAILED, INITING, MAX_ARENAS, READY, UNINIT};
+use super::{fork, Config, ProcessHeap, FAILED, INITING, READY, UNINIT};
 use crate::arena::Arena;
 use crate::cpucache::Caches;
 use crate::os;
+use crate::settings::{self, MAX_ARENAS};
 use crate::size_class::{CLASS_TABLE, PAGE};
 use crate::source::OsSource;
 
@@ -136,14 +137,16 @@ impl ProcessHeap {
 fn init_config(cfg: &mut Config) -> bool {
     let mut allowed = [0u64; 16];
     let ncpu = os::cpu_affinity(&mut allowed);
-    let count = match os::env_usize(b"COREHEAP_ARENAS\0") {
-        Some(n) if n >= 1 => n.min(MAX_ARENAS),
-        _ => ncpu,
-    };
+    let settings = settings::get();
+    let count = settings.arenas.unwrap_or(ncpu).clamp(1, MAX_ARENAS);
     let possible = os::possible_cpus();
     let table = count * core::mem::size_of::<CachePadded<Arena<OsSource>>>();
-    let debug = os::env_usize(b"COREHEAP_DEBUG\0").unwrap_or(0) > 0;
-    let fast = if debug { None } else { fast_path_wanted() };
+    let debug = settings.debug;
+    let fast = if debug || !settings.rseq {
+        None
+    } else {
+        fast_path_wanted()
+    };
     let caches_bytes = if fast.is_some() {
         Caches::table_bytes(possible)
     } else {
@@ -212,9 +215,9 @@ pub(super) fn rseq_cpu() -> Option<usize> {
 /// The rseq area offset if the per-CPU fast path can and may be used: a build with the
 /// critical sections, an rseq area registered by glibc (none under `GLIBC_TUNABLES=
 /// glibc.pthread.rseq=0`, on kernels before 4.18, or under valgrind), a CPU id in it for the
-/// initialising thread, and no `COREHEAP_RSEQ=0` in the environment. Decided once.
+/// initialising thread (and no `COREHEAP_RSEQ=0`, which the caller tests). Decided once.
 fn fast_path_wanted() -> Option<isize> {
-    if !Caches::AVAILABLE || os::env_usize(b"COREHEAP_RSEQ\0") == Some(0) {
+    if !Caches::AVAILABLE {
         return None;
     }
     #[cfg(all(target_arch = "x86_64", target_os = "linux", target_env = "gnu"))]

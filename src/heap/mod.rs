@@ -35,9 +35,6 @@ const READY: u8 = 2;
 /// The arena table could not be mapped: every allocation fails (returns null).
 const FAILED: u8 = 3;
 
-/// Upper bound on `COREHEAP_ARENAS`.
-pub const MAX_ARENAS: usize = 4096;
-
 /// An entry of `ProcessHeap::classes` while the fast path is off.
 const NOT_FAST: u8 = u8::MAX;
 

@@ -18,22 +18,6 @@ pub fn with_var<R>(name: &CStr, f: impl FnOnce(Option<&[u8]>) -> R) -> R {
     f(Some(unsafe { CStr::from_ptr(p) }.to_bytes()))
 }
 
-/// Reads an environment variable as an unsigned decimal number. `name` must end with a NUL
-/// byte. Returns `None` if unset, empty or not a number.
-///
-/// Kept for `heap.rs` until it reads `crate::settings`; new code reads settings.
-pub fn env_usize(name: &[u8]) -> Option<usize> {
-    let name = CStr::from_bytes_with_nul(name).ok()?;
-    with_var(name, |v| {
-        let v = v.filter(|v| !v.is_empty())?;
-        v.iter().try_fold(0usize, |n, &b| {
-            b.is_ascii_digit()
-                .then_some(())
-                .and_then(|_| n.checked_mul(10)?.checked_add((b - b'0') as usize))
-        })
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -42,6 +26,5 @@ mod tests {
     fn reads_variables() {
         with_var(c"PATH", |v| assert!(v.is_some()));
         with_var(c"COREHEAP_SURELY_UNSET_VARIABLE", |v| assert!(v.is_none()));
-        assert_eq!(env_usize(b"COREHEAP_SURELY_UNSET_VARIABLE\0"), None);
     }
 }

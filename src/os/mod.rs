@@ -53,7 +53,7 @@ pub mod sync;
 pub mod time;
 
 pub use cpu::{cpu_affinity, current_cpu, possible_cpus};
-pub use env::{env_usize, with_var};
+pub use env::with_var;
 pub use errno::{errno, keeping_errno, set_errno};
 pub use file::dup_fd_high;
 pub use io::{fatal, stdio_list_lock, stdio_list_reset, stdio_list_unlock, write_all};

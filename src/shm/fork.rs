@@ -5,21 +5,22 @@ use core::ptr;
 use core::sync::atomic::Ordering;
 
 use super::layout::ShmHeader;
-use super::{sys, SharedHeap};
+use super::SharedHeap;
+use crate::os::{self, file};
 
 impl SharedHeap {
     /// `COREHEAP_SHM`: makes this process the heap's publisher unless another live process
     /// is. Returns whether it is now (children started with the variable inherited find
     /// their parent there, and keep their own heaps).
     pub(super) fn claim_publisher(&self) -> bool {
-        let me = sys::pid();
+        let me = os::pid();
         let w = &self.view.header().publisher;
         loop {
             let cur = w.load(Ordering::Acquire);
             if cur == me {
                 return true;
             }
-            if cur != 0 && sys::process_alive(cur) {
+            if cur != 0 && os::process_alive(cur) {
                 return false;
             }
             if w.compare_exchange(cur, me, Ordering::AcqRel, Ordering::Acquire)
@@ -53,7 +54,7 @@ impl SharedHeap {
     /// Returns false if the copy could not be made: the child then shares the heap.
     pub(super) fn fork_child(&self) -> bool {
         let (base, len) = (self.view.src.base as *mut u8, self.view.src.len);
-        if !sys::privatize(base, len, self.fd) {
+        if !file::privatize(base, len, self.fd) {
             return false;
         }
         // SAFETY: the memory is this process's private copy now; the locks in it belong to

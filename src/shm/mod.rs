@@ -27,7 +27,6 @@ mod layout;
 mod open;
 pub mod process;
 mod source;
-mod sys;
 mod view;
 
 use core::alloc::Layout;
@@ -36,6 +35,7 @@ use core::ptr::NonNull;
 use core::sync::atomic::Ordering;
 
 use crate::arena::ArenaStats;
+use crate::os::{self, file};
 use layout::FLAG_FIXED;
 pub use layout::{MAX_ARENAS, MAX_SIZE, SHM_VERSION};
 use open::c_path;
@@ -265,7 +265,7 @@ impl SharedHeap {
 
     /// Unmaps the heap and removes its file. Processes that still map it keep using it.
     pub fn destroy(self) -> Result<(), ShmError> {
-        let r = sys::unlink(self.path.as_ptr().cast()).map_err(|e| ShmError::os("unlink", e));
+        let r = file::unlink(self.path.as_ptr().cast()).map_err(|e| ShmError::os("unlink", e));
         drop(self);
         r
     }
@@ -458,8 +458,8 @@ impl SharedHeap {
 
 impl Drop for SharedHeap {
     fn drop(&mut self) {
-        sys::unmap(self.view.src.base as *mut u8, self.view.src.len);
-        sys::close(self.fd);
+        os::unmap(self.view.src.base as *mut u8, self.view.src.len);
+        file::close(self.fd);
     }
 }
 

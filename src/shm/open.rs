@@ -11,9 +11,10 @@ use super::layout::{
 };
 use super::view::View;
 use super::{
-    sys, Fixed, Mode, Options, SharedHeap, ShmError, ShmErrorKind, MAX_ARENAS, MAX_SIZE, PATH_MAX,
+    Fixed, Mode, Options, SharedHeap, ShmError, ShmErrorKind, MAX_ARENAS, MAX_SIZE, PATH_MAX,
     SHM_VERSION, WAIT_READY_US,
 };
+use crate::os::{self, file};
 use crate::size_class::{CHUNK, PAGE};
 
 impl SharedHeap {
@@ -48,7 +49,7 @@ impl SharedHeap {
         // have to create the heap itself.
         let exclusive = mode == Mode::OpenOrCreate;
         let fd = loop {
-            let fd = match sys::open(path.as_ptr(), writable) {
+            let fd = match file::open(path.as_ptr(), writable) {
                 Ok(fd) => fd,
                 // Removed between our failed creation and this open: try again.
                 Err(libc::ENOENT) if mode == Mode::OpenOrCreate => {
@@ -63,15 +64,15 @@ impl SharedHeap {
                 Err(e) => return Err(ShmError::os("open", e)),
             };
             if Self::opened_in_own_init(fd) {
-                sys::close(fd);
+                file::close(fd);
                 return Err(ShmError::new(
                     ShmErrorKind::InInit,
                     "the heap was opened from inside its own init",
                     0,
                 ));
             }
-            if let Err(e) = sys::flock(fd, exclusive, WAIT_READY_US) {
-                sys::close(fd);
+            if let Err(e) = file::flock(fd, exclusive, WAIT_READY_US) {
+                file::close(fd);
                 return Err(if e == libc::ETIMEDOUT {
                     ShmError::new(
                         ShmErrorKind::Timeout,
@@ -83,11 +84,11 @@ impl SharedHeap {
                 });
             }
             // The name may have been removed, or given to a new file, while we waited.
-            if sys::still_named(fd, path.as_ptr()) {
+            if file::still_named(fd, path.as_ptr()) {
                 break fd;
             }
-            sys::unlock(fd);
-            sys::close(fd);
+            file::unlock(fd);
+            file::close(fd);
         };
         if Self::abandoned(fd) {
             // We hold the lock and the heap is not ready: its creator died.
@@ -95,9 +96,9 @@ impl SharedHeap {
                 // Create it anew here, `init` included.
                 return Self::build_locked(fd, path, size, opts, saved, init, false);
             }
-            let empty = sys::file_size(fd) == Ok(0);
-            sys::unlock(fd);
-            sys::close(fd);
+            let empty = file::file_size(fd) == Ok(0);
+            file::unlock(fd);
+            file::close(fd);
             return Err(if empty {
                 ShmError::new(
                     ShmErrorKind::NotAHeap,
@@ -113,19 +114,19 @@ impl SharedHeap {
             });
         }
         let r = Self::attach(fd, writable, saved);
-        sys::unlock(fd);
-        r.inspect_err(|_| sys::close(fd))
+        file::unlock(fd);
+        r.inspect_err(|_| file::close(fd))
     }
 
     /// Calls `f` with the header of the file `fd` mapped read-only on its own; `None` if
     /// the file is shorter than a page (or cannot be mapped).
     fn peek<T>(fd: i32, f: impl FnOnce(*const ShmHeader) -> T) -> Option<T> {
-        if sys::file_size(fd).map_or(true, |l| l < PAGE as u64) {
+        if file::file_size(fd).map_or(true, |l| l < PAGE as u64) {
             return None;
         }
-        let page = sys::map_peek(fd, PAGE).ok()?;
+        let page = file::map_peek(fd, PAGE).ok()?;
         let r = f(page.cast());
-        sys::unmap(page as *mut u8, PAGE);
+        os::unmap(page as *mut u8, PAGE);
         Some(r)
     }
 
@@ -140,7 +141,7 @@ impl SharedHeap {
                     (*h).state.load(Ordering::Acquire),
                 )
             };
-            creator == sys::pid() && state == STATE_INIT
+            creator == os::pid() && state == STATE_INIT
         })
         .unwrap_or(false)
     }
@@ -150,24 +151,24 @@ impl SharedHeap {
     /// ready. Where the file system has no unnamed files, created by name and then locked
     /// (an opener may then lock it first: `build_locked` and `abandoned` cope).
     fn create_locked(path: &CStr, opts: &Options) -> Result<i32, ShmError> {
-        if let Ok(fd) = sys::create_unnamed(path.to_bytes_with_nul(), opts.mode) {
-            if let Err(e) = sys::flock(fd, true, 0) {
-                sys::close(fd);
+        if let Ok(fd) = file::create_unnamed(path.to_bytes_with_nul(), opts.mode) {
+            if let Err(e) = file::flock(fd, true, 0) {
+                file::close(fd);
                 return Err(ShmError::os("flock", e));
             }
-            match sys::link(fd, path.as_ptr()) {
+            match file::link(fd, path.as_ptr()) {
                 Ok(()) => return Ok(fd),
-                Err(libc::ENOENT) | Err(libc::EPERM) => sys::close(fd), // no /proc: by name
+                Err(libc::ENOENT) | Err(libc::EPERM) => file::close(fd), // no /proc: by name
                 Err(e) => {
-                    sys::close(fd);
+                    file::close(fd);
                     return Err(ShmError::os("create the heap file", e));
                 }
             }
         }
-        let fd = sys::create_excl(path.as_ptr(), opts.mode)
+        let fd = file::create_excl(path.as_ptr(), opts.mode)
             .map_err(|e| ShmError::os("create the heap file", e))?;
-        if let Err(e) = sys::flock(fd, true, WAIT_READY_US) {
-            sys::close(fd);
+        if let Err(e) = file::flock(fd, true, WAIT_READY_US) {
+            file::close(fd);
             return Err(ShmError::os("flock", e));
         }
         Ok(fd)
@@ -178,7 +179,7 @@ impl SharedHeap {
     /// (the size a creator gives it). Anything else is not ours to overwrite: opening it
     /// reports what it is.
     fn abandoned(fd: i32) -> bool {
-        match sys::file_size(fd) {
+        match file::file_size(fd) {
             Ok(0) => true,
             Ok(len) if len % CHUNK as u64 == 0 => Self::peek(fd, |h| {
                 // SAFETY: `peek` maps the first page; nobody writes it (we hold the lock).
@@ -205,17 +206,17 @@ impl SharedHeap {
     ) -> Result<SharedHeap, ShmError> {
         if fresh && !Self::abandoned(fd) {
             let r = Self::attach(fd, true, saved);
-            sys::unlock(fd);
-            return r.inspect_err(|_| sys::close(fd));
+            file::unlock(fd);
+            return r.inspect_err(|_| file::close(fd));
         }
-        let r = sys::set_size(fd, 0)
+        let r = file::set_size(fd, 0)
             .map_err(|e| ShmError::os("ftruncate", e))
             .and_then(|_| Self::build(fd, size, opts, saved, init));
         if r.is_err() && fresh {
-            let _ = sys::unlink(path.as_ptr());
+            let _ = file::unlink(path.as_ptr());
         }
-        sys::unlock(fd);
-        r.inspect_err(|_| sys::close(fd))
+        file::unlock(fd);
+        r.inspect_err(|_| file::close(fd))
     }
 
     /// Lays out and initialises a new heap in the freshly created, empty file `fd`.
@@ -249,19 +250,19 @@ impl SharedHeap {
             Fixed::At(a) => Some(a),
             _ => None,
         };
-        sys::set_size(fd, plan.size).map_err(|e| ShmError::os("ftruncate", e))?;
+        file::set_size(fd, plan.size).map_err(|e| ShmError::os("ftruncate", e))?;
         let base = map(fd, plan.size as usize, true, at)?;
         let used = (plan.arenas_off as usize + narenas as usize * size_of::<ShmArena>())
             .next_multiple_of(PAGE);
-        if !sys::populate(base as *mut u8, used) {
-            sys::unmap(base as *mut u8, plan.size as usize);
+        if !file::populate(base as *mut u8, used) {
+            os::unmap(base as *mut u8, plan.size as usize);
             return Err(ShmError::os("allocate the header's space", libc::ENOSPC));
         }
         let h = base as *mut ShmHeader;
         // SAFETY: the file is new and ours alone until the header says READY (other openers
         // wait for that); the mapping covers the plan; zeroed bytes are a valid header.
         unsafe {
-            (*h).creator.store(sys::pid(), Ordering::Relaxed);
+            (*h).creator.store(os::pid(), Ordering::Relaxed);
             (*h).chunk = CHUNK as u64;
             (*h).page = PAGE as u64;
             (*h).arena_size = core::mem::size_of::<ShmArena>() as u64;
@@ -273,7 +274,7 @@ impl SharedHeap {
             (*h).used_off = plan.used_off;
             (*h).heads_off = plan.heads_off;
             (*h).arenas_off = plan.arenas_off;
-            (*h).mark = (crate::os::secret_key(0x5348_4d00 + sys::pid() as usize) | 1) as u64;
+            (*h).mark = (crate::os::secret_key(0x5348_4d00 + os::pid() as usize) | 1) as u64;
             if opts.fixed != Fixed::No {
                 (*h).flags = FLAG_FIXED;
                 (*h).fixed_addr = base as u64;
@@ -285,7 +286,7 @@ impl SharedHeap {
                 ok &= ShmArena::init_in_place(slot, i, false);
             }
             if !ok {
-                sys::unmap(base as *mut u8, plan.size as usize);
+                os::unmap(base as *mut u8, plan.size as usize);
                 return Err(ShmError::os("pthread_mutex_init", libc::EINVAL));
             }
             (*h).version = SHM_VERSION;
@@ -308,7 +309,7 @@ impl SharedHeap {
     /// Validates the heap in `fd`, whose flock we hold and which `abandoned` said is not
     /// unfinished, and maps it.
     fn attach(fd: i32, writable: bool, path: [u8; PATH_MAX + 1]) -> Result<SharedHeap, ShmError> {
-        let len = sys::file_size(fd).map_err(|e| ShmError::os("fstat", e))?;
+        let len = file::file_size(fd).map_err(|e| ShmError::os("fstat", e))?;
         let (size, fixed) =
             Self::peek(fd, |h| Self::validate(h, len)).unwrap_or(Err(ShmError::new(
                 ShmErrorKind::Truncated,
@@ -319,7 +320,7 @@ impl SharedHeap {
         // Validated again in the mapping that is used (the file could have changed since
         // the peek); `View::view` then copies the layout once.
         if Self::validate(base as *const ShmHeader, len) != Ok((size, fixed)) {
-            sys::unmap(base as *mut u8, size as usize);
+            os::unmap(base as *mut u8, size as usize);
             return Err(ShmError::new(
                 ShmErrorKind::NotAHeap,
                 "heap header changed while it was being opened",
@@ -422,7 +423,7 @@ pub(super) fn c_path(p: &std::path::Path) -> Result<std::ffi::CString, ShmError>
 }
 
 fn map(fd: i32, len: usize, writable: bool, at: Option<usize>) -> Result<usize, ShmError> {
-    match sys::map_shared(fd, len, writable, at, CHUNK) {
+    match file::map_shared(fd, len, writable, at, CHUNK) {
         Ok(p) => Ok(p as usize),
         Err(libc::EEXIST) => Err(ShmError::new(
             ShmErrorKind::AddressTaken,

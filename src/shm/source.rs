@@ -7,8 +7,8 @@
 use core::sync::atomic::{AtomicU64, Ordering};
 
 use super::layout::ShmHeader;
-use super::sys;
 use crate::lock::Taken;
+use crate::os::file;
 use crate::size_class::CHUNK;
 use crate::source::PageSource;
 
@@ -124,7 +124,7 @@ impl ShmSource {
         let c = self.chunk_addr(first);
         // The file is sparse: make sure its space exists now, so that a full file system
         // gives a null here rather than SIGBUS at the first touch.
-        if !sys::populate(c, n * CHUNK) {
+        if !file::populate(c, n * CHUNK) {
             self.lock_chunks();
             for i in first..first + n {
                 Self::set(self.used(), i, false);
@@ -161,7 +161,7 @@ impl ShmSource {
         if n == 0 || first + n > self.nchunks {
             return;
         }
-        if !sys::punch(chunk, n * CHUNK) {
+        if !file::punch(chunk, n * CHUNK) {
             // SAFETY: the span is ours and unused (contract).
             unsafe { core::ptr::write_bytes(chunk, 0, n * CHUNK) };
         }

@@ -13,13 +13,19 @@
 //! ```
 //!
 //! # Layout of the code
-//! - [`os`]: the only caller of the OS (mmap, madvise, futex, sched_getcpu); a contract.
-//! - [`source`]: where chunks come from; the seam for heaps in shared memory.
-//! - `size_class`, `chunk`: sizes; chunk headers and the pointer -> header lookup.
-//! - `large` (page heap), `small` (size-class runs), `remote` (frees on their way back),
-//!   `arena` (one arena and its lock), `lock` (a futex lock that never allocates).
-//! - `heap`: the arena table, CPU routing, initialisation, huge blocks, fork.
-//! - `global`: `GlobalAlloc`; `stats`: counters and the report.
+//! Layers, each importing only those below it (`docs/design.md` has the map and the arrows):
+//! - [`os`]: the only caller of the OS (memory, files, futex and pthread locks, rseq, the
+//!   environment, time), with a written contract; `settings`: every `COREHEAP_*` variable.
+//! - [`source`]: where an engine's memory comes from (`PageSource`): the seam for heaps in
+//!   shared memory; `OsSource` and the chunk registry.
+//! - The engine: `size_class`, `chunk` (headers, pointer -> header), `large` (page heap),
+//!   `small` (size-class runs), `remote` (frees on their way back), `arena` (one arena, its
+//!   lock chosen by the page source, lookup, recovery), `lock`.
+//! - `cpucache`: the per-CPU caches and their rseq critical sections.
+//! - `front`: what every heap does the same way (routing, usable size, realloc, huge
+//!   blocks, misuse reports) over a `Backend`.
+//! - `heap`: the process heap (init, fast paths, fork); [`shm`]: heaps in shared files.
+//! - `global`: `GlobalAlloc`; [`c_api`]: the C interface; `stats`: counters and the report.
 //!
 //! See `docs/design.md` for the invariants and the lock order.
 

@@ -64,4 +64,9 @@ fn a_bad_value_is_reported_once() {
         1,
         "only the bad value is reported:\n{stderr}"
     );
+    // `COREHEAP_STATS=yes` turned the exit report on, with the two arenas asked for.
+    assert!(
+        stderr.contains("coreheap: 2 arenas"),
+        "no exit report:\n{stderr}"
+    );
 }

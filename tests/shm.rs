@@ -62,6 +62,7 @@ fn main() {
     fork_child_uses_the_heap();
     offsets_and_root();
     huge_blocks_and_exhaustion();
+    realloc_follows_the_front_end_rules();
     eprintln!("shm: all tests passed in {:?}", t.elapsed());
 }
 
@@ -756,4 +757,65 @@ fn huge_blocks_and_exhaustion() {
     heap.check().unwrap();
     heap.destroy().unwrap();
     eprintln!("shm: huge blocks, and exhaustion gives null");
+}
+
+/// The shared heap resizes through the same front end as the process heap: a small block
+/// stays in place while it keeps more than a quarter of its class, a large block is resized
+/// in its page run, a huge block that shrinks by less than three quarters keeps its span;
+/// growing past a span moves the contents.
+fn realloc_follows_the_front_end_rules() {
+    let path = test_path("realloc");
+    let heap = SharedHeap::create(&path, 64 << 20).unwrap();
+    let fill = |p: *mut u8, n: usize| {
+        for i in 0..n {
+            // SAFETY: `p` is a live block of at least `n` bytes.
+            unsafe { p.add(i).write(i as u8 ^ 0x5a) };
+        }
+    };
+    let same = |p: *const u8, n: usize| {
+        // SAFETY: `p` is a live block of at least `n` bytes.
+        (0..n).all(|i| unsafe { p.add(i).read() } == i as u8 ^ 0x5a)
+    };
+    // SAFETY: every pointer passed is a live block of this heap, owned here; each is used
+    // only while live.
+    unsafe {
+        let p = heap.alloc_raw(64, 16);
+        fill(p, 64);
+        assert_eq!(heap.realloc(p, 40), p, "a small block shrinks in place");
+        let q = heap.realloc(p, 8);
+        assert_ne!(q, p, "a small block that keeps a quarter or less moves");
+        assert!(same(q, 8));
+        heap.free(q);
+
+        let p = heap.alloc_raw(100 << 10, 16);
+        fill(p, 100 << 10);
+        assert_eq!(
+            heap.realloc(p, 60 << 10),
+            p,
+            "a large block shrinks in its run"
+        );
+        assert_eq!(
+            heap.realloc(p, 100 << 10),
+            p,
+            "and grows into the free pages after it"
+        );
+        assert!(heap.usable_size(p) >= 100 << 10);
+        assert!(same(p, 60 << 10));
+        heap.free(p);
+
+        let p = heap.alloc_raw(6 << 20, 16);
+        fill(p, 6 << 20);
+        assert_eq!(heap.realloc(p, 5 << 20), p, "a huge block keeps its span");
+        assert!(heap.usable_size(p) >= 5 << 20);
+        let q = heap.realloc(p, 9 << 20);
+        assert!(!q.is_null());
+        assert!(same(q, 5 << 20), "moved with its contents");
+        assert_eq!(heap.stats().huge_blocks, 1);
+        heap.free(q);
+    }
+    assert_eq!(heap.stats().huge_blocks, 0);
+    assert_eq!(heap.stats().in_use(), 0);
+    heap.check().unwrap();
+    heap.destroy().unwrap();
+    eprintln!("shm: realloc in place by the front end's rules");
 }

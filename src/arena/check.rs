@@ -28,12 +28,12 @@ impl<S: PageSource<Lock: ArenaLock>> Arena<S> {
     pub(super) unsafe fn check_locked(&self, src: &S, st: &mut State) -> Result<(), &'static str> {
         // SAFETY: by the contract.
         unsafe {
-            let mut r = st.heap.check(src).and_then(|_| st.bins.check(src));
+            let mut r = st.pages.check(src).and_then(|_| st.bins.check(src));
             if r.is_ok() {
                 let mut in_use = 0usize;
                 let mut runs = 0usize;
                 let key = st.bins.key();
-                st.heap.for_each_chunk(src, |c| {
+                st.pages.for_each_chunk(src, |c| {
                     let mut i = HEADER_PAGES;
                     while i < CHUNK_PAGES {
                         let d = &mut (*c).pages[i] as *mut PageDesc;
@@ -56,7 +56,7 @@ impl<S: PageSource<Lock: ArenaLock>> Arena<S> {
                 if r.is_ok() && in_use != st.large.in_use {
                     r = Err("large bytes in use disagree with the large runs");
                 }
-                if r.is_ok() && runs != st.heap.counters.runs {
+                if r.is_ok() && runs != st.pages.counters.runs {
                     r = Err("run count disagrees with the chunks");
                 }
             }

@@ -54,7 +54,7 @@ pub const LARGE_ALIGN_MAX: usize = 64 * 1024;
 /// Everything guarded by the arena lock.
 struct State {
     bins: SmallBins,
-    heap: PageHeap,
+    pages: PageHeap,
     large: LargeCounters,
     /// Blocks that came back through the pending stack (counted at the drain, so the
     /// remote free itself pays no second atomic on the stack's line).
@@ -103,7 +103,7 @@ impl<S: PageSource> Arena<S> {
             offset_of!(Self, pending),
             size_of::<State>(),
             offset_of!(State, bins),
-            offset_of!(State, heap),
+            offset_of!(State, pages),
             offset_of!(State, large),
             offset_of!(State, pending_drained),
             offset_of!(State, recoveries),
@@ -136,7 +136,7 @@ impl<S: PageSource<Lock: ArenaLock>> Arena<S> {
             ptr::addr_of_mut!((*slot).index).write(index);
             ptr::addr_of_mut!((*slot).key).write(key);
             let st = &mut *(*slot).state.get();
-            st.heap = PageHeap::new(index);
+            st.pages = PageHeap::new(index);
             st.bins.set_key(key);
             st.bins.set_scrub(debug);
             S::Lock::init_in_place(ptr::addr_of_mut!((*slot).lock))
@@ -204,9 +204,9 @@ impl<S: PageSource<Lock: ArenaLock>> Arena<S> {
         // SAFETY: the caller holds the lock.
         unsafe {
             self.drain_locked(src, st);
-            st.heap.decay(src, crate::os::now_ms());
+            st.pages.decay(src, crate::os::now_ms());
             st.bins
-                .alloc_refill(&mut st.heap, src, class)
+                .alloc_refill(&mut st.pages, src, class)
                 .unwrap_or((ptr::null_mut(), false))
         }
     }
@@ -225,19 +225,19 @@ impl<S: PageSource<Lock: ArenaLock>> Arena<S> {
         // SAFETY: as just said.
         let (d, dirty) = unsafe {
             self.drain_locked(src, st);
-            st.heap.decay(src, crate::os::now_ms());
+            st.pages.decay(src, crate::os::now_ms());
             // Taking the run and marking it Large is one page-run update (see `recover`).
-            st.heap.enter::<S>();
-            st.heap.alloc_run(src, n, align_pages)
+            st.pages.enter::<S>();
+            st.pages.alloc_run(src, n, align_pages)
         };
         let p = if d.is_null() {
-            st.heap.leave::<S>();
+            st.pages.leave::<S>();
             ptr::null_mut()
         } else {
             // SAFETY: `d` heads the run we just took.
             unsafe {
                 (*d).set_kind(Kind::Large);
-                st.heap.leave::<S>();
+                st.pages.leave::<S>();
                 st.large.allocs += 1;
                 st.large.in_use += n * PAGE;
                 let p = crate::chunk::run_addr(d);
@@ -290,7 +290,7 @@ impl<S: PageSource<Lock: ArenaLock>> Arena<S> {
                     if local && self.try_acquire(src) {
                         let st = &mut *self.state.get();
                         if self.owns_run(run) {
-                            st.bins.free(&mut st.heap, src, run, b);
+                            st.bins.free(&mut st.pages, src, run, b);
                         }
                         self.release(src);
                     } else if self.pending.push(b, self.key, src.base()) >= Pending::FLUSH {
@@ -468,7 +468,7 @@ impl<S: PageSource<Lock: ArenaLock>> Arena<S> {
                 let next = Pending::next_of(b, key, base);
                 match what {
                     _ if orphan => {}
-                    Lookup::Small { run, .. } => st.bins.free(&mut st.heap, src, run, b),
+                    Lookup::Small { run, .. } => st.bins.free(&mut st.pages, src, run, b),
                     Lookup::Large { run, .. } => Self::free_large_locked(src, st, run),
                     _ => {}
                 }
@@ -488,7 +488,7 @@ impl<S: PageSource<Lock: ArenaLock>> Arena<S> {
         unsafe {
             st.large.frees += 1;
             st.large.in_use -= (*run).npages as usize * PAGE;
-            st.heap.free_run(src, run);
+            st.pages.free_run(src, run);
         }
     }
 
@@ -507,14 +507,14 @@ impl<S: PageSource<Lock: ArenaLock>> Arena<S> {
             if !self.owns_run(run) {
                 false
             } else if n > have {
-                let ok = st.heap.grow_run(src, run, n);
+                let ok = st.pages.grow_run(src, run, n);
                 if ok {
                     st.large.in_use += (n - have) * PAGE;
                 }
                 ok
             } else {
                 if n < have {
-                    st.heap.shrink_run(src, run, n);
+                    st.pages.shrink_run(src, run, n);
                     st.large.in_use -= (have - n) * PAGE;
                 }
                 true
@@ -531,7 +531,7 @@ impl<S: PageSource<Lock: ArenaLock>> Arena<S> {
         unsafe {
             let st = &mut *self.state.get();
             self.drain_locked(src, st);
-            st.heap.purge_all(src);
+            st.pages.purge_all(src);
         }
         self.release(src);
     }
@@ -547,8 +547,8 @@ impl<S: PageSource<Lock: ArenaLock>> Arena<S> {
                 index: self.index as usize,
                 classes: st.bins.counters,
                 large: st.large,
-                pages: st.heap.counters,
-                dirty_bytes: st.heap.dirty_pages * PAGE,
+                pages: st.pages.counters,
+                dirty_bytes: st.pages.dirty_pages * PAGE,
                 remote_frees: st.pending_drained,
                 contentions: self.lock.contentions(),
                 recoveries: st.recoveries,
@@ -610,7 +610,7 @@ impl<S: PageSource> LockedBins<'_, S> {
                 unsafe {
                     self.st
                         .bins
-                        .free(&mut self.st.heap, self.src, run, b.cast::<Block>())
+                        .free(&mut self.st.pages, self.src, run, b.cast::<Block>())
                 };
                 true
             }

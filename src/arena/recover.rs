@@ -62,19 +62,19 @@ impl<S: PageSource<Lock: ArenaLock>> Arena<S> {
         // SAFETY: the lock is held (precondition).
         let st = unsafe { &mut *self.state.get() };
         st.recoveries += 1;
-        let intact = !st.heap.busy();
+        let intact = !st.pages.busy();
         // The recovery is itself an update: if this process dies in it, the next taker
         // orphans (a repair half done is not trusted).
-        st.heap.enter::<S>();
+        st.pages.enter::<S>();
         // SAFETY: as above; with the mark clear the page heap is sound (see above), which
         // its check confirms before `rebuild` changes anything; the walks of `rebuild` are
         // bounded and checked.
         let repaired = intact
             && unsafe {
-                st.heap.check(src).is_ok() && {
-                    st.bins.rebuild(&mut st.heap, src);
+                st.pages.check(src).is_ok() && {
+                    st.bins.rebuild(&mut st.pages, src);
                     let (mut large, mut runs) = (0usize, 0usize);
-                    st.heap.for_each_chunk(src, |c| {
+                    st.pages.for_each_chunk(src, |c| {
                         let mut i = HEADER_PAGES;
                         while i < CHUNK_PAGES {
                             let d = &(*c).pages[i];
@@ -90,7 +90,7 @@ impl<S: PageSource<Lock: ArenaLock>> Arena<S> {
                         }
                     });
                     st.large.in_use = large;
-                    st.heap.counters.runs = runs;
+                    st.pages.counters.runs = runs;
                     self.check_locked(src, st).is_ok()
                 }
             };
@@ -99,7 +99,7 @@ impl<S: PageSource<Lock: ArenaLock>> Arena<S> {
         } else {
             self.orphan_all(src, st);
         }
-        st.heap.leave::<S>();
+        st.pages.leave::<S>();
         self.lock.mark_consistent();
     }
 
@@ -130,7 +130,7 @@ impl<S: PageSource<Lock: ArenaLock>> Arena<S> {
         // order the copy writes its bytes in.
         let mut fresh = PageHeap::new(index);
         fresh.enter::<S>();
-        st.heap = fresh;
+        st.pages = fresh;
         st.large = LargeCounters::default();
         st.orphaned += n;
     }

@@ -16,7 +16,7 @@ impl<S: PageSource<Lock: ArenaLock>> Arena<S> {
         match damage {
             // SAFETY: the lock is held.
             1 => unsafe { st.bins.damage_for_test(src) },
-            2 => st.heap.enter::<S>(),
+            2 => st.pages.enter::<S>(),
             _ => {}
         }
     }

@@ -40,7 +40,7 @@ struct Slot(core::cell::UnsafeCell<MaybeUninit<SharedHeap>>);
 // SAFETY: written by one thread (the one that moved STATE to OPENING) before the Release
 // store of ON; read only after an Acquire load of ON.
 unsafe impl Sync for Slot {}
-static HEAP: Slot = Slot(core::cell::UnsafeCell::new(MaybeUninit::uninit()));
+static SHARED: Slot = Slot(core::cell::UnsafeCell::new(MaybeUninit::uninit()));
 
 /// The process's shared heap, if `COREHEAP_SHM` asked for one and it could be opened.
 #[inline]
@@ -48,7 +48,7 @@ pub fn heap() -> Option<&'static SharedHeap> {
     match STATE.load(Ordering::Acquire) {
         OFF | OPENING => None,
         // SAFETY: ON is stored (Release) only after the slot was written; never changes.
-        ON => Some(unsafe { (*HEAP.0.get()).assume_init_ref() }),
+        ON => Some(unsafe { (*SHARED.0.get()).assume_init_ref() }),
         _ => open(),
     }
 }
@@ -94,7 +94,7 @@ fn open_from_env() -> Option<&'static SharedHeap> {
         }
         Ok(h) => {
             // SAFETY: only this thread writes the slot (it moved STATE to OPENING).
-            unsafe { (*HEAP.0.get()).write(h) };
+            unsafe { (*SHARED.0.get()).write(h) };
             STATE.store(ON, Ordering::Release);
             if !os::register_atfork(fork_prepare, fork_parent, fork_child) {
                 os::write_all(
@@ -189,7 +189,7 @@ unsafe extern "C" fn fork_child() {
 fn heap_if_on() -> Option<&'static SharedHeap> {
     if STATE.load(Ordering::Acquire) == ON {
         // SAFETY: as in `heap`.
-        Some(unsafe { (*HEAP.0.get()).assume_init_ref() })
+        Some(unsafe { (*SHARED.0.get()).assume_init_ref() })
     } else {
         None
     }

@@ -1,0 +1,80 @@
+//! The middle tier: per-arena, per-class transfer slots that hold whole chains of free
+//! blocks between the CPU caches and their arena (the role of TCMalloc's transfer cache).
+//!
+//! A CPU whose list of a class overflows parks half of it in a slot of its arena; a CPU of
+//! that arena whose list runs empty takes a parked chain and installs it. Outboxes park the
+//! blocks they send back to an owner the same way. Each move is one atomic instruction on the
+//! slot; the arena's lock is taken only when every slot is full (to park) or empty (to
+//! take), and then moves a whole batch in one lock round.
+//!
+//! Invariants:
+//! - a slot is 0 or the packed head of a chain in the CPU lists' format (see `mod.rs`): its
+//!   blocks are free small blocks of the slot's class and arena, marked, counted as in use by
+//!   their runs, linked with the arena's secret, at most [`limit`](super::limit) of them;
+//! - a chain is owned by its slot from the Release compare-and-swap that parks it until the
+//!   Acquire swap that takes it: no thread reads or writes its blocks meanwhile (except the
+//!   double-free search and statistics, which only read, validating every link);
+//! - memory parked per arena is at most [`SLOTS`] chains of at most
+//!   [`limit`](super::limit)` / 2` blocks per class in practice (what a flush or a full
+//!   outbox group parks), never more than `SLOTS * limit(class)` blocks: 4 * 32 KiB per
+//!   class, 320 KiB per arena over the ten classes.
+
+use core::sync::atomic::{AtomicUsize, Ordering};
+
+use crate::size_class::NUM_CLASSES;
+
+/// Chains one (arena, class) pair can park.
+pub const SLOTS: usize = 4;
+
+/// One arena's transfer slots: a cache line of slots per class pair.
+///
+/// Invariant: see the module documentation. All-zero is empty.
+#[repr(C, align(64))]
+pub struct Transfer {
+    slots: [[AtomicUsize; SLOTS]; NUM_CLASSES],
+}
+
+impl Transfer {
+    /// Takes a parked chain of `class`: its packed head, or 0 when every slot is empty.
+    #[inline]
+    pub fn take(&self, class: usize) -> usize {
+        for s in &self.slots[class] {
+            // A load first: an empty slot costs no write to a line other CPUs read.
+            if s.load(Ordering::Relaxed) != 0 {
+                // Acquire: pairs with the Release in `park`, so the chain's links are seen.
+                let h = s.swap(0, Ordering::Acquire);
+                if h != 0 {
+                    return h;
+                }
+            }
+        }
+        0
+    }
+
+    /// Parks the chain `head` (not 0) of `class` in an empty slot. Returns false, the chain
+    /// still the caller's, when every slot is taken.
+    ///
+    /// # Safety
+    /// `head` is a chain as the module's invariant says, of this arena and `class`, that the
+    /// caller owns and gives up if this returns true.
+    #[inline]
+    pub unsafe fn park(&self, class: usize, head: usize) -> bool {
+        debug_assert!(head != 0);
+        self.slots[class].iter().any(|s| {
+            // Release: publishes the chain's links to the taker.
+            s.load(Ordering::Relaxed) == 0
+                && s.compare_exchange(0, head, Ordering::Release, Ordering::Relaxed)
+                    .is_ok()
+        })
+    }
+
+    /// The packed heads parked for `class` now (a snapshot; for walks that validate every
+    /// link, see `Caches::walk_chain`).
+    pub fn peek(&self, class: usize) -> [usize; SLOTS] {
+        let mut out = [0; SLOTS];
+        for (o, s) in out.iter_mut().zip(&self.slots[class]) {
+            *o = s.load(Ordering::Acquire);
+        }
+        out
+    }
+}

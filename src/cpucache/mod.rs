@@ -141,7 +141,8 @@ pub const fn limit(class: usize) -> usize {
 /// The largest [`batch`].
 pub const BATCH_MAX: usize = 64;
 
-/// How many blocks a refill takes from the arena: half a full cache.
+/// How many blocks a refill takes from the arena under its lock: half a full cache (a full
+/// one measured no faster on the `batch` workload, and holds twice the memory).
 #[inline]
 pub const fn batch(class: usize) -> usize {
     limit(class) / 2

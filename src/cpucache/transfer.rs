@@ -14,17 +14,37 @@
 //! - a chain is owned by its slot from the Release compare-and-swap that parks it until the
 //!   Acquire swap that takes it: no thread reads or writes its blocks meanwhile (except the
 //!   double-free search and statistics, which only read, validating every link);
-//! - memory parked per arena is at most [`SLOTS`] chains of at most
-//!   [`limit`](super::limit)` / 2` blocks per class in practice (what a flush or a full
-//!   outbox group parks), never more than `SLOTS * limit(class)` blocks: 4 * 32 KiB per
-//!   class, 320 KiB per arena over the ten classes.
+//! - memory parked per arena is at most [`slots`]`(class)` chains of at most
+//!   [`limit`](super::limit)`(class)` blocks per class: at most [`PARKED_MAX`] (64 KiB) per
+//!   class, 560 KiB per arena over the ten classes.
 
 use core::sync::atomic::{AtomicUsize, Ordering};
 
-use crate::size_class::NUM_CLASSES;
+use super::limit;
+use crate::size_class::{class_size, NUM_CLASSES};
 
-/// Chains one (arena, class) pair can park.
-pub const SLOTS: usize = 4;
+/// The most chains one (arena, class) pair can park: a cache line of slots.
+pub const SLOTS: usize = 8;
+
+/// Bytes of blocks one (arena, class) pair may park at most.
+pub const PARKED_MAX: usize = 64 * 1024;
+
+/// The slots class `class` uses: as many full chains (`limit(class)` blocks) as fit in
+/// [`PARKED_MAX`], at most [`SLOTS`]. 16-64 B: 8 (2-8 KiB a chain), 128 B: 4, 256 B and
+/// up: 2 (32 KiB a chain); at most 560 KiB per arena over the ten classes.
+#[inline]
+pub const fn slots(class: usize) -> usize {
+    let chain = limit(class) * class_size(class);
+    let n = PARKED_MAX / chain;
+    if n > SLOTS {
+        SLOTS
+    } else if n < 1 {
+        1
+    } else {
+        n
+    }
+}
+const _: () = assert!(slots(0) == 8 && slots(3) == 4 && slots(NUM_CLASSES - 1) == 2);
 
 /// One arena's transfer slots: a cache line of slots per class pair.
 ///
@@ -32,18 +52,22 @@ pub const SLOTS: usize = 4;
 #[repr(C, align(64))]
 pub struct Transfer {
     slots: [[AtomicUsize; SLOTS]; NUM_CLASSES],
+    /// Chains taken since the last sweep ([`Transfer::idle_since_last_look`]); on a line of
+    /// its own, written only by takers.
+    taken: crossbeam_utils::CachePadded<AtomicUsize>,
 }
 
 impl Transfer {
     /// Takes a parked chain of `class`: its packed head, or 0 when every slot is empty.
     #[inline]
     pub fn take(&self, class: usize) -> usize {
-        for s in &self.slots[class] {
+        for s in &self.slots[class][..slots(class)] {
             // A load first: an empty slot costs no write to a line other CPUs read.
             if s.load(Ordering::Relaxed) != 0 {
                 // Acquire: pairs with the Release in `park`, so the chain's links are seen.
                 let h = s.swap(0, Ordering::Acquire);
                 if h != 0 {
+                    self.taken.fetch_add(1, Ordering::Relaxed);
                     return h;
                 }
             }
@@ -60,12 +84,19 @@ impl Transfer {
     #[inline]
     pub unsafe fn park(&self, class: usize, head: usize) -> bool {
         debug_assert!(head != 0);
-        self.slots[class].iter().any(|s| {
+        self.slots[class][..slots(class)].iter().any(|s| {
             // Release: publishes the chain's links to the taker.
             s.load(Ordering::Relaxed) == 0
                 && s.compare_exchange(0, head, Ordering::Release, Ordering::Relaxed)
                     .is_ok()
         })
+    }
+
+    /// Whether no chain was taken since the last call (which starts a new period): the
+    /// arena's CPUs have not refilled from the slots meanwhile, so what is parked may be
+    /// stranded (see `heap::cached`'s sweep).
+    pub fn idle_since_last_look(&self) -> bool {
+        self.taken.swap(0, Ordering::Relaxed) == 0
     }
 
     /// The packed heads parked for `class` now (a snapshot; for walks that validate every

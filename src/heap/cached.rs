@@ -17,7 +17,21 @@ use crate::diag::{block_error, invalid_pointer};
 use crate::front::report::{self, DOUBLE_FREE};
 use crate::os;
 use crate::remote::Batch;
-use crate::size_class::class_size;
+use crate::size_class::{class_size, NUM_CLASSES};
+
+use core::sync::atomic::{AtomicU32, Ordering};
+
+/// How often parked chains of idle arenas are swept back to their runs (the page heap's
+/// purge delay).
+const SWEEP_MS: u32 = 1000;
+
+/// A thread looks whether a sweep is due once per this many refills (a clock read each).
+const SWEEP_EVERY: u32 = 32;
+
+std::thread_local! {
+    /// Refills by this thread (const-initialised, no destructor: safe inside `malloc`).
+    static REFILLS: core::cell::Cell<u32> = const { core::cell::Cell::new(0) };
+}
 
 /// What a broken chain is reported as.
 const LINK_OVERWRITTEN: &[u8] =
@@ -38,6 +52,12 @@ impl ProcessHeap {
         };
         let ai = cfg.arena_index(cpu);
         let a = cfg.arena(ai);
+        REFILLS.with(|n| {
+            n.set(n.get().wrapping_add(1));
+            if n.get() % SWEEP_EVERY == 0 {
+                Self::sweep_if_due(cfg);
+            }
+        });
         let parked = cfg.caches.transfer(ai).take(class);
         if parked != 0 {
             let mut first = [0usize; 1];
@@ -64,6 +84,43 @@ impl ProcessHeap {
         // SAFETY: the chain's blocks are free blocks of class `class` of arena `ai`, ours.
         unsafe { Self::install_or_return(cfg, cpu, ai, class, chain.head()) };
         first
+    }
+
+    /// Once per [`SWEEP_MS`] (looked at every [`SWEEP_EVERY`] refills): the chains parked in the
+    /// transfer slots of every arena whose CPUs took none since the last sweep go back to
+    /// their runs, so that an arena that stopped allocating does not keep them (and their
+    /// pages) for good.
+    fn sweep_if_due(cfg: &Config) {
+        static LAST: AtomicU32 = AtomicU32::new(0);
+        let now = os::now_ms();
+        let last = LAST.load(Ordering::Relaxed);
+        if now.wrapping_sub(last) < SWEEP_MS
+            || LAST
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_err()
+        {
+            return;
+        }
+        for i in 0..cfg.count {
+            if cfg.caches.transfer(i).idle_since_last_look() {
+                Self::return_parked(cfg, i);
+            }
+        }
+    }
+
+    /// Returns every chain parked in arena `i`'s transfer slots to its runs.
+    pub(super) fn return_parked(cfg: &Config, i: usize) {
+        for class in 0..NUM_CLASSES {
+            loop {
+                let h = cfg.caches.transfer(i).take(class);
+                if h == 0 {
+                    break;
+                }
+                // SAFETY: a chain taken off arena `i`'s slot is ours: free blocks of arena
+                // `i`, linked with its key, counted in use by their runs.
+                unsafe { return_chain(cfg.arena(i), &SRC, h) };
+            }
+        }
     }
 
     /// Makes `chain` CPU `cpu`'s list of `class` if that list is still empty and the thread
@@ -225,9 +282,9 @@ impl ProcessHeap {
         };
     }
 
-    /// The current CPU's cache of `class` is full: the older half of it moves to the
-    /// arena's transfer slots (or, when they are full, back to the arena under its lock),
-    /// and `p` joins the newer half, which stays in the cache.
+    /// The current CPU's cache of `class` is full: the whole list moves to a transfer slot
+    /// of its arena and `p` starts the list anew; when every slot is taken, the older half
+    /// goes back to the arena under its lock and `p` joins the newer half in the cache.
     ///
     /// # Safety
     /// As for `free_small_fast`, with the mark written.
@@ -240,6 +297,26 @@ impl ProcessHeap {
             return unsafe { cfg.arena(arena as usize).free_marked(&SRC, p, what, true) };
         };
         let ai = cfg.caches.arena_of(cpu);
+        let mine = ai == arena as usize;
+        // The whole list to a slot: one compare-and-swap, no block touched; `p` then starts
+        // the emptied list.
+        // SAFETY: a chain taken off cache `cpu` is ours: blocks of arena `ai` and `class`,
+        // linked with its key, at most `limit(class)` of them (`cpucache` invariants).
+        if unsafe { cfg.caches.transfer(ai).park(class, chain) } {
+            let r = if mine {
+                // SAFETY: by the contract `p` is a free, marked block of `arena` and `class`.
+                unsafe { cfg.caches.push(class, p.cast(), arena) }
+            } else {
+                Push::NoCache
+            };
+            if r != Push::Done {
+                // SAFETY: by the contract.
+                unsafe { cfg.arena(arena as usize).free_marked(&SRC, p, what, false) };
+            }
+            return;
+        }
+        // Every slot taken: the older half goes back to the arena under its lock, the newer
+        // half stays, with `p` in front.
         let key = cfg.caches.key_of(cpu);
         let mut newer = [0usize; BATCH_MAX];
         let keep = (chain >> PTR_BITS).div_ceil(2).min(BATCH_MAX);
@@ -257,7 +334,6 @@ impl ProcessHeap {
             // SAFETY: the blocks were taken off the list above: ours, free, on no list.
             unsafe { kept.push(b as *mut Block) };
         }
-        let mine = ai == arena as usize;
         if mine {
             // SAFETY: by the contract `p` is a free, marked block of `arena` and `class`.
             unsafe { kept.push(p.cast()) };
@@ -265,7 +341,7 @@ impl ProcessHeap {
         // SAFETY: both chains are ours, of arena `ai` and `class`; `kept` has at most
         // `limit(class) / 2 + 1 <= limit(class)` blocks.
         unsafe {
-            if older != 0 && !cfg.caches.transfer(ai).park(class, older) {
+            if older != 0 {
                 return_chain(cfg.arena(ai), &SRC, older);
             }
             Self::install_or_return(cfg, cpu, ai, class, kept.head());
@@ -350,7 +426,7 @@ impl ProcessHeap {
     /// `class`, linked with `owner`'s key, counted in use by their runs.
     unsafe fn send_chain(cfg: &Config, owner: usize, class: usize, chain: usize) {
         let a = cfg.arena(owner);
-        let worth_a_slot = chain >> PTR_BITS >= batch(class).div_ceil(4);
+        let worth_a_slot = chain >> PTR_BITS >= 1;
         // SAFETY: by the contract.
         if worth_a_slot && unsafe { cfg.caches.transfer(owner).park(class, chain) } {
             return;

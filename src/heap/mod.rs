@@ -20,7 +20,7 @@ use core::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use crossbeam_utils::CachePadded;
 
 use crate::arena::{lookup, Arena, ArenaStats, Lookup};
-use crate::cpucache::{return_chain, Caches, OUTBOX, PTR_BITS};
+use crate::cpucache::{Caches, OUTBOX, PTR_BITS};
 use crate::debug;
 use crate::front::{self, report, Backend, HugeCounters};
 use crate::os;
@@ -463,17 +463,7 @@ impl ProcessHeap {
                 }
                 Self::send_outbox(cfg);
                 for i in 0..cfg.count {
-                    for class in 0..NUM_CLASSES {
-                        loop {
-                            let h = cfg.caches.transfer(i).take(class);
-                            if h == 0 {
-                                break;
-                            }
-                            // SAFETY: a chain taken off arena `i`'s slot is ours: free
-                            // blocks of arena `i`, linked with its key, counted in use.
-                            unsafe { return_chain(cfg.arena(i), &SRC, h) };
-                        }
-                    }
+                    Self::return_parked(cfg, i);
                 }
             }
             front::trim(&r);

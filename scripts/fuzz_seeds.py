@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Writes the seed corpus of the heap_ops fuzz target (fuzz/corpus/heap_ops/seed-*).
 
-Each seed is a thread-count byte and 4-byte operations (see fuzz/ops.rs). The seeds cover
+Each seed is a thread-count byte and 4-byte operations (see tests/common/fuzz_ops.rs). The seeds cover
 every operation and size scale, one to three threads, cross-thread frees through the pool,
 alignments up to 64 KiB, huge blocks and realloc across the small/large/huge boundaries."""
 import os

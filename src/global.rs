@@ -14,6 +14,7 @@ use crate::heap::HEAP;
 pub struct CoreHeap;
 
 impl CoreHeap {
+    /// The allocator (every value is the same process heap).
     pub const fn new() -> Self {
         CoreHeap
     }

@@ -30,8 +30,10 @@
 //! See `docs/design.md` for the invariants and the lock order.
 
 #![deny(unsafe_op_in_unsafe_fn)]
+#![warn(missing_docs)]
 
 mod arena;
+#[doc(hidden)]
 pub mod c_api;
 mod chunk;
 mod cpucache;
@@ -42,13 +44,13 @@ mod global;
 mod heap;
 mod large;
 mod lock;
-pub mod os;
+mod os;
 mod remote;
 pub mod settings;
 pub mod shm;
 mod size_class;
 mod small;
-pub mod source;
+mod source;
 mod stats;
 #[cfg(test)]
 mod test_support;
@@ -104,6 +106,13 @@ pub fn check_heap() -> Result<(), &'static str> {
 /// `COREHEAP_RSEQ=0`.
 pub fn fast_path() -> bool {
     HEAP.fast_path()
+}
+
+/// Whether glibc registered an rseq area for the process (2.35 and later, on a kernel that
+/// has rseq, unless `GLIBC_TUNABLES=glibc.pthread.rseq=0`): the condition for
+/// [`fast_path`] besides `COREHEAP_RSEQ`.
+pub fn rseq_registered() -> bool {
+    os::rseq::area_offset().is_some()
 }
 
 /// Returns pending frees to their arenas and unused dirty pages to the OS.

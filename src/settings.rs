@@ -90,8 +90,11 @@ pub enum Kind {
     Bool(fn(&mut Settings) -> &mut bool),
     /// A count from `min` to `max` (a larger one is reported and clamped to `max`).
     Count {
+        /// The smallest value accepted.
         min: usize,
+        /// The largest value used.
         max: usize,
+        /// Where the value goes.
         field: fn(&mut Settings) -> &mut Option<usize>,
     },
     /// `NAME:SIZE`: a name without `/` and a size.
@@ -118,7 +121,9 @@ impl Kind {
 /// One environment variable.
 #[derive(Clone, Copy)]
 pub struct Var {
+    /// The variable's name.
     pub name: &'static CStr,
+    /// Its parse rule and where its value goes.
     pub kind: Kind,
     /// The value used when it is unset, empty or bad, as the reports say it.
     pub default: &'static str,

@@ -20,11 +20,15 @@ pub struct Heading {
 /// Counters of the whole heap: one entry per arena, and the directly mapped blocks.
 #[derive(Clone, Debug, Default)]
 pub struct Stats {
+    /// Each arena's counters.
     pub arenas: Vec<ArenaStats>,
-    /// Directly mapped ("huge") blocks: allocations and frees so far, bytes in use and mapped.
+    /// Huge blocks (beyond an arena's page heap) allocated so far.
     pub huge_allocs: u64,
+    /// Huge blocks freed so far.
     pub huge_frees: u64,
+    /// Bytes asked for by the live huge blocks.
     pub huge_in_use: usize,
+    /// Bytes of their spans.
     pub huge_mapped: usize,
 }
 

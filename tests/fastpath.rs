@@ -66,7 +66,7 @@ fn counter_child() {
     let stats = coreheap::stats();
     let fast: u64 = stats.arenas.iter().map(|a| a.fast_allocs).sum();
     #[cfg(all(target_arch = "x86_64", target_os = "linux", target_env = "gnu"))]
-    let registered = coreheap::os::rseq::area_offset().is_some();
+    let registered = coreheap::rseq_registered();
     #[cfg(not(all(target_arch = "x86_64", target_os = "linux", target_env = "gnu")))]
     let registered = false;
     println!(

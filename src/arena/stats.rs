@@ -17,9 +17,13 @@ pub struct LargeCounters {
 /// A snapshot of one arena's counters.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct ArenaStats {
+    /// The arena's index.
     pub index: usize,
+    /// Small blocks of each class handed out and taken back by the arena's bins.
     pub classes: [ClassCounters; NUM_CLASSES],
+    /// Large blocks.
     pub large: LargeCounters,
+    /// The page heap: pages mapped, purged, free runs.
     pub pages: PageCounters,
     /// Free pages known to hold data (not yet purged).
     pub dirty_bytes: usize,
@@ -34,14 +38,15 @@ pub struct ArenaStats {
     /// Of those, the take-overs after which the arena was repaired in place (the others
     /// orphaned its chunks).
     pub repairs: u64,
+    /// Chunks given up by recoveries (their live blocks stay valid).
     pub orphaned_chunks: u64,
     /// Free blocks of each class sitting in the class lists of this arena's CPUs' caches,
-    /// and this arena's blocks in any CPU's outbox (counted in use by their runs, so
-    /// `classes` counts them as allocated).
+    /// parked in its transfer slots, and this arena's blocks in any CPU's outbox (counted
+    /// in use by their runs, so `classes` counts them as allocated).
     pub cached: [u64; NUM_CLASSES],
-    /// Blocks handed out and taken back by the lock-free rseq fast path on this arena's
-    /// CPUs.
+    /// Blocks handed out by the lock-free rseq fast path on this arena's CPUs.
     pub fast_allocs: u64,
+    /// Blocks taken back by that fast path (outbox pushes included).
     pub fast_frees: u64,
 }
 

@@ -468,12 +468,12 @@ mod tests {
     #[test]
     fn memfd_maps_shared_and_punches() {
         let fd = memfd(c"coreheap-os-test").unwrap();
-        let len = 4 * super::super::OS_PAGE;
+        let len = 4 * super::super::mem::OS_PAGE;
         set_size(fd, len as u64).unwrap();
         assert_eq!(file_size(fd), Ok(len as u64));
         let a = map_shared(fd, len, true, None, 2 * len).unwrap();
         assert_eq!(a as usize % (2 * len), 0);
-        let r = reserve_aligned(len, super::super::OS_PAGE);
+        let r = reserve_aligned(len, super::super::mem::OS_PAGE);
         // SAFETY: `r` is our own fresh reservation.
         let b = unsafe { map_shared_fixed(fd, len, true, r) }.unwrap();
         assert_eq!(b, r);

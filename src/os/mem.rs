@@ -145,6 +145,7 @@ pub fn move_mapping(p: *mut u8, old: usize, new: usize, target: *mut u8) -> bool
 
 /// What a mapping's pages may be used for.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[cfg_attr(not(test), allow(dead_code))] // the tests' file-backed page sources
 pub enum Access {
     /// Any access faults.
     None,
@@ -168,6 +169,7 @@ impl Access {
 ///
 /// pre: the range lies in mappings of this layer; with less access than now, nothing will
 /// touch it in a way it forbids (the caller expects the fault otherwise).
+#[cfg_attr(not(test), allow(dead_code))] // the tests' file-backed page sources
 pub fn protect(p: *mut u8, len: usize, access: Access) -> bool {
     // SAFETY: the range is the caller's own mapping (precondition); changing its protection
     // affects no other memory.

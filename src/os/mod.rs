@@ -53,15 +53,15 @@ pub mod sync;
 pub mod time;
 
 pub use cpu::{cpu_affinity, current_cpu, possible_cpus};
-pub use env::with_var;
-pub use errno::{errno, keeping_errno, set_errno};
+#[cfg(test)]
+pub use errno::errno;
+pub use errno::{keeping_errno, set_errno};
 pub use file::dup_fd_high;
 pub use io::{fatal, stdio_list_lock, stdio_list_reset, stdio_list_unlock, write_all};
-pub use mem::{
-    map_aligned, map_anon, map_anon_noreserve, move_mapping, page_size_ok, protect, purge,
-    remap_in_place, reserve_aligned, unmap, Access, OS_PAGE,
-};
+pub use mem::{map_aligned, map_anon, move_mapping, purge, remap_in_place, reserve_aligned, unmap};
+#[cfg(test)]
+pub use mem::{protect, Access};
 pub use process::{at_exit, pid, process_alive, thread_id};
 pub use random::{random_word, secret_key};
 pub use sync::{futex_wait, futex_wake, register_atfork, yield_now};
-pub use time::{now_ms, sleep_us};
+pub use time::now_ms;

@@ -39,7 +39,7 @@ use crate::os::{self, file};
 use layout::FLAG_FIXED;
 pub use layout::{MAX_ARENAS, MAX_SIZE, SHM_VERSION};
 use open::c_path;
-pub use source::ShmSource;
+use source::ShmSource;
 use view::View;
 
 /// An offset into a shared heap: the same block in every process. 0 is null.
@@ -48,8 +48,10 @@ use view::View;
 pub struct ShmPtr(u64);
 
 impl ShmPtr {
+    /// The null offset.
     pub const NULL: ShmPtr = ShmPtr(0);
 
+    /// Whether this is [`ShmPtr::NULL`].
     pub fn is_null(self) -> bool {
         self.0 == 0
     }
@@ -59,6 +61,7 @@ impl ShmPtr {
         self.0
     }
 
+    /// The offset `off` into a heap (0 is null).
     pub fn from_offset(off: u64) -> ShmPtr {
         ShmPtr(off)
     }
@@ -81,6 +84,7 @@ pub enum Fixed {
 pub struct Options {
     /// File mode of a new heap file (before the umask).
     pub mode: u32,
+    /// Whether every process maps the heap at one address.
     pub fixed: Fixed,
     /// Arenas (default: one per possible CPU).
     pub arenas: Option<usize>,
@@ -126,6 +130,7 @@ pub enum ShmErrorKind {
 /// An error from [`SharedHeap`]'s constructors.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ShmError {
+    /// What kind of failure.
     pub kind: ShmErrorKind,
     /// The failing call or check.
     pub what: &'static str,
@@ -483,10 +488,15 @@ impl core::fmt::Debug for SharedHeap {
 /// Counters of a shared heap.
 #[derive(Clone, Debug, Default)]
 pub struct ShmStats {
+    /// Each arena's counters (empty for a read-only heap).
     pub arenas: Vec<ArenaStats>,
+    /// Huge blocks live now.
     pub huge_blocks: u64,
+    /// Bytes of their spans.
     pub huge_bytes: u64,
+    /// Chunks of the file taken (arenas' and huge spans').
     pub chunks_used: usize,
+    /// Chunks in the file.
     pub chunks_total: usize,
 }
 

@@ -19,24 +19,35 @@ pub const USAGE: &str = "usage: coreheap bench [OPTIONS]
 
 Runs the benchmark workloads under glibc's malloc, coreheap and every installed peer
 (Debian packages libjemalloc2, libmimalloc2.0, libtcmalloc-minimal4), interleaved run by run,
-and writes a report (results.md, results.svg) to the output folder.
+and writes a report to the output folder: results.md (medians with their spread, ratios,
+targets), results.json (every sample) and results.svg.
   --workloads A,B   workloads to run (default: all; `--workloads list` lists them)
   --allocators A,B  allocators (default: every one found: glibc,coreheap,jemalloc,mimalloc,tcmalloc;
                     also coreheap-locked: coreheap with COREHEAP_RSEQ=0, the locked path only)
   --threads N       threads of the synthetic workloads (default: the CPUs available)
   --runs N          runs per workload and allocator (default 5; the median is reported)
   --scale F         work per run relative to the default sizes (default 1.0)
-  --quick           a smoke run: --scale 0.01 --runs 1
-  --out DIR         where to write results.md and results.svg (default docs/bench)
+  --quick           a smoke run: --scale 0.01 --runs 1 (marked so in the report, targets
+                    not judged)
+  --out DIR         where to write the report (default bench-results; the committed
+                    docs/bench only when named)
+  --peer NAME=PATH  another allocator to compare (a shared object to preload); repeatable.
+                    jemalloc, mimalloc and tcmalloc are found through the dynamic linker's
+                    cache (ldconfig -p) or Debian's paths
   --lib PATH        coreheap's preload library (default: as for `coreheap run`)
   --alt-lib PATH    another build of it, run as allocator coreheap-alt (for example one
                     built with --features unhardened, to measure what the hardening costs)
-  --timeout SECS    kill a run that takes longer and fail (default 600)";
+  --timeout SECS    kill a run that takes longer and fail (default 600)
+  -h, --help        this text
 
-/// Allocators known by name, with the shared objects that provide them (first found wins).
-const PEERS: [(&str, &[&str]); 3] = [
+Progress is shown on stderr only when it is a terminal.";
+
+/// Allocators known by name: the soname the dynamic linker's cache knows them by, then
+/// paths tried when the cache does not (first found wins).
+const PEERS: [(&str, &str, &[&str]); 3] = [
     (
         "jemalloc",
+        "libjemalloc.so.2",
         &[
             "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2",
             "/usr/lib64/libjemalloc.so.2",
@@ -45,6 +56,7 @@ const PEERS: [(&str, &[&str]); 3] = [
     ),
     (
         "mimalloc",
+        "libmimalloc.so.2",
         &[
             "/usr/lib/x86_64-linux-gnu/libmimalloc.so.2",
             "/usr/lib64/libmimalloc.so.2",
@@ -53,6 +65,7 @@ const PEERS: [(&str, &[&str]); 3] = [
     ),
     (
         "tcmalloc",
+        "libtcmalloc_minimal.so.4",
         &[
             "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4",
             "/usr/lib64/libtcmalloc_minimal.so.4",
@@ -93,7 +106,11 @@ struct Options {
     lib: Option<PathBuf>,
     /// A second build of coreheap's library to compare, run as `coreheap-alt`.
     alt_lib: Option<PathBuf>,
+    /// Allocators named with `--peer`.
+    peers: Vec<(String, PathBuf)>,
     timeout: Duration,
+    /// `--quick`: a smoke run, whose timings mean nothing.
+    smoke: bool,
 }
 
 struct Allocator {
@@ -123,9 +140,18 @@ struct Sample {
     rss_kib: u64,
 }
 
-/// Entry point of `coreheap bench`; returns the process exit code.
-pub fn main(args: Vec<OsString>) -> i32 {
-    match run(args) {
+/// Entry point of `coreheap bench`; returns the process exit code: 2 for a usage error,
+/// 1 for a failed run.
+pub fn main(p: lexopt::Parser) -> i32 {
+    let opts = match parse(p) {
+        Ok(Some(o)) => o,
+        Ok(None) => return 0,
+        Err(e) => {
+            eprintln!("coreheap bench: {e}\n{USAGE}");
+            return 2;
+        }
+    };
+    match run(&opts) {
         Ok(()) => 0,
         Err(e) => {
             eprintln!("coreheap bench: {e}");
@@ -134,55 +160,71 @@ pub fn main(args: Vec<OsString>) -> i32 {
     }
 }
 
-fn run(args: Vec<OsString>) -> Result<(), String> {
-    let opts = parse(args)?;
-    let allocators = find_allocators(&opts)?;
+fn run(opts: &Options) -> Result<(), String> {
+    let allocators = find_allocators(opts)?;
     let work = std::env::temp_dir().join(format!("coreheap-bench-{}", std::process::id()));
     fs::create_dir_all(&work).map_err(|e| format!("cannot create {}: {e}", work.display()))?;
-    let result = bench(&opts, &allocators, &work);
+    let result = bench(opts, &allocators, &work);
     let _ = fs::remove_dir_all(&work);
     result
 }
 
-fn parse(args: Vec<OsString>) -> Result<Options, String> {
+/// The options, or `None` when the command was answered already (`--help`, `--workloads
+/// list`).
+fn parse(mut p: lexopt::Parser) -> Result<Option<Options>, String> {
+    use lexopt::Arg::{Long, Short};
     let mut o = Options {
         workloads: Vec::new(),
         allocators: None,
         threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
         runs: 5,
         scale: 1.0,
-        out: PathBuf::from("docs/bench"),
+        out: PathBuf::from("bench-results"),
         lib: std::env::var_os("COREHEAP_LIB").map(PathBuf::from),
         alt_lib: None,
+        peers: Vec::new(),
         timeout: Duration::from_secs(600),
+        smoke: false,
     };
-    let mut it = args.into_iter().map(|a| a.to_string_lossy().into_owned());
     let list = |s: String| -> Vec<String> { s.split(',').map(str::to_owned).collect() };
-    while let Some(a) = it.next() {
-        let mut value = || it.next().ok_or_else(|| format!("{a} needs a value"));
-        match a.as_str() {
-            "--workloads" => o.workloads = list(value()?),
-            "--allocators" => o.allocators = Some(list(value()?)),
-            "--threads" => o.threads = number(&value()?)?,
-            "--runs" => o.runs = number(&value()?)?,
-            "--scale" => {
-                o.scale = value()?
+    let text = |p: &mut lexopt::Parser| -> Result<String, String> {
+        p.value()
+            .map_err(|e| e.to_string())?
+            .into_string()
+            .map_err(|v| format!("not UTF-8: {}", v.to_string_lossy()))
+    };
+    while let Some(arg) = p.next().map_err(|e| e.to_string())? {
+        match arg {
+            Long("workloads") => o.workloads = list(text(&mut p)?),
+            Long("allocators") => o.allocators = Some(list(text(&mut p)?)),
+            Long("threads") => o.threads = number(&text(&mut p)?)?,
+            Long("runs") => o.runs = number(&text(&mut p)?)?,
+            Long("scale") => {
+                o.scale = text(&mut p)?
                     .parse()
                     .map_err(|_| "--scale needs a number".to_string())?
             }
-            "--quick" => {
+            Long("quick") => {
                 o.scale = 0.01;
                 o.runs = 1;
+                o.smoke = true;
             }
-            "--out" => o.out = PathBuf::from(value()?),
-            "--lib" => o.lib = Some(PathBuf::from(value()?)),
-            "--alt-lib" => o.alt_lib = Some(PathBuf::from(value()?)),
-            "--timeout" => o.timeout = Duration::from_secs(number(&value()?)? as u64),
-            "-h" | "--help" => {
+            Long("out") => o.out = PathBuf::from(text(&mut p)?),
+            Long("lib") => o.lib = Some(PathBuf::from(text(&mut p)?)),
+            Long("alt-lib") => o.alt_lib = Some(PathBuf::from(text(&mut p)?)),
+            Long("peer") => {
+                let v = text(&mut p)?;
+                let Some((name, path)) = v.split_once('=') else {
+                    return Err(format!("--peer wants NAME=PATH, not {v}"));
+                };
+                o.peers.push((name.to_string(), PathBuf::from(path)));
+            }
+            Long("timeout") => o.timeout = Duration::from_secs(number(&text(&mut p)?)? as u64),
+            Long("help") | Short('h') => {
                 println!("{USAGE}");
-                std::process::exit(0);
+                return Ok(None);
             }
-            _ => return Err(format!("unknown option {a}\n{USAGE}")),
+            a => return Err(a.unexpected().to_string()),
         }
     }
     let all: Vec<&str> = SYNTHETIC
@@ -194,7 +236,7 @@ fn parse(args: Vec<OsString>) -> Result<Options, String> {
         for w in &all {
             println!("{w}");
         }
-        std::process::exit(0);
+        return Ok(None);
     }
     if o.workloads.is_empty() {
         o.workloads = all.iter().map(|s| s.to_string()).collect();
@@ -207,7 +249,7 @@ fn parse(args: Vec<OsString>) -> Result<Options, String> {
     if o.runs == 0 || o.threads == 0 || o.scale <= 0.0 {
         return Err("--runs, --threads and --scale must be positive".into());
     }
-    Ok(o)
+    Ok(Some(o))
 }
 
 fn number(s: &str) -> Result<usize, String> {
@@ -228,14 +270,31 @@ fn find_allocators(o: &Options) -> Result<Vec<Allocator>, String> {
             env: &[],
         },
     ];
-    for (name, paths) in PEERS {
-        if let Some(p) = paths.iter().map(Path::new).find(|p| p.is_file()) {
-            found.push(Allocator {
-                name: name.into(),
-                preload: Some(p.to_path_buf()),
-                env: &[],
-            });
+    let cache = linker_cache();
+    for (name, soname, paths) in PEERS {
+        let from_cache = cache
+            .iter()
+            .find(|(n, _)| n == soname)
+            .map(|(_, p)| p.clone());
+        let found_path =
+            from_cache.or_else(|| paths.iter().map(PathBuf::from).find(|p| p.is_file()));
+        if let Some(p) = found_path.filter(|p| p.is_file()) {
+            if !o.peers.iter().any(|(n, _)| n == name) {
+                found.push(Allocator {
+                    name: name.into(),
+                    preload: Some(p),
+                    env: &[],
+                });
+            }
         }
+    }
+    for (name, path) in &o.peers {
+        let path = fs::canonicalize(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        found.push(Allocator {
+            name: name.clone(),
+            preload: Some(path),
+            env: &[],
+        });
     }
     if let Some(alt) = &o.alt_lib {
         // Absolute: the workloads run in a scratch directory.
@@ -276,6 +335,29 @@ fn find_allocators(o: &Options) -> Result<Vec<Allocator>, String> {
 
 /// Builds the command lines of the chosen workloads, writing their inputs into `work`.
 /// Real programs that are not installed are skipped with a note.
+/// The dynamic linker's cache (`ldconfig -p`): (soname, path) pairs of this machine's
+/// architecture; empty when `ldconfig` cannot be run.
+fn linker_cache() -> Vec<(String, PathBuf)> {
+    let Ok(out) = Command::new("ldconfig").arg("-p").output() else {
+        return Vec::new();
+    };
+    let arch = if cfg!(target_arch = "x86_64") {
+        "x86-64"
+    } else {
+        std::env::consts::ARCH
+    };
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| {
+            // "\tlibmimalloc.so.2 (libc6,x86-64) => /usr/lib/x86_64-linux-gnu/libmimalloc.so.2"
+            let (left, path) = l.trim().split_once(" => ")?;
+            let (name, tags) = left.split_once(' ')?;
+            tags.contains(arch)
+                .then(|| (name.to_string(), PathBuf::from(path)))
+        })
+        .collect()
+}
+
 fn jobs(o: &Options, work: &Path) -> Result<Vec<Job>, String> {
     let exe = std::env::current_exe().map_err(|e| format!("cannot find my executable: {e}"))?;
     let workloads = exe.with_file_name("coreheap-workloads");
@@ -471,21 +553,36 @@ fn bench(o: &Options, allocators: &[Allocator], work: &Path) -> Result<(), Strin
         }
     }
     progress(done, total, "done", "", started);
-    eprintln!();
+    // SAFETY: isatty only inspects the descriptor.
+    if unsafe { libc::isatty(2) } == 1 {
+        eprintln!();
+    }
     let report = Report::new(o, allocators, &jobs, &samples);
     let text = report.markdown();
     print!("{text}");
     fs::create_dir_all(&o.out).map_err(|e| format!("cannot create {}: {e}", o.out.display()))?;
-    let md = o.out.join("results.md");
-    fs::write(&md, &text).map_err(|e| format!("cannot write {}: {e}", md.display()))?;
-    let svg = o.out.join("results.svg");
-    fs::write(&svg, report.svg()).map_err(|e| format!("cannot write {}: {e}", svg.display()))?;
-    eprintln!("wrote {} and {}", md.display(), svg.display());
+    let write = |name: &str, body: String| -> Result<PathBuf, String> {
+        let path = o.out.join(name);
+        fs::write(&path, body).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+        Ok(path)
+    };
+    let md = write("results.md", text)?;
+    write("results.json", report.json(&samples))?;
+    write("results.svg", report.svg())?;
+    eprintln!(
+        "wrote results.md, results.json and results.svg to {}",
+        md.parent().unwrap_or(Path::new(".")).display()
+    );
     Ok(())
 }
 
+/// A progress bar on stderr, when stderr is a terminal (a log gets no escape codes).
 fn progress(done: usize, total: usize, job: &str, alloc: &str, started: Instant) {
     const WIDTH: usize = 30;
+    // SAFETY: isatty only inspects the descriptor.
+    if unsafe { libc::isatty(2) } != 1 {
+        return;
+    }
     let filled = done * WIDTH / total.max(1);
     let eta = if done > 0 {
         let per = started.elapsed().as_secs_f64() / done as f64;
@@ -610,7 +707,12 @@ struct Report {
     /// `time[w][a]`, `rss[w][a]` (MiB): medians.
     time: Vec<Vec<f64>>,
     rss: Vec<Vec<f64>>,
+    /// The same cells' smallest and largest samples.
+    time_range: Vec<Vec<(f64, f64)>>,
+    rss_range: Vec<Vec<(f64, f64)>>,
     header: String,
+    /// A `--quick` run: timings mean nothing, targets are not judged.
+    smoke: bool,
 }
 
 impl Report {
@@ -624,8 +726,28 @@ impl Report {
                 })
                 .collect()
         };
+        let range = |f: &dyn Fn(&Sample) -> f64| -> Vec<Vec<(f64, f64)>> {
+            s.iter()
+                .map(|w| {
+                    w.iter()
+                        .map(|a| {
+                            a.iter()
+                                .map(f)
+                                .fold((f64::MAX, f64::MIN), |(lo, hi), x| (lo.min(x), hi.max(x)))
+                        })
+                        .collect()
+                })
+                .collect()
+        };
         let mut header = String::new();
         let _ = writeln!(header, "# coreheap benchmark results\n");
+        if o.smoke {
+            let _ = writeln!(
+                header,
+                "**Smoke run (`--quick`: scale 0.01, one run): the timings mean nothing and \
+                 the targets are not judged.**\n"
+            );
+        }
         let _ = writeln!(
             header,
             "Written by `coreheap bench` ({}). Median of {} run(s) per workload and allocator, \
@@ -655,7 +777,10 @@ impl Report {
             workloads: jobs.iter().map(|j| j.name.clone()).collect(),
             time: med(&|x| x.secs),
             rss: med(&|x| x.rss_kib as f64 / 1024.0),
+            time_range: range(&|x| x.secs),
+            rss_range: range(&|x| x.rss_kib as f64 / 1024.0),
             header,
+            smoke: o.smoke,
         }
     }
 
@@ -673,7 +798,16 @@ impl Report {
             .min_by(|a, b| a.1.total_cmp(&b.1))
     }
 
-    fn table(&self, out: &mut String, title: &str, v: &[Vec<f64>], unit: &str, prec: usize) {
+    #[allow(clippy::too_many_arguments)]
+    fn table(
+        &self,
+        out: &mut String,
+        title: &str,
+        v: &[Vec<f64>],
+        ranges: &[Vec<(f64, f64)>],
+        unit: &str,
+        prec: usize,
+    ) {
         let glibc = self.index("glibc");
         let core = self.index("coreheap");
         let _ = writeln!(out, "## {title}\n");
@@ -687,14 +821,16 @@ impl Report {
             let _ = write!(out, "---:|");
         }
         let _ = writeln!(out, "---:|");
-        for (w, row) in self.workloads.iter().zip(v) {
+        for ((w, row), range) in self.workloads.iter().zip(v).zip(ranges) {
             let _ = write!(out, "| {w} |");
-            for &x in row {
+            for (&x, &(lo, hi)) in row.iter().zip(range) {
                 let _ = match glibc {
-                    Some(g) if row[g] > 0.0 => {
-                        write!(out, " {x:.prec$} {unit} ({:.2}x) |", x / row[g])
-                    }
-                    _ => write!(out, " {x:.prec$} {unit} |"),
+                    Some(g) if row[g] > 0.0 => write!(
+                        out,
+                        " {x:.prec$} {unit} ({:.2}x; {lo:.prec$}-{hi:.prec$}) |",
+                        x / row[g]
+                    ),
+                    _ => write!(out, " {x:.prec$} {unit} ({lo:.prec$}-{hi:.prec$}) |"),
                 };
             }
             match (core, self.best_peer(row)) {
@@ -721,17 +857,76 @@ impl Report {
         let _ = writeln!(out, " |\n");
         let _ = writeln!(
             out,
-            "Each cell: median, and in brackets the ratio to glibc. Best peer: the lowest \
-             median among the allocators other than coreheap.\n"
+            "Each cell: median, and in brackets the ratio to glibc and the smallest and largest \
+             sample. Best peer: the lowest median among the allocators other than coreheap.\n"
         );
     }
 
     fn markdown(&self) -> String {
         let mut out = self.header.clone();
         out.push('\n');
-        self.table(&mut out, "Wall time (seconds)", &self.time, "s", 3);
-        self.table(&mut out, "Peak RSS (MiB)", &self.rss, "MiB", 1);
-        self.targets(&mut out);
+        self.table(
+            &mut out,
+            "Wall time (seconds)",
+            &self.time,
+            &self.time_range,
+            "s",
+            3,
+        );
+        self.table(
+            &mut out,
+            "Peak RSS (MiB)",
+            &self.rss,
+            &self.rss_range,
+            "MiB",
+            1,
+        );
+        if self.smoke {
+            let _ = writeln!(out, "Targets are not judged on a smoke run.\n");
+        } else {
+            self.targets(&mut out);
+        }
+        out
+    }
+
+    /// Every sample, as JSON: `{"smoke": .., "allocators": [..], "workloads": [{"name": ..,
+    /// "samples": {"<allocator>": [{"secs": .., "rss_kib": ..}, ..]}, "median_secs": {..},
+    /// "median_rss_mib": {..}}]}`.
+    fn json(&self, s: &[Vec<Vec<Sample>>]) -> String {
+        let q = |t: &str| format!("\"{}\"", t.replace('\\', "\\\\").replace('"', "\\\""));
+        let mut out = String::new();
+        let _ = write!(out, "{{\"smoke\": {}, \"allocators\": [", self.smoke);
+        let names: Vec<String> = self.allocators.iter().map(|a| q(a)).collect();
+        let _ = write!(out, "{}], \"workloads\": [", names.join(", "));
+        for (w, name) in self.workloads.iter().enumerate() {
+            if w > 0 {
+                out.push_str(", ");
+            }
+            let _ = write!(out, "{{\"name\": {}, \"samples\": {{", q(name));
+            for (a, alloc) in self.allocators.iter().enumerate() {
+                let v: Vec<String> = s[w][a]
+                    .iter()
+                    .map(|x| format!("{{\"secs\": {}, \"rss_kib\": {}}}", x.secs, x.rss_kib))
+                    .collect();
+                let sep = if a > 0 { ", " } else { "" };
+                let _ = write!(out, "{sep}{}: [{}]", q(alloc), v.join(", "));
+            }
+            let medians = |m: &[f64]| -> String {
+                self.allocators
+                    .iter()
+                    .zip(m)
+                    .map(|(a, x)| format!("{}: {x}", q(a)))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
+            let _ = write!(
+                out,
+                "}}, \"median_secs\": {{{}}}, \"median_rss_mib\": {{{}}}}}",
+                medians(&self.time[w]),
+                medians(&self.rss[w])
+            );
+        }
+        out.push_str("]}\n");
         out
     }
 

@@ -506,6 +506,17 @@ fn bench_smoke_run() {
     let err = text(&out.stderr);
     assert!(out.status.success(), "bench failed: {err}");
     let md = std::fs::read_to_string(out_dir.join("results.md")).expect("results.md");
+    // A quick run says it is a smoke run, judges no target, and shows no progress bar in a
+    // log (stderr is a pipe here).
+    assert!(md.contains("Smoke run"), "{md}");
+    assert!(md.contains("Targets are not judged"), "{md}");
+    assert!(!err.contains('\u{1b}'), "escape codes in a log: {err:?}");
+    let json = std::fs::read_to_string(out_dir.join("results.json")).expect("results.json");
+    assert!(
+        json.starts_with("{\"smoke\": true, \"allocators\": [\"glibc\", \"coreheap\""),
+        "{json}"
+    );
+    assert!(json.trim_end().ends_with("]}"), "{json}");
     let list = Command::new(runner())
         .args(["bench", "--workloads", "list"])
         .output()
@@ -702,4 +713,49 @@ fn no_glibc_symbol_newer_than_2_34() {
         });
         assert!(!too_new, "{} requires {newest}: {v:?}", obj.display());
     }
+}
+
+/// The runner's command line: `--help` on every command (exit 0), `--version`, usage errors
+/// exit 2 with the usage on stderr, a program that cannot start exits 127.
+#[test]
+fn runner_command_line() {
+    let status = |args: &[&str]| -> (i32, String, String) {
+        let out = run_limited(
+            {
+                let mut c = Command::new(runner());
+                c.args(args);
+                c
+            },
+            Duration::from_secs(30),
+        );
+        (
+            out.status.code().unwrap_or(-1),
+            text(&out.stdout),
+            text(&out.stderr),
+        )
+    };
+    let (code, out, _) = status(&["--version"]);
+    assert_eq!(code, 0);
+    assert!(out.starts_with("coreheap "), "{out}");
+    for args in [&["--help"][..], &["run", "--help"], &["bench", "--help"]] {
+        let (code, out, _) = status(args);
+        assert_eq!(code, 0, "{args:?}");
+        assert!(out.contains("usage: coreheap"), "{args:?}: {out}");
+    }
+    for args in [
+        &[][..],
+        &["frobnicate"],
+        &["run"],
+        &["run", "--bogus", "--", "true"],
+        &["bench", "--runs=x"],
+        &["bench", "--bogus"],
+        &["bench", "--workloads", "nonesuch"],
+        &["bench", "--peer", "nameonly"],
+    ] {
+        let (code, _, err) = status(args);
+        assert_eq!(code, 2, "{args:?}: {err}");
+        assert!(err.contains("usage: coreheap"), "{args:?}: {err}");
+    }
+    let (code, _, err) = status(&["run", "--", "/nonexistent/program"]);
+    assert_eq!(code, 127, "{err}");
 }

@@ -35,7 +35,6 @@
 //! malloc or realloc exits 3.
 
 use std::collections::VecDeque;
-use std::env;
 use std::ptr::NonNull;
 use std::sync::{Barrier, Condvar, Mutex, OnceLock};
 use std::thread;
@@ -65,39 +64,44 @@ default work per thread (default 1.0), and prints `NAME ok ops=<count> checksum=
 static NAME: OnceLock<&'static str> = OnceLock::new();
 
 fn main() {
+    use lexopt::Arg::{Long, Short, Value};
     let mut name = None;
     let mut threads = None;
     let mut scale = 1.0f64;
-    let mut args = env::args().skip(1);
-    while let Some(a) = args.next() {
-        let (flag, inline) = match a.split_once('=') {
-            Some((f, v)) if f.starts_with("--") => (f.to_string(), Some(v.to_string())),
-            _ => (a.clone(), None),
+    let mut p = lexopt::Parser::from_env();
+    let text = |p: &mut lexopt::Parser| -> String {
+        p.value()
+            .map_err(|e| e.to_string())
+            .and_then(|v| v.into_string().map_err(|_| "not UTF-8".to_string()))
+            .unwrap_or_else(|e| usage(&e))
+    };
+    loop {
+        let arg = match p.next() {
+            Ok(Some(a)) => a,
+            Ok(None) => break,
+            Err(e) => usage(&e.to_string()),
         };
-        match flag.as_str() {
-            "-h" | "--help" => {
+        match arg {
+            Short('h') | Long("help") => {
                 println!("{USAGE}");
                 return;
             }
-            "--threads" | "--scale" => {
-                let v = inline
-                    .or_else(|| args.next())
-                    .unwrap_or_else(|| usage(&format!("{flag} needs a value")));
-                if flag == "--threads" {
-                    match v.parse::<usize>() {
-                        Ok(n) if (1..=4096).contains(&n) => threads = Some(n),
-                        _ => usage(&format!("bad thread count {v}")),
-                    }
-                } else {
-                    match v.parse::<f64>() {
-                        Ok(f) if f.is_finite() && f > 0.0 => scale = f,
-                        _ => usage(&format!("bad scale {v}")),
-                    }
+            Long("threads") => {
+                let v = text(&mut p);
+                match v.parse::<usize>() {
+                    Ok(n) if (1..=4096).contains(&n) => threads = Some(n),
+                    _ => usage(&format!("bad thread count {v}")),
                 }
             }
-            f if f.starts_with('-') => usage(&format!("unknown option {f}")),
-            _ if name.is_none() => name = Some(a),
-            _ => usage(&format!("unexpected argument {a}")),
+            Long("scale") => {
+                let v = text(&mut p);
+                match v.parse::<f64>() {
+                    Ok(f) if f.is_finite() && f > 0.0 => scale = f,
+                    _ => usage(&format!("bad scale {v}")),
+                }
+            }
+            Value(v) if name.is_none() => name = Some(v.to_string_lossy().into_owned()),
+            a => usage(&a.unexpected().to_string()),
         }
     }
     let name = name.unwrap_or_else(|| usage("no workload named"));

@@ -647,3 +647,49 @@ fn shell_subshells_on_a_shared_heap_get_private_copies() {
     heap.check().expect("check after the shell");
     heap.destroy().unwrap();
 }
+
+/// A timer signal every 2 ms whose handler forks (the child `_exit`s) while the program
+/// allocates and frees blocks of up to 70,000 bytes: single-threaded (glibc takes no malloc
+/// lock in such a fork; neither may coreheap) and with threads (the prepare handler must
+/// skip an arena lock that the interrupted code of its own thread holds).
+#[test]
+fn fork_from_a_signal_handler() {
+    let exe = compile("signal_events.c", "signal_events", &["-lpthread"]);
+    for mode in ["single", "threads"] {
+        let out = preloaded(exe.to_str().unwrap(), &["fork", mode, "3"], &[], 60);
+        let stdout = text(&out.stdout);
+        assert!(stdout.contains("signal events ok"), "{mode}: {stdout}");
+    }
+}
+
+/// A timer signal every 2 ms whose handler allocates and frees while the interrupted code
+/// may be inside malloc or free holding its arena's lock: served by another arena (two or
+/// more), never a hang; on one arena it may abort, but only with a line naming the cause.
+#[test]
+fn malloc_in_a_signal_handler_that_interrupted_malloc() {
+    let exe = compile("signal_events.c", "signal_events_malloc", &["-lpthread"]);
+    for mode in ["single", "threads"] {
+        for env in [&[][..], &[("COREHEAP_RSEQ", "0")][..]] {
+            let out = preloaded(exe.to_str().unwrap(), &["malloc", mode, "3"], env, 60);
+            let stdout = text(&out.stdout);
+            assert!(
+                stdout.contains("signal events ok"),
+                "{mode} {env:?}: {stdout}"
+            );
+        }
+    }
+    // One arena: nowhere else to go; an abort must name the cause.
+    let mut cmd = Command::new(runner());
+    cmd.args(["run", "--", exe.to_str().unwrap(), "malloc", "single", "3"])
+        .env("COREHEAP_ARENAS", "1")
+        .env("COREHEAP_RSEQ", "0");
+    let out = run_limited(cmd, Duration::from_secs(60));
+    if !out.status.success() {
+        assert!(
+            text(&out.stderr).contains("re-entered"),
+            "{:?}: {}",
+            out.status,
+            text(&out.stderr)
+        );
+    }
+}

@@ -29,6 +29,13 @@ impl ProcessHeap {
             return a.alloc(&SRC, class_size(class), 1);
         };
         let a = cfg.arena(cfg.arena_index(cpu));
+        if a.held_by_caller() {
+            // A signal handler that interrupted this thread inside the arena.
+            return match super::HEAP.ready() {
+                Some(r) => crate::front::alloc_locked(&r, class_size(class), 1),
+                None => (core::ptr::null_mut(), false),
+            };
+        }
         let (first, chain) = take_batch(a, &SRC, class, batch(class), cfg.mark);
         let installed = chain.len() > 0
             && cpu < cfg.caches.len()
@@ -186,6 +193,12 @@ impl ProcessHeap {
     #[cold]
     #[inline(never)]
     unsafe fn free_small_full(cfg: &Config, p: *mut u8, what: Lookup, arena: u32, class: usize) {
+        if cfg.arena(arena as usize).held_by_caller() {
+            // A signal handler that interrupted this thread inside the arena: the block
+            // takes the pending stack, which needs no lock.
+            // SAFETY: by the contract.
+            return unsafe { cfg.arena(arena as usize).free_marked(&SRC, p, what, false) };
+        }
         Self::flush(cfg, class);
         // SAFETY: by the contract.
         unsafe { cfg.arena(arena as usize).free_marked(&SRC, p, what, true) };

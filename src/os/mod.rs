@@ -61,7 +61,7 @@ pub use mem::{
     map_aligned, map_anon, map_anon_noreserve, move_mapping, page_size_ok, protect, purge,
     remap_in_place, reserve_aligned, unmap, Access, OS_PAGE,
 };
-pub use process::{at_exit, pid, process_alive, thread_id};
+pub use process::{at_exit, pid, process_alive, single_threaded, thread_id};
 pub use random::{random_word, secret_key};
 pub use sync::{futex_wait, futex_wake, register_atfork, yield_now};
 pub use time::{now_ms, sleep_us};

@@ -693,3 +693,22 @@ fn malloc_in_a_signal_handler_that_interrupted_malloc() {
         );
     }
 }
+
+/// An ordinary program under a tight address-space limit (`ulimit -v 16000`, about 15.6
+/// MiB): chunks are mapped without over-reserving for their alignment, so `ls` finds the
+/// memory it needs (it failed with "memory exhausted" when a chunk took 8 MiB of address
+/// space).
+#[test]
+fn ls_under_ulimit_v() {
+    let out = preloaded(
+        "sh",
+        &["-c", "ulimit -v 16000 && exec ls /usr/bin"],
+        &[],
+        60,
+    );
+    assert!(
+        text(&out.stdout).lines().count() > 10,
+        "{}",
+        text(&out.stderr)
+    );
+}

@@ -120,8 +120,8 @@ fn c_interface_edge_cases() {
     let stdout = text(&out.stdout);
     assert!(stdout.contains("all ok"), "{stdout}");
     assert!(!stdout.contains("FAIL"), "{stdout}");
-    // malloc_stats printed the per-arena report.
-    assert!(text(&out.stderr).contains("arena   0:"));
+    // malloc_stats printed glibc's per-arena report.
+    assert!(text(&out.stderr).contains("Arena 0:"));
 }
 
 #[test]
@@ -711,4 +711,30 @@ fn ls_under_ulimit_v() {
         "{}",
         text(&out.stderr)
     );
+}
+
+/// glibc's `mallinfo` (legacy, `int` fields) beside `mallinfo2`, `malloc_stats` in glibc's
+/// format, and no cancellation point inside `malloc_stats` or (with `COREHEAP_SHM`, whose
+/// fork handlers wait for the child's copy) inside `fork`.
+#[test]
+fn glibc_formats_and_no_cancellation_points() {
+    let exe = compile("glibc_formats.c", "glibc_formats", &["-lpthread"]);
+    let name = format!("coreheap-preload-cancel-{}", std::process::id());
+    let path = coreheap::shm::shm_path(&name);
+    let shm = format!("{name}:64M");
+    for env in [&[][..], &[("COREHEAP_SHM", shm.as_str())][..]] {
+        let out = preloaded(exe.to_str().unwrap(), &[], env, 60);
+        let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+        assert!(stdout.contains("formats ok"), "{env:?}: {stdout}");
+        for line in [
+            "Arena 0:\nsystem bytes     = ",
+            "\nin use bytes     = ",
+            "Total (incl. mmap):\nsystem bytes     = ",
+            "\nmax mmap regions = ",
+            "\nmax mmap bytes   = ",
+        ] {
+            assert!(stderr.contains(line), "{env:?}: no {line:?} in {stderr}");
+        }
+    }
+    let _ = std::fs::remove_file(&path);
 }

@@ -63,5 +63,5 @@ pub use mem::{
 };
 pub use process::{at_exit, pid, process_alive, single_threaded, thread_id};
 pub use random::{random_word, secret_key};
-pub use sync::{futex_wait, futex_wake, register_atfork, yield_now};
+pub use sync::{futex_wait, futex_wake, register_atfork, without_cancellation, yield_now};
 pub use time::{now_ms, sleep_us};

@@ -425,6 +425,20 @@ impl SharedHeap {
     }
 
     /// Counters of every arena and of huge blocks.
+    /// Calls `f` with each arena's counters, without allocating (for the C interface's
+    /// `mallinfo` and `malloc_stats`), and returns the huge blocks' counters:
+    /// (allocs, frees, bytes in use, bytes mapped). Nothing for a read-only heap.
+    pub(crate) fn each_arena(
+        &self,
+        f: impl FnMut(crate::arena::ArenaStats),
+    ) -> (u64, u64, usize, usize) {
+        use crate::front::Backend;
+        if self.view.src.writable {
+            crate::front::for_each_arena(&self.view, f);
+        }
+        self.view.huge_counters().read()
+    }
+
     pub fn stats(&self) -> ShmStats {
         self.view.stats()
     }

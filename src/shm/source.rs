@@ -222,7 +222,7 @@ impl ShmSource {
     }
 
     /// Returns the `n` chunks at `chunk` (taken with [`Self::take_span`], busy again:
-    /// claimed by [`PageSource::free_claim`] or [`Self::claim`]), zeroed for their next user.
+    /// claimed by [`PageSource::free_claim`] or `claim`), zeroed for their next user.
     ///
     /// # Safety
     /// Nothing refers into the span any more.

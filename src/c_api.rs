@@ -16,6 +16,7 @@
 
 use core::ffi::{c_int, c_void};
 
+use crate::diag::Line;
 use crate::heap::HEAP;
 use crate::shm::process::heap as shm_heap;
 use crate::size_class::PAGE;
@@ -248,9 +249,54 @@ pub fn malloc_trim(_pad: usize) -> c_int {
     1
 }
 
-/// `malloc_stats(3)`: coreheap's per-arena report on stderr.
+/// Calls `f` with each arena's counters of the heap `malloc` serves (the `COREHEAP_SHM`
+/// heap, or the process heap), without allocating; returns its huge blocks' counters
+/// (allocs, frees, bytes in use, bytes mapped).
+fn each_arena(f: impl FnMut(crate::arena::ArenaStats)) -> (u64, u64, usize, usize) {
+    match shm_heap() {
+        Some(h) => h.each_arena(f),
+        None => {
+            HEAP.for_each_arena(f);
+            HEAP.huge_counters()
+        }
+    }
+}
+
+/// `malloc_stats(3)` in glibc's format on stderr (tools parse it): per arena
+/// `Arena N:` with its `system bytes` (mapped for the arena) and `in use bytes`, then
+/// `Total (incl. mmap):` with both summed, huge blocks included, and the `max mmap regions`
+/// / `max mmap bytes` lines (the huge blocks live now: coreheap keeps no high-water mark).
+/// coreheap's own report is `COREHEAP_STATS=1`'s and the runner's (`write_report`). Runs
+/// with thread cancellation disabled: a pending cancellation does not cut the report short.
 pub fn malloc_stats() {
-    HEAP.write_report(2);
+    crate::os::without_cancellation(|| {
+        let (mut system, mut in_use) = (0u64, 0u64);
+        let (allocs, frees, huge_in_use, huge_mapped) = each_arena(|a| {
+            let mut l = Line::new();
+            let (sys, used) = (a.pages.mapped as u64, a.in_use() as u64);
+            l.str(b"Arena ").num(a.index as u64).str(b":\n");
+            l.str(b"system bytes     = ").num_w(sys, 10).str(b"\n");
+            l.str(b"in use bytes     = ").num_w(used, 10).str(b"\n");
+            l.write(2);
+            system += sys;
+            in_use += used;
+        });
+        let mut l = Line::new();
+        l.str(b"Total (incl. mmap):\n");
+        l.str(b"system bytes     = ")
+            .num_w(system + huge_mapped as u64, 10)
+            .str(b"\n");
+        l.str(b"in use bytes     = ")
+            .num_w(in_use + huge_in_use as u64, 10)
+            .str(b"\n");
+        l.str(b"max mmap regions = ")
+            .num_w(allocs - frees, 10)
+            .str(b"\n");
+        l.str(b"max mmap bytes   = ")
+            .num_w(huge_mapped as u64, 10)
+            .str(b"\n");
+        l.write(2);
+    })
 }
 
 /// Initialises the heap now rather than at the first allocation. The preload library calls
@@ -261,24 +307,28 @@ pub fn init() {
     shm_heap();
 }
 
-/// `struct mallinfo2` of glibc 2.33 and later.
+/// `struct mallinfo2` of glibc 2.33 and later, with glibc's meanings.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct MallInfo2 {
-    /// Bytes mapped for arenas.
+    /// Bytes mapped for arenas (glibc: non-mmapped space from the system).
     pub arena: usize,
-    /// Arenas (glibc: free chunks).
+    /// Free chunks (glibc): coreheap counts no free runs, so one per arena with memory,
+    /// like glibc's top chunk.
     pub ordblks: usize,
+    /// Free fastbin blocks (glibc): 0.
     pub smblks: usize,
-    /// Directly mapped blocks in use.
+    /// Directly mapped blocks in use (huge blocks).
     pub hblks: usize,
     /// Bytes mapped for directly mapped blocks.
     pub hblkhd: usize,
+    /// Always 0 (as in glibc).
     pub usmblks: usize,
+    /// Bytes in free fastbin blocks (glibc): 0.
     pub fsmblks: usize,
-    /// Bytes in use.
+    /// Bytes in use in arenas (glibc: huge blocks are in `hblkhd`, not here).
     pub uordblks: usize,
-    /// Bytes mapped and not in use.
+    /// Bytes free in arenas (`arena - uordblks`).
     pub fordblks: usize,
     /// Bytes that `malloc_trim` could release (dirty free pages).
     pub keepcost: usize,
@@ -287,18 +337,43 @@ pub struct MallInfo2 {
 /// `mallinfo2(3)`.
 pub fn mallinfo2() -> MallInfo2 {
     let mut m = MallInfo2::default();
-    HEAP.for_each_arena(|a| {
+    let (allocs, frees, _, mapped) = each_arena(|a| {
         m.arena += a.pages.mapped;
-        m.ordblks += 1;
+        m.ordblks += (a.pages.mapped > 0) as usize;
         m.uordblks += a.in_use();
         m.keepcost += a.dirty_bytes;
     });
-    let (allocs, frees, in_use, mapped) = HEAP.huge_counters();
     m.hblks = (allocs - frees) as usize;
     m.hblkhd = mapped;
-    m.uordblks += in_use;
-    m.fordblks = (m.arena + m.hblkhd).saturating_sub(m.uordblks);
+    m.fordblks = m.arena.saturating_sub(m.uordblks);
     m
+}
+
+/// The legacy `struct mallinfo`: [`MallInfo2`]'s fields as `int`, in the same order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct MallInfo {
+    pub arena: c_int,
+    pub ordblks: c_int,
+    pub smblks: c_int,
+    pub hblks: c_int,
+    pub hblkhd: c_int,
+    pub usmblks: c_int,
+    pub fsmblks: c_int,
+    pub uordblks: c_int,
+    pub fordblks: c_int,
+    pub keepcost: c_int,
+}
+
+/// `mallinfo(3)`: [`mallinfo2`] with each field converted to `int` as glibc does (the low
+/// 32 bits: values of 2 GiB and more wrap).
+pub fn mallinfo() -> MallInfo {
+    // SAFETY: `MallInfo2` is a `repr(C)` struct of ten `usize` fields, so it has the layout
+    // of `[usize; 10]`; likewise `MallInfo` of `[c_int; 10]`, in the same field order.
+    unsafe {
+        let words: [usize; 10] = core::mem::transmute(mallinfo2());
+        core::mem::transmute::<[c_int; 10], MallInfo>(words.map(|w| w as c_int))
+    }
 }
 
 #[cfg(test)]
@@ -349,5 +424,8 @@ mod tests {
             free(v);
         }
         assert!(mallinfo2().uordblks > 0 || mallinfo2().arena > 0);
+        let (m, m2) = (mallinfo(), mallinfo2());
+        assert_eq!(m.arena as usize, m2.arena);
+        assert_eq!(m.usmblks, 0);
     }
 }

@@ -2,30 +2,53 @@
 //! that never allocates (one `AtomicU32`), and [`RobustLock`], for memory several processes
 //! share.
 //!
-//! States: 0 unlocked, 1 locked, 2 locked with possible sleepers. Taking a free lock is one
-//! compare-and-swap; releasing it is one swap, and a system call only if someone may sleep.
+//! States: 0 unlocked; otherwise the holder's thread tag, with a bit for possible sleepers.
+//! Taking a free lock is one compare-and-swap; releasing it is one swap, and a system call
+//! only if someone may sleep.
 //! Contended takers spin briefly (crossbeam's `Backoff`) before sleeping on the futex.
 //!
 //! The fork child calls [`RawLock::reinit`] rather than unlocking: the thread that took the
 //! lock in the parent does not exist in the child.
+//!
+//! A [`RawLock`] records its holder's thread ([`os::thread_id`]) so that a thread can tell
+//! that it holds a lock itself: a signal handler that interrupted an allocation and
+//! allocates, or forks, must not wait for a lock that only its own interrupted frame can
+//! release ([`RawLock::held_by_caller`]; a take that would wait for such a lock aborts with
+//! a message instead of hanging).
 
-use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use core::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use crossbeam_utils::Backoff;
 
 use crate::os;
 use crate::os::sync::{MutexTake, RobustMutex};
 
 const UNLOCKED: u32 = 0;
-const LOCKED: u32 = 1;
-const CONTENDED: u32 = 2;
+/// Set in `state` while someone may sleep on the futex.
+const WAITERS: u32 = 1;
+
+/// The calling thread's tag: bits 1..32 of a fold of its [`os::thread_id`], never zero.
+/// Two live threads' tags differ unless their ids differ by a multiple of 2^35 in a way
+/// the fold maps to the same bits; `owner` settles such a collision.
+#[inline(always)]
+fn my_tag() -> u32 {
+    let id = os::thread_id() as u64;
+    let folded = (id >> 4) ^ (id >> 35);
+    ((folded as u32) << 1) | 2
+}
 
 /// A futex lock. `shared` selects process-shared futexes (for heaps in shared memory).
 ///
-/// Invariant: `state` is 0, 1 or 2; it is non-zero exactly while some thread holds the lock.
+/// Invariant: `state` is 0 exactly while no thread holds the lock; otherwise its bits
+/// `!WAITERS` are the holder's tag ([`my_tag`]), written by the very compare-and-swap that
+/// took the lock (so a thread can tell from `state` alone that it holds the lock, with no
+/// window after the take), and `WAITERS` says a taker may be asleep. `owner` is the holder's
+/// [`os::thread_id`] from just after its take until just before its release, and 0
+/// otherwise; only the holder writes a non-zero value into it.
 pub struct RawLock {
     state: AtomicU32,
     /// How many times a taker found the lock held (statistics only).
     contended: AtomicU64,
+    owner: AtomicUsize,
     shared: bool,
 }
 
@@ -35,35 +58,66 @@ impl RawLock {
         Self {
             state: AtomicU32::new(UNLOCKED),
             contended: AtomicU64::new(0),
+            owner: AtomicUsize::new(0),
             shared,
         }
     }
 
+    /// Takes the lock, waiting for it if needed. Aborts with a one-line message if the
+    /// calling thread holds it already (a signal handler that interrupted the holder):
+    /// waiting would never end.
     #[inline]
     pub fn lock(&self) {
         // Acquire: the holder must see every write made under the lock by the previous holder.
         if self
             .state
-            .compare_exchange(UNLOCKED, LOCKED, Ordering::Acquire, Ordering::Relaxed)
+            .compare_exchange(UNLOCKED, my_tag(), Ordering::Acquire, Ordering::Relaxed)
             .is_err()
         {
             self.lock_contended();
         }
+        self.owner.store(os::thread_id(), Ordering::Relaxed);
     }
 
     /// Takes the lock if it is free now. Returns whether it did.
     #[inline]
     pub fn try_lock(&self) -> bool {
         // Acquire: as in `lock`.
-        self.state
-            .compare_exchange(UNLOCKED, LOCKED, Ordering::Acquire, Ordering::Relaxed)
-            .is_ok()
+        let ok = self
+            .state
+            .compare_exchange(UNLOCKED, my_tag(), Ordering::Acquire, Ordering::Relaxed)
+            .is_ok();
+        if ok {
+            self.owner.store(os::thread_id(), Ordering::Relaxed);
+        }
+        ok
+    }
+
+    /// Whether the calling thread holds the lock (a signal handler on the thread whose
+    /// interrupted code holds it). Never false when it does; true when it does not only if
+    /// another thread with the same tag is within the few instructions between its take and
+    /// the record of its id in `owner`.
+    #[inline]
+    pub fn held_by_caller(&self) -> bool {
+        // Relaxed: a thread reads its own writes in program order; others' values only have
+        // to differ from its own.
+        if self.state.load(Ordering::Relaxed) & !WAITERS != my_tag() {
+            return false;
+        }
+        let owner = self.owner.load(Ordering::Relaxed);
+        owner == 0 || owner == os::thread_id()
     }
 
     #[cold]
     #[inline(never)]
     fn lock_contended(&self) {
+        if self.held_by_caller() {
+            os::fatal(
+                b"coreheap: malloc or free re-entered (from a signal handler?) on a thread that holds the arena lock it needs; aborting\n",
+            );
+        }
         self.contended.fetch_add(1, Ordering::Relaxed);
+        let tag = my_tag();
         let backoff = Backoff::new();
         while !backoff.is_completed() {
             if self.state.load(Ordering::Relaxed) == UNLOCKED && self.try_lock() {
@@ -71,11 +125,34 @@ impl RawLock {
             }
             backoff.snooze();
         }
-        // Mark the lock as contended; if it was free meanwhile we own it (in state 2, which
-        // costs the next unlock one spurious wake at most).
-        // Acquire: as in `lock`.
-        while self.state.swap(CONTENDED, Ordering::Acquire) != UNLOCKED {
-            os::futex_wait(&self.state, CONTENDED, self.shared);
+        loop {
+            let s = self.state.load(Ordering::Relaxed);
+            if s == UNLOCKED {
+                // Taken with WAITERS set, since others may sleep: costs the next unlock one
+                // spurious wake at most. Acquire: as in `lock`.
+                if self
+                    .state
+                    .compare_exchange(
+                        UNLOCKED,
+                        tag | WAITERS,
+                        Ordering::Acquire,
+                        Ordering::Relaxed,
+                    )
+                    .is_ok()
+                {
+                    return;
+                }
+                continue;
+            }
+            if s & WAITERS == 0
+                && self
+                    .state
+                    .compare_exchange(s, s | WAITERS, Ordering::Relaxed, Ordering::Relaxed)
+                    .is_err()
+            {
+                continue;
+            }
+            os::futex_wait(&self.state, s | WAITERS, self.shared);
         }
     }
 
@@ -84,8 +161,9 @@ impl RawLock {
     /// pre: the calling thread holds it.
     #[inline]
     pub fn unlock(&self) {
+        self.owner.store(0, Ordering::Relaxed);
         // Release: publishes the writes made under the lock to the next holder.
-        if self.state.swap(UNLOCKED, Ordering::Release) == CONTENDED {
+        if self.state.swap(UNLOCKED, Ordering::Release) & WAITERS != 0 {
             os::futex_wake(&self.state, self.shared);
         }
     }
@@ -94,6 +172,7 @@ impl RawLock {
     ///
     /// pre: only the calling thread exists in this process (or none other uses the lock).
     pub fn reinit(&self) {
+        self.owner.store(0, Ordering::Relaxed);
         self.state.store(UNLOCKED, Ordering::Relaxed);
     }
 
@@ -244,5 +323,21 @@ mod tests {
         l.reinit();
         assert!(l.try_lock());
         l.unlock();
+    }
+
+    #[test]
+    fn knows_its_own_holder() {
+        let l = RawLock::new(false);
+        assert!(!l.held_by_caller());
+        l.lock();
+        assert!(l.held_by_caller());
+        let other = std::thread::scope(|s| s.spawn(|| l.held_by_caller()).join().unwrap());
+        assert!(!other);
+        l.unlock();
+        assert!(!l.held_by_caller());
+        assert!(l.try_lock());
+        assert!(l.held_by_caller());
+        l.reinit();
+        assert!(!l.held_by_caller());
     }
 }

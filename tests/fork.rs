@@ -282,3 +282,84 @@ fn fork_while_other_threads_allocate() {
         "the workers made no progress"
     );
 }
+
+/// Forks in the SIGUSR1 handler below (children `_exit` at once).
+static HANDLER_FORKS: AtomicU64 = AtomicU64::new(0);
+static HANDLER_FAILS: AtomicU64 = AtomicU64::new(0);
+static STOP_SIGNALS: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn fork_in_handler(_sig: libc::c_int) {
+    // SAFETY: fork, _exit and waitpid are async-signal-safe; errno is saved and restored.
+    unsafe {
+        let errno = *libc::__errno_location();
+        let pid = libc::fork();
+        if pid == 0 {
+            libc::_exit(0);
+        }
+        let mut st = 0;
+        if pid < 0 || libc::waitpid(pid, &mut st, 0) != pid || st != 0 {
+            HANDLER_FAILS.fetch_add(1, Ordering::Relaxed);
+        }
+        HANDLER_FORKS.fetch_add(1, Ordering::Relaxed);
+        *libc::__errno_location() = errno;
+    }
+}
+
+/// The child of `fork_from_a_signal_handler_while_allocating`: a helper thread signals this
+/// one every 2 ms while it allocates and frees blocks of up to 70,000 bytes, so that the
+/// handler's fork often lands inside an allocation holding its arena's lock.
+fn signalled_child() -> ! {
+    // SAFETY: a zeroed sigaction with a handler of the right type; sigemptyset fills the mask.
+    unsafe {
+        let mut sa: libc::sigaction = std::mem::zeroed();
+        sa.sa_sigaction = fork_in_handler as *const () as usize;
+        sa.sa_flags = libc::SA_RESTART;
+        libc::sigemptyset(&mut sa.sa_mask);
+        libc::sigaction(libc::SIGUSR1, &sa, std::ptr::null_mut());
+    }
+    // SAFETY: pthread_self has no preconditions.
+    let me = unsafe { libc::pthread_self() };
+    let signaller = std::thread::spawn(move || {
+        while !STOP_SIGNALS.load(Ordering::Relaxed) {
+            std::thread::sleep(Duration::from_millis(2));
+            // SAFETY: `me` is the main thread, which outlives this one (it joins it).
+            unsafe { libc::pthread_kill(me, libc::SIGUSR1) };
+        }
+    });
+    let mut rng = common::Rng(0x2545_f491_4f6c_dd1d);
+    let mut slots: [Option<Vec<u8>>; 16] = Default::default();
+    let start = Instant::now();
+    let mut ok = true;
+    while start.elapsed() < Duration::from_secs(2) {
+        let i = rng.below(slots.len());
+        if let Some(v) = slots[i].take() {
+            ok &= v.iter().step_by(97).all(|&b| b == i as u8);
+        }
+        let n = 1 + rng.below(70_000);
+        slots[i] = Some(vec![i as u8; n]);
+    }
+    STOP_SIGNALS.store(true, Ordering::Relaxed);
+    signaller.join().ok();
+    let forks = HANDLER_FORKS.load(Ordering::Relaxed);
+    ok &= forks > 0 && HANDLER_FAILS.load(Ordering::Relaxed) == 0;
+    ok &= coreheap::check_heap().is_ok();
+    // SAFETY: _exit ends the child without running the harness's exit code.
+    unsafe { libc::_exit(if ok { 0 } else { 1 }) }
+}
+
+/// `fork` from a signal handler that may have interrupted an allocation of the same thread
+/// (issue 17): the prepare handler must not wait for the lock its own thread holds.
+#[test]
+fn fork_from_a_signal_handler_while_allocating() {
+    // SAFETY: the child runs `signalled_child` only and ends with _exit.
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0, "fork failed");
+    if pid == 0 {
+        signalled_child();
+    }
+    let st = common::wait_limited(pid, Duration::from_secs(60), "fork from a signal handler");
+    assert!(
+        libc::WIFEXITED(st) && libc::WEXITSTATUS(st) == 0,
+        "child failed: status {st:#x}"
+    );
+}

@@ -28,6 +28,20 @@ fn vm_size() -> usize {
     pages * unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as usize
 }
 
+/// Limits the process's address space (`RLIMIT_AS`) to what it maps now plus `headroom`.
+fn limit_address_space(headroom: usize) -> Result<(), &'static str> {
+    let limit = vm_size() + headroom;
+    let rl = libc::rlimit {
+        rlim_cur: limit as libc::rlim_t,
+        rlim_max: limit as libc::rlim_t,
+    };
+    // SAFETY: `rl` is a valid rlimit; lowering a limit needs no privilege.
+    if unsafe { libc::setrlimit(libc::RLIMIT_AS, &rl) } != 0 {
+        return Err("setrlimit failed");
+    }
+    Ok(())
+}
+
 fn fill(p: *mut u8, len: usize, v: u8) {
     // SAFETY: the caller passes a live block of at least `len` bytes.
     unsafe { p.write_bytes(v, len) };
@@ -51,15 +65,7 @@ fn child() -> Result<(), &'static str> {
     let mut huges: Vec<*mut u8> = Vec::with_capacity(256);
     let mut smalls: Vec<*mut u8> = Vec::with_capacity(256 * 1024);
 
-    let limit = vm_size() + HEADROOM;
-    let rl = libc::rlimit {
-        rlim_cur: limit as libc::rlim_t,
-        rlim_max: limit as libc::rlim_t,
-    };
-    // SAFETY: `rl` is a valid rlimit; lowering a limit needs no privilege.
-    if unsafe { libc::setrlimit(libc::RLIMIT_AS, &rl) } != 0 {
-        return Err("setrlimit failed");
-    }
+    limit_address_space(HEADROOM)?;
 
     // Mixed 64 MiB (mapped directly) and 1 MiB (page heap) requests until both fail.
     let mut huge_nulls = 0;
@@ -203,21 +209,21 @@ fn child() -> Result<(), &'static str> {
     Ok(())
 }
 
-#[test]
-fn allocation_fails_cleanly_and_recovers() {
-    // SAFETY: alarm has no preconditions; a hang kills the process instead of the CI job.
-    unsafe { libc::alarm(120) };
-    // SAFETY: the child runs `child` and ends in `_exit`; it touches no lock another thread
-    // of the harness could hold (its collections are allocated before the limit is set).
+/// Forks a child that runs `work` under an alarm of `alarm_s` seconds and `_exit`s: 0 when
+/// it returns Ok, 1 (after writing `name` and the error) when it returns an error, 2 when it
+/// panics. Returns the child's pid.
+fn fork_child(work: fn() -> Result<(), &'static str>, name: &str, alarm_s: u32) -> libc::pid_t {
+    // SAFETY: the child runs `work` and ends in `_exit`; it touches no lock another thread
+    // of the harness could hold (its collections are allocated before any limit is set).
     let pid = unsafe { libc::fork() };
     assert!(pid >= 0, "fork failed");
     if pid == 0 {
-        // SAFETY: alarms are not inherited across fork.
-        unsafe { libc::alarm(60) };
-        let code = match std::panic::catch_unwind(child) {
+        // SAFETY: alarm has no preconditions; a hang kills the child.
+        unsafe { libc::alarm(alarm_s) };
+        let code = match std::panic::catch_unwind(work) {
             Ok(Ok(())) => 0,
             Ok(Err(e)) => {
-                say("oom child: ");
+                say(name);
                 say(e);
                 say("\n");
                 1
@@ -227,6 +233,14 @@ fn allocation_fails_cleanly_and_recovers() {
         // SAFETY: ends the child at once, without the harness's exit path.
         unsafe { libc::_exit(code) };
     }
+    pid
+}
+
+#[test]
+fn allocation_fails_cleanly_and_recovers() {
+    // SAFETY: alarm has no preconditions; a hang kills the process instead of the CI job.
+    unsafe { libc::alarm(120) };
+    let pid = fork_child(child, "oom child: ", 60);
     let status = common::wait_limited(pid, Duration::from_secs(90), "the out-of-memory child");
     assert!(
         !libc::WIFSIGNALED(status),
@@ -239,5 +253,186 @@ fn allocation_fails_cleanly_and_recovers() {
         libc::WEXITSTATUS(status),
         0,
         "the out-of-memory child failed"
+    );
+}
+
+/// Address space the tight-limit child may use beyond what it has when it sets the limit:
+/// room for one chunk mapped exactly (4 MiB) and a little more, but not for a chunk mapped
+/// with room to align it (8 MiB).
+const TIGHT_HEADROOM: usize = 6 * MIB;
+
+/// The phase the tight-limit child is in; each pinned thread waits for its own.
+static PHASE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+fn wait_phase(p: usize) {
+    while PHASE.load(std::sync::atomic::Ordering::Acquire) != p {
+        std::thread::yield_now();
+    }
+}
+
+fn next_phase(p: usize) {
+    PHASE.store(p, std::sync::atomic::Ordering::Release);
+}
+
+/// 64 KiB blocks until one fails; returns how many (at most `v`'s capacity).
+fn fill_64k(v: &mut Vec<*mut u8>) -> usize {
+    let l = Layout::from_size_align(64 * 1024, 8).unwrap();
+    while v.len() < v.capacity() {
+        // SAFETY: non-zero size.
+        let p = unsafe { alloc(l) };
+        if p.is_null() {
+            break;
+        }
+        fill(p, 64 * 1024, 0x66);
+        v.push(p);
+    }
+    v.len()
+}
+
+fn free_64k(v: &mut Vec<*mut u8>) -> bool {
+    let l = Layout::from_size_align(64 * 1024, 8).unwrap();
+    let mut ok = true;
+    for p in v.drain(..) {
+        ok &= holds(p, 64 * 1024, 0x66);
+        // SAFETY: allocated by `fill_64k` with this layout.
+        unsafe { dealloc(p, l) };
+    }
+    ok
+}
+
+/// The tight-limit child (see `tight_limit_fill_free_refill_across_cpus`).
+fn tight_child() -> Result<(), &'static str> {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static FIRST: AtomicUsize = AtomicUsize::new(0);
+    static AGAIN: AtomicUsize = AtomicUsize::new(0);
+    static FAILED: AtomicUsize = AtomicUsize::new(0);
+    let cores = core_affinity::get_core_ids().unwrap_or_default();
+    let pin = move |k: usize| {
+        if cores.len() >= 2 {
+            core_affinity::set_for_current(cores[k]);
+        }
+    };
+    let pin1 = pin.clone();
+    // Thread 0 (CPU 0) fills the address space with 64 KiB blocks, frees them, and later
+    // fills it again; thread 1 (CPU 1) meanwhile allocates 1,100 blocks of 1,000 bytes,
+    // which its own arena cannot map a chunk for: another arena must serve them.
+    let t0 = std::thread::spawn(move || {
+        pin(0);
+        let mut v: Vec<*mut u8> = Vec::with_capacity(4096);
+        next_phase(1);
+        wait_phase(3);
+        FIRST.store(fill_64k(&mut v), Ordering::Relaxed);
+        if !free_64k(&mut v) {
+            FAILED.fetch_add(1, Ordering::Relaxed);
+        }
+        next_phase(4);
+        wait_phase(5);
+        AGAIN.store(fill_64k(&mut v), Ordering::Relaxed);
+        if !free_64k(&mut v) {
+            FAILED.fetch_add(1, Ordering::Relaxed);
+        }
+        next_phase(6);
+    });
+    wait_phase(1);
+    let t1 = std::thread::spawn(move || {
+        pin1(1);
+        let l = Layout::from_size_align(1000, 8).unwrap();
+        let mut v: Vec<*mut u8> = Vec::with_capacity(1100);
+        next_phase(2);
+        wait_phase(4);
+        while v.len() < v.capacity() {
+            // SAFETY: non-zero size.
+            let p = unsafe { alloc(l) };
+            if p.is_null() {
+                FAILED.fetch_add(1, Ordering::Relaxed);
+                break;
+            }
+            fill(p, 1000, 0x77);
+            v.push(p);
+        }
+        for p in v.drain(..) {
+            if !holds(p, 1000, 0x77) {
+                FAILED.fetch_add(1, Ordering::Relaxed);
+            }
+            // SAFETY: allocated just above with this layout.
+            unsafe { dealloc(p, l) };
+        }
+        next_phase(5);
+    });
+    wait_phase(2);
+    let huge = Layout::from_size_align(3 * MIB, 8).unwrap();
+    let small = Layout::from_size_align(4104, 8).unwrap();
+    let mut huges: Vec<*mut u8> = Vec::with_capacity(16);
+
+    limit_address_space(TIGHT_HEADROOM)?;
+    // A 4,104-byte block, and 3 MiB blocks (a span each) until the limit: the first must
+    // succeed (its span fits, exactly mapped), the limit must then be reached; after freeing,
+    // as many again.
+    let mut counts = [0; 2];
+    for count in &mut counts {
+        // SAFETY: non-zero size.
+        let s = unsafe { alloc(small) };
+        if s.is_null() {
+            return Err("a 4,104-byte block failed under the limit");
+        }
+        fill(s, 4104, 0x12);
+        while huges.len() < huges.capacity() {
+            // SAFETY: non-zero size.
+            let h = unsafe { alloc(huge) };
+            if h.is_null() {
+                break;
+            }
+            fill(h, 3 * MIB, 0x13);
+            huges.push(h);
+        }
+        *count = huges.len();
+        for h in huges.drain(..) {
+            if !holds(h, 3 * MIB, 0x13) {
+                return Err("a 3 MiB block was damaged");
+            }
+            // SAFETY: allocated above with this layout.
+            unsafe { dealloc(h, huge) };
+        }
+        // SAFETY: allocated above with this layout.
+        unsafe { dealloc(s, small) };
+    }
+    if counts[0] == 0 {
+        return Err("no 3 MiB block under a limit 6 MiB above the process's size");
+    }
+    if counts[0] == huges.capacity() {
+        return Err("the limit was never reached");
+    }
+    if counts[1] < counts[0] {
+        return Err("fewer 3 MiB blocks after freeing");
+    }
+    next_phase(3);
+    t0.join().map_err(|_| "thread 0 panicked")?;
+    t1.join().map_err(|_| "thread 1 panicked")?;
+    if FAILED.load(Ordering::Relaxed) != 0 {
+        return Err(
+            "an allocation on CPU 1 failed while CPU 0's arena had memory, or a block was damaged",
+        );
+    }
+    let (first, again) = (FIRST.load(Ordering::Relaxed), AGAIN.load(Ordering::Relaxed));
+    if first * 64 * 1024 < 3 * MIB {
+        return Err("less than 3 MiB of 64 KiB blocks under a 6 MiB headroom");
+    }
+    if again * 10 < first * 9 {
+        return Err("far fewer 64 KiB blocks after freeing them");
+    }
+    coreheap::check_heap()
+}
+
+/// Near an `RLIMIT_AS` limit (what the process maps + 6 MiB): chunks and spans are mapped
+/// without over-reserving, so the process fills the space the limit leaves, frees it and
+/// fills it again; a thread pinned to another CPU, whose arena cannot map a chunk, is served
+/// by the arena that has memory (issue 17).
+#[test]
+fn tight_limit_fill_free_refill_across_cpus() {
+    let pid = fork_child(tight_child, "tight-limit child: ", 60);
+    let status = common::wait_limited(pid, Duration::from_secs(60), "the tight-limit child");
+    assert!(
+        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+        "the tight-limit child failed: status {status:#x}"
     );
 }

@@ -112,6 +112,13 @@ pub unsafe extern "C" fn malloc_stats() {
 }
 
 /// # Safety
+/// C's legacy `mallinfo`.
+#[no_mangle]
+pub unsafe extern "C" fn mallinfo() -> c_api::MallInfo {
+    c_api::mallinfo()
+}
+
+/// # Safety
 /// C's `mallinfo2`.
 #[no_mangle]
 pub unsafe extern "C" fn mallinfo2() -> c_api::MallInfo2 {

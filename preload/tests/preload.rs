@@ -120,8 +120,8 @@ fn c_interface_edge_cases() {
     let stdout = text(&out.stdout);
     assert!(stdout.contains("all ok"), "{stdout}");
     assert!(!stdout.contains("FAIL"), "{stdout}");
-    // malloc_stats printed the per-arena report.
-    assert!(text(&out.stderr).contains("arena   0:"));
+    // malloc_stats printed glibc's per-arena report.
+    assert!(text(&out.stderr).contains("Arena 0:"));
 }
 
 #[test]
@@ -758,4 +758,95 @@ fn runner_command_line() {
     }
     let (code, _, err) = status(&["run", "--", "/nonexistent/program"]);
     assert_eq!(code, 127, "{err}");
+}
+
+/// A timer signal every 2 ms whose handler forks (the child `_exit`s) while the program
+/// allocates and frees blocks of up to 70,000 bytes: single-threaded (glibc takes no malloc
+/// lock in such a fork; neither may coreheap) and with threads (the prepare handler must
+/// skip an arena lock that the interrupted code of its own thread holds).
+#[test]
+fn fork_from_a_signal_handler() {
+    let exe = compile("signal_events.c", "signal_events", &["-lpthread"]);
+    for mode in ["single", "threads"] {
+        let out = preloaded(exe.to_str().unwrap(), &["fork", mode, "3"], &[], 60);
+        let stdout = text(&out.stdout);
+        assert!(stdout.contains("signal events ok"), "{mode}: {stdout}");
+    }
+}
+
+/// A timer signal every 2 ms whose handler allocates and frees while the interrupted code
+/// may be inside malloc or free holding its arena's lock: served by another arena (two or
+/// more), never a hang; on one arena it may abort, but only with a line naming the cause.
+#[test]
+fn malloc_in_a_signal_handler_that_interrupted_malloc() {
+    let exe = compile("signal_events.c", "signal_events_malloc", &["-lpthread"]);
+    for mode in ["single", "threads"] {
+        for env in [&[][..], &[("COREHEAP_RSEQ", "0")][..]] {
+            let out = preloaded(exe.to_str().unwrap(), &["malloc", mode, "3"], env, 60);
+            let stdout = text(&out.stdout);
+            assert!(
+                stdout.contains("signal events ok"),
+                "{mode} {env:?}: {stdout}"
+            );
+        }
+    }
+    // One arena: nowhere else to go; an abort must name the cause.
+    let mut cmd = Command::new(runner());
+    cmd.args(["run", "--", exe.to_str().unwrap(), "malloc", "single", "3"])
+        .env("COREHEAP_ARENAS", "1")
+        .env("COREHEAP_RSEQ", "0");
+    let out = run_limited(cmd, Duration::from_secs(60));
+    if !out.status.success() {
+        assert!(
+            text(&out.stderr).contains("re-entered"),
+            "{:?}: {}",
+            out.status,
+            text(&out.stderr)
+        );
+    }
+}
+
+/// An ordinary program under a tight address-space limit (`ulimit -v 16000`, about 15.6
+/// MiB): chunks are mapped without over-reserving for their alignment, so `ls` finds the
+/// memory it needs (it failed with "memory exhausted" when a chunk took 8 MiB of address
+/// space).
+#[test]
+fn ls_under_ulimit_v() {
+    let out = preloaded(
+        "sh",
+        &["-c", "ulimit -v 16000 && exec ls /usr/bin"],
+        &[],
+        60,
+    );
+    assert!(
+        text(&out.stdout).lines().count() > 10,
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+/// glibc's `mallinfo` (legacy, `int` fields) beside `mallinfo2`, `malloc_stats` in glibc's
+/// format, and no cancellation point inside `malloc_stats` or (with `COREHEAP_SHM`, whose
+/// fork handlers wait for the child's copy) inside `fork`.
+#[test]
+fn glibc_formats_and_no_cancellation_points() {
+    let exe = compile("glibc_formats.c", "glibc_formats", &["-lpthread"]);
+    let name = format!("coreheap-preload-cancel-{}", std::process::id());
+    let path = coreheap::shm::shm_path(&name);
+    let shm = format!("{name}:64M");
+    for env in [&[][..], &[("COREHEAP_SHM", shm.as_str())][..]] {
+        let out = preloaded(exe.to_str().unwrap(), &[], env, 60);
+        let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+        assert!(stdout.contains("formats ok"), "{env:?}: {stdout}");
+        for line in [
+            "Arena 0:\nsystem bytes     = ",
+            "\nin use bytes     = ",
+            "Total (incl. mmap):\nsystem bytes     = ",
+            "\nmax mmap regions = ",
+            "\nmax mmap bytes   = ",
+        ] {
+            assert!(stderr.contains(line), "{env:?}: no {line:?} in {stderr}");
+        }
+    }
+    let _ = std::fs::remove_file(&path);
 }

@@ -42,6 +42,12 @@ pub unsafe trait ArenaLock: Sync {
     /// How many times a taker found the lock already held.
     fn contentions(&self) -> u64;
 
+    /// Whether the calling thread holds the lock (a signal handler that interrupted its
+    /// holder). False for a lock that does not record its holder.
+    fn held_by_caller(&self) -> bool {
+        false
+    }
+
     /// Makes the lock anew, unlocked: for the child of `fork`, where its holder does not
     /// exist. Returns false if it could not.
     ///
@@ -81,6 +87,11 @@ unsafe impl ArenaLock for RawLock {
 
     fn contentions(&self) -> u64 {
         RawLock::contentions(self)
+    }
+
+    #[inline(always)]
+    fn held_by_caller(&self) -> bool {
+        RawLock::held_by_caller(self)
     }
 
     unsafe fn reinit(&self) -> bool {

@@ -297,6 +297,11 @@ impl<S: PageSource<Lock: ArenaLock>> Arena<S> {
                         self.flush_pending(src);
                     }
                 }
+                // A handler that interrupted this thread inside the arena: the interrupted
+                // code drains the stack later.
+                Lookup::Large { .. } if self.lock.held_by_caller() => {
+                    self.pending.push(b, self.key, src.base());
+                }
                 Lookup::Large { run, .. } => {
                     self.acquire(src);
                     let st = &mut *self.state.get();
@@ -562,9 +567,23 @@ impl<S: PageSource<Lock: ArenaLock>> Arena<S> {
     }
 
     /// Fork: takes the lock before `fork` (called for every arena in index order),
-    /// recovering the arena as any taker does.
-    pub fn fork_lock(&self, src: &S) {
+    /// recovering the arena as any taker does. Returns false, without taking it, if the
+    /// calling thread holds it already: a `fork` from a signal handler that interrupted this
+    /// thread inside the arena (the lock then stays with the interrupted code, in the
+    /// parent and in the child).
+    pub fn fork_lock(&self, src: &S) -> bool {
+        if self.lock.held_by_caller() {
+            return false;
+        }
         self.acquire(src);
+        true
+    }
+
+    /// Whether the calling thread holds this arena's lock: a signal handler that
+    /// interrupted an allocation or free of this arena (see [`ArenaLock::held_by_caller`]).
+    #[inline]
+    pub fn held_by_caller(&self) -> bool {
+        self.lock.held_by_caller()
     }
 
     /// Fork, parent side: releases the lock taken by [`Arena::fork_lock`].

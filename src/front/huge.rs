@@ -156,7 +156,7 @@ pub(crate) unsafe fn free<B: Backend>(b: &B, h: *mut ChunkHeader, p: *mut u8) {
     // block: of two frees of it, in any threads or processes, one wins.
     let magic = unsafe { &*ptr::addr_of!((*h).magic).cast::<AtomicU64>() };
     if magic
-        .compare_exchange(MAGIC, 0, Ordering::AcqRel, Ordering::Relaxed)
+        .compare_exchange(MAGIC, src.free_claim(), Ordering::AcqRel, Ordering::Relaxed)
         .is_err()
     {
         report::invalid(src, p, b"free(): double free detected");

@@ -95,7 +95,11 @@ pub(crate) fn alloc_locked<B: Backend>(b: &B, size: usize, align: usize) -> (*mu
     if size <= LARGE_MAX && align <= LARGE_ALIGN_MAX {
         let size = size.max(1);
         let first = b.current_arena();
-        let r = b.arena(first).alloc(b.source(), size, align);
+        let a = b.arena(first);
+        if a.held_by_caller() {
+            return alloc_elsewhere(b, first, size, align);
+        }
+        let r = a.alloc(b.source(), size, align);
         if r.0.is_null() && b.arena_count() > 1 {
             return alloc_elsewhere(b, first, size, align);
         }
@@ -105,17 +109,28 @@ pub(crate) fn alloc_locked<B: Backend>(b: &B, size: usize, align: usize) -> (*mu
     }
 }
 
-/// The arena of this thread had no memory: the others in turn (their free runs and cached
-/// pages may serve what the OS or the file will not). The block stays owned by the arena it
-/// came from.
+/// Arena `first` could not serve the request: it had no memory, or the calling thread
+/// holds its lock already (a signal handler that interrupted an allocation; waiting would
+/// never end). The others in turn (their free runs and cached pages may serve what the OS
+/// or the file will not), skipping any whose lock this thread holds. The block stays owned
+/// by the arena it came from. Null (ENOMEM) when none can serve; a re-entered request that
+/// no other arena serves aborts with a message naming the cause rather than fail silently.
 #[cold]
 #[inline(never)]
 fn alloc_elsewhere<B: Backend>(b: &B, first: usize, size: usize, align: usize) -> (*mut u8, bool) {
     let n = b.arena_count();
-    (1..n)
-        .map(|k| b.arena((first + k) % n).alloc(b.source(), size, align))
+    let r = (1..n)
+        .map(|k| b.arena((first + k) % n))
+        .filter(|a| !a.held_by_caller())
+        .map(|a| a.alloc(b.source(), size, align))
         .find(|r| !r.0.is_null())
-        .unwrap_or((ptr::null_mut(), false))
+        .unwrap_or((ptr::null_mut(), false));
+    if r.0.is_null() && b.arena(first).held_by_caller() {
+        crate::os::fatal(
+            b"coreheap: malloc re-entered (from a signal handler?) on a thread that holds its arena's lock, and no other arena could serve it; aborting\n",
+        );
+    }
+    r
 }
 
 /// Frees `p`, which [`lookup`] found to be `what`, without per-CPU caches: to the arena that

@@ -52,6 +52,13 @@ impl ProcessHeap {
         };
         let ai = cfg.arena_index(cpu);
         let a = cfg.arena(ai);
+        if a.held_by_caller() {
+            // A signal handler that interrupted this thread inside the arena.
+            return match super::HEAP.ready() {
+                Some(r) => crate::front::alloc_locked(&r, class_size(class), 1),
+                None => (core::ptr::null_mut(), false),
+            };
+        }
         REFILLS.with(|n| {
             n.set(n.get().wrapping_add(1));
             if n.get() % SWEEP_EVERY == 0 {
@@ -102,7 +109,9 @@ impl ProcessHeap {
             return;
         }
         for i in 0..cfg.count {
-            if cfg.caches.transfer(i).idle_since_last_look() {
+            // (An arena whose lock this thread holds - a signal handler that interrupted
+            // it there - is left for the next sweep.)
+            if !cfg.arena(i).held_by_caller() && cfg.caches.transfer(i).idle_since_last_look() {
                 Self::return_parked(cfg, i);
             }
         }
@@ -291,6 +300,12 @@ impl ProcessHeap {
     #[cold]
     #[inline(never)]
     unsafe fn free_small_full(cfg: &Config, p: *mut u8, what: Lookup, arena: u32, class: usize) {
+        if cfg.arena(arena as usize).held_by_caller() {
+            // A signal handler that interrupted this thread inside the arena: the block
+            // takes the pending stack, which needs no lock.
+            // SAFETY: by the contract.
+            return unsafe { cfg.arena(arena as usize).free_marked(&SRC, p, what, false) };
+        }
         let Some((cpu, chain)) = cfg.caches.take_all(class) else {
             // Emptied by another thread meanwhile, or no CPU id: the locked path.
             // SAFETY: by the contract.

@@ -1,28 +1,70 @@
 //! Process events: the `pthread_atfork` handlers and the exit report and check.
 //!
 //! Lock order at fork: glibc's stdio list lock, then the arenas in index order. The child
-//! re-initialises every arena lock rather than unlocking it (the thread that took it in the
-//! parent does not exist in the child). The handlers are registered once per process.
+//! re-initialises every arena lock the prepare handler took rather than unlocking it (the
+//! thread that took it in the parent does not exist in the child). The handlers are
+//! registered once per process.
+//!
+//! A `fork` may come from a signal handler that interrupted this very thread inside an
+//! arena (holding its lock):
+//! - in a single-threaded process the handlers take no lock at all, as glibc's `fork` takes
+//!   none of its malloc locks then: no other thread can hold one;
+//! - otherwise the prepare handler skips a lock the forking thread holds itself
+//!   ([`Arena::fork_lock`](crate::arena::Arena::fork_lock)) and takes the others.
+//!
+//! Either way a lock the interrupted code holds stays held, in the parent and in the child,
+//! until that code resumes and releases it (the child's thread has the forking thread's
+//! identity); meanwhile an allocation on that thread is served by another arena (see
+//! `front::alloc_locked`). What the child may then do is in `docs/design.md` ("Fork").
 
-use core::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 
 use super::{ProcessHeap, HEAP, SRC};
 use crate::diag::Line;
 use crate::os;
+use crate::settings::MAX_ARENAS;
+
+/// The arenas whose lock the last prepare handler took (bit `i % 64` of word `i / 64`).
+/// Written by the prepare handler and read by the parent and child handlers of the same
+/// `fork`, which glibc runs on the forking thread.
+static TAKEN: [AtomicU64; MAX_ARENAS / 64] = [const { AtomicU64::new(0) }; MAX_ARENAS / 64];
+/// The last prepare handler found the process single-threaded and took no lock.
+static SINGLE: AtomicBool = AtomicBool::new(false);
+
+fn set_taken(i: usize, taken: bool) {
+    let bit = 1u64 << (i % 64);
+    if taken {
+        TAKEN[i / 64].fetch_or(bit, Ordering::Relaxed);
+    } else {
+        TAKEN[i / 64].fetch_and(!bit, Ordering::Relaxed);
+    }
+}
+
+fn taken(i: usize) -> bool {
+    TAKEN[i / 64].load(Ordering::Relaxed) & (1 << (i % 64)) != 0
+}
 
 impl ProcessHeap {
     fn fork_prepare(&self) {
+        let single = os::single_threaded();
+        SINGLE.store(single, Ordering::Relaxed);
+        if single {
+            return;
+        }
         os::stdio_list_lock();
         if let Some(cfg) = self.config() {
             for i in 0..cfg.count {
-                cfg.arena(i).fork_lock(&SRC);
+                set_taken(i, cfg.arena(i).fork_lock(&SRC));
             }
         }
     }
 
     fn fork_parent(&self) {
+        if SINGLE.load(Ordering::Relaxed) {
+            return;
+        }
         if let Some(cfg) = self.config() {
-            for i in (0..cfg.count).rev() {
+            for i in (0..cfg.count).rev().filter(|&i| taken(i)) {
                 cfg.arena(i).fork_unlock(&SRC);
             }
         }
@@ -32,10 +74,15 @@ impl ProcessHeap {
     fn fork_child(&self) {
         // The initialising thread, if any was recorded, does not exist here.
         self.init_thread.store(0, Ordering::Relaxed);
+        if SINGLE.load(Ordering::Relaxed) {
+            // No lock was taken; a held one belongs to this thread's interrupted code.
+            return;
+        }
         if let Some(cfg) = self.config() {
-            for i in 0..cfg.count {
-                // SAFETY: the child of fork: only this thread exists, and process arenas'
-                // locks are on no robust list.
+            for i in (0..cfg.count).filter(|&i| taken(i)) {
+                // SAFETY: the child of fork: only this thread exists, it took the lock in
+                // the prepare handler and uses it no more; process arenas' locks are on no
+                // robust list.
                 unsafe { cfg.arena(i).fork_reinit() };
             }
         }

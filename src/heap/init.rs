@@ -87,24 +87,8 @@ impl ProcessHeap {
                 .compare_exchange(UNINIT, INITING, Ordering::Acquire, Ordering::Acquire)
             {
                 Ok(_) => {
-                    self.init_thread.store(os::thread_id(), Ordering::Relaxed);
-                    // SAFETY: we moved the state to INITING, so we are the only writer.
-                    let ok = unsafe { init_config(&mut *self.config.get()) };
-                    // Release: publishes `config`.
-                    self.state
-                        .store(if ok { READY } else { FAILED }, Ordering::Release);
-                    if ok {
-                        // SAFETY: `config` was just published by READY and is read-only.
-                        if unsafe { (*self.config.get()).caches.enabled } {
-                            // Release: publishes `config` (and READY) to `fast_class` and
-                            // `fast_path_ready`.
-                            for (e, &c) in self.classes.iter().zip(CLASS_TABLE.iter()) {
-                                e.store(c, Ordering::Release);
-                            }
-                        }
-                        fork::register_handlers();
-                    }
-                    return ok;
+                    self.init_pid.store(os::pid(), Ordering::Relaxed);
+                    return self.initialise();
                 }
                 Err(READY) => return true,
                 Err(FAILED) => return false,
@@ -113,6 +97,27 @@ impl ProcessHeap {
                         return false;
                     }
                     if backoff.is_completed() {
+                        // The initialiser may be a thread of the parent of a `fork` made
+                        // meanwhile: none finishes here, so this process starts over (what
+                        // the parent had mapped stays mapped, unused).
+                        // The compare-and-swap on the pid makes one thread of this
+                        // process the new initialiser; 0 is a pid not yet recorded.
+                        let pid = os::pid();
+                        let init_pid = self.init_pid.load(Ordering::Relaxed);
+                        if init_pid != 0
+                            && init_pid != pid
+                            && self
+                                .init_pid
+                                .compare_exchange(
+                                    init_pid,
+                                    pid,
+                                    Ordering::Relaxed,
+                                    Ordering::Relaxed,
+                                )
+                                .is_ok()
+                        {
+                            return self.initialise();
+                        }
                         os::yield_now();
                     } else {
                         backoff.snooze();
@@ -120,6 +125,31 @@ impl ProcessHeap {
                 }
             }
         }
+    }
+
+    /// Initialises the configuration and publishes READY (or FAILED).
+    ///
+    /// pre: the calling thread is the only initialiser: it moved `state` to INITING, or took
+    /// `init_pid` over from a parent process's initialiser that does not exist here.
+    fn initialise(&self) -> bool {
+        self.init_thread.store(os::thread_id(), Ordering::Relaxed);
+        // SAFETY: by the precondition we are the only writer.
+        let ok = unsafe { init_config(&mut *self.config.get()) };
+        // Release: publishes `config`.
+        self.state
+            .store(if ok { READY } else { FAILED }, Ordering::Release);
+        if ok {
+            // SAFETY: `config` was just published by READY and is read-only.
+            if unsafe { (*self.config.get()).caches.enabled } {
+                // Release: publishes `config` (and READY) to `fast_class` and
+                // `fast_path_ready`.
+                for (e, &c) in self.classes.iter().zip(CLASS_TABLE.iter()) {
+                    e.store(c, Ordering::Release);
+                }
+            }
+            fork::register_handlers();
+        }
+        ok
     }
 
     /// A block for the initialising thread, or null if initialisation failed.
@@ -226,4 +256,31 @@ fn fast_path_wanted() -> Option<isize> {
         return os::rseq::area_offset();
     }
     None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::mpsc;
+    use std::time::Duration;
+
+    /// A fork child inherits INITING from a parent whose initialiser does not exist in it:
+    /// its first allocation must initialise afresh, not wait forever.
+    #[test]
+    fn a_fork_child_finishes_an_inherited_initialisation() {
+        static H: ProcessHeap = ProcessHeap::new();
+        // What the child of a fork made during the parent's initialisation sees.
+        H.state.store(INITING, Ordering::Relaxed);
+        H.init_thread.store(1, Ordering::Relaxed);
+        H.init_pid
+            .store(os::pid().wrapping_add(1), Ordering::Relaxed);
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || tx.send(H.init_slow()).unwrap());
+        let ready = rx
+            .recv_timeout(Duration::from_secs(20))
+            .expect("initialisation inherited from a fork hung");
+        assert!(ready);
+        assert_eq!(H.state.load(Ordering::Acquire), READY);
+        assert_eq!(H.init_pid.load(Ordering::Relaxed), os::pid());
+    }
 }

@@ -15,7 +15,7 @@ mod init;
 
 use core::cell::UnsafeCell;
 use core::ptr;
-use core::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicU32, AtomicU8, AtomicUsize, Ordering};
 
 use crossbeam_utils::CachePadded;
 
@@ -94,6 +94,9 @@ pub struct ProcessHeap {
     config: UnsafeCell<Config>,
     state: AtomicU8,
     init_thread: AtomicUsize,
+    /// The process that moved `state` to INITING: a fork child that inherits INITING from
+    /// it (a `fork` on another thread during the first initialisation) starts over.
+    init_pid: AtomicU32,
     /// [`CLASS_TABLE`](crate::size_class::CLASS_TABLE) once the fast path is on,
     /// [`NOT_FAST`] in every entry before (and for good when it stays off), so that the
     /// fast paths learn both the class and that they may run from one load (C `free` reads
@@ -175,6 +178,7 @@ impl ProcessHeap {
         Self {
             state: AtomicU8::new(UNINIT),
             init_thread: AtomicUsize::new(0),
+            init_pid: AtomicU32::new(0),
             classes: [const { AtomicU8::new(NOT_FAST) }; SMALL_MAX / SMALL_MIN],
             config: UnsafeCell::new(Config {
                 arenas: ptr::null_mut(),

@@ -430,21 +430,36 @@ pub fn pipe() -> Option<(i32, i32)> {
     }
 }
 
-/// Writes one byte to `fd` (ignoring errors).
+/// Writes one byte to `fd` (ignoring errors). A raw system call: not a cancellation point
+/// (it runs inside `fork`, which is none).
 pub fn signal(fd: i32) {
-    super::io::write_all(fd, &[1]);
-}
-
-/// Waits for one byte on `fd`, or its end (the writer closed or died).
-pub fn await_signal(fd: i32) {
-    let mut b = [0u8; 1];
+    let b = [1u8];
     loop {
-        // SAFETY: `b` is writable for one byte.
-        let r = unsafe { libc::read(fd, b.as_mut_ptr().cast(), 1) };
+        // SAFETY: `b` is readable for one byte.
+        let r = unsafe { libc::syscall(libc::SYS_write, fd, b.as_ptr(), 1usize) };
         if r >= 0 || errno() != libc::EINTR {
             return;
         }
     }
+}
+
+/// Waits for one byte on `fd`, or its end (the writer closed or died). A raw system call:
+/// not a cancellation point (it runs inside `fork`, which is none).
+pub fn await_signal(fd: i32) {
+    let mut b = [0u8; 1];
+    loop {
+        // SAFETY: `b` is writable for one byte.
+        let r = unsafe { libc::syscall(libc::SYS_read, fd, b.as_mut_ptr(), 1usize) };
+        if r >= 0 || errno() != libc::EINTR {
+            return;
+        }
+    }
+}
+
+/// Closes `fd` with a raw system call: not a cancellation point, unlike `close`.
+pub fn close_nocancel(fd: i32) {
+    // SAFETY: closing a descriptor we own.
+    unsafe { libc::syscall(libc::SYS_close, fd) };
 }
 
 #[cfg(test)]

@@ -2,6 +2,7 @@
 //! access protection, and the page size the allocator assumes.
 
 use core::ptr;
+use core::sync::atomic::{AtomicUsize, Ordering};
 
 /// The page size this build assumes. Checked against the kernel's at start-up by
 /// [`page_size_ok`]; on a kernel with larger pages the purge calls become no-ops.
@@ -10,13 +11,82 @@ pub const OS_PAGE: usize = 4096;
 /// Maps `len` bytes of fresh, zeroed, read-write anonymous memory aligned to `align` (a power
 /// of two, at least [`OS_PAGE`]). Returns null on failure.
 ///
+/// Reserves no more address space than `len` whenever it can, so that a process near its
+/// `RLIMIT_AS` can still use what the limit leaves: first exactly at an aligned address just
+/// below the last such mapping, or where it was (the kernel hands out addresses top-down, so that range is
+/// usually free), then exactly wherever the kernel puts it (if that happens to be aligned),
+/// then `len + align` bytes trimmed to the aligned part, and last exactly at aligned
+/// addresses next to where the kernel would put it. The exact tries use
+/// `MAP_FIXED_NOREPLACE`, which never replaces a mapping.
+///
 /// pre: `len` is a multiple of `OS_PAGE`.
 pub fn map_aligned(len: usize, align: usize) -> *mut u8 {
     debug_assert!(align.is_power_of_two() && align >= OS_PAGE);
-    let Some(over) = len.checked_add(align - OS_PAGE) else {
-        return ptr::null_mut();
+    let below = LAST.load(Ordering::Relaxed);
+    if below != usize::MAX && below > len {
+        let p = map_exact_at((below - len) & !(align - 1), len);
+        if !p.is_null() {
+            return noted(p);
+        }
+    }
+    let p = map_anon(len);
+    if p.is_null() || p as usize & (align - 1) == 0 {
+        return noted(p);
+    }
+    unmap(p, len);
+    if let Some(over) = len.checked_add(align - OS_PAGE) {
+        let q = trim_to_aligned(map_anon(over), over, len, align);
+        if !q.is_null() {
+            return noted(q);
+        }
+    }
+    // Not room for the over-sized mapping: the aligned addresses around the free range the
+    // kernel found for `len` bytes.
+    let down = p as usize & !(align - 1);
+    [down.wrapping_add(align), down, down.wrapping_sub(align)]
+        .into_iter()
+        .filter(|&a| a != 0 && a.checked_add(len).is_some())
+        .map(|a| map_exact_at(a, len))
+        .find(|q| !q.is_null())
+        .map_or(ptr::null_mut(), noted)
+}
+
+/// The start of the last mapping of [`map_aligned`] (`usize::MAX`: none yet), or the end of
+/// it once it was unmapped: the next one is tried just below it (so a span freed and asked
+/// for again takes the same addresses instead of drifting down).
+static LAST: AtomicUsize = AtomicUsize::new(usize::MAX);
+
+/// Records `p` (null: nothing) as a start of a [`map_aligned`] mapping and returns it.
+fn noted(p: *mut u8) -> *mut u8 {
+    if !p.is_null() {
+        LAST.store(p as usize, Ordering::Relaxed);
+    }
+    p
+}
+
+/// Maps `len` bytes of anonymous read-write memory exactly at `addr` if nothing is mapped in
+/// `[addr, addr + len)`; null otherwise.
+fn map_exact_at(addr: usize, len: usize) -> *mut u8 {
+    // SAFETY: MAP_FIXED_NOREPLACE fails rather than replace an existing mapping; a kernel
+    // older than 4.17 takes it as a hint, and a mapping elsewhere is unmapped below.
+    let p = unsafe {
+        libc::mmap(
+            addr as *mut libc::c_void,
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE,
+            -1,
+            0,
+        )
     };
-    trim_to_aligned(map_anon(over), over, len, align)
+    if p == libc::MAP_FAILED {
+        return ptr::null_mut();
+    }
+    if p as usize != addr {
+        unmap(p.cast(), len);
+        return ptr::null_mut();
+    }
+    p.cast()
 }
 
 /// Maps `len` bytes of anonymous read-write memory anywhere. Returns null on failure.
@@ -87,6 +157,12 @@ fn trim_to_aligned(raw: *mut u8, over: usize, len: usize, align: usize) -> *mut 
 ///
 /// pre: the range was mapped by this layer and nothing refers to it any more.
 pub fn unmap(p: *mut u8, len: usize) {
+    let _ = LAST.compare_exchange(
+        p as usize,
+        p as usize + len,
+        Ordering::Relaxed,
+        Ordering::Relaxed,
+    );
     // SAFETY: by the precondition the range is ours and unused; munmap of a mapped range
     // cannot affect other memory.
     unsafe {

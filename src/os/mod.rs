@@ -6,12 +6,12 @@
 //! |---|---|
 //! | [`mem`] | anonymous memory: map (aligned), reserve, unmap, purge, remap, move, protect; the page size |
 //! | `file` | files and descriptors, shared mappings, hole punching, private copies, pipes |
-//! | [`sync`] | futex wait/wake, the robust process-shared mutex, fork handlers, `sched_yield` |
+//! | [`sync`] | futex wait/wake, the robust process-shared mutex, fork handlers, `sched_yield`, cancellation off around a call |
 //! | `rseq` | the thread's rseq area (x86_64 glibc): its CPU id and offset |
 //! | [`cpu`] | the current CPU, the affinity set, the number of possible CPU ids |
 //! | [`env`] | environment variables (parsing them is `crate::settings`') |
 //! | [`errno`], [`io`] | `errno`; `write(2)`, `abort`, glibc's stdio list lock |
-//! | [`time`], [`process`], [`random`] | clocks and sleep; thread and process ids, liveness, `atexit`; `AT_RANDOM` |
+//! | [`time`], [`process`], [`random`] | clocks and sleep; thread and process ids, single-threadedness, liveness, `atexit`; `AT_RANDOM` |
 //!
 //! Everything is re-exported here under its plain name (`os::map_aligned`), except the
 //! functions of `file` (`os::file::map_shared`) and the rseq module (`os::rseq::cpu_id`).
@@ -28,7 +28,8 @@
 //! - addresses and lengths of memory are multiples of [`OS_PAGE`] unless a function says
 //!   otherwise; paths are NUL-terminated;
 //! - async-signal-safe where marked (`write_all`, `fatal`, `futex_wake`, the `errno`
-//!   functions, `current_cpu`, the rseq functions, `thread_id` and `pid`); the rest may be
+//!   functions, `current_cpu`, the rseq functions, `thread_id`, `single_threaded` and `pid`,
+//!   `file::signal`, `await_signal`, `close_nocancel`); the rest may be
 //!   called from a signal handler only if the C library's function is async-signal-safe too;
 //! - `pre:` lines (or `# Safety` for `unsafe fn`) state what the caller guarantees.
 //!
@@ -61,7 +62,7 @@ pub use io::{fatal, stdio_list_lock, stdio_list_reset, stdio_list_unlock, write_
 pub use mem::{map_aligned, map_anon, move_mapping, purge, remap_in_place, reserve_aligned, unmap};
 #[cfg(test)]
 pub use mem::{protect, Access};
-pub use process::{at_exit, pid, process_alive, thread_id};
+pub use process::{at_exit, pid, process_alive, single_threaded, thread_id};
 pub use random::{random_word, secret_key};
-pub use sync::{futex_wait, futex_wake, register_atfork, yield_now};
+pub use sync::{futex_wait, futex_wake, register_atfork, without_cancellation, yield_now};
 pub use time::now_ms;

@@ -44,6 +44,27 @@ pub fn yield_now() {
     unsafe { libc::sched_yield() };
 }
 
+/// Runs `f` with the calling thread's cancellation disabled (`pthread_setcancelstate`, not
+/// itself a cancellation point), then restores the previous state: a pending or arriving
+/// cancellation cannot act inside `f`'s cancellation points (`write`, `read`, `close`).
+pub fn without_cancellation<R>(f: impl FnOnce() -> R) -> R {
+    extern "C" {
+        fn pthread_setcancelstate(state: libc::c_int, old: *mut libc::c_int) -> libc::c_int;
+    }
+    /// glibc's `PTHREAD_CANCEL_DISABLE` (not exported by the libc crate).
+    const PTHREAD_CANCEL_DISABLE: libc::c_int = 1;
+    let mut old: libc::c_int = 0;
+    // SAFETY: `old` is writable; PTHREAD_CANCEL_DISABLE is a valid state.
+    let set = unsafe { pthread_setcancelstate(PTHREAD_CANCEL_DISABLE, &mut old) } == 0;
+    let r = f();
+    if set {
+        let mut ignored: libc::c_int = 0;
+        // SAFETY: restores the state read above; `ignored` is writable.
+        unsafe { pthread_setcancelstate(old, &mut ignored) };
+    }
+    r
+}
+
 /// Registers the fork handlers. Returns whether glibc accepted them.
 pub fn register_atfork(
     prepare: unsafe extern "C" fn(),

@@ -25,35 +25,60 @@ use crate::size_class::{CHUNK, PAGE};
 /// version, so that any version can tell a heap of another version.
 pub const SHM_MAGIC: u64 = u64::from_le_bytes(*b"chshheap");
 /// The format version; a heap of another version is refused, not converted.
-pub const SHM_VERSION: u32 = 4;
+pub const SHM_VERSION: u32 = 5;
 
 /// An arena as a shared heap's file holds it: locked with the robust lock its page source
 /// chooses.
 pub type ShmArena = Arena<ShmSource>;
 
-/// A fingerprint of how the structures a shared heap keeps in its file are laid out here:
-/// sizes and field offsets of the arena and of what it holds ([`Arena::LAYOUT`]; the types
-/// are not `repr(C)`, so two builds may order fields differently), of the page descriptors,
-/// chunk headers and the lock, and the link encoding. A heap written by a build with another
-/// fingerprint is refused.
+/// A fingerprint of everything that shapes a shared heap's file here: sizes and field
+/// offsets of the arena and of what it holds ([`Arena::LAYOUT`]; the types are not
+/// `repr(C)`, so two builds may order fields differently), of the page descriptors, chunk
+/// headers and the lock, the link encoding, and the geometry: page, chunk and header sizes,
+/// the small and large limits, every class's block size and run length, and the class
+/// table. A heap written by a build with another fingerprint is refused.
 pub const LAYOUT_HASH: u64 = {
+    use crate::size_class::{
+        class_size, run_pages, CLASS_TABLE, LARGE_MAX, NUM_CLASSES, SMALL_MAX, SMALL_MIN,
+    };
     use core::mem::size_of;
+    const fn mix(h: u64, part: usize) -> u64 {
+        (h ^ part as u64).wrapping_mul(0x0100_0000_01b3)
+    }
     let arena = ShmArena::LAYOUT;
     let rest = [
         size_of::<PageDesc>(),
         size_of::<ChunkHeader>(),
         size_of::<RobustLock>(),
         cfg!(feature = "unhardened") as usize,
+        PAGE,
+        CHUNK,
+        crate::chunk::HEADER_PAGES,
+        SMALL_MIN,
+        SMALL_MAX,
+        LARGE_MAX,
+        crate::arena::LARGE_ALIGN_MAX,
+        NUM_CLASSES,
     ];
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     let mut i = 0;
-    while i < arena.len() + rest.len() {
-        let part = if i < arena.len() {
-            arena[i]
-        } else {
-            rest[i - arena.len()]
-        };
-        h = (h ^ part as u64).wrapping_mul(0x0100_0000_01b3);
+    while i < arena.len() {
+        h = mix(h, arena[i]);
+        i += 1;
+    }
+    i = 0;
+    while i < rest.len() {
+        h = mix(h, rest[i]);
+        i += 1;
+    }
+    i = 0;
+    while i < NUM_CLASSES {
+        h = mix(mix(h, class_size(i)), run_pages(i));
+        i += 1;
+    }
+    i = 0;
+    while i < CLASS_TABLE.len() {
+        h = mix(h, CLASS_TABLE[i] as usize);
         i += 1;
     }
     h

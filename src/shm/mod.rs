@@ -429,6 +429,20 @@ impl SharedHeap {
         self.view.check()
     }
 
+    /// Calls `f` with each arena's counters, without allocating (for the C interface's
+    /// `mallinfo` and `malloc_stats`), and returns the huge blocks' counters:
+    /// (allocs, frees, bytes in use, bytes mapped). Nothing for a read-only heap.
+    pub(crate) fn each_arena(
+        &self,
+        f: impl FnMut(crate::arena::ArenaStats),
+    ) -> (u64, u64, usize, usize) {
+        use crate::front::Backend;
+        if self.view.src.writable {
+            crate::front::for_each_arena(&self.view, f);
+        }
+        self.view.huge_counters().read()
+    }
+
     /// Counters of every arena and of huge blocks.
     pub fn stats(&self) -> ShmStats {
         self.view.stats()

@@ -159,9 +159,9 @@ unsafe extern "C" fn fork_parent() {
         let (r, w) = fork_pipe();
         if r >= 0 {
             // Our write end closed, the read returns when the child writes or exits.
-            os::file::close(w);
+            os::file::close_nocancel(w);
             os::file::await_signal(r);
-            os::file::close(r);
+            os::file::close_nocancel(r);
         }
         h.fork_parent();
     }
@@ -180,8 +180,8 @@ unsafe extern "C" fn fork_child() {
         let (r, w) = fork_pipe();
         if w >= 0 {
             os::file::signal(w);
-            os::file::close(w);
-            os::file::close(r);
+            os::file::close_nocancel(w);
+            os::file::close_nocancel(r);
         }
     }
 }

@@ -1,16 +1,39 @@
 //! [`ShmSource`]: the page source of a shared heap. Chunks come from the file's chunk area,
 //! found in two bitmaps in the file: `used` (the chunk belongs to an arena or a huge block)
-//! and `heads` (the chunk starts with a live chunk header: an arena chunk, or the first
-//! chunk of a huge block). Bits are set and cleared under the header's `chunk_lock`; `heads`
-//! is read without it.
+//! and `heads` (the chunk starts with a chunk header: an arena chunk, the first chunk of a
+//! huge block, or a span on its way in or out). Bits are set and cleared under the header's
+//! `chunk_lock`; `heads` is read without it.
+//!
+//! A process may be killed at any instruction, so every span's chunks are accounted for
+//! from the moment they are taken until they are given back: under the chunk lock,
+//! `take_span` writes a *busy* header into the span's first chunk (`magic` = [`BUSY`] with
+//! the taker's pid, `map_len` = the span's length), sets its `heads` bit, then its `used`
+//! bits; the user then writes its own header over it (the magic last). A free first claims
+//! the span back the same way (the huge-block code swaps its magic for the freeing
+//! process's busy magic, [`PageSource::free_claim`]; an arena chunk gets it in
+//! `unmap_chunk`), punches the file, and only then, under the lock, clears the `used` bits
+//! and the `heads` bit. So a span whose process died half-way has a head with a busy magic
+//! and a dead pid: [`ShmSource::reclaim_dead`] gives it back (on the next chunk lock taken
+//! from a dead holder, when no span is free, and in `check()`).
 
 use core::sync::atomic::{AtomicU64, Ordering};
 
 use super::layout::ShmHeader;
+use crate::chunk::ChunkHeader;
 use crate::lock::Taken;
+use crate::os;
 use crate::os::file;
-use crate::size_class::CHUNK;
+use crate::size_class::{CHUNK, PAGE};
 use crate::source::PageSource;
+
+/// The high half of a busy span's magic (its low half is the pid of the process taking or
+/// giving it back): "busy" in ASCII, never the high half of `chunk::MAGIC`.
+pub const BUSY: u64 = (u32::from_le_bytes(*b"busy") as u64) << 32;
+
+/// The busy magic of the calling process.
+fn busy_magic() -> u64 {
+    BUSY | os::pid() as u64
+}
 
 /// One process's view of a shared heap's memory.
 ///
@@ -84,22 +107,106 @@ impl ShmSource {
     }
 
     pub(super) fn lock_chunks(&self) {
-        // A holder that died between two bit updates leaves at worst a chunk marked used
-        // that nothing uses: leaked, never handed out twice. Nothing to repair.
+        // A holder that died between two bit updates left a busy head (see the module
+        // documentation): given back here, before anyone takes chunks.
         if self.header().chunk_lock.lock() == Taken::OwnerDied {
+            self.reclaim_dead();
             self.header().chunk_lock.mark_consistent();
         }
     }
 
-    /// Takes `n` consecutive free chunks; returns the first, or null. The caller writes a
-    /// chunk header into it and then calls [`Self::publish`].
+    pub(super) fn unlock_chunks(&self) {
+        self.header().chunk_lock.unlock();
+    }
+
+    fn chunk_header(&self, i: usize) -> &ChunkHeader {
+        // SAFETY: chunk `i < nchunks` is mapped for the life of the source; its header's
+        // fields are read atomically where other processes write them (magic) or only
+        // while its head is busy (map_len, written before the head bit).
+        unsafe { &*(self.chunk_addr(i) as *const ChunkHeader) }
+    }
+
+    /// The chunks a busy head's `map_len` covers, clamped to the chunk area.
+    fn busy_len(&self, i: usize) -> usize {
+        let n = self.chunk_header(i).map_len / CHUNK;
+        n.clamp(1, self.nchunks - i)
+    }
+
+    /// Gives back every busy span whose process is dead: its `used` bits and its `heads`
+    /// bit. Returns how many chunks came back.
+    ///
+    /// pre: the chunk lock is held.
+    pub(super) fn reclaim_dead(&self) -> usize {
+        let mut back = 0;
+        for i in 0..self.nchunks {
+            if !Self::test(self.heads(), i) {
+                continue;
+            }
+            let m = self.chunk_header(i).magic();
+            if m & !0xffff_ffff != BUSY || os::process_alive(m as u32) {
+                continue;
+            }
+            let n = self.busy_len(i);
+            for k in i..i + n {
+                Self::set(self.used(), k, false);
+            }
+            Self::set(self.heads(), i, false);
+            back += n;
+        }
+        back
+    }
+
+    /// Takes `n` consecutive free chunks; returns the first, or null. The span comes busy
+    /// (module documentation); the caller writes its chunk header into it, the magic last.
     pub fn take_span(&self, n: usize) -> *mut u8 {
         if !self.writable || n == 0 || n > self.nchunks {
             return core::ptr::null_mut();
         }
         self.lock_chunks();
+        let mut found = self.find_free(n);
+        if found.is_none() && self.reclaim_dead() > 0 {
+            found = self.find_free(n);
+        }
+        let Some(first) = found else {
+            self.unlock_chunks();
+            return core::ptr::null_mut();
+        };
+        let c = self.chunk_addr(first);
+        // The busy header needs its page in the file: populated first (a full file system
+        // gives null here rather than SIGBUS at the write). The page may still hold the
+        // busy header of the span's last user (`give_span`): cleared, the magic last.
+        if !file::populate(c, PAGE) {
+            self.unlock_chunks();
+            return core::ptr::null_mut();
+        }
+        let h = self.chunk_header(first);
+        // SAFETY: the chunk is free (its `used` bit is clear, under the lock): nobody else
+        // reads or writes its first page.
+        unsafe {
+            core::ptr::write_bytes(c.add(8), 0, PAGE - 8);
+            (*(h as *const ChunkHeader as *mut ChunkHeader)).map_len = n * CHUNK;
+        }
+        h.set_magic(busy_magic());
+        Self::set(self.heads(), first, true);
+        for i in first..first + n {
+            Self::set(self.used(), i, true);
+        }
+        self.unlock_chunks();
+        // The file is sparse: make sure its space exists now, so that a full file system
+        // gives a null here rather than SIGBUS at the first touch.
+        if !file::populate(c, n * CHUNK) {
+            // SAFETY: the span is ours, busy, and nothing refers into it.
+            unsafe { self.give_span(c, n) };
+            return core::ptr::null_mut();
+        }
+        c
+    }
+
+    /// The first of `n` consecutive chunks whose `used` bits are clear.
+    ///
+    /// pre: the chunk lock is held.
+    fn find_free(&self, n: usize) -> Option<usize> {
         let used = self.used();
-        let mut found = None;
         let mut run = 0;
         for i in 0..self.nchunks {
             if Self::test(used, i) {
@@ -107,50 +214,15 @@ impl ShmSource {
             } else {
                 run += 1;
                 if run == n {
-                    found = Some(i + 1 - n);
-                    break;
+                    return Some(i + 1 - n);
                 }
             }
         }
-        if let Some(first) = found {
-            for i in first..first + n {
-                Self::set(used, i, true);
-            }
-        }
-        self.header().chunk_lock.unlock();
-        let Some(first) = found else {
-            return core::ptr::null_mut();
-        };
-        let c = self.chunk_addr(first);
-        // The file is sparse: make sure its space exists now, so that a full file system
-        // gives a null here rather than SIGBUS at the first touch.
-        if !file::populate(c, n * CHUNK) {
-            self.lock_chunks();
-            for i in first..first + n {
-                Self::set(self.used(), i, false);
-            }
-            self.header().chunk_lock.unlock();
-            return core::ptr::null_mut();
-        }
-        c
+        None
     }
 
-    /// Marks the span at `chunk` as holding a live header (after writing it).
-    pub fn publish(&self, chunk: *mut u8) {
-        if let Some(i) = self.chunk_index(chunk as usize) {
-            Self::set(self.heads(), i, true);
-        }
-    }
-
-    /// Marks the span at `chunk` as no longer holding a live header.
-    pub fn unpublish(&self, chunk: *mut u8) {
-        if let Some(i) = self.chunk_index(chunk as usize) {
-            Self::set(self.heads(), i, false);
-        }
-    }
-
-    /// Returns the `n` chunks at `chunk` (taken with [`Self::take_span`], unpublished),
-    /// zeroed for their next user.
+    /// Returns the `n` chunks at `chunk` (taken with [`Self::take_span`], busy again:
+    /// claimed by [`PageSource::free_claim`] or `claim`), zeroed for their next user.
     ///
     /// # Safety
     /// Nothing refers into the span any more.
@@ -161,15 +233,66 @@ impl ShmSource {
         if n == 0 || first + n > self.nchunks {
             return;
         }
-        if !file::punch(chunk, n * CHUNK) {
+        // All but the first page, which keeps the busy header until the bits are clear (so
+        // a process killed before then leaves a span `reclaim_dead` finds); the next taker
+        // clears that page.
+        let (rest, rest_len) = (chunk.wrapping_add(PAGE), n * CHUNK - PAGE);
+        if !file::punch(rest, rest_len) {
             // SAFETY: the span is ours and unused (contract).
-            unsafe { core::ptr::write_bytes(chunk, 0, n * CHUNK) };
+            unsafe { core::ptr::write_bytes(rest, 0, rest_len) };
         }
         self.lock_chunks();
         for i in first..first + n {
             Self::set(self.used(), i, false);
         }
-        self.header().chunk_lock.unlock();
+        Self::set(self.heads(), first, false);
+        self.unlock_chunks();
+    }
+
+    /// Marks the `n`-chunk span at `chunk` busy for this process (before giving it back).
+    ///
+    /// # Safety
+    /// The span is the caller's, and nothing else reads its header any more.
+    unsafe fn claim(&self, chunk: *mut u8, n: usize) {
+        let h = chunk as *mut ChunkHeader;
+        // SAFETY: by the contract.
+        unsafe {
+            (*h).map_len = n * CHUNK;
+            (*h).set_magic(busy_magic());
+        }
+    }
+
+    /// Every used chunk belongs to a head (an arena chunk, a huge span, or a busy span of a
+    /// live process) and every head is used; busy spans of dead processes are given back
+    /// first.
+    pub(super) fn check_chunks(&self) -> Result<(), &'static str> {
+        self.lock_chunks();
+        self.reclaim_dead();
+        let mut covered = 0;
+        let mut r = Ok(());
+        for i in 0..self.nchunks {
+            let used = Self::test(self.used(), i);
+            if Self::test(self.heads(), i) {
+                if !used {
+                    r = Err("a chunk has a header but is not marked used");
+                    break;
+                }
+                let h = self.chunk_header(i);
+                let n = match h.magic() {
+                    crate::chunk::MAGIC if h.kind == crate::chunk::CHUNK_HUGE => self.busy_len(i),
+                    m if m & !0xffff_ffff == BUSY => self.busy_len(i),
+                    _ => 1,
+                };
+                covered = covered.max(i + n);
+            } else if used && i >= covered {
+                r = Err(
+                    "a chunk is marked used but belongs to no arena, huge block or live process",
+                );
+                break;
+            }
+        }
+        self.unlock_chunks();
+        r
     }
 
     /// Calls `f` with every chunk that holds a live header.
@@ -209,19 +332,17 @@ unsafe impl PageSource for ShmSource {
     }
 
     fn map_chunk(&self) -> *mut u8 {
-        let c = self.take_span(1);
-        if !c.is_null() {
-            // The engine writes the arena header right after this returns, under its arena
-            // lock; a lookup that sees the bit early finds a zero magic and says "invalid".
-            self.publish(c);
-        }
-        c
+        // Busy and with its head bit until the engine writes the arena header over it; a
+        // lookup meanwhile finds no magic and says "invalid".
+        self.take_span(1)
     }
 
     unsafe fn unmap_chunk(&self, chunk: *mut u8) {
-        self.unpublish(chunk);
-        // SAFETY: passed on from the caller.
-        unsafe { self.give_span(chunk, 1) }
+        // SAFETY: passed on from the caller: the chunk is the engine's no more.
+        unsafe {
+            self.claim(chunk, 1);
+            self.give_span(chunk, 1)
+        }
     }
 
     unsafe fn purge(&self, _p: *mut u8, _len: usize) -> bool {
@@ -249,13 +370,18 @@ unsafe impl PageSource for ShmSource {
         (self.take_span(n), n * CHUNK)
     }
 
-    unsafe fn publish_span(&self, head: *mut u8) -> bool {
-        self.publish(head);
+    unsafe fn publish_span(&self, _head: *mut u8) -> bool {
+        // The head bit was set when the span was taken; the header's magic publishes it.
         true
     }
 
-    unsafe fn unpublish_span(&self, head: *mut u8) {
-        self.unpublish(head);
+    unsafe fn unpublish_span(&self, _head: *mut u8) {
+        // The free's claim (`free_claim`) made the span busy; `give_span` clears the head
+        // bit after the file is punched.
+    }
+
+    fn free_claim(&self) -> u64 {
+        busy_magic()
     }
 
     unsafe fn unmap_span(&self, span: *mut u8, len: usize) {

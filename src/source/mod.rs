@@ -88,6 +88,12 @@ pub unsafe trait PageSource: Sync {
     unsafe fn publish_span(&self, _head: *mut u8) -> bool {
         false
     }
+    /// The value a free writes over a huge header's magic to claim the block (with a
+    /// compare-and-swap): 0 by default; a shared source's busy mark with the freeing
+    /// process's id, so that a span whose freeing process dies is found and given back.
+    fn free_claim(&self) -> u64 {
+        0
+    }
     /// Makes a head published with `publish_span` unseen again.
     ///
     /// # Safety

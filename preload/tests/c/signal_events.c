@@ -1,0 +1,140 @@
+/* Signal handlers that interrupt malloc: a timer fires every 2 ms while the program
+ * allocates and frees blocks of up to 70,000 bytes; the handler either forks (the child
+ * _exits at once) or allocates and frees itself.
+ *
+ *   signal_events fork|malloc single|threads SECONDS
+ *
+ * "single": the main thread alone; "threads": two more threads allocate too, with the timer
+ * signal blocked (so one thread at a time runs the handler: two threads that each fork from a
+ * handler that interrupted them inside malloc can wait for each other's locks, under glibc's
+ * malloc as under coreheap). Prints "signal events ok: N handler runs" when done; a hang is
+ * the test harness's to catch (it kills the program after its time limit). */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/time.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+static volatile sig_atomic_t runs;
+static volatile sig_atomic_t failures;
+static volatile int stop;
+static int handler_forks;
+
+static void on_timer(int sig) {
+    (void)sig;
+    int saved = errno;
+    if (handler_forks) {
+        pid_t pid = fork();
+        if (pid == 0)
+            _exit(0);
+        if (pid > 0) {
+            int st;
+            while (waitpid(pid, &st, 0) < 0 && errno == EINTR) {
+            }
+            if (!WIFEXITED(st) || WEXITSTATUS(st) != 0)
+                failures++;
+        }
+    } else {
+        /* Not async-signal-safe by POSIX; the allocator must serve it or say why not. */
+        size_t n = 16 + (size_t)runs % 9000;
+        char *p = malloc(n);
+        if (p == NULL) {
+            failures++;
+        } else {
+            memset(p, 0x5a, n);
+            free(p);
+        }
+    }
+    runs++;
+    errno = saved;
+}
+
+static double now(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec + ts.tv_nsec / 1e9;
+}
+
+static double deadline;
+
+static void *churn(void *arg) {
+    unsigned seed = (unsigned)(uintptr_t)arg;
+    if (seed != 3) {
+        sigset_t set;
+        sigemptyset(&set);
+        sigaddset(&set, SIGALRM);
+        pthread_sigmask(SIG_BLOCK, &set, NULL);
+    }
+    void *slots[32] = {0};
+    size_t sizes[32] = {0};
+    while (!stop && now() < deadline) {
+        for (int k = 0; k < 64; k++) {
+            unsigned i = rand_r(&seed) % 32;
+            if (slots[i]) {
+                if (((unsigned char *)slots[i])[sizes[i] - 1] != (unsigned char)i) {
+                    printf("FAIL: block %u damaged\n", i);
+                    exit(1);
+                }
+                free(slots[i]);
+            }
+            size_t sz = 1 + rand_r(&seed) % 70000;
+            if (rand_r(&seed) % 4)
+                sz = 1 + sz % 600;
+            slots[i] = malloc(sz);
+            sizes[i] = sz;
+            if (slots[i] == NULL) {
+                printf("FAIL: malloc(%zu) returned null\n", sz);
+                exit(1);
+            }
+            memset(slots[i], (int)i, sz);
+        }
+    }
+    for (int i = 0; i < 32; i++)
+        free(slots[i]);
+    return NULL;
+}
+
+int main(int argc, char **argv) {
+    if (argc != 4) {
+        fprintf(stderr, "usage: signal_events fork|malloc single|threads SECONDS\n");
+        return 2;
+    }
+    handler_forks = strcmp(argv[1], "fork") == 0;
+    int threads = strcmp(argv[2], "threads") == 0;
+    deadline = now() + atof(argv[3]);
+
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = on_timer;
+    sa.sa_flags = SA_RESTART;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGALRM, &sa, NULL);
+    /* Started after the first malloc, so the heap is initialised before any handler runs. */
+    free(malloc(1));
+    pthread_t t[2];
+    if (threads)
+        for (int i = 0; i < 2; i++)
+            pthread_create(&t[i], NULL, churn, (void *)(uintptr_t)(i + 7));
+    struct itimerval it = {{0, 2000}, {0, 2000}};
+    setitimer(ITIMER_REAL, &it, NULL);
+    churn((void *)(uintptr_t)3);
+    stop = 1;
+    struct itimerval off = {{0, 0}, {0, 0}};
+    setitimer(ITIMER_REAL, &off, NULL);
+    if (threads)
+        for (int i = 0; i < 2; i++)
+            pthread_join(t[i], NULL);
+    if (failures) {
+        printf("FAIL: %d handler runs failed\n", (int)failures);
+        return 1;
+    }
+    printf("signal events ok: %d handler runs\n", (int)runs);
+    return 0;
+}

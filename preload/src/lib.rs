@@ -90,6 +90,55 @@ pub unsafe extern "C" fn pvalloc(size: usize) -> *mut c_void {
 }
 
 /// # Safety
+/// glibc's old name for `free` (`cfree`, still exported by glibc).
+#[no_mangle]
+pub unsafe extern "C" fn cfree(p: *mut c_void) {
+    // SAFETY: the C caller's contract.
+    unsafe { c_api::free(p) }
+}
+
+// glibc's internal entry points, which some programs and libraries call directly to reach
+// "the" malloc: they must reach coreheap too, or a block would be freed by the other
+// allocator.
+
+/// # Safety
+/// C's `malloc`.
+#[no_mangle]
+pub unsafe extern "C" fn __libc_malloc(size: usize) -> *mut c_void {
+    c_api::malloc(size)
+}
+
+/// # Safety
+/// C's `free`.
+#[no_mangle]
+pub unsafe extern "C" fn __libc_free(p: *mut c_void) {
+    // SAFETY: the C caller's contract.
+    unsafe { c_api::free(p) }
+}
+
+/// # Safety
+/// C's `calloc`.
+#[no_mangle]
+pub unsafe extern "C" fn __libc_calloc(n: usize, size: usize) -> *mut c_void {
+    c_api::calloc(n, size)
+}
+
+/// # Safety
+/// C's `realloc`.
+#[no_mangle]
+pub unsafe extern "C" fn __libc_realloc(p: *mut c_void, size: usize) -> *mut c_void {
+    // SAFETY: the C caller's contract.
+    unsafe { c_api::realloc(p, size) }
+}
+
+/// # Safety
+/// C's `memalign`.
+#[no_mangle]
+pub unsafe extern "C" fn __libc_memalign(align: usize, size: usize) -> *mut c_void {
+    c_api::memalign(align, size)
+}
+
+/// # Safety
 /// C's `malloc_usable_size`: `p` is null or a block of this allocator.
 #[no_mangle]
 pub unsafe extern "C" fn malloc_usable_size(p: *mut c_void) -> usize {

@@ -23,6 +23,41 @@ int main(void) {
     CHECK("malloc resolves to coreheap", sym && dladdr(sym, &info) && info.dli_fname &&
           strstr(info.dli_fname, "coreheap_preload") != NULL);
 
+    /* cfree and glibc's __libc_* entry points reach coreheap too: a block from one may be
+     * freed by any other. (Called through dlsym: glibc links cfree for old binaries only.) */
+    {
+        const char *names[] = {"__libc_malloc", "__libc_free", "__libc_calloc",
+                               "__libc_realloc", "__libc_memalign", "cfree"};
+        void *f[6];
+        int all = 1;
+        for (size_t i = 0; i < 6; i++) {
+            Dl_info di;
+            f[i] = dlsym(RTLD_DEFAULT, names[i]);
+            all &= f[i] && dladdr(f[i], &di) && di.dli_fname &&
+                   strstr(di.dli_fname, "coreheap_preload") != NULL;
+        }
+        CHECK("cfree and __libc_* resolve to coreheap", all);
+        if (all) {
+            void *(*lmalloc)(size_t) = (void *(*)(size_t))f[0];
+            void (*lfree)(void *) = (void (*)(void *))f[1];
+            void *(*lcalloc)(size_t, size_t) = (void *(*)(size_t, size_t))f[2];
+            void *(*lrealloc)(void *, size_t) = (void *(*)(void *, size_t))f[3];
+            void *(*lmemalign)(size_t, size_t) = (void *(*)(size_t, size_t))f[4];
+            void (*lcfree)(void *) = (void (*)(void *))f[5];
+            char *m = lmalloc(100);
+            char *c = lcalloc(10, 10);
+            char *al = lmemalign(256, 100);
+            memset(m, 7, 100);
+            m = lrealloc(m, 5000);
+            CHECK("__libc_* blocks", m && c && al && aligned(al, 256) && m[99] == 7 &&
+                  c[99] == 0 && malloc_usable_size(m) >= 5000);
+            free(m);
+            lfree(c);
+            lcfree(al);
+            lfree(malloc(40));
+        }
+    }
+
     void *a = malloc(0), *b = malloc(0);
     CHECK("malloc(0) unique and freeable", a && b && a != b);
     free(a); free(b);

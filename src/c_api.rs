@@ -262,6 +262,13 @@ fn each_arena(f: impl FnMut(crate::arena::ArenaStats)) -> (u64, u64, usize, usiz
     }
 }
 
+/// `coreheap_stats_json(fd)`: coreheap's statistics as one JSON object on `fd` (the
+/// process heap's; see `coreheap::write_json`), without allocating. Runs with thread
+/// cancellation disabled.
+pub fn stats_json(fd: c_int) {
+    crate::os::without_cancellation(|| HEAP.write_json(fd));
+}
+
 /// `malloc_stats(3)` in glibc's format on stderr (tools parse it): per arena
 /// `Arena N:` with its `system bytes` (mapped for the arena) and `in use bytes`, then
 /// `Total (incl. mmap):` with both summed, huge blocks included, and the `max mmap regions`

@@ -74,6 +74,12 @@ pub fn write_report(fd: i32) {
     HEAP.write_report(fd)
 }
 
+/// Writes the statistics as one JSON object (see `COREHEAP_STATS=json`) to file descriptor
+/// `fd` without allocating.
+pub fn write_json(fd: i32) {
+    HEAP.write_json(fd)
+}
+
 /// The arena that owns the block at `p`, or `None` if `p` is not a live small or large block
 /// of coreheap (directly mapped blocks belong to no arena).
 pub fn owner_arena<T: ?Sized>(p: *const T) -> Option<usize> {

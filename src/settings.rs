@@ -38,6 +38,8 @@ pub struct Settings {
     pub arenas: Option<usize>,
     /// `COREHEAP_STATS`: print the statistics report to stderr at exit.
     pub stats: bool,
+    /// `COREHEAP_STATS=json`: that report as one JSON object.
+    pub stats_json: bool,
     /// `COREHEAP_RSEQ`: the per-CPU caches may be used (where rseq is available).
     pub rseq: bool,
     /// `COREHEAP_DEBUG`: debug mode (guard bytes, fill patterns).
@@ -53,6 +55,7 @@ impl Settings {
     pub const DEFAULT: Settings = Settings {
         arenas: None,
         stats: false,
+        stats_json: false,
         rseq: true,
         debug: false,
         check: false,
@@ -99,6 +102,13 @@ pub enum Kind {
     },
     /// `NAME:SIZE`: a name without `/` and a size.
     NameSize(fn(&mut Settings) -> &mut Option<ShmSpec>),
+    /// A boolean, or `json`: the report on, as JSON.
+    Report {
+        /// Whether the report is on.
+        on: fn(&mut Settings) -> &mut bool,
+        /// Whether it is JSON.
+        json: fn(&mut Settings) -> &mut bool,
+    },
 }
 
 impl Kind {
@@ -106,6 +116,7 @@ impl Kind {
     pub(crate) fn describe(&self, l: &mut Line) {
         match *self {
             Kind::Bool(_) => l.str(b"a boolean (1/0, true/false, yes/no, on/off)"),
+            Kind::Report { .. } => l.str(b"a boolean (1/0, true/false, yes/no, on/off) or json"),
             Kind::Count { min, max, .. } => l
                 .str(b"a number from ")
                 .num(min as u64)
@@ -145,9 +156,12 @@ pub const VARS: [Var; 6] = [
     },
     Var {
         name: c"COREHEAP_STATS",
-        kind: Kind::Bool(|s| &mut s.stats),
+        kind: Kind::Report {
+            on: |s| &mut s.stats,
+            json: |s| &mut s.stats_json,
+        },
         default: "0",
-        meaning: "print the statistics report to stderr at exit",
+        meaning: "print the statistics report to stderr at exit (json: as one JSON object)",
     },
     Var {
         name: c"COREHEAP_RSEQ",
@@ -255,6 +269,21 @@ fn apply(s: &mut Settings, var: &Var, v: &[u8], report: &mut dyn FnMut(&[u8])) {
         Kind::NameSize(field) => parse_name_size(v)
             .map(|spec| *field(s) = Some(spec))
             .is_some(),
+        Kind::Report { on, json } => {
+            let as_json = v.eq_ignore_ascii_case(b"json");
+            match parse_bool(v) {
+                _ if as_json => {
+                    *on(s) = true;
+                    *json(s) = true;
+                    true
+                }
+                Some(b) => {
+                    *on(s) = b;
+                    true
+                }
+                None => false,
+            }
+        }
     };
     if ok {
         return;
@@ -508,11 +537,12 @@ mod tests {
                 Kind::Bool(_) => b"on",
                 Kind::Count { .. } => b"2",
                 Kind::NameSize(_) => b"n:1",
+                Kind::Report { .. } => b"json",
             };
             apply(&mut s, var, v, &mut |l| panic!("{l:?}"));
         }
         assert_eq!(s.arenas, Some(2));
-        assert!(s.stats && s.rseq && s.debug && s.check && s.shm.is_some());
+        assert!(s.stats && s.stats_json && s.rseq && s.debug && s.check && s.shm.is_some());
     }
 
     #[test]

@@ -30,6 +30,8 @@ pub struct Stats {
     pub huge_in_use: usize,
     /// Bytes of their spans.
     pub huge_mapped: usize,
+    /// The process's resident set when the snapshot was taken (`None` without `/proc`).
+    pub resident: Option<usize>,
 }
 
 impl Stats {
@@ -80,6 +82,7 @@ pub fn collect(
         huge_frees,
         huge_in_use,
         huge_mapped,
+        resident: crate::os::resident_bytes(),
     }
 }
 
@@ -193,4 +196,108 @@ pub fn write_report(
         remote,
     })
     .write(fd);
+}
+
+/// Writes the statistics as one JSON object to `fd`, without allocating (the same figures
+/// as [`write_report`]; bytes, not KiB):
+///
+/// `{"arenas": N, "caches": bool, "in_use": B, "mapped": B, "resident": B or null,
+/// "remote_frees": N, "huge": {"allocs": N, "frees": N, "in_use": B, "mapped": B},
+/// "per_arena": [{"index": I, "in_use": B, "mapped": B, "dirty": B, "purged": B,
+/// "runs": N, "locked_allocs": N, "fast_allocs": N, "fast_frees": N, "remote_frees": N,
+/// "contended": N, "classes": [{"size": S, "in_use": B, "cached": N}, ...]}, ...]}`
+pub fn write_json(
+    fd: i32,
+    heading: Heading,
+    each: impl FnOnce(&mut dyn FnMut(ArenaStats)),
+    huge: HugeTotals,
+) {
+    let mut l = Line::new();
+    l.str(b"{\"arenas\": ")
+        .num(heading.arenas as u64)
+        .str(b", \"caches\": ")
+        .str(if heading.caches { b"true" } else { b"false" })
+        .str(b", \"per_arena\": [");
+    l.write(fd);
+    let (mut in_use, mut mapped, mut remote, mut first) = (0usize, 0usize, 0u64, true);
+    each(&mut |a| {
+        let allocs: u64 = a.classes.iter().map(|c| c.allocs).sum::<u64>() + a.large.allocs;
+        let mut l = Line::new();
+        l.str(if first {
+            b"\n  {\"index\": "
+        } else {
+            b",\n  {\"index\": "
+        })
+        .num(a.index as u64)
+        .str(b", \"in_use\": ")
+        .num(a.in_use() as u64)
+        .str(b", \"mapped\": ")
+        .num(a.pages.mapped as u64)
+        .str(b", \"dirty\": ")
+        .num(a.dirty_bytes as u64)
+        .str(b", \"purged\": ")
+        .num(a.pages.purged)
+        .str(b", \"runs\": ")
+        .num(a.pages.runs as u64)
+        .str(b", \"locked_allocs\": ")
+        .num(allocs);
+        l.write(fd);
+        let mut l = Line::new();
+        l.str(b", \"fast_allocs\": ")
+            .num(a.fast_allocs)
+            .str(b", \"fast_frees\": ")
+            .num(a.fast_frees)
+            .str(b", \"remote_frees\": ")
+            .num(a.remote_frees)
+            .str(b", \"contended\": ")
+            .num(a.contentions)
+            .str(b", \"classes\": [");
+        l.write(fd);
+        for c in 0..NUM_CLASSES {
+            let mut l = Line::new();
+            l.str(if c == 0 {
+                b"{\"size\": "
+            } else {
+                b", {\"size\": "
+            })
+            .num(class_size(c) as u64)
+            .str(b", \"in_use\": ")
+            .num(a.class_in_use(c) as u64)
+            .str(b", \"cached\": ")
+            .num(a.cached[c])
+            .str(b"}");
+            l.write(fd);
+        }
+        let mut l = Line::new();
+        l.str(b"]}");
+        l.write(fd);
+        first = false;
+        in_use += a.in_use();
+        mapped += a.pages.mapped;
+        remote += a.remote_frees;
+    });
+    let (h_allocs, h_frees, h_in_use, h_mapped) = huge;
+    let mut l = Line::new();
+    l.str(b"\n], \"in_use\": ")
+        .num((in_use + h_in_use) as u64)
+        .str(b", \"mapped\": ")
+        .num((mapped + h_mapped) as u64)
+        .str(b", \"resident\": ");
+    match crate::os::resident_bytes() {
+        Some(r) => l.num(r as u64),
+        None => l.str(b"null"),
+    };
+    l.str(b", \"remote_frees\": ").num(remote);
+    l.write(fd);
+    let mut l = Line::new();
+    l.str(b", \"huge\": {\"allocs\": ")
+        .num(h_allocs)
+        .str(b", \"frees\": ")
+        .num(h_frees)
+        .str(b", \"in_use\": ")
+        .num(h_in_use as u64)
+        .str(b", \"mapped\": ")
+        .num(h_mapped as u64)
+        .str(b"}}\n");
+    l.write(fd);
 }

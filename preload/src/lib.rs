@@ -89,6 +89,12 @@ pub unsafe extern "C" fn pvalloc(size: usize) -> *mut c_void {
     c_api::pvalloc(size)
 }
 
+/// Writes coreheap's statistics as one JSON object to file descriptor `fd`.
+#[no_mangle]
+pub extern "C" fn coreheap_stats_json(fd: c_int) {
+    c_api::stats_json(fd)
+}
+
 /// # Safety
 /// glibc's old name for `free` (`cfree`, still exported by glibc).
 #[no_mangle]

@@ -850,3 +850,37 @@ fn glibc_formats_and_no_cancellation_points() {
     }
     let _ = std::fs::remove_file(&path);
 }
+
+/// `COREHEAP_STATS=json`: the exit report is one JSON object (checked with Python's parser
+/// when Python is installed), with every arena and class.
+#[test]
+fn stats_as_json() {
+    let out = preloaded(
+        "/bin/echo",
+        &["hi"],
+        &[("COREHEAP_STATS", "json"), ("COREHEAP_ARENAS", "2")],
+        30,
+    );
+    assert!(out.status.success());
+    let err = text(&out.stderr);
+    assert!(err.starts_with("{\"arenas\": 2, "), "{err}");
+    assert!(err.trim_end().ends_with("}}"), "{err}");
+    assert_eq!(err.matches("\"index\": ").count(), 2, "{err}");
+    if have("python3") {
+        let mut py = Command::new("python3")
+            .args([
+                "-c",
+                "import json,sys; d=json.load(sys.stdin); \
+                 assert d['arenas'] == 2 and len(d['per_arena']) == 2; \
+                 assert all(len(a['classes']) > 0 for a in d['per_arena']); \
+                 assert d['in_use'] >= 0 and d['mapped'] > 0; print('json ok')",
+            ])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("python3");
+        py.stdin.take().unwrap().write_all(err.as_bytes()).unwrap();
+        let r = py.wait_with_output().unwrap();
+        assert!(text(&r.stdout).contains("json ok"), "{err}");
+    }
+}

@@ -106,7 +106,12 @@ unsafe extern "C" fn atfork_child() {
 static REPORT_FD: AtomicI32 = AtomicI32::new(2);
 
 extern "C" fn report_at_exit() {
-    HEAP.write_report(REPORT_FD.load(Ordering::Relaxed));
+    let fd = REPORT_FD.load(Ordering::Relaxed);
+    if crate::settings::get().stats_json {
+        HEAP.write_json(fd);
+    } else {
+        HEAP.write_report(fd);
+    }
 }
 
 /// `COREHEAP_CHECK=1`: verifies every arena at exit; a violation aborts with its name.

@@ -62,6 +62,22 @@ pub fn process_alive(pid: u32) -> bool {
     }
 }
 
+/// The process's resident set in bytes (`/proc/self/statm`'s second field, in pages), or
+/// `None` without `/proc`. Does not allocate.
+pub fn resident_bytes() -> Option<usize> {
+    let mut buf = [0u8; 128];
+    let n = super::file::read_small(c"/proc/self/statm", &mut buf)?;
+    let pages = buf[..n]
+        .split(|&b| b == b' ')
+        .nth(1)?
+        .iter()
+        .take_while(|b| b.is_ascii_digit())
+        .try_fold(0usize, |v, &d| {
+            v.checked_mul(10)?.checked_add((d - b'0') as usize)
+        })?;
+    Some(pages * super::mem::OS_PAGE)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -70,5 +86,11 @@ mod tests {
     fn this_process_is_alive() {
         assert!(process_alive(pid()));
         assert_ne!(thread_id(), 0);
+    }
+
+    #[test]
+    fn resident_set_is_read() {
+        let r = super::resident_bytes().expect("/proc/self/statm");
+        assert!(r > 0 && r.is_multiple_of(super::super::mem::OS_PAGE), "{r}");
     }
 }

@@ -485,27 +485,20 @@ impl ProcessHeap {
 
     /// Writes the statistics as one JSON object to `fd` without allocating.
     pub fn write_json(&self, fd: i32) {
-        stats::write_json(
-            fd,
-            stats::Heading {
-                arenas: self.arena_count(),
-                caches: self.fast_path(),
-            },
-            |f| self.for_each_arena(f),
-            self.huge_counters(),
-        );
+        let h = self.heading();
+        stats::write_json(fd, h, |f| self.for_each_arena(f), self.huge_counters());
     }
 
     /// Writes the statistics report to `fd` without allocating.
     pub fn write_report(&self, fd: i32) {
-        stats::write_report(
-            fd,
-            stats::Heading {
-                arenas: self.arena_count(),
-                caches: self.fast_path(),
-            },
-            |f| self.for_each_arena(f),
-            self.huge_counters(),
-        );
+        let h = self.heading();
+        stats::write_report(fd, h, |f| self.for_each_arena(f), self.huge_counters());
+    }
+
+    fn heading(&self) -> stats::Heading {
+        stats::Heading {
+            arenas: self.arena_count(),
+            caches: self.fast_path(),
+        }
     }
 }

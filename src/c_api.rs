@@ -262,6 +262,118 @@ fn each_arena(f: impl FnMut(crate::arena::ArenaStats)) -> (u64, u64, usize, usiz
     }
 }
 
+/// `mallopt(3)`: glibc's tuning parameters (`M_MXFAST` 1, `M_TRIM_THRESHOLD` -1,
+/// `M_TOP_PAD` -2, `M_MMAP_THRESHOLD` -3, `M_MMAP_MAX` -4, `M_CHECK_ACTION` -5, `M_PERTURB`
+/// -6, `M_ARENA_TEST` -7, `M_ARENA_MAX` -8) shape glibc's heap, not coreheap's: each is
+/// accepted (1) and has no effect; coreheap's own settings are its `COREHEAP_*` variables.
+/// Any other parameter is refused (0), as glibc refuses it.
+pub fn mallopt(param: c_int, _value: c_int) -> c_int {
+    ((-8..=1).contains(&param) && param != 0) as c_int
+}
+
+/// `malloc_info(3)`: the heap as XML on `fp`, in glibc's layout (`<malloc version="1">`, a
+/// `<heap nr="N">` per arena, then the totals), which tools that read glibc's parse:
+/// per arena, `<sizes>` lists the free blocks waiting in the CPU caches, transfer slots and
+/// outboxes by class (glibc's fastbins and tcache play that part there, so they are the
+/// `fast` total), `rest` is the arena's free dirty pages, `system`/`aspace` its mapped
+/// bytes; the totals add `mmap` (the huge blocks). `options` must be 0 (else `EINVAL`, -1).
+/// Returns 0, or -1 if the stream failed.
+///
+/// # Safety
+/// `fp` is an open `FILE *`.
+pub unsafe fn malloc_info(options: c_int, fp: *mut libc::FILE) -> c_int {
+    use crate::os::write_stream;
+    if options != 0 {
+        set_errno(libc::EINVAL);
+        return -1;
+    }
+    let mut ok = write_stream(fp, b"<malloc version=\"1\">\n");
+    let (mut fast_n, mut fast_b, mut rest_b, mut system) = (0u64, 0u64, 0u64, 0u64);
+    let (_, _, huge_in_use, huge_mapped) = each_arena(|a| {
+        let mut l = Line::new();
+        l.str(b"<heap nr=\"")
+            .num(a.index as u64)
+            .str(b"\">\n<sizes>\n");
+        ok &= write_stream(fp, l.as_bytes());
+        let (mut n_all, mut b_all) = (0u64, 0u64);
+        for (c, &n) in a.cached.iter().enumerate().filter(|(_, &n)| n > 0) {
+            let size = crate::size_class::class_size(c) as u64;
+            let mut l = Line::new();
+            l.str(b"  <size from=\"")
+                .num(size)
+                .str(b"\" to=\"")
+                .num(size)
+                .str(b"\" total=\"")
+                .num(n * size)
+                .str(b"\" count=\"")
+                .num(n)
+                .str(b"\"/>\n");
+            ok &= write_stream(fp, l.as_bytes());
+            n_all += n;
+            b_all += n * size;
+        }
+        let (dirty, mapped) = (a.dirty_bytes as u64, a.pages.mapped as u64);
+        let mut l = Line::new();
+        l.str(b"</sizes>\n<total type=\"fast\" count=\"")
+            .num(n_all)
+            .str(b"\" size=\"")
+            .num(b_all)
+            .str(b"\"/>\n<total type=\"rest\" count=\"")
+            .num((dirty > 0) as u64)
+            .str(b"\" size=\"")
+            .num(dirty)
+            .str(b"\"/>\n");
+        ok &= write_stream(fp, l.as_bytes());
+        ok &= write_system(fp, mapped, b"</heap>\n");
+        fast_n += n_all;
+        fast_b += b_all;
+        rest_b += dirty;
+        system += mapped;
+    });
+    let mut l = Line::new();
+    l.str(b"<total type=\"fast\" count=\"")
+        .num(fast_n)
+        .str(b"\" size=\"")
+        .num(fast_b)
+        .str(b"\"/>\n<total type=\"rest\" count=\"")
+        .num((rest_b > 0) as u64)
+        .str(b"\" size=\"")
+        .num(rest_b)
+        .str(b"\"/>\n<total type=\"mmap\" count=\"")
+        .num((huge_in_use > 0) as u64)
+        .str(b"\" size=\"")
+        .num(huge_mapped as u64)
+        .str(b"\"/>\n");
+    ok &= write_stream(fp, l.as_bytes());
+    ok &= write_system(fp, system + huge_mapped as u64, b"</malloc>\n");
+    if ok {
+        0
+    } else {
+        -1
+    }
+}
+
+/// The `<system>` and `<aspace>` lines of `malloc_info`, then `end`.
+fn write_system(fp: *mut libc::FILE, bytes: u64, end: &[u8]) -> bool {
+    let mut l = Line::new();
+    for (tag, kind) in [
+        (&b"system"[..], &b"current"[..]),
+        (b"system", b"max"),
+        (b"aspace", b"total"),
+        (b"aspace", b"mprotect"),
+    ] {
+        l.str(b"<")
+            .str(tag)
+            .str(b" type=\"")
+            .str(kind)
+            .str(b"\" size=\"")
+            .num(bytes)
+            .str(b"\"/>\n");
+    }
+    l.str(end);
+    crate::os::write_stream(fp, l.as_bytes())
+}
+
 /// `coreheap_stats_json(fd)`: coreheap's statistics as one JSON object on `fd` (the
 /// process heap's; see `coreheap::write_json`), without allocating. Runs with thread
 /// cancellation disabled.

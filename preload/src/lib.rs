@@ -89,6 +89,20 @@ pub unsafe extern "C" fn pvalloc(size: usize) -> *mut c_void {
     c_api::pvalloc(size)
 }
 
+/// # Safety
+/// C's `malloc_info`: `fp` is an open `FILE *`.
+#[no_mangle]
+pub unsafe extern "C" fn malloc_info(options: c_int, fp: *mut libc::FILE) -> c_int {
+    // SAFETY: the C caller's contract.
+    unsafe { c_api::malloc_info(options, fp) }
+}
+
+/// C's `mallopt`.
+#[no_mangle]
+pub extern "C" fn mallopt(param: c_int, value: c_int) -> c_int {
+    c_api::mallopt(param, value)
+}
+
 /// Writes coreheap's statistics as one JSON object to file descriptor `fd`.
 #[no_mangle]
 pub extern "C" fn coreheap_stats_json(fd: c_int) {

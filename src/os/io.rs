@@ -65,3 +65,12 @@ pub fn stdio_list_reset() {
         _IO_list_resetlock()
     };
 }
+
+/// Writes `bytes` to the C stream `fp` (`fwrite`); false if the stream took less.
+///
+/// pre: `fp` is an open `FILE *` of this process. The C library may allocate a buffer for
+/// the stream on its first use: callers hold no allocator lock.
+pub fn write_stream(fp: *mut libc::FILE, bytes: &[u8]) -> bool {
+    // SAFETY: `fp` is an open stream (precondition); `bytes` is readable for its length.
+    unsafe { libc::fwrite(bytes.as_ptr().cast(), 1, bytes.len(), fp) == bytes.len() }
+}

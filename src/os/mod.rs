@@ -58,7 +58,9 @@ pub use cpu::{cpu_affinity, current_cpu, possible_cpus};
 pub use errno::errno;
 pub use errno::{keeping_errno, set_errno};
 pub use file::dup_fd_high;
-pub use io::{fatal, stdio_list_lock, stdio_list_reset, stdio_list_unlock, write_all};
+pub use io::{
+    fatal, stdio_list_lock, stdio_list_reset, stdio_list_unlock, write_all, write_stream,
+};
 pub use mem::{map_aligned, map_anon, move_mapping, purge, remap_in_place, reserve_aligned, unmap};
 #[cfg(test)]
 pub use mem::{protect, Access};

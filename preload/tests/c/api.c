@@ -58,6 +58,27 @@ int main(void) {
         }
     }
 
+    /* malloc_info: glibc's XML layout; mallopt: glibc's parameters accepted, others not. */
+    {
+        FILE *f = tmpfile();
+        void *keep = malloc(100);
+        free(malloc(48));
+        int r = malloc_info(0, f);
+        char xml[65536] = {0};
+        rewind(f);
+        size_t n = fread(xml, 1, sizeof xml - 1, f);
+        fclose(f);
+        CHECK("malloc_info writes glibc's XML", r == 0 && n > 0 &&
+              strncmp(xml, "<malloc version=\"1\">\n<heap nr=\"0\">", 32) == 0 &&
+              strstr(xml, "<total type=\"mmap\"") && strstr(xml, "</malloc>\n"));
+        errno = 0;
+        CHECK("malloc_info options EINVAL", malloc_info(1, stdout) == -1 && errno == EINVAL);
+        CHECK("mallopt accepts glibc's parameters", mallopt(M_MMAP_THRESHOLD, 1 << 20) == 1 &&
+              mallopt(M_TRIM_THRESHOLD, 1 << 20) == 1 && mallopt(M_ARENA_MAX, 2) == 1);
+        CHECK("mallopt refuses others", mallopt(12345, 1) == 0);
+        free(keep);
+    }
+
     void *a = malloc(0), *b = malloc(0);
     CHECK("malloc(0) unique and freeable", a && b && a != b);
     free(a); free(b);

@@ -22,8 +22,9 @@
 //! with another base must not use them (nor [`Chain`], nor the outbox's batches).
 //!
 //! Each cache also has an **outbox** ([`OUTBOX`]): small blocks of *other* arenas freed on
-//! this CPU, of any class. They are never handed out from there; a full outbox is sent, each
-//! owner getting its blocks back with one push onto its pending stack.
+//! this CPU, of any class. They are never handed out from there; a full outbox is sent, its
+//! blocks grouped by owner and class into chains that are parked in the owners' transfer
+//! slots (or pushed onto their pending stacks when the slots are full).
 //!
 //! Invariants:
 //! - a block on a class list of cache `c` belongs to arena `caches[c].arena` (the arena the
@@ -105,8 +106,8 @@ const _: () = assert!(batch(0) == BATCH_MAX);
 
 /// The list index of a CPU's outbox: small blocks of other arenas freed on this CPU, of
 /// any class, on their way back to their owners. They are never handed out from here: a
-/// full outbox is sorted by owner and each owner gets its blocks with one push onto its
-/// pending stack, so a remote free costs no atomic instruction of its own.
+/// full outbox is sorted by owner and class into chains, parked in the owners' transfer
+/// slots, so a remote free costs no atomic instruction of its own.
 pub const OUTBOX: usize = NUM_CLASSES;
 
 /// How many blocks an outbox holds before it is sent.
@@ -405,13 +406,21 @@ impl Caches {
             seen |= p == b as usize;
             !seen
         };
-        for list in [class, OUTBOX] {
-            for cpu in 0..self.len {
-                self.walk(cpu, list, &mut look, &is_block);
+        // Slots, then lists, then slots again: a chain that moves between a slot and a list
+        // once during the walk (a refill installing it, a flush parking it) is seen on one
+        // side or the other.
+        for pass in 0..3 {
+            if pass == 1 {
+                for list in [class, OUTBOX] {
+                    for cpu in 0..self.len {
+                        self.walk(cpu, list, &mut look, &is_block);
+                    }
+                }
+            } else {
+                for a in 0..self.arenas {
+                    self.walk_parked(a, class, key_of_arena(a), &mut look, &is_block);
+                }
             }
-        }
-        for a in 0..self.arenas {
-            self.walk_parked(a, class, key_of_arena(a), &mut look, &is_block);
         }
         seen
     }

@@ -1,7 +1,7 @@
 //! The middle tier: per-arena, per-class transfer slots that hold whole chains of free
 //! blocks between the CPU caches and their arena (the role of TCMalloc's transfer cache).
 //!
-//! A CPU whose list of a class overflows parks half of it in a slot of its arena; a CPU of
+//! A CPU whose list of a class overflows parks the whole list in a slot of its arena; a CPU of
 //! that arena whose list runs empty takes a parked chain and installs it. Outboxes park the
 //! blocks they send back to an owner the same way. Each move is one atomic instruction on the
 //! slot; the arena's lock is taken only when every slot is full (to park) or empty (to

@@ -83,7 +83,8 @@ impl ProcessHeap {
                     }
                     return (b.cast(), false);
                 }
-                Ok(_) => {}
+                // A parked chain is never empty (the slots' invariant).
+                Ok(_) => invalid_pointer(LINK_OVERWRITTEN, parked as *mut u8),
                 Err(b) => invalid_pointer(LINK_OVERWRITTEN, b.cast()),
             }
         }
@@ -113,6 +114,8 @@ impl ProcessHeap {
             // it there - is left for the next sweep.)
             if !cfg.arena(i).held_by_caller() && cfg.caches.transfer(i).idle_since_last_look() {
                 Self::return_parked(cfg, i);
+                // The sweep's own takes do not make the arena look busy.
+                let _ = cfg.caches.transfer(i).idle_since_last_look();
             }
         }
     }
@@ -313,6 +316,16 @@ impl ProcessHeap {
         };
         let ai = cfg.caches.arena_of(cpu);
         let mine = ai == arena as usize;
+        if !mine && cfg.arena(ai).held_by_caller() {
+            // Migrated since the push into the cache of an arena whose lock this thread's
+            // interrupted code holds (a signal handler): nothing here may wait for it.
+            // SAFETY: the chain is ours (as below); `p` by the contract.
+            unsafe {
+                Self::send_chain(cfg, ai, class, chain);
+                cfg.arena(arena as usize).free_marked(&SRC, p, what, false);
+            }
+            return;
+        }
         // The whole list to a slot: one compare-and-swap, no block touched; `p` then starts
         // the emptied list.
         // SAFETY: a chain taken off cache `cpu` is ours: blocks of arena `ai` and `class`,
@@ -383,9 +396,9 @@ impl ProcessHeap {
 
     /// Sends the current CPU's outbox: its blocks, grouped by owner and class into chains
     /// (each block looked up once, here), go to their owners' transfer slots, where the
-    /// owners' CPUs take them as refills without a lock; a chain too short to be worth a
-    /// slot, or one that finds the slots full, goes onto the owner's pending stack with one
-    /// push. Blocks beyond `GROUPS` groups are pushed one by one.
+    /// owners' CPUs take them as refills without a lock; a chain that finds the slots full
+    /// goes onto the owner's pending stack with one push. Blocks beyond `GROUPS` groups are
+    /// pushed one by one.
     #[cold]
     #[inline(never)]
     pub(super) fn send_outbox(cfg: &Config) {
@@ -433,17 +446,15 @@ impl ProcessHeap {
     }
 
     /// Gives `chain` (blocks freed on a CPU of another arena) back to arena `owner`: parked
-    /// in its transfer slots when it holds at least a quarter of a refill, else onto its
-    /// pending stack with one push.
+    /// in its transfer slots when one is free, else onto its pending stack with one push.
     ///
     /// # Safety
     /// `chain` is the caller's: at most `limit(class)` free, marked blocks of `owner` and
     /// `class`, linked with `owner`'s key, counted in use by their runs.
     unsafe fn send_chain(cfg: &Config, owner: usize, class: usize, chain: usize) {
         let a = cfg.arena(owner);
-        let worth_a_slot = chain >> PTR_BITS >= 1;
         // SAFETY: by the contract.
-        if worth_a_slot && unsafe { cfg.caches.transfer(owner).park(class, chain) } {
+        if unsafe { cfg.caches.transfer(owner).park(class, chain) } {
             return;
         }
         let mut pending = Batch::new(a.key());

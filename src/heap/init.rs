@@ -165,6 +165,10 @@ impl ProcessHeap {
 /// Computes the configuration: the arena count, the arenas, the CPU map and the caches, in
 /// one fresh mapping. False if it cannot be mapped.
 fn init_config(cfg: &mut Config) -> bool {
+    // The rseq area is looked up now, whatever the settings, while the process most likely
+    // has one thread (not later from a signal handler).
+    #[cfg(all(target_arch = "x86_64", target_os = "linux", target_env = "gnu"))]
+    let _ = os::rseq::area_offset();
     let mut allowed = [0u64; 16];
     let ncpu = os::cpu_affinity(&mut allowed);
     let settings = settings::get();

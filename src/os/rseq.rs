@@ -4,9 +4,13 @@
 //! `__rseq_offset` and `__rseq_size`. Those symbols are looked up at run time
 //! (`dlsym`), not linked, so that a program using coreheap also starts on an older glibc,
 //! where it finds no area and takes the locked path. The lookup happens once, on the first
-//! call; what it found is kept in statics of our own, so [`cpu_id`] stays a few loads.
+//! call (the heap's initialisation makes it, and the preload library's load-time
+//! constructor, while the process has one thread); what it found is kept in statics of our
+//! own, so [`cpu_id`] stays a few loads. Another thread that asks during the lookup waits
+//! for it; the looking thread itself (a `dlsym` that allocates re-enters the allocator) is
+//! told "no area" meanwhile.
 
-use core::sync::atomic::{AtomicIsize, AtomicU8, Ordering};
+use core::sync::atomic::{AtomicIsize, AtomicU8, AtomicUsize, Ordering};
 
 /// Offset of `cpu_id` in `struct rseq` (after `cpu_id_start`).
 const CPU_ID: isize = 4;
@@ -26,6 +30,8 @@ const NONE: u8 = 3;
 /// [`REGISTERED`] (Release), and read only after that was seen (Acquire).
 static STATE: AtomicU8 = AtomicU8::new(UNKNOWN);
 static OFFSET: AtomicIsize = AtomicIsize::new(0);
+/// The thread running the lookup while [`STATE`] is [`LOOKING`].
+static LOOKER: AtomicUsize = AtomicUsize::new(0);
 
 /// The thread pointer (`%fs:0` holds the TCB's own address on x86_64).
 #[inline]
@@ -45,12 +51,18 @@ fn thread_pointer() -> usize {
 #[cold]
 #[inline(never)]
 fn look_up() -> u8 {
-    if STATE
-        .compare_exchange(UNKNOWN, LOOKING, Ordering::Relaxed, Ordering::Relaxed)
-        .is_err()
-    {
-        return STATE.load(Ordering::Acquire);
+    let me = super::thread_id();
+    loop {
+        match STATE.compare_exchange(UNKNOWN, LOOKING, Ordering::Acquire, Ordering::Acquire) {
+            Ok(_) => break,
+            // Re-entered from our own lookup: no area for now.
+            Err(LOOKING) if LOOKER.load(Ordering::Relaxed) == me => return LOOKING,
+            // Another thread is looking: a few loads of the loaded objects' tables.
+            Err(LOOKING) => core::hint::spin_loop(),
+            Err(found) => return found,
+        }
     }
+    LOOKER.store(me, Ordering::Relaxed);
     // SAFETY: dlsym with RTLD_DEFAULT and NUL-terminated names only reads the loaded
     // objects' symbol tables. The symbols, when present, are glibc's `unsigned int
     // __rseq_size` and `ptrdiff_t __rseq_offset`, written by the loader before any code of
@@ -58,7 +70,12 @@ fn look_up() -> u8 {
     let found = unsafe {
         let size = libc::dlsym(libc::RTLD_DEFAULT, c"__rseq_size".as_ptr()) as *const u32;
         let offset = libc::dlsym(libc::RTLD_DEFAULT, c"__rseq_offset".as_ptr()) as *const isize;
-        (!size.is_null() && !offset.is_null() && *size != 0).then(|| *offset)
+        let found = (!size.is_null() && !offset.is_null() && *size != 0).then(|| *offset);
+        if size.is_null() || offset.is_null() {
+            // Leave no failed lookup's message for the program's next `dlerror`.
+            libc::dlerror();
+        }
+        found
     };
     let state = match found {
         Some(off) => {
@@ -70,6 +87,12 @@ fn look_up() -> u8 {
     // Release: publishes OFFSET.
     STATE.store(state, Ordering::Release);
     state
+}
+
+/// A fork child of a process that was looking the symbols up looks again (the looking
+/// thread is not in the child).
+pub fn reset_after_fork() {
+    let _ = STATE.compare_exchange(LOOKING, UNKNOWN, Ordering::Relaxed, Ordering::Relaxed);
 }
 
 /// The offset from the thread pointer to every thread's rseq area, if glibc registered

@@ -294,7 +294,7 @@ fn fast_path_taken_only_with_rseq() {
 /// alignments; contents are checked, and the heap must end where it started.
 fn realloc_keeps_the_class_that_dealloc_computes() {
     // The class a (size, align) with align <= 4 KiB and size <= 8 KiB is served from.
-    let class_bytes = |size: usize, align: usize| size.max(align).max(16).next_power_of_two();
+    let class_bytes = |size, align| common::class_bytes(size, align).unwrap();
     let sizes = [
         1,
         8,

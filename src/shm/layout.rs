@@ -19,13 +19,14 @@ use crate::arena::Arena;
 use crate::chunk::{ChunkHeader, PageDesc};
 use crate::front::HugeCounters;
 use crate::lock::RobustLock;
-use crate::size_class::{CHUNK, PAGE};
+use crate::size_class::{class_size, run_pages, CHUNK, NUM_CLASSES, PAGE};
 
 /// "chshheap" in ASCII. The first 16 bytes (magic, version) keep this layout in every
 /// version, so that any version can tell a heap of another version.
 pub const SHM_MAGIC: u64 = u64::from_le_bytes(*b"chshheap");
-/// The format version; a heap of another version is refused, not converted.
-pub const SHM_VERSION: u32 = 4;
+/// The format version; a heap of another version is refused, not converted. 5: size
+/// classes finer than powers of two (issue 16).
+pub const SHM_VERSION: u32 = 5;
 
 /// An arena as a shared heap's file holds it: locked with the robust lock its page source
 /// chooses.
@@ -34,8 +35,10 @@ pub type ShmArena = Arena<ShmSource>;
 /// A fingerprint of how the structures a shared heap keeps in its file are laid out here:
 /// sizes and field offsets of the arena and of what it holds ([`Arena::LAYOUT`]; the types
 /// are not `repr(C)`, so two builds may order fields differently), of the page descriptors,
-/// chunk headers and the lock, and the link encoding. A heap written by a build with another
-/// fingerprint is refused.
+/// chunk headers and the lock, the link encoding, and the size classes (every class's block
+/// size and run length: a run's class number means nothing to a build with other classes,
+/// such as one with `pow2-classes`). A heap written by a build with another fingerprint is
+/// refused.
 pub const LAYOUT_HASH: u64 = {
     use core::mem::size_of;
     let arena = ShmArena::LAYOUT;
@@ -55,6 +58,12 @@ pub const LAYOUT_HASH: u64 = {
         };
         h = (h ^ part as u64).wrapping_mul(0x0100_0000_01b3);
         i += 1;
+    }
+    let mut c = 0;
+    while c < NUM_CLASSES {
+        h = (h ^ class_size(c) as u64).wrapping_mul(0x0100_0000_01b3);
+        h = (h ^ run_pages(c) as u64).wrapping_mul(0x0100_0000_01b3);
+        c += 1;
     }
     h
 };

@@ -327,6 +327,37 @@ fn small_batch<A: GlobalAlloc>(
     t.elapsed()
 }
 
+/// The batch shape of issue 14: one size (16 B, then 64 B), N cycling 25, 100, 400 and
+/// 1600: allocate N blocks, free the older half in allocation order and the newer half
+/// newest first. `cycles` full cycles (8 rounds each, 4250 operations).
+#[inline(never)]
+fn fifo_lifo_batch<A: GlobalAlloc>(a: &A, ptrs: &mut [*mut u8], cycles: usize) -> Duration {
+    let t = Instant::now();
+    for _ in 0..cycles {
+        for &n in &[25usize, 100, 400, 1600] {
+            for size in [16usize, 64] {
+                let l = layout(size);
+                for slot in ptrs[..n].iter_mut() {
+                    // SAFETY: non-zero size.
+                    let p = unsafe { a.alloc(l) };
+                    if p.is_null() {
+                        oom(size);
+                    }
+                    // SAFETY: a fresh block of at least one byte.
+                    unsafe { p.write(n as u8) };
+                    *slot = p;
+                }
+                let half = n / 2;
+                for &p in ptrs[..half].iter().chain(ptrs[half..n].iter().rev()) {
+                    // SAFETY: allocated above with `l`, each freed once.
+                    unsafe { a.dealloc(black_box(p), l) };
+                }
+            }
+        }
+    }
+    t.elapsed()
+}
+
 // ---------------------------------------------------------------------------------------
 // Measurement driver.
 
@@ -556,6 +587,17 @@ fn main() {
         20 * nb,
         nb,
         |w, n| dispatch!(w, small_batch(&batch_sizes, &perm, &mut ptrs, n / nb)),
+    ));
+
+    // One cycle: 2 sizes x (25 + 100 + 400 + 1600) blocks, each allocated and freed.
+    const CYCLE_OPS: usize = 2 * 2 * (25 + 100 + 400 + 1600);
+    let mut ptrs = vec![std::ptr::null_mut::<u8>(); 1600];
+    rows.extend(measure(
+        &cfg,
+        "batch 25-1600 fifo/lifo".to_string(),
+        20 * CYCLE_OPS,
+        CYCLE_OPS,
+        |w, n| dispatch!(w, fifo_lifo_batch(&mut ptrs, n / CYCLE_OPS)),
     ));
 
     println!();

@@ -27,6 +27,7 @@ fn main() {
         Ok("double") => double_dealloc_child(),
         Ok("double-released") => double_dealloc_released_child(),
         Ok("corrupt-link") => corrupt_link_child(),
+        Ok("double-parked") => double_dealloc_parked_child(),
         Ok(_) => {
             counter_child();
             return;
@@ -41,6 +42,7 @@ fn main() {
     fast_path_taken_only_with_rseq();
     double_dealloc_aborts();
     corrupt_link_aborts();
+    transfer_slots_move_whole_chains();
     realloc_keeps_the_class_that_dealloc_computes();
     c_free_takes_every_path();
     migrated_threads_lose_and_duplicate_nothing();
@@ -101,7 +103,9 @@ fn double_dealloc_released_child() -> ! {
     if let Some(core) = core_affinity::get_core_ids().and_then(|c| c.first().copied()) {
         core_affinity::set_for_current(core);
     }
-    let layout = Layout::from_size_align(48, 8).unwrap();
+    // 64 bytes: 1024 blocks fill exactly four 16 KiB runs with either class scheme, so the
+    // run kept on its bin when all are empty is not the first one's.
+    let layout = Layout::from_size_align(64, 8).unwrap();
     // SAFETY: deliberately wrong: `blocks[0]` is deallocated twice, which coreheap must
     // detect although its run is gone.
     unsafe {
@@ -118,6 +122,148 @@ fn double_dealloc_released_child() -> ! {
     std::process::exit(0);
 }
 
+/// The child: a thread pinned to one core frees 400 blocks of one class, so that its CPU
+/// list overflows and the older halves are parked in the arena's transfer slots, then frees
+/// the first block (parked by then) again. Must not return.
+fn double_dealloc_parked_child() -> ! {
+    if let Some(core) = core_affinity::get_core_ids().and_then(|c| c.first().copied()) {
+        core_affinity::set_for_current(core);
+    }
+    let layout = Layout::from_size_align(64, 8).unwrap();
+    // SAFETY: deliberately wrong: `blocks[0]` is deallocated twice, which coreheap must
+    // detect while the block waits in a transfer slot.
+    unsafe {
+        let blocks: Vec<*mut u8> = (0..400).map(|_| alloc(layout)).collect();
+        for &q in &blocks {
+            dealloc(q, layout);
+        }
+        let p = blocks[0];
+        println!("block={p:p}");
+        dealloc(p, layout);
+    }
+    println!("second dealloc returned");
+    std::process::exit(0);
+}
+
+/// The middle tier (`cpucache/transfer.rs`): a CPU list that overflows parks half of it in
+/// its arena's transfer slots, where statistics count it and `trim` empties it; blocks
+/// freed on another core's CPU come back to their arena through its slots, and are handed
+/// out again only on its own core; bytes in use end where they started.
+fn transfer_slots_move_whole_chains() {
+    if !coreheap::fast_path() {
+        eprintln!("fastpath: no rseq here, transfer slots not tested");
+        return;
+    }
+    let cores = core_affinity::get_core_ids().unwrap_or_default();
+    if cores.len() < 2 {
+        eprintln!("fastpath: one core, transfer slots not tested");
+        return;
+    }
+    let (c0, c1) = (cores[0], cores[1]);
+    let layout = Layout::from_size_align(64, 8).unwrap();
+    let class_64 = (0..coreheap::NUM_CLASSES)
+        .find(|&c| coreheap::class_size(c) == 64)
+        .unwrap();
+    let before = coreheap::stats().in_use();
+    let on = |core: core_affinity::CoreId, f: Box<dyn FnOnce() -> Vec<usize> + Send>| {
+        std::thread::spawn(move || {
+            assert!(core_affinity::set_for_current(core));
+            f()
+        })
+        .join()
+        .unwrap()
+    };
+    // Allocated and freed on core 0: the list overflows and parks.
+    let (arena0, parked) = {
+        let r = on(
+            c0,
+            Box::new(move || {
+                // SAFETY: each block is allocated with `layout` and freed once with it.
+                let blocks: Vec<usize> = (0..1000)
+                    .map(|_| unsafe { alloc(layout) } as usize)
+                    .collect();
+                let a = coreheap::current_arena();
+                for &b in &blocks {
+                    assert_eq!(coreheap::owner_arena(b as *const u8), Some(a));
+                    // SAFETY: as above.
+                    unsafe { dealloc(b as *mut u8, layout) };
+                }
+                let st = coreheap::stats();
+                vec![a, st.arenas[a].cached[class_64] as usize]
+            }),
+        );
+        (r[0], r[1])
+    };
+    // A CPU list holds 128 blocks of 64 bytes; the rest of what is cached is parked.
+    assert!(
+        parked >= 256,
+        "only {parked} blocks cached after 1000 frees on one core"
+    );
+    // Allocated on core 0, freed on core 1: outbox chains go back to arena 0's slots, and
+    // core 0 gets them again.
+    let first = on(
+        c0,
+        Box::new(move || {
+            // SAFETY: as above; freed on the other core below.
+            (0..1000)
+                .map(|_| unsafe { alloc(layout) } as usize)
+                .collect()
+        }),
+    );
+    let freed = first.clone();
+    on(
+        c1,
+        Box::new(move || {
+            assert_ne!(
+                coreheap::current_arena(),
+                arena0,
+                "cores 0 and 1 share an arena"
+            );
+            for &b in &freed {
+                // SAFETY: blocks of `layout`, each freed once.
+                unsafe { dealloc(b as *mut u8, layout) };
+            }
+            coreheap::trim();
+            Vec::new()
+        }),
+    );
+    let again = on(
+        c0,
+        Box::new(move || {
+            // SAFETY: as above.
+            let v: Vec<usize> = (0..1000)
+                .map(|_| unsafe { alloc(layout) } as usize)
+                .collect();
+            for &b in &v {
+                assert_eq!(coreheap::owner_arena(b as *const u8), Some(arena0));
+            }
+            v
+        }),
+    );
+    let set: std::collections::HashSet<usize> = first.iter().copied().collect();
+    let reused = again.iter().filter(|b| set.contains(b)).count();
+    drop((first, set));
+    assert!(
+        reused >= 500,
+        "only {reused} of 1000 remotely freed blocks came back to core 0"
+    );
+    on(
+        c0,
+        Box::new(move || {
+            for &b in &again {
+                // SAFETY: as above.
+                unsafe { dealloc(b as *mut u8, layout) };
+            }
+            coreheap::trim();
+            let st = coreheap::stats();
+            vec![st.arenas[arena0].cached.iter().sum::<u64>() as usize]
+        }),
+    );
+    coreheap::check_heap().expect("heap check after the transfer test");
+    assert_eq!(coreheap::stats().in_use(), before, "bytes in use changed");
+    eprintln!("fastpath: transfer slots park overflowing halves and bring remote frees home ({reused}/1000 reused)");
+}
+
 /// A double `dealloc` aborts with a message naming the block, with the caches on and off:
 /// while the block is free in a cache or run (glibc's `double free detected`), and after
 /// its run was released and trimmed (then the block is no longer in a small run, so the
@@ -129,6 +275,7 @@ fn double_dealloc_aborts() {
         ("double", vec![("COREHEAP_RSEQ", "0")]),
         ("double-released", vec![]),
         ("double-released", vec![("COREHEAP_RSEQ", "0")]),
+        ("double-parked", vec![]),
     ] {
         let out = Command::new(std::env::current_exe().unwrap())
             .env(CHILD_VAR, mode)
@@ -145,7 +292,7 @@ fn double_dealloc_aborts() {
             "double dealloc ({mode}, {env:?}) did not abort: {stdout} {stderr}"
         );
         let named = stderr.contains(block.trim_start_matches("0x"));
-        let said = if mode == "double" {
+        let said = if mode != "double-released" {
             stderr.contains("double free")
         } else {
             // The scenario must really be the released one.

@@ -77,6 +77,77 @@ fn rss_returns_after_freeing_everything() {
     // disturb each other's measurements.
     one_thread();
     other_threads_free();
+    idle_arena_keeps_no_parked_chains();
+}
+
+/// Blocks of an arena freed on another core's CPU are parked in their arena's transfer
+/// slots; when that arena's CPUs stop allocating, a sweep on another arena's locked path
+/// returns them to their runs within about a second, rather than leaving them parked.
+fn idle_arena_keeps_no_parked_chains() {
+    let cores = core_affinity::get_core_ids().unwrap_or_default();
+    if cores.len() < 2 || !coreheap::fast_path() {
+        eprintln!("rss: parked chains not tested (one core or no rseq)");
+        return;
+    }
+    let (c0, c1) = (cores[0], cores[1]);
+    // The smallest class (16 bytes with either class scheme), which parks the most chains
+    // (8 slots), so that more than a CPU list's worth can wait in the slots.
+    let layout = Layout::from_size_align(16, 8).unwrap();
+    let class = 0;
+    let (arena0, blocks) = std::thread::spawn(move || {
+        assert!(core_affinity::set_for_current(c0));
+        // SAFETY: non-zero size; freed once on the other core.
+        let v: Vec<usize> = (0..4000)
+            .map(|_| unsafe { alloc(layout) } as usize)
+            .collect();
+        (coreheap::current_arena(), v)
+    })
+    .join()
+    .unwrap();
+    let parked = move |a: usize| coreheap::stats().arenas[a].cached[class];
+    std::thread::spawn(move || {
+        assert!(core_affinity::set_for_current(c1));
+        assert_ne!(
+            coreheap::current_arena(),
+            arena0,
+            "cores 0 and 1 share an arena"
+        );
+        for &b in &blocks {
+            // SAFETY: allocated above with `layout`, freed once.
+            unsafe { dealloc(b as *mut u8, layout) };
+        }
+        drop(blocks);
+        let before = parked(arena0);
+        assert!(
+            before > 128,
+            "only {before} blocks of arena {arena0} cached"
+        );
+        // This core keeps allocating (its own arena, through its locked path at times);
+        // arena 0's CPUs do nothing.
+        let start = std::time::Instant::now();
+        let mut after = before;
+        while start.elapsed() < std::time::Duration::from_secs(5) && after > 128 {
+            // SAFETY: non-zero size; each block freed once below.
+            let v: Vec<usize> = (0..5000)
+                .map(|_| unsafe { alloc(layout) } as usize)
+                .collect();
+            for b in v {
+                // SAFETY: as above.
+                unsafe { dealloc(b as *mut u8, layout) };
+            }
+            after = parked(arena0);
+        }
+        eprintln!(
+            "rss: arena {arena0} had {before} blocks cached after remote frees, {after} after {:?} \
+             of another core's work",
+            start.elapsed()
+        );
+        // At most what arena 0's own CPU list can hold stays.
+        assert!(after <= 128, "{after} blocks stay parked in an idle arena");
+    })
+    .join()
+    .unwrap();
+    coreheap::check_heap().unwrap();
 }
 
 /// One thread allocates 1 GiB, touches it and frees it in a scrambled order.

@@ -62,9 +62,12 @@ const PEERS: [(&str, &[&str]); 3] = [
 ];
 
 /// The synthetic workloads, run by the `coreheap-workloads` executable.
-const SYNTHETIC: [&str; 7] = [
+const SYNTHETIC: [&str; 10] = [
     "larson",
     "prodcons",
+    "larson-16",
+    "prodcons-16",
+    "batch",
     "cache-thrash",
     "cache-scratch",
     "mixed",

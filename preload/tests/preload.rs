@@ -647,3 +647,59 @@ fn shell_subshells_on_a_shared_heap_get_private_copies() {
     heap.check().expect("check after the shell");
     heap.destroy().unwrap();
 }
+
+/// The glibc symbol versions an object requires (`objdump -T`), newest last.
+fn glibc_versions(obj: &Path) -> Vec<String> {
+    let out = Command::new("objdump")
+        .arg("-T")
+        .arg(obj)
+        .output()
+        .expect("objdump");
+    assert!(out.status.success(), "objdump -T {} failed", obj.display());
+    let mut v: Vec<String> = text(&out.stdout)
+        .split(|c: char| c.is_whitespace() || c == '(' || c == ')')
+        .filter(|w| w.starts_with("GLIBC_2."))
+        .map(str::to_string)
+        .collect();
+    let key = |s: &String| -> Vec<u32> {
+        s["GLIBC_".len()..]
+            .split('.')
+            .map(|n| n.parse().unwrap_or(0))
+            .collect()
+    };
+    v.sort_by_key(key);
+    v.dedup();
+    v
+}
+
+/// The preload library and a Rust program built with coreheap need no glibc newer than
+/// 2.34, what a Rust program built here needs anyway (its standard library links `dlsym`
+/// and the pthread functions of glibc 2.34): the rseq symbols of glibc 2.35 are looked up
+/// at run time, not linked.
+#[test]
+fn no_glibc_symbol_newer_than_2_34() {
+    if !have("objdump") {
+        eprintln!("no objdump: symbol versions not checked");
+        return;
+    }
+    // `cargo test` builds the examples first: `smoke` has coreheap as its global allocator.
+    // (A `smoke` older than the library is from an earlier build: not checked.)
+    let smoke = runner().with_file_name("examples").join("smoke");
+    let built = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    for obj in [library(), runner(), smoke] {
+        if !obj.is_file() || built(&obj) < built(&library()) {
+            eprintln!("{} not built with this library: not checked", obj.display());
+            continue;
+        }
+        let v = glibc_versions(&obj);
+        let newest = v.last().cloned().unwrap_or_default();
+        let too_new = v.iter().any(|s| {
+            let parts: Vec<u32> = s["GLIBC_".len()..]
+                .split('.')
+                .map(|n| n.parse().unwrap_or(0))
+                .collect();
+            parts.get(1).copied().unwrap_or(0) > 34
+        });
+        assert!(!too_new, "{} requires {newest}: {v:?}", obj.display());
+    }
+}

@@ -13,6 +13,8 @@ use crate::source::PageSource;
 ///
 /// Invariant: `head` is 0 or the packed head of a chain whose count is its length, each
 /// block's link encoded with `key` as a CPU cache list's is (see the module documentation).
+/// A copy names the same blocks: only one copy may be used to push, install or return.
+#[derive(Clone, Copy)]
 pub struct Chain {
     head: usize,
     /// The link secret of the arena the blocks belong to.
@@ -72,6 +74,35 @@ pub unsafe fn for_each_block(
         h = next;
     }
     Ok(())
+}
+
+/// Takes up to `out.len()` blocks off the front of the packed chain `head`, in order, into
+/// `out`; returns how many, and the packed rest of the chain (0 when none is left), whose
+/// counts stay consistent (each link already holds the packed head of what follows it).
+/// `Err` with the first block whose link breaks the chain's shape (see [`for_each_block`]).
+///
+/// # Safety
+/// As for [`for_each_block`].
+pub unsafe fn split_chain(
+    head: usize,
+    key: usize,
+    out: &mut [usize],
+) -> Result<(usize, usize), *mut Block> {
+    let mut h = head;
+    let mut k = 0;
+    while k < out.len() && h & PTR_MASK != 0 {
+        let b = (h & PTR_MASK) as *mut Block;
+        // SAFETY: by the contract every block of the chain is ours and links the rest.
+        let next = decode_link(unsafe { (*b).link }, b as usize, key);
+        let n = h >> PTR_BITS;
+        if n == 0 || next >> PTR_BITS != n - 1 || (next >> PTR_BITS == 0) != (next == 0) {
+            return Err(b);
+        }
+        out[k] = b as usize;
+        k += 1;
+        h = next;
+    }
+    Ok((k, h))
 }
 
 /// Takes a batch of up to `n` (at most [`BATCH_MAX`]) blocks of class `class` from arena

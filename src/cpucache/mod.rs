@@ -35,8 +35,10 @@
 //! - the lists of `c` are written only inside the critical sections below, by threads on
 //!   CPU `c` (a forked child inherits them as a consistent snapshot: a commit is one store);
 //! - a class list never holds more than [`limit`] blocks of its class, the outbox no more
-//!   than [`OUTBOX_LIMIT`] blocks of 512 bytes or less, so counts fit 16 bits and a CPU
-//!   holds at most [`CPU_CACHE_BYTES`].
+//!   than [`OUTBOX_LIMIT`] blocks of [`OUTBOX_MAX_BLOCK`] bytes or less, so counts fit 16
+//!   bits and a CPU holds at most [`CPU_CACHE_BYTES`];
+//! - chains move whole between a cache and its arena's transfer slots (`transfer.rs`),
+//!   which keep the lists' format.
 //!
 //! The locked path (the arena's bins) remains the way in whenever rseq is unavailable, and
 //! refills and flushes the caches. The sections are x86_64 assembly; elsewhere
@@ -55,10 +57,12 @@ mod sections;
 #[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
 #[path = "sections_none.rs"]
 mod sections;
+mod transfer;
 
-pub use chain::{for_each_block, return_chain, take_batch};
+pub use chain::{for_each_block, return_chain, split_chain, take_batch, Chain};
+pub use transfer::Transfer;
 
-const PTR_BITS: u32 = 48;
+pub const PTR_BITS: u32 = 48;
 /// The address bits of a packed head or link.
 pub const PTR_MASK: usize = (1 << PTR_BITS) - 1;
 
@@ -111,9 +115,12 @@ pub const OUTBOX: usize = NUM_CLASSES;
 /// How many blocks an outbox holds before it is sent.
 pub const OUTBOX_LIMIT: usize = 64;
 
-/// The largest blocks an outbox takes (so an outbox holds at most 32 KiB); frees of larger
-/// blocks of other arenas take the locked path or the owner's pending stack.
-pub const OUTBOX_MAX_BLOCK: usize = 512;
+/// The largest blocks an outbox takes, so that an outbox holds at most
+/// `OUTBOX_LIMIT * OUTBOX_MAX_BLOCK` = 64 KiB; frees of larger blocks of other arenas take
+/// the locked path or the owner's pending stack.
+pub const OUTBOX_MAX_BLOCK: usize = 1024;
+const _: () = assert!(OUTBOX_LIMIT * OUTBOX_MAX_BLOCK <= 64 * 1024);
+const _: () = assert!(OUTBOX_MAX_BLOCK <= crate::size_class::SMALL_MAX);
 
 /// What one CPU's class lists may hold together, split evenly between the classes
 /// ([`LIST_BYTES`]), so that the bound does not grow with the number of classes: over the
@@ -147,7 +154,7 @@ pub const fn limit(class: usize) -> usize {
 }
 
 /// The most bytes of free blocks one CPU's cache holds: its class lists at their limits and
-/// a full outbox: at most 335 KiB (254 KiB with `pow2-classes`), as `docs/design.md` states. Above
+/// a full outbox: at most 367 KiB (286 KiB with `pow2-classes`), as `docs/design.md` states. Above
 /// [`CLASS_LISTS_BUDGET`] only by the [`LIMIT_MIN`] blocks of the largest classes.
 pub const CPU_CACHE_BYTES: usize = {
     let mut total = OUTBOX_LIMIT * OUTBOX_MAX_BLOCK;
@@ -163,7 +170,8 @@ const _: () = assert!(LIMIT_MAX <= u8::MAX as usize);
 /// The largest [`batch`].
 pub const BATCH_MAX: usize = 64;
 
-/// How many blocks a refill takes from the arena: half a full cache.
+/// How many blocks a refill takes from the arena under its lock: half a full cache (a full
+/// one measured no faster on the `batch` workload, and holds twice the memory).
 #[inline]
 pub const fn batch(class: usize) -> usize {
     limit(class) / 2
@@ -185,15 +193,18 @@ pub enum Push {
 
 /// The table of per-CPU caches, and what the critical sections need to find it.
 ///
-/// Invariant: when `enabled`, `base` points to `len` initialised caches that live for the
-/// rest of the process, and `rseq_off` is the offset from the thread pointer to every
-/// thread's rseq area, which glibc registered with the kernel.
+/// Invariant: when `enabled`, `base` points to `len` initialised caches and `transfer` to
+/// `arenas` transfer tables (one per arena, all-zero at first), which live for the rest of
+/// the process, and `rseq_off` is the offset from the thread pointer to every thread's rseq
+/// area, which glibc registered with the kernel.
 #[derive(Clone, Copy)]
 pub struct Caches {
     base: *mut CpuCache,
     len: usize,
     rseq_off: isize,
     pub enabled: bool,
+    transfer: *const Transfer,
+    arenas: usize,
 }
 
 impl Caches {
@@ -207,24 +218,30 @@ impl Caches {
             len: 0,
             rseq_off: 0,
             enabled: false,
+            transfer: core::ptr::null(),
+            arenas: 0,
         }
     }
 
-    /// Bytes of memory the table of `len` caches needs.
-    pub const fn table_bytes(len: usize) -> usize {
-        len << STRIDE_SHIFT
+    /// Bytes of memory the tables of `len` caches and `arenas` transfer tables need (a
+    /// multiple of 128).
+    pub const fn table_bytes(len: usize, arenas: usize) -> usize {
+        (len << STRIDE_SHIFT) + (arenas * core::mem::size_of::<Transfer>()).next_multiple_of(128)
     }
 
-    /// Builds the table in `mem`, one cache per item of `arena_of`: the cache of CPU `c`
-    /// holds blocks of arena `arena_of[c].0`, whose link secret is `arena_of[c].1`.
+    /// Builds the tables in `mem`, one cache per item of `arena_of` (the cache of CPU `c`
+    /// holds blocks of arena `arena_of[c].0`, whose link secret is `arena_of[c].1`), then
+    /// `arenas` transfer tables.
     ///
     /// # Safety
-    /// `mem` is zeroed, writable, 128-byte aligned memory of `table_bytes(arena_of.len())`
-    /// bytes that lives for the rest of the process and that nothing else uses; `rseq_off`
-    /// is glibc's `__rseq_offset` and glibc registered an rseq area.
+    /// `mem` is zeroed, writable, 128-byte aligned memory of
+    /// `table_bytes(arena_of.len(), arenas)` bytes that lives for the rest of the process
+    /// and that nothing else uses; every arena index in `arena_of` is below `arenas`;
+    /// `rseq_off` is glibc's `__rseq_offset` and glibc registered an rseq area.
     pub unsafe fn init(
         mem: *mut u8,
         arena_of: impl Iterator<Item = (u32, usize)>,
+        arenas: usize,
         rseq_off: isize,
     ) -> Self {
         let base = mem.cast::<CpuCache>();
@@ -250,7 +267,19 @@ impl Caches {
             len,
             rseq_off,
             enabled: true,
+            // The transfer tables follow the caches (`table_bytes`), 128-byte aligned.
+            transfer: (mem as usize + (len << STRIDE_SHIFT)) as *const Transfer,
+            arenas,
         }
+    }
+
+    /// Arena `arena`'s transfer slots.
+    #[inline]
+    pub fn transfer(&self, arena: usize) -> &Transfer {
+        assert!(arena < self.arenas);
+        // SAFETY: `arena < arenas` and by the invariant the tables are live; all-zero
+        // memory is a valid (empty) table.
+        unsafe { &*self.transfer.add(arena) }
     }
 
     /// Number of caches (possible CPU ids).
@@ -383,34 +412,35 @@ impl Caches {
         self.enabled && self.contains_raw(class, b as usize, limit(class) + 1)
     }
 
-    /// Whether `b` seems to be on any CPU's list of class `class` or outbox, looked for
-    /// without those CPUs' cooperation: their lists may change under the walk, so every link
-    /// is read as one machine word and followed only if `is_block(link, list)` says it is a
-    /// free-able small block fit for that list (of `class` for a class list, of any class
-    /// for an outbox), which keeps the walk inside mapped memory; at most a list's limit + 1
-    /// links per CPU. Used only to confirm a suspected double free, where `b` carries the
-    /// free mark and is on no list of the current CPU or its arena: a hit means some CPU
-    /// held `b` as free during the walk.
+    /// Whether `b` seems to be on any CPU's list of class `class` or outbox, or parked in
+    /// any arena's transfer slots of `class`, looked for without those CPUs' cooperation:
+    /// their lists may change under the walk, so every link is read as one machine word and
+    /// followed only if `is_block(link, list)` says it is a free-able small block fit for
+    /// that list (of `class` for a class list, of any class for an outbox), which keeps the
+    /// walk inside mapped memory; at most a list's limit + 1 links per list. `key_of_arena`
+    /// gives an arena's link secret. Used only to confirm a suspected double free, where `b`
+    /// carries the free mark and is on no list of the current CPU or its arena: a hit means
+    /// some CPU held `b` as free during the walk.
     #[cold]
     pub fn seen_anywhere(
         &self,
         class: usize,
         b: *mut Block,
         is_block: impl Fn(usize, usize) -> bool,
+        key_of_arena: impl Fn(usize) -> usize,
     ) -> bool {
         let mut seen = false;
+        let mut look = |p: usize| {
+            seen |= p == b as usize;
+            !seen
+        };
         for list in [class, OUTBOX] {
             for cpu in 0..self.len {
-                self.walk(
-                    cpu,
-                    list,
-                    |p| {
-                        seen |= p == b as usize;
-                        !seen
-                    },
-                    &is_block,
-                );
+                self.walk(cpu, list, &mut look, &is_block);
             }
+        }
+        for a in 0..self.arenas {
+            self.walk_parked(a, class, key_of_arena(a), &mut look, &is_block);
         }
         seen
     }
@@ -422,7 +452,7 @@ impl Caches {
         &self,
         cpu: usize,
         list: usize,
-        mut f: impl FnMut(usize) -> bool,
+        f: impl FnMut(usize) -> bool,
         is_block: &impl Fn(usize, usize) -> bool,
     ) {
         if !self.enabled {
@@ -433,8 +463,50 @@ impl Caches {
         } else {
             limit(list)
         };
-        let mut h = self.cache(cpu).heads[list].load(Ordering::Relaxed);
-        let key = self.key_of(cpu);
+        let h = self.cache(cpu).heads[list].load(Ordering::Relaxed);
+        Self::walk_from(h, self.key_of(cpu), max, list, f, is_block);
+    }
+
+    /// Calls `f` on each block parked in arena `arena`'s transfer slots of `class` (links
+    /// encoded with `key`), walked as [`Caches::walk`] walks, while `f` returns true.
+    pub fn walk_parked(
+        &self,
+        arena: usize,
+        class: usize,
+        key: usize,
+        mut f: impl FnMut(usize) -> bool,
+        is_block: &impl Fn(usize, usize) -> bool,
+    ) {
+        if !self.enabled {
+            return;
+        }
+        for h in self.transfer(arena).peek(class) {
+            let mut more = true;
+            Self::walk_from(
+                h,
+                key,
+                limit(class),
+                class,
+                |p| {
+                    more = f(p);
+                    more
+                },
+                is_block,
+            );
+            if !more {
+                return;
+            }
+        }
+    }
+
+    fn walk_from(
+        mut h: usize,
+        key: usize,
+        max: usize,
+        list: usize,
+        mut f: impl FnMut(usize) -> bool,
+        is_block: &impl Fn(usize, usize) -> bool,
+    ) {
         for _ in 0..=max {
             let p = h & PTR_MASK;
             if p == 0 || !is_block(p, list) || !f(p) {
@@ -455,9 +527,9 @@ mod tests {
     #[test]
     fn caches_are_bounded_in_bytes() {
         let kib = if cfg!(feature = "pow2-classes") {
-            254
+            286
         } else {
-            335
+            367
         };
         assert_eq!(
             CPU_CACHE_BYTES.div_ceil(1024),

@@ -9,16 +9,38 @@ use super::init::rseq_cpu;
 use super::{Config, ProcessHeap, SRC};
 use crate::arena::{lookup, Lookup};
 use crate::chunk::Block;
-use crate::cpucache::{batch, return_chain, take_batch, Push, OUTBOX, OUTBOX_MAX_BLOCK};
+use crate::cpucache::{
+    batch, for_each_block, limit, return_chain, split_chain, take_batch, Chain, Push, BATCH_MAX,
+    OUTBOX, OUTBOX_MAX_BLOCK, PTR_BITS,
+};
 use crate::diag::{block_error, invalid_pointer};
 use crate::front::report::{self, DOUBLE_FREE};
 use crate::os;
 use crate::remote::Batch;
-use crate::size_class::class_size;
+use crate::size_class::{class_size, NUM_CLASSES};
+
+use core::sync::atomic::{AtomicU32, Ordering};
+
+/// How often parked chains of idle arenas are swept back to their runs (the page heap's
+/// purge delay).
+const SWEEP_MS: u32 = 1000;
+
+/// A thread looks whether a sweep is due once per this many refills (a clock read each).
+const SWEEP_EVERY: u32 = 32;
+
+std::thread_local! {
+    /// Refills by this thread (const-initialised, no destructor: safe inside `malloc`).
+    static REFILLS: core::cell::Cell<u32> = const { core::cell::Cell::new(0) };
+}
+
+/// What a broken chain is reported as.
+const LINK_OVERWRITTEN: &[u8] =
+    b"coreheap: free list link overwritten (write after free or double free)";
 
 impl ProcessHeap {
-    /// The current CPU's cache has no block of `class`: takes a batch from the CPU's arena
-    /// under its lock, returns one and puts the rest in the cache.
+    /// The current CPU's cache has no block of `class`: takes a chain parked in the CPU's
+    /// arena's transfer slots (one atomic swap), or else a batch from the arena under its
+    /// lock; returns one block and puts the rest in the cache.
     #[cold]
     #[inline(never)]
     pub(super) fn refill(cfg: &Config, class: usize) -> (*mut u8, bool) {
@@ -28,19 +50,98 @@ impl ProcessHeap {
             let a = cfg.arena(cfg.arena_index(os::current_cpu()));
             return a.alloc(&SRC, class_size(class), 1);
         };
-        let a = cfg.arena(cfg.arena_index(cpu));
-        let (first, chain) = take_batch(a, &SRC, class, batch(class), cfg.mark);
-        let installed = chain.len() > 0
-            && cpu < cfg.caches.len()
-            // SAFETY: the chain's blocks are free blocks of class `class` of the arena the
-            // map gives `cpu`, which is cache `cpu`'s arena; at most `batch < limit` of them.
-            && unsafe { cfg.caches.install(cpu, class, chain.head()) };
-        if chain.len() > 0 && !installed {
-            // Migrated meanwhile, or another thread on this CPU filled the list first.
-            // SAFETY: the chain is ours and its blocks are of arena `a`, counted in use.
-            unsafe { return_chain(a, &SRC, chain.head()) };
+        let ai = cfg.arena_index(cpu);
+        let a = cfg.arena(ai);
+        REFILLS.with(|n| {
+            n.set(n.get().wrapping_add(1));
+            if n.get() % SWEEP_EVERY == 0 {
+                Self::sweep_if_due(cfg);
+            }
+        });
+        let parked = cfg.caches.transfer(ai).take(class);
+        if parked != 0 {
+            let mut first = [0usize; 1];
+            // SAFETY: a chain taken off a slot is ours, of arena `ai` and `class`, linked
+            // with the arena's key (the slots' invariant).
+            match unsafe { split_chain(parked, a.key(), &mut first) } {
+                Ok((1, rest)) => {
+                    // SAFETY: as above: `rest` is the rest of that chain, ours.
+                    unsafe { Self::install_or_return(cfg, cpu, ai, class, rest) };
+                    let b = first[0] as *mut Block;
+                    // SAFETY: the block is ours now; neither its link nor its free mark may
+                    // survive into a live block.
+                    unsafe {
+                        (*b).link = 0;
+                        (*b).mark = 0;
+                    }
+                    return (b.cast(), false);
+                }
+                Ok(_) => {}
+                Err(b) => invalid_pointer(LINK_OVERWRITTEN, b.cast()),
+            }
         }
+        let (first, chain) = take_batch(a, &SRC, class, batch(class), cfg.mark);
+        // SAFETY: the chain's blocks are free blocks of class `class` of arena `ai`, ours.
+        unsafe { Self::install_or_return(cfg, cpu, ai, class, chain.head()) };
         first
+    }
+
+    /// Once per [`SWEEP_MS`] (looked at every [`SWEEP_EVERY`] refills): the chains parked in the
+    /// transfer slots of every arena whose CPUs took none since the last sweep go back to
+    /// their runs, so that an arena that stopped allocating does not keep them (and their
+    /// pages) for good.
+    fn sweep_if_due(cfg: &Config) {
+        static LAST: AtomicU32 = AtomicU32::new(0);
+        let now = os::now_ms();
+        let last = LAST.load(Ordering::Relaxed);
+        if now.wrapping_sub(last) < SWEEP_MS
+            || LAST
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_err()
+        {
+            return;
+        }
+        for i in 0..cfg.count {
+            if cfg.caches.transfer(i).idle_since_last_look() {
+                Self::return_parked(cfg, i);
+            }
+        }
+    }
+
+    /// Returns every chain parked in arena `i`'s transfer slots to its runs.
+    pub(super) fn return_parked(cfg: &Config, i: usize) {
+        for class in 0..NUM_CLASSES {
+            loop {
+                let h = cfg.caches.transfer(i).take(class);
+                if h == 0 {
+                    break;
+                }
+                // SAFETY: a chain taken off arena `i`'s slot is ours: free blocks of arena
+                // `i`, linked with its key, counted in use by their runs.
+                unsafe { return_chain(cfg.arena(i), &SRC, h) };
+            }
+        }
+    }
+
+    /// Makes `chain` CPU `cpu`'s list of `class` if that list is still empty and the thread
+    /// still runs there; otherwise parks it in arena `ai`'s transfer slots, or returns it to
+    /// the arena under its lock.
+    ///
+    /// # Safety
+    /// `chain` (0 or a packed chain of at most `limit(class)` blocks) is the caller's: free
+    /// blocks of class `class` of arena `ai`, the arena the map gives `cpu`, counted in use.
+    unsafe fn install_or_return(cfg: &Config, cpu: usize, ai: usize, class: usize, chain: usize) {
+        if chain == 0 {
+            return;
+        }
+        // SAFETY: by the contract (cache `cpu` holds blocks of arena `ai`).
+        let installed = cpu < cfg.caches.len() && unsafe { cfg.caches.install(cpu, class, chain) };
+        // Migrated meanwhile, or another thread on this CPU filled the list first.
+        // SAFETY: by the contract.
+        if !installed && !unsafe { cfg.caches.transfer(ai).park(class, chain) } {
+            // SAFETY: by the contract.
+            unsafe { return_chain(cfg.arena(ai), &SRC, chain) };
+        }
     }
 
     /// Returns the current CPU's cache of `class` to the arena it belongs to.
@@ -168,7 +269,9 @@ impl ProcessHeap {
             _ => false,
         };
         if cfg.caches.contains(class, p.cast())
-            || cfg.caches.seen_anywhere(class, p.cast(), in_cache)
+            || cfg
+                .caches
+                .seen_anywhere(class, p.cast(), in_cache, |a| cfg.arena(a).key())
         {
             block_error(msg, p, Some(arena), class_size(class));
         }
@@ -179,16 +282,73 @@ impl ProcessHeap {
         };
     }
 
-    /// The current CPU's cache of `class` is full: return it to its arena, then `p`.
+    /// The current CPU's cache of `class` is full: the whole list moves to a transfer slot
+    /// of its arena and `p` starts the list anew; when every slot is taken, the older half
+    /// goes back to the arena under its lock and `p` joins the newer half in the cache.
     ///
     /// # Safety
     /// As for `free_small_fast`, with the mark written.
     #[cold]
     #[inline(never)]
     unsafe fn free_small_full(cfg: &Config, p: *mut u8, what: Lookup, arena: u32, class: usize) {
-        Self::flush(cfg, class);
-        // SAFETY: by the contract.
-        unsafe { cfg.arena(arena as usize).free_marked(&SRC, p, what, true) };
+        let Some((cpu, chain)) = cfg.caches.take_all(class) else {
+            // Emptied by another thread meanwhile, or no CPU id: the locked path.
+            // SAFETY: by the contract.
+            return unsafe { cfg.arena(arena as usize).free_marked(&SRC, p, what, true) };
+        };
+        let ai = cfg.caches.arena_of(cpu);
+        let mine = ai == arena as usize;
+        // The whole list to a slot: one compare-and-swap, no block touched; `p` then starts
+        // the emptied list.
+        // SAFETY: a chain taken off cache `cpu` is ours: blocks of arena `ai` and `class`,
+        // linked with its key, at most `limit(class)` of them (`cpucache` invariants).
+        if unsafe { cfg.caches.transfer(ai).park(class, chain) } {
+            let r = if mine {
+                // SAFETY: by the contract `p` is a free, marked block of `arena` and `class`.
+                unsafe { cfg.caches.push(class, p.cast(), arena) }
+            } else {
+                Push::NoCache
+            };
+            if r != Push::Done {
+                // SAFETY: by the contract.
+                unsafe { cfg.arena(arena as usize).free_marked(&SRC, p, what, false) };
+            }
+            return;
+        }
+        // Every slot taken: the older half goes back to the arena under its lock, the newer
+        // half stays, with `p` in front.
+        let key = cfg.caches.key_of(cpu);
+        let mut newer = [0usize; BATCH_MAX];
+        let keep = (chain >> PTR_BITS).div_ceil(2).min(BATCH_MAX);
+        // SAFETY: a chain taken off cache `cpu` is ours: blocks of arena `ai` and `class`,
+        // linked with its key (module invariants of `cpucache`).
+        let (k, older) = match unsafe { split_chain(chain, key, &mut newer[..keep]) } {
+            Ok(r) => r,
+            Err(b) => invalid_pointer(LINK_OVERWRITTEN, b.cast()),
+        };
+        let mut kept = Chain::new(key);
+        // The newer blocks keep their order, most recently freed first; `p` goes in front
+        // when it belongs to this cache's arena (the thread may have migrated since its
+        // push found the list full).
+        for &b in newer[..k].iter().rev() {
+            // SAFETY: the blocks were taken off the list above: ours, free, on no list.
+            unsafe { kept.push(b as *mut Block) };
+        }
+        if mine {
+            // SAFETY: by the contract `p` is a free, marked block of `arena` and `class`.
+            unsafe { kept.push(p.cast()) };
+        }
+        // SAFETY: both chains are ours, of arena `ai` and `class`; `kept` has at most
+        // `limit(class) / 2 + 1 <= limit(class)` blocks.
+        unsafe {
+            if older != 0 {
+                return_chain(cfg.arena(ai), &SRC, older);
+            }
+            Self::install_or_return(cfg, cpu, ai, class, kept.head());
+            if !mine {
+                cfg.arena(arena as usize).free_marked(&SRC, p, what, false);
+            }
+        }
     }
 
     /// The current CPU's outbox is full: send it, then put `p` in the emptied outbox.
@@ -206,52 +366,79 @@ impl ProcessHeap {
         }
     }
 
-    /// Sends the current CPU's outbox: each block back to its owning arena, with one push
-    /// onto the owner's pending stack per owner (for up to `GROUPS` owners; blocks of
-    /// further owners are pushed one by one).
+    /// Sends the current CPU's outbox: its blocks, grouped by owner and class into chains
+    /// (each block looked up once, here), go to their owners' transfer slots, where the
+    /// owners' CPUs take them as refills without a lock; a chain too short to be worth a
+    /// slot, or one that finds the slots full, goes onto the owner's pending stack with one
+    /// push. Blocks beyond `GROUPS` groups are pushed one by one.
     #[cold]
     #[inline(never)]
     pub(super) fn send_outbox(cfg: &Config) {
-        const GROUPS: usize = 4;
+        const GROUPS: usize = 16;
+        const NONE: (usize, usize) = (usize::MAX, 0);
         let Some((cpu, chain)) = cfg.caches.take_all(OUTBOX) else {
             return;
         };
-        let mut groups = [(usize::MAX, Batch::new(0)); GROUPS];
+        let mut groups = [(NONE, Chain::new(0)); GROUPS];
         // SAFETY: a chain taken off an outbox is ours, its links encoded with the cache's
         // key; every block is a free, marked small block of some arena, counted in use by
-        // its run, which only its owner's drain will change.
+        // its run, which only its owner will change.
         let r = unsafe {
-            crate::cpucache::for_each_block(chain, cfg.caches.key_of(cpu), |b| {
+            for_each_block(chain, cfg.caches.key_of(cpu), |b| {
                 let what = lookup(&SRC, b as *const u8);
-                let Lookup::Small { arena, .. } = what else {
+                let Lookup::Small { arena, run } = what else {
                     invalid_pointer(b"coreheap: corrupted outbox", b.cast());
                 };
-                let owner = cfg.arena(arena as usize);
+                let id = (arena as usize, (*run).class());
+                let owner = cfg.arena(id.0);
                 let slot = groups
                     .iter()
-                    .position(|g| g.0 == arena as usize)
-                    .or_else(|| groups.iter().position(|g| g.0 == usize::MAX));
-                match slot {
-                    Some(i) => {
-                        if groups[i].0 == usize::MAX {
-                            groups[i] = (arena as usize, Batch::new(owner.key()));
-                        }
-                        groups[i].1.add(b);
-                    }
-                    None => owner.free_marked(&SRC, b.cast(), what, false),
+                    .position(|g| g.0 == id)
+                    .or_else(|| groups.iter().position(|g| g.0 == NONE));
+                let Some(i) = slot else {
+                    return owner.free_marked(&SRC, b.cast(), what, false);
+                };
+                if groups[i].0 == NONE {
+                    groups[i] = (id, Chain::new(owner.key()));
+                }
+                groups[i].1.push(b);
+                if groups[i].1.len() == limit(id.1) {
+                    Self::send_chain(cfg, id.0, id.1, groups[i].1.head());
+                    groups[i] = (NONE, Chain::new(0));
                 }
             })
         };
         if let Err(b) = r {
-            invalid_pointer(
-                b"coreheap: free list link overwritten (write after free or double free)",
-                b.cast(),
-            );
+            invalid_pointer(LINK_OVERWRITTEN, b.cast());
         }
-        for (owner, batch) in groups.iter().filter(|g| g.0 != usize::MAX) {
-            // SAFETY: the batch holds blocks of `owner`, built with its key.
-            unsafe { cfg.arena(*owner).push_remote_batch(&SRC, batch) };
+        for ((owner, class), chain) in groups.iter().filter(|g| g.0 != NONE) {
+            // SAFETY: each chain holds free blocks of `owner` and `class`, built with its key.
+            unsafe { Self::send_chain(cfg, *owner, *class, chain.head()) };
         }
+    }
+
+    /// Gives `chain` (blocks freed on a CPU of another arena) back to arena `owner`: parked
+    /// in its transfer slots when it holds at least a quarter of a refill, else onto its
+    /// pending stack with one push.
+    ///
+    /// # Safety
+    /// `chain` is the caller's: at most `limit(class)` free, marked blocks of `owner` and
+    /// `class`, linked with `owner`'s key, counted in use by their runs.
+    unsafe fn send_chain(cfg: &Config, owner: usize, class: usize, chain: usize) {
+        let a = cfg.arena(owner);
+        let worth_a_slot = chain >> PTR_BITS >= 1;
+        // SAFETY: by the contract.
+        if worth_a_slot && unsafe { cfg.caches.transfer(owner).park(class, chain) } {
+            return;
+        }
+        let mut pending = Batch::new(a.key());
+        // SAFETY: by the contract the chain is ours; each block is re-linked for the stack.
+        let r = unsafe { for_each_block(chain, a.key(), |b| pending.add(b)) };
+        if let Err(b) = r {
+            invalid_pointer(LINK_OVERWRITTEN, b.cast());
+        }
+        // SAFETY: the batch holds blocks of `owner`, built with its key.
+        unsafe { a.push_remote_batch(&SRC, &pending) };
     }
 
     /// `p` belongs to another arena than the current CPU's (or the thread has no rseq CPU

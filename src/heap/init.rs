@@ -148,7 +148,7 @@ fn init_config(cfg: &mut Config) -> bool {
         fast_path_wanted()
     };
     let caches_bytes = if fast.is_some() {
-        Caches::table_bytes(possible)
+        Caches::table_bytes(possible, count)
     } else {
         0
     };
@@ -196,6 +196,7 @@ fn init_config(cfg: &mut Config) -> bool {
                     let a = map.add(c).read() as usize;
                     (a as u32, (*arenas.add(a)).key())
                 }),
+                count,
                 rseq_off,
             )
         };

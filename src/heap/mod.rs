@@ -20,11 +20,11 @@ use core::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use crossbeam_utils::CachePadded;
 
 use crate::arena::{lookup, Arena, ArenaStats, Lookup};
-use crate::cpucache::{Caches, OUTBOX};
+use crate::cpucache::{Caches, OUTBOX, PTR_BITS};
 use crate::debug;
 use crate::front::{self, report, Backend, HugeCounters};
 use crate::os;
-use crate::size_class::{SMALL_MAX, SMALL_MIN};
+use crate::size_class::{NUM_CLASSES, SMALL_MAX, SMALL_MIN};
 use crate::source::OsSource;
 use crate::stats::{self, Stats};
 use init::BOOTSTRAP;
@@ -421,6 +421,12 @@ impl ProcessHeap {
                 for cpu in 0..cfg.caches.len() {
                     cfg.caches.walk(cpu, OUTBOX, &mut count_owned, &small);
                 }
+                // Chains parked in the arena's transfer slots.
+                for (class, n) in st.cached.iter_mut().enumerate() {
+                    for h in cfg.caches.transfer(i).peek(class) {
+                        *n += (h >> PTR_BITS) as u64;
+                    }
+                }
                 for cpu in (0..cfg.caches.len()).filter(|&c| cfg.caches.arena_of(c) == i) {
                     let (allocs, frees, cached) = cfg.caches.counters(cpu);
                     st.fast_allocs += allocs;
@@ -445,16 +451,20 @@ impl ProcessHeap {
     }
 
     /// Returns pending frees to their runs and every unused dirty page to the OS.
-    /// The calling CPU's caches go back to their arena and its outbox to the owners first
-    /// (other CPUs' caches cannot be reached without their cooperation; they hold at most
-    /// ~222 KiB each, and 32 KiB of outbox).
+    /// The calling CPU's caches go back to their arena and its outbox to the owners first,
+    /// then every chain parked in the transfer slots (other CPUs' caches cannot be reached
+    /// without their cooperation; they hold at most ~222 KiB each, and 32 KiB of outbox).
     pub fn trim(&self) {
         if let Some(r) = self.ready() {
-            if r.cfg.caches.enabled {
-                for class in 0..crate::size_class::NUM_CLASSES {
-                    Self::flush(r.cfg, class);
+            let cfg = r.cfg;
+            if cfg.caches.enabled {
+                for class in 0..NUM_CLASSES {
+                    Self::flush(cfg, class);
                 }
-                Self::send_outbox(r.cfg);
+                Self::send_outbox(cfg);
+                for i in 0..cfg.count {
+                    Self::return_parked(cfg, i);
+                }
             }
             front::trim(&r);
         }

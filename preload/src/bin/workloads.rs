@@ -12,6 +12,11 @@
 //!   so many frees are remote.
 //! - `prodcons`: half the threads malloc batches of 256 blocks (16-1024 B) and queue them; the
 //!   other half verify and free them, so every free is remote.
+//! - `larson-16`, `prodcons-16`: the same with 16 threads, however many cores there are, and
+//!   the total work of two threads (each thread does an eighth).
+//! - `batch`: one thread allocates N blocks of one size (16 or 64 B, alternately), N cycling
+//!   25, 100, 400, 1600, then frees the first half in allocation order (FIFO) and the second
+//!   half newest first (LIFO): batches larger than a per-CPU cache.
 //! - `cache-thrash`: Hoard's active false sharing test: each thread mallocs an 8-64 B object,
 //!   writes every byte 100 times, frees it.
 //! - `cache-scratch`: Hoard's passive false sharing test: the main thread mallocs one 8 B object
@@ -40,6 +45,9 @@ type Workload = fn(&Params) -> Totals;
 const WORKLOADS: &[(&str, Workload)] = &[
     ("larson", larson),
     ("prodcons", prodcons),
+    ("larson-16", larson_16),
+    ("prodcons-16", prodcons_16),
+    ("batch", batch),
     ("cache-thrash", cache_thrash),
     ("cache-scratch", cache_scratch),
     ("mixed", mixed),
@@ -366,6 +374,47 @@ fn larson(p: &Params) -> Totals {
         let last = std::mem::take(&mut *arrays[(t + rounds) % n].lock().unwrap());
         tot.add(free_all(last))
     })
+}
+
+/// `larson` with 16 threads doing the work of two.
+fn larson_16(p: &Params) -> Totals {
+    larson(&Params {
+        threads: 16,
+        scale: p.scale / 8.0,
+    })
+}
+
+/// `prodcons` with 16 threads doing the work of two.
+fn prodcons_16(p: &Params) -> Totals {
+    prodcons(&Params {
+        threads: 16,
+        scale: p.scale / 8.0,
+    })
+}
+
+fn batch(p: &Params) -> Totals {
+    const SIZES: [usize; 2] = [16, 64];
+    const COUNTS: [usize; 4] = [25, 100, 400, 1600];
+    let rounds = p.work(100_000) as usize;
+    let mut rng = Rng::new(0);
+    let mut tot = Totals::default();
+    let mut live: Vec<Blk> = Vec::with_capacity(1600);
+    for r in 0..rounds {
+        let size = SIZES[r % 2];
+        let n = COUNTS[(r / 2) % 4];
+        live.extend((0..n).map(|_| Blk::new(size, rng.next())));
+        let half = n / 2;
+        // The older half in allocation order, then the newer half newest first.
+        let newer = live.split_off(half);
+        for b in live.drain(..) {
+            tot.checksum = tot.checksum.wrapping_add(b.free());
+        }
+        for b in newer.into_iter().rev() {
+            tot.checksum = tot.checksum.wrapping_add(b.free());
+        }
+        tot.ops += 2 * n as u64;
+    }
+    tot
 }
 
 struct Queue {

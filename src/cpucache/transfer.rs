@@ -1,0 +1,133 @@
+//! The middle tier: per-arena, per-class transfer slots that hold whole chains of free
+//! blocks between the CPU caches and their arena (the role of TCMalloc's transfer cache).
+//!
+//! A CPU whose list of a class overflows parks half of it in a slot of its arena; a CPU of
+//! that arena whose list runs empty takes a parked chain and installs it. Outboxes park the
+//! blocks they send back to an owner the same way. Each move is one atomic instruction on the
+//! slot; the arena's lock is taken only when every slot is full (to park) or empty (to
+//! take), and then moves a whole batch in one lock round.
+//!
+//! Invariants:
+//! - a slot is 0 or the packed head of a chain in the CPU lists' format (see `mod.rs`): its
+//!   blocks are free small blocks of the slot's class and arena, marked, counted as in use by
+//!   their runs, linked with the arena's secret, at most [`limit`](super::limit) of them;
+//! - a chain is owned by its slot from the Release compare-and-swap that parks it until the
+//!   Acquire swap that takes it: no thread reads or writes its blocks meanwhile (except the
+//!   double-free search and statistics, which only read, validating every link);
+//! - memory parked per arena is at most [`slots`]`(class)` chains of at most
+//!   [`limit`](super::limit)`(class)` blocks per class: at most [`PARKED_MAX`] per class,
+//!   [`PARKED_PER_ARENA`] per arena (about 592 KiB over the 32 classes, 560 KiB over the
+//!   ten power-of-two ones; at most [`PARKED_BUDGET`]).
+
+use core::sync::atomic::{AtomicUsize, Ordering};
+
+use super::limit;
+use crate::size_class::{class_size, NUM_CLASSES};
+
+/// The most chains one (arena, class) pair can park: a cache line of slots.
+pub const SLOTS: usize = 8;
+
+/// Bytes of blocks one arena may park over all classes, split evenly between them
+/// ([`PARKED_MAX`]), so that more classes do not multiply it.
+pub const PARKED_BUDGET: usize = 640 * 1024;
+
+/// Bytes of blocks one (arena, class) pair may park at most: 20 KiB over the 32 classes,
+/// 64 KiB over the ten power-of-two ones.
+pub const PARKED_MAX: usize = PARKED_BUDGET / NUM_CLASSES;
+
+/// The slots class `class` uses: as many full chains (`limit(class)` blocks) as fit in
+/// [`PARKED_MAX`], at most [`SLOTS`], at least one. Over the 32 classes: 16 B: 8, 32 B: 5,
+/// 48 B: 3, then 2 (chains of 8-10 KiB, 16 KiB for 5120 B) and 1 from 6144 B. Power-of-two
+/// classes: 16-64 B: 8 (2-8 KiB a chain), 128 B: 4, 256 B and up: 2 (32 KiB a chain).
+#[inline]
+pub const fn slots(class: usize) -> usize {
+    let chain = limit(class) * class_size(class);
+    let n = PARKED_MAX / chain;
+    if n > SLOTS {
+        SLOTS
+    } else if n < 1 {
+        1
+    } else {
+        n
+    }
+}
+#[cfg(feature = "pow2-classes")]
+const _: () = assert!(slots(0) == 8 && slots(3) == 4 && slots(NUM_CLASSES - 1) == 2);
+#[cfg(not(feature = "pow2-classes"))]
+const _: () = assert!(slots(0) == 8 && slots(1) == 5 && slots(NUM_CLASSES - 1) == 1);
+
+/// The most bytes one arena's slots hold: every class's slots full of full chains.
+pub const PARKED_PER_ARENA: usize = {
+    let mut total = 0;
+    let mut c = 0;
+    while c < NUM_CLASSES {
+        total += slots(c) * limit(c) * class_size(c);
+        c += 1;
+    }
+    total
+};
+const _: () = assert!(PARKED_PER_ARENA <= PARKED_BUDGET);
+
+/// One arena's transfer slots: a cache line of slots per class pair.
+///
+/// Invariant: see the module documentation. All-zero is empty.
+#[repr(C, align(64))]
+pub struct Transfer {
+    slots: [[AtomicUsize; SLOTS]; NUM_CLASSES],
+    /// Chains taken since the last sweep ([`Transfer::idle_since_last_look`]); on a line of
+    /// its own, written only by takers.
+    taken: crossbeam_utils::CachePadded<AtomicUsize>,
+}
+
+impl Transfer {
+    /// Takes a parked chain of `class`: its packed head, or 0 when every slot is empty.
+    #[inline]
+    pub fn take(&self, class: usize) -> usize {
+        for s in &self.slots[class][..slots(class)] {
+            // A load first: an empty slot costs no write to a line other CPUs read.
+            if s.load(Ordering::Relaxed) != 0 {
+                // Acquire: pairs with the Release in `park`, so the chain's links are seen.
+                let h = s.swap(0, Ordering::Acquire);
+                if h != 0 {
+                    self.taken.fetch_add(1, Ordering::Relaxed);
+                    return h;
+                }
+            }
+        }
+        0
+    }
+
+    /// Parks the chain `head` (not 0) of `class` in an empty slot. Returns false, the chain
+    /// still the caller's, when every slot is taken.
+    ///
+    /// # Safety
+    /// `head` is a chain as the module's invariant says, of this arena and `class`, that the
+    /// caller owns and gives up if this returns true.
+    #[inline]
+    pub unsafe fn park(&self, class: usize, head: usize) -> bool {
+        debug_assert!(head != 0);
+        self.slots[class][..slots(class)].iter().any(|s| {
+            // Release: publishes the chain's links to the taker.
+            s.load(Ordering::Relaxed) == 0
+                && s.compare_exchange(0, head, Ordering::Release, Ordering::Relaxed)
+                    .is_ok()
+        })
+    }
+
+    /// Whether no chain was taken since the last call (which starts a new period): the
+    /// arena's CPUs have not refilled from the slots meanwhile, so what is parked may be
+    /// stranded (see `heap::cached`'s sweep).
+    pub fn idle_since_last_look(&self) -> bool {
+        self.taken.swap(0, Ordering::Relaxed) == 0
+    }
+
+    /// The packed heads parked for `class` now (a snapshot; for walks that validate every
+    /// link, see `Caches::walk_chain`).
+    pub fn peek(&self, class: usize) -> [usize; SLOTS] {
+        let mut out = [0; SLOTS];
+        for (o, s) in out.iter_mut().zip(&self.slots[class]) {
+            *o = s.load(Ordering::Acquire);
+        }
+        out
+    }
+}

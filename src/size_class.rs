@@ -95,10 +95,22 @@ const _: () = assert!(NUM_CLASSES <= u8::MAX as usize);
 /// freed. Half a chunk: every large block fits a chunk beside its header with room to spare.
 pub const LARGE_MAX: usize = CHUNK / 2;
 
-/// The block size of class `class` (`class < NUM_CLASSES`).
+/// The block size of class `class` (`class < NUM_CLASSES`; any other reads as the largest
+/// class, never a panic).
 #[inline]
 pub const fn class_size(class: usize) -> usize {
-    CLASS_SIZES[class] as usize
+    CLASS_SIZES[in_range(class)] as usize
+}
+
+/// `class`, or the largest class if `class` is out of range: table lookups by a class read
+/// from memory need no bounds check that could panic.
+#[inline(always)]
+const fn in_range(class: usize) -> usize {
+    if class < NUM_CLASSES {
+        class
+    } else {
+        NUM_CLASSES - 1
+    }
 }
 
 /// The alignment of every block of class `class`: the largest power of two dividing its
@@ -178,14 +190,14 @@ const RUN_WASTE_DIV: usize = 64;
 /// The longest run, in pages: where the search of [`run_pages`] gives up.
 const RUN_MAX_PAGES: usize = 16;
 
-/// Pages in a small run of class `class`: the fewest pages, at least [`RUN_MIN_PAGES`],
-/// that hold [`RUN_MIN_BLOCKS`] blocks and leave at most `1 / RUN_WASTE_DIV` of the run
-/// unused behind its last block. For sizes of an odd factor times a power of two
-/// (`m * 2^j`, `m` in 1, 3, 5, 7), `m` pages (or a multiple) leave nothing over, so the
-/// search always ends within [`RUN_MAX_PAGES`] (checked at compile time). The powers of two
-/// get 16 KiB or 8 blocks, as before the finer classes.
+/// Pages in a small run of class `class` (out of range: as the largest class): the fewest
+/// pages, at least [`RUN_MIN_PAGES`], that hold [`RUN_MIN_BLOCKS`] blocks and leave at most
+/// `1 / RUN_WASTE_DIV` of the run unused behind its last block. A size is an odd factor
+/// times a power of two (`m * 2^j`, `m` in 1, 3, 5, 7), so `m` pages (or a multiple) leave
+/// nothing over and the search always ends within [`RUN_MAX_PAGES`] (checked at compile
+/// time). The powers of two get 16 KiB or 8 blocks, as before the finer classes.
 pub const fn run_pages(class: usize) -> usize {
-    RUN_PAGES[class] as usize
+    RUN_PAGES[in_range(class)] as usize
 }
 
 const fn choose_run_pages(size: usize) -> usize {

@@ -11,6 +11,7 @@
 //! `Arena::check`):
 //! - the header pages have kind [`Kind::Header`];
 //! - the first page of every run has kind `Free`, `Small` or `Large` and `npages` its length;
+//!   that of a small run has its `class` and `lead` 0;
 //! - the last page of a free run of two or more pages has kind `FreeTail` and `lead` the
 //!   distance back to the first page;
 //! - every other page of a small run has kind `SmallInterior`, `lead` the distance back and
@@ -200,7 +201,8 @@ pub struct PageDesc {
     pub in_bin: bool,
     /// Run head: length in pages.
     pub npages: u32,
-    /// Tails and interior pages of small runs: distance in pages back to the head.
+    /// Tails and the pages of small runs: distance in pages back to the head (0 on a small
+    /// run's head).
     lead: AtomicU32,
     /// Small runs: blocks handed out and not yet returned (pending frees count as used).
     /// Invariant: `used + len(free) == bump <= capacity`.

@@ -56,8 +56,9 @@ mod stats;
 mod test_support;
 
 pub use arena::ArenaStats;
+pub use cpucache::CPU_CACHE_BYTES;
 pub use global::CoreHeap;
-pub use size_class::{class_size, CHUNK, LARGE_MAX, NUM_CLASSES, PAGE, SMALL_MAX};
+pub use size_class::{class_align, class_size, CHUNK, LARGE_MAX, NUM_CLASSES, PAGE, SMALL_MAX};
 pub use stats::Stats;
 
 use heap::HEAP;

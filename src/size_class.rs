@@ -6,7 +6,19 @@
 //!   [`HEADER_PAGES`] pages hold the chunk header, the rest are handed out as page runs.
 //! - **page run**: consecutive pages of one chunk that are free, a large block, or a small
 //!   run cut into blocks of one size class.
-//! - **size class**: a power of two from [`SMALL_MIN`] to [`SMALL_MAX`].
+//! - **size class**: one of [`NUM_CLASSES`] block sizes from [`SMALL_MIN`] to [`SMALL_MAX`]:
+//!   multiples of 16 up to 64, then [`STEPS_PER_DOUBLING`] evenly spaced sizes per doubling
+//!   (16, 32, 48, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320, ...), so a block is at most
+//!   25% larger than the request above 64 bytes; every power of two is a class. With the
+//!   `pow2-classes` feature the classes are the powers of two only (the older scheme, kept to
+//!   be measured against).
+//!
+//! A class's blocks lie at multiples of its size from the start of a page-aligned run, so
+//! they are aligned to the largest power of two dividing the size, at most a page
+//! ([`class_align`]): 48 gives 16, 96 gives 32, 5120 gives 1024. [`class_for`] picks, for a
+//! request with an alignment, the smallest class whose blocks have that alignment.
+//!
+//! [`HEADER_PAGES`]: crate::chunk::HEADER_PAGES
 
 /// log2 of [`PAGE`].
 pub const PAGE_SHIFT: usize = 12;
@@ -25,76 +37,232 @@ pub const CHUNK_PAGES: usize = CHUNK / PAGE;
 pub const SMALL_MIN: usize = 16;
 /// log2 of [`SMALL_MIN`].
 pub const SMALL_MIN_SHIFT: usize = 4;
-/// The largest small block. Up to 8 KiB a power-of-two class never wastes more than rounding
-/// to whole pages would (a 5 KiB request costs 8 KiB either way); above it, page rounding
-/// wastes less (9 KiB -> 12 KiB against 16 KiB), so larger requests are page runs.
+/// The largest small block. Up to 8 KiB a class wastes no more than rounding to whole pages
+/// would; above it, page rounding wastes less (9 KiB -> 12 KiB), so larger requests are page
+/// runs.
 pub const SMALL_MAX: usize = 8192;
-/// Number of small size classes: 16, 32, ..., 8192.
-pub const NUM_CLASSES: usize = 10;
 
-const _: () = assert!(SMALL_MIN << (NUM_CLASSES - 1) == SMALL_MAX);
+/// Classes per doubling of the size above `SMALL_MIN * STEPS_PER_DOUBLING` (below it the
+/// classes step by `SMALL_MIN`). A power of two, so that every power of two is a class and
+/// each class's alignment is a power of two at least its step.
+#[cfg(not(feature = "pow2-classes"))]
+pub const STEPS_PER_DOUBLING: usize = 4;
+/// Classes per doubling: one, the powers of two (`pow2-classes`).
+#[cfg(feature = "pow2-classes")]
+pub const STEPS_PER_DOUBLING: usize = 1;
+const _: () = assert!(STEPS_PER_DOUBLING.is_power_of_two());
+
+/// The class after one of `size` bytes: `size` plus its step, a [`STEPS_PER_DOUBLING`]th of
+/// the largest power of two not above `size`, and at least [`SMALL_MIN`].
+const fn next_class_size(size: usize) -> usize {
+    let floor_pow2 = 1 << (usize::BITS - 1 - size.leading_zeros());
+    let step = floor_pow2 / STEPS_PER_DOUBLING;
+    size + if step > SMALL_MIN { step } else { SMALL_MIN }
+}
+
+const fn count_classes() -> usize {
+    let mut n = 0;
+    let mut size = SMALL_MIN;
+    while size <= SMALL_MAX {
+        n += 1;
+        size = next_class_size(size);
+    }
+    n
+}
+
+/// Number of small size classes (32; 10 with `pow2-classes`).
+pub const NUM_CLASSES: usize = count_classes();
+
+/// The block size of every class, ascending.
+pub const CLASS_SIZES: [u32; NUM_CLASSES] = {
+    let mut t = [0u32; NUM_CLASSES];
+    let mut size = SMALL_MIN;
+    let mut c = 0;
+    while c < NUM_CLASSES {
+        t[c] = size as u32;
+        size = next_class_size(size);
+        c += 1;
+    }
+    t
+};
+
+const _: () = assert!(CLASS_SIZES[NUM_CLASSES - 1] as usize == SMALL_MAX);
 const _: () = assert!(SMALL_MIN == 1 << SMALL_MIN_SHIFT);
+// A class number fits the low byte of a page descriptor's `kind_class`.
+const _: () = assert!(NUM_CLASSES <= u8::MAX as usize);
 
 /// Requests above this many bytes are mapped directly from the OS ("huge") and unmapped when
 /// freed. Half a chunk: every large block fits a chunk beside its header with room to spare.
 pub const LARGE_MAX: usize = CHUNK / 2;
 
-/// The size class of a request of `size` bytes (`size <= SMALL_MAX`).
+/// The block size of class `class` (`class < NUM_CLASSES`; any other reads as the largest
+/// class, never a panic).
 #[inline]
-pub const fn class_of(size: usize) -> usize {
-    if size <= SMALL_MIN {
-        0
+pub const fn class_size(class: usize) -> usize {
+    CLASS_SIZES[in_range(class)] as usize
+}
+
+/// `class`, or the largest class if `class` is out of range: table lookups by a class read
+/// from memory need no bounds check that could panic.
+#[inline(always)]
+const fn in_range(class: usize) -> usize {
+    if class < NUM_CLASSES {
+        class
     } else {
-        // ceil(log2(size)) - 4
-        (usize::BITS - (size - 1).leading_zeros()) as usize - SMALL_MIN_SHIFT
+        NUM_CLASSES - 1
     }
 }
 
+/// The alignment of every block of class `class`: the largest power of two dividing its
+/// size, at most a page (runs start on a page).
+#[inline]
+pub const fn class_align(class: usize) -> usize {
+    let low = 1 << class_size(class).trailing_zeros();
+    if low < PAGE {
+        low
+    } else {
+        PAGE
+    }
+}
+
+/// The smallest class of at least `size` bytes whose size is a multiple of `multiple` (a
+/// power of two); `NUM_CLASSES` if none. Used to build [`CLASS_TABLE`] and by tests.
+pub const fn smallest_class(size: usize, multiple: usize) -> usize {
+    let mut c = 0;
+    while c < NUM_CLASSES {
+        if class_size(c) >= size && class_size(c).is_multiple_of(multiple) {
+            return c;
+        }
+        c += 1;
+    }
+    NUM_CLASSES
+}
+
 /// What the fast paths classify a request by: `(size - 1) | (align - 1)`, for `align` a power
-/// of two. For `size >= 1` its bit length is that of `max(size, align) - 1` (the OR of two
-/// numbers is as long as the longer), so `bound + 1` has the class of `max(size, align)`;
-/// and one comparison, `bound < limit` for a power of two `limit`, says that both `size`
-/// and `align` are at most `limit`. A `size` of 0 wraps to a huge bound, which fails every
-/// such comparison, so it takes the slow paths.
+/// of two. For `size >= 1`, `bound + 1` is `size` rounded up to a multiple of `align`, so
+/// one comparison, `bound < limit` for a power of two `limit`, says that both `size` and
+/// `align` are at most `limit`. A `size` of 0 wraps to a huge bound, which fails every such
+/// comparison, so it takes the slow paths.
 #[inline(always)]
 pub const fn request_bound(size: usize, align: usize) -> usize {
     size.wrapping_sub(1) | align.wrapping_sub(1)
 }
 
-/// The fast paths' classes of requests by [`request_bound`], in 16-byte steps: entry
-/// `bound >> 4` is the class of sizes `16 * i + 1 ..= 16 * (i + 1)` for `i = bound >> 4`,
-/// one load instead of a bit scan and its special case for the smallest sizes. (The process
-/// heap keeps a copy inside `HEAP`, whose address the fast paths load anyway: rustc reaches
-/// a static of its own through the GOT, one load more.)
+/// The classes of requests by [`request_bound`], in 16-byte steps: entry `i` is the smallest
+/// class of at least `16 * (i + 1)` bytes whose size is a multiple of the largest power of
+/// two dividing `16 * (i + 1)`. For a request `(size, align)` with `align >= 16`,
+/// `16 * (i + 1)` for `i = bound >> 4` is `size` rounded up to a multiple of `align`, so
+/// that class's blocks are aligned to `align`; for `align < 16` every class qualifies
+/// (all sizes are multiples of 16). One load instead of a search. (The process heap keeps a
+/// copy inside `HEAP`, whose address the fast paths load anyway: rustc reaches a static of
+/// its own through the GOT, one load more.)
 pub const CLASS_TABLE: [u8; SMALL_MAX / SMALL_MIN] = {
     let mut t = [0u8; SMALL_MAX / SMALL_MIN];
     let mut i = 0;
     while i < t.len() {
-        t[i] = class_of((i + 1) * SMALL_MIN) as u8;
+        let rounded = (i + 1) * SMALL_MIN;
+        let low = 1 << rounded.trailing_zeros();
+        let multiple = if low < PAGE { low } else { PAGE };
+        let c = smallest_class(rounded, multiple);
+        assert!(c < NUM_CLASSES);
+        t[i] = c as u8;
         i += 1;
     }
     t
 };
 
-/// The block size of class `class`.
+/// The class of a request of `size` bytes aligned to `align` (a power of two), for
+/// `1 <= size <= SMALL_MAX` and `align <= PAGE`: the smallest class of at least `size`
+/// bytes whose blocks are aligned to `align`.
 #[inline]
-pub const fn class_size(class: usize) -> usize {
-    SMALL_MIN << class
+pub const fn class_for(size: usize, align: usize) -> usize {
+    // Masked: out-of-contract arguments give some class, never a panic.
+    CLASS_TABLE[(request_bound(size, align) >> SMALL_MIN_SHIFT) & (CLASS_TABLE.len() - 1)] as usize
+}
+const _: () = assert!(CLASS_TABLE.len().is_power_of_two());
+
+/// The shortest run, in pages, of any class.
+const RUN_MIN_PAGES: usize = 4;
+/// The fewest blocks a run holds, so that one lock round refills many allocations.
+const RUN_MIN_BLOCKS: usize = 8;
+/// A run's tail that holds no whole block is at most `1 / RUN_WASTE_DIV` of the run.
+const RUN_WASTE_DIV: usize = 64;
+/// The longest run, in pages: where the search of [`run_pages`] gives up.
+const RUN_MAX_PAGES: usize = 16;
+
+/// Pages in a small run of class `class` (out of range: as the largest class): the fewest
+/// pages, at least [`RUN_MIN_PAGES`], that hold [`RUN_MIN_BLOCKS`] blocks and leave at most
+/// `1 / RUN_WASTE_DIV` of the run unused behind its last block. A size is an odd factor
+/// times a power of two (`m * 2^j`, `m` in 1, 3, 5, 7), so `m` pages (or a multiple) leave
+/// nothing over and the search always ends within [`RUN_MAX_PAGES`] (checked at compile
+/// time). The powers of two get 16 KiB or 8 blocks, as before the finer classes.
+pub const fn run_pages(class: usize) -> usize {
+    RUN_PAGES[in_range(class)] as usize
 }
 
-/// Pages in a small run of class `class`: 16 KiB, or eight blocks for the largest classes,
-/// so a run always has at least eight blocks and one lock round refills many allocations.
-#[inline]
-pub const fn run_pages(class: usize) -> usize {
-    let bytes = class_size(class) * 8;
-    let bytes = if bytes < 16 * 1024 { 16 * 1024 } else { bytes };
-    bytes / PAGE
+const fn choose_run_pages(size: usize) -> usize {
+    let mut pages = RUN_MIN_PAGES;
+    while pages <= RUN_MAX_PAGES {
+        let bytes = pages * PAGE;
+        if bytes / size >= RUN_MIN_BLOCKS && (bytes % size) * RUN_WASTE_DIV <= bytes {
+            return pages;
+        }
+        pages += 1;
+    }
+    panic!("no run length fits the class")
 }
+
+const RUN_PAGES: [u8; NUM_CLASSES] = {
+    let mut t = [0u8; NUM_CLASSES];
+    let mut c = 0;
+    while c < NUM_CLASSES {
+        t[c] = choose_run_pages(class_size(c)) as u8;
+        c += 1;
+    }
+    t
+};
 
 /// Blocks in a small run of class `class`.
 #[inline]
 pub const fn run_blocks(class: usize) -> usize {
     run_pages(class) * PAGE / class_size(class)
+}
+
+/// Per class, `ceil(2^64 / size)`: block indices and block starts from offsets in a run by
+/// a multiplication, never a division (Lemire, Kaser and Kurz, "Faster remainder by direct
+/// computation", 2019: for `n, d < 2^32` and `c = ceil(2^64 / d)`, `n / d` is the high
+/// word of `n * c` and `d` divides `n` iff the low word of `n * c` is below `c`). Run
+/// offsets are below `RUN_MAX_PAGES * PAGE`, far inside that range. Padded to a power of
+/// two entries (the spare ones 0: no offset is a block start there), so that an index
+/// masked by [`DIV_MASK`] needs no bounds check.
+pub const DIV_MAGIC: [u64; DIV_SLOTS] = {
+    let mut t = [0u64; DIV_SLOTS];
+    let mut c = 0;
+    while c < NUM_CLASSES {
+        t[c] = u64::MAX / class_size(c) as u64 + 1;
+        c += 1;
+    }
+    t
+};
+const DIV_SLOTS: usize = NUM_CLASSES.next_power_of_two();
+/// Masks a class number into [`DIV_MAGIC`]'s range.
+pub const DIV_MASK: usize = DIV_SLOTS - 1;
+const _: () = assert!(RUN_MAX_PAGES * PAGE <= 1 << 32);
+
+/// Whether a block of class `class` starts `off` bytes into its run (`off` below the run's
+/// length; any `off < 2^32` answers correctly).
+#[inline(always)]
+pub fn is_block_offset(off: usize, class: usize) -> bool {
+    let c = DIV_MAGIC[class & DIV_MASK];
+    (off as u64).wrapping_mul(c) < c
+}
+
+/// The index of the block of class `class` that holds the byte `off` bytes into its run
+/// (`off < 2^32`): `off / class_size(class)`.
+#[inline(always)]
+pub fn block_index(off: usize, class: usize) -> usize {
+    let c = DIV_MAGIC[class & DIV_MASK];
+    ((off as u128 * c as u128) >> 64) as usize
 }
 
 /// Pages needed for `size` bytes.
@@ -108,40 +276,89 @@ mod tests {
     use super::*;
 
     #[test]
-    fn class_mapping_rounds_up_to_powers_of_two() {
-        assert_eq!(class_of(0), 0);
-        assert_eq!(class_of(1), 0);
-        assert_eq!(class_of(16), 0);
-        assert_eq!(class_of(17), 1);
-        assert_eq!(class_of(32), 1);
-        assert_eq!(class_of(33), 2);
-        assert_eq!(class_of(4096), 8);
-        assert_eq!(class_of(4097), 9);
-        assert_eq!(class_of(SMALL_MAX), NUM_CLASSES - 1);
+    fn classes_are_spaced_by_a_quarter_and_hold_the_powers_of_two() {
+        for c in 1..NUM_CLASSES {
+            let (a, b) = (class_size(c - 1), class_size(c));
+            assert!(a < b && b % SMALL_MIN == 0);
+            if a >= 64 {
+                assert!((b - a) * STEPS_PER_DOUBLING <= a, "{a} -> {b}");
+            }
+        }
+        let mut p = SMALL_MIN;
+        while p <= SMALL_MAX {
+            assert_eq!(class_size(smallest_class(p, 1)), p);
+            p *= 2;
+        }
+        #[cfg(not(feature = "pow2-classes"))]
+        assert_eq!(
+            CLASS_SIZES[..12],
+            [16, 32, 48, 64, 80, 96, 112, 128, 160, 192, 224, 256]
+        );
+        #[cfg(feature = "pow2-classes")]
+        assert_eq!(NUM_CLASSES, 10);
+    }
+
+    #[test]
+    fn every_size_and_alignment_gets_the_smallest_aligned_class() {
         assert!(request_bound(0, 16) >= SMALL_MAX);
         for size in 1..=SMALL_MAX {
-            let c = class_of(size);
             for align in (0..=PAGE_SHIFT + 1).map(|s| 1 << s) {
                 let bound = request_bound(size, align);
                 assert_eq!(bound < SMALL_MAX, size.max(align) <= SMALL_MAX);
                 assert_eq!(bound < PAGE, size.max(align) <= PAGE);
-                if bound < SMALL_MAX {
-                    let got = CLASS_TABLE[bound >> SMALL_MIN_SHIFT] as usize;
-                    assert_eq!(got, class_of(size.max(align)), "size {size} align {align}");
+                if bound >= SMALL_MAX || align > PAGE {
+                    continue;
                 }
+                let c = class_for(size, align);
+                let cs = class_size(c);
+                // Big enough, and every block of the class (at `run + i * cs`, the run
+                // page-aligned) aligned.
+                assert!(cs >= size, "size {size} align {align}");
+                assert_eq!(class_align(c) % align, 0, "size {size} align {align}");
+                assert_eq!(cs % align.min(PAGE), 0, "size {size} align {align}");
+                // The smallest such class.
+                assert_eq!(c, smallest_class(size, align), "size {size} align {align}");
             }
-            assert!(class_size(c) >= size, "size {size}");
+            let c = class_for(size, 1);
             assert!(c == 0 || class_size(c - 1) < size, "size {size}");
         }
     }
 
     #[test]
-    fn runs_hold_at_least_eight_blocks() {
+    fn runs_hold_eight_blocks_and_waste_little() {
         for c in 0..NUM_CLASSES {
-            assert!(run_blocks(c) >= 8);
-            assert_eq!(run_pages(c) * PAGE % class_size(c), 0);
+            let bytes = run_pages(c) * PAGE;
+            assert!(run_blocks(c) >= RUN_MIN_BLOCKS);
+            assert!(run_pages(c) >= RUN_MIN_PAGES && run_pages(c) <= RUN_MAX_PAGES);
+            assert!((bytes - run_blocks(c) * class_size(c)) * RUN_WASTE_DIV <= bytes);
+            if class_size(c).is_power_of_two() {
+                // As before the finer classes: 16 KiB, or eight blocks.
+                assert_eq!(bytes, (8 * class_size(c)).max(16 * 1024));
+            }
         }
-        assert_eq!(run_pages(0), 4);
-        assert_eq!(run_pages(NUM_CLASSES - 1), 16);
+    }
+
+    #[test]
+    fn reciprocals_agree_with_division_at_every_offset_of_every_run() {
+        for c in 0..NUM_CLASSES {
+            let size = class_size(c);
+            for off in 0..run_pages(c) * PAGE + 2 * size {
+                assert_eq!(block_index(off, c), off / size, "class {c} offset {off}");
+                assert_eq!(
+                    is_block_offset(off, c),
+                    off % size == 0,
+                    "class {c} offset {off}"
+                );
+            }
+            // Offsets from a stale page descriptor: up to a whole chunk.
+            for off in (0..CHUNK).step_by(4093) {
+                assert_eq!(block_index(off, c), off / size);
+                assert_eq!(is_block_offset(off, c), off % size == 0);
+            }
+        }
+        // Spare entries: no offset is a block start.
+        for c in (0..DIV_SLOTS).filter(|&c| c >= NUM_CLASSES) {
+            assert!(!is_block_offset(0, c) && !is_block_offset(64, c));
+        }
     }
 }

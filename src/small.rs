@@ -1,4 +1,4 @@
-//! Small blocks: page runs cut into blocks of one power-of-two size class.
+//! Small blocks: page runs cut into blocks of one size class.
 //!
 //! Each arena has one bin per class: a list of its runs that have a block to give (a free
 //! block on the run's own list, or blocks never carved). A run is carved lazily: `bump`
@@ -22,7 +22,9 @@ use crate::chunk::{
     Rel,
 };
 use crate::large::PageHeap;
-use crate::size_class::{class_size, run_blocks, run_pages, NUM_CLASSES, SMALL_MIN_SHIFT};
+use crate::size_class::{
+    block_index, class_size, is_block_offset, run_blocks, run_pages, NUM_CLASSES,
+};
 use crate::source::PageSource;
 
 /// Counters per size class (guarded by the arena lock).
@@ -91,7 +93,7 @@ impl SmallBins {
         let (next, start) = unsafe { (link_of(src, b, self.key), run_addr(r)) };
         let off = next.wrapping_sub(start as usize);
         let size = class_size(class);
-        let bad = next != 0 && (off >= run_blocks(class) * size || off & (size - 1) != 0);
+        let bad = next != 0 && (off >= run_blocks(class) * size || !is_block_offset(off, class));
         if bad && !cfg!(feature = "unhardened") {
             let h = crate::chunk::chunk_of(b as *const u8) as *const crate::chunk::ChunkHeader;
             // SAFETY: `b` lies in a chunk of ours, whose header is readable.
@@ -181,6 +183,9 @@ impl SmallBins {
             let h = header_of_desc(r);
             let first = (*h).desc_index(r);
             (*r).set_class(class);
+            // Block starts are found from any page of the run by its distance back to the
+            // first page (`small_block_start`): 0 here, whatever the page was before.
+            (*r).set_lead(0);
             (*r).dirty = dirty;
             (*r).used = 0;
             (*r).bump = 0;
@@ -220,8 +225,8 @@ impl SmallBins {
         // by freeing a stale pointer into a run that was recycled.
         unsafe {
             let class = (*r).class();
-            // Classes are powers of two: a shift, not a division, on every small free.
-            let index = (b as usize - run_addr(r) as usize) >> (class + SMALL_MIN_SHIFT);
+            // A multiplication, not a division, on every small free.
+            let index = block_index(b as usize - run_addr(r) as usize, class);
             if index >= (*r).bump as usize || (*r).used == 0 {
                 // Never handed out by this run: the pointer is stale, freed twice across a
                 // recycling of its pages.
@@ -487,8 +492,8 @@ impl SmallBins {
     }
 }
 
-/// Verifies `used + len(free) == bump <= capacity` and that free blocks lie in the run at
-/// block boundaries (links decoded with the arena's `key`).
+/// Verifies `used + len(free) == bump <= capacity`, that free blocks lie in the run at
+/// block boundaries (links decoded with the arena's `key`) and that the head's `lead` is 0.
 ///
 /// # Safety
 /// The caller holds the arena lock; `r` heads a small run.
@@ -518,6 +523,10 @@ pub unsafe fn check_run<S: PageSource>(
         }
         if (*r).used as usize + n != (*r).bump as usize || (*r).bump as usize > cap {
             return Err("small run counts do not add up");
+        }
+        if (*r).lead() != 0 {
+            // Block starts would be found at the wrong offsets (`small_block_start`).
+            return Err("small run head with a lead");
         }
     }
     Ok(())
@@ -596,8 +605,9 @@ mod tests {
         let src = TestSource::new(4);
         let mut heap = Box::new(PageHeap::new(0));
         let mut bins = SmallBins::new();
-        let class = 3; // 128-byte blocks
+        let class = crate::size_class::class_for(128, 1);
         let cs = class_size(class);
+        assert_eq!(cs, 128);
         let cap = run_blocks(class);
 
         // Three runs' worth and one more block: four runs, blocks handed out in address order

@@ -103,7 +103,9 @@ fn double_dealloc_released_child() -> ! {
     if let Some(core) = core_affinity::get_core_ids().and_then(|c| c.first().copied()) {
         core_affinity::set_for_current(core);
     }
-    let layout = Layout::from_size_align(48, 8).unwrap();
+    // 64 bytes: 1024 blocks fill exactly four 16 KiB runs with either class scheme, so the
+    // run kept on its bin when all are empty is not the first one's.
+    let layout = Layout::from_size_align(64, 8).unwrap();
     // SAFETY: deliberately wrong: `blocks[0]` is deallocated twice, which coreheap must
     // detect although its run is gone.
     unsafe {
@@ -159,7 +161,9 @@ fn transfer_slots_move_whole_chains() {
     }
     let (c0, c1) = (cores[0], cores[1]);
     let layout = Layout::from_size_align(64, 8).unwrap();
-    let class_64 = 2; // 16, 32, 64
+    let class_64 = (0..coreheap::NUM_CLASSES)
+        .find(|&c| coreheap::class_size(c) == 64)
+        .unwrap();
     let before = coreheap::stats().in_use();
     let on = |core: core_affinity::CoreId, f: Box<dyn FnOnce() -> Vec<usize> + Send>| {
         std::thread::spawn(move || {
@@ -440,7 +444,7 @@ fn fast_path_taken_only_with_rseq() {
 /// alignments; contents are checked, and the heap must end where it started.
 fn realloc_keeps_the_class_that_dealloc_computes() {
     // The class a (size, align) with align <= 4 KiB and size <= 8 KiB is served from.
-    let class_bytes = |size: usize, align: usize| size.max(align).max(16).next_power_of_two();
+    let class_bytes = |size, align| common::class_bytes(size, align).unwrap();
     let sizes = [
         1,
         8,

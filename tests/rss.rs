@@ -90,8 +90,10 @@ fn idle_arena_keeps_no_parked_chains() {
         return;
     }
     let (c0, c1) = (cores[0], cores[1]);
-    let layout = Layout::from_size_align(64, 8).unwrap();
-    let class = 2; // 16, 32, 64
+    // The smallest class (16 bytes with either class scheme), which parks the most chains
+    // (8 slots), so that more than a CPU list's worth can wait in the slots.
+    let layout = Layout::from_size_align(16, 8).unwrap();
+    let class = 0;
     let (arena0, blocks) = std::thread::spawn(move || {
         assert!(core_affinity::set_for_current(c0));
         // SAFETY: non-zero size; freed once on the other core.

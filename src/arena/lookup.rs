@@ -4,7 +4,7 @@
 //! `PageSource::owns_chunk`.
 
 use crate::chunk::{chunk_of, page_index, to_rel, ChunkHeader, Kind, PageDesc, CHUNK_ARENA, MAGIC};
-use crate::size_class::{class_size, NUM_CLASSES, PAGE};
+use crate::size_class::{class_size, is_block_offset, PAGE};
 use crate::source::PageSource;
 
 /// What a pointer is, as far as its chunk header tells.
@@ -23,8 +23,10 @@ pub enum Lookup {
 /// Finds what `p` is, in O(1), without any lock.
 ///
 /// For a pointer to a live block the answer is exact. For any other pointer it is `Invalid`
-/// unless it points at a block boundary of a small run (a freed small block is found by the
-/// double-free mark, not here).
+/// unless it points at a block boundary of a small run: a multiple of the class size from
+/// the run's start, which includes blocks never carved and, in a run whose tail is shorter
+/// than a block, the spot behind its last block (a freed small block is found by the
+/// double-free mark, not here; a block beyond `bump` by the run's free).
 #[inline]
 pub fn lookup<S: PageSource>(src: &S, p: *const u8) -> Lookup {
     let c = chunk_of(p);
@@ -55,25 +57,39 @@ pub fn lookup<S: PageSource>(src: &S, p: *const u8) -> Lookup {
         let run = d as *const PageDesc as *mut PageDesc;
         let off = (p as usize) - (*h).page_addr(i) as usize;
         match d.kind() {
-            Kind::Small if off.is_multiple_of(class_size(d.class())) => {
-                Lookup::Small { arena, run }
-            }
+            Kind::Small if is_block_offset(off, d.class()) => Lookup::Small { arena, run },
             Kind::Large if off == 0 => Lookup::Large { arena, run },
             _ => Lookup::Invalid,
         }
     }
 }
 
-/// Whether `p`, on a page of a small run of class `class`, is the start of one of its
-/// blocks, for classes of at most a page (false for larger ones): runs start on a page and
-/// such blocks lie at multiples of their size from the start, so exactly the addresses
-/// aligned to that size are block starts.
-#[inline]
-pub fn small_block_start(p: *const u8, class: usize) -> bool {
-    class < NUM_CLASSES && class_size(class) <= PAGE && (p as usize) & (class_size(class) - 1) == 0
+/// Whether `p`, on the page described by `d`, a page of a small run of class `class` (as
+/// `d` said in a load with Acquire, which orders the `lead` read here after it), is the
+/// start of one of its blocks. Blocks lie at multiples of the class size from the run's
+/// first page, which is `d.lead()` pages back (0 on the first page itself); the offset is
+/// tested by a multiplication ([`is_block_offset`]), not a division. For a stale pointer
+/// whose page changed under the caller the answer is some boolean, never a fault.
+#[cfg(not(feature = "pow2-classes"))]
+#[inline(always)]
+pub fn small_block_start(p: *const u8, d: &PageDesc, class: usize) -> bool {
+    let off = (p as usize & (PAGE - 1)) + (d.lead() << crate::size_class::PAGE_SHIFT);
+    is_block_offset(off, class)
 }
 
-/// If `p` is a live small block of at most a page, its arena and class: [`lookup`]'s answer
+/// Whether `p`, on the page described by `d`, a page of a small run of class `class`, is the
+/// start of one of its blocks, for classes of at most a page (false for larger ones): with
+/// power-of-two classes such blocks lie at multiples of their size from a page, so exactly
+/// the addresses aligned to that size are block starts, and `d` is not needed.
+#[cfg(feature = "pow2-classes")]
+#[inline(always)]
+pub fn small_block_start(p: *const u8, _d: &PageDesc, class: usize) -> bool {
+    class < crate::size_class::NUM_CLASSES
+        && class_size(class) <= PAGE
+        && (p as usize) & (class_size(class) - 1) == 0
+}
+
+/// If `p` is a live small block, its arena and class: [`lookup`]'s answer
 /// for such blocks, found from the block's own page descriptor (every page of a small run
 /// records the class), without going to the run's first page. `None` for anything else,
 /// which [`lookup`] then sorts out.
@@ -90,8 +106,9 @@ pub fn lookup_small<S: PageSource>(src: &S, p: *const u8) -> Option<(u32, usize)
         if (*h).magic != MAGIC || (*h).kind != CHUNK_ARENA {
             return None;
         }
-        let class = (*h).pages[page_index(p)].small_class()?;
-        small_block_start(p, class).then(|| ((*h).arena_index(), class))
+        let d = &(*h).pages[page_index(p)];
+        let class = d.small_class()?;
+        small_block_start(p, d, class).then(|| ((*h).arena_index(), class))
     }
 }
 

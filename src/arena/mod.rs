@@ -29,7 +29,7 @@ use crate::chunk::{Block, Kind, PageDesc};
 use crate::large::PageHeap;
 use crate::lock::Taken;
 use crate::remote::{Batch, Pending};
-use crate::size_class::{class_of, class_size, pages_for, PAGE, PAGE_SHIFT, SMALL_MAX};
+use crate::size_class::{class_for, class_size, pages_for, PAGE, PAGE_SHIFT, SMALL_MAX};
 use crate::small::SmallBins;
 use crate::source::PageSource;
 
@@ -181,7 +181,7 @@ impl<S: PageSource<Lock: ArenaLock>> Arena<S> {
     #[inline]
     pub fn alloc(&self, src: &S, size: usize, align: usize) -> (*mut u8, bool) {
         if size <= SMALL_MAX && align <= PAGE {
-            let class = class_of(if size > align { size } else { align });
+            let class = class_for(size.max(1), align);
             self.acquire(src);
             // SAFETY: the lock is held.
             let st = unsafe { &mut *self.state.get() };

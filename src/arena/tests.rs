@@ -2,7 +2,7 @@
 
 use super::*;
 use crate::chunk::{chunk_of, page_index, run_addr, ChunkHeader, CHUNK_HUGE, HEADER_PAGES, MAGIC};
-use crate::size_class::{run_blocks, run_pages, CHUNK, NUM_CLASSES};
+use crate::size_class::{class_for, run_blocks, run_pages, CHUNK, NUM_CLASSES, SMALL_MIN};
 use crate::test_support::{MemFile, TestSource, View};
 use std::alloc::Layout;
 
@@ -69,9 +69,10 @@ fn invalid(src: &TestSource, p: *const u8) {
 }
 
 /// `lookup_small` agrees with `lookup` on small block `p` of class `c` of arena 3: the
-/// arena and class for classes of at most a page, none for larger ones.
+/// arena and class (with `pow2-classes`, for classes of at most a page, none for larger
+/// ones).
 fn small_agrees(src: &TestSource, p: *const u8, c: usize) {
-    let want = (class_size(c) <= PAGE).then_some((3, c));
+    let want = (!cfg!(feature = "pow2-classes") || class_size(c) <= PAGE).then_some((3, c));
     assert_eq!(lookup_small(src, p), want, "{p:?}, class {c}");
 }
 
@@ -104,20 +105,41 @@ fn lookup_classifies_pointers() {
         small.push((p, c));
     }
 
-    // Fill one run of the 64-byte class and one of the 4 KiB class to their ends: the
-    // blocks on the run's interior pages resolve to the run's head.
-    for c in [2, 8] {
-        let first = a.alloc(&src, class_size(c), 1).0;
+    // Fill runs of classes whose blocks do and do not cross pages to their ends: the blocks
+    // on the run's interior pages resolve to the run's head, every block start in the run is
+    // found by both lookups, every other 16-byte step by neither.
+    let mut classes: Vec<usize> = [48, 64, 80, 4096, 5120, 7168]
+        .iter()
+        .map(|&s| class_for(s, 1))
+        .collect();
+    classes.dedup();
+    for c in classes {
+        let cs = class_size(c);
+        let first = a.alloc(&src, cs, 1).0;
         let run = small_run(&src, first);
         let mut last = first;
         // SAFETY: `run` heads a live small run of this arena.
         while unsafe { (*run).bump as usize } < run_blocks(c) {
-            last = a.alloc(&src, class_size(c), 1).0;
+            last = a.alloc(&src, cs, 1).0;
             assert_eq!(small_run(&src, last), run);
             small_agrees(&src, last, c);
         }
-        let end = run_addr(run) as usize + run_pages(c) * PAGE;
-        assert_eq!(last as usize, end - class_size(c), "class {c}");
+        let start = run_addr(run) as usize;
+        let end = start + run_pages(c) * PAGE;
+        assert_eq!(last as usize, start + (run_blocks(c) - 1) * cs, "class {c}");
+        assert!(
+            end - last as usize - cs < cs,
+            "class {c}: a whole block left over"
+        );
+        for off in (0..run_blocks(c) * cs).step_by(SMALL_MIN) {
+            let p = (start + off) as *const u8;
+            if off % cs == 0 {
+                assert_eq!(small_run(&src, p), run);
+                small_agrees(&src, p, c);
+            } else {
+                invalid(&src, p);
+            }
+        }
         let tail_page = (end - PAGE) as *const u8;
         // SAFETY: the run's last page is one of its interior pages.
         unsafe {
@@ -126,7 +148,6 @@ fn lookup_classifies_pointers() {
                 Kind::SmallInterior
             );
         }
-        assert_eq!(small_run(&src, tail_page), run);
         invalid(&src, tail_page.wrapping_add(8));
     }
 

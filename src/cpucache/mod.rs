@@ -37,7 +37,7 @@
 //!   CPU `c` (a forked child inherits them as a consistent snapshot: a commit is one store);
 //! - a class list never holds more than [`limit`] blocks of its class, the outbox no more
 //!   than [`OUTBOX_LIMIT`] blocks of [`OUTBOX_MAX_BLOCK`] bytes or less, so counts fit 16
-//!   bits;
+//!   bits and a CPU holds at most [`CPU_CACHE_BYTES`];
 //! - chains move whole between a cache and its arena's transfer slots (`transfer.rs`),
 //!   which keep the lists' format.
 //!
@@ -50,7 +50,7 @@
 use core::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 
 use crate::chunk::{decode_link, Block};
-use crate::size_class::{class_of as class_of_size, class_size, NUM_CLASSES};
+use crate::size_class::{class_size, NUM_CLASSES};
 
 mod chain;
 #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
@@ -67,8 +67,11 @@ pub const PTR_BITS: u32 = 48;
 /// The address bits of a packed head or link.
 pub const PTR_MASK: usize = (1 << PTR_BITS) - 1;
 
-/// log2 of the distance between two CPUs' caches.
-const STRIDE_SHIFT: usize = 7;
+/// log2 of the distance between two CPUs' caches: a [`CpuCache`] rounded up to a power of
+/// two (128 bytes with ten classes, 512 with 32), so that the sections index by a shift.
+const STRIDE_SHIFT: usize = core::mem::size_of::<CpuCache>()
+    .next_power_of_two()
+    .trailing_zeros() as usize;
 
 /// One CPU's cache, on cache lines of its own.
 ///
@@ -100,7 +103,7 @@ const OFF_LIMITS: usize = core::mem::offset_of!(CpuCache, limits);
 const OFF_CS_BASE: usize = core::mem::offset_of!(Caches, base);
 const OFF_CS_LEN: usize = core::mem::offset_of!(Caches, len);
 const OFF_CS_RSEQ: usize = core::mem::offset_of!(Caches, rseq_off);
-const _: () = assert!(core::mem::size_of::<CpuCache>() == 1 << STRIDE_SHIFT);
+const _: () = assert!(core::mem::size_of::<CpuCache>() <= 1 << STRIDE_SHIFT);
 const _: () = assert!(core::mem::offset_of!(CpuCache, heads) == 0);
 const _: () = assert!(batch(0) == BATCH_MAX);
 
@@ -118,26 +121,52 @@ pub const OUTBOX_LIMIT: usize = 64;
 /// the locked path or the owner's pending stack.
 pub const OUTBOX_MAX_BLOCK: usize = 1024;
 const _: () = assert!(OUTBOX_LIMIT * OUTBOX_MAX_BLOCK <= 64 * 1024);
-const _: () = assert!(class_of_size(OUTBOX_MAX_BLOCK) < NUM_CLASSES);
+const _: () = assert!(OUTBOX_MAX_BLOCK <= crate::size_class::SMALL_MAX);
 
-/// The most blocks a CPU keeps of class `class`: 128, and at most 32 KiB of the class.
-/// Per CPU that bounds the caches to 128 * (16 + ... + 256) + 5 * 32 KiB, about 222 KiB
-/// (why 128: `docs/bench-core.md`, "Notes moved out of the code").
+/// What one CPU's class lists may hold together, split evenly between the classes
+/// ([`LIST_BYTES`]), so that the bound does not grow with the number of classes: over the
+/// ten power-of-two classes 32 KiB each (the limits from before the finer classes), over
+/// the 32 finer classes 10 KiB each.
+const CLASS_LISTS_BUDGET: usize = 320 * 1024;
+/// Each class list's share of [`CLASS_LISTS_BUDGET`].
+const LIST_BYTES: usize = CLASS_LISTS_BUDGET / NUM_CLASSES;
+/// The most blocks a class list holds (why 128: `docs/bench-core.md`, "Notes moved out of
+/// the code").
+const LIMIT_MAX: usize = 128;
+/// The fewest blocks a class list may hold, even where that is more than [`LIST_BYTES`]
+/// (the largest classes): a refill ([`batch`]) takes at least one block.
+const LIMIT_MIN: usize = 2;
+
+/// The most blocks a CPU keeps of class `class` (`class < NUM_CLASSES`): [`LIST_BYTES`] of
+/// the class, between [`LIMIT_MIN`] and [`LIMIT_MAX`] blocks.
 #[inline]
 pub const fn limit(class: usize) -> usize {
-    // 32 KiB / class_size(class), as a shift (kept in range for any `class`).
-    let shift = if class < NUM_CLASSES {
-        class
+    if class >= NUM_CLASSES {
+        return LIMIT_MIN;
+    }
+    let n = LIST_BYTES / class_size(class);
+    if n > LIMIT_MAX {
+        LIMIT_MAX
+    } else if n < LIMIT_MIN {
+        LIMIT_MIN
     } else {
-        NUM_CLASSES
-    };
-    let by_bytes = (32 * 1024 / class_size(0)) >> shift;
-    if by_bytes < 128 {
-        by_bytes
-    } else {
-        128
+        n
     }
 }
+
+/// The most bytes of free blocks one CPU's cache holds: its class lists at their limits and
+/// a full outbox: at most 367 KiB (286 KiB with `pow2-classes`), as `docs/design.md` states. Above
+/// [`CLASS_LISTS_BUDGET`] only by the [`LIMIT_MIN`] blocks of the largest classes.
+pub const CPU_CACHE_BYTES: usize = {
+    let mut total = OUTBOX_LIMIT * OUTBOX_MAX_BLOCK;
+    let mut c = 0;
+    while c < NUM_CLASSES {
+        total += limit(c) * class_size(c);
+        c += 1;
+    }
+    total
+};
+const _: () = assert!(LIMIT_MAX <= u8::MAX as usize);
 
 /// The largest [`batch`].
 pub const BATCH_MAX: usize = 64;
@@ -221,7 +250,7 @@ impl Caches {
         for (a, key) in arena_of {
             // SAFETY: slot `len` is inside `mem` by the contract; zeroed memory is a valid
             // CpuCache (atomics), so a shared reference to it is sound.
-            let c = unsafe { &*base.add(len) };
+            let c = unsafe { &*base.byte_add(len << STRIDE_SHIFT) };
             c.arena.store(a, Ordering::Relaxed);
             c.key.store(key, Ordering::Relaxed);
             for (list, l) in c.limits.iter().enumerate() {
@@ -262,7 +291,7 @@ impl Caches {
     fn cache(&self, cpu: usize) -> &CpuCache {
         assert!(cpu < self.len);
         // SAFETY: `cpu < len` and by the invariant the table is live.
-        unsafe { &*self.base.add(cpu) }
+        unsafe { &*self.base.byte_add(cpu << STRIDE_SHIFT) }
     }
 
     /// The arena CPU `cpu`'s cache holds blocks of.
@@ -496,6 +525,30 @@ impl Caches {
             // first word is read as one volatile word and only used as a candidate.
             let raw = unsafe { core::ptr::read_volatile(p as *const usize) };
             h = decode_link(raw, p, key);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn caches_are_bounded_in_bytes() {
+        let kib = if cfg!(feature = "pow2-classes") {
+            286
+        } else {
+            367
+        };
+        assert_eq!(
+            CPU_CACHE_BYTES.div_ceil(1024),
+            kib,
+            "docs/design.md states it"
+        );
+        for c in 0..NUM_CLASSES {
+            assert!((LIMIT_MIN..=LIMIT_MAX).contains(&limit(c)));
+            assert!(limit(c) * class_size(c) <= LIST_BYTES.max(LIMIT_MIN * class_size(c)));
+            assert!(batch(c) >= 1);
         }
     }
 }

@@ -15,8 +15,9 @@
 //!   Acquire swap that takes it: no thread reads or writes its blocks meanwhile (except the
 //!   double-free search and statistics, which only read, validating every link);
 //! - memory parked per arena is at most [`slots`]`(class)` chains of at most
-//!   [`limit`](super::limit)`(class)` blocks per class: at most [`PARKED_MAX`] (64 KiB) per
-//!   class, 560 KiB per arena over the ten classes.
+//!   [`limit`](super::limit)`(class)` blocks per class: at most [`PARKED_MAX`] per class,
+//!   [`PARKED_PER_ARENA`] per arena (about 592 KiB over the 32 classes, 560 KiB over the
+//!   ten power-of-two ones; at most [`PARKED_BUDGET`]).
 
 use core::sync::atomic::{AtomicUsize, Ordering};
 
@@ -26,12 +27,18 @@ use crate::size_class::{class_size, NUM_CLASSES};
 /// The most chains one (arena, class) pair can park: a cache line of slots.
 pub const SLOTS: usize = 8;
 
-/// Bytes of blocks one (arena, class) pair may park at most.
-pub const PARKED_MAX: usize = 64 * 1024;
+/// Bytes of blocks one arena may park over all classes, split evenly between them
+/// ([`PARKED_MAX`]), so that more classes do not multiply it.
+pub const PARKED_BUDGET: usize = 640 * 1024;
+
+/// Bytes of blocks one (arena, class) pair may park at most: 20 KiB over the 32 classes,
+/// 64 KiB over the ten power-of-two ones.
+pub const PARKED_MAX: usize = PARKED_BUDGET / NUM_CLASSES;
 
 /// The slots class `class` uses: as many full chains (`limit(class)` blocks) as fit in
-/// [`PARKED_MAX`], at most [`SLOTS`]. 16-64 B: 8 (2-8 KiB a chain), 128 B: 4, 256 B and
-/// up: 2 (32 KiB a chain); at most 560 KiB per arena over the ten classes.
+/// [`PARKED_MAX`], at most [`SLOTS`], at least one. Over the 32 classes: 16 B: 8, 32 B: 5,
+/// 48 B: 3, then 2 (chains of 8-10 KiB, 16 KiB for 5120 B) and 1 from 6144 B. Power-of-two
+/// classes: 16-64 B: 8 (2-8 KiB a chain), 128 B: 4, 256 B and up: 2 (32 KiB a chain).
 #[inline]
 pub const fn slots(class: usize) -> usize {
     let chain = limit(class) * class_size(class);
@@ -44,7 +51,22 @@ pub const fn slots(class: usize) -> usize {
         n
     }
 }
+#[cfg(feature = "pow2-classes")]
 const _: () = assert!(slots(0) == 8 && slots(3) == 4 && slots(NUM_CLASSES - 1) == 2);
+#[cfg(not(feature = "pow2-classes"))]
+const _: () = assert!(slots(0) == 8 && slots(1) == 5 && slots(NUM_CLASSES - 1) == 1);
+
+/// The most bytes one arena's slots hold: every class's slots full of full chains.
+pub const PARKED_PER_ARENA: usize = {
+    let mut total = 0;
+    let mut c = 0;
+    while c < NUM_CLASSES {
+        total += slots(c) * limit(c) * class_size(c);
+        c += 1;
+    }
+    total
+};
+const _: () = assert!(PARKED_PER_ARENA <= PARKED_BUDGET);
 
 /// One arena's transfer slots: a cache line of slots per class pair.
 ///

@@ -19,7 +19,7 @@ use core::ptr;
 
 use crate::arena::{lookup, Arena, ArenaLock, ArenaStats, Lookup, LARGE_ALIGN_MAX, ORPHAN};
 use crate::chunk::Block;
-use crate::size_class::{class_of, class_size, LARGE_MAX, PAGE, SMALL_MAX};
+use crate::size_class::{class_for, class_size, LARGE_MAX, PAGE, SMALL_MAX};
 use crate::source::PageSource;
 
 pub(crate) use huge::HugeCounters;
@@ -212,7 +212,7 @@ pub(crate) unsafe fn realloc<B: Backend>(
             let class = unsafe { (*run).class() };
             let cs = class_size(class);
             let in_place = if exact {
-                class_of(if size > align { size } else { align }) == class
+                size <= SMALL_MAX && align <= PAGE && class_for(size.max(1), align) == class
             } else {
                 size <= cs && (size > cs / 4 || cs == class_size(0))
             };

@@ -10,7 +10,7 @@ use super::init::BOOTSTRAP;
 use super::{ProcessHeap, NOT_FAST, SRC};
 use crate::arena::{lookup_small, small_block_start};
 use crate::chunk::{page_index, ChunkHeader, CHUNK_ARENA};
-use crate::size_class::{class_of, request_bound, CHUNK, PAGE, SMALL_MAX, SMALL_MIN_SHIFT};
+use crate::size_class::{request_bound, CHUNK, NUM_CLASSES, PAGE, SMALL_MAX, SMALL_MIN_SHIFT};
 
 /// `r`, as a value the compiler must keep in a register. For `&HEAP`, whose address it
 /// loads from the GOT: taking that address for a constant, it would rather load it again
@@ -88,10 +88,11 @@ impl ProcessHeap {
         self.classes[0].load(Ordering::Acquire) != NOT_FAST
     }
 
-    /// Frees `p` if it is a small block of at most a page, found from the block's own page
-    /// ([`lookup_small`]), through the current CPU's cache; returns whether it did (false:
-    /// nothing was done, and [`Heap::free`] handles every other case). Keeps errno: the path
-    /// through the cache makes no system call, and the slower ones keep it themselves.
+    /// Frees `p` if it is a small block (with `pow2-classes`, of at most a page), found from
+    /// the block's own page ([`lookup_small`]), through the current CPU's cache; returns
+    /// whether it did (false: nothing was done, and [`Heap::free`] handles every other
+    /// case). Keeps errno: the path through the cache makes no system call, and the slower
+    /// ones keep it themselves.
     ///
     /// # Safety
     /// As for [`Heap::free`], `p` not null.
@@ -148,10 +149,10 @@ impl ProcessHeap {
             }
             // SAFETY: the fast path is on, so the config is READY.
             let cfg = unsafe { &*this.config.get() };
-            // SAFETY: `bound < PAGE`, so `class` is at most `class_of(PAGE)` (the table is
-            // `class_of`, checked size by size in a unit test); said here so the compiler
-            // drops `small_block_start`'s range tests.
-            unsafe { core::hint::assert_unchecked(class <= class_of(PAGE)) };
+            // SAFETY: `class` comes from `CLASS_TABLE`, whose entries are classes (checked
+            // entry by entry in a unit test); said here so the compiler drops
+            // `small_block_start`'s range tests.
+            unsafe { core::hint::assert_unchecked(class < NUM_CLASSES) };
             // `p` rounded down: a block of at most a page never starts a chunk (the header
             // does), so `chunk_of`'s step back for huge blocks is not needed.
             let h = (p as usize & !(CHUNK - 1)) as *const ChunkHeader;
@@ -163,9 +164,10 @@ impl ProcessHeap {
             // descriptors are read through atomics; a huge block's chunk has another kind.
             // `magic` is not read: every chunk has one, and `kind` is a tag of its own.
             unsafe {
+                let d = &(*h).pages[page_index(p)];
                 if (*h).kind == CHUNK_ARENA
-                    && (*h).pages[page_index(p)].is_small_of(class)
-                    && small_block_start(p, class)
+                    && d.is_small_of(class)
+                    && small_block_start(p, d, class)
                 {
                     // A block start of a small run of `class` of the chunk's arena, as
                     // `lookup` would say, and the caller gives it up.

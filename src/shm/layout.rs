@@ -24,7 +24,9 @@ use crate::size_class::{CHUNK, PAGE};
 /// "chshheap" in ASCII. The first 16 bytes (magic, version) keep this layout in every
 /// version, so that any version can tell a heap of another version.
 pub const SHM_MAGIC: u64 = u64::from_le_bytes(*b"chshheap");
-/// The format version; a heap of another version is refused, not converted.
+/// The format version; a heap of another version is refused, not converted. 5: size
+/// classes finer than powers of two, huge spans marked busy in transit, huge counters in
+/// the header.
 pub const SHM_VERSION: u32 = 5;
 
 /// An arena as a shared heap's file holds it: locked with the robust lock its page source
@@ -36,7 +38,8 @@ pub type ShmArena = Arena<ShmSource>;
 /// `repr(C)`, so two builds may order fields differently), of the page descriptors, chunk
 /// headers and the lock, the link encoding, and the geometry: page, chunk and header sizes,
 /// the small and large limits, every class's block size and run length, and the class
-/// table. A heap written by a build with another fingerprint is refused.
+/// table (a run's class number means nothing to a build with other classes, such as one
+/// with `pow2-classes`). A heap written by a build with another fingerprint is refused.
 pub const LAYOUT_HASH: u64 = {
     use crate::size_class::{
         class_size, run_pages, CLASS_TABLE, LARGE_MAX, NUM_CLASSES, SMALL_MAX, SMALL_MIN,

@@ -43,3 +43,13 @@ impl Rng {
         (self.next() % n as u64) as usize
     }
 }
+
+/// The block size a small request of `size` bytes aligned to `align` gets: the smallest
+/// class of at least `size` bytes whose blocks (at multiples of its size from a page) are
+/// aligned to `align`; `None` above the small sizes. An oracle by search, independent of the
+/// heap's class table.
+pub fn class_bytes(size: usize, align: usize) -> Option<usize> {
+    (0..coreheap::NUM_CLASSES)
+        .map(coreheap::class_size)
+        .find(|&cs| cs >= size && cs.is_multiple_of(align.min(coreheap::PAGE)))
+}

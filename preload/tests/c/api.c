@@ -130,6 +130,47 @@ int main(void) {
     CHECK("16-byte aligned, usable size >= request and writable", all_ok);
     CHECK("malloc_usable_size(NULL) == 0", malloc_usable_size(NULL) == 0);
 
+    /* Every small size and alignment: aligned, usable >= size, every usable byte writable,
+     * realloc keeps a block while more than a quarter of it stays in use. The usable sizes
+     * are the classes: powers of two, or (finer classes) at most 25% apart above 64. Debug
+     * mode (COREHEAP_DEBUG=1) reports requested sizes and moves on every realloc. */
+    const char *dbg = getenv("COREHEAP_DEBUG");
+    int debug = dbg && strcmp(dbg, "0") != 0;
+    all_ok = 1;
+    size_t classes[64], nclasses = 0;
+    for (size_t sz = 1; sz <= 8193 && all_ok; sz++) {
+        for (size_t al = 16; al <= 4096 && all_ok; al *= 2) {
+            if (al > 16 && sz % 7 != 0 && sz % 16 > 1) continue; /* a spread of sizes */
+            void *q = NULL;
+            if (posix_memalign(&q, al, sz) != 0 || !aligned(q, al)) { all_ok = 0; break; }
+            size_t u = malloc_usable_size(q);
+            if (u < sz) { all_ok = 0; break; }
+            memset(q, 0x33, u);
+            if (debug) { free(q); continue; }
+            if (al == 16 && sz <= 8192 && (nclasses == 0 || classes[nclasses - 1] != u)) {
+                if (nclasses == 64 || (nclasses && classes[nclasses - 1] > u)) all_ok = 0;
+                else classes[nclasses++] = u;
+            }
+            if (sz <= 8192 && al == 16) {
+                void *r = realloc(q, u);
+                void *s = r == q ? realloc(r, u / 4 + 1) : NULL;
+                if (r != q || s != q) { printf("realloc moved %zu\n", sz); all_ok = 0; }
+                q = s ? s : r;
+            }
+            free(q);
+        }
+    }
+    for (size_t i = 1; i < nclasses && all_ok; i++) {
+        size_t a = classes[i - 1], b = classes[i];
+        int pow2 = nclasses <= 10;
+        if (pow2 ? b != 2 * a : (a >= 64 && (b - a) * 4 > a)) {
+            printf("classes %zu -> %zu\n", a, b);
+            all_ok = 0;
+        }
+    }
+    CHECK("every small size and alignment: aligned, writable, realloc in place, classes", all_ok
+          && (debug || (nclasses >= 10 && classes[nclasses - 1] == 8192)));
+
     /* calloc reads zero even when it reuses freed memory. */
     all_ok = 1;
     for (int round = 0; round < 50; round++) {

@@ -8,8 +8,8 @@ use crate::diag::Line;
 use crate::size_class::{class_size, NUM_CLASSES};
 
 /// Huge-block counters as a heap reports them: (allocations, frees, bytes in use, bytes
-/// mapped).
-pub type HugeTotals = (u64, u64, usize, usize);
+/// mapped, bytes of freed spans kept mapped for reuse).
+pub type HugeTotals = (u64, u64, usize, usize, usize);
 
 /// The report's first line: how many arenas, and whether the per-CPU caches are on.
 pub struct Heading {
@@ -26,6 +26,8 @@ pub struct Stats {
     pub huge_frees: u64,
     pub huge_in_use: usize,
     pub huge_mapped: usize,
+    /// Bytes of freed huge spans kept mapped for reuse (not in `huge_mapped`).
+    pub huge_cached: usize,
 }
 
 impl Stats {
@@ -35,7 +37,9 @@ impl Stats {
     }
     /// Bytes mapped from the OS now.
     pub fn mapped(&self) -> usize {
-        self.arenas.iter().map(|a| a.pages.mapped).sum::<usize>() + self.huge_mapped
+        self.arenas.iter().map(|a| a.pages.mapped).sum::<usize>()
+            + self.huge_mapped
+            + self.huge_cached
     }
     /// Frees that came back through a pending stack: frees from a CPU of another arena, and
     /// local ones that found the arena's lock held.
@@ -53,6 +57,7 @@ impl core::fmt::Display for Stats {
             huge_allocs: self.huge_allocs,
             huge_in_use: self.huge_in_use,
             huge_mapped: self.huge_mapped,
+            huge_cached: self.huge_cached,
             in_use: self.in_use(),
             mapped: self.mapped(),
             remote: self.remote_frees(),
@@ -69,13 +74,14 @@ pub fn collect(
 ) -> Stats {
     let mut all = Vec::with_capacity(arenas);
     each(&mut |a| all.push(a));
-    let (huge_allocs, huge_frees, huge_in_use, huge_mapped) = huge;
+    let (huge_allocs, huge_frees, huge_in_use, huge_mapped, huge_cached) = huge;
     Stats {
         arenas: all,
         huge_allocs,
         huge_frees,
         huge_in_use,
         huge_mapped,
+        huge_cached,
     }
 }
 
@@ -115,6 +121,7 @@ struct Totals {
     huge_allocs: u64,
     huge_in_use: usize,
     huge_mapped: usize,
+    huge_cached: usize,
     /// Arena and huge bytes together.
     in_use: usize,
     mapped: usize,
@@ -127,6 +134,8 @@ fn total_line(t: &Totals) -> Line {
         .num_w(kib(t.huge_in_use), 9)
         .str(b" KiB  mapped ")
         .num_w(kib(t.huge_mapped), 8)
+        .str(b" KiB  cached ")
+        .num_w(kib(t.huge_cached), 8)
         .str(b" KiB  allocs ")
         .num(t.huge_allocs)
         .str(b"\ntotal : in use ")
@@ -179,13 +188,14 @@ pub fn write_report(
     }
     l.str(b"\n");
     l.write(fd);
-    let (huge_allocs, _, huge_in_use, huge_mapped) = huge;
+    let (huge_allocs, _, huge_in_use, huge_mapped, huge_cached) = huge;
     total_line(&Totals {
         huge_allocs,
         huge_in_use,
         huge_mapped,
+        huge_cached,
         in_use: in_use + huge_in_use,
-        mapped: mapped + huge_mapped,
+        mapped: mapped + huge_mapped + huge_cached,
         remote,
     })
     .write(fd);

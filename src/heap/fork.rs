@@ -1,7 +1,8 @@
 //! Process events: the `pthread_atfork` handlers and the exit report and check.
 //!
-//! Lock order at fork: glibc's stdio list lock, then the arenas in index order. The child
-//! re-initialises every arena lock rather than unlocking it (the thread that took it in the
+//! Lock order at fork: glibc's stdio list lock, then the arenas in index order, then the
+//! huge span cache's lock (`source/spans.rs`). The child re-initialises every arena lock and
+//! the span cache's rather than unlocking them (the thread that took it in the
 //! parent does not exist in the child). The handlers are registered once per process.
 
 use core::sync::atomic::{AtomicBool, AtomicI32, Ordering};
@@ -18,9 +19,11 @@ impl ProcessHeap {
                 cfg.arena(i).fork_lock(&SRC);
             }
         }
+        SRC.fork_lock();
     }
 
     fn fork_parent(&self) {
+        SRC.fork_unlock();
         if let Some(cfg) = self.config() {
             for i in (0..cfg.count).rev() {
                 cfg.arena(i).fork_unlock(&SRC);
@@ -39,6 +42,7 @@ impl ProcessHeap {
                 unsafe { cfg.arena(i).fork_reinit() };
             }
         }
+        SRC.fork_reinit();
         os::stdio_list_reset();
     }
 }

@@ -62,7 +62,7 @@ const PEERS: [(&str, &[&str]); 3] = [
 ];
 
 /// The synthetic workloads, run by the `coreheap-workloads` executable.
-const SYNTHETIC: [&str; 7] = [
+const SYNTHETIC: [&str; 9] = [
     "larson",
     "prodcons",
     "cache-thrash",
@@ -70,6 +70,8 @@ const SYNTHETIC: [&str; 7] = [
     "mixed",
     "fragment",
     "realloc",
+    "huge",
+    "large",
 ];
 
 /// Real programs, with the package that provides them.

@@ -193,9 +193,8 @@ pub struct PageDesc {
     /// word, so that a validator checks both with one load (and, the class being the low
     /// byte, with one XOR against the class it expects).
     kind_class: AtomicU16,
-    /// Free runs: some page may hold data or be resident (`used > 0`). Small runs: the
-    /// uncarved blocks (from `bump` on) are known to read zero. Large runs: whether the
-    /// run's pages may hold data.
+    /// Free runs: some page may hold data or be resident. Small runs: the uncarved blocks
+    /// (from `bump` on) are known to read zero.
     pub dirty: bool,
     /// Small runs: linked in its bin's list of runs with blocks to give.
     pub in_bin: bool,
@@ -204,8 +203,7 @@ pub struct PageDesc {
     /// Tails and interior pages of small runs: distance in pages back to the head.
     lead: AtomicU32,
     /// Small runs: blocks handed out and not yet returned (pending frees count as used).
-    /// Invariant: `used + len(free) == bump <= capacity`. Free runs: how many of the run's
-    /// pages are dirty (set in the chunk's `dirty_map`).
+    /// Invariant: `used + len(free) == bump <= capacity`.
     pub used: u32,
     /// Small runs: blocks carved so far; blocks at index `bump..capacity` were never used.
     pub bump: u32,
@@ -286,10 +284,6 @@ pub struct ChunkHeader {
     pub prev: Rel<ChunkHeader>,
     /// Arena chunks: pages of this chunk in free runs.
     pub free_pages: usize,
-    /// Arena chunks: bit `i` is set iff page `i` is in a free run and may hold data or be
-    /// resident ("dirty"); clear on every page of an allocated run and on free pages that
-    /// were purged or never touched (they read zero). See `large/`.
-    pub dirty_map: [u64; CHUNK_PAGES / 64],
     pub pages: [PageDesc; CHUNK_PAGES],
 }
 
@@ -390,7 +384,6 @@ pub unsafe fn init_arena_chunk(chunk: *mut u8, arena: u32) -> *mut PageDesc {
         (*h).next = Rel::NULL;
         (*h).prev = Rel::NULL;
         (*h).free_pages = USABLE_PAGES;
-        (*h).dirty_map = [0; CHUNK_PAGES / 64];
         for i in 0..HEADER_PAGES {
             (*h).pages[i].set_kind(Kind::Header);
         }
@@ -398,7 +391,6 @@ pub unsafe fn init_arena_chunk(chunk: *mut u8, arena: u32) -> *mut PageDesc {
         (*d).set_kind(Kind::Free);
         (*d).npages = USABLE_PAGES as u32;
         (*d).dirty = false;
-        (*d).used = 0;
         let t = &(*h).pages[CHUNK_PAGES - 1];
         t.set_kind(Kind::FreeTail);
         t.set_lead(USABLE_PAGES - 1);

@@ -1,6 +1,5 @@
 //! The page heap's invariants verified, and its chunks walked.
 
-use super::lists::count_dirty;
 use super::{PageHeap, CLEAN, DIRTY};
 use crate::chunk::{ChunkHeader, Kind, CHUNK_ARENA, HEADER_PAGES, MAGIC, USABLE_PAGES};
 use crate::size_class::CHUNK_PAGES;
@@ -31,11 +30,12 @@ impl PageHeap {
                         if (*d).kind() != Kind::Free
                             || (*d).npages as usize != n
                             || (*d).dirty as usize != k
-                            || ((*d).used > 0) as usize != k
                         {
                             return Err("free list holds a run of another length or kind");
                         }
-                        dirty += (*d).used as usize;
+                        if k == DIRTY {
+                            dirty += n;
+                        }
                         listed += 1;
                         if listed > CHUNK_PAGES * (self.counters.chunks_mapped as usize + 1) {
                             return Err("free list has a cycle");
@@ -58,8 +58,8 @@ impl PageHeap {
                 }
                 let mut i = HEADER_PAGES;
                 let mut free = 0;
-                // Whether the run just before page `i` is free.
-                let mut prev_free = false;
+                // The kind of the free run just before page `i`, if there is one.
+                let mut prev_free: Option<bool> = None;
                 while i < CHUNK_PAGES {
                     let d = &(*c).pages[i];
                     let n = d.npages as usize;
@@ -69,11 +69,8 @@ impl PageHeap {
                     match d.kind() {
                         Kind::Free => {
                             heads += 1;
-                            if prev_free {
-                                return Err("two free runs side by side");
-                            }
-                            if count_dirty(&(*c).dirty_map, i, n) != d.used as usize {
-                                return Err("a free run's dirty page count is off");
+                            if prev_free == Some(d.dirty) {
+                                return Err("two free runs of one kind side by side");
                             }
                             free += n;
                             if n > 1 {
@@ -82,14 +79,9 @@ impl PageHeap {
                                     return Err("free run without its tail");
                                 }
                             }
-                            prev_free = true;
+                            prev_free = Some(d.dirty);
                         }
-                        Kind::Small | Kind::Large => {
-                            if count_dirty(&(*c).dirty_map, i, n) != 0 {
-                                return Err("an allocated run has pages marked dirty");
-                            }
-                            prev_free = false;
-                        }
+                        Kind::Small | Kind::Large => prev_free = None,
                         _ => return Err("run head of an unexpected kind"),
                     }
                     let last = if d.kind() == Kind::Free { n - 1 } else { n };

@@ -1,64 +1,18 @@
-//! The exact-length free lists, their bitmaps, the chunks' dirty-page maps and the chunk
-//! list.
+//! The exact-length free lists, their bitmaps and the chunk list.
 
 use super::{PageHeap, BITMAP_WORDS, CLEAN, DIRTY};
 use crate::chunk::{ChunkHeader, Kind, PageDesc, Rel, USABLE_PAGES};
 use crate::source::PageSource;
 
-/// Calls `f(word, mask)` for each word of a page bitmap that pages `first..first + n` touch,
-/// `mask` selecting their bits.
-fn for_words(first: usize, n: usize, mut f: impl FnMut(usize, u64)) {
-    let end = first + n;
-    let mut i = first;
-    while i < end {
-        let (w, lo) = (i / 64, i % 64);
-        let hi = (end - w * 64).min(64);
-        let mask = if hi - lo == 64 {
-            !0
-        } else {
-            ((1u64 << (hi - lo)) - 1) << lo
-        };
-        f(w, mask);
-        i = w * 64 + hi;
-    }
-}
-
-/// How many of pages `first..first + n` of `map` are dirty.
-pub(super) fn count_dirty(map: &[u64], first: usize, n: usize) -> usize {
-    let mut c = 0;
-    for_words(first, n, |w, m| c += (map[w] & m).count_ones() as usize);
-    c
-}
-
-/// Marks pages `first..first + n` of `map` dirty (`on`) or clean.
-pub(super) fn mark_dirty(map: &mut [u64], first: usize, n: usize, on: bool) {
-    for_words(first, n, |w, m| if on { map[w] |= m } else { map[w] &= !m });
-}
-
-/// The first page in `from..end` whose bit in `map` equals `set`, or `end`.
-pub(super) fn find_page(map: &[u64], from: usize, end: usize, set: bool) -> usize {
-    let mut i = from;
-    while i < end {
-        let w = i / 64;
-        let bits = if set { map[w] } else { !map[w] } & (!0u64 << (i % 64));
-        if bits != 0 {
-            return (w * 64 + bits.trailing_zeros() as usize).min(end);
-        }
-        i = (w + 1) * 64;
-    }
-    end
-}
-
 impl PageHeap {
-    /// Writes the descriptors of a free run of `n` pages at page `first` of chunk `h`, of
-    /// which `ndirty` are dirty (their bits already set in the chunk's map), stamped with
-    /// the time its dirty pages were last freed.
+    /// Writes the descriptors of a free run of `n` pages at page `first` of chunk `h`; a
+    /// dirty run is stamped with the time its pages were freed.
     pub(super) unsafe fn make_free(
         &mut self,
         h: *mut ChunkHeader,
         first: usize,
         n: usize,
-        ndirty: usize,
+        dirty: bool,
         stamp: u32,
     ) {
         // SAFETY: the caller owns pages `first..first + n` of `h` under the lock.
@@ -66,8 +20,7 @@ impl PageHeap {
             let d = &mut (*h).pages[first];
             d.set_kind(Kind::Free);
             d.npages = n as u32;
-            d.dirty = ndirty > 0;
-            d.used = ndirty as u32;
+            d.dirty = dirty;
             d.bump = stamp;
             if n > 1 {
                 let t = &(*h).pages[first + n - 1];
@@ -98,7 +51,9 @@ impl PageHeap {
             }
             self.lists[k][n] = rd;
             self.bitmap[k][n / 64] |= 1 << (n % 64);
-            self.dirty_pages += (*d).used as usize;
+            if k == DIRTY {
+                self.dirty_pages += n;
+            }
         }
     }
 
@@ -122,7 +77,9 @@ impl PageHeap {
             }
             (*d).next = Rel::NULL;
             (*d).prev = Rel::NULL;
-            self.dirty_pages -= (*d).used as usize;
+            if k == DIRTY {
+                self.dirty_pages -= n;
+            }
         }
     }
 
@@ -151,8 +108,7 @@ impl PageHeap {
         }
     }
 
-    /// Best fit for `n` pages: the shortest run with dirty pages that fits, else the
-    /// shortest clean one.
+    /// Best fit for `n` pages: the shortest dirty run that fits, else the shortest clean one.
     pub(super) fn find_fit<S: PageSource>(&self, src: &S, n: usize) -> Option<*mut PageDesc> {
         self.first_of(src, DIRTY, n)
             .or_else(|| self.first_of(src, CLEAN, n))

@@ -1,39 +1,32 @@
 //! The page heap of one arena: free page runs, best fit, coalescing, chunks to and from the
 //! page source.
 //!
-//! Every chunk keeps a map of its free pages that are *dirty* (may hold data or be resident),
-//! one bit per page (`ChunkHeader::dirty_map`); the other free pages are clean (purged, or
-//! never touched since the chunk was mapped: they read zero and cost no memory). A free run
-//! merges with its free neighbours whatever their pages, and counts its dirty pages (in
-//! `used`, unused by free runs), so fragmentation between dirty and clean pieces never
-//! forces a fresh chunk, and the heap still knows exactly which free pages are dirty.
+//! A free run is either *dirty* (some page may hold data and be resident) or *clean* (purged,
+//! or never touched since the chunk was mapped: reads zero, costs no memory). The two kinds are
+//! kept apart, so the heap always knows exactly which free pages are dirty: a freed run merges
+//! only with dirty neighbours, a purged run only with clean ones.
 //!
-//! Free runs are kept sorted by length in exact-length lists, one per possible length
-//! (1 ..= `USABLE_PAGES` pages), in two sets: runs with dirty pages and wholly clean runs,
-//! with a bitmap of the non-empty lists of each. Best fit is the first set bit at or above
-//! the wanted length: at most `BITMAP_WORDS` (16) word scans, however many free runs there
-//! are. Runs with dirty pages are tried first (reusing resident pages costs no page
-//! faults); within a length the most recently freed run is used first. A run taken reads
-//! zero (calloc skips its memset) iff none of its pages is dirty.
+//! Free runs of each kind are kept sorted by length in exact-length lists, one per possible
+//! length (1 ..= `USABLE_PAGES` pages), with a bitmap of the non-empty lists. Best fit is the
+//! first set bit at or above the wanted length: at most `BITMAP_WORDS` (16) word scans,
+//! however many free runs there are. Dirty runs are tried first (reusing resident pages
+//! costs no page faults); within a length the most recently freed run is used first.
 //!
 //! Purging is deferred. Freeing never calls the page source except to unmap a wholly free
-//! chunk beyond the spare. A run with dirty pages records when its pages were last freed (in
-//! `bump`, unused by free runs; a merge takes the newer time); the arena's slow paths call
-//! [`PageHeap::decay`] with the time, and every [`TICK_MS`] it purges the dirty pages (only
-//! those, a range at a time) of the runs nobody reused for [`DECAY_MS`]. Once the dirty
-//! pages exceed [`PageHeap::dirty_limit`] (64 MiB, or 1/8 of what the heap has mapped if
-//! more), every dirty page is purged at once. So a run freed and reallocated soon is never
-//! purged. A purge the page source refuses (an `mlock`ed process, pages other than 4 KiB)
-//! leaves its pages dirty and stops further purging until an explicit trim.
+//! chunk beyond the spare. A dirty run records when it was freed (in `bump`, unused by free
+//! runs); the arena's slow paths call [`PageHeap::decay`] with the time, and every
+//! [`TICK_MS`] it purges the dirty runs nobody reused for [`DECAY_MS`]. Once the dirty pages
+//! exceed [`PageHeap::dirty_limit`] (64 MiB, or 1/8 of what the heap has mapped if more),
+//! every dirty run is purged at once. So a run freed and reallocated soon is never purged.
+//! A purge the page source refuses (an `mlock`ed process, pages other than 4 KiB) leaves the
+//! run dirty and stops further purging until an explicit trim.
 //!
 //! Invariants (checked by [`PageHeap::check`]):
-//! - a run is on list `(k, n)` iff it is free, `npages == n`, and `k` is dirty iff its
-//!   `used` (dirty page count) is non-zero, which `dirty` mirrors; `used` is the number of
-//!   its pages set in the chunk's dirty map; bit `n` of bitmap `k` is set iff that list is
-//!   non-empty;
-//! - no page of an allocated run is set in the dirty map;
-//! - no two free runs are adjacent (a freed run merges with its free neighbours at once);
-//! - `dirty_pages` is the sum of `used` over the free runs;
+//! - a run is on list `(k, n)` iff it is free, of kind `k` (dirty or clean) and
+//!   `npages == n`; bit `n` of bitmap `k` is set iff that list is non-empty;
+//! - no two free runs of the same kind are adjacent (a freed run merges with dirty
+//!   neighbours at once, a purged one with clean neighbours);
+//! - `dirty_pages` is the sum of `npages` over the dirty free runs;
 //! - a chunk's `free_pages` is the sum of `npages` over its free runs; `free_chunks` counts
 //!   the chunks with `free_pages == USABLE_PAGES`.
 //!
@@ -87,8 +80,7 @@ pub struct PageCounters {
 
 /// See the module documentation.
 pub struct PageHeap {
-    /// `lists[k][n]`: free runs of length `n`, wholly clean (`CLEAN`) or with dirty pages
-    /// (`DIRTY`).
+    /// `lists[k][n]`: free runs of kind `k` (`CLEAN` or `DIRTY`) and length `n`.
     lists: [[Rel<PageDesc>; USABLE_PAGES + 1]; 2],
     bitmap: [[u64; BITMAP_WORDS]; 2],
     /// The arena's chunks, linked through their headers.

@@ -1,16 +1,15 @@
 //! Dirty pages back to the page source (the dirty limit, decay, trim), and chunks mapped
 //! and given back.
 
-use super::lists::{count_dirty, find_page, mark_dirty};
 use super::{PageHeap, BITMAP_WORDS, DECAY_MS, DIRTY, TICK_MS};
 use crate::chunk::{header_of_desc, init_arena_chunk, ChunkHeader, PageDesc, Rel, HEADER_PAGES};
 use crate::size_class::{CHUNK, CHUNK_PAGES, PAGE};
 use crate::source::PageSource;
 
 impl PageHeap {
-    /// Purges every free run with dirty pages: those pages (and only those) go back to the
-    /// page source and the run becomes clean. Returns whether the source did every purge; a
-    /// refused purge leaves the pages it was refused dirty.
+    /// Purges every dirty free run: its pages go back to the page source and it becomes a
+    /// clean run, merged with clean neighbours. Returns whether the source did every purge;
+    /// a refused purge leaves its run dirty.
     ///
     /// # Safety
     /// The caller holds the arena lock.
@@ -39,9 +38,8 @@ impl PageHeap {
         }
     }
 
-    /// Purges the dirty pages of the free runs whose stamp satisfies `old`; stops at the
-    /// first purge the source refuses (and then purges only when [`Self::purge_all`] is
-    /// called).
+    /// Purges the dirty runs whose stamp satisfies `old`; stops at the first purge the source
+    /// refuses (and then purges only when [`Self::purge_all`] is called).
     pub(super) unsafe fn purge_where<S: PageSource>(
         &mut self,
         src: &S,
@@ -56,23 +54,20 @@ impl PageHeap {
                 let mut d = self.lists[DIRTY][n].get(base);
                 while !d.is_null() {
                     // SAFETY: runs on our lists are free runs of our chunks; the lock is held.
-                    // A purged run goes to the clean list (or, if a purge was refused, back
-                    // to the head of this one, and the walk ends), so `next`, read first,
-                    // stays valid.
+                    // Purging `d` unlinks only `d` from the dirty lists (its merges touch clean
+                    // runs), so `next`, read first, stays valid.
                     unsafe {
                         let next = (*d).next.get(base);
                         if old((*d).bump) {
                             let h = header_of_desc(d);
                             let first = (*h).desc_index(d);
-                            self.unlink(src, d);
-                            let ok = self.purge_pages(src, h, first, n);
-                            (*d).used = count_dirty(&(*h).dirty_map, first, n) as u32;
-                            (*d).dirty = (*d).used > 0;
-                            self.link(src, h, first);
-                            if !ok {
+                            if !src.purge((*h).page_addr(first), n * PAGE) {
                                 self.purge_ok = false;
                                 return false;
                             }
+                            self.unlink(src, d);
+                            self.counters.purged += (n * PAGE) as u64;
+                            self.insert_free(src, h, first, n, false);
                         }
                         d = next;
                     }
@@ -81,38 +76,6 @@ impl PageHeap {
         }
         self.purge_ok = true;
         true
-    }
-
-    /// Purges the dirty pages of pages `first..first + n` of chunk `h`, a range at a time,
-    /// clearing their bits; false at the first range the source refuses.
-    ///
-    /// # Safety
-    /// The caller holds the lock; the pages are free and on no list.
-    unsafe fn purge_pages<S: PageSource>(
-        &mut self,
-        src: &S,
-        h: *mut ChunkHeader,
-        first: usize,
-        n: usize,
-    ) -> bool {
-        let end = first + n;
-        let mut i = first;
-        // SAFETY: as the contract says.
-        unsafe {
-            loop {
-                let s = find_page(&(*h).dirty_map, i, end, true);
-                if s == end {
-                    return true;
-                }
-                let e = find_page(&(*h).dirty_map, s, end, false);
-                if !src.purge((*h).page_addr(s), (e - s) * PAGE) {
-                    return false;
-                }
-                mark_dirty(&mut (*h).dirty_map, s, e - s, false);
-                self.counters.purged += ((e - s) * PAGE) as u64;
-                i = e;
-            }
-        }
     }
 
     /// Maps a new chunk and adds its free run. Returns false when the source has no memory.

@@ -1,9 +1,8 @@
 //! Taking, freeing, growing and shrinking page runs: best fit, splitting, coalescing with
-//! free neighbours whatever their dirty pages.
+//! neighbours of the same kind.
 
 use core::ptr;
 
-use super::lists::{count_dirty, mark_dirty};
 use super::PageHeap;
 use crate::chunk::{header_of_desc, ChunkHeader, Kind, PageDesc, USABLE_PAGES};
 use crate::size_class::{CHUNK_PAGES, PAGE};
@@ -28,6 +27,16 @@ impl PageHeap {
         let d = match self.find_fit(src, want) {
             Some(d) => d,
             None => {
+                // A wholly free chunk split into dirty and clean runs is one run once purged:
+                // use it rather than map another chunk.
+                if self.free_chunks > 0 && self.dirty_pages > 0 {
+                    // SAFETY: the caller holds the lock.
+                    unsafe { self.purge_all(src) };
+                    if let Some(d) = self.find_fit(src, want) {
+                        // SAFETY: as below.
+                        return unsafe { self.take_run(src, d, n, align_pages) };
+                    }
+                }
                 // SAFETY: the caller holds the lock.
                 if !unsafe { self.grow(src) } {
                     return (ptr::null_mut(), false);
@@ -61,23 +70,23 @@ impl PageHeap {
             let h = header_of_desc(d);
             let first = (*h).desc_index(d);
             let total = (*d).npages as usize;
+            let dirty = (*d).dirty;
             let stamp = (*d).bump;
             let addr = (*h).page_addr(first) as usize;
             let align = align_pages * PAGE;
             let skip = ((addr + align - 1) & !(align - 1)) - addr;
             let skip = skip / PAGE;
-            // Give back the pages before and after the part we take, each with its own dirty
-            // pages. Neither piece touches another free run: `d` had none beside it.
+            // Give back the pages before and after the part we take, as runs of the same
+            // kind. Neither piece touches another free run of that kind: `d` had none beside
+            // it.
             if skip > 0 {
-                let nd = count_dirty(&(*h).dirty_map, first, skip);
-                self.make_free(h, first, skip, nd, stamp);
+                self.make_free(h, first, skip, dirty, stamp);
                 self.link(src, h, first);
             }
             let start = first + skip;
             let rest = total - skip - n;
             if rest > 0 {
-                let nd = count_dirty(&(*h).dirty_map, start + n, rest);
-                self.make_free(h, start + n, rest, nd, stamp);
+                self.make_free(h, start + n, rest, dirty, stamp);
                 self.link(src, h, start + n);
             }
             let r = &mut (*h).pages[start] as *mut PageDesc;
@@ -85,8 +94,6 @@ impl PageHeap {
             if n > 1 {
                 (*h).pages[start + n - 1].set_kind(Kind::Interior);
             }
-            let dirty = count_dirty(&(*h).dirty_map, start, n) > 0;
-            mark_dirty(&mut (*h).dirty_map, start, n, false);
             (*r).npages = n as u32;
             (*r).dirty = dirty;
             if (*h).free_pages == USABLE_PAGES {
@@ -98,7 +105,7 @@ impl PageHeap {
         }
     }
 
-    /// Returns the run with head `d` to the free runs, its pages dirty, merged with free
+    /// Returns the run with head `d` to the free runs as a dirty run, merged with dirty
     /// neighbours; unmaps the chunk if it is wholly free and not needed as the spare, and
     /// purges if the dirty pages now exceed the limit.
     ///
@@ -120,17 +127,16 @@ impl PageHeap {
                     return;
                 }
             }
-            mark_dirty(&mut (*h).dirty_map, first, freed, true);
-            self.insert_free(src, h, first, freed);
+            self.insert_free(src, h, first, freed, true);
             if self.dirty_pages > self.dirty_limit() && self.purge_ok {
                 self.purge_all(src);
             }
         }
     }
 
-    /// Makes pages `first..first + n` of chunk `h` (whose descriptors hold no free run, their
-    /// dirty bits already set as they are) a free run merged with the free runs on either
-    /// side, stamped now, and links it.
+    /// Makes pages `first..first + n` of chunk `h` (whose descriptors hold no free run) a free
+    /// run of the given kind, merged with the free runs of that kind on either side, and
+    /// links it.
     ///
     /// # Safety
     /// The caller holds the lock and owns those pages; `(*h).free_pages` already counts them.
@@ -140,12 +146,12 @@ impl PageHeap {
         h: *mut ChunkHeader,
         first: usize,
         n: usize,
+        dirty: bool,
     ) {
         // SAFETY: as the contract says; neighbours are read through our own descriptors.
         unsafe {
             let mut first = first;
             let mut n = n;
-            let mut ndirty = count_dirty(&(*h).dirty_map, first, n);
             (*h).pages[first].set_kind(Kind::Interior);
             (*h).pages[first + n - 1].set_kind(Kind::Interior);
             // Merge with the run to the left.
@@ -157,23 +163,25 @@ impl PageHeap {
             };
             if let Some(lh) = left_head {
                 let l = &mut (*h).pages[lh] as *mut PageDesc;
-                self.unlink(src, l);
-                n += (*l).npages as usize;
-                ndirty += (*l).used as usize;
-                (*h).pages[first - 1].set_kind(Kind::Interior);
-                (*l).set_kind(Kind::Interior);
-                first = lh;
+                if (*l).dirty == dirty {
+                    self.unlink(src, l);
+                    n += (*l).npages as usize;
+                    (*h).pages[first - 1].set_kind(Kind::Interior);
+                    (*l).set_kind(Kind::Interior);
+                    first = lh;
+                }
             }
             // Merge with the run to the right.
             let right = first + n;
             if right < CHUNK_PAGES && (*h).pages[right].kind() == Kind::Free {
                 let r = &mut (*h).pages[right] as *mut PageDesc;
-                self.unlink(src, r);
-                n += (*r).npages as usize;
-                ndirty += (*r).used as usize;
-                (*r).set_kind(Kind::Interior);
+                if (*r).dirty == dirty {
+                    self.unlink(src, r);
+                    n += (*r).npages as usize;
+                    (*r).set_kind(Kind::Interior);
+                }
             }
-            self.make_free(h, first, n, ndirty, self.now);
+            self.make_free(h, first, n, dirty, self.now);
             self.link(src, h, first);
         }
     }
@@ -207,13 +215,12 @@ impl PageHeap {
             if rn < extra {
                 return false;
             }
+            let rdirty = (*r).dirty;
             let stamp = (*r).bump;
             self.unlink(src, r);
             (*r).set_kind(Kind::Interior);
-            mark_dirty(&mut (*h).dirty_map, right, extra, false);
             if rn > extra {
-                let nd = count_dirty(&(*h).dirty_map, right + extra, rn - extra);
-                self.make_free(h, right + extra, rn - extra, nd, stamp);
+                self.make_free(h, right + extra, rn - extra, rdirty, stamp);
                 self.link(src, h, right + extra);
             } else {
                 (*h).pages[right + rn - 1].set_kind(Kind::Interior);

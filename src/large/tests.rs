@@ -193,17 +193,20 @@ fn freeing_neighbours_coalesces() {
     assert_eq!(run_at(xa), (Kind::Free, 13));
     check(&heap, &src);
 
-    // Freeing the guard leaves the chunk wholly free: one run, the 14 pages used so far
-    // dirty and the remainder clean. It is the heap's spare, kept mapped, not purged.
+    // Freeing the guard leaves the chunk wholly free: a dirty run of the 14 pages used so
+    // far beside the clean remainder. It is the heap's spare, kept mapped, not purged.
     let purged_before = src.purged_bytes.load(Ordering::Relaxed);
     give(&mut heap, &src, guard);
     check(&heap, &src);
-    assert_eq!(free_runs(&heap), vec![(xa, USABLE_PAGES)]);
+    assert_eq!(
+        free_runs(&heap),
+        vec![(xa, 14), (xa + 14 * PAGE, USABLE_PAGES - 14)]
+    );
     assert_eq!(heap.free_chunks, 1);
     assert_eq!(heap.dirty_pages, 14);
     assert_eq!(heap.counters.runs, 0);
     assert_eq!(src.purged_bytes.load(Ordering::Relaxed), purged_before);
-    // Purging releases the 14 dirty pages only and leaves the run clean.
+    // Purging turns the dirty run clean, and it merges with the remainder.
     // SAFETY: the test owns the heap.
     unsafe { heap.purge_all(&src) };
     check(&heap, &src);
@@ -330,53 +333,7 @@ fn grow_and_shrink_in_place() {
 }
 
 #[test]
-fn dirty_and_clean_pages_merge_into_one_run_that_serves_a_whole_chunk() {
-    let src = TestSource::new(4);
-    let mut heap = new_heap();
-    // Dirty pieces between clean ones: every other 50-page run freed.
-    let runs: Vec<_> = (0..8).map(|_| take(&mut heap, &src, 50, 1)).collect();
-    for &r in runs.iter().step_by(2) {
-        give(&mut heap, &src, r);
-    }
-    check(&heap, &src);
-    assert_eq!(heap.dirty_pages, 200);
-    for &r in runs.iter().skip(1).step_by(2) {
-        give(&mut heap, &src, r);
-    }
-    check(&heap, &src);
-    assert_eq!(free_runs(&heap).len(), 1, "dirty and clean pages merged");
-    // A request for the whole chunk is served from it: no new chunk, no purge, and the run
-    // says it may be dirty.
-    // SAFETY: the test owns the heap.
-    let (d, dirty) = unsafe { heap.alloc_run(&src, USABLE_PAGES, 1) };
-    assert!(!d.is_null() && dirty);
-    assert_eq!(src.maps.load(Ordering::Relaxed), 1);
-    assert_eq!(src.purged_bytes.load(Ordering::Relaxed), 0);
-    assert_eq!(heap.dirty_pages, 0);
-    // SAFETY: `d` heads the run just taken.
-    unsafe { (*d).set_kind(Kind::Large) };
-    check(&heap, &src);
-    give(&mut heap, &src, d);
-    // Taking a clean piece of a partly dirty run reads zero; a dirty piece does not.
-    // SAFETY: the test owns the heap.
-    unsafe { heap.purge_all(&src) };
-    // SAFETY: the test owns the heap.
-    let (a, dirty) = unsafe { heap.alloc_run(&src, 10, 1) };
-    assert!(!dirty, "a purged run reads zero");
-    // SAFETY: `a` heads the run just taken.
-    unsafe { (*a).set_kind(Kind::Large) };
-    give(&mut heap, &src, a);
-    // SAFETY: the test owns the heap.
-    let (b, dirty) = unsafe { heap.alloc_run(&src, 5, 1) };
-    assert!(dirty, "the pages just freed may hold data");
-    assert_eq!(addr(b), addr(a));
-    // SAFETY: `b` heads the run just taken.
-    unsafe { (*b).set_kind(Kind::Large) };
-    check(&heap, &src);
-}
-
-#[test]
-fn free_runs_merge_whatever_their_pages_and_only_dirty_pages_are_purged() {
+fn dirty_runs_are_kept_apart_and_purged_past_the_limit() {
     let src = TestSource::new(4);
     let mut heap = new_heap();
     let a = take(&mut heap, &src, 10, 1);
@@ -405,21 +362,17 @@ fn free_runs_merge_whatever_their_pages_and_only_dirty_pages_are_purged() {
     check(&heap, &src);
     give(&mut heap, &src, d);
     assert_eq!(heap.dirty_pages, 310);
-    // Freeing the guard merges it with the dirty run before it and the clean remainder
-    // after it.
+    // Freeing the guard merges it with the dirty run before it, not with the clean
+    // remainder after it.
     give(&mut heap, &src, _guard2);
     assert_eq!(heap.dirty_pages, 311);
     check(&heap, &src);
-    assert_eq!(
-        free_runs(&heap).last().copied(),
-        Some((run_addr(b) as usize, USABLE_PAGES - 11))
-    );
     // SAFETY: the test owns the heap.
     unsafe { heap.purge_all(&src) };
     assert_eq!(heap.dirty_pages, 0);
     assert_eq!(src.purged_bytes.load(Ordering::Relaxed), 311 * PAGE);
     check(&heap, &src);
-    // Only the dirty pages were purged; the runs are as they were.
+    // Purged runs merged with the clean remainder: one run from the guard to the end.
     let runs = free_runs(&heap);
     assert_eq!(runs.len(), 2, "{runs:x?}");
     // SAFETY: the test owns the heap.

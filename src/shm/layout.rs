@@ -25,7 +25,7 @@ use crate::size_class::{CHUNK, PAGE};
 /// version, so that any version can tell a heap of another version.
 pub const SHM_MAGIC: u64 = u64::from_le_bytes(*b"chshheap");
 /// The format version; a heap of another version is refused, not converted.
-pub const SHM_VERSION: u32 = 5;
+pub const SHM_VERSION: u32 = 4;
 
 /// An arena as a shared heap's file holds it: locked with the robust lock its page source
 /// chooses.

@@ -153,6 +153,26 @@ fn after_decay(base: usize, what: &str) {
     );
 }
 
+/// With no span cached, a zeroed huge block is a fresh mapping and is not cleared: the
+/// resident set does not grow by its size.
+fn calloc_of_a_fresh_span_touches_nothing() {
+    let l = Layout::from_size_align(256 * MIB, 8).unwrap();
+    let before = rss();
+    // SAFETY: non-zero size.
+    let p = unsafe { std::alloc::alloc_zeroed(l) };
+    assert!(!p.is_null());
+    let grew = rss().saturating_sub(before);
+    // SAFETY: inside the live block.
+    assert_eq!(unsafe { p.add(l.size() - 1).read() }, 0);
+    // SAFETY: allocated above with this layout.
+    unsafe { dealloc(p, l) };
+    assert!(
+        grew < 16 * MIB,
+        "calloc of a fresh huge mapping made {} resident",
+        mib(grew)
+    );
+}
+
 /// Twenty huge blocks of 5-25 MiB, one replaced at random per step and written, then all
 /// freed: the spans kept for reuse stay within the cap, `trim()` and `malloc_trim(0)` give
 /// them all back, and so does the decay delay.
@@ -232,6 +252,9 @@ fn huge_spans_go_back() {
             "round {round}: resident set stays {} above its start after a trim:\n{stats}",
             mib(now.saturating_sub(base))
         );
+        if round == 0 {
+            calloc_of_a_fresh_span_touches_nothing();
+        }
     }
     coreheap::check_heap().unwrap();
 }

@@ -3,8 +3,9 @@
 //! instead of faulting fresh zeroed pages in; spans go back to the kernel after
 //! [`DECAY_MS`] unused, beyond [`CAP`] bytes, and on [`SpanCache::release_all`] (trim).
 //!
-//! Reuse is best fit: the shortest cached span that holds the request, its tail unmapped
-//! when the excess is more than a quarter of the request; failing that, the longest shorter
+//! Reuse is best fit: the shortest cached span that holds the request; when the excess is
+//! more than a quarter of the request, the part from the next chunk boundary stays cached as
+//! a span of its own and the piece before it is unmapped; failing that, the longest shorter
 //! span, grown in place (`mremap`) or moved with `mremap` to an aligned place with its tail
 //! zero-filled by the kernel. Only when the cache is empty is a fresh span mapped.
 //!
@@ -151,12 +152,14 @@ impl SpanCache {
         let mut doomed = Doomed::new();
         let found = self.with(|s, bytes| {
             s.expire(now, bytes, &mut doomed);
-            s.pick(len, align).map(|i| s.remove(i, bytes))
+            let span = s.remove(s.pick(len, align)?, bytes);
+            Some(s.split(span, len, bytes))
         });
         doomed.unmap();
         let span = found?;
         if span.len >= len {
-            // A longer span: its tail goes when it is more than a quarter of the request.
+            // A longer span: its tail (less than a chunk after `split`) goes when it is more
+            // than a quarter of the request.
             let keep = if span.len - len > len / 4 {
                 os::unmap((span.addr + len) as *mut u8, span.len - len);
                 len
@@ -289,6 +292,30 @@ impl Slots {
         .map(|(i, _)| i)
     }
 
+    /// A span taken out for a request of `len` bytes: if it is longer by more than a quarter
+    /// of the request, its part from the first chunk boundary at or after `len` stays cached
+    /// as a span of its own (with its dirty bytes and its age) and the rest is returned.
+    fn split(&mut self, span: Span, len: usize, bytes: &AtomicUsize) -> Span {
+        let keep = len.next_multiple_of(CHUNK);
+        if span.len <= len + len / 4 || keep >= span.len {
+            return span;
+        }
+        // `remove` just freed a slot.
+        self.spans[self.n] = Span {
+            addr: span.addr + keep,
+            len: span.len - keep,
+            dirty: span.dirty.saturating_sub(keep),
+            stamp: span.stamp,
+        };
+        self.n += 1;
+        bytes.fetch_add(span.len - keep, Ordering::Relaxed);
+        Span {
+            len: keep,
+            dirty: span.dirty.min(keep),
+            ..span
+        }
+    }
+
     /// The span freed longest ago.
     fn oldest(&self, now: u32) -> usize {
         (0..self.n)
@@ -351,13 +378,19 @@ mod tests {
     }
 
     #[test]
-    fn a_much_longer_span_loses_its_tail() {
+    fn a_much_longer_span_is_split_at_a_chunk_and_its_tail_stays_cached() {
         let c = SpanCache::new();
         let p = span(24 * MIB, 1);
         c.put(p, 24 * MIB, 24 * MIB);
-        let t = c.take(8 * MIB, CHUNK).expect("reused");
-        assert_eq!((t.addr, t.len, t.dirty), (p, 8 * MIB, 8 * MIB));
+        let t = c.take(6 * MIB, CHUNK).expect("reused");
+        assert_eq!((t.addr, t.len, t.dirty), (p, 6 * MIB, 6 * MIB));
+        assert_eq!(c.bytes(), 16 * MIB, "the tail from 8 MiB on stays cached");
+        let u = c.take(16 * MIB, CHUNK).expect("the tail reused");
+        // SAFETY: `p + 8 MiB` is inside the span mapped above.
+        assert_eq!(u.addr, unsafe { p.add(8 * MIB) });
+        assert_eq!((u.len, u.dirty), (16 * MIB, 16 * MIB));
         os::unmap(t.addr, t.len);
+        os::unmap(u.addr, u.len);
     }
 
     #[test]

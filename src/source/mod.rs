@@ -6,7 +6,7 @@
 //! ([`PageSource::Lock`]).
 //!
 //! - [`OsSource`] (`os.rs`): anonymous private memory, recorded in the process-wide chunk
-//!   [`registry`];
+//!   [`registry`]; freed huge spans are kept for reuse in the process-wide [`spans`] cache;
 //! - `ShmSource` (`shm/source.rs`): chunks of a shared file, which several processes map.
 //!
 //! This module imports nothing of the engine: it sits below it.

@@ -9,7 +9,7 @@
 //! span, grown in place (`mremap`) or moved with `mremap` to an aligned place with its tail
 //! zero-filled by the kernel. Only when the cache is empty is a fresh span mapped.
 //!
-//! The cache's lock is a [`RawLock`] (never allocates); system calls that unmap or move
+//! The cache's lock is a `RawLock` (`lock.rs`) (never allocates); system calls that unmap or move
 //! spans run after it is released, except under `release_all` and the fork handlers, which
 //! take it in the process heap's lock order (after every arena lock).
 

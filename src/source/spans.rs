@@ -9,9 +9,10 @@
 //! span, grown in place (`mremap`) or moved with `mremap` to an aligned place with its tail
 //! zero-filled by the kernel. Only when the cache is empty is a fresh span mapped.
 //!
-//! The cache's lock is a `RawLock` (`lock.rs`) (never allocates); system calls that unmap or move
-//! spans run after it is released, except under `release_all` and the fork handlers, which
-//! take it in the process heap's lock order (after every arena lock).
+//! The cache's lock is a `RawLock` (`lock.rs`: a futex lock that never allocates), held only
+//! to pick, split or insert spans: the system calls that unmap or move them run after it is
+//! released. In the process heap's lock order it comes after every arena lock (the arenas'
+//! tick takes it with `try_lock`; the fork handlers take it last).
 
 use core::cell::UnsafeCell;
 use core::sync::atomic::{AtomicUsize, Ordering};

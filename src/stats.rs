@@ -8,8 +8,8 @@ use crate::diag::Line;
 use crate::size_class::{class_size, NUM_CLASSES};
 
 /// Huge-block counters as a heap reports them: (allocations, frees, bytes in use, bytes
-/// mapped).
-pub type HugeTotals = (u64, u64, usize, usize);
+/// mapped, bytes of freed spans kept mapped for reuse).
+pub type HugeTotals = (u64, u64, usize, usize, usize);
 
 /// The report's first line: how many arenas, and whether the per-CPU caches are on.
 pub struct Heading {
@@ -30,6 +30,8 @@ pub struct Stats {
     pub huge_in_use: usize,
     /// Bytes of their spans.
     pub huge_mapped: usize,
+    /// Bytes of freed huge spans kept mapped for reuse (not in `huge_mapped`).
+    pub huge_cached: usize,
     /// The process's resident set when the snapshot was taken (`None` without `/proc`).
     pub resident: Option<usize>,
 }
@@ -41,7 +43,9 @@ impl Stats {
     }
     /// Bytes mapped from the OS now.
     pub fn mapped(&self) -> usize {
-        self.arenas.iter().map(|a| a.pages.mapped).sum::<usize>() + self.huge_mapped
+        self.arenas.iter().map(|a| a.pages.mapped).sum::<usize>()
+            + self.huge_mapped
+            + self.huge_cached
     }
     /// Frees that came back through a pending stack: frees from a CPU of another arena, and
     /// local ones that found the arena's lock held.
@@ -59,6 +63,7 @@ impl core::fmt::Display for Stats {
             huge_allocs: self.huge_allocs,
             huge_in_use: self.huge_in_use,
             huge_mapped: self.huge_mapped,
+            huge_cached: self.huge_cached,
             in_use: self.in_use(),
             mapped: self.mapped(),
             remote: self.remote_frees(),
@@ -75,13 +80,14 @@ pub fn collect(
 ) -> Stats {
     let mut all = Vec::with_capacity(arenas);
     each(&mut |a| all.push(a));
-    let (huge_allocs, huge_frees, huge_in_use, huge_mapped) = huge;
+    let (huge_allocs, huge_frees, huge_in_use, huge_mapped, huge_cached) = huge;
     Stats {
         arenas: all,
         huge_allocs,
         huge_frees,
         huge_in_use,
         huge_mapped,
+        huge_cached,
         resident: crate::os::resident_bytes(),
     }
 }
@@ -122,6 +128,7 @@ struct Totals {
     huge_allocs: u64,
     huge_in_use: usize,
     huge_mapped: usize,
+    huge_cached: usize,
     /// Arena and huge bytes together.
     in_use: usize,
     mapped: usize,
@@ -134,6 +141,8 @@ fn total_line(t: &Totals) -> Line {
         .num_w(kib(t.huge_in_use), 9)
         .str(b" KiB  mapped ")
         .num_w(kib(t.huge_mapped), 8)
+        .str(b" KiB  cached ")
+        .num_w(kib(t.huge_cached), 8)
         .str(b" KiB  allocs ")
         .num(t.huge_allocs)
         .str(b"\ntotal : in use ")
@@ -186,13 +195,14 @@ pub fn write_report(
     }
     l.str(b"\n");
     l.write(fd);
-    let (huge_allocs, _, huge_in_use, huge_mapped) = huge;
+    let (huge_allocs, _, huge_in_use, huge_mapped, huge_cached) = huge;
     total_line(&Totals {
         huge_allocs,
         huge_in_use,
         huge_mapped,
+        huge_cached,
         in_use: in_use + huge_in_use,
-        mapped: mapped + huge_mapped,
+        mapped: mapped + huge_mapped + huge_cached,
         remote,
     })
     .write(fd);
@@ -202,7 +212,8 @@ pub fn write_report(
 /// as [`write_report`]; bytes, not KiB):
 ///
 /// `{"arenas": N, "caches": bool, "in_use": B, "mapped": B, "resident": B or null,
-/// "remote_frees": N, "huge": {"allocs": N, "frees": N, "in_use": B, "mapped": B},
+/// "remote_frees": N, "huge": {"allocs": N, "frees": N, "in_use": B, "mapped": B,
+/// "cached": B},
 /// "per_arena": [{"index": I, "in_use": B, "mapped": B, "dirty": B, "purged": B,
 /// "runs": N, "locked_allocs": N, "fast_allocs": N, "fast_frees": N, "remote_frees": N,
 /// "contended": N, "classes": [{"size": S, "in_use": B, "cached": N}, ...]}, ...]}`
@@ -276,12 +287,12 @@ pub fn write_json(
         mapped += a.pages.mapped;
         remote += a.remote_frees;
     });
-    let (h_allocs, h_frees, h_in_use, h_mapped) = huge;
+    let (h_allocs, h_frees, h_in_use, h_mapped, h_cached) = huge;
     let mut l = Line::new();
     l.str(b"\n], \"in_use\": ")
         .num((in_use + h_in_use) as u64)
         .str(b", \"mapped\": ")
-        .num((mapped + h_mapped) as u64)
+        .num((mapped + h_mapped + h_cached) as u64)
         .str(b", \"resident\": ");
     match crate::os::resident_bytes() {
         Some(r) => l.num(r as u64),
@@ -298,6 +309,8 @@ pub fn write_json(
         .num(h_in_use as u64)
         .str(b", \"mapped\": ")
         .num(h_mapped as u64)
+        .str(b", \"cached\": ")
+        .num(h_cached as u64)
         .str(b"}}\n");
     l.write(fd);
 }

@@ -1,6 +1,8 @@
 //! A program that frees everything gets its memory back: after 1 GiB of small, large and huge
 //! blocks is allocated, touched and freed, the resident set falls back close to where it
-//! started, with no call to `trim` or anything else special.
+//! started, with no call to `trim` or anything else special, but for the freed huge spans
+//! kept for reuse (at most `CAP`), which go back after their delay at the next large or huge
+//! allocation, or at once with `trim()` / `malloc_trim(0)`.
 
 mod common;
 
@@ -14,6 +16,10 @@ const MIB: usize = 1 << 20;
 const TOTAL: usize = 1024 * MIB;
 /// How far above its starting point the resident set may stay.
 const SLACK: usize = 64 * MIB;
+/// The most the process heap keeps of freed huge spans (`source::spans::CAP`).
+const CAP: usize = 64 * MIB;
+/// The delay after which unused memory goes back (`large::DECAY_MS`), with a margin.
+const DECAY: std::time::Duration = std::time::Duration::from_millis(1300);
 
 fn page_size() -> usize {
     // SAFETY: sysconf has no preconditions.
@@ -77,6 +83,7 @@ fn rss_returns_after_freeing_everything() {
     // disturb each other's measurements.
     one_thread();
     other_threads_free();
+    huge_spans_go_back();
     idle_arena_keeps_no_parked_chains();
 }
 
@@ -150,6 +157,179 @@ fn idle_arena_keeps_no_parked_chains() {
     coreheap::check_heap().unwrap();
 }
 
+/// What the heap keeps resident on purpose right after a free: dirty pages beyond half the
+/// slack (an arena per CPU may keep up to its limit until its next tick) and cached huge
+/// spans.
+fn kept(stats: &coreheap::Stats) -> usize {
+    let dirty: usize = stats.arenas.iter().map(|a| a.dirty_bytes).sum();
+    dirty.saturating_sub(SLACK / 2) + stats.huge_cached
+}
+
+/// A few large allocations and frees: the arena's slow path, where its decay clock ticks.
+fn large_round() {
+    let layout = Layout::from_size_align(64 * 1024, 8).unwrap();
+    for _ in 0..256 {
+        // SAFETY: non-zero size; freed at once.
+        unsafe {
+            let p = alloc(layout);
+            assert!(!p.is_null());
+            dealloc(p, layout);
+        }
+    }
+}
+
+/// Runs `f` on a thread pinned to each CPU this process may use in turn, so that every
+/// arena takes its slow path.
+fn on_every_cpu(f: fn()) {
+    // SAFETY: a zeroed cpu_set_t is an empty set; the calls write only `set`.
+    let set = unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set);
+        set
+    };
+    for cpu in 0..libc::CPU_SETSIZE as usize {
+        // SAFETY: `cpu` is below CPU_SETSIZE.
+        if !unsafe { libc::CPU_ISSET(cpu, &set) } {
+            continue;
+        }
+        std::thread::spawn(move || {
+            // SAFETY: as above; pins the calling thread only.
+            unsafe {
+                let mut one: libc::cpu_set_t = std::mem::zeroed();
+                libc::CPU_SET(cpu, &mut one);
+                libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &one);
+            }
+            f();
+        })
+        .join()
+        .unwrap();
+    }
+}
+
+/// After a decay delay and a few large allocations on every CPU, no freed huge span is kept
+/// and the resident set is back within `SLACK` of `base`.
+fn after_decay(base: usize, what: &str) {
+    std::thread::sleep(DECAY);
+    on_every_cpu(large_round);
+    let now = rss();
+    let stats = coreheap::stats();
+    assert_eq!(
+        stats.huge_cached, 0,
+        "{what}: huge spans still cached after their delay:\n{stats}"
+    );
+    assert!(
+        now <= base + SLACK,
+        "{what}: resident set stays {} above its start after the decay delay:\n{stats}",
+        mib(now.saturating_sub(base))
+    );
+}
+
+/// With no span cached, a zeroed huge block is a fresh mapping and is not cleared: the
+/// resident set does not grow by its size.
+fn calloc_of_a_fresh_span_touches_nothing() {
+    let l = Layout::from_size_align(256 * MIB, 8).unwrap();
+    let before = rss();
+    // SAFETY: non-zero size.
+    let p = unsafe { std::alloc::alloc_zeroed(l) };
+    assert!(!p.is_null());
+    let grew = rss().saturating_sub(before);
+    // SAFETY: inside the live block.
+    assert_eq!(unsafe { p.add(l.size() - 1).read() }, 0);
+    // SAFETY: allocated above with this layout.
+    unsafe { dealloc(p, l) };
+    assert!(
+        grew < 16 * MIB,
+        "calloc of a fresh huge mapping made {} resident",
+        mib(grew)
+    );
+}
+
+/// Twenty huge blocks of 5-25 MiB, one replaced at random per step and written, then all
+/// freed: the spans kept for reuse stay within the cap, `trim()` and `malloc_trim(0)` give
+/// them all back, and so does the decay delay.
+fn huge_spans_go_back() {
+    let mut rng = Rng(0x51ed_270b_2718_2818);
+    let base = rss();
+    for round in 0..3 {
+        let layout =
+            |rng: &mut Rng| Layout::from_size_align(5 * MIB + rng.below(20 * MIB), 8).unwrap();
+        let mut live: Vec<(*mut u8, Layout)> = (0..20)
+            .map(|_| {
+                let l = layout(&mut rng);
+                // SAFETY: non-zero size.
+                let p = unsafe { alloc(l) };
+                assert!(!p.is_null());
+                touch(p, l.size(), 1);
+                (p, l)
+            })
+            .collect();
+        for step in 0..100 {
+            let i = rng.below(live.len());
+            let (p, l) = live[i];
+            // SAFETY: a live block of this layout, freed once.
+            unsafe { dealloc(p, l) };
+            let l = layout(&mut rng);
+            let zeroed = step % 4 == 0;
+            // SAFETY: non-zero size.
+            let p = unsafe {
+                if zeroed {
+                    std::alloc::alloc_zeroed(l)
+                } else {
+                    alloc(l)
+                }
+            };
+            assert!(!p.is_null());
+            if zeroed {
+                for off in (0..l.size()).step_by(4096).chain([l.size() - 1]) {
+                    // SAFETY: inside the live block.
+                    let b = unsafe { p.add(off).read() };
+                    assert_eq!(b, 0, "calloc'd huge block not zero");
+                }
+            }
+            touch(p, l.size(), step as u8);
+            live[i] = (p, l);
+        }
+        for (p, l) in live {
+            // SAFETY: live blocks of these layouts, freed once.
+            unsafe { dealloc(p, l) };
+        }
+        let stats = coreheap::stats();
+        assert!(
+            stats.huge_cached <= CAP,
+            "the span cache passed its cap:\n{stats}"
+        );
+        assert!(
+            rss() <= base + SLACK + CAP,
+            "resident set stays above its start by more than the slack and the span cache"
+        );
+        match round {
+            0 => coreheap::trim(),
+            1 => {
+                coreheap::c_api::malloc_trim(0);
+            }
+            _ => {
+                after_decay(base, "huge spans");
+                continue;
+            }
+        }
+        let now = rss();
+        let stats = coreheap::stats();
+        assert_eq!(
+            stats.huge_cached, 0,
+            "round {round}: trim left spans:\n{stats}"
+        );
+        assert!(
+            now <= base + SLACK,
+            "round {round}: resident set stays {} above its start after a trim:\n{stats}",
+            mib(now.saturating_sub(base))
+        );
+        if round == 0 {
+            calloc_of_a_fresh_span_touches_nothing();
+        }
+    }
+    coreheap::check_heap().unwrap();
+}
+
 /// One thread allocates 1 GiB, touches it and frees it in a scrambled order.
 fn one_thread() {
     let mut rng = Rng(0x2545_f491_4f6c_dd1d);
@@ -198,7 +378,7 @@ fn one_thread() {
         mib(peak)
     );
     assert!(
-        after <= base + SLACK,
+        after <= base + SLACK + kept(&stats),
         "resident set stays {} above its start after freeing everything (start {}, peak {}, \
          after {}):\n{stats}",
         mib(after.saturating_sub(base)),
@@ -206,6 +386,7 @@ fn one_thread() {
         mib(peak),
         mib(after)
     );
+    after_decay(base, "one thread");
     coreheap::check_heap().unwrap();
 }
 
@@ -274,7 +455,7 @@ fn other_threads_free() {
         "the blocks were not all resident"
     );
     assert!(
-        after <= base + SLACK,
+        after <= base + SLACK + kept(&stats),
         "resident set stays {} above its start after other threads freed everything (start \
          {}, peak {}, after {}):\n{stats}",
         mib(after.saturating_sub(base)),
@@ -282,5 +463,6 @@ fn other_threads_free() {
         mib(peak),
         mib(after)
     );
+    after_decay(base, "cross-thread frees");
     coreheap::check_heap().unwrap();
 }

@@ -75,7 +75,7 @@ const PEERS: [(&str, &str, &[&str]); 3] = [
 ];
 
 /// The synthetic workloads, run by the `coreheap-workloads` executable.
-const SYNTHETIC: [&str; 10] = [
+const SYNTHETIC: [&str; 12] = [
     "larson",
     "prodcons",
     "larson-16",
@@ -86,6 +86,8 @@ const SYNTHETIC: [&str; 10] = [
     "mixed",
     "fragment",
     "realloc",
+    "huge",
+    "large",
 ];
 
 /// Real programs, with the package that provides them.

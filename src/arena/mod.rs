@@ -65,7 +65,16 @@ struct State {
     recoveries: u64,
     repairs: u64,
     orphaned: u64,
+    /// Slow-path operations (bin refills, large allocations) since the arena was made,
+    /// wrapping: the decay clock is read every [`CLOCK_EVERY`] of them.
+    clock_ops: u32,
 }
+
+/// Slow-path operations between two reads of the decay clock. The clock read had been a
+/// visible part of every large allocation; stamps of runs freed between two reads carry the
+/// earlier reading, so a busy arena sees its delay to within a few operations and an idle one
+/// (whose reading is older) purges sooner, never later.
+const CLOCK_EVERY: u32 = 16;
 
 /// One arena on page source `S`. Lives in a [`CachePadded`] slot of the arena table; the
 /// pending stack has a cache line of its own because other CPUs write it.
@@ -92,7 +101,7 @@ impl<S: PageSource> Arena<S> {
     /// Sizes and field offsets of an arena and of the state behind its lock (the types are
     /// not `repr(C)`, so two builds may order fields differently): part of the fingerprint
     /// of a shared heap's file (`shm::layout::LAYOUT_HASH`).
-    pub const LAYOUT: [usize; 16] = {
+    pub const LAYOUT: [usize; 17] = {
         use core::mem::{offset_of, size_of};
         [
             size_of::<Self>(),
@@ -109,6 +118,7 @@ impl<S: PageSource> Arena<S> {
             offset_of!(State, recoveries),
             offset_of!(State, repairs),
             offset_of!(State, orphaned),
+            offset_of!(State, clock_ops),
             size_of::<SmallBins>(),
             size_of::<PageHeap>(),
         ]
@@ -204,7 +214,7 @@ impl<S: PageSource<Lock: ArenaLock>> Arena<S> {
         // SAFETY: the caller holds the lock.
         unsafe {
             self.drain_locked(src, st);
-            st.pages.decay(src, crate::os::now_ms());
+            Self::clock(src, st);
             st.bins
                 .alloc_refill(&mut st.pages, src, class)
                 .unwrap_or((ptr::null_mut(), false))
@@ -225,7 +235,7 @@ impl<S: PageSource<Lock: ArenaLock>> Arena<S> {
         // SAFETY: as just said.
         let (d, dirty) = unsafe {
             self.drain_locked(src, st);
-            st.pages.decay(src, crate::os::now_ms());
+            Self::clock(src, st);
             // Taking the run and marking it Large is one page-run update (see `recover`).
             st.pages.enter::<S>();
             st.pages.alloc_run(src, n, align_pages)
@@ -438,6 +448,20 @@ impl<S: PageSource<Lock: ArenaLock>> Arena<S> {
         self.release(src);
         if dup {
             crate::diag::block_error(msg, p, Some(self.index), size);
+        }
+    }
+
+    /// Counts a slow-path operation and, every [`CLOCK_EVERY`], reads the clock and lets the
+    /// page heap decay.
+    ///
+    /// # Safety
+    /// The caller holds the lock and passes this arena's state.
+    #[inline(always)]
+    unsafe fn clock(src: &S, st: &mut State) {
+        st.clock_ops = st.clock_ops.wrapping_add(1);
+        if st.clock_ops.is_multiple_of(CLOCK_EVERY) {
+            // SAFETY: the caller holds the lock.
+            unsafe { st.pages.decay(src, crate::os::now_ms()) };
         }
     }
 

@@ -66,34 +66,43 @@ fn span_len(off: usize, size: usize) -> usize {
 }
 
 /// Allocates a huge block of `size` bytes aligned to `align`; null when the source has no
-/// span for it. The block reads zero.
+/// span for it. Returns the block and whether it reads zero: with `zero` it is made to (only
+/// the part of a reused span that may hold old data is cleared), else it does when its span
+/// is fresh.
 #[cold]
-pub(crate) fn alloc<B: Backend>(b: &B, size: usize, align: usize) -> *mut u8 {
+pub(crate) fn alloc<B: Backend>(b: &B, size: usize, align: usize, zero: bool) -> (*mut u8, bool) {
+    let null = (ptr::null_mut(), false);
     if size > isize::MAX as usize - 2 * CHUNK || align > isize::MAX as usize / 4 {
-        return ptr::null_mut();
+        return null;
     }
     let src = b.source();
     let off = align.max(PAGE);
-    let (span, len) = src.map_span(span_len(off, size), align.max(CHUNK));
+    let (span, len, dirty) = src.map_span(span_len(off, size), align.max(CHUNK));
     if span.is_null() {
-        return span;
+        return null;
     }
     let p = (span as usize + off) as *mut u8;
     let h = chunk_of(p) as *mut ChunkHeader;
-    // SAFETY: `h` lies in the fresh span, at its start or a chunk below `p` (layout above),
-    // with at least a page before `p`: room for the header's first fields.
+    // SAFETY: `h` lies in the span, at its start or a chunk below `p` (layout above), with
+    // at least a page before `p`: room for the header's first fields.
     unsafe { write_header(src, h, span, len, p, size) };
     // SAFETY: `h` is the span's header chunk, its header written.
     if !unsafe { src.publish_span(h.cast()) } {
         // SAFETY: the span is ours, unpublished, and nothing refers into it.
         unsafe { src.unmap_span(span, len) };
-        return ptr::null_mut();
+        return null;
+    }
+    // The block's bytes that may hold old data.
+    let stale = dirty.saturating_sub(off).min(size);
+    if zero && stale > 0 {
+        // SAFETY: the block is ours and `stale <= size` bytes long.
+        unsafe { ptr::write_bytes(p, 0, stale) };
     }
     let c = b.huge_counters();
     c.allocs.fetch_add(1, Ordering::Relaxed);
     c.in_use.fetch_add(size as u64, Ordering::Relaxed);
     c.mapped.fetch_add(len as u64, Ordering::Relaxed);
-    p
+    (p, zero || stale == 0)
 }
 
 /// # Safety

@@ -105,8 +105,18 @@ pub(crate) fn alloc_locked<B: Backend>(b: &B, size: usize, align: usize) -> (*mu
         }
         r
     } else {
-        (huge::alloc(b, size, align), true)
+        huge::alloc(b, size, align, false)
     }
+}
+
+/// A huge block (`size > LARGE_MAX` or `align > LARGE_ALIGN_MAX`) that reads zero, clearing
+/// only what its span may hold of old data; null on failure.
+#[cold]
+pub(crate) fn alloc_huge_zeroed<B: Backend>(b: &B, size: usize, align: usize) -> *mut u8 {
+    if !b.writable() {
+        return ptr::null_mut();
+    }
+    huge::alloc(b, size, align, true).0
 }
 
 /// Arena `first` could not serve the request: it had no memory, or the calling thread
@@ -291,11 +301,13 @@ pub(crate) fn check<B: Backend>(b: &B) -> Result<(), &'static str> {
     (0..b.arena_count()).try_for_each(|i| b.arena(i).check(b.source()))
 }
 
-/// Returns every arena's pending frees to their runs and unused dirty pages to the source.
+/// Returns every arena's pending frees to their runs and unused dirty pages to the source,
+/// then the spans the source keeps for reuse.
 pub(crate) fn trim<B: Backend>(b: &B) {
     for i in 0..b.arena_count() {
         b.arena(i).trim(b.source());
     }
+    b.source().release_cached();
 }
 
 /// The arena that owns `p`, if it is a live small or large block of the heap.

@@ -1,9 +1,9 @@
 //! Process events: the `pthread_atfork` handlers and the exit report and check.
 //!
-//! Lock order at fork: glibc's stdio list lock, then the arenas in index order. The child
-//! re-initialises every arena lock the prepare handler took rather than unlocking it (the
-//! thread that took it in the parent does not exist in the child). The handlers are
-//! registered once per process.
+//! Lock order at fork: glibc's stdio list lock, then the arenas in index order, then the
+//! huge span cache's lock (`source/spans.rs`). The child re-initialises every lock the
+//! prepare handler took rather than unlocking it (the thread that took it in the parent does
+//! not exist in the child). The handlers are registered once per process.
 //!
 //! A `fork` may come from a signal handler that interrupted this very thread inside an
 //! arena (holding its lock):
@@ -30,6 +30,8 @@ use crate::settings::MAX_ARENAS;
 static TAKEN: [AtomicU64; MAX_ARENAS / 64] = [const { AtomicU64::new(0) }; MAX_ARENAS / 64];
 /// The last prepare handler found the process single-threaded and took no lock.
 static SINGLE: AtomicBool = AtomicBool::new(false);
+/// The last prepare handler took the huge span cache's lock.
+static SPANS_TAKEN: AtomicBool = AtomicBool::new(false);
 
 fn set_taken(i: usize, taken: bool) {
     let bit = 1u64 << (i % 64);
@@ -57,11 +59,15 @@ impl ProcessHeap {
                 set_taken(i, cfg.arena(i).fork_lock(&SRC));
             }
         }
+        SPANS_TAKEN.store(SRC.fork_lock(), Ordering::Relaxed);
     }
 
     fn fork_parent(&self) {
         if SINGLE.load(Ordering::Relaxed) {
             return;
+        }
+        if SPANS_TAKEN.load(Ordering::Relaxed) {
+            SRC.fork_unlock();
         }
         if let Some(cfg) = self.config() {
             for i in (0..cfg.count).rev().filter(|&i| taken(i)) {
@@ -88,6 +94,9 @@ impl ProcessHeap {
                 // robust list.
                 unsafe { cfg.arena(i).fork_reinit() };
             }
+        }
+        if SPANS_TAKEN.load(Ordering::Relaxed) {
+            SRC.fork_reinit();
         }
         os::stdio_list_reset();
     }

@@ -19,12 +19,13 @@ use core::sync::atomic::{AtomicU32, AtomicU8, AtomicUsize, Ordering};
 
 use crossbeam_utils::CachePadded;
 
+use crate::arena::LARGE_ALIGN_MAX;
 use crate::arena::{lookup, Arena, ArenaStats, Lookup};
 use crate::cpucache::{Caches, OUTBOX, PTR_BITS};
 use crate::debug;
 use crate::front::{self, report, Backend, HugeCounters};
 use crate::os;
-use crate::size_class::{NUM_CLASSES, SMALL_MAX, SMALL_MIN};
+use crate::size_class::{LARGE_MAX, NUM_CLASSES, SMALL_MAX, SMALL_MIN};
 use crate::source::OsSource;
 use crate::stats::{self, Stats};
 use init::BOOTSTRAP;
@@ -260,9 +261,15 @@ impl ProcessHeap {
         (p, false)
     }
 
-    /// Allocates `size` zeroed bytes aligned to `align`.
+    /// Allocates `size` zeroed bytes aligned to `align`. A huge block clears only what a
+    /// reused span may hold of old data (a fresh mapping reads zero).
     #[inline]
     pub fn alloc_zeroed(&self, size: usize, align: usize) -> *mut u8 {
+        if size > LARGE_MAX || align > LARGE_ALIGN_MAX {
+            if let Some(r) = self.ready().filter(|r| !r.cfg.debug) {
+                return front::alloc_huge_zeroed(&r, size, align);
+            }
+        }
         let (p, zero) = self.alloc(size, align);
         if !p.is_null() && !zero {
             // SAFETY: `p` is a fresh block of at least `size` bytes.
@@ -449,6 +456,12 @@ impl ProcessHeap {
         self.huge.read()
     }
 
+    /// The huge counters with the bytes of freed spans kept for reuse.
+    fn huge_totals(&self) -> stats::HugeTotals {
+        let (allocs, frees, in_use, mapped) = self.huge.read();
+        (allocs, frees, in_use, mapped, SRC.cached_span_bytes())
+    }
+
     /// Verifies every arena's invariants.
     pub fn check(&self) -> Result<(), &'static str> {
         self.ready().map_or(Ok(()), |r| front::check(&r))
@@ -479,20 +492,20 @@ impl ProcessHeap {
         stats::collect(
             self.arena_count(),
             |f| self.for_each_arena(f),
-            self.huge_counters(),
+            self.huge_totals(),
         )
     }
 
     /// Writes the statistics as one JSON object to `fd` without allocating.
     pub fn write_json(&self, fd: i32) {
         let h = self.heading();
-        stats::write_json(fd, h, |f| self.for_each_arena(f), self.huge_counters());
+        stats::write_json(fd, h, |f| self.for_each_arena(f), self.huge_totals());
     }
 
     /// Writes the statistics report to `fd` without allocating.
     pub fn write_report(&self, fd: i32) {
         let h = self.heading();
-        stats::write_report(fd, h, |f| self.for_each_arena(f), self.huge_counters());
+        stats::write_report(fd, h, |f| self.for_each_arena(f), self.huge_totals());
     }
 
     fn heading(&self) -> stats::Heading {

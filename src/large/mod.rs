@@ -13,7 +13,7 @@
 //! costs no page faults); within a length the most recently freed run is used first.
 //!
 //! Purging is deferred. Freeing never calls the page source except to unmap a wholly free
-//! chunk beyond the spare. A dirty run records when it was freed (in `bump`, unused by free
+//! chunk beyond the spares. A dirty run records when it was freed (in `bump`, unused by free
 //! runs); the arena's slow paths call [`PageHeap::decay`] with the time, and every
 //! [`TICK_MS`] it purges the dirty runs nobody reused for [`DECAY_MS`]. Once the dirty pages
 //! exceed [`PageHeap::dirty_limit`] (64 MiB, or 1/8 of what the heap has mapped if more),
@@ -85,7 +85,7 @@ pub struct PageHeap {
     bitmap: [[u64; BITMAP_WORDS]; 2],
     /// The arena's chunks, linked through their headers.
     chunks: Rel<ChunkHeader>,
-    /// Chunks that are entirely free (kept: at most [`Self::SPARE_CHUNKS`]).
+    /// Chunks that are entirely free (kept: at most [`Self::spare_chunks`]).
     free_chunks: usize,
     pub dirty_pages: usize,
     pub counters: PageCounters,
@@ -105,8 +105,23 @@ pub struct PageHeap {
 }
 
 impl PageHeap {
-    /// Wholly free chunks kept mapped to avoid mapping churn.
-    const SPARE_CHUNKS: usize = 1;
+    /// Wholly free chunks kept mapped to avoid mapping churn (their dirty pages decay and
+    /// count against the dirty limit like any others, so they cost address space, not
+    /// memory, once idle). One was too few: pinned to one CPU, `fragment` and `mixed`
+    /// (a few hundred live blocks of up to 1 MiB) mapped 56 and 62 chunks to keep 8 live,
+    /// and page faults on fresh chunks were most of their system time; with 4 they map 15
+    /// and 29, with a third as many page faults. A shared heap keeps one: its chunks are a
+    /// file's, which every arena of every process draws from.
+    pub(super) const SPARE_CHUNKS: usize = 4;
+
+    /// Wholly free chunks kept mapped on source `S`.
+    pub(super) const fn spare_chunks<S: PageSource>() -> usize {
+        if S::SHARED {
+            1
+        } else {
+            Self::SPARE_CHUNKS
+        }
+    }
 
     pub const fn new(arena: u32) -> Self {
         Self {

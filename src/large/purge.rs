@@ -20,7 +20,8 @@ impl PageHeap {
     }
 
     /// Tells the heap the time (a wrapping millisecond clock) and, at most every
-    /// [`TICK_MS`], purges the dirty runs that nobody reused for [`DECAY_MS`].
+    /// [`TICK_MS`], purges the dirty runs that nobody reused for [`DECAY_MS`] and passes the
+    /// tick to the source (`PageSource::tick`: cached huge spans past their delay).
     ///
     /// # Safety
     /// The caller holds the arena lock.
@@ -30,6 +31,7 @@ impl PageHeap {
             return;
         }
         self.last_tick = now_ms;
+        src.tick(now_ms);
         if self.dirty_pages > 0 && self.purge_ok {
             // SAFETY: the caller holds the lock.
             unsafe { self.purge_where(src, |stamp| now_ms.wrapping_sub(stamp) >= DECAY_MS) };

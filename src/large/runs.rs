@@ -106,7 +106,7 @@ impl PageHeap {
     }
 
     /// Returns the run with head `d` to the free runs as a dirty run, merged with dirty
-    /// neighbours; unmaps the chunk if it is wholly free and not needed as the spare, and
+    /// neighbours; unmaps the chunk if it is wholly free and not needed as a spare, and
     /// purges if the dirty pages now exceed the limit.
     ///
     /// # Safety
@@ -122,7 +122,7 @@ impl PageHeap {
             (*h).free_pages += freed;
             if (*h).free_pages == USABLE_PAGES {
                 self.free_chunks += 1;
-                if self.free_chunks > Self::SPARE_CHUNKS {
+                if self.free_chunks > Self::spare_chunks::<S>() {
                     self.release_chunk(src, h, first);
                     return;
                 }

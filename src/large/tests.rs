@@ -152,7 +152,7 @@ fn best_fit_takes_the_shortest_fitting_run() {
 
 #[test]
 fn freeing_neighbours_coalesces() {
-    let src = TestSource::new(4);
+    let src = TestSource::new(PageHeap::SPARE_CHUNKS + 2);
     let mut heap = new_heap();
     let x = take(&mut heap, &src, 4, 1);
     let y = take(&mut heap, &src, 6, 1);
@@ -219,21 +219,24 @@ fn freeing_neighbours_coalesces() {
     assert_eq!(src.unmaps.load(Ordering::Relaxed), 0);
     assert_eq!(heap.counters.mapped, CHUNK);
 
-    // Two whole chunks: when both are free again only one is kept.
-    let c1 = take(&mut heap, &src, USABLE_PAGES, 1);
-    let c2 = take(&mut heap, &src, USABLE_PAGES, 1);
-    assert_eq!(src.maps.load(Ordering::Relaxed), 2);
+    // Two more whole chunks than the spares: when all are free again, the spares are kept.
+    let spares = PageHeap::SPARE_CHUNKS;
+    let whole: Vec<_> = (0..spares + 2)
+        .map(|_| take(&mut heap, &src, USABLE_PAGES, 1))
+        .collect();
+    assert_eq!(src.maps.load(Ordering::Relaxed), spares + 2);
     assert_eq!(heap.free_chunks, 0);
     check(&heap, &src);
-    give(&mut heap, &src, c1);
-    give(&mut heap, &src, c2);
+    for c in whole {
+        give(&mut heap, &src, c);
+    }
     check(&heap, &src);
-    assert_eq!(src.unmaps.load(Ordering::Relaxed), 1);
-    assert_eq!(src.live(), 1);
-    assert_eq!(heap.free_chunks, 1);
-    assert_eq!(heap.counters.mapped, CHUNK);
-    assert_eq!(heap.counters.chunks_unmapped, 1);
-    assert_eq!(free_runs(&heap).len(), 1);
+    assert_eq!(src.unmaps.load(Ordering::Relaxed), 2);
+    assert_eq!(src.live(), spares);
+    assert_eq!(heap.free_chunks, spares);
+    assert_eq!(heap.counters.mapped, spares * CHUNK);
+    assert_eq!(heap.counters.chunks_unmapped, 2);
+    assert_eq!(free_runs(&heap).len(), spares);
 }
 
 #[test]
@@ -274,11 +277,12 @@ fn alloc_run_honours_alignment() {
         check(&heap, &src);
     }
     assert_eq!(heap.counters.runs, 0);
-    assert_eq!(src.live(), 1);
+    let spares = src.live();
+    assert!((1..=PageHeap::SPARE_CHUNKS).contains(&spares));
     // SAFETY: the test owns the heap.
     unsafe { heap.purge_all(&src) };
-    assert_eq!(free_runs(&heap).len(), 1);
-    assert_eq!(free_runs(&heap)[0].1, USABLE_PAGES);
+    assert_eq!(free_runs(&heap).len(), spares);
+    assert!(free_runs(&heap).iter().all(|r| r.1 == USABLE_PAGES));
 }
 
 #[test]
@@ -524,14 +528,21 @@ fn many_free_runs_stay_correct() {
     }
     check(&heap, &src);
     assert_eq!(heap.counters.runs, 0);
-    assert_eq!(src.live(), 1, "all but the spare chunk are unmapped");
-    // The spare is free runs of both kinds side by side; purged, it is one run.
+    let spares = src.live();
+    assert!(
+        (1..=PageHeap::SPARE_CHUNKS).contains(&spares),
+        "all but the spare chunks are unmapped"
+    );
+    // The spares are free runs of both kinds side by side; purged, each is one run.
     let runs = free_runs(&heap);
-    assert_eq!(runs.iter().map(|r| r.1).sum::<usize>(), USABLE_PAGES);
+    assert_eq!(
+        runs.iter().map(|r| r.1).sum::<usize>(),
+        spares * USABLE_PAGES
+    );
     // SAFETY: the test owns the heap.
     unsafe { heap.purge_all(&src) };
     check(&heap, &src);
-    assert_eq!(free_runs(&heap).len(), 1);
+    assert_eq!(free_runs(&heap).len(), spares);
 }
 
 #[test]

@@ -362,12 +362,12 @@ unsafe impl PageSource for ShmSource {
 
     /// Whole chunks of the file; alignments above a chunk cannot be had (the file's chunks
     /// are aligned to `CHUNK` only).
-    fn map_span(&self, len: usize, align: usize) -> (*mut u8, usize) {
+    fn map_span(&self, len: usize, align: usize) -> (*mut u8, usize, usize) {
         if align > CHUNK {
-            return (core::ptr::null_mut(), 0);
+            return (core::ptr::null_mut(), 0, 0);
         }
         let n = len.div_ceil(CHUNK);
-        (self.take_span(n), n * CHUNK)
+        (self.take_span(n), n * CHUNK, 0)
     }
 
     unsafe fn publish_span(&self, _head: *mut u8) -> bool {

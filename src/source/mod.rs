@@ -6,13 +6,14 @@
 //! ([`PageSource::Lock`]).
 //!
 //! - [`OsSource`] (`os.rs`): anonymous private memory, recorded in the process-wide chunk
-//!   [`registry`];
+//!   [`registry`]; freed huge spans are kept for reuse in the process-wide [`spans`] cache;
 //! - `ShmSource` (`shm/source.rs`): chunks of a shared file, which several processes map.
 //!
 //! This module imports nothing of the engine: it sits below it.
 
 mod os;
 pub mod registry;
+pub mod spans;
 
 pub use os::OsSource;
 
@@ -71,12 +72,13 @@ pub unsafe trait PageSource: Sync {
     fn owns_chunk(&self, chunk: usize) -> bool;
 
     /// A span for one huge block: at least `len` bytes (a multiple of `PAGE`) aligned to
-    /// `align` (a power of two, at least `CHUNK`), zeroed, readable and writable, that
-    /// nothing else uses and `owns_chunk` does not see yet. Returns its start and its real
-    /// length, or null when memory is exhausted. By default a source has no spans (and the
-    /// other span methods are never called).
-    fn map_span(&self, _len: usize, _align: usize) -> (*mut u8, usize) {
-        (core::ptr::null_mut(), 0)
+    /// `align` (a power of two, at least `CHUNK`), readable and writable, that nothing else
+    /// uses and `owns_chunk` does not see yet. Returns its start, its real length and how
+    /// many bytes from its start may hold old data (a reused span): the rest reads zero.
+    /// Null when memory is exhausted. By default a source has no spans (and the other span
+    /// methods are never called).
+    fn map_span(&self, _len: usize, _align: usize) -> (*mut u8, usize, usize) {
+        (core::ptr::null_mut(), 0, 0)
     }
     /// Makes `head` (a `CHUNK`-aligned address inside a span from `map_span` or
     /// `move_span`, where the huge block's chunk header is written) seen by `owns_chunk`.
@@ -99,11 +101,20 @@ pub unsafe trait PageSource: Sync {
     /// # Safety
     /// The span's block is no longer live.
     unsafe fn unpublish_span(&self, _head: *mut u8) {}
-    /// Returns a span from `map_span` or `move_span` of `len` bytes (its real length).
+    /// Returns a span from `map_span` or `move_span` of `len` bytes (its real length). The
+    /// source may keep it for a later `map_span` (then returning it to the OS after a
+    /// delay, or on `release_cached`).
     ///
     /// # Safety
     /// Its head is not published and nothing refers into it any more.
     unsafe fn unmap_span(&self, _span: *mut u8, _len: usize) {}
+    /// The arenas' decay clock ticked (at most every `large::TICK_MS`): a source that keeps
+    /// freed spans returns those unused for too long. Never blocks on a lock.
+    fn tick(&self, _now_ms: u32) {}
+
+    /// Returns every span kept for reuse to the OS (`trim`).
+    fn release_cached(&self) {}
+
     /// Resizes the span at `span` from `len` to `new_len` bytes (multiples of `PAGE`)
     /// without moving it. Returns false, with nothing changed, if the source cannot.
     ///

@@ -1,16 +1,43 @@
 //! [`OsSource`]: the process heap's page source.
 
 use super::registry::REGISTRY;
+use super::spans::SPANS;
 use super::PageSource;
 use crate::lock::RawLock;
 use crate::os;
 use crate::size_class::CHUNK;
 
-/// Anonymous private memory from `mmap`, recorded in the process-wide chunk registry.
+/// Anonymous private memory from `mmap`, recorded in the process-wide chunk registry. Freed
+/// huge spans go to the process-wide span cache (`spans.rs`) and are reused from it.
 pub struct OsSource;
 
+impl OsSource {
+    /// Bytes of freed huge spans kept mapped for reuse.
+    pub fn cached_span_bytes(&self) -> usize {
+        SPANS.bytes()
+    }
+
+    /// Fork: takes the span cache's lock (after every arena lock).
+    pub fn fork_lock(&self) -> bool {
+        SPANS.fork_lock()
+    }
+
+    /// Fork, parent side: releases the lock taken by [`Self::fork_lock`].
+    pub fn fork_unlock(&self) {
+        SPANS.fork_unlock();
+    }
+
+    /// Fork, child side: forgets the parent's holder of the span cache's lock.
+    ///
+    /// pre: the child of `fork`, before any other use of the heap.
+    pub fn fork_reinit(&self) {
+        SPANS.fork_reinit();
+    }
+}
+
 // SAFETY: `os::map_aligned` returns zeroed, aligned, private memory; the registry bit is set
-// before the chunk is returned and cleared before it is unmapped; nothing here allocates.
+// before the chunk is returned and cleared before it is unmapped; cached spans are
+// unpublished and tell how much of them may be dirty; nothing here allocates.
 unsafe impl PageSource for OsSource {
     type Lock = RawLock;
 
@@ -37,8 +64,11 @@ unsafe impl PageSource for OsSource {
         REGISTRY.contains(chunk)
     }
 
-    fn map_span(&self, len: usize, align: usize) -> (*mut u8, usize) {
-        (os::map_aligned(len, align), len)
+    fn map_span(&self, len: usize, align: usize) -> (*mut u8, usize, usize) {
+        match SPANS.take(len, align) {
+            Some(t) => (t.addr, t.len, t.dirty),
+            None => (os::map_aligned(len, align), len, 0),
+        }
     }
 
     unsafe fn publish_span(&self, head: *mut u8) -> bool {
@@ -50,7 +80,16 @@ unsafe impl PageSource for OsSource {
     }
 
     unsafe fn unmap_span(&self, span: *mut u8, len: usize) {
-        os::unmap(span, len);
+        // The block may have written anywhere up to the span's end.
+        SPANS.put(span, len, len);
+    }
+
+    fn tick(&self, now_ms: u32) {
+        SPANS.decay(now_ms);
+    }
+
+    fn release_cached(&self) {
+        SPANS.release_all();
     }
 
     unsafe fn resize_span(&self, span: *mut u8, len: usize, new_len: usize) -> bool {

@@ -28,6 +28,11 @@
 //!   one replaced at each step, one word written per page.
 //! - `realloc`: 256 buffers per thread grown by realloc to double (up to 256 KiB) or shrunk to
 //!   half, sometimes restarted; the retained prefix is checked after every realloc.
+//! - `huge`: one thread (whatever `--threads` says) keeps 20 buffers of 5-25 MiB, replaces a
+//!   random one per step and fills every word of the new one, as a program building large
+//!   arrays does.
+//! - `large`: 64 live blocks of 9 KiB-256 KiB per thread, a random one replaced per step, one
+//!   word written per page.
 //!
 //! Success prints one line, `NAME ok ops=<malloc+free+realloc calls> checksum=<u64>`, and exits 0;
 //! both numbers depend only on the arguments. A failed content check prints
@@ -52,6 +57,8 @@ const WORKLOADS: &[(&str, Workload)] = &[
     ("mixed", mixed),
     ("fragment", fragment),
     ("realloc", realloc),
+    ("huge", huge),
+    ("large", large),
 ];
 
 const USAGE: &str = "usage: coreheap-workloads NAME [--threads N] [--scale F]
@@ -595,6 +602,54 @@ fn fragment(p: &Params) -> Totals {
             // Free before malloc, so the new block can reuse the space.
             let old = std::mem::replace(&mut live[i], new(&mut rng));
             tot.checksum = tot.checksum.wrapping_add(old.free());
+            tot.ops += 2;
+        }
+        tot.add(free_all(live))
+    })
+}
+
+fn huge(p: &Params) -> Totals {
+    const LIVE: usize = 20;
+    const MIB: usize = 1 << 20;
+    let steps = p.work(400);
+    run_threads(1, |t| {
+        let mut rng = Rng::new(t);
+        let new = |rng: &mut Rng| {
+            let b = Blk::new(rng.range(5 * MIB, 25 * MIB) & !7, rng.next());
+            fill(&b, 0);
+            b
+        };
+        let mut live: Vec<Blk> = (0..LIVE).map(|_| new(&mut rng)).collect();
+        let mut tot = Totals {
+            ops: LIVE as u64,
+            checksum: 0,
+        };
+        for _ in 0..steps {
+            let i = rng.below(LIVE);
+            // Free before malloc, as a program replacing a buffer does.
+            tot.checksum = tot.checksum.wrapping_add(live.swap_remove(i).free());
+            live.push(new(&mut rng));
+            tot.ops += 2;
+        }
+        tot.add(free_all(live))
+    })
+}
+
+fn large(p: &Params) -> Totals {
+    const LIVE: usize = 64;
+    let steps = p.work(1_500_000);
+    run_threads(p.threads, |t| {
+        let mut rng = Rng::new(t);
+        let new = |rng: &mut Rng| Blk::new(rng.range(9 << 10, 256 << 10) & !7, rng.next());
+        let mut live: Vec<Blk> = (0..LIVE).map(|_| new(&mut rng)).collect();
+        let mut tot = Totals {
+            ops: LIVE as u64,
+            checksum: 0,
+        };
+        for _ in 0..steps {
+            let i = rng.below(LIVE);
+            tot.checksum = tot.checksum.wrapping_add(live.swap_remove(i).free());
+            live.push(new(&mut rng));
             tot.ops += 2;
         }
         tot.add(free_all(live))

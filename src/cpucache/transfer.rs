@@ -50,9 +50,6 @@ pub const fn slots(class: usize) -> usize {
         n
     }
 }
-#[cfg(feature = "pow2-classes")]
-const _: () = assert!(slots(0) == 8 && slots(3) == 4 && slots(NUM_CLASSES - 1) == 2);
-#[cfg(not(feature = "pow2-classes"))]
 const _: () = assert!(slots(0) == SLOTS && slots(NUM_CLASSES - 1) >= 1);
 
 /// The most bytes one arena's slots hold: every class's slots full of full chains.

@@ -45,6 +45,7 @@ mod heap;
 mod large;
 mod lock;
 mod os;
+mod policy;
 mod remote;
 pub mod settings;
 pub mod shm;

@@ -48,6 +48,12 @@ pub struct Settings {
     pub check: bool,
     /// `COREHEAP_SHM`: the shared heap the C interface takes its blocks from.
     pub shm: Option<ShmSpec>,
+    /// `COREHEAP_PURGE_MS`: milliseconds after which unused dirty pages and cached huge
+    /// spans go back to the OS (`None`: 1000).
+    pub purge_ms: Option<usize>,
+    /// `COREHEAP_DIRTY_MAX`: dirty bytes an arena may always keep, and the most bytes of
+    /// huge spans kept for reuse (`None`: 64 MiB).
+    pub dirty_max: Option<u64>,
 }
 
 impl Settings {
@@ -60,6 +66,8 @@ impl Settings {
         debug: false,
         check: false,
         shm: None,
+        purge_ms: None,
+        dirty_max: None,
     };
 }
 
@@ -102,6 +110,13 @@ pub enum Kind {
     },
     /// `NAME:SIZE`: a name without `/` and a size.
     NameSize(fn(&mut Settings) -> &mut Option<ShmSpec>),
+    /// A size in bytes, with an optional K, M or G suffix, at most `max`.
+    Size {
+        /// The largest value accepted.
+        max: u64,
+        /// Where the value goes.
+        field: fn(&mut Settings) -> &mut Option<u64>,
+    },
     /// A boolean, or `json`: the report on, as JSON.
     Report {
         /// Whether the report is on.
@@ -117,6 +132,10 @@ impl Kind {
         match *self {
             Kind::Bool(_) => l.str(b"a boolean (1/0, true/false, yes/no, on/off)"),
             Kind::Report { .. } => l.str(b"a boolean (1/0, true/false, yes/no, on/off) or json"),
+            Kind::Size { max, .. } => l
+                .str(b"a size in bytes (with K, M or G) up to ")
+                .num(max >> 30)
+                .str(b"G"),
             Kind::Count { min, max, .. } => l
                 .str(b"a number from ")
                 .num(min as u64)
@@ -143,7 +162,7 @@ pub struct Var {
 }
 
 /// Every `COREHEAP_*` variable the library reads.
-pub const VARS: [Var; 6] = [
+pub const VARS: [Var; 8] = [
     Var {
         name: c"COREHEAP_ARENAS",
         kind: Kind::Count {
@@ -186,6 +205,25 @@ pub const VARS: [Var; 6] = [
         kind: Kind::NameSize(|s| &mut s.shm),
         default: "the process heap",
         meaning: "the C interface takes the whole heap from the shared heap /dev/shm/NAME",
+    },
+    Var {
+        name: c"COREHEAP_PURGE_MS",
+        kind: Kind::Count {
+            min: 0,
+            max: 3_600_000,
+            field: |s| &mut s.purge_ms,
+        },
+        default: "1000",
+        meaning: "milliseconds after which unused dirty pages and cached huge spans go back",
+    },
+    Var {
+        name: c"COREHEAP_DIRTY_MAX",
+        kind: Kind::Size {
+            max: 1 << 40,
+            field: |s| &mut s.dirty_max,
+        },
+        default: "64M",
+        meaning: "dirty bytes an arena always may keep, and the huge spans kept for reuse",
     },
 ];
 
@@ -269,6 +307,13 @@ fn apply(s: &mut Settings, var: &Var, v: &[u8], report: &mut dyn FnMut(&[u8])) {
         Kind::NameSize(field) => parse_name_size(v)
             .map(|spec| *field(s) = Some(spec))
             .is_some(),
+        Kind::Size { max, field } => match parse_size(v) {
+            Some(n) if n <= max => {
+                *field(s) = Some(n);
+                true
+            }
+            _ => false,
+        },
         Kind::Report { on, json } => {
             let as_json = v.eq_ignore_ascii_case(b"json");
             match parse_bool(v) {
@@ -538,11 +583,13 @@ mod tests {
                 Kind::Count { .. } => b"2",
                 Kind::NameSize(_) => b"n:1",
                 Kind::Report { .. } => b"json",
+                Kind::Size { .. } => b"2M",
             };
             apply(&mut s, var, v, &mut |l| panic!("{l:?}"));
         }
         assert_eq!(s.arenas, Some(2));
         assert!(s.stats && s.stats_json && s.rseq && s.debug && s.check && s.shm.is_some());
+        assert_eq!((s.purge_ms, s.dirty_max), (Some(2), Some(2 << 20)));
     }
 
     #[test]

@@ -70,3 +70,70 @@ fn a_bad_value_is_reported_once() {
         "no exit report:\n{stderr}"
     );
 }
+
+const PURGE_CHILD: &str = "COREHEAP_SETTINGS_PURGE_CHILD";
+
+/// The purge child: frees 32 MiB of large blocks, waits past a short delay, takes a few
+/// more slow-path operations (the decay clock's ticks), and prints the dirty bytes left.
+fn purge_child() {
+    let layout = std::alloc::Layout::from_size_align(256 << 10, 8).unwrap();
+    // SAFETY: non-zero size; each block freed once.
+    let blocks: Vec<usize> = (0..128)
+        .map(|_| unsafe { std::alloc::alloc(layout) } as usize)
+        .collect();
+    for &b in &blocks {
+        // SAFETY: each block written once, then freed once with its layout.
+        unsafe {
+            std::ptr::write_bytes(b as *mut u8, 1, layout.size());
+            std::alloc::dealloc(b as *mut u8, layout);
+        }
+    }
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    for _ in 0..64 {
+        // SAFETY: as above.
+        unsafe { std::alloc::dealloc(std::alloc::alloc(layout), layout) };
+    }
+    let dirty: usize = coreheap::stats().arenas.iter().map(|a| a.dirty_bytes).sum();
+    println!("dirty={dirty}");
+}
+
+/// `COREHEAP_PURGE_MS` and `COREHEAP_DIRTY_MAX` set how soon freed pages go back: with 0 ms
+/// and 1 MiB, what a program freed is returned once the decay clock ticks; by default
+/// (1 s, 64 MiB) it is still kept then.
+#[test]
+fn purge_settings_return_memory_sooner() {
+    if std::env::var_os(PURGE_CHILD).is_some() {
+        purge_child();
+        return;
+    }
+    let dirty = |env: &[(&str, &str)]| -> usize {
+        let out = Command::new(std::env::current_exe().unwrap())
+            .args([
+                "purge_settings_return_memory_sooner",
+                "--exact",
+                "--nocapture",
+            ])
+            .env(PURGE_CHILD, "1")
+            .env("COREHEAP_ARENAS", "1")
+            .envs(env.iter().copied())
+            .output()
+            .expect("spawn child");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "child failed: {stdout}");
+        stdout
+            .lines()
+            .find_map(|l| l.strip_prefix("dirty="))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no dirty= line: {stdout}"))
+    };
+    let kept = dirty(&[]);
+    let returned = dirty(&[("COREHEAP_PURGE_MS", "0"), ("COREHEAP_DIRTY_MAX", "1M")]);
+    assert!(
+        kept >= 16 << 20,
+        "default settings kept only {kept} dirty bytes"
+    );
+    assert!(
+        returned <= 8 << 20,
+        "with COREHEAP_PURGE_MS=0 and COREHEAP_DIRTY_MAX=1M, {returned} dirty bytes stay"
+    );
+}

@@ -172,6 +172,14 @@ fn init_config(cfg: &mut Config) -> bool {
     let mut allowed = [0u64; 16];
     let ncpu = os::cpu_affinity(&mut allowed);
     let settings = settings::get();
+    crate::policy::set(
+        settings
+            .purge_ms
+            .map_or(crate::policy::PURGE_MS, |ms| ms as u32),
+        settings
+            .dirty_max
+            .map_or(crate::policy::DIRTY_MAX, |b| b as usize),
+    );
     let count = settings.arenas.unwrap_or(ncpu).clamp(1, MAX_ARENAS);
     let possible = os::possible_cpus();
     let table = count * core::mem::size_of::<CachePadded<Arena<OsSource>>>();

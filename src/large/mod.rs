@@ -15,7 +15,7 @@
 //! Purging is deferred. Freeing never calls the page source except to unmap a wholly free
 //! chunk beyond the spares. A dirty run records when it was freed (in `bump`, unused by free
 //! runs); the arena's slow paths call [`PageHeap::decay`] with the time, and every
-//! [`TICK_MS`] it purges the dirty runs nobody reused for [`DECAY_MS`]. Once the dirty pages
+//! [`TICK_MS`] it purges the dirty runs nobody reused for the purge delay (`policy::purge_ms`, 1 s by default). Once the dirty pages
 //! exceed [`PageHeap::dirty_limit`] (64 MiB, or 1/8 of what the heap has mapped if more),
 //! every dirty run is purged at once. So a run freed and reallocated soon is never purged.
 //! A purge the page source refuses (an `mlock`ed process, pages other than 4 KiB) leaves the
@@ -50,13 +50,10 @@ mod tests;
 
 const BITMAP_WORDS: usize = (USABLE_PAGES + 1).div_ceil(64);
 
-/// Dirty free pages an arena may always keep before it purges them all (64 MiB).
-pub const DIRTY_MIN_PAGES: usize = 16384;
-/// A heap that has mapped more keeps up to `mapped / DIRTY_RATIO` of it dirty.
+/// A heap may keep `policy::dirty_max()` bytes dirty (64 MiB by default), and a heap that
+/// has mapped more up to `mapped / DIRTY_RATIO` of it.
 pub const DIRTY_RATIO: usize = 8;
-/// A dirty free run that has not been reused for this long is purged at the next tick.
-pub const DECAY_MS: u32 = 1000;
-/// How often, at most, the heap looks for dirty runs past [`DECAY_MS`].
+/// How often, at most, the heap looks for dirty runs past the purge delay.
 pub const TICK_MS: u32 = 100;
 
 const CLEAN: usize = 0;
@@ -251,6 +248,6 @@ impl PageHeap {
 
     /// Dirty free pages past which the heap purges them all.
     pub fn dirty_limit(&self) -> usize {
-        DIRTY_MIN_PAGES.max(self.counters.mapped / PAGE / DIRTY_RATIO)
+        (crate::policy::dirty_max() / PAGE).max(self.counters.mapped / PAGE / DIRTY_RATIO)
     }
 }

@@ -1,7 +1,7 @@
 //! Dirty pages back to the page source (the dirty limit, decay, trim), and chunks mapped
 //! and given back.
 
-use super::{PageHeap, BITMAP_WORDS, DECAY_MS, DIRTY, TICK_MS};
+use super::{PageHeap, BITMAP_WORDS, DIRTY, TICK_MS};
 use crate::chunk::{header_of_desc, init_arena_chunk, ChunkHeader, PageDesc, Rel, HEADER_PAGES};
 use crate::size_class::{CHUNK, CHUNK_PAGES, PAGE};
 use crate::source::PageSource;
@@ -20,7 +20,7 @@ impl PageHeap {
     }
 
     /// Tells the heap the time (a wrapping millisecond clock) and, at most every
-    /// [`TICK_MS`], purges the dirty runs that nobody reused for [`DECAY_MS`] and passes the
+    /// [`TICK_MS`], purges the dirty runs that nobody reused for the purge delay and passes the
     /// tick to the source (`PageSource::tick`: cached huge spans past their delay).
     ///
     /// # Safety
@@ -33,8 +33,9 @@ impl PageHeap {
         self.last_tick = now_ms;
         src.tick(now_ms);
         if self.dirty_pages > 0 && self.purge_ok {
+            let delay = crate::policy::purge_ms();
             // SAFETY: the caller holds the lock.
-            unsafe { self.purge_where(src, |stamp| now_ms.wrapping_sub(stamp) >= DECAY_MS) };
+            unsafe { self.purge_where(src, |stamp| now_ms.wrapping_sub(stamp) >= delay) };
         }
     }
 

@@ -390,7 +390,7 @@ fn freeing_past_the_dirty_limit_purges() {
     let src = TestSource::new(64);
     let mut heap = new_heap();
     let n = 500;
-    let count = DIRTY_MIN_PAGES / n + 2;
+    let count = (crate::policy::DIRTY_MAX / PAGE) / n + 2;
     let runs: Vec<_> = (0..2 * count)
         .map(|_| take(&mut heap, &src, n, 1))
         .collect();
@@ -398,14 +398,14 @@ fn freeing_past_the_dirty_limit_purges() {
     for (i, &d) in runs.iter().enumerate().step_by(2) {
         give(&mut heap, &src, d);
         let freed = (i / 2 + 1) * n;
-        if freed <= DIRTY_MIN_PAGES {
+        if freed <= (crate::policy::DIRTY_MAX / PAGE) {
             assert_eq!(heap.dirty_pages, freed);
             assert_eq!(src.purged_bytes.load(Ordering::Relaxed), 0);
         }
     }
     assert!(heap.counters.purges >= 1);
     assert!(heap.dirty_pages <= heap.dirty_limit());
-    assert!(src.purged_bytes.load(Ordering::Relaxed) > DIRTY_MIN_PAGES * PAGE);
+    assert!(src.purged_bytes.load(Ordering::Relaxed) > (crate::policy::DIRTY_MAX / PAGE) * PAGE);
     check(&heap, &src);
 }
 

@@ -25,15 +25,22 @@ use crate::size_class::CHUNK;
 const SLOTS: usize = 32;
 
 /// Bytes of spans the cache holds at most (64 MiB): the page heap's floor of dirty pages per
-/// arena (`large::DIRTY_MIN_PAGES`), so a process keeps at most that much more resident than
+/// arena (`policy::DIRTY_MAX`, which `COREHEAP_DIRTY_MAX` sets for both), so a process keeps at most that much more resident than
 /// it uses for its huge blocks, and glibc's own bound on free memory kept at the top of its
 /// heap after its mmap threshold has risen (twice the 32 MiB largest threshold). A span
 /// larger than this alone is unmapped at once.
-pub const CAP: usize = 64 << 20;
+#[cfg_attr(not(test), allow(dead_code))]
+pub const CAP: usize = crate::policy::DIRTY_MAX;
 
-/// A span unused for this long goes back to the kernel (the page heap's purge delay,
-/// `large::DECAY_MS`).
-pub const DECAY_MS: u32 = 1000;
+/// The cap in force: [`CAP`] unless `COREHEAP_DIRTY_MAX` set another (`policy.rs`).
+fn cap() -> usize {
+    crate::policy::dirty_max()
+}
+
+/// A span unused for this long goes back to the kernel by default (the page heap's purge
+/// delay; `COREHEAP_PURGE_MS` sets both, `policy.rs`).
+#[cfg_attr(not(test), allow(dead_code))]
+pub const DECAY_MS: u32 = crate::policy::PURGE_MS;
 
 /// A cached span: `len` bytes mapped at `addr`, of which the first `dirty` may hold old data
 /// (the rest read zero); freed at `stamp` (ms, wrapping).
@@ -206,7 +213,8 @@ impl SpanCache {
     /// unpublished, that nothing refers into any more.
     pub fn put(&self, addr: *mut u8, len: usize, dirty: usize) {
         debug_assert!((addr as usize).is_multiple_of(CHUNK) && dirty <= len);
-        if len > CAP {
+        let cap = cap();
+        if len > cap {
             os::unmap(addr, len);
             return;
         }
@@ -214,7 +222,7 @@ impl SpanCache {
         let mut doomed = Doomed::new();
         self.with(|s, bytes| {
             s.expire(now, bytes, &mut doomed);
-            while s.n == SLOTS || bytes.load(Ordering::Relaxed) + len > CAP {
+            while s.n == SLOTS || bytes.load(Ordering::Relaxed) + len > cap {
                 let i = s.oldest(now);
                 doomed.push(s.remove(i, bytes));
             }
@@ -343,7 +351,7 @@ impl Slots {
     fn expire(&mut self, now: u32, bytes: &AtomicUsize, doomed: &mut Doomed) {
         let mut i = 0;
         while i < self.n {
-            if now.wrapping_sub(self.spans[i].stamp) >= DECAY_MS {
+            if now.wrapping_sub(self.spans[i].stamp) >= crate::policy::purge_ms() {
                 doomed.push(self.remove(i, bytes));
             } else {
                 i += 1;

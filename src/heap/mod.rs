@@ -470,7 +470,7 @@ impl ProcessHeap {
     /// Returns pending frees to their runs and every unused dirty page to the OS.
     /// The calling CPU's caches go back to their arena and its outbox to the owners first,
     /// then every chain parked in the transfer slots (other CPUs' caches cannot be reached
-    /// without their cooperation; they hold at most ~222 KiB each, and 64 KiB of outbox).
+    /// without their cooperation; they hold at most `CPU_CACHE_BYTES` each, outbox included).
     pub fn trim(&self) {
         if let Some(r) = self.ready() {
             let cfg = r.cfg;

@@ -2,11 +2,27 @@
 
 use core::ffi::CStr;
 
-/// A thread id for the calling thread, unique among live threads, without a system call.
-#[inline]
+/// A thread id for the calling thread, unique among live threads, without a system call:
+/// the thread pointer, which is what glibc's `pthread_self` returns on x86_64 (read inline
+/// there: the locked paths take it twice per lock round), `pthread_self` elsewhere.
+#[inline(always)]
 pub fn thread_id() -> usize {
+    #[cfg(all(target_arch = "x86_64", target_os = "linux", target_env = "gnu"))]
+    {
+        let tp: usize;
+        // SAFETY: on x86_64 Linux, %fs:0 is the thread control block's self pointer, set up
+        // before any code of the thread runs; reading it has no side effects.
+        unsafe {
+            core::arch::asm!("mov {}, qword ptr fs:0", out(reg) tp,
+                options(nostack, readonly, preserves_flags));
+        }
+        tp
+    }
+    #[cfg(not(all(target_arch = "x86_64", target_os = "linux", target_env = "gnu")))]
     // SAFETY: pthread_self has no preconditions.
-    unsafe { libc::pthread_self() as usize }
+    unsafe {
+        libc::pthread_self() as usize
+    }
 }
 
 /// Whether the process has had only one thread so far (glibc's `__libc_single_threaded`,
@@ -80,6 +96,15 @@ pub fn resident_bytes() -> Option<usize> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn thread_id_is_pthread_self() {
+        // SAFETY: pthread_self has no preconditions.
+        let me = unsafe { libc::pthread_self() } as usize;
+        assert_eq!(super::thread_id(), me);
+        let other = std::thread::spawn(super::thread_id).join().unwrap();
+        assert_ne!(other, me);
+    }
+
     use super::*;
 
     #[test]

@@ -1,8 +1,10 @@
-//! `GlobalAlloc` for Rust programs: routing only.
+//! `GlobalAlloc` for Rust programs: routing only, and the builder of the settings a program
+//! chooses.
 
 use core::alloc::{GlobalAlloc, Layout};
 
 use crate::heap::HEAP;
+use crate::settings::Overrides;
 
 /// The coreheap allocator. Every instance shares the one process heap.
 ///
@@ -10,13 +12,83 @@ use crate::heap::HEAP;
 /// #[global_allocator]
 /// static GLOBAL: coreheap::CoreHeap = coreheap::CoreHeap::new();
 /// ```
+///
+/// # Settings
+/// A program may choose settings with the `const` builder methods, each the counterpart of a
+/// `COREHEAP_*` variable:
+///
+/// ```no_run
+/// #[global_allocator]
+/// static GLOBAL: coreheap::CoreHeap = coreheap::CoreHeap::new()
+///     .arenas(4)
+///     .purge_delay_ms(200)
+///     .dirty_max(16 << 20);
+/// ```
+///
+/// Precedence: **the environment wins over the builder, the builder over the defaults**, so
+/// that an operator can still tune a shipped binary. A bad value in the environment is
+/// reported on stderr as always (the report names the default), and then the builder's value,
+/// if it chose one, is used instead of the default.
+///
+/// The values reach the heap through the allocation that initialises it: the first one made
+/// through this `CoreHeap` (in a program whose global allocator it is, the program's first
+/// allocation). Only that first initialisation uses them: the values of other `CoreHeap`
+/// instances, or anything that initialises the heap otherwise (`coreheap::stats()` or
+/// `arena_count()` called before any allocation, the C interface), do not change them
+/// afterwards. They cost nothing on the fast paths: only the out-of-line slow path receives
+/// a pointer to them.
 #[derive(Clone, Copy, Debug, Default)]
-pub struct CoreHeap;
+pub struct CoreHeap {
+    ov: Overrides,
+}
 
 impl CoreHeap {
-    /// The allocator (every value is the same process heap).
+    /// The allocator with every setting from the environment, else its default.
     pub const fn new() -> Self {
-        CoreHeap
+        CoreHeap {
+            ov: Overrides::NONE,
+        }
+    }
+
+    /// Uses `n` arenas instead of one per CPU the process may run on (`COREHEAP_ARENAS`;
+    /// clamped to 1 to [`settings::MAX_ARENAS`](crate::settings::MAX_ARENAS)).
+    pub const fn arenas(mut self, n: usize) -> Self {
+        self.ov.arenas = Some(n);
+        self
+    }
+
+    /// Returns unused dirty pages and cached huge spans to the OS after `ms` milliseconds
+    /// (`COREHEAP_PURGE_MS`, default 1000; at most 3 600 000).
+    pub const fn purge_delay_ms(mut self, ms: u32) -> Self {
+        self.ov.purge_ms = Some(ms);
+        self
+    }
+
+    /// The dirty bytes an arena may always keep, and the most bytes of huge spans kept for
+    /// reuse (`COREHEAP_DIRTY_MAX`, default 64 MiB; at most 1 TiB).
+    pub const fn dirty_max(mut self, bytes: usize) -> Self {
+        self.ov.dirty_max = Some(bytes as u64);
+        self
+    }
+
+    /// Debug mode: guard bytes and fill patterns, checked at free and realloc
+    /// (`COREHEAP_DEBUG`; turns the per-CPU caches off).
+    pub const fn debug(mut self, on: bool) -> Self {
+        self.ov.debug = Some(on);
+        self
+    }
+
+    /// Whether the lock-free per-CPU caches may be used where rseq is available
+    /// (`COREHEAP_RSEQ`, default on).
+    pub const fn rseq(mut self, on: bool) -> Self {
+        self.ov.rseq = Some(on);
+        self
+    }
+
+    /// Prints the statistics report to stderr at exit (`COREHEAP_STATS`, default off).
+    pub const fn stats_at_exit(mut self, on: bool) -> Self {
+        self.ov.stats = Some(on);
+        self
     }
 }
 
@@ -26,7 +98,8 @@ impl CoreHeap {
 unsafe impl GlobalAlloc for CoreHeap {
     #[inline(always)]
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        HEAP.alloc(layout.size(), layout.align()).0
+        HEAP.alloc_with(layout.size(), layout.align(), Some(&self.ov))
+            .0
     }
 
     #[inline(always)]
@@ -38,12 +111,13 @@ unsafe impl GlobalAlloc for CoreHeap {
 
     #[inline(always)]
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        HEAP.alloc_zeroed(layout.size(), layout.align())
+        HEAP.alloc_zeroed_with(layout.size(), layout.align(), Some(&self.ov))
     }
 
     #[inline(always)]
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        // SAFETY: the caller owns `ptr`, a block of this allocator.
+        // SAFETY: the caller owns `ptr`, a block of this allocator, so the heap is
+        // initialised already.
         unsafe { HEAP.realloc(ptr, new_size, layout.align(), true) }
     }
 }

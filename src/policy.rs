@@ -1,7 +1,8 @@
 //! How soon memory goes back to the OS: the delay after which unused dirty pages and cached
 //! huge spans are returned, and the dirty bytes an arena (and the huge span cache) may
 //! always keep. Set once by the process heap's initialisation from `COREHEAP_PURGE_MS` and
-//! `COREHEAP_DIRTY_MAX` (`settings.rs`); shared heaps and tests use the defaults.
+//! `COREHEAP_DIRTY_MAX`, else `CoreHeap::purge_delay_ms`/`dirty_max` (`settings::resolve`);
+//! shared heaps and tests use the defaults.
 //!
 //! Invariant: the values only change before the first arena or span cache reads them (the
 //! heap's initialisation runs before any chunk is mapped), so Relaxed loads suffice.

@@ -12,7 +12,9 @@
 //!   count above its range, the largest value) is used instead.
 //!
 //! Reading never allocates, never panics and keeps `errno`, so [`get`] may be called from
-//! inside `malloc`, before the heap exists. `COREHEAP_LIB` is the runner's, not the
+//! inside `malloc`, before the heap exists. The heap's initialisation merges these with what
+//! a Rust program chose through `CoreHeap`'s builder (the environment wins; `resolve`).
+//! `COREHEAP_LIB` is the runner's, not the
 //! library's, and is not here.
 
 use core::cell::UnsafeCell;
@@ -227,6 +229,79 @@ pub const VARS: [Var; 8] = [
     },
 ];
 
+/// What a Rust program chose through [`CoreHeap`](crate::CoreHeap)'s builder: `None` for
+/// every setting it left alone. Values are clamped to the ranges of the variables when
+/// merged ([`resolve`]).
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
+pub(crate) struct Overrides {
+    pub(crate) arenas: Option<usize>,
+    pub(crate) purge_ms: Option<u32>,
+    pub(crate) dirty_max: Option<u64>,
+    pub(crate) debug: Option<bool>,
+    pub(crate) rseq: Option<bool>,
+    pub(crate) stats: Option<bool>,
+}
+
+impl Overrides {
+    /// Nothing chosen: the environment, then the defaults.
+    pub(crate) const NONE: Overrides = Overrides {
+        arenas: None,
+        purge_ms: None,
+        dirty_max: None,
+        debug: None,
+        rseq: None,
+        stats: None,
+    };
+}
+
+// The positions of the variables the builder may set, in `VARS`.
+const ARENAS: usize = 0;
+const STATS: usize = 1;
+const RSEQ: usize = 2;
+const DEBUG: usize = 3;
+const PURGE_MS: usize = 6;
+const DIRTY_MAX: usize = 7;
+
+/// The settings the process heap's initialisation uses: the environment over `ov` (the
+/// builder's choices) over the defaults. A variable whose value is bad (reported by [`get`])
+/// leaves the builder's value, if any. The one place the two sources meet.
+pub(crate) fn resolve(ov: Option<&Overrides>) -> Settings {
+    let (env, set) = get_with_set();
+    merge(env, set, ov.unwrap_or(&Overrides::NONE))
+}
+
+/// [`resolve`] from the environment's settings `env` and the set of variables it decided.
+fn merge(env: Settings, set: u16, ov: &Overrides) -> Settings {
+    let mut s = env;
+    let builder = |i: usize| set & (1 << i) == 0;
+    let count = |n: u64, i: usize| match VARS[i].kind {
+        Kind::Count { min, max, .. } => n.clamp(min as u64, max as u64) as usize,
+        _ => n as usize,
+    };
+    if let (Some(n), true) = (ov.arenas, builder(ARENAS)) {
+        s.arenas = Some(count(n as u64, ARENAS));
+    }
+    if let (Some(ms), true) = (ov.purge_ms, builder(PURGE_MS)) {
+        s.purge_ms = Some(count(ms as u64, PURGE_MS));
+    }
+    if let (Some(b), true) = (ov.dirty_max, builder(DIRTY_MAX)) {
+        s.dirty_max = Some(match VARS[DIRTY_MAX].kind {
+            Kind::Size { max, .. } => b.min(max),
+            _ => b,
+        });
+    }
+    if let (Some(b), true) = (ov.debug, builder(DEBUG)) {
+        s.debug = b;
+    }
+    if let (Some(b), true) = (ov.rseq, builder(RSEQ)) {
+        s.rseq = b;
+    }
+    if let (Some(b), true) = (ov.stats, builder(STATS)) {
+        s.stats = b;
+    }
+    s
+}
+
 /// `1`/`0`, `true`/`false`, `yes`/`no`, `on`/`off`, in any case.
 fn parse_bool(v: &[u8]) -> Option<bool> {
     const TRUE: [&[u8]; 4] = [b"1", b"true", b"yes", b"on"];
@@ -286,8 +361,9 @@ fn parse_name_size(v: &[u8]) -> Option<ShmSpec> {
 const QUOTE_MAX: usize = 64;
 
 /// Sets `var` in `s` from its non-empty value `v`; a bad value leaves the default and is
-/// reported through `report` (one line, ending with a newline).
-fn apply(s: &mut Settings, var: &Var, v: &[u8], report: &mut dyn FnMut(&[u8])) {
+/// reported through `report` (one line, ending with a newline). Returns whether the value
+/// decided the setting (a good value, or a count clamped to its largest).
+fn apply(s: &mut Settings, var: &Var, v: &[u8], report: &mut dyn FnMut(&[u8])) -> bool {
     // What is used instead of a bad value: the default, or a number.
     let mut instead = None;
     let ok = match var.kind {
@@ -331,7 +407,7 @@ fn apply(s: &mut Settings, var: &Var, v: &[u8], report: &mut dyn FnMut(&[u8])) {
         }
     };
     if ok {
-        return;
+        return true;
     }
     let mut l = Line::new();
     l.str(b"coreheap: ")
@@ -350,21 +426,28 @@ fn apply(s: &mut Settings, var: &Var, v: &[u8], report: &mut dyn FnMut(&[u8])) {
     };
     l.str(b"\n");
     report(l.as_bytes());
+    instead.is_some()
 }
 
 /// Looks a variable up and hands its value (or `None`) to the callback.
 type Lookup<'a> = &'a dyn Fn(&CStr, &mut dyn FnMut(Option<&[u8]>));
 
-/// Every setting from `env`, bad values reported through `report`.
-fn read(env: Lookup, report: &mut dyn FnMut(&[u8])) -> Settings {
+/// Every setting from `env`, bad values reported through `report`; with the set of
+/// variables whose value the environment decided (bit `i` for `VARS[i]`: a good value, or a
+/// count clamped to its range).
+fn read(env: Lookup, report: &mut dyn FnMut(&[u8])) -> (Settings, u16) {
     let mut s = Settings::DEFAULT;
-    for var in &VARS {
-        env(var.name, &mut |v| match v {
-            Some(v) if !v.is_empty() => apply(&mut s, var, v, report),
-            _ => {}
+    let mut set = 0u16;
+    for (i, var) in VARS.iter().enumerate() {
+        env(var.name, &mut |v| {
+            if let Some(v) = v.filter(|v| !v.is_empty()) {
+                if apply(&mut s, var, v, report) {
+                    set |= 1 << i;
+                }
+            }
         });
     }
-    s
+    (s, set)
 }
 
 /// The process's environment, through the OS layer.
@@ -379,7 +462,7 @@ const READY: u8 = 2;
 static STATE: AtomicU8 = AtomicU8::new(UNREAD);
 
 /// The settings, written once before `STATE` becomes `READY`.
-struct Slot(UnsafeCell<MaybeUninit<Settings>>);
+struct Slot(UnsafeCell<MaybeUninit<(Settings, u16)>>);
 // SAFETY: written by one thread (the one that moved STATE from UNREAD to READING) before its
 // Release store of READY; read only after an Acquire load of READY; never written again.
 unsafe impl Sync for Slot {}
@@ -390,6 +473,12 @@ static SLOT: Slot = Slot(UnsafeCell::new(MaybeUninit::uninit()));
 /// the environment itself, quietly. Never allocates, never panics, keeps `errno`.
 #[inline]
 pub fn get() -> Settings {
+    get_with_set().0
+}
+
+/// [`get`], with the set of variables the environment decided (see [`read`]).
+#[inline]
+fn get_with_set() -> (Settings, u16) {
     if STATE.load(Ordering::Acquire) == READY {
         // SAFETY: READY is stored (Release) only after the slot was written; never changes.
         return unsafe { (*SLOT.0.get()).assume_init() };
@@ -398,7 +487,7 @@ pub fn get() -> Settings {
 }
 
 #[cold]
-fn read_once() -> Settings {
+fn read_once() -> (Settings, u16) {
     match STATE.compare_exchange(UNREAD, READING, Ordering::Acquire, Ordering::Acquire) {
         Ok(_) => {
             let s = read(&process_env, &mut |line| os::write_all(2, line));
@@ -425,10 +514,87 @@ mod tests {
             f(pairs.iter().find(|p| p.0 == name).map(|p| p.1.as_bytes()))
         };
         let mut reports = Vec::new();
-        let s = read(&env, &mut |l| {
+        let (s, _) = read(&env, &mut |l| {
             reports.push(String::from_utf8(l.to_vec()).unwrap())
         });
         (s, reports)
+    }
+
+    /// The settings with `ov` merged, `pairs` as the environment.
+    fn resolve_from(pairs: &[(&str, &str)], ov: &Overrides) -> Settings {
+        let env = |name: &CStr, f: &mut dyn FnMut(Option<&[u8]>)| {
+            let name = name.to_str().unwrap();
+            f(pairs.iter().find(|p| p.0 == name).map(|p| p.1.as_bytes()))
+        };
+        let (s, set) = read(&env, &mut |_| {});
+        merge(s, set, ov)
+    }
+
+    #[test]
+    fn the_builder_positions_name_their_variables() {
+        for (i, name) in [
+            (ARENAS, "COREHEAP_ARENAS"),
+            (STATS, "COREHEAP_STATS"),
+            (RSEQ, "COREHEAP_RSEQ"),
+            (DEBUG, "COREHEAP_DEBUG"),
+            (PURGE_MS, "COREHEAP_PURGE_MS"),
+            (DIRTY_MAX, "COREHEAP_DIRTY_MAX"),
+        ] {
+            assert_eq!(VARS[i].name.to_str().unwrap(), name);
+        }
+    }
+
+    #[test]
+    fn the_environment_over_the_builder_over_the_defaults() {
+        let ov = Overrides {
+            arenas: Some(3),
+            purge_ms: Some(200),
+            dirty_max: Some(1 << 20),
+            debug: Some(true),
+            rseq: Some(false),
+            stats: Some(true),
+        };
+        assert_eq!(resolve_from(&[], &Overrides::NONE), Settings::DEFAULT);
+        let s = resolve_from(&[], &ov);
+        assert_eq!(
+            (s.arenas, s.purge_ms, s.dirty_max),
+            (Some(3), Some(200), Some(1 << 20))
+        );
+        assert!(s.debug && !s.rseq && s.stats);
+        let s = resolve_from(
+            &[
+                ("COREHEAP_ARENAS", "2"),
+                ("COREHEAP_PURGE_MS", "5"),
+                ("COREHEAP_DIRTY_MAX", "2M"),
+                ("COREHEAP_DEBUG", "0"),
+                ("COREHEAP_RSEQ", "1"),
+                ("COREHEAP_STATS", "no"),
+            ],
+            &ov,
+        );
+        assert_eq!(
+            (s.arenas, s.purge_ms, s.dirty_max),
+            (Some(2), Some(5), Some(2 << 20))
+        );
+        assert!(!s.debug && s.rseq && !s.stats);
+        // A bad value leaves the builder's; a clamped one is the environment's.
+        let s = resolve_from(&[("COREHEAP_ARENAS", "abc"), ("COREHEAP_DEBUG", "x")], &ov);
+        assert_eq!(s.arenas, Some(3));
+        assert!(s.debug);
+        let s = resolve_from(&[("COREHEAP_ARENAS", "9999")], &ov);
+        assert_eq!(s.arenas, Some(MAX_ARENAS));
+        // The builder's values are clamped to the variables' ranges.
+        let wild = Overrides {
+            arenas: Some(0),
+            purge_ms: Some(u32::MAX),
+            dirty_max: Some(u64::MAX),
+            ..Overrides::NONE
+        };
+        let s = resolve_from(&[], &wild);
+        assert_eq!(
+            (s.arenas, s.purge_ms, s.dirty_max),
+            (Some(1), Some(3_600_000), Some(1 << 40))
+        );
     }
 
     #[test]
@@ -585,7 +751,7 @@ mod tests {
                 Kind::Report { .. } => b"json",
                 Kind::Size { .. } => b"2M",
             };
-            apply(&mut s, var, v, &mut |l| panic!("{l:?}"));
+            assert!(apply(&mut s, var, v, &mut |l| panic!("{l:?}")));
         }
         assert_eq!(s.arenas, Some(2));
         assert!(s.stats && s.stats_json && s.rseq && s.debug && s.check && s.shm.is_some());

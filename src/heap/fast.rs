@@ -10,6 +10,7 @@ use super::init::BOOTSTRAP;
 use super::{ProcessHeap, NOT_FAST, SRC};
 use crate::arena::{lookup_small, small_block_start};
 use crate::chunk::{page_index, ChunkHeader, CHUNK_ARENA};
+use crate::settings::Overrides;
 use crate::size_class::{request_bound, CHUNK, NUM_CLASSES, PAGE, SMALL_MAX, SMALL_MIN_SHIFT};
 
 /// `r`, as a value the compiler must keep in a register. For `&HEAP`, whose address it
@@ -40,6 +41,19 @@ impl ProcessHeap {
     /// null, and whether it is known to read zero.
     #[inline(always)]
     pub fn alloc(&self, size: usize, align: usize) -> (*mut u8, bool) {
+        self.alloc_with(size, align, None)
+    }
+
+    /// [`alloc`](Self::alloc); should this call initialise the heap, with the builder's
+    /// settings `ov`, which only the out-of-line slow path receives (the fast path is the
+    /// same code).
+    #[inline(always)]
+    pub(crate) fn alloc_with(
+        &self,
+        size: usize,
+        align: usize,
+        ov: Option<&Overrides>,
+    ) -> (*mut u8, bool) {
         let this = in_register(self);
         let bound = request_bound(size, align);
         let class = if bound < SMALL_MAX && align <= PAGE {
@@ -63,7 +77,7 @@ impl ProcessHeap {
             }
             return (b.cast(), false);
         }
-        self.alloc_slow(size, align)
+        self.alloc_slow(size, align, ov)
     }
 
     /// The class of a request whose [`request_bound`] is `bound`, if the fast path is on

@@ -147,7 +147,7 @@ extern "C" fn check_at_exit() {
 
 /// Registers the fork handlers (and the exit report and check, if asked for) once per
 /// process.
-pub(super) fn register_handlers() {
+pub(super) fn register_handlers(settings: &crate::settings::Settings) {
     static DONE: AtomicBool = AtomicBool::new(false);
     if DONE.swap(true, Ordering::Relaxed) {
         return;
@@ -157,7 +157,6 @@ pub(super) fn register_handlers() {
         l.str(b"coreheap: pthread_atfork failed; fork may deadlock\n");
         l.write(2);
     }
-    let settings = crate::settings::get();
     let (stats, check) = (settings.stats, settings.check);
     if stats || check {
         // A high descriptor number keeps out of the way of programs that pick small ones.

@@ -17,7 +17,7 @@ use super::{fork, Config, ProcessHeap, FAILED, INITING, READY, UNINIT};
 use crate::arena::Arena;
 use crate::cpucache::Caches;
 use crate::os;
-use crate::settings::{self, MAX_ARENAS};
+use crate::settings::{self, Overrides, Settings, MAX_ARENAS};
 use crate::size_class::{CLASS_TABLE, PAGE};
 use crate::source::OsSource;
 
@@ -77,9 +77,10 @@ impl Bootstrap {
 impl ProcessHeap {
     /// Initialises the heap, or waits for the thread that does. Returns whether it is
     /// READY; false for the initialising thread itself (re-entry) and after a failure.
+    /// `ov`: the builder's settings, used if this call initialises (later ones are ignored).
     #[cold]
     #[inline(never)]
-    pub(super) fn init_slow(&self) -> bool {
+    pub(super) fn init_slow(&self, ov: Option<&Overrides>) -> bool {
         let backoff = Backoff::new();
         loop {
             match self
@@ -88,7 +89,7 @@ impl ProcessHeap {
             {
                 Ok(_) => {
                     self.init_pid.store(os::pid(), Ordering::Relaxed);
-                    return self.initialise();
+                    return self.initialise(ov);
                 }
                 Err(READY) => return true,
                 Err(FAILED) => return false,
@@ -116,7 +117,7 @@ impl ProcessHeap {
                                 )
                                 .is_ok()
                         {
-                            return self.initialise();
+                            return self.initialise(ov);
                         }
                         os::yield_now();
                     } else {
@@ -131,10 +132,12 @@ impl ProcessHeap {
     ///
     /// pre: the calling thread is the only initialiser: it moved `state` to INITING, or took
     /// `init_pid` over from a parent process's initialiser that does not exist here.
-    fn initialise(&self) -> bool {
+    fn initialise(&self, ov: Option<&Overrides>) -> bool {
         self.init_thread.store(os::thread_id(), Ordering::Relaxed);
+        // The environment over the builder's settings over the defaults.
+        let settings = settings::resolve(ov);
         // SAFETY: by the precondition we are the only writer.
-        let ok = unsafe { init_config(&mut *self.config.get()) };
+        let ok = unsafe { init_config(&mut *self.config.get(), &settings) };
         // Release: publishes `config`.
         self.state
             .store(if ok { READY } else { FAILED }, Ordering::Release);
@@ -147,7 +150,7 @@ impl ProcessHeap {
                     e.store(c, Ordering::Release);
                 }
             }
-            fork::register_handlers();
+            fork::register_handlers(&settings);
         }
         ok
     }
@@ -162,16 +165,15 @@ impl ProcessHeap {
     }
 }
 
-/// Computes the configuration: the arena count, the arenas, the CPU map and the caches, in
-/// one fresh mapping. False if it cannot be mapped.
-fn init_config(cfg: &mut Config) -> bool {
+/// Computes the configuration from `settings`: the arena count, the arenas, the CPU map and
+/// the caches, in one fresh mapping. False if it cannot be mapped.
+fn init_config(cfg: &mut Config, settings: &Settings) -> bool {
     // The rseq area is looked up now, whatever the settings, while the process most likely
     // has one thread (not later from a signal handler).
     #[cfg(all(target_arch = "x86_64", target_os = "linux", target_env = "gnu"))]
     let _ = os::rseq::area_offset();
     let mut allowed = [0u64; 16];
     let ncpu = os::cpu_affinity(&mut allowed);
-    let settings = settings::get();
     crate::policy::set(
         settings
             .purge_ms
@@ -287,7 +289,7 @@ mod tests {
         H.init_pid
             .store(os::pid().wrapping_add(1), Ordering::Relaxed);
         let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || tx.send(H.init_slow()).unwrap());
+        std::thread::spawn(move || tx.send(H.init_slow(None)).unwrap());
         let ready = rx
             .recv_timeout(Duration::from_secs(20))
             .expect("initialisation inherited from a fork hung");

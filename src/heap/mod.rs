@@ -25,6 +25,7 @@ use crate::cpucache::{Caches, OUTBOX, PTR_BITS};
 use crate::debug;
 use crate::front::{self, report, Backend, HugeCounters};
 use crate::os;
+use crate::settings::Overrides;
 use crate::size_class::{LARGE_MAX, NUM_CLASSES, SMALL_MAX, SMALL_MIN};
 use crate::source::OsSource;
 use crate::stats::{self, Stats};
@@ -198,8 +199,15 @@ impl ProcessHeap {
     /// initialising (re-entry) or if initialisation failed.
     #[inline]
     fn config(&self) -> Option<&Config> {
+        self.config_with(None)
+    }
+
+    /// [`config`](Self::config); should this call initialise the heap, with the builder's
+    /// settings `ov`.
+    #[inline]
+    fn config_with(&self, ov: Option<&Overrides>) -> Option<&Config> {
         // Acquire: pairs with the Release store of READY, making `config` visible.
-        if self.state.load(Ordering::Acquire) != READY && !self.init_slow() {
+        if self.state.load(Ordering::Acquire) != READY && !self.init_slow(ov) {
             return None;
         }
         // SAFETY: READY was observed with Acquire (see the invariant on `ProcessHeap`).
@@ -228,10 +236,11 @@ impl ProcessHeap {
     }
 
     /// Everything but a small block from the caches. Out of line, so that the fast path
-    /// (`fast.rs`) needs no registers saved.
+    /// (`fast.rs`) needs no registers saved. `ov`: the builder's settings, should this call
+    /// initialise the heap.
     #[inline(never)]
-    fn alloc_slow(&self, size: usize, align: usize) -> (*mut u8, bool) {
-        let Some(r) = self.ready() else {
+    fn alloc_slow(&self, size: usize, align: usize, ov: Option<&Overrides>) -> (*mut u8, bool) {
+        let Some(r) = self.config_with(ov).map(|cfg| Ready { heap: self, cfg }) else {
             return (self.alloc_bootstrap(size, align), true);
         };
         if r.cfg.debug {
@@ -265,12 +274,28 @@ impl ProcessHeap {
     /// reused span may hold of old data (a fresh mapping reads zero).
     #[inline]
     pub fn alloc_zeroed(&self, size: usize, align: usize) -> *mut u8 {
+        self.alloc_zeroed_with(size, align, None)
+    }
+
+    /// [`alloc_zeroed`](Self::alloc_zeroed); should this call initialise the heap, with the
+    /// builder's settings `ov`.
+    #[inline]
+    pub(crate) fn alloc_zeroed_with(
+        &self,
+        size: usize,
+        align: usize,
+        ov: Option<&Overrides>,
+    ) -> *mut u8 {
         if size > LARGE_MAX || align > LARGE_ALIGN_MAX {
-            if let Some(r) = self.ready().filter(|r| !r.cfg.debug) {
+            if let Some(r) = self
+                .config_with(ov)
+                .map(|cfg| Ready { heap: self, cfg })
+                .filter(|r| !r.cfg.debug)
+            {
                 return front::alloc_huge_zeroed(&r, size, align);
             }
         }
-        let (p, zero) = self.alloc(size, align);
+        let (p, zero) = self.alloc_with(size, align, ov);
         if !p.is_null() && !zero {
             // SAFETY: `p` is a fresh block of at least `size` bytes.
             unsafe { ptr::write_bytes(p, 0, size) };

@@ -1,0 +1,109 @@
+//! The `const` builder on `CoreHeap`: its settings reach the heap, and the environment wins
+//! over them. One binary (`harness = false`), since the global allocator is per binary; the
+//! parent runs itself as a child with and without `COREHEAP_ARENAS`.
+
+use std::process::Command;
+
+#[global_allocator]
+static GLOBAL: coreheap::CoreHeap = coreheap::CoreHeap::new()
+    .arenas(3)
+    .purge_delay_ms(0)
+    .dirty_max(1 << 20);
+
+const CHILD_VAR: &str = "COREHEAP_BUILDER_CHILD";
+
+/// The child: frees 32 MiB of large blocks, waits, takes a few more slow-path operations
+/// (the decay clock's ticks), and prints the arena count and the dirty bytes left.
+fn child() {
+    let layout = std::alloc::Layout::from_size_align(256 << 10, 8).unwrap();
+    // SAFETY: non-zero size; each block freed once.
+    let blocks: Vec<usize> = (0..128)
+        .map(|_| unsafe { std::alloc::alloc(layout) } as usize)
+        .collect();
+    for &b in &blocks {
+        // SAFETY: each block written once, then freed once with its layout.
+        unsafe {
+            std::ptr::write_bytes(b as *mut u8, 1, layout.size());
+            std::alloc::dealloc(b as *mut u8, layout);
+        }
+    }
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    for _ in 0..64 {
+        // SAFETY: as above.
+        unsafe { std::alloc::dealloc(std::alloc::alloc(layout), layout) };
+    }
+    let dirty: usize = coreheap::stats().arenas.iter().map(|a| a.dirty_bytes).sum();
+    println!("arenas={} dirty={dirty}", coreheap::arena_count());
+}
+
+/// Runs the child with `env` added to an environment without `COREHEAP_*`; returns its
+/// arena count and dirty bytes.
+fn run(env: &[(&str, &str)]) -> (usize, usize) {
+    let mut cmd = Command::new(std::env::current_exe().unwrap());
+    for (k, _) in std::env::vars_os() {
+        if k.to_string_lossy().starts_with("COREHEAP_") {
+            cmd.env_remove(k);
+        }
+    }
+    let out = cmd
+        .env(CHILD_VAR, "1")
+        .envs(env.iter().copied())
+        .output()
+        .expect("spawn child");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "child failed: {stdout}\n{stderr}");
+    let field = |name: &str| -> usize {
+        stdout
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix(name))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in: {stdout}"))
+    };
+    (field("arenas="), field("dirty="))
+}
+
+/// `CoreHeap::new().arenas(3).purge_delay_ms(0).dirty_max(1 << 20)`: three arenas, and what
+/// the program freed goes back at the next tick.
+fn the_builder_sets_the_heap() {
+    let (arenas, dirty) = run(&[]);
+    assert_eq!(arenas, 3, "the builder asked for 3 arenas");
+    assert!(
+        dirty <= 8 << 20,
+        "with purge_delay_ms(0) and dirty_max(1M), {dirty} dirty bytes stay"
+    );
+}
+
+/// `COREHEAP_ARENAS=2` wins over the builder's 3; the builder's other settings stay.
+fn the_environment_wins_over_the_builder() {
+    let (arenas, dirty) = run(&[("COREHEAP_ARENAS", "2")]);
+    assert_eq!(arenas, 2, "the environment asked for 2 arenas");
+    assert!(dirty <= 8 << 20, "{dirty} dirty bytes stay");
+    // A bad value is reported, and the builder's value is used.
+    let (arenas, _) = run(&[("COREHEAP_ARENAS", "abc")]);
+    assert_eq!(arenas, 3, "a bad COREHEAP_ARENAS leaves the builder's 3");
+}
+
+fn main() {
+    if std::env::var_os(CHILD_VAR).is_some() {
+        child();
+        return;
+    }
+    let tests: [(&str, fn()); 2] = [
+        ("the_builder_sets_the_heap", the_builder_sets_the_heap),
+        (
+            "the_environment_wins_over_the_builder",
+            the_environment_wins_over_the_builder,
+        ),
+    ];
+    let filter: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .collect();
+    for (name, f) in tests {
+        if filter.is_empty() || filter.iter().any(|p| name.contains(p.as_str())) {
+            f();
+            println!("test {name} ... ok");
+        }
+    }
+}

@@ -114,18 +114,21 @@ pub extern "C" fn coreheap_stats_json(fd: c_int) {
 #[no_mangle]
 pub unsafe extern "C" fn cfree(p: *mut c_void) {
     // SAFETY: the C caller's contract.
-    unsafe { c_api::free(p) }
+    unsafe { free(p) }
 }
 
 // glibc's internal entry points, which some programs and libraries call directly to reach
 // "the" malloc: they must reach coreheap too, or a block would be freed by the other
-// allocator.
+// allocator. Each calls the public function (a tail jump) rather than repeat its body:
+// identical bodies are merged into one outlined copy, which would cost `malloc` and `free`
+// their inlined fast paths.
 
 /// # Safety
 /// C's `malloc`.
 #[no_mangle]
 pub unsafe extern "C" fn __libc_malloc(size: usize) -> *mut c_void {
-    c_api::malloc(size)
+    // SAFETY: the C caller's contract.
+    unsafe { malloc(size) }
 }
 
 /// # Safety
@@ -133,14 +136,15 @@ pub unsafe extern "C" fn __libc_malloc(size: usize) -> *mut c_void {
 #[no_mangle]
 pub unsafe extern "C" fn __libc_free(p: *mut c_void) {
     // SAFETY: the C caller's contract.
-    unsafe { c_api::free(p) }
+    unsafe { free(p) }
 }
 
 /// # Safety
 /// C's `calloc`.
 #[no_mangle]
 pub unsafe extern "C" fn __libc_calloc(n: usize, size: usize) -> *mut c_void {
-    c_api::calloc(n, size)
+    // SAFETY: the C caller's contract.
+    unsafe { calloc(n, size) }
 }
 
 /// # Safety
@@ -148,14 +152,15 @@ pub unsafe extern "C" fn __libc_calloc(n: usize, size: usize) -> *mut c_void {
 #[no_mangle]
 pub unsafe extern "C" fn __libc_realloc(p: *mut c_void, size: usize) -> *mut c_void {
     // SAFETY: the C caller's contract.
-    unsafe { c_api::realloc(p, size) }
+    unsafe { realloc(p, size) }
 }
 
 /// # Safety
 /// C's `memalign`.
 #[no_mangle]
 pub unsafe extern "C" fn __libc_memalign(align: usize, size: usize) -> *mut c_void {
-    c_api::memalign(align, size)
+    // SAFETY: the C caller's contract.
+    unsafe { memalign(align, size) }
 }
 
 /// # Safety

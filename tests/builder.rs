@@ -2,6 +2,8 @@
 //! over them. One binary (`harness = false`), since the global allocator is per binary; the
 //! parent runs itself as a child with and without `COREHEAP_ARENAS`.
 
+mod common;
+
 use std::process::Command;
 
 #[global_allocator]
@@ -12,27 +14,9 @@ static GLOBAL: coreheap::CoreHeap = coreheap::CoreHeap::new()
 
 const CHILD_VAR: &str = "COREHEAP_BUILDER_CHILD";
 
-/// The child: frees 32 MiB of large blocks, waits, takes a few more slow-path operations
-/// (the decay clock's ticks), and prints the arena count and the dirty bytes left.
+/// The child: prints the arena count and what it keeps dirty after freeing 32 MiB.
 fn child() {
-    let layout = std::alloc::Layout::from_size_align(256 << 10, 8).unwrap();
-    // SAFETY: non-zero size; each block freed once.
-    let blocks: Vec<usize> = (0..128)
-        .map(|_| unsafe { std::alloc::alloc(layout) } as usize)
-        .collect();
-    for &b in &blocks {
-        // SAFETY: each block written once, then freed once with its layout.
-        unsafe {
-            std::ptr::write_bytes(b as *mut u8, 1, layout.size());
-            std::alloc::dealloc(b as *mut u8, layout);
-        }
-    }
-    std::thread::sleep(std::time::Duration::from_millis(50));
-    for _ in 0..64 {
-        // SAFETY: as above.
-        unsafe { std::alloc::dealloc(std::alloc::alloc(layout), layout) };
-    }
-    let dirty: usize = coreheap::stats().arenas.iter().map(|a| a.dirty_bytes).sum();
+    let dirty = common::dirty_after_freeing_32_mib(50);
     println!("arenas={} dirty={dirty}", coreheap::arena_count());
 }
 

@@ -2,6 +2,8 @@
 //! stderr, in one line naming the variable, the value and what is used instead, however many
 //! threads (and the allocator itself) read the settings.
 
+mod common;
+
 use std::process::Command;
 
 #[global_allocator]
@@ -73,28 +75,9 @@ fn a_bad_value_is_reported_once() {
 
 const PURGE_CHILD: &str = "COREHEAP_SETTINGS_PURGE_CHILD";
 
-/// The purge child: frees 32 MiB of large blocks, waits past a short delay, takes a few
-/// more slow-path operations (the decay clock's ticks), and prints the dirty bytes left.
+/// The purge child: prints what it keeps dirty after freeing 32 MiB.
 fn purge_child() {
-    let layout = std::alloc::Layout::from_size_align(256 << 10, 8).unwrap();
-    // SAFETY: non-zero size; each block freed once.
-    let blocks: Vec<usize> = (0..128)
-        .map(|_| unsafe { std::alloc::alloc(layout) } as usize)
-        .collect();
-    for &b in &blocks {
-        // SAFETY: each block written once, then freed once with its layout.
-        unsafe {
-            std::ptr::write_bytes(b as *mut u8, 1, layout.size());
-            std::alloc::dealloc(b as *mut u8, layout);
-        }
-    }
-    std::thread::sleep(std::time::Duration::from_millis(300));
-    for _ in 0..64 {
-        // SAFETY: as above.
-        unsafe { std::alloc::dealloc(std::alloc::alloc(layout), layout) };
-    }
-    let dirty: usize = coreheap::stats().arenas.iter().map(|a| a.dirty_bytes).sum();
-    println!("dirty={dirty}");
+    println!("dirty={}", common::dirty_after_freeing_32_mib(300));
 }
 
 /// `COREHEAP_PURGE_MS` and `COREHEAP_DIRTY_MAX` set how soon freed pages go back: with 0 ms

@@ -53,3 +53,27 @@ pub fn class_bytes(size: usize, align: usize) -> Option<usize> {
         .map(coreheap::class_size)
         .find(|&cs| cs >= size && cs.is_multiple_of(align.min(coreheap::PAGE)))
 }
+
+/// Frees 32 MiB of large blocks (written first), waits `wait_ms`, takes 64 more slow-path
+/// operations (the arenas' decay clock ticks on them), and returns the dirty bytes the
+/// heap keeps then: how much of what was freed it still holds.
+pub fn dirty_after_freeing_32_mib(wait_ms: u64) -> usize {
+    let layout = std::alloc::Layout::from_size_align(256 << 10, 8).unwrap();
+    // SAFETY: non-zero size; each block freed once.
+    let blocks: Vec<usize> = (0..128)
+        .map(|_| unsafe { std::alloc::alloc(layout) } as usize)
+        .collect();
+    for &b in &blocks {
+        // SAFETY: each block written once, then freed once with its layout.
+        unsafe {
+            std::ptr::write_bytes(b as *mut u8, 1, layout.size());
+            std::alloc::dealloc(b as *mut u8, layout);
+        }
+    }
+    std::thread::sleep(Duration::from_millis(wait_ms));
+    for _ in 0..64 {
+        // SAFETY: as above.
+        unsafe { std::alloc::dealloc(std::alloc::alloc(layout), layout) };
+    }
+    coreheap::stats().arenas.iter().map(|a| a.dirty_bytes).sum()
+}

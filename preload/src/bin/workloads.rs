@@ -619,19 +619,7 @@ fn huge(p: &Params) -> Totals {
             fill(&b, 0);
             b
         };
-        let mut live: Vec<Blk> = (0..LIVE).map(|_| new(&mut rng)).collect();
-        let mut tot = Totals {
-            ops: LIVE as u64,
-            checksum: 0,
-        };
-        for _ in 0..steps {
-            let i = rng.below(LIVE);
-            // Free before malloc, as a program replacing a buffer does.
-            tot.checksum = tot.checksum.wrapping_add(live.swap_remove(i).free());
-            live.push(new(&mut rng));
-            tot.ops += 2;
-        }
-        tot.add(free_all(live))
+        replace_at_random(LIVE, steps, &mut rng, new)
     })
 }
 
@@ -641,19 +629,30 @@ fn large(p: &Params) -> Totals {
     run_threads(p.threads, |t| {
         let mut rng = Rng::new(t);
         let new = |rng: &mut Rng| Blk::new(rng.range(9 << 10, 256 << 10) & !7, rng.next());
-        let mut live: Vec<Blk> = (0..LIVE).map(|_| new(&mut rng)).collect();
-        let mut tot = Totals {
-            ops: LIVE as u64,
-            checksum: 0,
-        };
-        for _ in 0..steps {
-            let i = rng.below(LIVE);
-            tot.checksum = tot.checksum.wrapping_add(live.swap_remove(i).free());
-            live.push(new(&mut rng));
-            tot.ops += 2;
-        }
-        tot.add(free_all(live))
+        replace_at_random(LIVE, steps, &mut rng, new)
     })
+}
+
+/// `live` blocks made by `new`, then `steps` times one at random freed and replaced (free
+/// before malloc, as a program replacing a buffer does), then all freed.
+fn replace_at_random(
+    live: usize,
+    steps: u64,
+    rng: &mut Rng,
+    new: impl Fn(&mut Rng) -> Blk,
+) -> Totals {
+    let mut blocks: Vec<Blk> = (0..live).map(|_| new(rng)).collect();
+    let mut tot = Totals {
+        ops: live as u64,
+        checksum: 0,
+    };
+    for _ in 0..steps {
+        let i = rng.below(live);
+        tot.checksum = tot.checksum.wrapping_add(blocks.swap_remove(i).free());
+        blocks.push(new(rng));
+        tot.ops += 2;
+    }
+    tot.add(free_all(blocks))
 }
 
 /// A buffer whose every word holds the pattern, like a vector of u64.

@@ -28,7 +28,7 @@ Runs PROGRAM with coreheap as its malloc (LD_PRELOAD of the preload library), ke
 LD_PRELOAD it already has (coreheap's library goes first).
   --stats      print coreheap's per-arena statistics to stderr when PROGRAM exits
   --lib PATH   the preload library (default: $COREHEAP_LIB, else libcoreheap_preload.so
-               beside this executable)
+               beside this executable, else in ../lib from it)
   -h, --help   this text";
 
 fn main() {
@@ -120,13 +120,24 @@ fn run(mut p: lexopt::Parser) {
 }
 
 /// The preload library: `explicit` if given (a flag or `COREHEAP_LIB`), else the one beside
-/// this executable. Canonical, and checked to exist.
+/// this executable, else `../lib/` from it (where `scripts/install.sh` puts it). Canonical,
+/// and checked to exist.
 fn find_lib(explicit: Option<PathBuf>) -> Result<PathBuf, String> {
     let lib = match explicit {
         Some(l) => l,
-        None => env::current_exe()
-            .map_err(|e| format!("cannot find my own executable: {e}"))?
-            .with_file_name(LIB_NAME),
+        None => {
+            let exe =
+                env::current_exe().map_err(|e| format!("cannot find my own executable: {e}"))?;
+            let beside = exe.with_file_name(LIB_NAME);
+            let installed = exe
+                .parent()
+                .and_then(|bin| bin.parent())
+                .map(|prefix| prefix.join("lib").join(LIB_NAME));
+            match installed {
+                Some(l) if !beside.is_file() && l.is_file() => l,
+                _ => beside,
+            }
+        }
     };
     if !lib.is_file() {
         return Err(format!(

@@ -884,3 +884,26 @@ fn stats_as_json() {
         assert!(text(&r.stdout).contains("json ok"), "{err}");
     }
 }
+
+/// An installed layout (`scripts/install.sh`): the runner in PREFIX/bin finds the library in
+/// PREFIX/lib.
+#[test]
+fn runner_finds_an_installed_library() {
+    let prefix = tmp().join("installed");
+    let _ = std::fs::remove_dir_all(&prefix);
+    std::fs::create_dir_all(prefix.join("bin")).unwrap();
+    std::fs::create_dir_all(prefix.join("lib")).unwrap();
+    std::fs::copy(runner(), prefix.join("bin/coreheap")).unwrap();
+    std::fs::copy(library(), prefix.join("lib/libcoreheap_preload.so")).unwrap();
+    let mut cmd = Command::new(prefix.join("bin/coreheap"));
+    cmd.args(["run", "--stats", "--", "/bin/echo", "hi"])
+        .env_remove("COREHEAP_LIB");
+    let out = run_limited(cmd, Duration::from_secs(30));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout).trim(), "hi");
+    assert!(
+        text(&out.stderr).contains("coreheap: "),
+        "{}",
+        text(&out.stderr)
+    );
+}

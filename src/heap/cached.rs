@@ -374,7 +374,7 @@ impl ProcessHeap {
             unsafe { kept.push(p.cast()) };
         }
         // SAFETY: both chains are ours, of arena `ai` and `class`; `kept` has at most
-        // `limit(class) / 2 + 1 <= limit(class)` blocks.
+        // `min(ceil(n / 2), BATCH_MAX) + 1 <= limit(class)` blocks (every limit is at least 2).
         unsafe {
             if older != 0 {
                 return_chain(cfg.arena(ai), &SRC, older);

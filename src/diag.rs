@@ -2,6 +2,21 @@
 
 use crate::os;
 
+/// Writes `v` in decimal at the end of `tmp` (20 digits hold any `u64`) and returns the
+/// digits. Used by [`Line::num`] and for paths such as `/proc/<pid>/stat`.
+pub fn decimal(mut v: u64, tmp: &mut [u8; 20]) -> &[u8] {
+    let mut i = tmp.len();
+    loop {
+        i -= 1;
+        tmp[i] = b'0' + (v % 10) as u8;
+        v /= 10;
+        if v == 0 {
+            break;
+        }
+    }
+    &tmp[i..]
+}
+
 /// A line being built in a fixed buffer; what does not fit is cut off.
 pub struct Line {
     buf: [u8; 256],
@@ -27,18 +42,9 @@ impl Line {
     }
 
     /// Appends `v` in decimal.
-    pub fn num(&mut self, mut v: u64) -> &mut Self {
+    pub fn num(&mut self, v: u64) -> &mut Self {
         let mut tmp = [0u8; 20];
-        let mut i = tmp.len();
-        loop {
-            i -= 1;
-            tmp[i] = b'0' + (v % 10) as u8;
-            v /= 10;
-            if v == 0 {
-                break;
-            }
-        }
-        self.str(&tmp[i..])
+        self.str(decimal(v, &mut tmp))
     }
 
     /// Appends `v` in decimal, right-aligned in `width` columns.

@@ -74,18 +74,9 @@ pub(super) fn path_with_number<'b>(
     suffix: &[u8],
 ) -> Option<&'b [u8]> {
     let mut digits = [0u8; 20];
-    let mut i = digits.len();
-    let mut v = n;
-    loop {
-        i -= 1;
-        digits[i] = b'0' + (v % 10) as u8;
-        v /= 10;
-        if v == 0 {
-            break;
-        }
-    }
+    let digits = crate::diag::decimal(n, &mut digits);
     let mut len = 0;
-    for part in [prefix, &digits[i..], suffix] {
+    for part in [prefix, digits, suffix] {
         buf.get_mut(len..len + part.len())?.copy_from_slice(part);
         len += part.len();
     }

@@ -168,6 +168,17 @@ impl RawLock {
         }
     }
 
+    /// Fork: takes the lock before `fork`. Returns false, without taking it, if the calling
+    /// thread holds it already (a signal handler that interrupted its holder): the lock then
+    /// stays with the interrupted code, in the parent and in the child.
+    pub fn lock_for_fork(&self) -> bool {
+        if self.held_by_caller() {
+            return false;
+        }
+        self.lock();
+        true
+    }
+
     /// Forgets any holder: for the child of `fork`, where the holder does not exist.
     ///
     /// pre: only the calling thread exists in this process (or none other uses the lock).

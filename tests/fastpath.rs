@@ -28,6 +28,7 @@ fn main() {
         Ok("double-released") => double_dealloc_released_child(),
         Ok("corrupt-link") => corrupt_link_child(),
         Ok("double-parked") => double_dealloc_parked_child(),
+        Ok("double-unmapped") => double_dealloc_unmapped_child(),
         Ok(_) => {
             counter_child();
             return;
@@ -116,6 +117,43 @@ fn double_dealloc_released_child() -> ! {
         coreheap::trim();
         let p = blocks[0];
         println!("block={p:p} released={}", !coreheap::owns(p) as u8);
+        dealloc(p, layout);
+    }
+    println!("second dealloc returned");
+    std::process::exit(0);
+}
+
+/// The child: a thread pinned to one core allocates blocks of one class over more chunks
+/// than an arena keeps as spares, frees them all in order and trims, so that the chunks
+/// emptied after the spares go back to the OS (the last one may still hold its bin's kept
+/// run); then frees a block of the chunk before the last again through
+/// the sized path, which reads the chunk's header without the registry test. Must not
+/// return (and must not fault: the chunk is gone, its address space retired).
+fn double_dealloc_unmapped_child() -> ! {
+    if let Some(core) = core_affinity::get_core_ids().and_then(|c| c.first().copied()) {
+        core_affinity::set_for_current(core);
+    }
+    let layout = Layout::from_size_align(64, 8).unwrap();
+    // Eight chunks' worth of 64-byte blocks (4 MiB chunks): more than the four spares.
+    let n = 8 * (coreheap::CHUNK / 64);
+    // SAFETY: deliberately wrong: the last block is deallocated twice, which coreheap must
+    // detect although its chunk was given back.
+    unsafe {
+        let blocks: Vec<*mut u8> = (0..n).map(|_| alloc(layout)).collect();
+        assert!(blocks.iter().all(|p| !p.is_null()));
+        for &q in &blocks {
+            dealloc(q, layout);
+        }
+        coreheap::trim();
+        let unmapped: u64 = coreheap::stats()
+            .arenas
+            .iter()
+            .map(|a| a.pages.chunks_unmapped)
+            .sum();
+        // A chunk holds fewer than CHUNK / 64 blocks (its header, run tails): this one lies
+        // in the chunk before the last, or the one before that.
+        let p = blocks[n - coreheap::CHUNK / 64 - coreheap::CHUNK / 128];
+        println!("block={p:p} chunks_unmapped={unmapped}");
         dealloc(p, layout);
     }
     println!("second dealloc returned");
@@ -277,6 +315,8 @@ fn double_dealloc_aborts() {
         ("double-released", vec![]),
         ("double-released", vec![("COREHEAP_RSEQ", "0")]),
         ("double-parked", vec![]),
+        ("double-unmapped", vec![]),
+        ("double-unmapped", vec![("COREHEAP_RSEQ", "0")]),
     ] {
         let out = Command::new(std::env::current_exe().unwrap())
             .env(CHILD_VAR, mode)
@@ -295,6 +335,14 @@ fn double_dealloc_aborts() {
         let named = stderr.contains(block.trim_start_matches("0x"));
         let said = match mode {
             "double" => stderr.contains("double free"),
+            // The chunk went back: the block is no longer in any chunk of coreheap's.
+            "double-unmapped" => {
+                assert!(
+                    !stdout.contains("chunks_unmapped=0"),
+                    "no chunk went back to the OS: {stdout}"
+                );
+                stderr.contains("invalid pointer") && !stderr.contains("arena")
+            }
             "double-parked" if coreheap::fast_path() => stderr.contains("double free"),
             _ => {
                 // The scenario must really be the released one (without the caches, the

@@ -174,7 +174,8 @@ impl ProcessHeap {
             // bootstrap block (those are handed out only to the initialising thread while it
             // initialises, which in a Rust program allocates nothing), so it lies in one of
             // our chunks; arena chunks stay mapped while any of their pages are in use, and
-            // a double free after the chunk was unmapped faults here (documented). Page
+            // one given back stays mapped, reading zero (`source/retired.rs`), so a double
+            // free after that reads a `kind` that sends it to the full checks. Page
             // descriptors are read through atomics; a huge block's chunk has another kind.
             // `magic` is not read: every chunk has one, and `kind` is a tag of its own.
             unsafe {

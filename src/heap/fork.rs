@@ -17,7 +17,7 @@
 //! identity); meanwhile an allocation on that thread is served by another arena (see
 //! `front::alloc_locked`). What the child may then do is in `docs/design.md` ("Fork").
 
-use core::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, AtomicU8, Ordering};
 
 use super::{ProcessHeap, HEAP, SRC};
 use crate::diag::Line;
@@ -30,8 +30,9 @@ use crate::settings::MAX_ARENAS;
 static TAKEN: [AtomicU64; MAX_ARENAS / 64] = [const { AtomicU64::new(0) }; MAX_ARENAS / 64];
 /// The last prepare handler found the process single-threaded and took no lock.
 static SINGLE: AtomicBool = AtomicBool::new(false);
-/// The last prepare handler took the huge span cache's lock.
-static SPANS_TAKEN: AtomicBool = AtomicBool::new(false);
+/// The page source's locks (span cache, retired chunks) the last prepare handler took, as
+/// [`OsSource::fork_lock`](crate::source::OsSource::fork_lock) says.
+static SOURCE_TAKEN: AtomicU8 = AtomicU8::new(0);
 
 fn set_taken(i: usize, taken: bool) {
     let bit = 1u64 << (i % 64);
@@ -59,16 +60,14 @@ impl ProcessHeap {
                 set_taken(i, cfg.arena(i).fork_lock(&SRC));
             }
         }
-        SPANS_TAKEN.store(SRC.fork_lock(), Ordering::Relaxed);
+        SOURCE_TAKEN.store(SRC.fork_lock(), Ordering::Relaxed);
     }
 
     fn fork_parent(&self) {
         if SINGLE.load(Ordering::Relaxed) {
             return;
         }
-        if SPANS_TAKEN.load(Ordering::Relaxed) {
-            SRC.fork_unlock();
-        }
+        SRC.fork_unlock(SOURCE_TAKEN.load(Ordering::Relaxed));
         if let Some(cfg) = self.config() {
             for i in (0..cfg.count).rev().filter(|&i| taken(i)) {
                 cfg.arena(i).fork_unlock(&SRC);
@@ -95,9 +94,7 @@ impl ProcessHeap {
                 unsafe { cfg.arena(i).fork_reinit() };
             }
         }
-        if SPANS_TAKEN.load(Ordering::Relaxed) {
-            SRC.fork_reinit();
-        }
+        SRC.fork_reinit(SOURCE_TAKEN.load(Ordering::Relaxed));
         os::stdio_list_reset();
     }
 }

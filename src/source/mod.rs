@@ -13,6 +13,7 @@
 
 mod os;
 pub mod registry;
+pub mod retired;
 pub mod spans;
 
 pub use os::OsSource;

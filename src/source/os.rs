@@ -1,6 +1,7 @@
 //! [`OsSource`]: the process heap's page source.
 
 use super::registry::REGISTRY;
+use super::retired::RETIRED;
 use super::spans::SPANS;
 use super::PageSource;
 use crate::lock::RawLock;
@@ -17,32 +18,49 @@ impl OsSource {
         SPANS.bytes()
     }
 
-    /// Fork: takes the span cache's lock (after every arena lock).
-    pub fn fork_lock(&self) -> bool {
-        SPANS.fork_lock()
+    /// Fork: takes the span cache's lock, then the retired chunks' (after every arena
+    /// lock). Returns which it took: bit 0 the span cache's, bit 1 the retired chunks' (not
+    /// one the forking thread holds already, in a signal handler).
+    pub fn fork_lock(&self) -> u8 {
+        SPANS.fork_lock() as u8 | (RETIRED.fork_lock() as u8) << 1
     }
 
-    /// Fork, parent side: releases the lock taken by [`Self::fork_lock`].
-    pub fn fork_unlock(&self) {
-        SPANS.fork_unlock();
+    /// Fork, parent side: releases the locks [`Self::fork_lock`] took (`taken`, as it said).
+    pub fn fork_unlock(&self, taken: u8) {
+        if taken & 2 != 0 {
+            RETIRED.fork_unlock();
+        }
+        if taken & 1 != 0 {
+            SPANS.fork_unlock();
+        }
     }
 
-    /// Fork, child side: forgets the parent's holder of the span cache's lock.
+    /// Fork, child side: forgets the parent's holder of the locks [`Self::fork_lock`] took
+    /// (`taken`, as it said).
     ///
     /// pre: the child of `fork`, before any other use of the heap.
-    pub fn fork_reinit(&self) {
-        SPANS.fork_reinit();
+    pub fn fork_reinit(&self, taken: u8) {
+        if taken & 1 != 0 {
+            SPANS.fork_reinit();
+        }
+        if taken & 2 != 0 {
+            RETIRED.fork_reinit();
+        }
     }
 }
 
-// SAFETY: `os::map_aligned` returns zeroed, aligned, private memory; the registry bit is set
-// before the chunk is returned and cleared before it is unmapped; cached spans are
-// unpublished and tell how much of them may be dirty; nothing here allocates.
+// SAFETY: `os::map_aligned` returns zeroed, aligned, private memory, and so does the retired
+// ring (purged chunks); the registry bit is set before the chunk is returned and cleared
+// before it is retired or unmapped; cached spans are unpublished and tell how much of them
+// may be dirty; nothing here allocates.
 unsafe impl PageSource for OsSource {
     type Lock = RawLock;
 
     fn map_chunk(&self) -> *mut u8 {
-        let p = os::map_aligned(CHUNK, CHUNK);
+        let p = match RETIRED.take() {
+            Some(p) => p,
+            None => os::map_aligned(CHUNK, CHUNK),
+        };
         if !p.is_null() && !REGISTRY.insert(p as usize) {
             os::unmap(p, CHUNK);
             return core::ptr::null_mut();
@@ -52,7 +70,8 @@ unsafe impl PageSource for OsSource {
 
     unsafe fn unmap_chunk(&self, chunk: *mut u8) {
         REGISTRY.remove(chunk as usize);
-        os::unmap(chunk, CHUNK);
+        // Kept readable: a racing double free reads a header of zeros (`retired.rs`).
+        RETIRED.retire(chunk);
     }
 
     unsafe fn purge(&self, p: *mut u8, len: usize) -> bool {
@@ -67,7 +86,11 @@ unsafe impl PageSource for OsSource {
     fn map_span(&self, len: usize, align: usize) -> (*mut u8, usize, usize) {
         match SPANS.take(len, align) {
             Some(t) => (t.addr, t.len, t.dirty),
-            None => (os::map_aligned(len, align), len, 0),
+            None => (
+                with_retired_released(|| os::map_aligned(len, align)),
+                len,
+                0,
+            ),
         }
     }
 
@@ -104,7 +127,7 @@ unsafe impl PageSource for OsSource {
         new_len: usize,
         align: usize,
     ) -> *mut u8 {
-        let target = os::reserve_aligned(new_len, align);
+        let target = with_retired_released(|| os::reserve_aligned(new_len, align));
         if target.is_null() {
             return target;
         }
@@ -118,4 +141,14 @@ unsafe impl PageSource for OsSource {
         REGISTRY.remove(head as usize);
         target
     }
+}
+
+/// `map()`, tried again after unmapping the retired chunks if it failed (null) while there
+/// were any: the process may be short of address space (`RLIMIT_AS`).
+fn with_retired_released(map: impl Fn() -> *mut u8) -> *mut u8 {
+    let p = map();
+    if p.is_null() && RETIRED.release_all() {
+        return map();
+    }
+    p
 }

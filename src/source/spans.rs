@@ -12,11 +12,13 @@
 //! The cache's lock is a `RawLock` (`lock.rs`: a futex lock that never allocates), held only
 //! to pick, split or insert spans: the system calls that unmap or move them run after it is
 //! released. In the process heap's lock order it comes after every arena lock (the arenas'
-//! tick takes it with `try_lock`; the fork handlers take it last).
+//! tick takes it with `try_lock`; the fork handlers take it after the arenas', then the
+//! retired chunks' lock, `retired.rs`). Spans given back have their head chunk retired.
 
 use core::cell::UnsafeCell;
 use core::sync::atomic::{AtomicUsize, Ordering};
 
+use super::retired::RETIRED;
 use crate::lock::RawLock;
 use crate::os;
 use crate::size_class::CHUNK;
@@ -88,9 +90,11 @@ impl Doomed {
         self.n += 1;
     }
 
+    /// Gives the spans back: each one's head, where a huge block's header was, is retired
+    /// (kept readable, `retired.rs`), the rest unmapped.
     fn unmap(&self) {
         for &(addr, len) in &self.spans[..self.n] {
-            os::unmap(addr as *mut u8, len);
+            RETIRED.retire_span(addr as *mut u8, len);
         }
     }
 }
@@ -201,7 +205,7 @@ impl SpanCache {
             }
             os::unmap(target, len);
         }
-        os::unmap(p, span.len);
+        RETIRED.retire_span(p, span.len);
         None
     }
 
@@ -215,7 +219,7 @@ impl SpanCache {
         debug_assert!((addr as usize).is_multiple_of(CHUNK) && dirty <= len);
         let cap = cap();
         if len > cap {
-            os::unmap(addr, len);
+            RETIRED.retire_span(addr, len);
             return;
         }
         let now = os::now_ms();
@@ -266,11 +270,7 @@ impl SpanCache {
     /// Returns whether it took the lock: not when the forking thread holds it already (a
     /// signal handler that interrupted a huge allocation or free).
     pub fn fork_lock(&self) -> bool {
-        if self.lock.held_by_caller() {
-            return false;
-        }
-        self.lock.lock();
-        true
+        self.lock.lock_for_fork()
     }
 
     /// Fork, parent side: releases the lock taken by [`Self::fork_lock`].

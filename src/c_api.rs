@@ -262,13 +262,41 @@ fn each_arena(f: impl FnMut(crate::arena::ArenaStats)) -> (u64, u64, usize, usiz
     }
 }
 
-/// `mallopt(3)`: glibc's tuning parameters (`M_MXFAST` 1, `M_TRIM_THRESHOLD` -1,
-/// `M_TOP_PAD` -2, `M_MMAP_THRESHOLD` -3, `M_MMAP_MAX` -4, `M_CHECK_ACTION` -5, `M_PERTURB`
-/// -6, `M_ARENA_TEST` -7, `M_ARENA_MAX` -8) shape glibc's heap, not coreheap's: each is
-/// accepted (1) and has no effect; coreheap's own settings are its `COREHEAP_*` variables.
-/// Any other parameter is refused (0), as glibc refuses it.
-pub fn mallopt(param: c_int, _value: c_int) -> c_int {
-    ((-8..=1).contains(&param) && param != 0) as c_int
+/// `mallopt(3)` parameters that map onto coreheap's settings.
+const M_TRIM_THRESHOLD: c_int = -1;
+const M_ARENA_MAX: c_int = -8;
+
+/// `mallopt(3)`. glibc's parameters (`M_MXFAST` 1, `M_TRIM_THRESHOLD` -1, `M_TOP_PAD` -2,
+/// `M_MMAP_THRESHOLD` -3, `M_MMAP_MAX` -4, `M_CHECK_ACTION` -5, `M_PERTURB` -6,
+/// `M_ARENA_TEST` -7, `M_ARENA_MAX` -8) are accepted (1); any other is refused (0), as glibc
+/// refuses it. Two take effect, as the program's own choice, under which the environment
+/// still wins (as over `CoreHeap`'s builder: a `COREHEAP_*` variable that is set decides):
+/// - `M_TRIM_THRESHOLD`: the dirty bytes an arena always may keep and the most bytes of
+///   huge spans kept for reuse (`COREHEAP_DIRTY_MAX`), from the next free on; a negative
+///   value (glibc: never trim) the largest, 1 TiB;
+/// - `M_ARENA_MAX` (`value > 0`): the arena count (`COREHEAP_ARENAS`, at most 4096), if the
+///   heap has not been initialised yet; afterwards it has no effect (the preload library
+///   initialises the heap before `main`, so there it never has).
+///
+/// The others shape glibc's heap and have no counterpart: coreheap maps blocks above 2 MiB
+/// directly whatever `M_MMAP_THRESHOLD` says (the threshold is its chunk layout), and its
+/// debug mode's fill patterns are fixed and chosen at start (`COREHEAP_DEBUG`), so
+/// `M_PERTURB` is ignored too.
+pub fn mallopt(param: c_int, value: c_int) -> c_int {
+    match param {
+        M_TRIM_THRESHOLD => {
+            // glibc reads a negative value as unsigned: never trim.
+            crate::settings::set_dirty_max(if value < 0 { u64::MAX } else { value as u64 });
+            1
+        }
+        M_ARENA_MAX => {
+            if value > 0 {
+                crate::settings::set_arena_max(value as usize);
+            }
+            1
+        }
+        _ => ((-8..=1).contains(&param) && param != 0) as c_int,
+    }
 }
 
 /// `malloc_info(3)`: the heap as XML on `fp`, in glibc's layout (`<malloc version="1">`, a
@@ -384,7 +412,8 @@ pub fn stats_json(fd: c_int) {
 /// `malloc_stats(3)` in glibc's format on stderr (tools parse it): per arena
 /// `Arena N:` with its `system bytes` (mapped for the arena) and `in use bytes`, then
 /// `Total (incl. mmap):` with both summed, huge blocks included, and the `max mmap regions`
-/// / `max mmap bytes` lines (the huge blocks live now: coreheap keeps no high-water mark).
+/// / `max mmap bytes` lines (the huge blocks live now: no high-water mark of them is kept;
+/// `coreheap::stats().peak_in_use` is the peak of all bytes in use).
 /// coreheap's own report is `COREHEAP_STATS=1`'s and the runner's (`write_report`). Runs
 /// with thread cancellation disabled: a pending cancellation does not cut the report short.
 pub fn malloc_stats() {

@@ -27,8 +27,8 @@ use crate::settings::Overrides;
 ///
 /// Precedence: **the environment wins over the builder, the builder over the defaults**, so
 /// that an operator can still tune a shipped binary. A bad value in the environment is
-/// reported on stderr as always (the report names the default), and then the builder's value,
-/// if it chose one, is used instead of the default.
+/// reported on stderr as always, and then the builder's value, if it chose one, is used
+/// instead of the default: the report names it (`using 7 (set by the program)`).
 ///
 /// The values reach the heap through the allocation that initialises it: the first one made
 /// through this `CoreHeap` (in a program whose global allocator it is, the program's first

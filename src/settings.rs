@@ -7,26 +7,37 @@
 //! - a size is a decimal number with an optional `K`, `M` or `G` suffix (any case; powers of
 //!   1024);
 //! - a variable that is unset or set to the empty string takes its default, silently;
-//! - any other value that does not parse (or a count out of its range) is reported once, on
-//!   stderr, as `coreheap: NAME=VALUE is not RULE; using DEFAULT`, and the default (for a
-//!   count above its range, the largest value) is used instead.
+//! - a count or size above its range (however many digits it has) is clamped to the
+//!   largest value;
+//! - any other value that does not parse (or a count below its range) is not used.
+//!
+//! Every value not used as written is reported once, on stderr, as
+//! `coreheap: NAME=VALUE is not RULE; using USED`, where USED is what is used instead: the
+//! clamped value, else the value the program chose (`CoreHeap`'s builder or `mallopt`,
+//! followed by "(set by the program)"), else the default.
 //!
 //! Reading never allocates, never panics and keeps `errno`, so [`get`] may be called from
 //! inside `malloc`, before the heap exists. The heap's initialisation merges these with what
-//! a Rust program chose through `CoreHeap`'s builder (the environment wins; `resolve`).
+//! a program chose through `CoreHeap`'s builder or `mallopt(M_ARENA_MAX)` (the environment
+//! wins; `resolve`), and reports the values it could not use then, naming what it used;
+//! the C interface's first look at `COREHEAP_SHM` reports them too, if it comes first (the
+//! C interface has no builder).
 //! `COREHEAP_LIB` is the runner's, not the
 //! library's, and is not here.
 
 use core::cell::UnsafeCell;
 use core::ffi::CStr;
 use core::mem::MaybeUninit;
-use core::sync::atomic::{AtomicU8, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 
 use crate::diag::Line;
 use crate::os;
 
 /// The largest arena count `COREHEAP_ARENAS` may ask for.
 pub const MAX_ARENAS: usize = 4096;
+
+/// The largest `COREHEAP_DIRTY_MAX`: 1 TiB.
+pub const DIRTY_MAX_LIMIT: u64 = 1 << 40;
 
 /// The longest shared heap name of `COREHEAP_SHM`: `/dev/shm/NAME` must fit in
 /// `shm::PATH_MAX` (255) bytes.
@@ -112,9 +123,10 @@ pub enum Kind {
     },
     /// `NAME:SIZE`: a name without `/` and a size.
     NameSize(fn(&mut Settings) -> &mut Option<ShmSpec>),
-    /// A size in bytes, with an optional K, M or G suffix, at most `max`.
+    /// A size in bytes, with an optional K, M or G suffix, at most `max` (a larger one is
+    /// reported and clamped to `max`).
     Size {
-        /// The largest value accepted.
+        /// The largest value used.
         max: u64,
         /// Where the value goes.
         field: fn(&mut Settings) -> &mut Option<u64>,
@@ -221,7 +233,7 @@ pub const VARS: [Var; 8] = [
     Var {
         name: c"COREHEAP_DIRTY_MAX",
         kind: Kind::Size {
-            max: 1 << 40,
+            max: DIRTY_MAX_LIMIT,
             field: |s| &mut s.dirty_max,
         },
         default: "64M",
@@ -254,7 +266,7 @@ impl Overrides {
     };
 }
 
-// The positions of the variables the builder may set, in `VARS`.
+// The positions of the variables a program may set, in `VARS`.
 const ARENAS: usize = 0;
 const STATS: usize = 1;
 const RSEQ: usize = 2;
@@ -262,12 +274,63 @@ const DEBUG: usize = 3;
 const PURGE_MS: usize = 6;
 const DIRTY_MAX: usize = 7;
 
+/// The arena count `mallopt(M_ARENA_MAX)` asked for before the heap existed (0: none).
+static ARENA_MAX: AtomicUsize = AtomicUsize::new(0);
+
+/// `mallopt(M_ARENA_MAX, n)`: the heap's initialisation, if it has not begun, uses `n`
+/// arenas, as if the builder had asked for them (over the builder's own choice; the
+/// environment still wins). Has no effect once the heap is initialised.
+pub(crate) fn set_arena_max(n: usize) {
+    ARENA_MAX.store(n, Ordering::Relaxed);
+}
+
+/// The dirty bytes `mallopt(M_TRIM_THRESHOLD)` chose last (`u64::MAX`: none).
+static DIRTY_MAX_SET: AtomicU64 = AtomicU64::new(u64::MAX);
+
+/// `mallopt(M_TRIM_THRESHOLD)`: the dirty bytes kept, as the program's choice (over the
+/// builder's; the environment still wins), now and for an initialisation still to come.
+pub(crate) fn set_dirty_max(bytes: u64) {
+    if env_decides(DIRTY_MAX) {
+        return;
+    }
+    let bytes = bytes.min(DIRTY_MAX_LIMIT);
+    DIRTY_MAX_SET.store(bytes, Ordering::Relaxed);
+    crate::policy::set_dirty_max(bytes as usize);
+}
+
+/// Whether the environment decided the setting at `VARS[i]` (a good or clamped value), so
+/// that a program's own choice for it (the builder, `mallopt`) is not used.
+fn env_decides(i: usize) -> bool {
+    get_with_set().1 & (1 << i) != 0
+}
+
 /// The settings the process heap's initialisation uses: the environment over `ov` (the
-/// builder's choices) over the defaults. A variable whose value is bad (reported by [`get`])
-/// leaves the builder's value, if any. The one place the two sources meet.
+/// builder's choices, with `mallopt`'s arena count and dirty bytes over the builder's) over
+/// the defaults. A variable whose value is bad leaves the program's value, if any. The one
+/// place the sources meet; reports the environment's unused values (once per process),
+/// naming what is used.
 pub(crate) fn resolve(ov: Option<&Overrides>) -> Settings {
     let (env, set) = get_with_set();
-    merge(env, set, ov.unwrap_or(&Overrides::NONE))
+    let mut ov = *ov.unwrap_or(&Overrides::NONE);
+    match ARENA_MAX.load(Ordering::Relaxed) {
+        0 => {}
+        n => ov.arenas = Some(n),
+    }
+    match DIRTY_MAX_SET.load(Ordering::Relaxed) {
+        u64::MAX => {}
+        b => ov.dirty_max = Some(b),
+    }
+    report_once(&ov);
+    merge(env, set, &ov)
+}
+
+/// Reports, once per process, every value of the environment not used as written, naming
+/// what is used with the program's choices `ov`.
+pub(crate) fn report_once(ov: &Overrides) {
+    static DONE: AtomicBool = AtomicBool::new(false);
+    if !DONE.swap(true, Ordering::Relaxed) {
+        os::keeping_errno(|| report(&process_env, ov, &mut |line| os::write_all(2, line)));
+    }
 }
 
 /// [`resolve`] from the environment's settings `env` and the set of variables it decided.
@@ -329,16 +392,35 @@ fn parse_count(v: &[u8]) -> Option<u64> {
     })
 }
 
-/// A count with an optional `K`, `M` or `G` suffix (any case), in bytes.
-fn parse_size(v: &[u8]) -> Option<u64> {
-    let (digits, shift) = match v.last()? {
+/// A non-empty string of decimal digits, `u64::MAX` if it is larger.
+fn parse_count_sat(v: &[u8]) -> Option<u64> {
+    if v.is_empty() || !v.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    Some(parse_count(v).unwrap_or(u64::MAX))
+}
+
+/// Splits a size into its digits and the shift of its `K`, `M` or `G` suffix (any case).
+fn split_size(v: &[u8]) -> Option<(&[u8], u32)> {
+    Some(match v.last()? {
         b'k' | b'K' => (&v[..v.len() - 1], 10),
         b'm' | b'M' => (&v[..v.len() - 1], 20),
         b'g' | b'G' => (&v[..v.len() - 1], 30),
         _ => (v, 0),
-    };
-    let n = parse_count(digits)?;
-    n.checked_mul(1 << shift)
+    })
+}
+
+/// A count with an optional `K`, `M` or `G` suffix (any case), in bytes.
+fn parse_size(v: &[u8]) -> Option<u64> {
+    let (digits, shift) = split_size(v)?;
+    parse_count(digits)?.checked_mul(1 << shift)
+}
+
+/// [`parse_size`], `u64::MAX` for a size that does not fit.
+fn parse_size_sat(v: &[u8]) -> Option<u64> {
+    let (digits, shift) = split_size(v)?;
+    let n = parse_count_sat(digits)?;
+    Some(n.saturating_mul(1 << shift))
 }
 
 /// `NAME:SIZE`, split at the last colon.
@@ -360,35 +442,48 @@ fn parse_name_size(v: &[u8]) -> Option<ShmSpec> {
 /// The longest part of a bad value a report quotes.
 const QUOTE_MAX: usize = 64;
 
-/// Sets `var` in `s` from its non-empty value `v`; a bad value leaves the default and is
-/// reported through `report` (one line, ending with a newline). Returns whether the value
-/// decided the setting (a good value, or a count clamped to its largest).
-fn apply(s: &mut Settings, var: &Var, v: &[u8], report: &mut dyn FnMut(&[u8])) -> bool {
-    // What is used instead of a bad value: the default, or a number.
-    let mut instead = None;
-    let ok = match var.kind {
-        Kind::Bool(field) => parse_bool(v).map(|b| *field(s) = b).is_some(),
-        Kind::Count { min, max, field } => match parse_count(v) {
-            Some(n) if n >= min as u64 && n <= max as u64 => {
-                *field(s) = Some(n as usize);
-                true
-            }
+/// What became of a value.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Outcome {
+    /// Used as written.
+    Used,
+    /// Above the range: the largest value, this one, is used.
+    Clamped(u64),
+    /// Not used.
+    Bad,
+}
+
+/// Sets `var` in `s` from its non-empty value `v`; a bad value leaves `s` as it was.
+fn apply(s: &mut Settings, var: &Var, v: &[u8]) -> Outcome {
+    let used = |ok: bool| if ok { Outcome::Used } else { Outcome::Bad };
+    match var.kind {
+        Kind::Bool(field) => used(parse_bool(v).map(|b| *field(s) = b).is_some()),
+        Kind::Count { min, max, field } => match parse_count_sat(v) {
             Some(n) if n > max as u64 => {
                 *field(s) = Some(max);
-                instead = Some(max);
-                false
+                Outcome::Clamped(max as u64)
             }
-            _ => false,
+            Some(n) if n >= min as u64 => {
+                *field(s) = Some(n as usize);
+                Outcome::Used
+            }
+            _ => Outcome::Bad,
         },
-        Kind::NameSize(field) => parse_name_size(v)
-            .map(|spec| *field(s) = Some(spec))
-            .is_some(),
-        Kind::Size { max, field } => match parse_size(v) {
-            Some(n) if n <= max => {
-                *field(s) = Some(n);
-                true
+        Kind::NameSize(field) => used(
+            parse_name_size(v)
+                .map(|spec| *field(s) = Some(spec))
+                .is_some(),
+        ),
+        Kind::Size { max, field } => match parse_size_sat(v) {
+            Some(n) if n > max => {
+                *field(s) = Some(max);
+                Outcome::Clamped(max)
             }
-            _ => false,
+            Some(n) => {
+                *field(s) = Some(n);
+                Outcome::Used
+            }
+            None => Outcome::Bad,
         },
         Kind::Report { on, json } => {
             let as_json = v.eq_ignore_ascii_case(b"json");
@@ -396,52 +491,109 @@ fn apply(s: &mut Settings, var: &Var, v: &[u8], report: &mut dyn FnMut(&[u8])) -
                 _ if as_json => {
                     *on(s) = true;
                     *json(s) = true;
-                    true
+                    Outcome::Used
                 }
                 Some(b) => {
                     *on(s) = b;
-                    true
+                    Outcome::Used
                 }
-                None => false,
+                None => Outcome::Bad,
             }
         }
-    };
-    if ok {
-        return true;
     }
-    let mut l = Line::new();
-    l.str(b"coreheap: ")
-        .str(var.name.to_bytes())
-        .str(b"=")
-        .str(&v[..v.len().min(QUOTE_MAX)]);
-    if v.len() > QUOTE_MAX {
-        l.str(b"...");
-    }
-    l.str(b" is not ");
-    var.kind.describe(&mut l);
-    l.str(b"; using ");
-    match instead {
-        Some(n) => l.num(n as u64),
-        None => l.str(var.default.as_bytes()),
+}
+
+/// Appends a size in bytes as the variables write it: with the largest suffix that divides
+/// it exactly (`64M`, `1024G`, `4097`).
+fn size_text(l: &mut Line, n: u64) {
+    match [(30, b"G"), (20, b"M"), (10, b"K")]
+        .into_iter()
+        .find(|&(shift, _)| n != 0 && n.trailing_zeros() >= shift)
+    {
+        Some((shift, suffix)) => l.num(n >> shift).str(suffix),
+        None => l.num(n),
     };
-    l.str(b"\n");
-    report(l.as_bytes());
-    instead.is_some()
+}
+
+/// Appends the value `s` holds for `VARS[i]`, as a variable would say it, if the program
+/// chose it (`ov`); false if it did not.
+fn program_value(l: &mut Line, i: usize, s: &Settings, ov: &Overrides) -> bool {
+    let flag = |l: &mut Line, b: bool| {
+        l.str(if b { b"1" } else { b"0" });
+    };
+    match i {
+        ARENAS if ov.arenas.is_some() => {
+            l.num(s.arenas.unwrap_or(0) as u64);
+        }
+        PURGE_MS if ov.purge_ms.is_some() => {
+            l.num(s.purge_ms.unwrap_or(0) as u64);
+        }
+        DIRTY_MAX if ov.dirty_max.is_some() => size_text(l, s.dirty_max.unwrap_or(0)),
+        DEBUG if ov.debug.is_some() => flag(l, s.debug),
+        RSEQ if ov.rseq.is_some() => flag(l, s.rseq),
+        STATS if ov.stats.is_some() => flag(l, s.stats),
+        _ => return false,
+    }
+    l.str(b" (set by the program)");
+    true
+}
+
+/// Reports through `out` (one line each, ending with a newline) every value of `env` not
+/// used as written, naming what is used instead with the program's choices `ov`.
+fn report(env: Lookup, ov: &Overrides, out: &mut dyn FnMut(&[u8])) {
+    let (s, set) = read(env);
+    let merged = merge(s, set, ov);
+    for (i, var) in VARS.iter().enumerate() {
+        env(var.name, &mut |v| {
+            let Some(v) = v.filter(|v| !v.is_empty()) else {
+                return;
+            };
+            let mut scratch = Settings::DEFAULT;
+            let outcome = apply(&mut scratch, var, v);
+            if outcome == Outcome::Used {
+                return;
+            }
+            let mut l = Line::new();
+            l.str(b"coreheap: ")
+                .str(var.name.to_bytes())
+                .str(b"=")
+                .str(&v[..v.len().min(QUOTE_MAX)]);
+            if v.len() > QUOTE_MAX {
+                l.str(b"...");
+            }
+            l.str(b" is not ");
+            var.kind.describe(&mut l);
+            l.str(b"; using ");
+            match (outcome, var.kind) {
+                (Outcome::Clamped(n), Kind::Size { .. }) => size_text(&mut l, n),
+                (Outcome::Clamped(n), _) => {
+                    l.num(n);
+                }
+                _ => {
+                    if !program_value(&mut l, i, &merged, ov) {
+                        l.str(var.default.as_bytes());
+                    }
+                }
+            }
+            l.str(b"\n");
+            out(l.as_bytes());
+        });
+    }
 }
 
 /// Looks a variable up and hands its value (or `None`) to the callback.
 type Lookup<'a> = &'a dyn Fn(&CStr, &mut dyn FnMut(Option<&[u8]>));
 
-/// Every setting from `env`, bad values reported through `report`; with the set of
-/// variables whose value the environment decided (bit `i` for `VARS[i]`: a good value, or a
-/// count clamped to its range).
-fn read(env: Lookup, report: &mut dyn FnMut(&[u8])) -> (Settings, u16) {
+/// Every setting from `env` (quietly: [`report`] says what was not used); with the set of
+/// variables whose value the environment decided (bit `i` for `VARS[i]`: a good value, or
+/// one clamped to its range).
+fn read(env: Lookup) -> (Settings, u16) {
     let mut s = Settings::DEFAULT;
     let mut set = 0u16;
     for (i, var) in VARS.iter().enumerate() {
         env(var.name, &mut |v| {
             if let Some(v) = v.filter(|v| !v.is_empty()) {
-                if apply(&mut s, var, v, report) {
+                if apply(&mut s, var, v) != Outcome::Bad {
                     set |= 1 << i;
                 }
             }
@@ -468,9 +620,10 @@ struct Slot(UnsafeCell<MaybeUninit<(Settings, u16)>>);
 unsafe impl Sync for Slot {}
 static SLOT: Slot = Slot(UnsafeCell::new(MaybeUninit::uninit()));
 
-/// The settings of this process, read from the environment at the first call. The first
-/// reader reports bad values on stderr; a thread that calls while another is reading reads
-/// the environment itself, quietly. Never allocates, never panics, keeps `errno`.
+/// The settings of this process, read from the environment at the first call (a thread
+/// that calls while another is reading reads the environment itself). Quiet: the heap's
+/// initialisation reports the values it could not use (see the module documentation).
+/// Never allocates, never panics, keeps `errno`.
 #[inline]
 pub fn get() -> Settings {
     get_with_set().0
@@ -490,7 +643,7 @@ fn get_with_set() -> (Settings, u16) {
 fn read_once() -> (Settings, u16) {
     match STATE.compare_exchange(UNREAD, READING, Ordering::Acquire, Ordering::Acquire) {
         Ok(_) => {
-            let s = read(&process_env, &mut |line| os::write_all(2, line));
+            let s = read(&process_env);
             // SAFETY: only this thread writes the slot (it moved STATE to READING), and no
             // one reads it before READY.
             unsafe { (*SLOT.0.get()).write(s) };
@@ -499,7 +652,7 @@ fn read_once() -> (Settings, u16) {
         }
         // SAFETY: as in `get`.
         Err(READY) => unsafe { (*SLOT.0.get()).assume_init() },
-        Err(_) => read(&process_env, &mut |_| {}),
+        Err(_) => read(&process_env),
     }
 }
 
@@ -509,15 +662,22 @@ mod tests {
 
     /// Reads `pairs` as the environment; returns the settings and the reports.
     fn read_from(pairs: &[(&str, &str)]) -> (Settings, Vec<String>) {
-        let env = |name: &CStr, f: &mut dyn FnMut(Option<&[u8]>)| {
-            let name = name.to_str().unwrap();
-            f(pairs.iter().find(|p| p.0 == name).map(|p| p.1.as_bytes()))
-        };
+        let (s, _) = read(&|name, f| lookup(pairs, name, f));
+        (s, reports_for(pairs, &Overrides::NONE))
+    }
+
+    fn lookup(pairs: &[(&str, &str)], name: &CStr, f: &mut dyn FnMut(Option<&[u8]>)) {
+        let name = name.to_str().unwrap();
+        f(pairs.iter().find(|p| p.0 == name).map(|p| p.1.as_bytes()))
+    }
+
+    /// The reports for `pairs` as the environment, with the program's choices `ov`.
+    fn reports_for(pairs: &[(&str, &str)], ov: &Overrides) -> Vec<String> {
         let mut reports = Vec::new();
-        let (s, _) = read(&env, &mut |l| {
+        report(&|name, f| lookup(pairs, name, f), ov, &mut |l| {
             reports.push(String::from_utf8(l.to_vec()).unwrap())
         });
-        (s, reports)
+        reports
     }
 
     /// The settings with `ov` merged, `pairs` as the environment.
@@ -526,7 +686,7 @@ mod tests {
             let name = name.to_str().unwrap();
             f(pairs.iter().find(|p| p.0 == name).map(|p| p.1.as_bytes()))
         };
-        let (s, set) = read(&env, &mut |_| {});
+        let (s, set) = read(&env);
         merge(s, set, ov)
     }
 
@@ -725,9 +885,109 @@ mod tests {
             r,
             ["coreheap: COREHEAP_ARENAS=5000 is not a number from 1 to 4096; using 4096\n"]
         );
+        // However many digits: above the range, clamped.
         let (s, r) = read_from(&[("COREHEAP_ARENAS", "99999999999999999999999")]);
-        assert_eq!(s.arenas, None);
-        assert_eq!(r.len(), 1);
+        assert_eq!(s.arenas, Some(MAX_ARENAS));
+        assert!(r[0].ends_with("; using 4096\n"), "{r:?}");
+    }
+
+    #[test]
+    fn sizes_above_their_maximum_are_clamped() {
+        for v in [
+            "2048G",
+            "1099511627777",
+            "99999999999999999999G",
+            "18446744073709551616",
+        ] {
+            let (s, r) = read_from(&[("COREHEAP_DIRTY_MAX", v)]);
+            assert_eq!(s.dirty_max, Some(DIRTY_MAX_LIMIT), "{v}");
+            assert_eq!(
+                r,
+                [format!(
+                    "coreheap: COREHEAP_DIRTY_MAX={v} is not a size in bytes (with K, M or G) up to 1024G; using 1024G\n"
+                )]
+            );
+        }
+        // The largest itself is used quietly; a clamped value decides over the builder's.
+        let (s, r) = read_from(&[("COREHEAP_DIRTY_MAX", "1024G")]);
+        assert_eq!((s.dirty_max, r.len()), (Some(DIRTY_MAX_LIMIT), 0));
+        let ov = Overrides {
+            dirty_max: Some(1 << 20),
+            ..Overrides::NONE
+        };
+        let s = resolve_from(&[("COREHEAP_DIRTY_MAX", "5000G")], &ov);
+        assert_eq!(s.dirty_max, Some(DIRTY_MAX_LIMIT));
+        // Not a size at all: the default.
+        let (s, r) = read_from(&[("COREHEAP_DIRTY_MAX", "12Q")]);
+        assert_eq!(s.dirty_max, None);
+        assert!(r[0].ends_with("; using 64M\n"), "{r:?}");
+    }
+
+    #[test]
+    fn a_bad_value_names_the_programs_value() {
+        let ov = Overrides {
+            arenas: Some(7),
+            purge_ms: Some(250),
+            dirty_max: Some(3 << 20),
+            debug: Some(true),
+            rseq: Some(false),
+            stats: Some(true),
+        };
+        let bad = [
+            ("COREHEAP_ARENAS", "abc"),
+            ("COREHEAP_STATS", "x"),
+            ("COREHEAP_RSEQ", "x"),
+            ("COREHEAP_DEBUG", "maybe"),
+            ("COREHEAP_PURGE_MS", "-1"),
+            ("COREHEAP_DIRTY_MAX", "lots"),
+        ];
+        let r = reports_for(&bad, &ov);
+        let used: Vec<&str> = r
+            .iter()
+            .map(|l| l.rsplit_once("; using ").unwrap().1)
+            .collect();
+        assert_eq!(
+            used,
+            [
+                "7 (set by the program)\n",
+                "1 (set by the program)\n",
+                "0 (set by the program)\n",
+                "1 (set by the program)\n",
+                "250 (set by the program)\n",
+                "3M (set by the program)\n",
+            ]
+        );
+        // The builder's value as merged: clamped to the variable's range.
+        let big = Overrides {
+            arenas: Some(100_000),
+            ..Overrides::NONE
+        };
+        let r = reports_for(&[("COREHEAP_ARENAS", "0")], &big);
+        assert!(
+            r[0].ends_with("; using 4096 (set by the program)\n"),
+            "{r:?}"
+        );
+        // Without the program's choice, the default.
+        let r = reports_for(&bad[..1], &Overrides::NONE);
+        assert!(r[0].ends_with("; using one per CPU\n"), "{r:?}");
+        // A clamped value is the environment's, whatever the program chose.
+        let r = reports_for(&[("COREHEAP_ARENAS", "5000")], &ov);
+        assert!(r[0].ends_with("; using 4096\n"), "{r:?}");
+    }
+
+    #[test]
+    fn sizes_are_written_with_their_suffix() {
+        let text = |n: u64| {
+            let mut l = Line::new();
+            size_text(&mut l, n);
+            String::from_utf8(l.as_bytes().to_vec()).unwrap()
+        };
+        assert_eq!(text(0), "0");
+        assert_eq!(text(4097), "4097");
+        assert_eq!(text(4096), "4K");
+        assert_eq!(text(3 << 20), "3M");
+        assert_eq!(text(1 << 40), "1024G");
+        assert_eq!(text((1 << 30) + (1 << 20)), "1025M");
     }
 
     #[test]
@@ -751,7 +1011,7 @@ mod tests {
                 Kind::Report { .. } => b"json",
                 Kind::Size { .. } => b"2M",
             };
-            assert!(apply(&mut s, var, v, &mut |l| panic!("{l:?}")));
+            assert_eq!(apply(&mut s, var, v), Outcome::Used, "{v:?}");
         }
         assert_eq!(s.arenas, Some(2));
         assert!(s.stats && s.stats_json && s.rseq && s.debug && s.check && s.shm.is_some());

@@ -39,6 +39,9 @@ pub struct ClassCounters {
 pub struct SmallBins {
     heads: [Rel<PageDesc>; NUM_CLASSES],
     pub counters: [ClassCounters; NUM_CLASSES],
+    /// Bytes of the blocks handed out and not yet taken back, all classes:
+    /// `sum over c of (counters[c].allocs - counters[c].frees) * class_size(c)`.
+    pub bytes: usize,
     /// The arena's secret for free-list links ([`encode_link`]).
     key: usize,
     /// Debug mode: a run's memory is zeroed when it goes back to the page heap, so that no
@@ -55,6 +58,7 @@ impl SmallBins {
                 frees: 0,
                 runs: 0,
             }; NUM_CLASSES],
+            bytes: 0,
             key: 0,
             scrub: false,
         }
@@ -129,6 +133,7 @@ impl SmallBins {
                 (*b).mark = 0;
                 (*r).used += 1;
                 self.counters[class].allocs += 1;
+                self.bytes += class_size(class);
                 return Some((b.cast(), false));
             }
             if ((*r).bump as usize) < run_blocks(class) {
@@ -140,6 +145,7 @@ impl SmallBins {
                 (*r).bump += 1;
                 (*r).used += 1;
                 self.counters[class].allocs += 1;
+                self.bytes += class_size(class);
                 return Some((p, !(*r).dirty));
             }
         }
@@ -242,6 +248,7 @@ impl SmallBins {
             (*r).free = rb;
             (*r).used -= 1;
             self.counters[class].frees += 1;
+            self.bytes -= class_size(class);
             if !(*r).in_bin {
                 self.link(src, class, r);
             }
@@ -400,6 +407,9 @@ impl SmallBins {
                 k.allocs = k.allocs.max(in_use[class]);
                 k.frees = k.allocs - in_use[class];
             }
+            self.bytes = (0..NUM_CLASSES)
+                .map(|c| in_use[c] as usize * class_size(c))
+                .sum();
         }
         runs
     }

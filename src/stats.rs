@@ -11,10 +11,12 @@ use crate::size_class::{class_size, NUM_CLASSES};
 /// mapped, bytes of freed spans kept mapped for reuse).
 pub type HugeTotals = (u64, u64, usize, usize, usize);
 
-/// The report's first line: how many arenas, and whether the per-CPU caches are on.
+/// The report's first line: how many arenas, and whether the per-CPU caches are on; and the
+/// heap's peak bytes in use ([`Stats::peak_in_use`]).
 pub struct Heading {
     pub arenas: usize,
     pub caches: bool,
+    pub peak_in_use: usize,
 }
 
 /// Counters of the whole heap: one entry per arena, and the directly mapped blocks.
@@ -34,6 +36,23 @@ pub struct Stats {
     pub huge_cached: usize,
     /// The process's resident set when the snapshot was taken (`None` without `/proc`).
     pub resident: Option<usize>,
+    /// The most bytes ever in use at once, small, large and huge blocks together. Counted
+    /// where blocks leave and return to their arenas (bin refills and flushes of the CPU
+    /// caches, the locked path, large and huge blocks), never on the CPU caches' fast
+    /// paths, so it differs from the largest [`Stats::in_use`] by:
+    /// - at most what the CPU caches, transfer slots and outboxes can hold (counted in use
+    ///   here, as they are out of their arenas; about `CPU_CACHE_BYTES` per CPU plus the
+    ///   slots), more;
+    /// - at most `2 * 64 KiB` per arena more (arenas publish their bytes rounded up, in
+    ///   64 KiB steps);
+    /// - never less: it is at least the largest in-use figure the arenas ever had.
+    ///
+    /// Small blocks count their class size, large blocks their pages, huge blocks the bytes
+    /// asked for, as [`Stats::in_use`] does.
+    pub peak_in_use: usize,
+    /// The largest resident set the process has had (`getrusage`'s `ru_maxrss`, or
+    /// `resident` if the kernel's figure lags below it; `None` if `getrusage` failed).
+    pub peak_resident: Option<usize>,
 }
 
 impl Stats {
@@ -65,22 +84,28 @@ impl core::fmt::Display for Stats {
             huge_mapped: self.huge_mapped,
             huge_cached: self.huge_cached,
             in_use: self.in_use(),
+            peak_in_use: self.peak_in_use,
             mapped: self.mapped(),
+            resident: self.resident,
+            peak_resident: self.peak_resident,
             remote: self.remote_frees(),
         });
         f.write_str(core::str::from_utf8(t.as_bytes()).unwrap_or("?"))
     }
 }
 
-/// Collects a snapshot: `each` walks the heap's `arenas` arenas.
+/// Collects a snapshot: `each` walks the heap's `arenas` arenas; `peak_in_use` is the
+/// heap's high-water mark.
 pub fn collect(
     arenas: usize,
     each: impl FnOnce(&mut dyn FnMut(ArenaStats)),
     huge: HugeTotals,
+    peak_in_use: usize,
 ) -> Stats {
     let mut all = Vec::with_capacity(arenas);
     each(&mut |a| all.push(a));
     let (huge_allocs, huge_frees, huge_in_use, huge_mapped, huge_cached) = huge;
+    let (resident, peak_resident) = resident_now_and_peak();
     Stats {
         arenas: all,
         huge_allocs,
@@ -88,8 +113,18 @@ pub fn collect(
         huge_in_use,
         huge_mapped,
         huge_cached,
-        resident: crate::os::resident_bytes(),
+        resident,
+        peak_in_use,
+        peak_resident,
     }
+}
+
+/// The resident set now and its peak, read together: the peak is at least the resident set
+/// (the kernel's high-water mark may lag a few pages behind it).
+fn resident_now_and_peak() -> (Option<usize>, Option<usize>) {
+    let now = crate::os::resident_bytes();
+    let peak = crate::os::peak_resident_bytes().map(|p| p.max(now.unwrap_or(0)));
+    (now, peak)
 }
 
 fn kib(b: usize) -> u64 {
@@ -131,7 +166,10 @@ struct Totals {
     huge_cached: usize,
     /// Arena and huge bytes together.
     in_use: usize,
+    peak_in_use: usize,
     mapped: usize,
+    resident: Option<usize>,
+    peak_resident: Option<usize>,
     remote: u64,
 }
 
@@ -151,7 +189,19 @@ fn total_line(t: &Totals) -> Line {
         .num_w(kib(t.mapped), 8)
         .str(b" KiB  remote frees ")
         .num(t.remote)
-        .str(b"\n");
+        .str(b"\npeak  : in use ")
+        .num_w(kib(t.peak_in_use), 9)
+        .str(b" KiB");
+    let mut rss = |what: &[u8], v: Option<usize>| {
+        l.str(what);
+        match v {
+            Some(b) => l.num(kib(b)).str(b" KiB"),
+            None => l.str(b"unknown"),
+        };
+    };
+    rss(b"  resident now ", t.resident);
+    rss(b"  resident peak ", t.peak_resident);
+    l.str(b"\n");
     l
 }
 
@@ -196,13 +246,17 @@ pub fn write_report(
     l.str(b"\n");
     l.write(fd);
     let (huge_allocs, _, huge_in_use, huge_mapped, huge_cached) = huge;
+    let (resident, peak_resident) = resident_now_and_peak();
     total_line(&Totals {
         huge_allocs,
         huge_in_use,
         huge_mapped,
         huge_cached,
         in_use: in_use + huge_in_use,
+        peak_in_use: heading.peak_in_use,
         mapped: mapped + huge_mapped + huge_cached,
+        resident,
+        peak_resident,
         remote,
     })
     .write(fd);
@@ -211,8 +265,8 @@ pub fn write_report(
 /// Writes the statistics as one JSON object to `fd`, without allocating (the same figures
 /// as [`write_report`]; bytes, not KiB):
 ///
-/// `{"arenas": N, "caches": bool, "in_use": B, "mapped": B, "resident": B or null,
-/// "remote_frees": N, "huge": {"allocs": N, "frees": N, "in_use": B, "mapped": B,
+/// `{"arenas": N, "caches": bool, "in_use": B, "peak_in_use": B, "mapped": B,
+/// "resident": B or null, "peak_resident": B or null, "remote_frees": N, "huge": {"allocs": N, "frees": N, "in_use": B, "mapped": B,
 /// "cached": B},
 /// "per_arena": [{"index": I, "in_use": B, "mapped": B, "dirty": B, "purged": B,
 /// "runs": N, "locked_allocs": N, "fast_allocs": N, "fast_frees": N, "remote_frees": N,
@@ -291,13 +345,21 @@ pub fn write_json(
     let mut l = Line::new();
     l.str(b"\n], \"in_use\": ")
         .num((in_use + h_in_use) as u64)
+        .str(b", \"peak_in_use\": ")
+        .num(heading.peak_in_use as u64)
         .str(b", \"mapped\": ")
-        .num((mapped + h_mapped + h_cached) as u64)
-        .str(b", \"resident\": ");
-    match crate::os::resident_bytes() {
-        Some(r) => l.num(r as u64),
-        None => l.str(b"null"),
-    };
+        .num((mapped + h_mapped + h_cached) as u64);
+    let (resident, peak_resident) = resident_now_and_peak();
+    for (key, v) in [
+        (&b", \"resident\": "[..], resident),
+        (b", \"peak_resident\": ", peak_resident),
+    ] {
+        l.str(key);
+        match v {
+            Some(r) => l.num(r as u64),
+            None => l.str(b"null"),
+        };
+    }
     l.str(b", \"remote_frees\": ").num(remote);
     l.write(fd);
     let mut l = Line::new();

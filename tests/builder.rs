@@ -4,8 +4,6 @@
 
 mod common;
 
-use std::process::Command;
-
 #[global_allocator]
 static GLOBAL: coreheap::CoreHeap = coreheap::CoreHeap::new()
     .arenas(7)
@@ -23,13 +21,13 @@ fn child() {
 /// Runs the child with `env` added to an environment without `COREHEAP_*`; returns its
 /// arena count and dirty bytes.
 fn run(env: &[(&str, &str)]) -> (usize, usize) {
-    let mut cmd = Command::new(std::env::current_exe().unwrap());
-    for (k, _) in std::env::vars_os() {
-        if k.to_string_lossy().starts_with("COREHEAP_") {
-            cmd.env_remove(k);
-        }
-    }
-    let out = cmd
+    let (arenas, dirty, _) = run_with_stderr(env);
+    (arenas, dirty)
+}
+
+/// [`run`], with the child's stderr.
+fn run_with_stderr(env: &[(&str, &str)]) -> (usize, usize, String) {
+    let out = common::rerun_self()
         .env(CHILD_VAR, "1")
         .envs(env.iter().copied())
         .output()
@@ -44,7 +42,7 @@ fn run(env: &[(&str, &str)]) -> (usize, usize) {
             .and_then(|v| v.parse().ok())
             .unwrap_or_else(|| panic!("no {name} in: {stdout}"))
     };
-    (field("arenas="), field("dirty="))
+    (field("arenas="), field("dirty="), stderr.into_owned())
 }
 
 /// `CoreHeap::new().arenas(7).purge_delay_ms(0).dirty_max(1 << 20)`: seven arenas (a count
@@ -64,9 +62,38 @@ fn the_environment_wins_over_the_builder() {
     let (arenas, dirty) = run(&[("COREHEAP_ARENAS", "2")]);
     assert_eq!(arenas, 2, "the environment asked for 2 arenas");
     assert!(dirty <= 8 << 20, "{dirty} dirty bytes stay");
-    // A bad value is reported, and the builder's value is used.
-    let (arenas, _) = run(&[("COREHEAP_ARENAS", "abc")]);
+    // A bad value is reported naming the builder's value, and that value is used.
+    let (arenas, _, err) = run_with_stderr(&[("COREHEAP_ARENAS", "abc")]);
     assert_eq!(arenas, 7, "a bad COREHEAP_ARENAS leaves the builder's 7");
+    assert_eq!(
+        err,
+        "coreheap: COREHEAP_ARENAS=abc is not a number from 1 to 4096; using 7 (set by the program)\n"
+    );
+    let (_, _, err) = run_with_stderr(&[("COREHEAP_DIRTY_MAX", "big"), ("COREHEAP_DEBUG", "2")]);
+    assert_eq!(
+        err,
+        "coreheap: COREHEAP_DEBUG=2 is not a boolean (1/0, true/false, yes/no, on/off); using 0\n\
+         coreheap: COREHEAP_DIRTY_MAX=big is not a size in bytes (with K, M or G) up to 1024G; using 1M (set by the program)\n"
+    );
+}
+
+/// A size above its maximum is clamped to it, and the message says so; the clamped value
+/// is the environment's, so the builder's is not used (what was freed stays dirty: 1 TiB
+/// may be kept, and the purge delay is an hour).
+fn a_size_above_its_maximum_is_clamped() {
+    let (_, dirty, err) = run_with_stderr(&[
+        ("COREHEAP_DIRTY_MAX", "4096G"),
+        ("COREHEAP_PURGE_MS", "99999999999999999999999"),
+    ]);
+    assert_eq!(
+        err,
+        "coreheap: COREHEAP_PURGE_MS=99999999999999999999999 is not a number from 0 to 3600000; using 3600000\n\
+         coreheap: COREHEAP_DIRTY_MAX=4096G is not a size in bytes (with K, M or G) up to 1024G; using 1024G\n"
+    );
+    assert!(
+        dirty >= 16 << 20,
+        "with 1 TiB and an hour, only {dirty} dirty bytes stay"
+    );
 }
 
 fn main() {
@@ -74,21 +101,16 @@ fn main() {
         child();
         return;
     }
-    let tests: [(&str, fn()); 2] = [
+    let tests: [(&str, fn()); 3] = [
         ("the_builder_sets_the_heap", the_builder_sets_the_heap),
         (
             "the_environment_wins_over_the_builder",
             the_environment_wins_over_the_builder,
         ),
+        (
+            "a_size_above_its_maximum_is_clamped",
+            a_size_above_its_maximum_is_clamped,
+        ),
     ];
-    let filter: Vec<String> = std::env::args()
-        .skip(1)
-        .filter(|a| !a.starts_with('-'))
-        .collect();
-    for (name, f) in tests {
-        if filter.is_empty() || filter.iter().any(|p| name.contains(p.as_str())) {
-            f();
-            println!("test {name} ... ok");
-        }
-    }
+    common::run_tests(&tests);
 }

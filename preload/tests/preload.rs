@@ -873,7 +873,9 @@ fn stats_as_json() {
                 "import json,sys; d=json.load(sys.stdin); \
                  assert d['arenas'] == 2 and len(d['per_arena']) == 2; \
                  assert all(len(a['classes']) > 0 for a in d['per_arena']); \
-                 assert d['in_use'] >= 0 and d['mapped'] > 0; print('json ok')",
+                 assert d['in_use'] >= 0 and d['mapped'] > 0; \
+                 assert d['peak_in_use'] >= d['in_use'] and d['peak_in_use'] > 0; \
+                 assert d['peak_resident'] >= d['resident'] > 0; print('json ok')",
             ])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())

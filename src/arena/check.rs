@@ -3,9 +3,9 @@
 
 use super::{Arena, ArenaLock, State};
 use crate::chunk::{Kind, PageDesc, HEADER_PAGES};
-use crate::size_class::{CHUNK_PAGES, PAGE};
+use crate::size_class::{class_size, CHUNK_PAGES, NUM_CLASSES, PAGE};
 use crate::small::check_run;
-use crate::source::PageSource;
+use crate::source::{PageSource, GRAIN};
 
 impl<S: PageSource<Lock: ArenaLock>> Arena<S> {
     /// Verifies this arena's invariants (see `small.rs`, `large/` and `chunk.rs`).
@@ -15,6 +15,7 @@ impl<S: PageSource<Lock: ArenaLock>> Arena<S> {
         let r = unsafe {
             let st = &mut *self.state.get();
             self.drain_locked(src, st);
+            Self::keep_published(src, st);
             self.check_locked(src, st)
         };
         self.release(src);
@@ -24,7 +25,8 @@ impl<S: PageSource<Lock: ArenaLock>> Arena<S> {
     /// [`Arena::check`] without draining the pending stack first.
     ///
     /// # Safety
-    /// The caller holds the lock and passes this arena's state.
+    /// The caller holds the lock and passes this arena's state, and has published its bytes
+    /// in use since it last changed them (`keep_published`), if the source has a meter.
     pub(super) unsafe fn check_locked(&self, src: &S, st: &mut State) -> Result<(), &'static str> {
         // SAFETY: by the contract.
         unsafe {
@@ -58,6 +60,24 @@ impl<S: PageSource<Lock: ArenaLock>> Arena<S> {
                 }
                 if r.is_ok() && runs != st.pages.counters.runs {
                     r = Err("run count disagrees with the chunks");
+                }
+                let small: u64 = (0..NUM_CLASSES)
+                    .map(|c| {
+                        let k = &st.bins.counters[c];
+                        (k.allocs - k.frees) * class_size(c) as u64
+                    })
+                    .sum();
+                if r.is_ok() && small != st.bins.bytes as u64 {
+                    r = Err("small bytes in use disagree with the class counters");
+                }
+                // The meter's share (`State::published`) lies in its band (as at every
+                // release of the lock; the caller published after its last change).
+                let now = st.bins.bytes + st.large.in_use;
+                if r.is_ok()
+                    && src.meter().is_some()
+                    && !(now <= st.published && st.published < now + 2 * GRAIN)
+                {
+                    r = Err("published bytes in use outside their band");
                 }
             }
             r

@@ -31,7 +31,7 @@ use crate::lock::Taken;
 use crate::remote::{Batch, Pending};
 use crate::size_class::{class_for, class_size, pages_for, PAGE, PAGE_SHIFT, SMALL_MAX};
 use crate::small::SmallBins;
-use crate::source::PageSource;
+use crate::source::{Meter, PageSource, GRAIN};
 
 mod check;
 mod lock;
@@ -68,6 +68,10 @@ struct State {
     /// Slow-path operations (bin refills, large allocations) since the arena was made,
     /// wrapping: the decay clock is read every [`CLOCK_EVERY`] of them.
     clock_ops: u32,
+    /// The bytes in use this arena counts in its source's meter (`PageSource::meter`):
+    /// `bins.bytes + large.in_use` rounded up to `source::GRAIN` when last published, kept
+    /// within `[in use, in use + 2 * GRAIN)` by [`Arena::release`]. Zero without a meter.
+    published: usize,
 }
 
 /// Slow-path operations between two reads of the decay clock. The clock read had been a
@@ -181,9 +185,41 @@ impl<S: PageSource<Lock: ArenaLock>> Arena<S> {
         }
     }
 
+    /// Releases the lock, first publishing the arena's bytes in use to the source's meter
+    /// if they left the band around what it published (see `State::published`): a compare
+    /// per lock round, an atomic update only when the bytes moved by about `GRAIN`.
     #[inline(always)]
-    fn release(&self, _src: &S) {
+    fn release(&self, src: &S) {
+        // SAFETY: the caller holds the lock (every `release` follows an `acquire` or a
+        // successful `try_acquire`).
+        Self::keep_published(src, unsafe { &mut *self.state.get() });
         self.lock.release()
+    }
+
+    /// Publishes the arena's bytes in use if they left the band around what it published.
+    #[inline(always)]
+    fn keep_published(src: &S, st: &mut State) {
+        if let Some(m) = src.meter() {
+            let now = st.bins.bytes + st.large.in_use;
+            // One compare for the band `now <= published < now + 2 * GRAIN`: below it the
+            // difference wraps around to a huge value.
+            if st.published.wrapping_sub(now) >= 2 * GRAIN {
+                Self::publish(m, st, now);
+            }
+        }
+    }
+
+    /// Publishes `now`, the arena's bytes in use, rounded up to `GRAIN`.
+    #[cold]
+    #[inline(never)]
+    fn publish(m: &Meter, st: &mut State, now: usize) {
+        let target = now.next_multiple_of(GRAIN);
+        if target > st.published {
+            m.add(target - st.published);
+        } else {
+            m.sub(st.published - target);
+        }
+        st.published = target;
     }
 
     /// Allocates `size` bytes aligned to `align` (`size <= LARGE_MAX`,

@@ -102,6 +102,9 @@ pub(crate) fn alloc<B: Backend>(b: &B, size: usize, align: usize, zero: bool) ->
     c.allocs.fetch_add(1, Ordering::Relaxed);
     c.in_use.fetch_add(size as u64, Ordering::Relaxed);
     c.mapped.fetch_add(len as u64, Ordering::Relaxed);
+    if let Some(m) = src.meter() {
+        m.add(size);
+    }
     (p, zero || stale == 0)
 }
 
@@ -179,6 +182,9 @@ pub(crate) unsafe fn free<B: Backend>(b: &B, h: *mut ChunkHeader, p: *mut u8) {
     c.frees.fetch_add(1, Ordering::Relaxed);
     c.in_use.fetch_sub(size as u64, Ordering::Relaxed);
     c.mapped.fetch_sub(len as u64, Ordering::Relaxed);
+    if let Some(m) = src.meter() {
+        m.sub(size);
+    }
     // SAFETY: the span is ours (claimed above) and holds nothing live.
     unsafe {
         src.unpublish_span(h.cast());
@@ -224,7 +230,7 @@ pub(crate) unsafe fn realloc<B: Backend>(
             (*h).map_len = kept;
             (*h).huge_size = size;
         }
-        b.huge_counters().resized((old, len), (size, kept));
+        resized(b, (old, len), (size, kept));
         return p;
     }
     let map_align = if off >= CHUNK { off } else { CHUNK };
@@ -242,6 +248,18 @@ pub(crate) unsafe fn realloc<B: Backend>(
         let published = src.publish_span(nh.cast());
         debug_assert!(published, "move_span returned a span it cannot publish");
     }
-    b.huge_counters().resized((old, len), (size, new_len));
+    resized(b, (old, len), (size, new_len));
     q
+}
+
+/// Counts a resized huge block: `(bytes asked for, span length)` before and after.
+fn resized<B: Backend>(b: &B, old: (usize, usize), new: (usize, usize)) {
+    b.huge_counters().resized(old, new);
+    if let Some(m) = b.source().meter() {
+        if new.0 >= old.0 {
+            m.add(new.0 - old.0);
+        } else {
+            m.sub(old.0 - new.0);
+        }
+    }
 }

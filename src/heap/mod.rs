@@ -27,7 +27,7 @@ use crate::front::{self, report, Backend, HugeCounters};
 use crate::os;
 use crate::settings::Overrides;
 use crate::size_class::{LARGE_MAX, NUM_CLASSES, SMALL_MAX, SMALL_MIN};
-use crate::source::OsSource;
+use crate::source::{OsSource, PageSource};
 use crate::stats::{self, Stats};
 use init::BOOTSTRAP;
 
@@ -514,11 +514,11 @@ impl ProcessHeap {
 
     /// A snapshot of every arena's counters and of the huge blocks.
     pub fn stats(&self) -> Stats {
-        stats::collect(
-            self.arena_count(),
-            |f| self.for_each_arena(f),
-            self.huge_totals(),
-        )
+        let count = self.arena_count();
+        // The peak after the walk, which returns pending frees (and publishes).
+        let mut s = stats::collect(count, |f| self.for_each_arena(f), self.huge_totals(), 0);
+        s.peak_in_use = self.peak_in_use();
+        s
     }
 
     /// Writes the statistics as one JSON object to `fd` without allocating.
@@ -533,10 +533,16 @@ impl ProcessHeap {
         stats::write_report(fd, h, |f| self.for_each_arena(f), self.huge_totals());
     }
 
+    /// The most bytes ever in use (see `Stats::peak_in_use`).
+    pub fn peak_in_use(&self) -> usize {
+        SRC.meter().map_or(0, |m| m.peak())
+    }
+
     fn heading(&self) -> stats::Heading {
         stats::Heading {
             arenas: self.arena_count(),
             caches: self.fast_path(),
+            peak_in_use: self.peak_in_use(),
         }
     }
 }

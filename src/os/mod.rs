@@ -64,7 +64,9 @@ pub use io::{
 pub use mem::{map_aligned, map_anon, move_mapping, purge, remap_in_place, reserve_aligned, unmap};
 #[cfg(test)]
 pub use mem::{protect, Access};
-pub use process::{at_exit, pid, process_alive, resident_bytes, single_threaded, thread_id};
+pub use process::{
+    at_exit, peak_resident_bytes, pid, process_alive, resident_bytes, single_threaded, thread_id,
+};
 pub use random::{random_word, secret_key};
 pub use sync::{futex_wait, futex_wake, register_atfork, without_cancellation, yield_now};
 pub use time::now_ms;

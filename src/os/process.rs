@@ -94,6 +94,19 @@ pub fn resident_bytes() -> Option<usize> {
     Some(pages * super::mem::OS_PAGE)
 }
 
+/// The largest resident set the process has had, in bytes: `getrusage`'s `ru_maxrss`
+/// (which Linux counts in KiB). The kernel's per-thread counts reach it lazily, so it may be
+/// a few pages below [`resident_bytes`] read just before. `None` if `getrusage` fails.
+/// Does not allocate.
+pub fn peak_resident_bytes() -> Option<usize> {
+    let mut u = core::mem::MaybeUninit::<libc::rusage>::zeroed();
+    // SAFETY: `u` is a writable `rusage`; RUSAGE_SELF needs nothing else.
+    let r = unsafe { libc::getrusage(libc::RUSAGE_SELF, u.as_mut_ptr()) };
+    // SAFETY: zeroed is a valid `rusage` (plain integers), filled in on success.
+    let u = unsafe { u.assume_init() };
+    (r == 0).then(|| (u.ru_maxrss.max(0) as usize) * 1024)
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
@@ -117,5 +130,14 @@ mod tests {
     fn resident_set_is_read() {
         let r = super::resident_bytes().expect("/proc/self/statm");
         assert!(r > 0 && r.is_multiple_of(super::super::mem::OS_PAGE), "{r}");
+        // The peak: at least the kernel's high-water mark, read before it (which only grows).
+        // SAFETY: `u` is a writable `rusage`; all-zero is a valid one.
+        let max_rss = unsafe {
+            let mut u = core::mem::zeroed::<libc::rusage>();
+            assert_eq!(libc::getrusage(libc::RUSAGE_SELF, &mut u), 0);
+            u.ru_maxrss as usize * 1024
+        };
+        let peak = super::peak_resident_bytes().expect("getrusage");
+        assert!(peak >= max_rss && max_rss > 0, "{peak} {max_rss}");
     }
 }

@@ -67,8 +67,11 @@ fn open() -> Option<&'static SharedHeap> {
 }
 
 fn open_from_env() -> Option<&'static SharedHeap> {
-    // Without the variable, or with a bad value (reported when the settings were read),
-    // the process heap serves everything.
+    // The C interface has no builder: bad values are reported with what the environment
+    // leaves (unless the process heap's initialisation reported them already).
+    settings::report_once(&settings::Overrides::NONE);
+    // Without the variable, or with a bad value (reported just now), the process heap
+    // serves everything.
     let Some((path, size)) = settings::get()
         .shm
         .and_then(|spec| Some((shm_path(spec.name())?, spec.size)))

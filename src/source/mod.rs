@@ -9,13 +9,18 @@
 //!   [`registry`]; freed huge spans are kept for reuse in the process-wide [`spans`] cache;
 //! - `ShmSource` (`shm/source.rs`): chunks of a shared file, which several processes map.
 //!
+//! A source may also keep a [`Meter`] (`meter.rs`) of the bytes its arenas and huge blocks
+//! have handed out, with their peak.
+//!
 //! This module imports nothing of the engine: it sits below it.
 
+mod meter;
 mod os;
 pub mod registry;
 pub mod retired;
 pub mod spans;
 
+pub use meter::{Meter, GRAIN};
 pub use os::OsSource;
 
 /// A provider of chunks.
@@ -115,6 +120,13 @@ pub unsafe trait PageSource: Sync {
 
     /// Returns every span kept for reuse to the OS (`trim`).
     fn release_cached(&self) {}
+
+    /// The meter of bytes in use and their peak that this source's arenas and huge blocks
+    /// publish to, if it keeps one (the process heap's does; see [`Meter`]).
+    #[inline(always)]
+    fn meter(&self) -> Option<&Meter> {
+        None
+    }
 
     /// Resizes the span at `span` from `len` to `new_len` bytes (multiples of `PAGE`)
     /// without moving it. Returns false, with nothing changed, if the source cannot.

@@ -3,7 +3,7 @@
 use super::registry::REGISTRY;
 use super::retired::RETIRED;
 use super::spans::SPANS;
-use super::PageSource;
+use super::{Meter, PageSource};
 use crate::lock::RawLock;
 use crate::os;
 use crate::size_class::CHUNK;
@@ -11,6 +11,9 @@ use crate::size_class::CHUNK;
 /// Anonymous private memory from `mmap`, recorded in the process-wide chunk registry. Freed
 /// huge spans go to the process-wide span cache (`spans.rs`) and are reused from it.
 pub struct OsSource;
+
+/// The process heap's bytes in use and their peak (`coreheap::stats().peak_in_use`).
+static METER: Meter = Meter::new();
 
 impl OsSource {
     /// Bytes of freed huge spans kept mapped for reuse.
@@ -113,6 +116,11 @@ unsafe impl PageSource for OsSource {
 
     fn release_cached(&self) {
         SPANS.release_all();
+    }
+
+    #[inline(always)]
+    fn meter(&self) -> Option<&Meter> {
+        Some(&METER)
     }
 
     unsafe fn resize_span(&self, span: *mut u8, len: usize, new_len: usize) -> bool {

@@ -34,7 +34,8 @@ const SLOTS: usize = 32;
 #[cfg_attr(not(test), allow(dead_code))]
 pub const CAP: usize = crate::policy::DIRTY_MAX;
 
-/// The cap in force: [`CAP`] unless `COREHEAP_DIRTY_MAX` set another (`policy.rs`).
+/// The cap in force: [`CAP`] unless `COREHEAP_DIRTY_MAX`, the builder or
+/// `mallopt(M_TRIM_THRESHOLD)` set another (`policy.rs`).
 fn cap() -> usize {
     crate::policy::dirty_max()
 }
@@ -65,7 +66,8 @@ const NONE: Span = Span {
 ///
 /// Invariant: `spans[..n]` are the cached spans, each a private anonymous mapping of this
 /// process, `CHUNK`-aligned, unpublished in the registry, that nothing else uses, with
-/// `dirty <= len`; `bytes` is the sum of their lengths and at most [`CAP`]; `n <= SLOTS`.
+/// `dirty <= len`; `bytes` is the sum of their lengths and at most the cap in force at the
+/// last `put` (`cap()`; a lowered cap applies from the next one); `n <= SLOTS`.
 struct Slots {
     spans: [Span; SLOTS],
     n: usize,

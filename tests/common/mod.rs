@@ -3,6 +3,7 @@
 // Each test binary compiles this module and uses only some of it.
 #![allow(dead_code)]
 
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 /// Waits for the child `pid` for at most `limit` and returns its wait status. A child still
@@ -76,4 +77,32 @@ pub fn dirty_after_freeing_32_mib(wait_ms: u64) -> usize {
         unsafe { std::alloc::dealloc(std::alloc::alloc(layout), layout) };
     }
     coreheap::stats().arenas.iter().map(|a| a.dirty_bytes).sum()
+}
+
+/// A command that runs this test binary again, in an environment without `COREHEAP_*`
+/// variables (the caller adds the ones its case needs).
+pub fn rerun_self() -> Command {
+    let mut cmd = Command::new(std::env::current_exe().unwrap());
+    for (k, _) in std::env::vars_os() {
+        if k.to_string_lossy().starts_with("COREHEAP_") {
+            cmd.env_remove(k);
+        }
+    }
+    cmd
+}
+
+/// The `main` of a `harness = false` test: runs each `(name, test)` whose name contains an
+/// argument of the command line (every one without such an argument), printing libtest's
+/// line for each that passes.
+pub fn run_tests(tests: &[(&str, fn())]) {
+    let filter: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .collect();
+    for (name, f) in tests {
+        if filter.is_empty() || filter.iter().any(|p| name.contains(p.as_str())) {
+            f();
+            println!("test {name} ... ok");
+        }
+    }
 }

@@ -61,9 +61,11 @@ pub use file::dup_fd_high;
 pub use io::{
     fatal, stdio_list_lock, stdio_list_reset, stdio_list_unlock, write_all, write_stream,
 };
-pub use mem::{map_aligned, map_anon, move_mapping, purge, remap_in_place, reserve_aligned, unmap};
 #[cfg(test)]
-pub use mem::{protect, Access};
+pub use mem::{map_aligned, protect, Access};
+pub use mem::{
+    map_aligned_below, map_anon, move_mapping, purge, remap_in_place, reserve_aligned, unmap,
+};
 pub use process::{at_exit, pid, process_alive, resident_bytes, single_threaded, thread_id};
 pub use random::{random_word, secret_key};
 pub use sync::{futex_wait, futex_wake, register_atfork, without_cancellation, yield_now};

@@ -48,7 +48,7 @@ pub mod io;
 pub mod mem;
 pub mod process;
 pub mod random;
-#[cfg(all(target_arch = "x86_64", target_os = "linux", target_env = "gnu"))]
+#[cfg(coreheap_rseq)]
 pub mod rseq;
 pub mod sync;
 pub mod time;

@@ -102,6 +102,12 @@ fn blocks_cross_threads_with_their_contents() {
 #[test]
 fn blocks_come_from_the_allocator_the_build_names() {
     assert_eq!(coreheap::BACKEND, cfg!(coreheap_backend));
+    // Built with the switch (CI's step), the fallback must be what this test checks.
+    let forced = option_env!("COREHEAP_FORCE_FALLBACK") == Some("1");
+    assert!(
+        !(forced && coreheap::BACKEND),
+        "COREHEAP_FORCE_FALLBACK=1 left the backend on"
+    );
     let v: Vec<u8> = std::iter::repeat_n(7, 100).collect();
     let aligned = Box::new(Aligned([3; 256]));
     #[cfg(coreheap_backend)]

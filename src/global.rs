@@ -1,12 +1,17 @@
 //! `GlobalAlloc` for Rust programs: routing only, and the builder of the settings a program
-//! chooses.
+//! chooses. Without the backend (`build.rs`), forwarding to the system allocator.
 
 use core::alloc::{GlobalAlloc, Layout};
 
+#[cfg(coreheap_backend)]
 use crate::heap::HEAP;
-use crate::settings::Overrides;
+use crate::overrides::Overrides;
 
 /// The coreheap allocator. Every instance shares the one process heap.
+///
+/// On targets without coreheap's backend ([`BACKEND`](crate::BACKEND) false: anything but
+/// Linux on x86_64 or aarch64) it forwards every call to `std::alloc::System`, and the
+/// settings below are accepted and ignored.
 ///
 /// ```no_run
 /// #[global_allocator]
@@ -51,7 +56,7 @@ impl CoreHeap {
     }
 
     /// Uses `n` arenas instead of one per CPU the process may run on (`COREHEAP_ARENAS`;
-    /// clamped to 1 to [`settings::MAX_ARENAS`](crate::settings::MAX_ARENAS)).
+    /// clamped to 1 to `settings::MAX_ARENAS`, 4096).
     pub const fn arenas(mut self, n: usize) -> Self {
         self.ov.arenas = Some(n);
         self
@@ -92,6 +97,7 @@ impl CoreHeap {
     }
 }
 
+#[cfg(coreheap_backend)]
 // SAFETY: blocks come from the process heap, which returns null or a block of at least
 // `layout.size()` bytes aligned to `layout.align()`, valid until freed; realloc keeps the
 // contents up to the smaller size; nothing here panics or allocates through another path.
@@ -119,5 +125,34 @@ unsafe impl GlobalAlloc for CoreHeap {
         // SAFETY: the caller owns `ptr`, a block of this allocator, so the heap is
         // initialised already.
         unsafe { HEAP.realloc(ptr, new_size, layout.align(), true) }
+    }
+}
+
+#[cfg(not(coreheap_backend))]
+// SAFETY: every call goes to the system allocator with the same arguments, so its
+// `GlobalAlloc` guarantees are this one's.
+unsafe impl GlobalAlloc for CoreHeap {
+    #[inline]
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        // SAFETY: the caller's guarantees (a layout of non-zero size) passed on.
+        unsafe { std::alloc::System.alloc(layout) }
+    }
+
+    #[inline]
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: `ptr` came from this allocator, hence from `System`, with `layout`.
+        unsafe { std::alloc::System.dealloc(ptr, layout) }
+    }
+
+    #[inline]
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        // SAFETY: as in `alloc`.
+        unsafe { std::alloc::System.alloc_zeroed(layout) }
+    }
+
+    #[inline]
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        // SAFETY: `ptr` came from `System` with `layout`; `new_size` as the caller promises.
+        unsafe { std::alloc::System.realloc(ptr, layout, new_size) }
     }
 }

@@ -32,6 +32,7 @@ use core::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering}
 
 use crate::diag::Line;
 use crate::os;
+pub(crate) use crate::overrides::Overrides;
 
 /// The largest arena count `COREHEAP_ARENAS` may ask for.
 pub const MAX_ARENAS: usize = 4096;
@@ -240,31 +241,6 @@ pub const VARS: [Var; 8] = [
         meaning: "dirty bytes an arena always may keep, and the huge spans kept for reuse",
     },
 ];
-
-/// What a Rust program chose through [`CoreHeap`](crate::CoreHeap)'s builder: `None` for
-/// every setting it left alone. Values are clamped to the ranges of the variables when
-/// merged ([`resolve`]).
-#[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
-pub(crate) struct Overrides {
-    pub(crate) arenas: Option<usize>,
-    pub(crate) purge_ms: Option<u32>,
-    pub(crate) dirty_max: Option<u64>,
-    pub(crate) debug: Option<bool>,
-    pub(crate) rseq: Option<bool>,
-    pub(crate) stats: Option<bool>,
-}
-
-impl Overrides {
-    /// Nothing chosen: the environment, then the defaults.
-    pub(crate) const NONE: Overrides = Overrides {
-        arenas: None,
-        purge_ms: None,
-        dirty_max: None,
-        debug: None,
-        rseq: None,
-        stats: None,
-    };
-}
 
 // The positions of the variables a program may set, in `VARS`.
 const ARENAS: usize = 0;

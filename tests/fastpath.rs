@@ -747,7 +747,8 @@ fn stress_round(ops_per_thread: usize) -> (usize, usize, u64, Duration, u64) {
     install_handler();
     // Threads report their pthread ids here, and stay alive (at `parked`) until the signal
     // storm has stopped, so no signal is sent to a thread that has exited.
-    let tids = Arc::new(Mutex::new(Vec::<libc::pthread_t>::new()));
+    // Thread ids as numbers: musl's pthread_t is a pointer, which threads cannot share.
+    let tids = Arc::new(Mutex::new(Vec::<usize>::new()));
     let finished = Arc::new(AtomicU64::new(0));
     let parked = Arc::new(std::sync::Barrier::new(threads + 1));
     let allocated = Arc::new(AtomicU64::new(0));
@@ -769,7 +770,9 @@ fn stress_round(ops_per_thread: usize) -> (usize, usize, u64, Duration, u64) {
             let (tids, finished, parked) = (tids.clone(), finished.clone(), parked.clone());
             std::thread::spawn(move || {
                 // SAFETY: pthread_self has no preconditions.
-                tids.lock().unwrap().push(unsafe { libc::pthread_self() });
+                tids.lock()
+                    .unwrap()
+                    .push(unsafe { libc::pthread_self() } as usize);
                 let mut rng = Rng(0x2545_f491_4f6c_dd1d ^ ((t as u64 + 1) * 0x9e37_79b9));
                 let mut live: Vec<Blk> = Vec::with_capacity(600);
                 let mut serial = 0u64;
@@ -824,7 +827,7 @@ fn stress_round(ops_per_thread: usize) -> (usize, usize, u64, Duration, u64) {
                 };
                 if let Some(t) = t {
                     // SAFETY: `t` is a live thread: none exits before `parked` releases it.
-                    unsafe { libc::pthread_kill(t, libc::SIGUSR1) };
+                    unsafe { libc::pthread_kill(t as libc::pthread_t, libc::SIGUSR1) };
                 }
                 std::thread::yield_now();
             }

@@ -317,13 +317,14 @@ fn signalled_child() -> ! {
         libc::sigemptyset(&mut sa.sa_mask);
         libc::sigaction(libc::SIGUSR1, &sa, std::ptr::null_mut());
     }
-    // SAFETY: pthread_self has no preconditions.
-    let me = unsafe { libc::pthread_self() };
+    // SAFETY: pthread_self has no preconditions. Sent as a number: musl's pthread_t is a
+    // pointer, which a thread cannot take along.
+    let me = unsafe { libc::pthread_self() } as usize;
     let signaller = std::thread::spawn(move || {
         while !STOP_SIGNALS.load(Ordering::Relaxed) {
             std::thread::sleep(Duration::from_millis(2));
             // SAFETY: `me` is the main thread, which outlives this one (it joins it).
-            unsafe { libc::pthread_kill(me, libc::SIGUSR1) };
+            unsafe { libc::pthread_kill(me as libc::pthread_t, libc::SIGUSR1) };
         }
     });
     let mut rng = common::Rng(0x2545_f491_4f6c_dd1d);

@@ -1,6 +1,20 @@
 //! The preload library: `LD_PRELOAD=libcoreheap_preload.so PROGRAM` runs any program on
 //! coreheap. Each export is a one-line forward to `coreheap::c_api`, where the C rules live
 //! and are tested; nothing here may unwind (the workspace builds with `panic = "abort"`).
+//!
+//! Linux only, on the targets where coreheap has its backend (x86_64 and aarch64; the
+//! README's "Targets"): elsewhere the build stops with the message below. The library is
+//! also not built from a coreheap forced to its fallback (`COREHEAP_FORCE_FALLBACK=1`),
+//! which has no `c_api`.
+
+#[cfg(not(all(
+    target_os = "linux",
+    any(target_arch = "x86_64", target_arch = "aarch64")
+)))]
+compile_error!(
+    "coreheap-preload is an LD_PRELOAD library for Linux on x86_64 and aarch64; elsewhere a \
+     Rust program can use coreheap::CoreHeap, which forwards to the system allocator there"
+);
 
 use core::ffi::{c_int, c_void};
 

@@ -92,11 +92,12 @@ pub fn small_block_start(p: *const u8, _d: &PageDesc, class: usize) -> bool {
 /// If `p` is a live small block, its arena and class: [`lookup`]'s answer
 /// for such blocks, found from the block's own page descriptor (every page of a small run
 /// records the class), without going to the run's first page. `None` for anything else,
-/// which [`lookup`] then sorts out.
+/// which [`lookup`] then sorts out, and for blocks whose chunk only the source's slower test
+/// finds (`PageSource::owns_chunk_quick`).
 #[inline]
 pub fn lookup_small<S: PageSource>(src: &S, p: *const u8) -> Option<(u32, usize)> {
     let c = chunk_of(p);
-    if !src.owns_chunk(c) {
+    if !src.owns_chunk_quick(c) {
         return None;
     }
     let h = c as *const ChunkHeader;

@@ -53,9 +53,9 @@ use crate::chunk::{decode_link, Block};
 use crate::size_class::{class_size, NUM_CLASSES};
 
 mod chain;
-#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+#[cfg(coreheap_rseq)]
 mod sections;
-#[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
+#[cfg(not(coreheap_rseq))]
 #[path = "sections_none.rs"]
 mod sections;
 mod transfer;
@@ -95,13 +95,22 @@ pub struct CpuCache {
     key: AtomicUsize,
 }
 
+// The sections' memory operands (`sections.rs`): none without them.
+#[cfg(coreheap_rseq)]
 const OFF_ALLOCS: usize = core::mem::offset_of!(CpuCache, fast_allocs);
+#[cfg(coreheap_rseq)]
 const OFF_FREES: usize = core::mem::offset_of!(CpuCache, fast_frees);
+#[cfg(coreheap_rseq)]
 const OFF_ARENA: usize = core::mem::offset_of!(CpuCache, arena);
+#[cfg(coreheap_rseq)]
 const OFF_KEY: usize = core::mem::offset_of!(CpuCache, key);
+#[cfg(coreheap_rseq)]
 const OFF_LIMITS: usize = core::mem::offset_of!(CpuCache, limits);
+#[cfg(coreheap_rseq)]
 const OFF_CS_BASE: usize = core::mem::offset_of!(Caches, base);
+#[cfg(coreheap_rseq)]
 const OFF_CS_LEN: usize = core::mem::offset_of!(Caches, len);
+#[cfg(coreheap_rseq)]
 const OFF_CS_RSEQ: usize = core::mem::offset_of!(Caches, rseq_off);
 const _: () = assert!(core::mem::size_of::<CpuCache>() <= 1 << STRIDE_SHIFT);
 const _: () = assert!(core::mem::offset_of!(CpuCache, heads) == 0);
@@ -202,6 +211,8 @@ pub enum Push {
 pub struct Caches {
     base: *mut CpuCache,
     len: usize,
+    // Read by the critical sections alone.
+    #[cfg_attr(not(coreheap_rseq), allow(dead_code))]
     rseq_off: isize,
     pub enabled: bool,
     transfer: *const Transfer,
@@ -210,7 +221,7 @@ pub struct Caches {
 
 impl Caches {
     /// Whether this build has the critical sections.
-    pub const AVAILABLE: bool = cfg!(all(target_arch = "x86_64", target_os = "linux"));
+    pub const AVAILABLE: bool = cfg!(coreheap_rseq);
 
     /// No caches: every operation takes the locked path.
     pub const fn disabled() -> Self {

@@ -80,7 +80,7 @@ impl ProcessHeap {
         // The initialising thread, if any was recorded, does not exist here; nor does a
         // thread that was looking the rseq symbols up.
         self.init_thread.store(0, Ordering::Relaxed);
-        #[cfg(all(target_arch = "x86_64", target_os = "linux", target_env = "gnu"))]
+        #[cfg(coreheap_rseq)]
         os::rseq::reset_after_fork();
         if SINGLE.load(Ordering::Relaxed) {
             // No lock was taken; a held one belongs to this thread's interrupted code.

@@ -170,7 +170,7 @@ impl ProcessHeap {
 fn init_config(cfg: &mut Config, settings: &Settings) -> bool {
     // The rseq area is looked up now, whatever the settings, while the process most likely
     // has one thread (not later from a signal handler).
-    #[cfg(all(target_arch = "x86_64", target_os = "linux", target_env = "gnu"))]
+    #[cfg(coreheap_rseq)]
     let _ = os::rseq::area_offset();
     let mut allowed = [0u64; 16];
     let ncpu = os::cpu_affinity(&mut allowed);
@@ -251,9 +251,9 @@ fn init_config(cfg: &mut Config, settings: &Settings) -> bool {
 /// The calling thread's CPU id from its rseq area, if it has one.
 #[inline]
 pub(super) fn rseq_cpu() -> Option<usize> {
-    #[cfg(all(target_arch = "x86_64", target_os = "linux", target_env = "gnu"))]
+    #[cfg(coreheap_rseq)]
     return os::rseq::cpu_id();
-    #[cfg(not(all(target_arch = "x86_64", target_os = "linux", target_env = "gnu")))]
+    #[cfg(not(coreheap_rseq))]
     None
 }
 
@@ -265,7 +265,7 @@ fn fast_path_wanted() -> Option<isize> {
     if !Caches::AVAILABLE {
         return None;
     }
-    #[cfg(all(target_arch = "x86_64", target_os = "linux", target_env = "gnu"))]
+    #[cfg(coreheap_rseq)]
     if os::rseq::cpu_id().is_some() {
         return os::rseq::area_offset();
     }

@@ -9,7 +9,7 @@
 /// (`cpu_id` negative), it asks `sched_getcpu`.
 #[inline]
 pub fn current_cpu() -> usize {
-    #[cfg(all(target_arch = "x86_64", target_os = "linux", target_env = "gnu"))]
+    #[cfg(coreheap_rseq)]
     if let Some(c) = super::rseq::cpu_id() {
         return c;
     }
@@ -96,7 +96,7 @@ mod tests {
     }
 
     fn rseq_in_use() -> bool {
-        #[cfg(all(target_arch = "x86_64", target_os = "linux", target_env = "gnu"))]
+        #[cfg(coreheap_rseq)]
         return super::super::rseq::cpu_id().is_some();
         #[allow(unreachable_code)]
         false
@@ -113,7 +113,7 @@ mod tests {
                     continue;
                 }
                 assert_eq!(current_cpu(), cpu);
-                #[cfg(all(target_arch = "x86_64", target_os = "linux", target_env = "gnu"))]
+                #[cfg(coreheap_rseq)]
                 if let Some(c) = super::super::rseq::cpu_id() {
                     assert_eq!(c, cpu, "rseq cpu_id");
                 }

@@ -51,6 +51,40 @@ pub fn map_aligned(len: usize, align: usize) -> *mut u8 {
         .map_or(ptr::null_mut(), noted)
 }
 
+/// [`map_aligned`], with the whole mapping below `end` (a multiple of `align`): the caller
+/// can record only such addresses. Null on failure.
+///
+/// The kernel hands out addresses above 2^47 (x86_64 with 5-level paging) or 2^48 (arm64 with
+/// 52-bit addresses) only to a caller whose hint lies above them, and `map_aligned`'s first
+/// hint is just below its last mapping: so a mapping above `end` comes only after one above
+/// it was kept, or from a kernel with another policy. It is unmapped, and the request made
+/// again with a hint just below `end` (where the kernel's default window ends on both), and
+/// taken only if it lies below `end`.
+pub fn map_aligned_below(len: usize, align: usize, end: usize) -> *mut u8 {
+    let p = map_aligned(len, align);
+    if p.is_null() || below(p, len, end) {
+        return p;
+    }
+    unmap(p, len);
+    let Some(over) = len.checked_add(align - OS_PAGE) else {
+        return ptr::null_mut();
+    };
+    let Some(hint) = end.checked_sub(over) else {
+        return ptr::null_mut();
+    };
+    let raw = mmap_anon_at(hint, over, libc::PROT_READ | libc::PROT_WRITE, 0);
+    if !raw.is_null() && !below(raw, over, end) {
+        unmap(raw, over);
+        return ptr::null_mut();
+    }
+    noted(trim_to_aligned(raw, over, len, align))
+}
+
+/// Whether `[p, p + len)` lies below `end`.
+fn below(p: *mut u8, len: usize, end: usize) -> bool {
+    (p as usize).checked_add(len).is_some_and(|e| e <= end)
+}
+
 /// The start of the last mapping of [`map_aligned`] (`usize::MAX`: none yet), or the end of
 /// it once it was unmapped: the next one is tried just below it (so a span freed and asked
 /// for again takes the same addresses instead of drifting down).
@@ -89,6 +123,19 @@ fn map_exact_at(addr: usize, len: usize) -> *mut u8 {
     p.cast()
 }
 
+/// Tests: [`map_exact_at`], `None` where it fails.
+#[cfg(test)]
+pub fn map_exact_for_test(addr: usize, len: usize) -> Option<*mut u8> {
+    let p = map_exact_at(addr, len);
+    (!p.is_null()).then_some(p)
+}
+
+/// Tests: records `p` as [`map_aligned`]'s last mapping.
+#[cfg(test)]
+pub fn note_for_test(p: *mut u8) {
+    noted(p);
+}
+
 /// Maps `len` bytes of anonymous read-write memory anywhere. Returns null on failure.
 pub fn map_anon(len: usize) -> *mut u8 {
     mmap_anon(len, libc::PROT_READ | libc::PROT_WRITE, 0)
@@ -116,10 +163,17 @@ pub fn reserve_aligned(len: usize, align: usize) -> *mut u8 {
 /// A private anonymous mapping of `len` bytes anywhere, with `prot` and the extra `flags`;
 /// null on failure.
 fn mmap_anon(len: usize, prot: i32, flags: i32) -> *mut u8 {
-    // SAFETY: an anonymous private mapping with no address hint touches no existing memory.
+    mmap_anon_at(0, len, prot, flags)
+}
+
+/// [`mmap_anon`] with the address hint `hint` (0: none), which the kernel follows if the
+/// range is free and may ignore otherwise.
+fn mmap_anon_at(hint: usize, len: usize, prot: i32, flags: i32) -> *mut u8 {
+    // SAFETY: an anonymous private mapping without MAP_FIXED touches no existing memory,
+    // whatever the hint.
     let p = unsafe {
         libc::mmap(
-            ptr::null_mut(),
+            hint as *mut libc::c_void,
             len,
             prot,
             libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | flags,

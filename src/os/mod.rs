@@ -48,7 +48,7 @@ pub mod io;
 pub mod mem;
 pub mod process;
 pub mod random;
-#[cfg(all(target_arch = "x86_64", target_os = "linux", target_env = "gnu"))]
+#[cfg(coreheap_rseq)]
 pub mod rseq;
 pub mod sync;
 pub mod time;
@@ -61,9 +61,11 @@ pub use file::dup_fd_high;
 pub use io::{
     fatal, stdio_list_lock, stdio_list_reset, stdio_list_unlock, write_all, write_stream,
 };
-pub use mem::{map_aligned, map_anon, move_mapping, purge, remap_in_place, reserve_aligned, unmap};
 #[cfg(test)]
-pub use mem::{protect, Access};
+pub use mem::{map_aligned, protect, Access};
+pub use mem::{
+    map_aligned_below, map_anon, move_mapping, purge, remap_in_place, reserve_aligned, unmap,
+};
 pub use process::{
     at_exit, peak_resident_bytes, pid, process_alive, resident_bytes, single_threaded, thread_id,
 };

@@ -27,15 +27,21 @@ pub fn thread_id() -> usize {
 
 /// Whether the process has had only one thread so far (glibc's `__libc_single_threaded`,
 /// which glibc 2.36 sets to false at the first `pthread_create` and never back). When true,
-/// no other thread exists. Async-signal-safe.
+/// no other thread exists. Async-signal-safe. Always false with another C library (musl
+/// exports no such flag): the caller then does what it does with threads.
 #[inline]
 pub fn single_threaded() -> bool {
-    extern "C" {
-        static __libc_single_threaded: libc::c_char;
+    #[cfg(target_env = "gnu")]
+    {
+        extern "C" {
+            static __libc_single_threaded: libc::c_char;
+        }
+        // SAFETY: glibc (2.32 and later) exports the flag as a `char`; a volatile read of it
+        // has no other effect.
+        unsafe { core::ptr::read_volatile(&raw const __libc_single_threaded) != 0 }
     }
-    // SAFETY: glibc (2.32 and later) exports the flag as a `char`; a volatile read of it has
-    // no other effect.
-    unsafe { core::ptr::read_volatile(&raw const __libc_single_threaded) != 0 }
+    #[cfg(not(target_env = "gnu"))]
+    false
 }
 
 /// The calling process's id.

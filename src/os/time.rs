@@ -14,9 +14,10 @@ pub fn now_ms() -> u32 {
 
 /// Sleeps about `us` microseconds (less if a signal arrives).
 pub fn sleep_us(us: u64) {
+    // The fields' types, not named: `libc::time_t` is deprecated on musl (it changes width).
     let ts = libc::timespec {
-        tv_sec: (us / 1_000_000) as libc::time_t,
-        tv_nsec: ((us % 1_000_000) * 1000) as libc::c_long,
+        tv_sec: (us / 1_000_000) as _,
+        tv_nsec: ((us % 1_000_000) * 1000) as _,
     };
     // SAFETY: `ts` is valid; the remainder is not wanted.
     unsafe { libc::nanosleep(&ts, core::ptr::null_mut()) };

@@ -76,6 +76,14 @@ pub unsafe trait PageSource: Sync {
     unsafe fn purge(&self, p: *mut u8, len: usize) -> bool;
     /// Whether `chunk` (a `CHUNK`-aligned address) is a live chunk of this source.
     fn owns_chunk(&self, chunk: usize) -> bool;
+    /// [`Self::owns_chunk`] as far as a quicker test tells, for the fast paths: true only
+    /// where `owns_chunk` is; false also for chunks the quicker test does not see (the
+    /// process heap's chunks outside the registry's static half), which the caller then
+    /// sorts out with `owns_chunk`.
+    #[inline(always)]
+    fn owns_chunk_quick(&self, chunk: usize) -> bool {
+        self.owns_chunk(chunk)
+    }
 
     /// A span for one huge block: at least `len` bytes (a multiple of `PAGE`) aligned to
     /// `align` (a power of two, at least `CHUNK`), readable and writable, that nothing else

@@ -1,6 +1,6 @@
 //! [`OsSource`]: the process heap's page source.
 
-use super::registry::REGISTRY;
+use super::registry::{END, REGISTRY};
 use super::retired::RETIRED;
 use super::spans::SPANS;
 use super::{Meter, PageSource};
@@ -52,17 +52,19 @@ impl OsSource {
     }
 }
 
-// SAFETY: `os::map_aligned` returns zeroed, aligned, private memory, and so does the retired
-// ring (purged chunks); the registry bit is set before the chunk is returned and cleared
-// before it is retired or unmapped; cached spans are unpublished and tell how much of them
-// may be dirty; nothing here allocates.
+// SAFETY: `os::map_aligned_below` returns zeroed, aligned, private memory, and so does the
+// retired ring (purged chunks, which were mapped below the cover too); the registry bit is set
+// before the chunk is returned and cleared before it is retired or unmapped; cached spans are
+// unpublished and tell how much of them may be dirty; nothing here allocates.
 unsafe impl PageSource for OsSource {
     type Lock = RawLock;
 
     fn map_chunk(&self) -> *mut u8 {
+        // A retired chunk first; else a fresh one below the registry's cover, so that the
+        // insert below succeeds (checked anyway).
         let p = match RETIRED.take() {
             Some(p) => p,
-            None => os::map_aligned(CHUNK, CHUNK),
+            None => os::map_aligned_below(CHUNK, CHUNK, END),
         };
         if !p.is_null() && !REGISTRY.insert(p as usize) {
             os::unmap(p, CHUNK);
@@ -86,11 +88,17 @@ unsafe impl PageSource for OsSource {
         REGISTRY.contains(chunk)
     }
 
+    #[inline(always)]
+    fn owns_chunk_quick(&self, chunk: usize) -> bool {
+        REGISTRY.contains_static(chunk)
+    }
+
     fn map_span(&self, len: usize, align: usize) -> (*mut u8, usize, usize) {
         match SPANS.take(len, align) {
             Some(t) => (t.addr, t.len, t.dirty),
+            // Below the registry's cover, so that its head can be published.
             None => (
-                with_retired_released(|| os::map_aligned(len, align)),
+                with_retired_released(|| os::map_aligned_below(len, align, END)),
                 len,
                 0,
             ),
@@ -140,7 +148,8 @@ unsafe impl PageSource for OsSource {
             return target;
         }
         // Every chunk of the new span must be recordable, so that its head can be published.
-        if !REGISTRY.covers(target as usize + new_len - 1)
+        if !REGISTRY.prepare(target as usize)
+            || !REGISTRY.prepare(target as usize + new_len - 1)
             || !os::move_mapping(span, len, new_len, target)
         {
             os::unmap(target, new_len);
@@ -159,4 +168,53 @@ fn with_retired_released(map: impl Fn() -> *mut u8) -> *mut u8 {
         return map();
     }
     p
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The refusal of a mapping above the cover and the request below it, with a cover
+    /// lowered to 2^46 so that this machine's kernel (which hands out addresses just below
+    /// 2^47) exercises it: the first mapping lands above and is given back, the second
+    /// below. With the real cover (2^48) this happens only on kernels with 5-level paging or
+    /// 52-bit addresses (below).
+    #[test]
+    fn a_mapping_above_the_cover_is_made_again_below() {
+        let end = 1usize << 46;
+        let p = os::map_aligned_below(CHUNK, CHUNK, end);
+        assert!(!p.is_null());
+        let a = p as usize;
+        assert!(a.is_multiple_of(CHUNK) && a + CHUNK <= end, "{a:#x}");
+        // SAFETY: a fresh read-write mapping of CHUNK bytes.
+        unsafe {
+            assert_eq!(*p.add(CHUNK - 1), 0);
+            p.write_bytes(0x5a, CHUNK);
+        }
+        os::unmap(p, CHUNK);
+    }
+
+    /// Chunks from a process whose last mapping lies above the cover (as it would after a
+    /// program's mapping with a high hint on a kernel with 5-level paging): the source still
+    /// serves them, below the cover, registered. Needs a kernel that maps above 2^48.
+    #[test]
+    fn chunks_stay_below_the_cover_after_a_mapping_above_it() {
+        let high = 1usize << 52;
+        let Some(p) = os::mem::map_exact_for_test(high, CHUNK) else {
+            eprintln!(
+                "skipped: the kernel does not map at {high:#x} (no 5-level paging or 52-bit \
+                 addresses)"
+            );
+            return;
+        };
+        // The source's next mapping is tried just below this one.
+        os::mem::note_for_test(p);
+        let c = OsSource.map_chunk();
+        assert!(!c.is_null());
+        assert!((c as usize) + CHUNK <= END, "{c:p}");
+        assert!(OsSource.owns_chunk(c as usize));
+        // SAFETY: the chunk came from map_chunk and nothing refers into it.
+        unsafe { OsSource.unmap_chunk(c) };
+        os::unmap(p, CHUNK);
+    }
 }

@@ -371,8 +371,8 @@ impl ProcessHeap {
             unsafe { kept.push(p.cast()) };
         }
         // SAFETY: the blocks of `newer[..k]` and the chain `kept` are ours, of arena `ai` and
-        // `class`; `kept` has at most `n - ceil(n / 2) + 1 <= limit(class)` blocks (every
-        // limit is at least 2).
+        // `class`; `kept` has at most `n - min(ceil(n / 2), BATCH_MAX) + 1 <= limit(class)`
+        // blocks (n <= limit(class); for n >= 2 at least one block went back).
         unsafe {
             return_blocks(cfg.arena(ai), &SRC, &newer[..k]);
             Self::install_or_return(cfg, cpu, ai, class, kept.head());

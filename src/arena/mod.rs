@@ -666,12 +666,12 @@ pub struct LockedBins<'a, S: PageSource> {
 
 impl<S: PageSource> LockedBins<'_, S> {
     /// Returns `b` to its run if it is a small block of this arena; false, with nothing
-    /// done, if it is not (a corrupted list: the caller reports it).
+    /// done, if it is not (a corrupted list: the caller reports it). A block of the same run
+    /// as the one before it joins that run's group without a lookup; the run's descriptor is
+    /// updated once per group, when `free_blocks` ends or a block of another run comes.
     ///
     /// # Safety
     /// As the contract of [`Arena::free_blocks`] says of `b`.
-    /// A block of the same run as the one before it joins that run's group without a
-    /// lookup; the run's descriptor is updated once per group.
     #[inline(always)]
     pub unsafe fn free_small(&mut self, b: *mut u8) -> bool {
         let b = b.cast::<Block>();

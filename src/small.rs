@@ -2,8 +2,10 @@
 //!
 //! Each arena has one bin per class: a list of its runs that have a block to give (a free
 //! block on the run's own list, or blocks never carved). A run is carved lazily: `bump`
-//! counts the blocks handed out at least once, so a fresh run touches one block at a time and
-//! its untouched blocks stay zero (which `calloc` uses). A block in use carries no header: its
+//! counts the blocks handed out at least once, so a fresh run's blocks are touched only as
+//! they are handed out (one by one, or a batch at a time for the CPU caches:
+//! [`SmallBins::alloc_bulk`]) and its untouched blocks stay zero (which `calloc` uses).
+//! Batches come back grouped by run ([`RunGroup`]), each run's descriptor updated once. A block in use carries no header: its
 //! run's descriptor in the chunk header holds the class and counts.
 //!
 //! Invariants, per run `r` of class `c` (checked by [`SmallBins::check`]):
@@ -254,6 +256,165 @@ impl SmallBins {
             }
             if (*r).used == 0 && !((*r).next.is_null() && (*r).prev.is_null()) {
                 self.release(heap, src, class, r);
+            }
+        }
+    }
+
+    /// Takes up to `n` blocks of class `class` from the runs on its bin, in bulk: each run's
+    /// free list is walked first, then its never-carved blocks are cut in one pass, and the
+    /// run's counts are updated once. Each block gets `mark` in its second word (its first
+    /// still holds a stale link, which the caller overwrites) and is handed to `sink` (at
+    /// most `n` calls), in the order the bins hand blocks out (ascending addresses among
+    /// fresh ones). Exhausted runs leave the bin. Returns the number of blocks; no run is
+    /// carved from the page heap here.
+    ///
+    /// # Safety
+    /// The caller holds the arena lock; the blocks handed to `sink` are the caller's,
+    /// counted in use by their runs.
+    pub unsafe fn alloc_bulk<S: PageSource>(
+        &mut self,
+        src: &S,
+        class: usize,
+        n: usize,
+        mark: usize,
+        mut sink: impl FnMut(*mut u8),
+    ) -> usize {
+        let base = src.base();
+        let size = class_size(class);
+        let cap = run_blocks(class);
+        let mut k = 0;
+        // SAFETY: runs on a bin are live small runs of this arena; the lock is held, so
+        // their free blocks and uncarved blocks are ours to hand out.
+        unsafe {
+            while k < n {
+                let r = self.heads[class].get(base);
+                if r.is_null() {
+                    break;
+                }
+                let mut got = 0;
+                let mut f = (*r).free.get(base);
+                while got < n - k && !f.is_null() {
+                    let next = self.next_of(src, r, f, class);
+                    (*f).mark = mark;
+                    sink(f.cast());
+                    f = next;
+                    got += 1;
+                }
+                (*r).free = Rel::new(f, base);
+                let bump = (*r).bump as usize;
+                let fresh = (n - k - got).min(cap - bump);
+                let mut p = run_addr(r).add(bump * size);
+                for _ in 0..fresh {
+                    (*p.cast::<Block>()).mark = mark;
+                    sink(p);
+                    p = p.add(size);
+                }
+                got += fresh;
+                (*r).bump = (bump + fresh) as u32;
+                (*r).used += got as u32;
+                self.counters[class].allocs += got as u64;
+                self.bytes += got * size;
+                k += got;
+                if f.is_null() && bump + fresh == cap {
+                    // Nothing left to give: off the bin (as `alloc_refill` would on its way).
+                    self.unlink(src, class, r);
+                }
+            }
+        }
+        k
+    }
+
+    /// Starts a group of blocks going back to run `r` (see [`RunGroup`]) with block `b`.
+    /// Aborts, naming `b`, if `b` was never handed out by `r` or `r` has none in use (a stale
+    /// pointer freed twice across a recycling of its pages, as [`SmallBins::free`] checks).
+    ///
+    /// # Safety
+    /// The caller holds the arena lock; `g` is empty (ended); `r` is the small run of this
+    /// arena that `lookup` found for `b`, a block boundary of it.
+    #[inline]
+    pub unsafe fn group_start(&self, g: &mut RunGroup, r: *mut PageDesc, b: *mut Block) {
+        debug_assert!(g.run.is_null());
+        // SAFETY: by the contract `r` is a live small run of ours, under the lock.
+        unsafe {
+            let class = (*r).class();
+            *g = RunGroup {
+                run: r,
+                start: run_addr(r) as usize,
+                span: (*r).bump as usize * class_size(class),
+                class,
+                head: (*r).free,
+                used: (*r).used,
+                k: 0,
+            };
+            if !g.holds(b) {
+                crate::diag::block_error(
+                    b"free(): double free detected",
+                    b.cast(),
+                    Some((*header_of_desc(r)).arena),
+                    class_size(class),
+                );
+            }
+        }
+    }
+
+    /// Adds `b`, which `g.holds(b)` said is a carved block of the group's run, in front of the
+    /// group's list. Aborts, naming `b`, when the run would have more blocks back than it
+    /// counts in use (a double free), as [`SmallBins::free`] does.
+    ///
+    /// # Safety
+    /// The caller holds the arena lock; `g` was started by these bins; `b` is the caller's, a
+    /// free block counted in use by the group's run, on no list, and `g.holds(b)`.
+    #[inline(always)]
+    pub unsafe fn group_push<S: PageSource>(&self, src: &S, g: &mut RunGroup, b: *mut Block) {
+        if g.k >= g.used {
+            // SAFETY: `g.run` is a live run of ours (contract).
+            let arena = unsafe { (*header_of_desc(g.run)).arena };
+            crate::diag::block_error(
+                b"free(): double free detected",
+                b.cast(),
+                Some(arena),
+                class_size(g.class),
+            );
+        }
+        let rb = Rel::new(b, src.base());
+        // SAFETY: the block is ours to write (contract).
+        unsafe { (*b).link = encode_link(g.head.bits(), rb.bits(), self.key) };
+        g.head = rb;
+        g.k += 1;
+    }
+
+    /// Ends group `g`: its blocks join their run's free list and the run's count, the run
+    /// goes on its bin if it was off it, and back to `heap` if it is empty and not the bin's
+    /// only run (as [`SmallBins::free`] does for one block). `g` is empty afterwards.
+    ///
+    /// # Safety
+    /// The caller holds the arena lock; `g` is empty or was started by these bins and no
+    /// block of its run was freed or handed out since, other than through `g`.
+    #[inline]
+    pub unsafe fn group_end<S: PageSource>(
+        &mut self,
+        heap: &mut PageHeap,
+        src: &S,
+        g: &mut RunGroup,
+    ) {
+        let r = g.run;
+        if r.is_null() {
+            return;
+        }
+        g.run = ptr::null_mut();
+        g.span = 0;
+        // SAFETY: by the contract `r` is a live small run of ours, unchanged since the group
+        // started, and the group's list leads to its old free list.
+        unsafe {
+            (*r).free = g.head;
+            (*r).used -= g.k;
+            self.counters[g.class].frees += g.k as u64;
+            self.bytes -= g.k as usize * class_size(g.class);
+            if !(*r).in_bin {
+                self.link(src, g.class, r);
+            }
+            if (*r).used == 0 && !((*r).next.is_null() && (*r).prev.is_null()) {
+                self.release(heap, src, g.class, r);
             }
         }
     }
@@ -568,6 +729,54 @@ pub fn corrupt_link(b: *mut Block, arena: u32, size: usize) -> ! {
     )
 }
 
+/// Blocks on their way back to one run, linked in front of its free list as they come, so
+/// that the run's descriptor (free list, count, bin) is updated once per group, not per block
+/// ([`SmallBins::group_start`], [`SmallBins::group_push`], [`SmallBins::group_end`]). The
+/// blocks of a returned chain mostly come from few runs, one after another.
+///
+/// Invariant: `run` is null (empty: `span == 0`, so no block is held), or a small run of the
+/// arena whose bins started the group, whose lock is held from start to end; then `head` is
+/// the run's free list at the start with the group's `k` blocks pushed in front, `used` its
+/// count of blocks in use at the start (`k <= used`), and `span` the bytes of its carved
+/// blocks (`bump * size`) from `start`.
+pub struct RunGroup {
+    run: *mut PageDesc,
+    start: usize,
+    span: usize,
+    class: usize,
+    head: Rel<Block>,
+    used: u32,
+    k: u32,
+}
+
+impl RunGroup {
+    pub const fn new() -> Self {
+        Self {
+            run: ptr::null_mut(),
+            start: 0,
+            span: 0,
+            class: 0,
+            head: Rel::NULL,
+            used: 0,
+            k: 0,
+        }
+    }
+
+    /// Whether `b` is a block boundary among the carved blocks of the group's run (never for
+    /// an empty group). Reads nothing through `b`.
+    #[inline(always)]
+    pub fn holds(&self, b: *mut Block) -> bool {
+        let off = (b as usize).wrapping_sub(self.start);
+        off < self.span && is_block_offset(off, self.class)
+    }
+}
+
+impl Default for RunGroup {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl Default for SmallBins {
     fn default() -> Self {
         Self::new()
@@ -695,5 +904,129 @@ mod tests {
         // SAFETY: `p` is in use in `r`.
         unsafe { bins.free(&mut heap, &src, r, p.cast()) };
         check_all(&bins, &heap, &src);
+    }
+
+    /// Returns `blocks` (in use) to their runs in groups, as `Arena::free_blocks` does.
+    fn give_back(bins: &mut SmallBins, heap: &mut PageHeap, src: &TestSource, blocks: &[*mut u8]) {
+        let mut g = RunGroup::new();
+        for &p in blocks {
+            let bp = p.cast::<Block>();
+            if !g.holds(bp) {
+                // SAFETY: the test owns the bins (the lock's role); `p` is a block in use of
+                // its run, which `lookup` finds.
+                unsafe {
+                    bins.group_end(heap, src, &mut g);
+                    bins.group_start(&mut g, run_of(src, p), bp);
+                }
+            }
+            // SAFETY: as above; `g` holds `p`'s run.
+            unsafe { bins.group_push(src, &mut g, bp) };
+        }
+        // SAFETY: as above.
+        unsafe { bins.group_end(heap, src, &mut g) };
+    }
+
+    #[test]
+    fn bulk_carve_and_grouped_return_keep_the_counts() {
+        let src = TestSource::new(4);
+        let mut heap = Box::new(PageHeap::new(0));
+        let mut bins = SmallBins::new();
+        let class = crate::size_class::class_for(64, 1);
+        let cap = run_blocks(class);
+        let mark = 0x5a5a;
+
+        // A first run, with a few blocks freed one by one: its free list, then fresh blocks.
+        let mut single = Vec::new();
+        for _ in 0..8 {
+            single.push(alloc(&mut bins, &mut heap, &src, class).0);
+        }
+        let r0 = run_of(&src, single[0]);
+        for &p in &single[2..5] {
+            // SAFETY: each block is in use in `r0` and freed once.
+            unsafe { bins.free(&mut heap, &src, r0, p.cast()) };
+        }
+        let mut got = Vec::new();
+        // SAFETY: the test owns the bins (the lock's role); the blocks become ours.
+        let n = unsafe { bins.alloc_bulk(&src, class, 10, mark, |b| got.push(b)) };
+        assert_eq!(n, 10);
+        assert_eq!(got.len(), 10);
+        // The three freed blocks first (their list is LIFO), then fresh ones in address order.
+        let mut freed: Vec<_> = single[2..5].to_vec();
+        freed.reverse();
+        assert_eq!(got[..3], freed[..]);
+        for (i, &p) in got[3..].iter().enumerate() {
+            assert_eq!(
+                p as usize,
+                run_addr(r0) as usize + (8 + i) * class_size(class)
+            );
+        }
+        for &p in &got {
+            // SAFETY: the block is ours and at least 16 bytes long.
+            assert_eq!(unsafe { (*p.cast::<Block>()).mark }, mark);
+        }
+        // SAFETY: `r0` heads a small run of these bins.
+        unsafe {
+            assert_eq!((*r0).used as usize, 15);
+            assert_eq!((*r0).bump as usize, 15);
+        }
+        assert_eq!(bins.counters[class].allocs, 18);
+        check_all(&bins, &heap, &src);
+
+        // Exhausting the run takes it off the bin; the bulk stops there (no new run).
+        // SAFETY: as above.
+        let n = unsafe { bins.alloc_bulk(&src, class, cap, mark, |b| got.push(b)) };
+        assert_eq!(n, cap - 15);
+        // SAFETY: as above.
+        unsafe { assert!(!(*r0).in_bin) };
+        check_all(&bins, &heap, &src);
+        // A second run, all of it in bulk after its first block.
+        let first = alloc(&mut bins, &mut heap, &src, class).0;
+        let r1 = run_of(&src, first);
+        assert_ne!(r1, r0);
+        // SAFETY: as above.
+        let n = unsafe { bins.alloc_bulk(&src, class, cap, mark, |b| got.push(b)) };
+        assert_eq!(n, cap - 1);
+        got.push(first);
+        check_all(&bins, &heap, &src);
+
+        // Return the blocks of both runs interleaved in stretches, in groups: each run's
+        // counts come out as one-by-one frees would leave them.
+        let (a, b): (Vec<*mut u8>, Vec<*mut u8>) =
+            got.iter().copied().partition(|&p| run_of(&src, p) == r0);
+        let mut order = Vec::new();
+        for (ca, cb) in a.chunks(7).zip(b.chunks(5)).take(3) {
+            order.extend_from_slice(ca);
+            order.extend_from_slice(cb);
+        }
+        let back_a = order.iter().filter(|p| a.contains(p)).count();
+        let back_b = order.len() - back_a;
+        assert!(back_a > 0 && back_b > 0 && back_a < a.len());
+        give_back(&mut bins, &mut heap, &src, &order);
+        check_all(&bins, &heap, &src);
+        // SAFETY: both runs are still live: each keeps blocks in use.
+        unsafe {
+            assert_eq!((*r0).used as usize, cap - back_a);
+            assert_eq!((*r1).used as usize, cap - back_b);
+            assert!(
+                (*r1).in_bin && (*r0).in_bin,
+                "runs with free blocks are on the bin"
+            );
+        }
+        let back = order.len() as u64 + 3;
+        assert_eq!(bins.counters[class].frees, back);
+        // The rest comes back, in groups: the emptied runs but one go back to the page heap.
+        let rest: Vec<_> = got
+            .iter()
+            .chain(single.iter().filter(|p| !single[2..5].contains(p)))
+            .filter(|p| !order.contains(p))
+            .copied()
+            .collect();
+        give_back(&mut bins, &mut heap, &src, &rest);
+        check_all(&bins, &heap, &src);
+        assert_eq!(bins.counters[class].frees, bins.counters[class].allocs);
+        assert_eq!(
+            heap.counters.runs, 1,
+            "the empty runs but the bin's only one went back"
+        );
     }
 }

@@ -30,7 +30,7 @@ use crate::large::PageHeap;
 use crate::lock::Taken;
 use crate::remote::{Batch, Pending};
 use crate::size_class::{class_for, class_size, pages_for, PAGE, PAGE_SHIFT, SMALL_MAX};
-use crate::small::SmallBins;
+use crate::small::{RunGroup, SmallBins};
 use crate::source::{Meter, PageSource, GRAIN};
 
 mod check;
@@ -389,18 +389,11 @@ impl<S: PageSource<Lock: ArenaLock>> Arena<S> {
             // SAFETY: the lock is held.
             None => unsafe { self.alloc_small_slow(src, st, class) },
         };
-        if !first.0.is_null() {
-            let mut k = 1;
-            while k < n {
-                // SAFETY: the lock is held.
-                let Some((b, _)) = (unsafe { st.bins.alloc_fast(src, class) }) else {
-                    break;
-                };
-                // SAFETY: the block was just taken from its run: free to us, on no list.
-                unsafe { (*b.cast::<Block>()).mark = mark };
-                sink(b);
-                k += 1;
-            }
+        if !first.0.is_null() && n > 1 {
+            // The rest in bulk: each run's counts updated once (the runs already on the bin;
+            // no new run is carved for them).
+            // SAFETY: the lock is held.
+            unsafe { st.bins.alloc_bulk(src, class, n - 1, mark, &mut sink) };
         }
         self.release(src);
         first
@@ -425,8 +418,15 @@ impl<S: PageSource<Lock: ArenaLock>> Arena<S> {
             st,
             src,
             index: self.index,
+            group: RunGroup::new(),
         };
         walk(&mut bins);
+        // SAFETY: the lock is held; the group was started by these bins.
+        unsafe {
+            bins.st
+                .bins
+                .group_end(&mut bins.st.pages, src, &mut bins.group)
+        };
         self.release(src);
     }
 
@@ -511,7 +511,26 @@ impl<S: PageSource<Lock: ArenaLock>> Arena<S> {
         let key = self.key;
         // The block whose link led to `b` (null for the head, which the stack itself holds).
         let mut from: *mut Block = ptr::null_mut();
+        // Blocks of the run of the block before go back with it (one descriptor update per
+        // run, see `RunGroup`).
+        let mut group = RunGroup::new();
+        let mut drained = 0;
         while !b.is_null() {
+            drained += 1;
+            if group.holds(b) {
+                // A carved block of the group's run, known without a lookup.
+                // SAFETY: `b` is a block of this arena's run (just checked) that was freed
+                // onto the pending stack, ours now; its link is read before it is rewritten.
+                unsafe {
+                    let next = Pending::next_of(b, key, base);
+                    st.bins.group_push(src, &mut group, b);
+                    from = b;
+                    b = next;
+                }
+                continue;
+            }
+            // SAFETY: the lock is held; the group was started by these bins.
+            unsafe { st.bins.group_end(&mut st.pages, src, &mut group) };
             // Every block is looked up before anything is read through it: a link that does
             // not decode to a block of this arena was overwritten in `from`.
             let what = lookup(src, b as *const u8);
@@ -529,11 +548,13 @@ impl<S: PageSource<Lock: ArenaLock>> Arena<S> {
             // SAFETY: `b` is a block of this arena (just checked) that was freed onto the
             // pending stack; its run stays allocated until it is returned here.
             unsafe {
-                st.pending_drained += 1;
                 let next = Pending::next_of(b, key, base);
                 match what {
                     _ if orphan => {}
-                    Lookup::Small { run, .. } => st.bins.free(&mut st.pages, src, run, b),
+                    Lookup::Small { run, .. } => {
+                        st.bins.group_start(&mut group, run, b);
+                        st.bins.group_push(src, &mut group, b);
+                    }
                     Lookup::Large { run, .. } => Self::free_large_locked(src, st, run),
                     _ => {}
                 }
@@ -541,6 +562,9 @@ impl<S: PageSource<Lock: ArenaLock>> Arena<S> {
                 b = next;
             }
         }
+        // SAFETY: the lock is held; the group was started by these bins.
+        unsafe { st.bins.group_end(&mut st.pages, src, &mut group) };
+        st.pending_drained += drained;
     }
 
     /// Returns the large run `run` to the page heap.
@@ -672,25 +696,49 @@ pub struct LockedBins<'a, S: PageSource> {
     st: &'a mut State,
     src: &'a S,
     index: u32,
+    /// The blocks going back to the run of the last block (ended by `free_blocks`).
+    group: RunGroup,
 }
 
 impl<S: PageSource> LockedBins<'_, S> {
     /// Returns `b` to its run if it is a small block of this arena; false, with nothing
-    /// done, if it is not (a corrupted list: the caller reports it).
+    /// done, if it is not (a corrupted list: the caller reports it). A block of the same run
+    /// as the one before it joins that run's group without a lookup; the run's descriptor is
+    /// updated once per group, when `free_blocks` ends or a block of another run comes.
     ///
     /// # Safety
     /// As the contract of [`Arena::free_blocks`] says of `b`.
     #[inline(always)]
     pub unsafe fn free_small(&mut self, b: *mut u8) -> bool {
-        match lookup(self.src, b) {
+        let b = b.cast::<Block>();
+        if !self.group.holds(b) {
+            // SAFETY: as the contract says.
+            return unsafe { self.free_small_new_run(b) };
+        }
+        // SAFETY: the lock is held (type invariant); `b` is a carved block of the group's
+        // run, free and counted in use (contract).
+        unsafe { self.st.bins.group_push(self.src, &mut self.group, b) };
+        true
+    }
+
+    /// [`LockedBins::free_small`] for a block outside the current group's run: ends that
+    /// group and starts one for `b`'s run, found by [`lookup`].
+    ///
+    /// # Safety
+    /// As for [`LockedBins::free_small`].
+    #[inline(never)]
+    unsafe fn free_small_new_run(&mut self, b: *mut Block) -> bool {
+        let st = &mut *self.st;
+        // SAFETY: the lock is held (type invariant); the group was started by these bins.
+        unsafe { st.bins.group_end(&mut st.pages, self.src, &mut self.group) };
+        match lookup(self.src, b as *const u8) {
             Lookup::Small { run, arena } if arena == self.index => {
-                // SAFETY: the lock is held (type invariant); `b` is a free block of this
-                // arena's run `run`, counted in use (contract).
+                // SAFETY: the lock is held; `run` is this arena's run holding `b` at a block
+                // boundary, and `b` a free block of it counted in use (contract).
                 unsafe {
-                    self.st
-                        .bins
-                        .free(&mut self.st.pages, self.src, run, b.cast::<Block>())
-                };
+                    st.bins.group_start(&mut self.group, run, b);
+                    st.bins.group_push(self.src, &mut self.group, b);
+                }
                 true
             }
             _ => false,

@@ -1,7 +1,8 @@
 //! The cache side's list format outside the caches: packed chains ([`Chain`], walked with
 //! [`for_each_block`]), and the batches that move between an arena and a CPU cache
-//! ([`take_batch`], [`return_chain`]): the arena hands out and takes back single blocks
-//! (`Arena::alloc_batch`, `Arena::free_blocks`), and the chains are built and walked here.
+//! ([`take_batch`], [`return_chain`], [`return_blocks`]): the arena hands out and takes back
+//! blocks by address (`Arena::alloc_batch`, `Arena::free_blocks`, which update each run once
+//! per batch), and the chains are built and walked here.
 
 use super::{BATCH_MAX, PTR_BITS, PTR_MASK};
 use crate::arena::{Arena, ArenaLock};
@@ -24,6 +25,15 @@ pub struct Chain {
 impl Chain {
     pub const fn new(key: usize) -> Self {
         Self { head: 0, key }
+    }
+
+    /// The chain whose packed head is `head` (0 for none), to push more blocks in front of.
+    ///
+    /// # Safety
+    /// `head` is 0 or the packed head of a well-formed chain of the caller's, its links
+    /// encoded with `key` (the rest of a chain as [`split_chain`] returns it, for example).
+    pub unsafe fn from_head(head: usize, key: usize) -> Self {
+        Self { head, key }
     }
 
     /// Adds `b` in front.
@@ -137,6 +147,31 @@ pub fn take_batch<S: PageSource<Lock: ArenaLock>>(
         unsafe { chain.push(b.cast()) };
     }
     (first, chain)
+}
+
+/// Returns the blocks at the addresses `blocks` (for example taken off a chain by
+/// [`split_chain`]) to arena `a`, under one lock round. Aborts, naming the block, on one that
+/// is not a small block of `a`.
+///
+/// # Safety
+/// The blocks are the caller's: free small blocks of `a`, each counted in use by its run, on
+/// no list, each named once. The source's base is 0.
+#[inline]
+pub unsafe fn return_blocks<S: PageSource<Lock: ArenaLock>>(
+    a: &Arena<S>,
+    src: &S,
+    blocks: &[usize],
+) {
+    // SAFETY: the blocks are the caller's, free small blocks of `a` (contract).
+    unsafe {
+        a.free_blocks(src, |bins| {
+            for &b in blocks {
+                if !bins.free_small(b as *mut u8) {
+                    invalid_pointer(b"coreheap: corrupted cpu cache", b as *mut u8);
+                }
+            }
+        })
+    };
 }
 
 /// Returns every block of a packed chain (taken off a CPU cache, or built by

@@ -60,7 +60,7 @@ mod sections;
 mod sections;
 mod transfer;
 
-pub use chain::{for_each_block, return_chain, split_chain, take_batch, Chain};
+pub use chain::{for_each_block, return_blocks, return_chain, split_chain, take_batch, Chain};
 pub use transfer::Transfer;
 
 pub const PTR_BITS: u32 = 48;

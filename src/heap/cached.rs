@@ -10,8 +10,8 @@ use super::{Config, ProcessHeap, SRC};
 use crate::arena::{lookup, Lookup};
 use crate::chunk::Block;
 use crate::cpucache::{
-    batch, for_each_block, limit, return_chain, split_chain, take_batch, Chain, Push, BATCH_MAX,
-    OUTBOX, OUTBOX_MAX_BLOCK, PTR_BITS,
+    batch, for_each_block, limit, return_blocks, return_chain, split_chain, take_batch, Chain,
+    Push, BATCH_MAX, OUTBOX, OUTBOX_MAX_BLOCK, PTR_BITS,
 };
 use crate::diag::{block_error, invalid_pointer};
 use crate::front::report::{self, DOUBLE_FREE};
@@ -302,8 +302,8 @@ impl ProcessHeap {
     }
 
     /// The current CPU's cache of `class` is full: the whole list moves to a transfer slot
-    /// of its arena and `p` starts the list anew; when every slot is taken, the older half
-    /// goes back to the arena under its lock and `p` joins the newer half in the cache.
+    /// of its arena and `p` starts the list anew; when every slot is taken, the newer half
+    /// goes back to the arena under its lock and `p` joins the older half in the cache.
     ///
     /// # Safety
     /// As for `free_small_fast`, with the mark written.
@@ -350,35 +350,31 @@ impl ProcessHeap {
             }
             return;
         }
-        // Every slot taken: the older half goes back to the arena under its lock, the newer
-        // half stays, with `p` in front.
+        // Every slot taken: the newer half goes back to the arena under its lock, the older
+        // half stays, with `p` in front. Taking the newer blocks off the front reads their
+        // links once; the older rest is still a well-formed chain (each link holds the count
+        // of what follows it), so it stays as it is, and the newer ones go back from their
+        // addresses without a second walk.
         let key = cfg.caches.key_of(cpu);
         let mut newer = [0usize; BATCH_MAX];
-        let keep = (chain >> PTR_BITS).div_ceil(2).min(BATCH_MAX);
+        let give = (chain >> PTR_BITS).div_ceil(2).min(BATCH_MAX);
         // SAFETY: a chain taken off cache `cpu` is ours: blocks of arena `ai` and `class`,
         // linked with its key (module invariants of `cpucache`).
-        let (k, older) = match unsafe { split_chain(chain, key, &mut newer[..keep]) } {
+        let (k, older) = match unsafe { split_chain(chain, key, &mut newer[..give]) } {
             Ok(r) => r,
             Err(b) => invalid_pointer(LINK_OVERWRITTEN, b.cast()),
         };
-        let mut kept = Chain::new(key);
-        // The newer blocks keep their order, most recently freed first; `p` goes in front
-        // when it belongs to this cache's arena (the thread may have migrated since its
-        // push found the list full).
-        for &b in newer[..k].iter().rev() {
-            // SAFETY: the blocks were taken off the list above: ours, free, on no list.
-            unsafe { kept.push(b as *mut Block) };
-        }
+        // SAFETY: `older` is the rest of that chain, well formed, ours.
+        let mut kept = unsafe { Chain::from_head(older, key) };
         if mine {
             // SAFETY: by the contract `p` is a free, marked block of `arena` and `class`.
             unsafe { kept.push(p.cast()) };
         }
-        // SAFETY: both chains are ours, of arena `ai` and `class`; `kept` has at most
-        // `min(ceil(n / 2), BATCH_MAX) + 1 <= limit(class)` blocks (every limit is at least 2).
+        // SAFETY: the blocks of `newer[..k]` and the chain `kept` are ours, of arena `ai` and
+        // `class`; `kept` has at most `n - min(ceil(n / 2), BATCH_MAX) + 1 <= limit(class)`
+        // blocks (n <= limit(class); for n >= 2 at least one block went back).
         unsafe {
-            if older != 0 {
-                return_chain(cfg.arena(ai), &SRC, older);
-            }
+            return_blocks(cfg.arena(ai), &SRC, &newer[..k]);
             Self::install_or_return(cfg, cpu, ai, class, kept.head());
             if !mine {
                 cfg.arena(arena as usize).free_marked(&SRC, p, what, false);

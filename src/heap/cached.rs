@@ -354,7 +354,11 @@ impl ProcessHeap {
         // half stays, with `p` in front.
         let key = cfg.caches.key_of(cpu);
         let mut newer = [0usize; BATCH_MAX];
-        let keep = (chain >> PTR_BITS).div_ceil(2).min(BATCH_MAX);
+        // Room for `p` too: a list of a large class may hold one block only.
+        let keep = (chain >> PTR_BITS)
+            .div_ceil(2)
+            .min(BATCH_MAX)
+            .min(limit(class) - 1);
         // SAFETY: a chain taken off cache `cpu` is ours: blocks of arena `ai` and `class`,
         // linked with its key (module invariants of `cpucache`).
         let (k, older) = match unsafe { split_chain(chain, key, &mut newer[..keep]) } {
@@ -374,7 +378,7 @@ impl ProcessHeap {
             unsafe { kept.push(p.cast()) };
         }
         // SAFETY: both chains are ours, of arena `ai` and `class`; `kept` has at most
-        // `min(ceil(n / 2), BATCH_MAX) + 1 <= limit(class)` blocks (every limit is at least 2).
+        // `min(ceil(n / 2), BATCH_MAX, limit(class) - 1) + 1 <= limit(class)` blocks.
         unsafe {
             if older != 0 {
                 return_chain(cfg.arena(ai), &SRC, older);

@@ -288,6 +288,39 @@ pub const fn run_blocks(class: usize) -> usize {
     run_pages(class) * PAGE / class_size(class)
 }
 
+/// The pages after the first of a run of class `class` that [`run_page_marked`] says need
+/// the class and distance: every one up to 8 KiB, else one per block after the first (the
+/// blocks being longer than a page, each starts on a page of its own). Without a division
+/// per page: the runs of the largest classes have 64.
+#[inline]
+pub fn marked_pages(class: usize) -> impl Iterator<Item = usize> {
+    let large = class >= TABLE_CLASSES;
+    let size = class_size(class);
+    let n = if large {
+        run_blocks(class)
+    } else {
+        run_pages(class)
+    };
+    (1..n).map(move |k| if large { (k * size) >> PAGE_SHIFT } else { k })
+}
+
+/// Whether page `j` of a run of class `class` (`j < run_pages(class)`) needs the run's
+/// class and its distance back to the first page (`SmallInterior`): up to 8 KiB every page
+/// (any page may hold a block start); above, only a page where a block starts (the second
+/// block of a 10 or 14 KiB run), so that carving and releasing a run of up to 64 pages
+/// writes one or two page descriptors, not all of them; the others stay `Interior`, as in a
+/// large run, and a pointer there is no block start either way.
+#[inline]
+pub const fn run_page_marked(class: usize, j: usize) -> bool {
+    if class < TABLE_CLASSES {
+        return true;
+    }
+    let size = class_size(class);
+    // The first block starting at or after the page's start.
+    let first = (j * PAGE).div_ceil(size);
+    first < run_blocks(class) && first * size < (j + 1) * PAGE
+}
+
 /// Per class, `ceil(2^64 / size)`: block indices and block starts from offsets in a run by
 /// a multiplication, never a division (Lemire, Kaser and Kurz, "Faster remainder by direct
 /// computation", 2019: for `n, d < 2^32` and `c = ceil(2^64 / d)`, `n / d` is the high
@@ -432,6 +465,25 @@ mod tests {
                 // As before the finer classes: 16 KiB, or eight blocks.
                 assert_eq!(bytes, (8 * class_size(c)).max(16 * 1024));
             }
+        }
+    }
+
+    #[test]
+    fn marked_pages_are_those_where_a_block_starts() {
+        for c in 0..NUM_CLASSES {
+            for j in 0..run_pages(c) {
+                let starts = (0..run_blocks(c)).any(|i| i * class_size(c) / PAGE == j);
+                if c < TABLE_CLASSES {
+                    assert!(run_page_marked(c, j));
+                } else {
+                    assert_eq!(run_page_marked(c, j), starts, "class {c} page {j}");
+                }
+            }
+            let listed: Vec<usize> = marked_pages(c).collect();
+            let want: Vec<usize> = (1..run_pages(c))
+                .filter(|&j| run_page_marked(c, j))
+                .collect();
+            assert_eq!(listed, want, "class {c}");
         }
     }
 

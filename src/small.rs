@@ -24,7 +24,8 @@ use crate::chunk::{
 };
 use crate::large::PageHeap;
 use crate::size_class::{
-    block_index, class_size, is_block_offset, run_blocks, run_pages, NUM_CLASSES, TABLE_CLASSES,
+    block_index, class_size, is_block_offset, marked_pages, run_blocks, run_pages, NUM_CLASSES,
+    TABLE_CLASSES,
 };
 use crate::source::PageSource;
 
@@ -195,7 +196,9 @@ impl SmallBins {
             // racing validator that sees Small (or SmallInterior, with `lookup_small`) sees
             // the class too, and sees no page of a run whose first page is not Small yet.
             (*r).set_kind(Kind::Small);
-            for j in 1..run_pages(class) {
+            // (Pages where no block starts, in runs of the large classes, stay `Interior`,
+            // as the page heap hands them over.)
+            for j in marked_pages(class) {
                 let d = &(*h).pages[first + j];
                 d.set_lead(j);
                 d.set_class(class);
@@ -274,7 +277,7 @@ impl SmallBins {
                 self.unlink(src, class, r);
                 let h = header_of_desc(r);
                 let first = (*h).desc_index(r);
-                for j in 1..run_pages(class) {
+                for j in marked_pages(class) {
                     (*h).pages[first + j].set_kind(Kind::Interior);
                 }
                 (*r).set_kind(Kind::Large);

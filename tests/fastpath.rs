@@ -149,24 +149,27 @@ fn double_dealloc_parked_child() -> ! {
 }
 
 /// The child: a thread pinned to one core frees a block of a class above 8 KiB (100 KiB:
-/// a CPU list holds one), then, with `flushed`, another of that class (which pushes the
-/// first out of the list, back to the arena, whose run goes back to the page heap), then
-/// the first one again. Must not return.
+/// a CPU list holds one) and frees it again, found in the CPU's list; with `flushed`, it
+/// first frees another block of that class, which finds the list full and goes back to its
+/// run (and the run to the page heap), and frees that one again. Must not return.
 fn double_dealloc_large_child(flushed: bool) -> ! {
     if let Some(core) = core_affinity::get_core_ids().and_then(|c| c.first().copied()) {
         core_affinity::set_for_current(core);
     }
     let layout = Layout::from_size_align(100_000, 8).unwrap();
-    // SAFETY: deliberately wrong: `p` is deallocated twice, which coreheap must detect.
+    // SAFETY: deliberately wrong: a block is deallocated twice, which coreheap must detect.
     unsafe {
         let p = alloc(layout);
         let q = alloc(layout);
-        println!("block={p:p}");
         dealloc(p, layout);
-        if flushed {
+        let twice = if flushed {
             dealloc(q, layout);
-        }
-        dealloc(p, layout);
+            q
+        } else {
+            p
+        };
+        println!("block={twice:p}");
+        dealloc(twice, layout);
     }
     println!("second dealloc returned");
     std::process::exit(0);

@@ -385,7 +385,7 @@ fn large_classes_go_back() {
         mib(rss()),
         mib(cached)
     );
-    // The caches' bound (`cpucache::CPU_CACHE_BYTES`, under 2.3 MiB of large classes).
+    // The caches' bound (`cpucache::CPU_CACHE_BYTES`: 1.6 MiB of large classes a CPU).
     assert!(
         cached <= cpus * 2 * MIB,
         "{} of large classes cached on {cpus} CPUs:\n{stats}",

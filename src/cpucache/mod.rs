@@ -130,12 +130,12 @@ const _: () = assert!(OUTBOX_MAX_BLOCK <= crate::size_class::SMALL_MAX);
 const CLASS_LISTS_BUDGET: usize = 320 * 1024;
 /// Each such class list's share of [`CLASS_LISTS_BUDGET`].
 const LIST_BYTES: usize = CLASS_LISTS_BUDGET / TABLE_CLASSES;
-/// What a list of a class above 8 KiB holds, in bytes, but at least one block: six blocks
-/// of 10 KiB, four of 16 KiB, two of 32 KiB, one from 40 KiB up. One block is what a
-/// program that allocates and frees one size in turn needs; the bytes of the largest classes
-/// are what a CPU can keep of them, so that few blocks of each are kept
-/// ([`CPU_CACHE_BYTES`]).
-const LARGE_LIST_BYTES: usize = 64 * 1024;
+/// What a list of a class above 8 KiB holds: one block, what a program that allocates
+/// and frees one size in turn needs; the bound per CPU is then the sum of those classes,
+/// 1,612 KiB ([`CPU_CACHE_BYTES`]). Lists of 64 KiB (six blocks of 10 KiB, two of 32 KiB)
+/// cost the `large` workload 11% more CPU time than one block (`docs/bench-core.md`,
+/// session 8), and 300 KiB more per CPU.
+const LARGE_LIMIT: usize = 1;
 /// The most blocks a class list holds: what a byte of `limits` holds (128 had been chosen
 /// in issue 5, `docs/bench-core.md`; 255 took the `batch` workload from 1.25 to 1.16 s).
 const LIMIT_MAX: usize = 255;
@@ -145,15 +145,11 @@ const LIMIT_MIN: usize = 2;
 
 /// The most blocks a CPU keeps of class `class` (`class < NUM_CLASSES`): up to 8 KiB,
 /// [`LIST_BYTES`] of the class, between [`LIMIT_MIN`] and [`LIMIT_MAX`] blocks; above,
-/// [`LARGE_LIST_BYTES`], at least one block.
+/// [`LARGE_LIMIT`].
 #[inline]
 pub const fn limit(class: usize) -> usize {
-    if class >= NUM_CLASSES {
-        return 1;
-    }
     if class >= TABLE_CLASSES {
-        let n = LARGE_LIST_BYTES / class_size(class);
-        return if n < 1 { 1 } else { n };
+        return LARGE_LIMIT;
     }
     let n = LIST_BYTES / class_size(class);
     if n > LIMIT_MAX {
@@ -166,10 +162,10 @@ pub const fn limit(class: usize) -> usize {
 }
 
 /// The most bytes of free blocks one CPU's cache holds: its class lists at their limits and
-/// a full outbox: at most 2,303 KiB, of which 379 KiB in the classes up to 8 KiB and the
-/// outbox and 1,924 KiB in the large classes (316 KiB with `pow2-classes`, which has none),
-/// as `docs/design.md` states. Above the budgets only by the least blocks a list holds of
-/// the largest classes.
+/// a full outbox: at most 1,991 KiB, of which 379 KiB in the classes up to 8 KiB and the
+/// outbox and 1,612 KiB in the large classes (316 KiB with `pow2-classes`, which has none),
+/// as `docs/design.md` states. Above [`CLASS_LISTS_BUDGET`] and the outbox only by the
+/// [`LIMIT_MIN`] blocks of the largest classes up to 8 KiB and the large classes' blocks.
 pub const CPU_CACHE_BYTES: usize = {
     let mut total = OUTBOX_LIMIT * OUTBOX_MAX_BLOCK;
     let mut c = 0;
@@ -556,7 +552,7 @@ mod tests {
         let kib = if cfg!(feature = "pow2-classes") {
             316
         } else {
-            2303
+            1991
         };
         assert_eq!(
             CPU_CACHE_BYTES.div_ceil(1024),
@@ -565,13 +561,12 @@ mod tests {
         );
         for c in 0..NUM_CLASSES {
             let least = if c < TABLE_CLASSES { LIMIT_MIN } else { 1 };
-            let share = if c < TABLE_CLASSES {
-                LIST_BYTES
-            } else {
-                LARGE_LIST_BYTES
-            };
             assert!((least..=LIMIT_MAX).contains(&limit(c)));
-            assert!(limit(c) * class_size(c) <= share.max(least * class_size(c)));
+            if c < TABLE_CLASSES {
+                assert!(limit(c) * class_size(c) <= LIST_BYTES.max(least * class_size(c)));
+            } else {
+                assert_eq!(limit(c), LARGE_LIMIT);
+            }
             assert!(batch(c) >= 1 && batch(c) <= limit(c));
         }
     }

@@ -17,20 +17,6 @@ fn expected_class(size: usize, align: usize) -> Option<usize> {
     (0..NUM_CLASSES).find(|&c| class_size(c) == bytes)
 }
 
-/// Whether a block of `usable` bytes is what a request of `size` bytes aligned to `align`
-/// may get: its class, or above 8 KiB the next class whose blocks have that alignment (a
-/// block the CPU cache lends from that class's list, `heap::fast::BORROW`).
-fn is_class_for(size: usize, align: usize, usable: usize) -> bool {
-    let c = expected_class(size, align).unwrap();
-    let next = (c + 1..NUM_CLASSES).find(|&n| class_size(n).is_multiple_of(align.min(PAGE)));
-    usable == class_size(c) || (size > 8192 && next.is_some_and(|n| usable == class_size(n)))
-}
-
-/// The class of a block of `usable` bytes.
-fn class_of(usable: usize) -> usize {
-    (0..NUM_CLASSES).find(|&c| class_size(c) == usable).unwrap()
-}
-
 /// Sizes on both sides of every class boundary.
 fn boundary_sizes() -> Vec<usize> {
     let mut v = vec![1];
@@ -65,16 +51,14 @@ fn every_boundary_and_alignment_through_the_rust_interface() {
             let usable = unsafe { coreheap::usable_size(p) };
             assert!(usable >= size);
             if size <= SMALL_MAX && align <= PAGE {
-                assert!(
-                    is_class_for(size, align, usable),
-                    "size {size} align {align}: {usable}"
-                );
+                let c = expected_class(size, align).unwrap();
+                assert_eq!(usable, class_size(c), "size {size} align {align}");
             }
             fill_and_check(p, usable, 0x5a);
-            // Within the block's class (the smallest size that still maps to it): kept in
-            // place; `dealloc` then finds the class from the new size.
+            // Within the class (the smallest size that still maps to it): kept in place;
+            // `dealloc` then finds the class from the new size.
             let (q, new_size) = if size <= SMALL_MAX && align <= PAGE {
-                let c = class_of(usable);
+                let c = expected_class(size, align).unwrap();
                 // The classes grow with the size: a binary search for the first.
                 let (mut lo, mut hi) = (1, class_size(c));
                 while lo < hi {
@@ -126,10 +110,8 @@ fn every_boundary_through_the_c_interface() {
             // SAFETY: `p` is live.
             let usable = unsafe { coreheap::usable_size(p) };
             if size <= SMALL_MAX {
-                assert!(
-                    is_class_for(size, align, usable),
-                    "size {size} align {align}: {usable}"
-                );
+                let c = expected_class(size, align).unwrap();
+                assert_eq!(usable, class_size(c), "size {size} align {align}");
                 fill_and_check(p, usable, 0xa5);
                 // SAFETY: `p` is live and ours; each call keeps or moves it.
                 unsafe {
@@ -146,8 +128,8 @@ fn every_boundary_through_the_c_interface() {
                     let ur = coreheap::usable_size(r);
                     let s = coreheap::raw::realloc(r, ur / 4, align);
                     if ur <= SMALL_MAX && ur > 16 {
-                        let got = coreheap::usable_size(s);
-                        assert!(is_class_for(ur / 4, align, got), "{ur} to a quarter: {got}");
+                        let want = class_size(expected_class(ur / 4, align).unwrap());
+                        assert_eq!(coreheap::usable_size(s), want, "{ur} to a quarter");
                     }
                     coreheap::raw::free(s);
                 }

@@ -11,9 +11,7 @@ use super::{Config, ProcessHeap, NOT_FAST, SRC};
 use crate::arena::{lookup_small, small_block_start};
 use crate::chunk::{page_index, ChunkHeader, CHUNK_ARENA};
 use crate::settings::Overrides;
-use crate::size_class::{
-    class_align, request_bound, CHUNK, NUM_CLASSES, PAGE, SMALL_MIN_SHIFT, TABLE_MAX,
-};
+use crate::size_class::{request_bound, CHUNK, NUM_CLASSES, PAGE, SMALL_MIN_SHIFT, TABLE_MAX};
 
 /// `r`, as a value the compiler must keep in a register. For `&HEAP`, whose address it
 /// loads from the GOT: taking that address for a constant, it would rather load it again
@@ -37,13 +35,6 @@ fn in_register<T>(r: &T) -> &T {
     // SAFETY: `p` is `r`.
     unsafe { &*p }
 }
-
-/// How many classes above its own a request of a large class may take a cached block of
-/// (then up to a class step, a quarter, larger than it needs) before its arena's lock: with
-/// one block per list, a random mix of sizes finds its own list empty about half the time,
-/// and a miss (the lock, a run carved from the page heap) costs more than the old page run.
-/// The block keeps its class (its page says so), so it goes back to that class's list.
-const BORROW: usize = 1;
 
 impl ProcessHeap {
     /// Allocates `size` bytes aligned to `align` (a power of two). Returns the block, or
@@ -89,30 +80,24 @@ impl ProcessHeap {
         self.alloc_slow(size, align, ov)
     }
 
-    /// A request of a class above the table's (over 8 KiB, up to `SMALL_MAX`) aligned to
-    /// `align`, with the caches on: the current CPU's list of `class`, as the fast path pops;
-    /// failing that, the lists of the next [`BORROW`] classes whose blocks are aligned to
-    /// `align` too; then a refill. Out of the inlined path (reached from `alloc_slow`), which
-    /// a formula then classifies.
+    /// A request of a class above the table's (over 8 KiB, up to `SMALL_MAX`), with the
+    /// caches on: the current CPU's list of `class`, as the fast path pops, or a refill. Out
+    /// of the inlined path (reached from `alloc_slow`), which a formula then classifies.
+    /// (Taking the next class's cached block when the own list is empty raised the hits of
+    /// the `large` workload from 59% to 67% but its peak RSS by a quarter: `bench-core.md`,
+    /// session 8.)
     #[inline]
-    pub(super) fn alloc_large_class(cfg: &Config, class: usize, align: usize) -> (*mut u8, bool) {
-        let last = (class + BORROW).min(NUM_CLASSES - 1);
-        for c in class..=last {
-            if c > class && class_align(c) < align {
-                continue;
-            }
-            if let Ok(b) = cfg.caches.pop(c) {
-                // SAFETY: the popped block is ours and at least 16 bytes long; as in
-                // `alloc_with`, neither its link nor the free mark may survive into a live
-                // block.
-                unsafe {
-                    (*b).link = 0;
-                    (*b).mark = 0;
-                }
-                return (b.cast(), false);
-            }
+    pub(super) fn alloc_large_class(cfg: &Config, class: usize) -> (*mut u8, bool) {
+        let Ok(b) = cfg.caches.pop(class) else {
+            return Self::refill(cfg, class);
+        };
+        // SAFETY: the popped block is ours and at least 16 bytes long; as in `alloc_with`,
+        // neither its link nor the free mark may survive into a live block.
+        unsafe {
+            (*b).link = 0;
+            (*b).mark = 0;
         }
-        Self::refill(cfg, class)
+        (b.cast(), false)
     }
 
     /// The class of a request whose [`request_bound`] is `bound`, if the fast path is on

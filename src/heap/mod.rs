@@ -253,7 +253,7 @@ impl ProcessHeap {
             // the size asked: its guard bytes start there).
             self.alloc(1, align)
         } else if r.cfg.caches.enabled && request_bound(size, align) < SMALL_MAX && align <= PAGE {
-            Self::alloc_large_class(r.cfg, class_for(size, align), align)
+            Self::alloc_large_class(r.cfg, class_for(size, align))
         } else {
             front::alloc_locked(&r, size, align)
         }

@@ -84,7 +84,7 @@ impl ProcessHeap {
     /// caches on: the current CPU's list of `class`, as the fast path pops, or a refill. Out
     /// of the inlined path (reached from `alloc_slow`), which a formula then classifies.
     /// (Taking the next class's cached block when the own list is empty raised the hits of
-    /// the `large` workload from 59% to 67% but its peak RSS by a quarter: `bench-core.md`,
+    /// the `large` workload from 56% to 67% but its peak RSS by a quarter: `bench-core.md`,
     /// session 8.)
     #[inline]
     pub(super) fn alloc_large_class(cfg: &Config, class: usize) -> (*mut u8, bool) {

@@ -15,7 +15,9 @@
 //! - the last page of a free run of two or more pages has kind `FreeTail` and `lead` the
 //!   distance back to the first page;
 //! - every other page of a small run has kind `SmallInterior`, `lead` the distance back and
-//!   the run's `class` (so a block's class is known from its own page);
+//!   the run's `class` (so a block's class is known from its own page), except, in a run of
+//!   a class above 8 KiB, a page where no block starts (`size_class::run_page_marked`),
+//!   which is `Interior`;
 //! - every other page has kind `Interior`.
 //!
 //! So the left neighbour of a run is found from the page before it, the right neighbour from

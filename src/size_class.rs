@@ -37,10 +37,23 @@ pub const CHUNK_PAGES: usize = CHUNK / PAGE;
 pub const SMALL_MIN: usize = 16;
 /// log2 of [`SMALL_MIN`].
 pub const SMALL_MIN_SHIFT: usize = 4;
-/// The largest small block. Up to 8 KiB a class wastes no more than rounding to whole pages
-/// would; above it, page rounding wastes less (9 KiB -> 12 KiB), so larger requests are page
-/// runs.
-pub const SMALL_MAX: usize = 8192;
+/// The largest size the fast paths classify by one load from [`CLASS_TABLE`] (8 KiB, 512
+/// entries of one byte); larger classes are found by [`class_for`]'s formula, on a path just
+/// outside the hottest one.
+pub const TABLE_MAX: usize = 8192;
+
+/// The largest block of a size class, served by runs and the per-CPU caches; larger requests
+/// (up to [`LARGE_MAX`]) are page runs of their own. 256 KiB, as TCMalloc's classes reach:
+/// the classes from 8 KiB up hold one or two blocks per run and keep the common large
+/// allocation and free off the arena's lock (the CPU caches). A 9 KiB request takes 10 KiB
+/// (page rounding: 12 KiB); above 16 KiB a class may waste up to a quarter where page
+/// rounding wastes under a page, which the caches' bounds keep from adding up. With
+/// `pow2-classes`, 8 KiB as before (that scheme is kept to be measured against).
+#[cfg(not(feature = "pow2-classes"))]
+pub const SMALL_MAX: usize = 256 * 1024;
+/// The largest small block (`pow2-classes`): 8 KiB, as before the large classes.
+#[cfg(feature = "pow2-classes")]
+pub const SMALL_MAX: usize = TABLE_MAX;
 
 /// Classes per doubling of the size above `SMALL_MIN * STEPS_PER_DOUBLING` (below it the
 /// classes step by `SMALL_MIN`). A power of two, so that every power of two is a class and
@@ -70,8 +83,13 @@ const fn count_classes() -> usize {
     n
 }
 
-/// Number of small size classes (32; 10 with `pow2-classes`).
+/// Number of size classes (52; 10 with `pow2-classes`).
 pub const NUM_CLASSES: usize = count_classes();
+
+/// Number of classes of at most [`TABLE_MAX`] bytes, the ones [`CLASS_TABLE`] gives (32; 10
+/// with `pow2-classes`); classes from `TABLE_CLASSES` on are the large ones.
+pub const TABLE_CLASSES: usize = smallest_class(TABLE_MAX, 1) + 1;
+const _: () = assert!(CLASS_SIZES[TABLE_CLASSES - 1] as usize == TABLE_MAX);
 
 /// The block size of every class, ascending.
 pub const CLASS_SIZES: [u32; NUM_CLASSES] = {
@@ -156,8 +174,8 @@ pub const fn request_bound(size: usize, align: usize) -> usize {
 /// (all sizes are multiples of 16). One load instead of a search. (The process heap keeps a
 /// copy inside `HEAP`, whose address the fast paths load anyway: rustc reaches a static of
 /// its own through the GOT, one load more.)
-pub const CLASS_TABLE: [u8; SMALL_MAX / SMALL_MIN] = {
-    let mut t = [0u8; SMALL_MAX / SMALL_MIN];
+pub const CLASS_TABLE: [u8; TABLE_MAX / SMALL_MIN] = {
+    let mut t = [0u8; TABLE_MAX / SMALL_MIN];
     let mut i = 0;
     while i < t.len() {
         let rounded = (i + 1) * SMALL_MIN;
@@ -173,11 +191,38 @@ pub const CLASS_TABLE: [u8; SMALL_MAX / SMALL_MIN] = {
 
 /// The class of a request of `size` bytes aligned to `align` (a power of two), for
 /// `1 <= size <= SMALL_MAX` and `align <= PAGE`: the smallest class of at least `size`
-/// bytes whose blocks are aligned to `align`.
+/// bytes whose blocks are aligned to `align`. One table load up to [`TABLE_MAX`], else
+/// [`large_class_for`].
 #[inline]
 pub const fn class_for(size: usize, align: usize) -> usize {
-    // Masked: out-of-contract arguments give some class, never a panic.
-    CLASS_TABLE[(request_bound(size, align) >> SMALL_MIN_SHIFT) & (CLASS_TABLE.len() - 1)] as usize
+    let bound = request_bound(size, align);
+    if bound < TABLE_MAX {
+        // Masked: out-of-contract arguments give some class, never a panic.
+        CLASS_TABLE[(bound >> SMALL_MIN_SHIFT) & (CLASS_TABLE.len() - 1)] as usize
+    } else {
+        large_class_for(bound)
+    }
+}
+
+/// The class of a request whose [`request_bound`] is `bound` (`TABLE_MAX <= bound <
+/// SMALL_MAX`, its alignment at most a page) by a formula: above [`TABLE_MAX`] the classes
+/// are four per doubling, so for `2^e < s <= 2^(e+1)` (`s = bound + 1`, the size rounded up
+/// to the alignment) the class is `2^e` plus as many quarters of `2^e` as reach `s`, the
+/// quarter's number being bits `e - 2` and `e - 1` of `bound`. That class is a multiple of
+/// the alignment too: every class above 8 KiB is a multiple of 2 KiB, and the multiples of a
+/// page in (8, 16] KiB, 12 and 16 KiB, are classes themselves (the unit test checks every
+/// size and alignment against [`smallest_class`]). Out of range: the largest class, never a
+/// panic.
+#[inline]
+pub const fn large_class_for(bound: usize) -> usize {
+    if bound >= SMALL_MAX || bound < TABLE_MAX {
+        return NUM_CLASSES - 1;
+    }
+    let e = (usize::BITS - 1 - bound.leading_zeros()) as usize;
+    let quarter = (bound >> (e - 2)) & (STEPS_PER_DOUBLING - 1);
+    in_range(
+        TABLE_CLASSES + (e - TABLE_MAX.trailing_zeros() as usize) * STEPS_PER_DOUBLING + quarter,
+    )
 }
 const _: () = assert!(CLASS_TABLE.len().is_power_of_two());
 
@@ -187,8 +232,11 @@ const RUN_MIN_PAGES: usize = 4;
 const RUN_MIN_BLOCKS: usize = 8;
 /// A run's tail that holds no whole block is at most `1 / RUN_WASTE_DIV` of the run.
 const RUN_WASTE_DIV: usize = 64;
-/// The longest run, in pages: where the search of [`run_pages`] gives up.
+/// The longest run, in pages, of a class of at most [`TABLE_MAX`]: where the search of
+/// [`run_pages`] gives up.
 const RUN_MAX_PAGES: usize = 16;
+/// The longest run of any class, in pages: one block of the largest class.
+const RUN_LONGEST_PAGES: usize = SMALL_MAX / PAGE;
 
 /// Pages in a small run of class `class` (out of range: as the largest class): the fewest
 /// pages, at least [`RUN_MIN_PAGES`], that hold [`RUN_MIN_BLOCKS`] blocks and leave at most
@@ -196,11 +244,23 @@ const RUN_MAX_PAGES: usize = 16;
 /// times a power of two (`m * 2^j`, `m` in 1, 3, 5, 7), so `m` pages (or a multiple) leave
 /// nothing over and the search always ends within [`RUN_MAX_PAGES`] (checked at compile
 /// time). The powers of two get 16 KiB or 8 blocks, as before the finer classes.
+///
+/// A class above [`TABLE_MAX`] takes the fewest blocks that fill whole pages: one (from 12
+/// KiB, a multiple of a page), two for 10 and 14 KiB (5 and 7 pages). Those runs exist to
+/// feed the CPU caches; more blocks per run would keep more pages of a class that a program
+/// stopped using, and a refill takes one or two blocks anyway ([`crate::cpucache::batch`]).
 pub const fn run_pages(class: usize) -> usize {
     RUN_PAGES[in_range(class)] as usize
 }
 
 const fn choose_run_pages(size: usize) -> usize {
+    if size > TABLE_MAX {
+        let mut blocks = 1;
+        while !(blocks * size).is_multiple_of(PAGE) {
+            blocks += 1;
+        }
+        return blocks * size / PAGE;
+    }
     let mut pages = RUN_MIN_PAGES;
     while pages <= RUN_MAX_PAGES {
         let bytes = pages * PAGE;
@@ -228,11 +288,44 @@ pub const fn run_blocks(class: usize) -> usize {
     run_pages(class) * PAGE / class_size(class)
 }
 
+/// The pages after the first of a run of class `class` that [`run_page_marked`] says need
+/// the class and distance: every one up to 8 KiB, else one per block after the first (the
+/// blocks being longer than a page, each starts on a page of its own). Without a division
+/// per page: the runs of the largest classes have 64.
+#[inline]
+pub fn marked_pages(class: usize) -> impl Iterator<Item = usize> {
+    let large = class >= TABLE_CLASSES;
+    let size = class_size(class);
+    let n = if large {
+        run_blocks(class)
+    } else {
+        run_pages(class)
+    };
+    (1..n).map(move |k| if large { (k * size) >> PAGE_SHIFT } else { k })
+}
+
+/// Whether page `j` of a run of class `class` (`j < run_pages(class)`) needs the run's
+/// class and its distance back to the first page (`SmallInterior`): up to 8 KiB every page
+/// (any page may hold a block start); above, only a page where a block starts (the second
+/// block of a 10 or 14 KiB run), so that carving and releasing a run of up to 64 pages
+/// writes one or two page descriptors, not all of them; the others stay `Interior`, as in a
+/// large run, and a pointer there is no block start either way.
+#[inline]
+pub const fn run_page_marked(class: usize, j: usize) -> bool {
+    if class < TABLE_CLASSES {
+        return true;
+    }
+    let size = class_size(class);
+    // The first block starting at or after the page's start.
+    let first = (j * PAGE).div_ceil(size);
+    first < run_blocks(class) && first * size < (j + 1) * PAGE
+}
+
 /// Per class, `ceil(2^64 / size)`: block indices and block starts from offsets in a run by
 /// a multiplication, never a division (Lemire, Kaser and Kurz, "Faster remainder by direct
 /// computation", 2019: for `n, d < 2^32` and `c = ceil(2^64 / d)`, `n / d` is the high
 /// word of `n * c` and `d` divides `n` iff the low word of `n * c` is below `c`). Run
-/// offsets are below `RUN_MAX_PAGES * PAGE`, far inside that range. Padded to a power of
+/// offsets are below `RUN_LONGEST_PAGES * PAGE`, far inside that range. Padded to a power of
 /// two entries (the spare ones 0: no offset is a block start there), so that an index
 /// masked by [`DIV_MASK`] needs no bounds check.
 pub const DIV_MAGIC: [u64; DIV_SLOTS] = {
@@ -247,7 +340,9 @@ pub const DIV_MAGIC: [u64; DIV_SLOTS] = {
 const DIV_SLOTS: usize = NUM_CLASSES.next_power_of_two();
 /// Masks a class number into [`DIV_MAGIC`]'s range.
 pub const DIV_MASK: usize = DIV_SLOTS - 1;
-const _: () = assert!(RUN_MAX_PAGES * PAGE <= 1 << 32);
+const _: () = assert!(RUN_LONGEST_PAGES * PAGE <= 1 << 32);
+// A run's length fits `RUN_PAGES`' byte.
+const _: () = assert!(RUN_LONGEST_PAGES <= u8::MAX as usize);
 
 /// Whether a block of class `class` starts `off` bytes into its run (`off` below the run's
 /// length; any `off < 2^32` answers correctly).
@@ -301,7 +396,14 @@ mod tests {
     #[test]
     fn every_size_and_alignment_gets_the_smallest_aligned_class() {
         assert!(request_bound(0, 16) >= SMALL_MAX);
-        for size in 1..=SMALL_MAX {
+        // Every size up to the table's end, then (a search per size being slow in a debug
+        // build) every size next to a multiple of 512 bytes, which holds every class edge.
+        let sizes = (1..=TABLE_MAX).chain(
+            (TABLE_MAX / 512..SMALL_MAX / 512)
+                .map(|k| (k + 1) * 512)
+                .flat_map(|m| [m - 1, m, m + 1]),
+        );
+        for size in sizes {
             for align in (0..=PAGE_SHIFT + 1).map(|s| 1 << s) {
                 let bound = request_bound(size, align);
                 assert_eq!(bound < SMALL_MAX, size.max(align) <= SMALL_MAX);
@@ -325,8 +427,36 @@ mod tests {
     }
 
     #[test]
+    fn large_classes_follow_the_formula() {
+        assert_eq!(class_size(TABLE_CLASSES - 1), TABLE_MAX);
+        #[cfg(not(feature = "pow2-classes"))]
+        {
+            assert_eq!(NUM_CLASSES, 52);
+            assert_eq!(
+                CLASS_SIZES[TABLE_CLASSES..TABLE_CLASSES + 5],
+                [10240, 12288, 14336, 16384, 20480]
+            );
+            assert_eq!(class_for(9 * 1024, 8), TABLE_CLASSES);
+            assert_eq!(class_for(10 * 1024 + 1, 8), TABLE_CLASSES + 1);
+            assert_eq!(class_for(9 * 1024, PAGE), TABLE_CLASSES + 1);
+            assert_eq!(class_for(SMALL_MAX, 16), NUM_CLASSES - 1);
+        }
+        // Out of contract: some class, no panic.
+        assert!(large_class_for(usize::MAX) < NUM_CLASSES);
+        assert!(large_class_for(0) < NUM_CLASSES);
+    }
+
+    #[test]
     fn runs_hold_eight_blocks_and_waste_little() {
-        for c in 0..NUM_CLASSES {
+        // (None with `pow2-classes`.)
+        for c in (0..NUM_CLASSES).filter(|&c| c >= TABLE_CLASSES) {
+            // The large classes: whole pages, one or two blocks.
+            let bytes = run_pages(c) * PAGE;
+            assert_eq!(bytes % class_size(c), 0);
+            assert!((1..=2).contains(&run_blocks(c)), "class {c}");
+            assert!(run_pages(c) <= RUN_LONGEST_PAGES);
+        }
+        for c in 0..TABLE_CLASSES {
             let bytes = run_pages(c) * PAGE;
             assert!(run_blocks(c) >= RUN_MIN_BLOCKS);
             assert!(run_pages(c) >= RUN_MIN_PAGES && run_pages(c) <= RUN_MAX_PAGES);
@@ -335,6 +465,25 @@ mod tests {
                 // As before the finer classes: 16 KiB, or eight blocks.
                 assert_eq!(bytes, (8 * class_size(c)).max(16 * 1024));
             }
+        }
+    }
+
+    #[test]
+    fn marked_pages_are_those_where_a_block_starts() {
+        for c in 0..NUM_CLASSES {
+            for j in 0..run_pages(c) {
+                let starts = (0..run_blocks(c)).any(|i| i * class_size(c) / PAGE == j);
+                if c < TABLE_CLASSES {
+                    assert!(run_page_marked(c, j));
+                } else {
+                    assert_eq!(run_page_marked(c, j), starts, "class {c} page {j}");
+                }
+            }
+            let listed: Vec<usize> = marked_pages(c).collect();
+            let want: Vec<usize> = (1..run_pages(c))
+                .filter(|&j| run_page_marked(c, j))
+                .collect();
+            assert_eq!(listed, want, "class {c}");
         }
     }
 

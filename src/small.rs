@@ -11,7 +11,8 @@
 //! Invariants, per run `r` of class `c` (checked by [`SmallBins::check`]):
 //! - `r.used + len(r.free) == r.bump <= run_blocks(c)`;
 //! - `r.in_bin` iff `r` is on bin `c`'s list; a run off the list has no block to give;
-//! - a run with `used == 0` is on its bin only while it is the bin's only run.
+//! - a run with `used == 0` is on its bin only while it is the bin's only run, and never for
+//!   a class above 8 KiB (`TABLE_CLASSES` on).
 //!
 //! The bins' heads, the runs' links and free lists, and the encoded links in free blocks are
 //! stored relative to the page source's base (`chunk::Rel`, `chunk::to_rel`); the functions
@@ -25,7 +26,8 @@ use crate::chunk::{
 };
 use crate::large::PageHeap;
 use crate::size_class::{
-    block_index, class_size, is_block_offset, run_blocks, run_pages, NUM_CLASSES,
+    block_index, class_size, is_block_offset, marked_pages, run_blocks, run_pages, NUM_CLASSES,
+    TABLE_CLASSES,
 };
 use crate::source::PageSource;
 
@@ -202,7 +204,9 @@ impl SmallBins {
             // racing validator that sees Small (or SmallInterior, with `lookup_small`) sees
             // the class too, and sees no page of a run whose first page is not Small yet.
             (*r).set_kind(Kind::Small);
-            for j in 1..run_pages(class) {
+            // (Pages where no block starts, in runs of the large classes, stay `Interior`,
+            // as the page heap hands them over.)
+            for j in marked_pages(class) {
                 let d = &(*h).pages[first + j];
                 d.set_lead(j);
                 d.set_class(class);
@@ -254,7 +258,10 @@ impl SmallBins {
             if !(*r).in_bin {
                 self.link(src, class, r);
             }
-            if (*r).used == 0 && !((*r).next.is_null() && (*r).prev.is_null()) {
+            // A large class's empty run goes back even as its bin's only run: kept, up to
+            // 256 KiB per class and arena would stay resident past the page heap's decay.
+            let only = (*r).next.is_null() && (*r).prev.is_null();
+            if (*r).used == 0 && (!only || class >= TABLE_CLASSES) {
                 self.release(heap, src, class, r);
             }
         }
@@ -438,7 +445,7 @@ impl SmallBins {
                 self.unlink(src, class, r);
                 let h = header_of_desc(r);
                 let first = (*h).desc_index(r);
-                for j in 1..run_pages(class) {
+                for j in marked_pages(class) {
                     (*h).pages[first + j].set_kind(Kind::Interior);
                 }
                 (*r).set_kind(Kind::Large);
@@ -541,8 +548,8 @@ impl SmallBins {
                     i += n;
                 }
             });
-            // An empty run stays on its bin only as the bin's only run (the invariant of
-            // `free`): with other runs there, every empty one goes back.
+            // An empty run stays on its bin only as the bin's only run of a class up to 8
+            // KiB (the invariant of `free`): with other runs there, every empty one goes back.
             #[allow(clippy::needless_range_loop)] // `class` indexes the bins too
             for class in 0..NUM_CLASSES {
                 let mut busy_runs = 0;
@@ -551,7 +558,7 @@ impl SmallBins {
                     busy_runs += ((*r).used != 0) as usize;
                     r = (*r).next.get(base);
                 }
-                let mut kept = busy_runs > 0;
+                let mut kept = busy_runs > 0 || class >= TABLE_CLASSES;
                 let mut r = self.heads[class].get(base);
                 while !r.is_null() {
                     let next = (*r).next.get(base);

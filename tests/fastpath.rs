@@ -29,6 +29,8 @@ fn main() {
         Ok("corrupt-link") => corrupt_link_child(),
         Ok("double-parked") => double_dealloc_parked_child(),
         Ok("double-unmapped") => double_dealloc_unmapped_child(),
+        Ok("double-large") => double_dealloc_large_child(false),
+        Ok("double-large-flushed") => double_dealloc_large_child(true),
         Ok(_) => {
             counter_child();
             return;
@@ -44,6 +46,7 @@ fn main() {
     double_dealloc_aborts();
     corrupt_link_aborts();
     transfer_slots_move_whole_chains();
+    large_classes_are_cached_counted_and_trimmed();
     realloc_keeps_the_class_that_dealloc_computes();
     c_free_takes_every_path();
     migrated_threads_lose_and_duplicate_nothing();
@@ -183,6 +186,109 @@ fn double_dealloc_parked_child() -> ! {
     std::process::exit(0);
 }
 
+/// The child: a thread pinned to one core frees a block of a class above 8 KiB (100 KiB:
+/// a CPU list holds one) and frees it again, found in the CPU's list; with `flushed`, it
+/// first frees another block of that class, which finds the list full and goes back to its
+/// run (and the run to the page heap), and frees that one again. Must not return.
+fn double_dealloc_large_child(flushed: bool) -> ! {
+    if let Some(core) = core_affinity::get_core_ids().and_then(|c| c.first().copied()) {
+        core_affinity::set_for_current(core);
+    }
+    let layout = Layout::from_size_align(100_000, 8).unwrap();
+    // SAFETY: deliberately wrong: a block is deallocated twice, which coreheap must detect.
+    unsafe {
+        let p = alloc(layout);
+        let q = alloc(layout);
+        dealloc(p, layout);
+        let twice = if flushed {
+            dealloc(q, layout);
+            q
+        } else {
+            p
+        };
+        println!("block={twice:p}");
+        dealloc(twice, layout);
+    }
+    println!("second dealloc returned");
+    std::process::exit(0);
+}
+
+/// Blocks of the classes above 8 KiB go through the CPU caches: freed and allocated again
+/// on one core they come back without the arena's bins (counted as fast allocations), the
+/// statistics count those waiting in the cache as cached, not in use, and `trim` on that
+/// core empties its lists of them.
+fn large_classes_are_cached_counted_and_trimmed() {
+    if !coreheap::fast_path() || coreheap::SMALL_MAX <= 8192 {
+        eprintln!("fastpath: large classes not tested (no rseq, or none with pow2-classes)");
+        return;
+    }
+    let Some(core) = core_affinity::get_core_ids().and_then(|c| c.last().copied()) else {
+        return;
+    };
+    std::thread::spawn(move || {
+        assert!(core_affinity::set_for_current(core));
+        let arena = coreheap::current_arena();
+        let sizes = [9000usize, 12 << 10, 50_000, 256 << 10];
+        let classes: Vec<usize> = sizes
+            .iter()
+            .map(|&s| {
+                (0..coreheap::NUM_CLASSES)
+                    .find(|&c| coreheap::class_size(c) >= s)
+                    .unwrap()
+            })
+            .collect();
+        let in_use = || coreheap::stats().arenas[arena].in_use();
+        let cached = |c: usize| coreheap::stats().arenas[arena].cached[c];
+        let fast = || coreheap::stats().arenas[arena].fast_allocs;
+        let layouts: Vec<Layout> = sizes
+            .iter()
+            .map(|&s| Layout::from_size_align(s, 8).unwrap())
+            .collect();
+        // The vectors exist before the count starts (they are in use too).
+        let mut first: Vec<*mut u8> = Vec::with_capacity(sizes.len());
+        let mut again: Vec<*mut u8> = Vec::with_capacity(sizes.len());
+        let before = in_use();
+        // SAFETY: non-zero sizes; every block freed once with its layout.
+        first.extend(layouts.iter().map(|&l| unsafe { alloc(l) }));
+        for (&p, &l) in first.iter().zip(&layouts) {
+            // SAFETY: as above.
+            unsafe { dealloc(p, l) };
+        }
+        assert_eq!(in_use(), before, "cached blocks counted as in use");
+        for &c in &classes {
+            assert!(cached(c) >= 1, "class {c}: nothing cached after a free");
+        }
+        let fast_before = fast();
+        // SAFETY: as above.
+        again.extend(layouts.iter().map(|&l| unsafe { alloc(l) }));
+        assert_eq!(
+            again, first,
+            "the freed blocks did not come back from the cache"
+        );
+        assert!(
+            fast() >= fast_before + sizes.len() as u64,
+            "not counted as fast allocations"
+        );
+        for (&p, &l) in again.iter().zip(&layouts) {
+            // SAFETY: as above.
+            unsafe { dealloc(p, l) };
+        }
+        coreheap::trim();
+        for &c in &classes {
+            assert_eq!(
+                cached(c),
+                0,
+                "class {c}: trim left blocks in this CPU's cache"
+            );
+        }
+        assert_eq!(in_use(), before);
+    })
+    .join()
+    .unwrap();
+    coreheap::check_heap().unwrap();
+    eprintln!("fastpath: large classes cached, counted, and emptied by trim");
+}
+
 /// The middle tier (`cpucache/transfer.rs`): a CPU list that overflows parks half of it in
 /// its arena's transfer slots, where statistics count it and `trim` empties it; blocks
 /// freed on another core's CPU come back to their arena through its slots, and are handed
@@ -317,6 +423,9 @@ fn double_dealloc_aborts() {
         ("double-parked", vec![]),
         ("double-unmapped", vec![]),
         ("double-unmapped", vec![("COREHEAP_RSEQ", "0")]),
+        ("double-large", vec![]),
+        ("double-large", vec![("COREHEAP_RSEQ", "0")]),
+        ("double-large-flushed", vec![]),
     ] {
         let out = Command::new(std::env::current_exe().unwrap())
             .env(CHILD_VAR, mode)
@@ -342,6 +451,13 @@ fn double_dealloc_aborts() {
                     "no chunk went back to the OS: {stdout}"
                 );
                 stderr.contains("invalid pointer") && !stderr.contains("arena")
+            }
+            // In a CPU cache (the block's run goes back once its one block is free, so
+            // without the caches the pointer is in free memory: the case below).
+            "double-large"
+                if coreheap::fast_path() && env.is_empty() && coreheap::SMALL_MAX > 8192 =>
+            {
+                stderr.contains("double free")
             }
             "double-parked" if coreheap::fast_path() => stderr.contains("double free"),
             _ => {
@@ -659,8 +775,13 @@ struct Blk(*mut u8, Layout, u64);
 unsafe impl Send for Blk {}
 
 fn make(rng: &mut Rng, tag: u64) -> Blk {
-    // Log-uniform over the small classes, 16 B to 8 KiB.
-    let size = 16usize << rng.below(10);
+    // Log-uniform over the classes, 16 B to 8 KiB, and one block in eight of the classes
+    // above (up to 256 KiB, with `pow2-classes` page runs).
+    let size = if rng.below(8) == 0 {
+        8192usize << (1 + rng.below(5))
+    } else {
+        16usize << rng.below(10)
+    };
     let size = size - rng.below(size / 2) / 8 * 8;
     let layout = Layout::from_size_align(size, 8).unwrap();
     // SAFETY: non-zero size.

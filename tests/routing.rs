@@ -189,3 +189,73 @@ fn coreheap_arenas_env_sets_the_arena_count() {
     // Capped at 4096.
     run_child(Some("100000"), 4096);
 }
+
+/// Blocks of the classes above 8 KiB (cached per CPU like small ones) freed on another
+/// core's CPU go back to their own arena: the freeing core's cache never hands them out, so
+/// everything it allocates afterwards, many times over, is its own arena's.
+#[test]
+fn large_class_blocks_freed_on_another_core_go_home() {
+    watchdog();
+    if std::env::var_os(CHILD_ENV).is_some() {
+        return; // a child run for another test
+    }
+    let cores = core_affinity::get_core_ids().expect("core ids");
+    if cores.len() < 2 || coreheap::arena_count() < 2 {
+        eprintln!("routing: large classes across cores not tested (one core or arena)");
+        return;
+    }
+    let (c0, c1) = (cores[0], cores[1]);
+    let sizes = [9000, 12 << 10, 40 << 10, 100_000, 256 << 10];
+    let (arena0, blocks) = std::thread::spawn(move || {
+        assert!(core_affinity::set_for_current(c0));
+        let blocks: Vec<(usize, Layout)> = (0..40)
+            .map(|i| {
+                let layout = Layout::from_size_align(sizes[i % sizes.len()], 8).unwrap();
+                // SAFETY: non-zero size.
+                let p = unsafe { alloc(layout) };
+                assert!(!p.is_null());
+                // SAFETY: `p` has `layout.size()` bytes.
+                unsafe { p.write_bytes(1, layout.size()) };
+                (p as usize, layout)
+            })
+            .collect();
+        (coreheap::current_arena(), blocks)
+    })
+    .join()
+    .unwrap();
+    std::thread::spawn(move || {
+        assert!(core_affinity::set_for_current(c1));
+        let arena1 = coreheap::current_arena();
+        if arena1 == arena0 {
+            eprintln!("routing: cores 0 and 1 share an arena; large classes not tested");
+            return;
+        }
+        for &(p, layout) in &blocks {
+            assert_eq!(coreheap::owner_arena(p as *const u8), Some(arena0));
+            // SAFETY: allocated on the other core with this layout, freed once here.
+            unsafe { dealloc(p as *mut u8, layout) };
+        }
+        for _ in 0..3 {
+            let mine: Vec<(*mut u8, Layout)> = blocks
+                .iter()
+                .map(|&(_, layout)| {
+                    // SAFETY: non-zero size.
+                    let p = unsafe { alloc(layout) };
+                    assert_eq!(
+                        coreheap::owner_arena(p),
+                        Some(arena1),
+                        "{layout:?} freed on this core came back from another arena"
+                    );
+                    (p, layout)
+                })
+                .collect();
+            for (p, layout) in mine {
+                // SAFETY: allocated just above with this layout.
+                unsafe { dealloc(p, layout) };
+            }
+        }
+    })
+    .join()
+    .unwrap();
+    coreheap::check_heap().unwrap();
+}

@@ -82,6 +82,7 @@ fn rss_returns_after_freeing_everything() {
     // The two phases run one after the other: tests in one binary run in parallel and would
     // disturb each other's measurements.
     one_thread();
+    large_classes_go_back();
     other_threads_free();
     huge_spans_go_back();
     idle_arena_keeps_no_parked_chains();
@@ -170,9 +171,10 @@ fn kept(stats: &coreheap::Stats) -> usize {
     dirty.saturating_sub(SLACK / 2) + stats.huge_cached
 }
 
-/// A few large allocations and frees: the arena's slow path, where its decay clock ticks.
+/// A few large allocations and frees: the arena's slow path, where its decay clock ticks
+/// (page runs above the largest class, which the CPU caches would serve).
 fn large_round() {
-    let layout = Layout::from_size_align(64 * 1024, 8).unwrap();
+    let layout = Layout::from_size_align(coreheap::SMALL_MAX + 64 * 1024, 8).unwrap();
     for _ in 0..256 {
         // SAFETY: non-zero size; freed at once.
         unsafe {
@@ -333,6 +335,74 @@ fn huge_spans_go_back() {
         }
     }
     coreheap::check_heap().unwrap();
+}
+
+/// Blocks of the classes above 8 KiB, which the CPU caches keep: on every CPU in turn, 128
+/// MiB of them (9 KiB to 256 KiB) allocated, touched and freed in a scrambled order. What
+/// the caches keep afterwards is bounded (a few blocks per class and CPU), and the rest
+/// leaves the resident set after the decay delay, as page runs do.
+fn large_classes_go_back() {
+    fn round() {
+        let mut rng = Rng(0x51_7cc1_b727_220a ^ coreheap::current_arena() as u64);
+        let mut blocks = Vec::new();
+        let mut total = 0;
+        while total < 128 * MIB {
+            // (Page runs with `pow2-classes`, whose classes end at 8 KiB.)
+            let size = 9 * 1024 + rng.below(247 * 1024 + 1);
+            let layout = Layout::from_size_align(size, 8).unwrap();
+            // SAFETY: non-zero size.
+            let p = unsafe { alloc(layout) };
+            assert!(!p.is_null());
+            touch(p, size, 7);
+            blocks.push((p, layout));
+            total += size;
+        }
+        for i in (1..blocks.len()).rev() {
+            blocks.swap(i, rng.below(i + 1));
+        }
+        for (p, layout) in blocks {
+            // SAFETY: allocated above with this layout, freed once.
+            unsafe { dealloc(p, layout) };
+        }
+    }
+    let base = rss();
+    on_every_cpu(round);
+    let stats = coreheap::stats();
+    let cached: usize = stats
+        .arenas
+        .iter()
+        .map(|a| {
+            (0..coreheap::NUM_CLASSES)
+                .filter(|&c| coreheap::class_size(c) > 8192)
+                .map(|c| a.cached[c] as usize * coreheap::class_size(c))
+                .sum::<usize>()
+        })
+        .sum();
+    let cpus = on_every_cpu_count();
+    eprintln!(
+        "rss, large classes on {cpus} CPUs: start {}, after freeing {}, {} cached",
+        mib(base),
+        mib(rss()),
+        mib(cached)
+    );
+    // The caches' bound (`cpucache::CPU_CACHE_BYTES`: 1.6 MiB of large classes a CPU).
+    assert!(
+        cached <= cpus * 2 * MIB,
+        "{} of large classes cached on {cpus} CPUs:\n{stats}",
+        mib(cached)
+    );
+    after_decay(base, "large classes");
+    coreheap::check_heap().unwrap();
+}
+
+/// How many CPUs [`on_every_cpu`] runs on.
+fn on_every_cpu_count() -> usize {
+    // SAFETY: as in `on_every_cpu`.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set);
+        libc::CPU_COUNT(&set) as usize
+    }
 }
 
 /// One thread allocates 1 GiB, touches it and frees it in a scrambled order.

@@ -29,7 +29,9 @@ use crate::chunk::{Block, Kind, PageDesc};
 use crate::large::PageHeap;
 use crate::lock::Taken;
 use crate::remote::{Batch, Pending};
-use crate::size_class::{class_for, class_size, pages_for, PAGE, PAGE_SHIFT, SMALL_MAX};
+use crate::size_class::{
+    class_for, class_size, pages_for, PAGE, PAGE_SHIFT, SMALL_MAX, TABLE_CLASSES,
+};
 use crate::small::{RunGroup, SmallBins};
 use crate::source::{Meter, PageSource, GRAIN};
 
@@ -301,9 +303,10 @@ impl<S: PageSource<Lock: ArenaLock>> Arena<S> {
     /// Returns a block to this arena. A small block freed on the arena's own CPU goes
     /// straight back to its run if the lock is free; any other small block is pushed on the
     /// pending stack, which is drained when it overflows if the lock is free, and otherwise
-    /// by the next allocation that needs memory. A large block always takes the lock and goes
-    /// straight back: held on the pending stack of an owner that no longer allocates, it
-    /// would keep its pages (and often its whole chunk) resident indefinitely.
+    /// by the next allocation that needs memory. A large block, or a block of a class above
+    /// 8 KiB, always takes the lock and goes straight back: held on the pending stack of an
+    /// owner that no longer allocates, it would keep its pages (and often its whole chunk)
+    /// resident indefinitely.
     ///
     /// # Safety
     /// `p` is a live block of this arena as `what` (from [`lookup`]) says, and the caller
@@ -332,6 +335,19 @@ impl<S: PageSource<Lock: ArenaLock>> Arena<S> {
         // SAFETY: as the contract says.
         unsafe {
             match what {
+                // A block of a class above 8 KiB: as a large block, below (up to 63 of them
+                // on the pending stack of an idle owner would keep up to 16 MiB).
+                Lookup::Small { run, .. }
+                    if (*run).class() >= TABLE_CLASSES && !self.lock.held_by_caller() =>
+                {
+                    self.acquire(src);
+                    let st = &mut *self.state.get();
+                    if self.owns_run(run) {
+                        st.bins.free(&mut st.pages, src, run, b);
+                    }
+                    self.drain_locked(src, st);
+                    self.release(src);
+                }
                 Lookup::Small { run, .. } => {
                     if local && self.try_acquire(src) {
                         let st = &mut *self.state.get();

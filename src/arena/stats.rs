@@ -15,7 +15,7 @@ pub struct LargeCounters {
 }
 
 /// A snapshot of one arena's counters.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Copy, Debug)]
 pub struct ArenaStats {
     /// The arena's index.
     pub index: usize,
@@ -48,6 +48,27 @@ pub struct ArenaStats {
     pub fast_allocs: u64,
     /// Blocks taken back by that fast path (outbox pushes included).
     pub fast_frees: u64,
+}
+
+// By hand: arrays of more than 32 items have no derived `Default`.
+impl Default for ArenaStats {
+    fn default() -> Self {
+        Self {
+            index: 0,
+            classes: [ClassCounters::default(); NUM_CLASSES],
+            large: LargeCounters::default(),
+            pages: PageCounters::default(),
+            dirty_bytes: 0,
+            remote_frees: 0,
+            contentions: 0,
+            recoveries: 0,
+            repairs: 0,
+            orphaned_chunks: 0,
+            cached: [0; NUM_CLASSES],
+            fast_allocs: 0,
+            fast_frees: 0,
+        }
+    }
 }
 
 impl ArenaStats {

@@ -152,10 +152,11 @@ fn lookup_classifies_pointers() {
     }
 
     // Large blocks: only the first byte is a block; interior pages are not.
-    let (l, _) = a.alloc(&src, 5 * PAGE, 8);
+    // (Above the largest class: smaller ones are blocks of a class.)
+    let (l, _) = a.alloc(&src, SMALL_MAX + 5 * PAGE, 8);
     let run = large_run(&src, l);
     // SAFETY: `run` heads a live large run.
-    assert_eq!(unsafe { (*run).npages }, 5);
+    assert_eq!(unsafe { (*run).npages } as usize, SMALL_MAX / PAGE + 5);
     assert_eq!(run_addr(run), l);
     for off in [1, 16, PAGE - 1, PAGE, 2 * PAGE + 16, 4 * PAGE, 5 * PAGE - 1] {
         invalid(&src, l.wrapping_add(off));
@@ -231,12 +232,12 @@ fn lookup_classifies_pointers() {
 fn large_resize_in_place() {
     let src = TestSource::new(8);
     let a = TestArena::new(3);
-    let (p, _) = a.alloc(&src, 3 * PAGE, 8);
+    let (p, _) = a.alloc(&src, SMALL_MAX + 3 * PAGE, 8);
     let run = large_run(&src, p);
     // SAFETY: (for the calls below) `run` heads the live large block `p`, which we own.
     unsafe {
-        assert!(a.resize_large(&src, run, 10 * PAGE - 5));
-        assert_eq!((*run).npages, 10);
+        assert!(a.resize_large(&src, run, SMALL_MAX + 10 * PAGE - 5));
+        assert_eq!((*run).npages as usize, SMALL_MAX / PAGE + 10);
         assert!(a.resize_large(&src, run, PAGE + 1));
         assert_eq!((*run).npages, 2);
         assert_eq!(a.stats(&src).large.in_use, 2 * PAGE);

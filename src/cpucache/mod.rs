@@ -50,7 +50,7 @@
 use core::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 
 use crate::chunk::{decode_link, Block};
-use crate::size_class::{class_size, NUM_CLASSES};
+use crate::size_class::{class_size, NUM_CLASSES, TABLE_CLASSES};
 
 mod chain;
 #[cfg(coreheap_rseq)]
@@ -132,26 +132,33 @@ pub const OUTBOX_MAX_BLOCK: usize = 1024;
 const _: () = assert!(OUTBOX_LIMIT * OUTBOX_MAX_BLOCK <= 64 * 1024);
 const _: () = assert!(OUTBOX_MAX_BLOCK <= crate::size_class::SMALL_MAX);
 
-/// What one CPU's class lists may hold together, split evenly between the classes
-/// ([`LIST_BYTES`]), so that the bound does not grow with the number of classes: over the
-/// ten power-of-two classes 32 KiB each (the limits from before the finer classes), over
+/// What one CPU's lists of the classes up to 8 KiB may hold together, split evenly between
+/// them ([`LIST_BYTES`]), so that the bound does not grow with the number of classes: over
+/// the ten power-of-two classes 32 KiB each (the limits from before the finer classes), over
 /// the 32 finer classes 10 KiB each.
 const CLASS_LISTS_BUDGET: usize = 320 * 1024;
-/// Each class list's share of [`CLASS_LISTS_BUDGET`].
-const LIST_BYTES: usize = CLASS_LISTS_BUDGET / NUM_CLASSES;
+/// Each such class list's share of [`CLASS_LISTS_BUDGET`].
+const LIST_BYTES: usize = CLASS_LISTS_BUDGET / TABLE_CLASSES;
+/// What a list of a class above 8 KiB holds: one block, what a program that allocates
+/// and frees one size in turn needs; the bound per CPU is then the sum of those classes,
+/// 1,612 KiB ([`CPU_CACHE_BYTES`]). Lists of 64 KiB (six blocks of 10 KiB, two of 32 KiB)
+/// cost the `large` workload 11% more CPU time than one block (`docs/bench-core.md`,
+/// session 8), and 300 KiB more per CPU.
+const LARGE_LIMIT: usize = 1;
 /// The most blocks a class list holds: what a byte of `limits` holds (128 had been chosen
 /// in issue 5, `docs/bench-core.md`; 255 took the `batch` workload from 1.25 to 1.16 s).
 const LIMIT_MAX: usize = 255;
-/// The fewest blocks a class list may hold, even where that is more than [`LIST_BYTES`]
-/// (the largest classes): a refill ([`batch`]) takes at least one block.
+/// The fewest blocks a list of a class up to 8 KiB may hold, even where that is more than
+/// [`LIST_BYTES`] (the largest of them); the large classes' lists hold one block at least.
 const LIMIT_MIN: usize = 2;
 
-/// The most blocks a CPU keeps of class `class` (`class < NUM_CLASSES`): [`LIST_BYTES`] of
-/// the class, between [`LIMIT_MIN`] and [`LIMIT_MAX`] blocks.
+/// The most blocks a CPU keeps of class `class` (`class < NUM_CLASSES`): up to 8 KiB,
+/// [`LIST_BYTES`] of the class, between [`LIMIT_MIN`] and [`LIMIT_MAX`] blocks; above,
+/// [`LARGE_LIMIT`].
 #[inline]
 pub const fn limit(class: usize) -> usize {
-    if class >= NUM_CLASSES {
-        return LIMIT_MIN;
+    if class >= TABLE_CLASSES {
+        return LARGE_LIMIT;
     }
     let n = LIST_BYTES / class_size(class);
     if n > LIMIT_MAX {
@@ -164,8 +171,10 @@ pub const fn limit(class: usize) -> usize {
 }
 
 /// The most bytes of free blocks one CPU's cache holds: its class lists at their limits and
-/// a full outbox: at most 379 KiB (316 KiB with `pow2-classes`), as `docs/design.md` states. Above
-/// [`CLASS_LISTS_BUDGET`] only by the [`LIMIT_MIN`] blocks of the largest classes.
+/// a full outbox: at most 1,991 KiB, of which 379 KiB in the classes up to 8 KiB and the
+/// outbox and 1,612 KiB in the large classes (316 KiB with `pow2-classes`, which has none),
+/// as `docs/design.md` states. Above [`CLASS_LISTS_BUDGET`] and the outbox only by the
+/// [`LIMIT_MIN`] blocks of the largest classes up to 8 KiB and the large classes' blocks.
 pub const CPU_CACHE_BYTES: usize = {
     let mut total = OUTBOX_LIMIT * OUTBOX_MAX_BLOCK;
     let mut c = 0;
@@ -181,10 +190,15 @@ const _: () = assert!(LIMIT_MAX <= u8::MAX as usize);
 pub const BATCH_MAX: usize = 127;
 
 /// How many blocks a refill takes from the arena under its lock: half a full cache (a full
-/// one measured no faster on the `batch` workload, and holds twice the memory).
+/// one measured no faster on the `batch` workload, and holds twice the memory), at least one.
 #[inline]
 pub const fn batch(class: usize) -> usize {
-    limit(class) / 2
+    let n = limit(class) / 2;
+    if n < 1 {
+        1
+    } else {
+        n
+    }
 }
 
 /// What a push did.
@@ -549,7 +563,7 @@ mod tests {
         let kib = if cfg!(feature = "pow2-classes") {
             316
         } else {
-            379
+            1991
         };
         assert_eq!(
             CPU_CACHE_BYTES.div_ceil(1024),
@@ -557,9 +571,14 @@ mod tests {
             "docs/design.md states it"
         );
         for c in 0..NUM_CLASSES {
-            assert!((LIMIT_MIN..=LIMIT_MAX).contains(&limit(c)));
-            assert!(limit(c) * class_size(c) <= LIST_BYTES.max(LIMIT_MIN * class_size(c)));
-            assert!(batch(c) >= 1);
+            let least = if c < TABLE_CLASSES { LIMIT_MIN } else { 1 };
+            assert!((least..=LIMIT_MAX).contains(&limit(c)));
+            if c < TABLE_CLASSES {
+                assert!(limit(c) * class_size(c) <= LIST_BYTES.max(least * class_size(c)));
+            } else {
+                assert_eq!(limit(c), LARGE_LIMIT);
+            }
+            assert!(batch(c) >= 1 && batch(c) <= limit(c));
         }
     }
 }

@@ -21,25 +21,30 @@
 use core::sync::atomic::{AtomicUsize, Ordering};
 
 use super::limit;
-use crate::size_class::{class_size, NUM_CLASSES};
+use crate::size_class::{class_size, NUM_CLASSES, TABLE_CLASSES};
 
 /// The most chains one (arena, class) pair can park: a cache line of slots.
 pub const SLOTS: usize = 8;
 
-/// Bytes of blocks one arena may park over all classes, split evenly between them
-/// ([`PARKED_MAX`]), so that more classes do not multiply it.
+/// Bytes of blocks one arena may park over the classes up to 8 KiB, split evenly between
+/// them ([`PARKED_MAX`]), so that more classes do not multiply it.
 pub const PARKED_BUDGET: usize = 1024 * 1024;
 
 /// Bytes of blocks one (arena, class) pair may park at most: 32 KiB over the 32 classes,
 /// about 100 KiB over the ten power-of-two ones. (The `batch` workload measured 1.31 s with
 /// a 640 KiB budget, 1.18 s with 2 MiB: `docs/bench-core.md`.)
-pub const PARKED_MAX: usize = PARKED_BUDGET / NUM_CLASSES;
+pub const PARKED_MAX: usize = PARKED_BUDGET / TABLE_CLASSES;
 
-/// The slots class `class` uses: as many full chains (`limit(class)` blocks) as fit in
-/// [`PARKED_MAX`], at most [`SLOTS`], at least one (16 and 32 B: 8, 64 B: 4, most others 2
-/// or 3 chains of about 10 KiB).
+/// The slots class `class` uses: up to 8 KiB, as many full chains (`limit(class)` blocks)
+/// as fit in [`PARKED_MAX`], at most [`SLOTS`], at least one (16 and 32 B: 8, 64 B: 4, most
+/// others 2 or 3 chains of about 10 KiB). None for the large classes: a full list of theirs
+/// goes back to the arena, and a block freed on another arena's CPU to its owner, so that
+/// nothing of up to 256 KiB a block waits in a slot of an arena that stopped allocating.
 #[inline]
 pub const fn slots(class: usize) -> usize {
+    if class >= TABLE_CLASSES {
+        return 0;
+    }
     let chain = limit(class) * class_size(class);
     let n = PARKED_MAX / chain;
     if n > SLOTS {
@@ -50,7 +55,7 @@ pub const fn slots(class: usize) -> usize {
         n
     }
 }
-const _: () = assert!(slots(0) == SLOTS && slots(NUM_CLASSES - 1) >= 1);
+const _: () = assert!(slots(0) == SLOTS && slots(TABLE_CLASSES - 1) >= 1);
 
 /// The most bytes one arena's slots hold: every class's slots full of full chains.
 // Read only by the compile-time check below, which rustc 1.87 (the MSRV) does not count as a

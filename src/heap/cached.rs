@@ -17,7 +17,7 @@ use crate::diag::{block_error, invalid_pointer};
 use crate::front::report::{self, DOUBLE_FREE};
 use crate::os;
 use crate::remote::Batch;
-use crate::size_class::{class_size, NUM_CLASSES};
+use crate::size_class::{class_size, NUM_CLASSES, TABLE_CLASSES};
 
 use core::sync::atomic::{AtomicU32, Ordering};
 
@@ -303,7 +303,8 @@ impl ProcessHeap {
 
     /// The current CPU's cache of `class` is full: the whole list moves to a transfer slot
     /// of its arena and `p` starts the list anew; when every slot is taken, the newer half
-    /// goes back to the arena under its lock and `p` joins the older half in the cache.
+    /// goes back to the arena under its lock and `p` joins the older half in the cache. A
+    /// block of a large class goes back to its run under the lock.
     ///
     /// # Safety
     /// As for `free_small_fast`, with the mark written.
@@ -315,6 +316,14 @@ impl ProcessHeap {
             // takes the pending stack, which needs no lock.
             // SAFETY: by the contract.
             return unsafe { cfg.arena(arena as usize).free_marked(&SRC, p, what, false) };
+        }
+        if class >= TABLE_CLASSES {
+            // A large class (no transfer slots, a list of a few blocks): `p` goes back to its
+            // run under the lock and the list stays as it is, which saves the two sections
+            // that would swap it in (the list's blocks are as good as `p` for the next
+            // allocation).
+            // SAFETY: by the contract.
+            return unsafe { cfg.arena(arena as usize).free_marked(&SRC, p, what, true) };
         }
         let Some((cpu, chain)) = cfg.caches.take_all(class) else {
             // Emptied by another thread meanwhile, or no CPU id: the locked path.

@@ -26,7 +26,9 @@ use crate::debug;
 use crate::front::{self, report, Backend, HugeCounters};
 use crate::os;
 use crate::settings::Overrides;
-use crate::size_class::{LARGE_MAX, NUM_CLASSES, SMALL_MAX, SMALL_MIN};
+use crate::size_class::{
+    class_for, request_bound, LARGE_MAX, NUM_CLASSES, PAGE, SMALL_MAX, SMALL_MIN, TABLE_MAX,
+};
 use crate::source::{OsSource, PageSource};
 use crate::stats::{self, Stats};
 use init::BOOTSTRAP;
@@ -106,7 +108,7 @@ pub struct ProcessHeap {
     /// Written only by the initialising thread, entry by entry with Release after `config`
     /// is complete (and READY stored); read with Acquire, so a class seen implies `config`
     /// is.
-    classes: [AtomicU8; SMALL_MAX / SMALL_MIN],
+    classes: [AtomicU8; TABLE_MAX / SMALL_MIN],
     /// Last, off the cache lines the fast paths read: huge allocations write these.
     huge: HugeCounters,
 }
@@ -181,7 +183,7 @@ impl ProcessHeap {
             state: AtomicU8::new(UNINIT),
             init_thread: AtomicUsize::new(0),
             init_pid: AtomicU32::new(0),
-            classes: [const { AtomicU8::new(NOT_FAST) }; SMALL_MAX / SMALL_MIN],
+            classes: [const { AtomicU8::new(NOT_FAST) }; TABLE_MAX / SMALL_MIN],
             config: UnsafeCell::new(Config {
                 arenas: ptr::null_mut(),
                 count: 0,
@@ -250,6 +252,8 @@ impl ProcessHeap {
             // in `alloc`, so that no other allocation tests for it (debug mode, above, keeps
             // the size asked: its guard bytes start there).
             self.alloc(1, align)
+        } else if r.cfg.caches.enabled && request_bound(size, align) < SMALL_MAX && align <= PAGE {
+            Self::alloc_large_class(r.cfg, class_for(size, align))
         } else {
             front::alloc_locked(&r, size, align)
         }

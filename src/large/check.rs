@@ -2,7 +2,7 @@
 
 use super::{PageHeap, CLEAN, DIRTY};
 use crate::chunk::{ChunkHeader, Kind, CHUNK_ARENA, HEADER_PAGES, MAGIC, USABLE_PAGES};
-use crate::size_class::CHUNK_PAGES;
+use crate::size_class::{run_page_marked, CHUNK_PAGES};
 use crate::source::PageSource;
 
 impl PageHeap {
@@ -89,7 +89,7 @@ impl PageHeap {
                         let e = &(*c).pages[i + j];
                         let k = e.kind();
                         let ok = match d.kind() {
-                            Kind::Small => {
+                            Kind::Small if run_page_marked(d.class(), j) => {
                                 k == Kind::SmallInterior && e.lead() == j && e.class() == d.class()
                             }
                             _ => k == Kind::Interior,

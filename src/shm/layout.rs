@@ -26,8 +26,8 @@ use crate::size_class::{CHUNK, PAGE};
 pub const SHM_MAGIC: u64 = u64::from_le_bytes(*b"chshheap");
 /// The format version; a heap of another version is refused, not converted. 5: size
 /// classes finer than powers of two, huge spans marked busy in transit, huge counters in
-/// the header.
-pub const SHM_VERSION: u32 = 5;
+/// the header. 6: size classes up to 256 KiB (52 bins per arena).
+pub const SHM_VERSION: u32 = 6;
 
 /// An arena as a shared heap's file holds it: locked with the robust lock its page source
 /// chooses.
@@ -59,6 +59,7 @@ pub const LAYOUT_HASH: u64 = {
         crate::chunk::HEADER_PAGES,
         SMALL_MIN,
         SMALL_MAX,
+        crate::size_class::TABLE_MAX,
         LARGE_MAX,
         crate::arena::LARGE_ALIGN_MAX,
         NUM_CLASSES,

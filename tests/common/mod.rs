@@ -59,9 +59,11 @@ pub fn class_bytes(size: usize, align: usize) -> Option<usize> {
 /// operations (the arenas' decay clock ticks on them), and returns the dirty bytes the
 /// heap keeps then: how much of what was freed it still holds.
 pub fn dirty_after_freeing_32_mib(wait_ms: u64) -> usize {
-    let layout = std::alloc::Layout::from_size_align(256 << 10, 8).unwrap();
+    // Page runs of their own, above the largest size class (whose blocks the CPU caches
+    // would serve without the slow path).
+    let layout = std::alloc::Layout::from_size_align(512 << 10, 8).unwrap();
     // SAFETY: non-zero size; each block freed once.
-    let blocks: Vec<usize> = (0..128)
+    let blocks: Vec<usize> = (0..64)
         .map(|_| unsafe { std::alloc::alloc(layout) } as usize)
         .collect();
     for &b in &blocks {

@@ -11,6 +11,10 @@ mod common;
 #[global_allocator]
 static GLOBAL: coreheap::CoreHeap = coreheap::CoreHeap::new();
 
+/// `front::SHRINK_MOVE_MAX`: above this class C's `realloc` keeps a block that shrinks to no
+/// less than half of it.
+const SHRINK_MOVE_MAX: usize = 1024;
+
 /// The oracle's class (`common::class_bytes`) as a class number.
 fn expected_class(size: usize, align: usize) -> Option<usize> {
     let bytes = common::class_bytes(size, align)?;
@@ -107,13 +111,17 @@ fn every_boundary_through_the_c_interface() {
                 // SAFETY: `p` is live and ours; each call keeps or moves it.
                 unsafe {
                     // C keeps a small block while the size still needs its class (the
-                    // fewest bytes that map to it) and moves it into a smaller class below.
+                    // fewest bytes that map to it) and moves it into a smaller class below,
+                    // but for a class above 1 KiB that keeps at least half of it.
                     let least = (1..=usable)
                         .find(|&n| expected_class(n, align) == Some(c))
                         .unwrap();
                     let q = coreheap::raw::realloc(p, least, align);
                     assert_eq!(q, p, "size {size}: {least} of {usable} stays");
-                    if least > 1 {
+                    if least > 1 && usable > SHRINK_MOVE_MAX && least > usable / 2 {
+                        let m = coreheap::raw::realloc(q, least - 1, align);
+                        assert_eq!(m, p, "size {size}: {} of {usable} stays", least - 1);
+                    } else if least > 1 {
                         let m = coreheap::raw::realloc(q, least - 1, align);
                         assert_ne!(m, p, "size {size}: {} of {usable} moves", least - 1);
                         let want = class_size(expected_class(least - 1, align).unwrap());

@@ -194,6 +194,13 @@ pub(crate) fn usable_size<B: Backend>(b: &B, p: *mut u8) -> usize {
     }
 }
 
+/// The largest class whose blocks C's `realloc` always moves when they shrink to fit a
+/// smaller class. Above it a block that keeps at least half of its class stays: moving it
+/// copies at least half a KiB, and a workload that halves its blocks (the `realloc`
+/// workload) ran 3.6% longer moving every one, 1% with this exception, while python's peak
+/// (objects and strings below it) was the same (`docs/size-classes.md`, session 8).
+pub(crate) const SHRINK_MOVE_MAX: usize = 1024;
+
 /// Resizes `p` (not null) to `size` bytes aligned to `align`, in place when it can. Returns
 /// the block, or null (and `p` is untouched) when memory is exhausted.
 ///
@@ -204,7 +211,8 @@ pub(crate) fn usable_size<B: Backend>(b: &B, p: *mut u8) -> usize {
 /// that free with the block's layout, as Rust's `dealloc` does) the block left has exactly
 /// the class `size` maps to, and a large block that shrinks to a small size moves. Without
 /// it (the C interface, shared heaps) a block whose class is not aligned to `align` but
-/// whose address is stays too.
+/// whose address is stays too, and so does a block of a class above [`SHRINK_MOVE_MAX`]
+/// that keeps at least half of it.
 ///
 /// # Safety
 /// `p` is a live block of this heap that the caller owns.
@@ -227,7 +235,10 @@ pub(crate) unsafe fn realloc<B: Backend>(
             let in_place = if exact {
                 size <= SMALL_MAX && align <= PAGE && class_for(size.max(1), align) == class
             } else {
-                size <= cs && (align > PAGE || class_for(size.max(1), align) >= class)
+                size <= cs
+                    && ((cs > SHRINK_MOVE_MAX && size >= cs / 2)
+                        || align > PAGE
+                        || class_for(size.max(1), align) >= class)
             };
             if aligned && in_place {
                 return p;

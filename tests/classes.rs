@@ -11,6 +11,10 @@ mod common;
 #[global_allocator]
 static GLOBAL: coreheap::CoreHeap = coreheap::CoreHeap::new();
 
+/// `front::SHRINK_MOVE_MAX`: above this class C's `realloc` keeps a block that shrinks to no
+/// less than half of it.
+const SHRINK_MOVE_MAX: usize = 1024;
+
 /// The oracle's class (`common::class_bytes`) as a class number.
 fn expected_class(size: usize, align: usize) -> Option<usize> {
     let bytes = common::class_bytes(size, align)?;
@@ -104,7 +108,7 @@ fn every_boundary_through_the_c_interface() {
     for size in boundary_sizes() {
         for shift in 0..=12 {
             let align = 1usize << shift;
-            let p = coreheap::raw::alloc(size, align);
+            let mut p = coreheap::raw::alloc(size, align);
             assert!(!p.is_null());
             assert_eq!(p as usize % align, 0);
             // SAFETY: `p` is live.
@@ -115,10 +119,30 @@ fn every_boundary_through_the_c_interface() {
                 fill_and_check(p, usable, 0xa5);
                 // SAFETY: `p` is live and ours; each call keeps or moves it.
                 unsafe {
-                    // C keeps a small block while more than a quarter of it stays in use.
-                    let q = coreheap::raw::realloc(p, usable / 4 + 1, align);
-                    assert_eq!(q, p, "size {size}: {} of {usable} stays", usable / 4 + 1);
-                    let q = coreheap::raw::realloc(q, usable, align);
+                    // C keeps a small block while the size still needs its class (the
+                    // fewest bytes that map to it) and moves it into a smaller class below,
+                    // but for a class above 1 KiB that keeps at least half of it.
+                    let least = (1..=usable)
+                        .find(|&n| expected_class(n, align) == Some(c))
+                        .unwrap();
+                    let q = coreheap::raw::realloc(p, least, align);
+                    assert_eq!(q, p, "size {size}: {least} of {usable} stays");
+                    if least > 1 && usable > SHRINK_MOVE_MAX && least > usable / 2 {
+                        let m = coreheap::raw::realloc(q, least - 1, align);
+                        assert_eq!(m, p, "size {size}: {} of {usable} stays", least - 1);
+                    } else if least > 1 {
+                        let m = coreheap::raw::realloc(q, least - 1, align);
+                        assert_ne!(m, p, "size {size}: {} of {usable} moves", least - 1);
+                        let want = class_size(expected_class(least - 1, align).unwrap());
+                        assert_eq!(coreheap::usable_size(m), want);
+                        assert!((0..least - 1).step_by(61).all(|i| *m.add(i) == 0xa5));
+                        coreheap::raw::free(m);
+                        let again = coreheap::raw::alloc(size, align);
+                        assert!(!again.is_null());
+                        fill_and_check(again, usable, 0xa5);
+                        p = again;
+                    }
+                    let q = coreheap::raw::realloc(p, usable, align);
                     assert_eq!(q, p);
                     let r = coreheap::raw::realloc(q, usable + 1, align);
                     assert_ne!(r, p, "size {size}: a byte more than the block moves");

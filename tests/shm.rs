@@ -841,7 +841,7 @@ fn huge_blocks_and_exhaustion() {
 }
 
 /// The shared heap resizes through the same front end as the process heap: a small block
-/// stays in place while it keeps more than a quarter of its class, a large block is resized
+/// stays in place while its size needs its class, a large block is resized
 /// in its page run, a huge block that shrinks by less than three quarters keeps its span;
 /// growing past a span moves the contents.
 fn realloc_follows_the_front_end_rules() {
@@ -860,12 +860,22 @@ fn realloc_follows_the_front_end_rules() {
     // SAFETY: every pointer passed is a live block of this heap, owned here; each is used
     // only while live.
     unsafe {
+        // The class below 64 bytes (48, or 32 with `pow2-classes`).
+        let below = (0..coreheap::NUM_CLASSES)
+            .map(coreheap::class_size)
+            .filter(|&s| s < 64)
+            .max()
+            .unwrap();
         let p = heap.alloc_raw(64, 16);
         fill(p, 64);
-        assert_eq!(heap.realloc(p, 40), p, "a small block shrinks in place");
-        let q = heap.realloc(p, 8);
-        assert_ne!(q, p, "a small block that keeps a quarter or less moves");
-        assert!(same(q, 8));
+        assert_eq!(
+            heap.realloc(p, below + 1),
+            p,
+            "a small block shrinks in place while it needs its class"
+        );
+        let q = heap.realloc(p, below);
+        assert_ne!(q, p, "a small block that fits a smaller class moves");
+        assert!(same(q, below));
         heap.free(q);
 
         let p = heap.alloc_raw(100 << 10, 16);

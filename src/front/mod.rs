@@ -194,14 +194,25 @@ pub(crate) fn usable_size<B: Backend>(b: &B, p: *mut u8) -> usize {
     }
 }
 
+/// The largest class whose blocks C's `realloc` always moves when they shrink to fit a
+/// smaller class. Above it a block that keeps at least half of its class stays: moving it
+/// copies at least half a KiB, and a workload that halves its blocks (the `realloc`
+/// workload) ran 3.6% longer moving every one, 1% with this exception, while python's peak
+/// (objects and strings below it) was the same (`docs/size-classes.md`, session 8).
+pub(crate) const SHRINK_MOVE_MAX: usize = 1024;
+
 /// Resizes `p` (not null) to `size` bytes aligned to `align`, in place when it can. Returns
 /// the block, or null (and `p` is untouched) when memory is exhausted.
 ///
-/// With `exact` (for callers that free with the block's layout, as Rust's `dealloc` does)
-/// the block left has the class `size` maps to: a small block stays in place only within
-/// its class, and a large block that shrinks to a small size moves. Without it (the C
-/// interface, shared heaps) a small block also shrinks in place while more than a quarter
-/// of it stays in use.
+/// A small block stays in place only while `size` still needs its class: one that shrinks
+/// to fit a smaller class moves into it (a block shrunk in place would keep its class's
+/// bytes for as long as it lives; python's strings, built in an over-allocated buffer and
+/// then shrunk, kept 160-byte blocks for 60-100-byte strings). With `exact` (for callers
+/// that free with the block's layout, as Rust's `dealloc` does) the block left has exactly
+/// the class `size` maps to, and a large block that shrinks to a small size moves. Without
+/// it (the C interface, shared heaps) a block whose class is not aligned to `align` but
+/// whose address is stays too, and so does a block of a class above [`SHRINK_MOVE_MAX`]
+/// that keeps at least half of it.
 ///
 /// # Safety
 /// `p` is a live block of this heap that the caller owns.
@@ -224,7 +235,10 @@ pub(crate) unsafe fn realloc<B: Backend>(
             let in_place = if exact {
                 size <= SMALL_MAX && align <= PAGE && class_for(size.max(1), align) == class
             } else {
-                size <= cs && (size > cs / 4 || cs == class_size(0))
+                size <= cs
+                    && ((cs > SHRINK_MOVE_MAX && size >= cs / 2)
+                        || align > PAGE
+                        || class_for(size.max(1), align) >= class)
             };
             if aligned && in_place {
                 return p;

@@ -154,7 +154,9 @@ int main(void) {
     CHECK("malloc_usable_size(NULL) == 0", malloc_usable_size(NULL) == 0);
 
     /* Every small size and alignment: aligned, usable >= size, every usable byte writable,
-     * realloc keeps a block while more than a quarter of it stays in use. The usable sizes
+     * realloc keeps a block while its size needs its class (is above the class below) and
+     * moves it into the class below when it fits there, but for classes above 1 KiB, which
+     * keep a block that shrinks to no less than half (front::SHRINK_MOVE_MAX). The usable sizes
      * are the classes: powers of two, or (finer classes) at most 25% apart above 64. Debug
      * mode (COREHEAP_DEBUG=1) reports requested sizes and moves on every realloc. */
     const char *dbg = getenv("COREHEAP_DEBUG");
@@ -175,10 +177,21 @@ int main(void) {
                 else classes[nclasses++] = u;
             }
             if (sz <= 8192 && al == 16) {
+                size_t below = nclasses >= 2 ? classes[nclasses - 2] : 0;
                 void *r = realloc(q, u);
-                void *s = r == q ? realloc(r, u / 4 + 1) : NULL;
+                void *s = r == q ? realloc(r, below + 1) : NULL;
                 if (r != q || s != q) { printf("realloc moved %zu\n", sz); all_ok = 0; }
                 q = s ? s : r;
+                if (all_ok && below) {
+                    void *t = realloc(q, below);
+                    if (u > 1024 && below * 2 >= u) {
+                        if (t != q) { printf("realloc of %zu to %zu moved\n", sz, below); all_ok = 0; }
+                    } else if (!t || t == q || malloc_usable_size(t) != below) {
+                        printf("realloc of %zu to %zu kept the block\n", sz, below);
+                        all_ok = 0;
+                    }
+                    q = t ? t : q;
+                }
             }
             free(q);
         }

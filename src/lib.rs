@@ -93,7 +93,9 @@ pub use cpucache::CPU_CACHE_BYTES;
 pub use global::CoreHeap;
 
 #[cfg(coreheap_backend)]
-pub use size_class::{class_align, class_size, CHUNK, LARGE_MAX, NUM_CLASSES, PAGE, SMALL_MAX};
+pub use size_class::{
+    class_align, class_size, CHUNK, LARGE_MAX, NUM_CLASSES, PAGE, SMALL_MAX, TABLE_MAX,
+};
 #[cfg(coreheap_backend)]
 pub use stats::Stats;
 

@@ -258,8 +258,25 @@ impl SmallBins {
             if !(*r).in_bin {
                 self.link(src, class, r);
             }
-            // A large class's empty run goes back even as its bin's only run: kept, up to
-            // 256 KiB per class and arena would stay resident past the page heap's decay.
+            self.release_if_empty(heap, src, class, r);
+        }
+    }
+
+    /// Gives run `r` of bin `class` back to `heap` if it is empty and not the bin's only
+    /// run; a large class's empty run goes back even as its bin's only run: kept, up to
+    /// 256 KiB per class and arena would stay resident past the page heap's decay.
+    ///
+    /// # Safety
+    /// The caller holds the arena lock; `r` is a small run of bin `class`, on the bin.
+    unsafe fn release_if_empty<S: PageSource>(
+        &mut self,
+        heap: &mut PageHeap,
+        src: &S,
+        class: usize,
+        r: *mut PageDesc,
+    ) {
+        // SAFETY: as the contract says.
+        unsafe {
             let only = (*r).next.is_null() && (*r).prev.is_null();
             if (*r).used == 0 && (!only || class >= TABLE_CLASSES) {
                 self.release(heap, src, class, r);
@@ -420,9 +437,7 @@ impl SmallBins {
             if !(*r).in_bin {
                 self.link(src, g.class, r);
             }
-            if (*r).used == 0 && !((*r).next.is_null() && (*r).prev.is_null()) {
-                self.release(heap, src, g.class, r);
-            }
+            self.release_if_empty(heap, src, g.class, r);
         }
     }
 
@@ -652,7 +667,6 @@ impl SmallBins {
         let base = src.base();
         for class in 0..NUM_CLASSES {
             let mut r = self.heads[class].get(base);
-            let mut count = 0;
             while !r.is_null() {
                 // SAFETY: runs on the bins are ours.
                 unsafe {
@@ -660,11 +674,14 @@ impl SmallBins {
                         return Err("bin holds a run of another class");
                     }
                     check_run(src, r, self.key)?;
+                    // A small class may keep an empty run (its only one when it emptied);
+                    // a large class never does.
+                    if (*r).used == 0 && class >= TABLE_CLASSES {
+                        return Err("bin of a large class keeps an empty run");
+                    }
                     r = (*r).next.get(base);
                 }
-                count += 1;
             }
-            let _ = count;
         }
         Ok(())
     }
@@ -1034,6 +1051,26 @@ mod tests {
         assert_eq!(
             heap.counters.runs, 1,
             "the empty runs but the bin's only one went back"
+        );
+    }
+
+    #[test]
+    #[cfg(not(feature = "pow2-classes"))]
+    fn a_large_class_run_emptied_in_a_group_goes_back() {
+        let src = TestSource::new(4);
+        let mut heap = Box::new(PageHeap::new(0));
+        let mut bins = SmallBins::new();
+        let class = crate::size_class::class_for(16 << 10, 1);
+        assert!(class >= TABLE_CLASSES);
+        let p = alloc(&mut bins, &mut heap, &src, class).0;
+        assert_eq!(heap.counters.runs, 1);
+        // Returned as a group (a flush, a trim): its run, the bin's only one, goes back as
+        // a one-by-one free would send it.
+        give_back(&mut bins, &mut heap, &src, &[p]);
+        check_all(&bins, &heap, &src);
+        assert_eq!(
+            heap.counters.runs, 0,
+            "an empty large-class run stayed on its bin"
         );
     }
 }

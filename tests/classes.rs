@@ -4,7 +4,7 @@
 
 use std::alloc::{alloc, dealloc, realloc, Layout};
 
-use coreheap::{class_size, NUM_CLASSES, PAGE, SMALL_MAX};
+use coreheap::{class_size, NUM_CLASSES, PAGE, SMALL_MAX, TABLE_MAX};
 
 mod common;
 
@@ -147,11 +147,16 @@ fn every_boundary_through_the_c_interface() {
                     let r = coreheap::raw::realloc(q, usable + 1, align);
                     assert_ne!(r, p, "size {size}: a byte more than the block moves");
                     assert!((0..usable).step_by(61).all(|i| *r.add(i) == 0xa5));
-                    // A small block down to a quarter: a block of the smaller class (a large
-                    // one shrinks in place instead).
+                    // A small block down to a quarter: a block of the smaller class. Grown
+                    // past the class table, C's block took a page run (which can grow in
+                    // place), and a page run shrinks in place.
                     let ur = coreheap::usable_size(r);
                     let s = coreheap::raw::realloc(r, ur / 4, align);
-                    if ur <= SMALL_MAX && ur > 16 {
+                    if usable + 1 > TABLE_MAX && align <= PAGE {
+                        assert_eq!(ur, (usable + 1).next_multiple_of(PAGE), "{usable} + 1");
+                        assert_eq!(s, r, "{ur} to a quarter stays in its run");
+                        assert_eq!(coreheap::usable_size(s), (ur / 4).next_multiple_of(PAGE));
+                    } else if ur <= SMALL_MAX && ur > 16 {
                         let want = class_size(expected_class(ur / 4, align).unwrap());
                         assert_eq!(coreheap::usable_size(s), want, "{ur} to a quarter");
                     }

@@ -48,6 +48,12 @@ fn child(case: &str) {
             );
         }
         "trim" => {
+            // On one CPU: every block then belongs to this CPU's arena and is freed there,
+            // so the dirty pages it reports are the ones the limit governs (a thread moved
+            // between CPUs meanwhile would leave blocks to the other arena's pending frees).
+            if let Some(core) = core_affinity::get_core_ids().and_then(|c| c.first().copied()) {
+                core_affinity::set_for_current(core);
+            }
             let before = keepcost_after_freeing_32_mib();
             let r = c_api::mallopt(M_TRIM_THRESHOLD, 1 << 20);
             let after = keepcost_after_freeing_32_mib();

@@ -259,6 +259,15 @@ impl<S: PageSource<Lock: ArenaLock>> Arena<S> {
         }
     }
 
+    /// Allocates a run of whole pages for `size` bytes (at most `LARGE_MAX`) aligned to
+    /// `align`, whatever class `size` has: C `realloc` moves a block that grows past the
+    /// class table into one, so that it can grow again in place (`resize_large`) instead of
+    /// moving from class to class. Returns the block (null when out of memory) and whether
+    /// it reads zero.
+    pub fn alloc_run(&self, src: &S, size: usize, align: usize) -> (*mut u8, bool) {
+        self.alloc_large(src, size, align)
+    }
+
     #[cold]
     #[inline(never)]
     fn alloc_large(&self, src: &S, size: usize, align: usize) -> (*mut u8, bool) {

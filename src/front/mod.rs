@@ -19,7 +19,7 @@ use core::ptr;
 
 use crate::arena::{lookup, Arena, ArenaLock, ArenaStats, Lookup, LARGE_ALIGN_MAX, ORPHAN};
 use crate::chunk::Block;
-use crate::size_class::{class_for, class_size, LARGE_MAX, PAGE, SMALL_MAX};
+use crate::size_class::{class_for, class_size, LARGE_MAX, PAGE, SMALL_MAX, TABLE_MAX};
 use crate::source::PageSource;
 
 pub(crate) use huge::HugeCounters;
@@ -276,7 +276,20 @@ pub(crate) unsafe fn realloc<B: Backend>(
             None => report::invalid(b.source(), p, b"realloc(): invalid pointer"),
         },
     };
-    let q = b.alloc(size, align).0;
+    // A C block that must move to more than the class table's sizes takes a page run, which
+    // a later growth can extend in place; in a large class it would move at every step (the
+    // `realloc` workload's doublings took 11% longer so). Rust's `realloc` keeps the class
+    // its `dealloc` computes from the layout.
+    let mut q = ptr::null_mut();
+    if !exact && size > TABLE_MAX && size <= LARGE_MAX && align <= PAGE && b.writable() {
+        let a = b.arena(b.current_arena());
+        if !a.held_by_caller() {
+            q = a.alloc_run(b.source(), size, align).0;
+        }
+    }
+    if q.is_null() {
+        q = b.alloc(size, align).0;
+    }
     if q.is_null() {
         return q;
     }

@@ -155,7 +155,8 @@ impl ProcessHeap {
     /// checked, with the block's alignment, against the block's own page descriptor (one
     /// load); its arena comes from its chunk's header. The chunk registry is not asked: a
     /// Rust `dealloc` gets only pointers this heap handed out, whose chunks stay mapped while
-    /// in use (a double `dealloc` after the chunk was unmapped faults reading the header).
+    /// in use (a double `dealloc` after the chunk went back reads the zeros of a retired
+    /// chunk, `source/retired.rs`, and goes on to the full checks).
     /// Anything else, including a pointer whose page no longer belongs to a small run of
     /// that class (a double free after the run was released, a wrong layout), takes
     /// [`Heap::free`], which validates it fully.

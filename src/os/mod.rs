@@ -67,7 +67,8 @@ pub use mem::{
     map_aligned_below, map_anon, move_mapping, purge, remap_in_place, reserve_aligned, unmap,
 };
 pub use process::{
-    at_exit, peak_resident_bytes, pid, process_alive, resident_bytes, single_threaded, thread_id,
+    address_space_limited, at_exit, peak_resident_bytes, pid, process_alive, resident_bytes,
+    single_threaded, thread_id,
 };
 pub use random::{random_word, secret_key};
 pub use sync::{futex_wait, futex_wake, register_atfork, without_cancellation, yield_now};

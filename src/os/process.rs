@@ -113,6 +113,17 @@ pub fn peak_resident_bytes() -> Option<usize> {
     (r == 0).then(|| (u.ru_maxrss.max(0) as usize) * 1024)
 }
 
+/// Whether the process's address space is limited (`RLIMIT_AS` below infinity, as under
+/// `ulimit -v`): then address space kept mapped without use is address space the program
+/// cannot have.
+pub fn address_space_limited() -> bool {
+    let mut r = core::mem::MaybeUninit::<libc::rlimit>::zeroed();
+    // SAFETY: `r` is a writable `rlimit`.
+    let ok = unsafe { libc::getrlimit(libc::RLIMIT_AS, r.as_mut_ptr()) } == 0;
+    // SAFETY: zeroed is a valid `rlimit` (plain integers), filled in on success.
+    ok && unsafe { r.assume_init() }.rlim_cur != libc::RLIM_INFINITY
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

@@ -123,6 +123,8 @@ unsafe impl PageSource for OsSource {
     }
 
     fn release_cached(&self) {
+        // The retired chunks stay: they hold no memory, only address space (and none under
+        // an address-space limit), and they keep a double free after `trim` reportable.
         SPANS.release_all();
     }
 

@@ -16,7 +16,9 @@
 //! unmap them all ([`Retired::release_all`]) and try again.
 //!
 //! The lock is a `RawLock` (`lock.rs`) and a leaf: nothing else is taken while it is held,
-//! and no system call is made under it. The fork handlers take it after the span cache's.
+//! and no system call is made under it. It is only ever tried, never waited for (the ring is
+//! reached under arena locks; a busy ring is passed over: a fresh mapping, or an unmap). The
+//! fork handlers take it after the span cache's.
 
 use core::cell::UnsafeCell;
 use core::sync::atomic::{AtomicUsize, Ordering};
@@ -32,8 +34,9 @@ pub const RING: usize = 64;
 ///
 /// Invariant: each is a `CHUNK`-aligned private anonymous mapping of `CHUNK` bytes of this
 /// process, unpublished in the registry, whose pages read zero (purged with
-/// `MADV_DONTNEED`; a racing double free may have written a mark into one since, and then
-/// aborts the process), that nothing else uses; `n <= RING`.
+/// `MADV_DONTNEED`), that nothing else uses; `n <= RING`. One exception, only after a
+/// program's double free: a second free racing the chunk's release that read its header
+/// before the purge may have written into it since (`docs/hardening.md`).
 struct Ring {
     ring: [usize; RING],
     head: usize,
@@ -72,28 +75,35 @@ impl Retired {
         self.count.load(Ordering::Relaxed)
     }
 
-    /// Runs `f` on the ring with the lock held.
-    fn with<R>(&self, f: impl FnOnce(&mut Ring, &AtomicUsize) -> R) -> R {
-        self.lock.lock();
+    /// Runs `f` on the ring with the lock held, if the lock is free now; else None. Never
+    /// waits: the ring is reached under an arena's lock (`map_chunk`, `unmap_chunk`), after
+    /// which no lock may be waited for that a thread stopped in a signal handler, or a fork's
+    /// prepare handler, could be holding; a busy ring is passed over instead.
+    fn try_with<R>(&self, f: impl FnOnce(&mut Ring, &AtomicUsize) -> R) -> Option<R> {
+        if !self.lock.try_lock() {
+            return None;
+        }
         // SAFETY: the lock is held until `unlock` below, after the last use.
         let r = f(unsafe { &mut *self.ring.get() }, &self.count);
         self.lock.unlock();
-        r
+        Some(r)
     }
 
     /// Gives back the chunk `chunk`: its pages go to the kernel and its address space is
-    /// kept here, or unmapped if the kernel would not purge it. The oldest retired chunk is
-    /// unmapped when the ring is full.
+    /// kept here, or unmapped if the kernel would not purge it or the ring is busy. The
+    /// oldest retired chunk is unmapped when the ring is full.
     ///
     /// pre: `chunk` is a `CHUNK`-aligned private anonymous mapping of `CHUNK` bytes from
     /// `os`, already unpublished in the registry, with no live data.
     pub fn retire(&self, chunk: *mut u8) {
         debug_assert!((chunk as usize).is_multiple_of(CHUNK));
-        if !os::purge(chunk, CHUNK) {
+        // Under an address-space limit the range goes back at once: kept, it would count
+        // against the limit that the program's own mappings (thread stacks, files) need.
+        if os::address_space_limited() || !os::purge(chunk, CHUNK) {
             os::unmap(chunk, CHUNK);
             return;
         }
-        let evicted = self.with(|r, count| {
+        let Some(evicted) = self.try_with(|r, count| {
             let mut evicted = 0;
             if r.n == RING {
                 evicted = r.ring[r.head];
@@ -104,7 +114,10 @@ impl Retired {
             r.n += 1;
             count.store(r.n, Ordering::Relaxed);
             evicted
-        });
+        }) else {
+            os::unmap(chunk, CHUNK);
+            return;
+        };
         if evicted != 0 {
             os::unmap(evicted as *mut u8, CHUNK);
         }
@@ -126,12 +139,13 @@ impl Retired {
         self.retire(span);
     }
 
-    /// The chunk retired last, to be used again (its pages read zero), or None.
+    /// The chunk retired last, to be used again (its pages read zero), or None (also when
+    /// the ring is busy).
     pub fn take(&self) -> Option<*mut u8> {
         if self.count() == 0 {
             return None;
         }
-        self.with(|r, count| {
+        self.try_with(|r, count| {
             if r.n == 0 {
                 return None;
             }
@@ -139,15 +153,26 @@ impl Retired {
             count.store(r.n, Ordering::Relaxed);
             Some(r.ring[(r.head + r.n) % RING] as *mut u8)
         })
+        .flatten()
     }
 
-    /// Unmaps every retired chunk (the process is short of address space). Returns whether
-    /// there was any.
+    /// Unmaps every retired chunk (the process is short of address space, or trims).
+    /// Returns whether there was any. Waits a bounded while for a busy ring (the callers
+    /// hold no arena lock); a retirement that lands after it stays.
     pub fn release_all(&self) -> bool {
         let mut any = false;
-        while let Some(c) = self.take() {
-            os::unmap(c, CHUNK);
-            any = true;
+        let mut busy = 0;
+        while self.count() > 0 && busy < 100 {
+            match self.take() {
+                Some(c) => {
+                    os::unmap(c, CHUNK);
+                    any = true;
+                }
+                None => {
+                    busy += 1;
+                    os::yield_now();
+                }
+            }
         }
         any
     }

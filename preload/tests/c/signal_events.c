@@ -27,10 +27,20 @@ static volatile sig_atomic_t failures;
 static volatile int stop;
 static int handler_forks;
 
+static double now(void);
+static double deadline;
+
 static void on_timer(int sig) {
     (void)sig;
     int saved = errno;
-    if (handler_forks) {
+    if (now() >= deadline) {
+        /* Past the deadline: the timer goes off (setitimer and clock_gettime are
+         * async-signal-safe). Without this, on a loaded machine where a fork takes longer
+         * than the 2 ms period, the handler would run back to back and the interrupted loop
+         * would never get to look at the clock. */
+        struct itimerval off = {{0, 0}, {0, 0}};
+        setitimer(ITIMER_REAL, &off, NULL);
+    } else if (handler_forks) {
         pid_t pid = fork();
         if (pid == 0)
             _exit(0);
@@ -61,8 +71,6 @@ static double now(void) {
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return ts.tv_sec + ts.tv_nsec / 1e9;
 }
-
-static double deadline;
 
 static void *churn(void *arg) {
     unsigned seed = (unsigned)(uintptr_t)arg;

@@ -122,9 +122,19 @@ fn every_boundary_through_the_c_interface() {
                     // C keeps a small block while the size still needs its class (the
                     // fewest bytes that map to it) and moves it into a smaller class below,
                     // but for a class above 1 KiB that keeps at least half of it.
-                    let least = (1..=usable)
-                        .find(|&n| expected_class(n, align) == Some(c))
-                        .unwrap();
+                    // The class grows with the size: the first size whose class is `c`
+                    // by bisection (a linear search over 256 KiB of sizes took minutes).
+                    let (mut least, mut hi) = (1, usable);
+                    while least < hi {
+                        let mid = least + (hi - least) / 2;
+                        if expected_class(mid, align).is_none_or(|k| k < c) {
+                            least = mid + 1;
+                        } else {
+                            hi = mid;
+                        }
+                    }
+                    assert_eq!(expected_class(least, align), Some(c));
+                    assert!(least == 1 || expected_class(least - 1, align) != Some(c));
                     let q = coreheap::raw::realloc(p, least, align);
                     assert_eq!(q, p, "size {size}: {least} of {usable} stays");
                     if least > 1 && usable > SHRINK_MOVE_MAX && least > usable / 2 {

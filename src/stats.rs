@@ -43,8 +43,8 @@ pub struct Stats {
     /// - at most what the CPU caches, transfer slots and outboxes can hold (counted in use
     ///   here, as they are out of their arenas; about `CPU_CACHE_BYTES` per CPU plus the
     ///   slots), more;
-    /// - at most `2 * 64 KiB` per arena more (arenas publish their bytes rounded up, in
-    ///   64 KiB steps);
+    /// - at most `2 * 1 MiB` per arena more (arenas publish their bytes rounded up, in
+    ///   1 MiB steps);
     /// - never less: it is at least the largest in-use figure the arenas ever had.
     ///
     /// Small blocks count their class size, large blocks their pages, huge blocks the bytes

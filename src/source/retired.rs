@@ -12,8 +12,9 @@
 //! Bounded: at most [`RING`] chunks (256 MiB of address space, no memory) wait here; beyond
 //! that the one retired longest ago is unmapped (a free that had tested the registry before
 //! that chunk was retired, and reads its header only after [`RING`] later retirements, would
-//! still fault). When the process runs out of address space (`RLIMIT_AS`), the mapping paths
-//! unmap them all ([`Retired::release_all`]) and try again.
+//! still fault). Under an address-space limit (`RLIMIT_AS` set, as by `ulimit -v`) nothing is
+//! retired: kept address space would count against the limit. When a mapping fails anyway,
+//! the span paths unmap them all ([`Retired::release_all`]) and try again.
 //!
 //! The lock is a `RawLock` (`lock.rs`) and a leaf: nothing else is taken while it is held,
 //! and no system call is made under it. It is only ever tried, never waited for (the ring is
@@ -133,7 +134,7 @@ impl Retired {
             return;
         }
         if len > CHUNK {
-            // SAFETY (of the address arithmetic only): inside the span.
+            // The rest of the span, from its second chunk.
             os::unmap(span.wrapping_add(CHUNK), len - CHUNK);
         }
         self.retire(span);

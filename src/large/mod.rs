@@ -104,7 +104,7 @@ pub struct PageHeap {
     now: u32,
     /// When [`Self::decay`] last looked for old dirty runs.
     last_tick: u32,
-    /// False once the page source refused a purge: purge only when asked ([`Self::trim`]).
+    /// False once the page source refused a purge: purge only when asked ([`Self::purge_all`]).
     purge_ok: bool,
     /// Shared heaps: non-zero while an update of this page heap (or of page runs, see
     /// [`PageHeap::enter`]) is under way, so that the recovery after a lock holder's death

@@ -66,21 +66,23 @@ impl PageHeap {
             let addr = (*h).page_addr(first) as usize;
             let align = align_pages * PAGE;
             let mut skip = (((addr + align - 1) & !(align - 1)) - addr) / PAGE;
+            // Dirty pages of the piece before the part taken; pages in use have no dirty bit.
+            let mut before = None;
             // An unaligned part is carved from the run's first dirty page on (as far as the
             // run's end allows) rather than from its start: resident pages reused cost no
             // page fault, and the clean pages skipped stay free as a clean run.
             if align_pages == 1 && had > 0 && had < total {
                 if let Some((s, _)) = dirty::next_span(&(*h).dirty, first, first + total) {
                     skip = (s - first).min(total - n);
+                    before = Some(0);
                 }
             }
             let start = first + skip;
-            // Pages in use have no dirty bit; the pieces before and after keep the others.
             let (before, taken) = if had == 0 {
                 (0, 0)
             } else {
                 (
-                    dirty::count(&(*h).dirty, first, skip),
+                    before.unwrap_or_else(|| dirty::count(&(*h).dirty, first, skip)),
                     dirty::clear(&mut (*h).dirty, start, n),
                 )
             };

@@ -83,6 +83,7 @@ fn rss_returns_after_freeing_everything() {
     // disturb each other's measurements.
     one_thread();
     large_classes_go_back();
+    trim_empties_every_cache();
     other_threads_free();
     huge_spans_go_back();
     idle_arena_keeps_no_parked_chains();
@@ -342,42 +343,9 @@ fn huge_spans_go_back() {
 /// the caches keep afterwards is bounded (a few blocks per class and CPU), and the rest
 /// leaves the resident set after the decay delay, as page runs do.
 fn large_classes_go_back() {
-    fn round() {
-        let mut rng = Rng(0x51_7cc1_b727_220a ^ coreheap::current_arena() as u64);
-        let mut blocks = Vec::new();
-        let mut total = 0;
-        while total < 128 * MIB {
-            // (Page runs with `pow2-classes`, whose classes end at 8 KiB.)
-            let size = 9 * 1024 + rng.below(247 * 1024 + 1);
-            let layout = Layout::from_size_align(size, 8).unwrap();
-            // SAFETY: non-zero size.
-            let p = unsafe { alloc(layout) };
-            assert!(!p.is_null());
-            touch(p, size, 7);
-            blocks.push((p, layout));
-            total += size;
-        }
-        for i in (1..blocks.len()).rev() {
-            blocks.swap(i, rng.below(i + 1));
-        }
-        for (p, layout) in blocks {
-            // SAFETY: allocated above with this layout, freed once.
-            unsafe { dealloc(p, layout) };
-        }
-    }
     let base = rss();
-    on_every_cpu(round);
-    let stats = coreheap::stats();
-    let cached: usize = stats
-        .arenas
-        .iter()
-        .map(|a| {
-            (0..coreheap::NUM_CLASSES)
-                .filter(|&c| coreheap::class_size(c) > 8192)
-                .map(|c| a.cached[c] as usize * coreheap::class_size(c))
-                .sum::<usize>()
-        })
-        .sum();
+    on_every_cpu(large_class_round);
+    let cached = cached_large_classes(&coreheap::stats());
     let cpus = on_every_cpu_count();
     eprintln!(
         "rss, large classes on {cpus} CPUs: start {}, after freeing {}, {} cached",
@@ -388,11 +356,79 @@ fn large_classes_go_back() {
     // The caches' bound (`cpucache::CPU_CACHE_BYTES`: 1.6 MiB of large classes a CPU).
     assert!(
         cached <= cpus * 2 * MIB,
-        "{} of large classes cached on {cpus} CPUs:\n{stats}",
-        mib(cached)
+        "{} of large classes cached on {cpus} CPUs:\n{}",
+        mib(cached),
+        coreheap::stats()
     );
     after_decay(base, "large classes");
     coreheap::check_heap().unwrap();
+}
+
+/// Bytes of blocks of the classes above 8 KiB in caches, all arenas.
+fn cached_large_classes(stats: &coreheap::Stats) -> usize {
+    stats
+        .arenas
+        .iter()
+        .map(|a| {
+            (0..coreheap::NUM_CLASSES)
+                .filter(|&c| coreheap::class_size(c) > 8192)
+                .map(|c| a.cached[c] as usize * coreheap::class_size(c))
+                .sum::<usize>()
+        })
+        .sum()
+}
+
+/// What every CPU's caches keep goes back with one `trim()` from this thread, with no decay
+/// delay: after the round of [`large_classes_go_back`] on every CPU, no block of a class
+/// above 8 KiB stays cached anywhere (this thread's statistics allocate none) and the
+/// resident set is back within the slack.
+fn trim_empties_every_cache() {
+    let base = rss();
+    on_every_cpu(large_class_round);
+    let before = cached_large_classes(&coreheap::stats());
+    coreheap::trim();
+    let now = rss();
+    let stats = coreheap::stats();
+    let after = cached_large_classes(&stats);
+    eprintln!(
+        "rss, trim: {} of large classes cached before, {} after; resident {} above the start",
+        mib(before),
+        mib(after),
+        mib(now.saturating_sub(base))
+    );
+    assert_eq!(after, 0, "trim left blocks in some CPU's cache:\n{stats}");
+    assert!(
+        now <= base + SLACK,
+        "resident set stays {} above its start after a trim:\n{stats}",
+        mib(now.saturating_sub(base))
+    );
+    coreheap::check_heap().unwrap();
+}
+
+/// On the CPU it runs on: 128 MiB of blocks of the classes above 8 KiB (9 KiB to 256 KiB)
+/// allocated, touched and freed in a scrambled order.
+fn large_class_round() {
+    let mut rng = Rng(0x51_7cc1_b727_220a ^ coreheap::current_arena() as u64);
+    let mut blocks = Vec::new();
+    let mut total = 0;
+    while total < 128 * MIB {
+        // (Page runs with `pow2-classes`, whose classes end at 8 KiB.)
+        let size = 9 * 1024 + rng.below(247 * 1024 + 1);
+        let layout = Layout::from_size_align(size, 8).unwrap();
+        // SAFETY: non-zero size.
+        let p = unsafe { alloc(layout) };
+        assert!(!p.is_null());
+        touch(p, size, 7);
+        blocks.push((p, layout));
+        total += size;
+    }
+    for i in (1..blocks.len()).rev() {
+        blocks.swap(i, rng.below(i + 1));
+    }
+    for (p, layout) in blocks {
+        // SAFETY: allocated above with this layout, freed once.
+        unsafe { dealloc(p, layout) };
+    }
 }
 
 /// How many CPUs [`on_every_cpu`] runs on.

@@ -324,6 +324,15 @@ impl Caches {
         self.cache(cpu).arena.load(Ordering::Relaxed) as usize
     }
 
+    /// Whether CPU `cpu`'s lists or outbox held a block when looked at (read without that
+    /// CPU's cooperation: a recent snapshot).
+    pub fn holds_blocks(&self, cpu: usize) -> bool {
+        self.cache(cpu)
+            .heads
+            .iter()
+            .any(|h| h.load(Ordering::Relaxed) != 0)
+    }
+
     /// CPU `cpu`'s statistics: blocks popped and pushed by the fast path, and blocks on its
     /// lists per class. Read while other threads run, the values are a recent snapshot.
     pub fn counters(&self, cpu: usize) -> (u64, u64, [u64; NUM_CLASSES]) {

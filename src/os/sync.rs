@@ -38,6 +38,36 @@ pub fn futex_wake(word: &AtomicU32, shared: bool) {
     }
 }
 
+/// Like [`futex_wait`], for at most `ms` milliseconds. Returns false if the time ran out
+/// (`ETIMEDOUT`), true otherwise (woken, the word differed, a signal). Async-signal-safe.
+pub fn futex_wait_ms(word: &AtomicU32, expected: u32, shared: bool, ms: u32) -> bool {
+    let op = if shared {
+        libc::FUTEX_WAIT
+    } else {
+        libc::FUTEX_WAIT | libc::FUTEX_PRIVATE_FLAG
+    };
+    let ts = libc::timespec {
+        tv_sec: (ms / 1000) as _,
+        tv_nsec: ((ms % 1000) as i64 * 1_000_000) as _,
+    };
+    // SAFETY: `word` is a valid aligned u32 and `ts` a valid relative timeout for the call.
+    let r = unsafe { libc::syscall(libc::SYS_futex, word.as_ptr(), op, expected, &ts) };
+    r == 0 || super::errno::errno() != libc::ETIMEDOUT
+}
+
+/// Wakes every thread blocked in [`futex_wait`] on `word`. Async-signal-safe.
+pub fn futex_wake_all(word: &AtomicU32, shared: bool) {
+    let op = if shared {
+        libc::FUTEX_WAKE
+    } else {
+        libc::FUTEX_WAKE | libc::FUTEX_PRIVATE_FLAG
+    };
+    // SAFETY: `word` is a valid aligned u32; waking has no other effect on memory.
+    unsafe {
+        libc::syscall(libc::SYS_futex, word.as_ptr(), op, i32::MAX);
+    }
+}
+
 /// Gives the CPU to another runnable thread (`sched_yield`).
 pub fn yield_now() {
     // SAFETY: sched_yield has no preconditions.

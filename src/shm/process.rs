@@ -168,6 +168,10 @@ unsafe extern "C" fn fork_prepare() {
             os::stdio_list_lock();
         }
         h.fork_prepare();
+        if threads {
+            // The process heap's fork locks too (its prepare handler may run after this one).
+            crate::heap::prepare_fork_early();
+        }
         // The heap is copied in the child after `fork`: the other threads must not write
         // into it before the copy is made (the parent waits for it on the pipe, without
         // which nothing is stopped). Stopped here, not later, the child's copy and the rest

@@ -28,10 +28,10 @@
 //!   (callers that must keep it, such as C's `free`, wrap the call in [`keeping_errno`]);
 //! - addresses and lengths of memory are multiples of [`OS_PAGE`] unless a function says
 //!   otherwise; paths are NUL-terminated;
-//! - async-signal-safe where marked (`write_all`, `fatal`, `futex_wake`, the `errno`
+//! - async-signal-safe where marked (`write_all`, `fatal`, the futex functions, the `errno`
 //!   functions, `current_cpu`, the rseq functions, `thread_id`, `single_threaded` and `pid`,
-//!   `file::signal`, `await_signal`, `close_nocancel`, `futex_wait_ms`, `futex_wake_all`); the rest may be
-//!   called from a signal handler only if the C library's function is async-signal-safe too;
+//!   `file::signal`, `await_signal`, `close_nocancel`); the rest may be called from a
+//!   signal handler only if the C library's function is async-signal-safe too;
 //! - `pre:` lines (or `# Safety` for `unsafe fn`) state what the caller guarantees.
 //!
 //! On the fast paths (`rseq::*`, [`current_cpu`], [`keeping_errno`], [`thread_id`]) every

@@ -663,7 +663,9 @@ fn shell_subshells_on_a_shared_heap_get_private_copies() {
 /// copies it after `fork` while another thread of the parent writes into a 48 MiB block
 /// (`shm_fork_snapshot.c`): the parent's other threads are stopped until the copy is made.
 /// Before they were, 48 to 50 of the 50 children found the block torn. A thread that waits for
-/// signals with `sigwaitinfo` is neither stopped nor handed the stop's signal.
+/// signals with `sigwaitinfo` is neither stopped nor handed the stop's signal, and threads that
+/// appear and exit during the forks (another thread creates them one after another) make no
+/// fork hang.
 #[test]
 fn shared_heap_fork_child_copies_one_instant() {
     let exe = compile("shm_fork_snapshot.c", "shm_fork_snapshot", &["-lpthread"]);

@@ -12,7 +12,9 @@
  *
  * Another thread blocks every signal and waits for them with sigwaitinfo, as programs with a
  * signal-handling thread do: the stop must not hand it a signal (it would see one it never
- * asked for), nor wait for it. */
+ * asked for), nor wait for it. A third thread creates short-lived threads that allocate, one
+ * after another, so that threads appear and exit while a fork stops them. Prints the slowest
+ * fork too. */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <pthread.h>
@@ -22,6 +24,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/wait.h>
+#include <time.h>
 #include <unistd.h>
 
 #define WORDS ((48u << 20) / sizeof(uint64_t))
@@ -29,6 +32,30 @@
 static uint64_t *block;
 static volatile int stop;
 static volatile int unexpected;
+
+static void *short_lived(void *arg) {
+    char *p = malloc((size_t)(uintptr_t)arg);
+    if (p)
+        p[0] = 1;
+    free(p);
+    return NULL;
+}
+
+static void *spawner(void *arg) {
+    (void)arg;
+    for (uintptr_t i = 0; !stop; i++) {
+        pthread_t t;
+        if (pthread_create(&t, NULL, short_lived, (void *)(i % 5000 + 1)) == 0)
+            pthread_join(t, NULL);
+    }
+    return NULL;
+}
+
+static double now_ms(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return t.tv_sec * 1e3 + t.tv_nsec / 1e6;
+}
 
 static void *signal_waiter(void *arg) {
     (void)arg;
@@ -61,20 +88,23 @@ int main(int argc, char **argv) {
         return 1;
     }
     memset(block, 0, WORDS * sizeof(uint64_t));
-    pthread_t t, w;
+    pthread_t t, w, sp;
     sigset_t all, old;
     sigfillset(&all);
     pthread_sigmask(SIG_BLOCK, &all, &old);
     int made = pthread_create(&w, NULL, signal_waiter, NULL);
     pthread_sigmask(SIG_SETMASK, &old, NULL);
-    if (made != 0 || pthread_create(&t, NULL, writer, NULL) != 0) {
+    if (made != 0 || pthread_create(&t, NULL, writer, NULL) != 0 ||
+        pthread_create(&sp, NULL, spawner, NULL) != 0) {
         printf("FAIL: no thread\n");
         return 1;
     }
     while (__atomic_load_n(&block[0], __ATOMIC_ACQUIRE) == 0) {
     }
     int torn = 0;
+    double slowest = 0;
     for (int i = 0; i < forks; i++) {
+        double start = now_ms();
         pid_t pid = fork();
         if (pid < 0) {
             printf("FAIL: fork\n");
@@ -91,6 +121,8 @@ int main(int argc, char **argv) {
             return 1;
         }
         torn += WEXITSTATUS(st) != 0;
+        if (now_ms() - start > slowest)
+            slowest = now_ms() - start;
     }
     uint64_t before = __atomic_load_n(&block[0], __ATOMIC_ACQUIRE);
     int moving = 0;
@@ -100,6 +132,7 @@ int main(int argc, char **argv) {
     }
     stop = 1;
     pthread_join(t, NULL);
+    pthread_join(sp, NULL);
     pthread_kill(w, SIGUSR1);
     pthread_join(w, NULL);
     free(block);
@@ -111,5 +144,6 @@ int main(int argc, char **argv) {
         printf("torn %d of %d\n", torn, forks);
     else
         printf("snapshot ok %d\n", forks);
+    printf("slowest fork %.1f ms\n", slowest);
     return torn != 0 || !moving || unexpected;
 }

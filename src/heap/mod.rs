@@ -33,6 +33,8 @@ use crate::source::{OsSource, PageSource};
 use crate::stats::{self, Stats};
 use init::BOOTSTRAP;
 
+pub(crate) use fork::prepare_fork_early;
+
 const UNINIT: u8 = 0;
 const INITING: u8 = 1;
 const READY: u8 = 2;

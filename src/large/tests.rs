@@ -687,7 +687,7 @@ fn a_run_reported_clean_reads_zero() {
     let src = TestSource::new(16);
     for seed in 1..6u64 {
         let mut heap = new_heap();
-        let mut rng = Rng(0x5eed_0f_ca11_0c00 ^ seed.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+        let mut rng = Rng(0x005e_ed0f_ca11_0c00 ^ seed.wrapping_mul(0x9e37_79b9_7f4a_7c15));
         let mut live: Vec<*mut PageDesc> = Vec::new();
         let mut now = 10_000u32;
         let fill = |d: *mut PageDesc| {

@@ -678,3 +678,88 @@ fn old_dirty_runs_decay_and_refused_purges_keep_runs_dirty() {
     assert_eq!(heap.dirty_pages, 0);
     check(&heap, &src);
 }
+
+/// calloc's guarantee, under random traffic: a run `alloc_run` says is clean reads zero
+/// everywhere, whatever was taken, freed, grown, shrunk, partly purged or decayed before
+/// (every run taken is filled with non-zero bytes), and `check` holds throughout.
+#[test]
+fn a_run_reported_clean_reads_zero() {
+    let src = TestSource::new(16);
+    for seed in 1..6u64 {
+        let mut heap = new_heap();
+        let mut rng = Rng(0x005e_ed0f_ca11_0c00 ^ seed.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+        let mut live: Vec<*mut PageDesc> = Vec::new();
+        let mut now = 10_000u32;
+        let fill = |d: *mut PageDesc| {
+            // SAFETY: `d` heads a live run of the heap, ours to write.
+            unsafe { core::ptr::write_bytes(run_addr(d), 0xa5, npages(d) * PAGE) };
+        };
+        for step in 0..4000 {
+            match rng.below(100) {
+                0..=44 => {
+                    let scale = [4, 40, 200][rng.below(3)];
+                    let n = 1 + rng.below(scale);
+                    let align = [1, 1, 1, 2, 8, 32][rng.below(6)];
+                    let align = if n + align - 1 > USABLE_PAGES {
+                        1
+                    } else {
+                        align
+                    };
+                    // SAFETY: the test owns the heap; n and align are within bounds.
+                    let (d, dirty) = unsafe { heap.alloc_run(&src, n, align) };
+                    if d.is_null() {
+                        continue;
+                    }
+                    // SAFETY: `d` heads the run just taken.
+                    unsafe { (*d).set_kind(Kind::Large) };
+                    if !dirty {
+                        // SAFETY: the run's pages are mapped and ours.
+                        let s = unsafe { core::slice::from_raw_parts(run_addr(d), n * PAGE) };
+                        if let Some(i) = s.iter().position(|&b| b != 0) {
+                            panic!("step {step}: run of {n} (align {align}) said clean, byte {i} is not zero");
+                        }
+                    }
+                    fill(d);
+                    live.push(d);
+                }
+                45..=84 if !live.is_empty() => {
+                    let d = live.swap_remove(rng.below(live.len()));
+                    give(&mut heap, &src, d);
+                }
+                85..=89 if !live.is_empty() => {
+                    let d = live[rng.below(live.len())];
+                    let have = npages(d);
+                    let want = have + 1 + rng.below(20);
+                    // SAFETY: the test owns the heap; `d` is a live large run.
+                    if want <= USABLE_PAGES && unsafe { heap.grow_run(&src, d, want) } {
+                        fill(d);
+                    }
+                }
+                90..=93 if !live.is_empty() => {
+                    let d = live[rng.below(live.len())];
+                    let have = npages(d);
+                    if have > 1 {
+                        // SAFETY: the test owns the heap; nothing live past the new length.
+                        unsafe { heap.shrink_run(&src, d, 1 + rng.below(have - 1)) };
+                    }
+                }
+                94..=96 => {
+                    now += rng.below(800) as u32;
+                    // SAFETY: the test owns the heap.
+                    unsafe { heap.decay(&src, now) };
+                }
+                _ => {
+                    // SAFETY: the test owns the heap.
+                    unsafe { heap.purge_all(&src) };
+                }
+            }
+            if step % 50 == 0 {
+                check(&heap, &src);
+            }
+        }
+        for d in live {
+            give(&mut heap, &src, d);
+        }
+        check(&heap, &src);
+    }
+}

@@ -73,20 +73,32 @@ pub fn move_to(cpu: usize) -> bool {
     unsafe { libc::sched_setaffinity(0, core::mem::size_of::<libc::cpu_set_t>(), &cs) == 0 }
 }
 
-/// Gives the calling thread affinity `a` again; if the kernel refuses it (the thread's
-/// cpuset changed meanwhile and holds none of those CPUs), every CPU, which the kernel
-/// narrows to the cpuset, so that the thread is never left pinned.
+/// Gives the calling thread affinity `a` again, never leaving it pinned.
+///
+/// `a` (from `sched_getaffinity`) is the thread's set *as far as the kernel shows it*: the
+/// kernel ANDs it with the CPUs active at the time, and a thread that never chose an
+/// affinity of its own follows its cpuset as that changes (CPUs brought online, a cpuset
+/// widened), while since Linux 6.2 a set given with `sched_setaffinity` also bounds every
+/// later cpuset change and is inherited by the threads it creates. Writing `a` back would
+/// so narrow such a thread, and its future threads, to the CPUs of the moment for good. So
+/// every CPU is asked for first, which the kernel narrows to the cpuset (the state of a
+/// thread without a set of its own); only if that is not `a` (the thread had chosen a
+/// narrower set) is `a` written back. If the kernel refuses `a` (the cpuset changed
+/// meanwhile and holds none of those CPUs), the thread keeps every CPU of its cpuset.
 pub fn restore_affinity(a: &Affinity) {
     let size = core::mem::size_of::<libc::cpu_set_t>();
-    // SAFETY: `a.0` is a valid cpu_set_t of the size we pass.
-    if unsafe { libc::sched_setaffinity(0, size, &a.0) } != 0 {
-        // SAFETY: an all-ones cpu_set_t is a valid set (every CPU); of the size we pass.
-        unsafe {
-            let all: libc::cpu_set_t =
-                core::mem::transmute([0xffu8; core::mem::size_of::<libc::cpu_set_t>()]);
-            libc::sched_setaffinity(0, size, &all);
-        }
+    // SAFETY: an all-ones cpu_set_t is a valid set (every CPU); of the size we pass.
+    unsafe {
+        let all: libc::cpu_set_t =
+            core::mem::transmute([0xffu8; core::mem::size_of::<libc::cpu_set_t>()]);
+        libc::sched_setaffinity(0, size, &all);
     }
+    // SAFETY: both are valid cpu_set_t values.
+    if thread_affinity().is_some_and(|now| unsafe { libc::CPU_EQUAL(&now.0, &a.0) }) {
+        return;
+    }
+    // SAFETY: `a.0` is a valid cpu_set_t of the size we pass. A refusal leaves every CPU.
+    unsafe { libc::sched_setaffinity(0, size, &a.0) };
 }
 
 /// The number of CPU ids the kernel may ever report: one more than the highest id in

@@ -534,6 +534,10 @@ impl ProcessHeap {
     /// if its affinity cannot be read. Correct wherever the thread actually runs: each
     /// critical section takes the lists of the CPU it runs on and says which.
     fn flush_other_cpus(cfg: &Config) {
+        if init::rseq_cpu().is_none() {
+            // No CPU id here (no rseq area): the sections would take nothing on any CPU.
+            return;
+        }
         let Some(saved) = os::cpu::thread_affinity() else {
             return;
         };

@@ -11,7 +11,7 @@ use crate::arena::{lookup, Lookup};
 use crate::chunk::Block;
 use crate::cpucache::{
     batch, for_each_block, limit, return_blocks, return_chain, split_chain, take_batch, Chain,
-    Push, BATCH_MAX, OUTBOX, OUTBOX_MAX_BLOCK, PTR_BITS,
+    Push, BATCH_MAX, LARGE_OUTBOX, LARGE_OUTBOX_LIMIT, OUTBOX, OUTBOX_MAX_BLOCK, PTR_BITS,
 };
 use crate::diag::{block_error, invalid_pointer};
 use crate::front::report::{self, DOUBLE_FREE};
@@ -255,9 +255,16 @@ impl ProcessHeap {
                 Push::Done => {}
                 Push::Full => Self::free_small_full(cfg, p, what, arena, class),
                 Push::Remote if class_size(class) <= OUTBOX_MAX_BLOCK => {
-                    match cfg.caches.push_outbox(p.cast()) {
+                    match cfg.caches.push_outbox(OUTBOX, p.cast()) {
                         Push::Done => {}
                         Push::Full => Self::free_outbox_full(cfg, p, what, arena),
+                        _ => Self::free_small_remote(cfg, p, what, arena),
+                    }
+                }
+                Push::Remote if class >= TABLE_CLASSES => {
+                    match cfg.caches.push_outbox(LARGE_OUTBOX, p.cast()) {
+                        Push::Done => {}
+                        Push::Full => Self::free_large_outbox_full(cfg, p, what, arena),
                         _ => Self::free_small_remote(cfg, p, what, arena),
                     }
                 }
@@ -283,8 +290,12 @@ impl ProcessHeap {
         msg: &[u8],
     ) {
         let in_cache = |q: usize, list: usize| match lookup(&SRC, q as *const u8) {
-            // SAFETY: `lookup` returns live run heads.
-            Lookup::Small { run, .. } => list == OUTBOX || (unsafe { (*run).class() }) == list,
+            Lookup::Small { run, .. } => {
+                list == OUTBOX
+                    || list == LARGE_OUTBOX
+                    // SAFETY: `lookup` returns live run heads.
+                    || (unsafe { (*run).class() }) == list
+            }
             _ => false,
         };
         if cfg.caches.contains(class, p.cast())
@@ -400,9 +411,76 @@ impl ProcessHeap {
     unsafe fn free_outbox_full(cfg: &Config, p: *mut u8, what: Lookup, arena: u32) {
         Self::send_outbox(cfg);
         // SAFETY: by the contract.
-        if unsafe { cfg.caches.push_outbox(p.cast()) } != Push::Done {
+        if unsafe { cfg.caches.push_outbox(OUTBOX, p.cast()) } != Push::Done {
             // SAFETY: by the contract.
             unsafe { Self::free_small_remote(cfg, p, what, arena) };
+        }
+    }
+
+    /// The current CPU's large outbox is full: send it, then put `p` in the emptied one.
+    ///
+    /// # Safety
+    /// As for `free_small_full`, `p` of a class above `OUTBOX_MAX_BLOCK`.
+    #[cold]
+    #[inline(never)]
+    unsafe fn free_large_outbox_full(cfg: &Config, p: *mut u8, what: Lookup, arena: u32) {
+        Self::send_large_outbox(cfg);
+        // SAFETY: by the contract.
+        if unsafe { cfg.caches.push_outbox(LARGE_OUTBOX, p.cast()) } != Push::Done {
+            // SAFETY: by the contract.
+            unsafe { Self::free_small_remote(cfg, p, what, arena) };
+        }
+    }
+
+    /// Sends the current CPU's large outbox: its blocks (at most `LARGE_OUTBOX_LIMIT`) go
+    /// back to their runs with one lock round per owner, not one per block, and at once: no
+    /// block of up to 256 KiB waits on the pending stack of an owner that may have stopped
+    /// allocating.
+    #[cold]
+    #[inline(never)]
+    pub(super) fn send_large_outbox(cfg: &Config) {
+        let Some((cpu, chain)) = cfg.caches.take_all(LARGE_OUTBOX) else {
+            return;
+        };
+        let mut blocks = [(0usize, 0usize); LARGE_OUTBOX_LIMIT];
+        let mut n = 0;
+        // SAFETY: a chain taken off an outbox is ours, its links encoded with the cache's
+        // key; every block is a free, marked small block of some arena, counted in use.
+        let r = unsafe {
+            for_each_block(chain, cfg.caches.key_of(cpu), |b| {
+                let Lookup::Small { arena, .. } = lookup(&SRC, b as *const u8) else {
+                    invalid_pointer(b"coreheap: corrupted outbox", b.cast());
+                };
+                if n < blocks.len() {
+                    blocks[n] = (arena as usize, b as usize);
+                    n += 1;
+                }
+            })
+        };
+        if let Err(b) = r {
+            invalid_pointer(LINK_OVERWRITTEN, b.cast());
+        }
+        // Grouped by owner: one lock round each.
+        let blocks = &mut blocks[..n];
+        blocks.sort_unstable();
+        for group in blocks.chunk_by(|x, y| x.0 == y.0) {
+            let a = cfg.arena(group[0].0);
+            let mut addrs = [0usize; LARGE_OUTBOX_LIMIT];
+            for (d, s) in addrs.iter_mut().zip(group) {
+                *d = s.1;
+            }
+            if a.held_by_caller() {
+                // A signal handler that interrupted this thread inside the owner: its
+                // pending stack, which needs no lock.
+                for &(_, b) in group {
+                    let what = lookup(&SRC, b as *const u8);
+                    // SAFETY: a free, marked block of `a`, ours.
+                    unsafe { a.free_marked(&SRC, b as *mut u8, what, false) };
+                }
+                continue;
+            }
+            // SAFETY: free small blocks of `a`, counted in use by their runs, ours.
+            unsafe { return_blocks(a, &SRC, &addrs[..group.len()]) };
         }
     }
 

@@ -83,6 +83,7 @@ fn rss_returns_after_freeing_everything() {
     // disturb each other's measurements.
     one_thread();
     large_classes_go_back();
+    run_slots_go_back();
     other_threads_free();
     huge_spans_go_back();
     idle_arena_keeps_no_parked_chains();
@@ -392,6 +393,57 @@ fn large_classes_go_back() {
         mib(cached)
     );
     after_decay(base, "large classes");
+    coreheap::check_heap().unwrap();
+}
+
+/// Page runs above the largest class, which the CPUs' run slots keep: on every CPU in turn,
+/// 256 MiB of them (256 KiB to 2 MiB) allocated, touched and freed in a scrambled order.
+/// What the slots keep afterwards is bounded (two runs per CPU), the rest leaves the
+/// resident set after the decay delay, and `trim` on each CPU empties its slots.
+fn run_slots_go_back() {
+    fn round() {
+        let mut rng = Rng(0x7a11_5107_5eed_0001 ^ coreheap::current_arena() as u64);
+        let mut blocks = Vec::new();
+        let mut total = 0;
+        while total < 256 * MIB {
+            let size = coreheap::SMALL_MAX + 1 + rng.below(2 * MIB - coreheap::SMALL_MAX);
+            let layout = Layout::from_size_align(size, 8).unwrap();
+            // SAFETY: non-zero size.
+            let p = unsafe { alloc(layout) };
+            assert!(!p.is_null());
+            touch(p, size, 9);
+            blocks.push((p, layout));
+            total += size;
+        }
+        for i in (1..blocks.len()).rev() {
+            blocks.swap(i, rng.below(i + 1));
+        }
+        for (p, layout) in blocks {
+            // SAFETY: allocated above with this layout, freed once.
+            unsafe { dealloc(p, layout) };
+        }
+    }
+    let cached = || -> usize { coreheap::stats().arenas.iter().map(|a| a.cached_runs).sum() };
+    let base = rss();
+    on_every_cpu(round);
+    let cpus = on_every_cpu_count();
+    let kept = cached();
+    eprintln!(
+        "rss, page runs on {cpus} CPUs: start {}, after freeing {}, {} in run slots",
+        mib(base),
+        mib(rss()),
+        mib(kept)
+    );
+    // The slots' bound: two runs of at most 2 MiB per CPU.
+    assert!(
+        kept <= cpus * 4 * MIB,
+        "{} of page runs in run slots on {cpus} CPUs:\n{}",
+        mib(kept),
+        coreheap::stats()
+    );
+    after_decay(base, "page runs");
+    on_every_cpu(coreheap::trim);
+    assert_eq!(cached(), 0, "trim on every CPU left runs in their slots");
     coreheap::check_heap().unwrap();
 }
 

@@ -3,10 +3,10 @@
 //!
 //! What is the process heap's own sits here and in the files beside it: lazy
 //! initialisation and the bootstrap buffer (`init.rs`), the per-CPU cache fast paths
-//! (`fast.rs`) and their slower halves (`cached.rs`), debug mode's glue, and fork and exit
-//! handling (`fork.rs`). Everything a shared heap does the same way (routing a free, usable
-//! sizes, realloc policy, huge blocks) is the front end's (`front/`), reached through the
-//! [`Backend`] view [`Ready`].
+//! (`fast.rs`) and their slower halves (`cached.rs`), the run slots of large blocks
+//! (`runs.rs`), debug mode's glue, and fork and exit handling (`fork.rs`). Everything a
+//! shared heap does the same way (routing a free, usable sizes, realloc policy, huge
+//! blocks) is the front end's (`front/`), reached through the [`Backend`] view [`Ready`].
 
 mod cached;
 mod fast;

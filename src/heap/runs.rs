@@ -20,6 +20,8 @@ use crate::front::{self, report::DOUBLE_FREE};
 use crate::os;
 use crate::size_class::{pages_for, CHUNK, PAGE, SMALL_MAX};
 
+use core::ptr;
+
 /// Runs handed out from the slots between two decay ticks of the arena, per thread.
 const TICK_EVERY: u32 = 64;
 
@@ -52,18 +54,26 @@ unsafe fn run_pages(p: *mut Block) -> usize {
 
 impl ProcessHeap {
     /// A large request (`SMALL_MAX < size <= LARGE_MAX`, `align <= PAGE`) with the caches
-    /// on: a run from the current CPU's slots that fits, or the locked path. A popped run
-    /// that does not fit goes back to its slot.
+    /// on: a run from the current CPU's slots that fits, or the locked path. Popped runs
+    /// that do not fit go back to their slots when another one fits, else to the arena in
+    /// the lock round that serves the request ([`ProcessHeap::alloc_replacing`]).
     #[inline(never)]
     pub(super) fn alloc_run_cached(r: &Ready, size: usize, align: usize) -> (*mut u8, bool) {
         let cfg = r.cfg;
         let want = pages_for(size);
+        // Popped runs that do not fit, with their slots.
+        let mut misfits = [(0, ptr::null_mut::<Block>()); RUN_LISTS];
+        let mut n = 0;
         for list in RUNS..RUNS + RUN_LISTS {
             let Ok(b) = cfg.caches.pop(list) else {
                 continue;
             };
             // SAFETY: a block popped off a run slot is ours: a large run of the CPU's arena.
             if fits(want, unsafe { run_pages(b) }) {
+                for &(l, m) in &misfits[..n] {
+                    // SAFETY: a free, marked large run popped above, still ours.
+                    unsafe { Self::put_back(cfg, l, m) };
+                }
                 // SAFETY: as above; neither its link nor the free mark may survive into a
                 // live block.
                 unsafe {
@@ -73,10 +83,61 @@ impl ProcessHeap {
                 Self::count_hit(cfg);
                 return (b.cast(), false);
             }
-            // SAFETY: as above: a free, marked large run of this CPU's arena, still ours.
-            unsafe { Self::put_back(cfg, list, b) };
+            misfits[n] = (list, b);
+            n += 1;
         }
-        front::alloc_locked(r, size, align)
+        if n == 0 {
+            return front::alloc_locked(r, size, align);
+        }
+        // SAFETY: the misfits are free, marked large runs popped above, ours.
+        unsafe { Self::alloc_replacing(r, size, align, &misfits[..n]) }
+    }
+
+    /// No run in the slots fits the request: the ones popped (`old`) go back to their arena
+    /// in the lock round that serves the request, which their pages may serve. So a slot
+    /// does not keep a run that the CPU's requests keep passing over (a program of random
+    /// sizes would otherwise hold up to 4 MiB per CPU there, out of the page heap's reach),
+    /// and the miss costs one lock round, as before the slots.
+    ///
+    /// # Safety
+    /// Every block of `old` is a free, marked large run that the caller popped off a run
+    /// slot and gives up.
+    #[cold]
+    #[inline(never)]
+    unsafe fn alloc_replacing(
+        r: &Ready,
+        size: usize,
+        align: usize,
+        old: &[(usize, *mut Block)],
+    ) -> (*mut u8, bool) {
+        let cfg = r.cfg;
+        let arena_of = |b: *mut Block| {
+            let h = (b as usize & !(CHUNK - 1)) as *const ChunkHeader;
+            // SAFETY: `b` is a run of one of our chunks, which stays mapped while it lives.
+            unsafe { (*h).arena_index() }
+        };
+        let ai = arena_of(old[0].1);
+        let a = cfg.arena(ai as usize);
+        if a.held_by_caller() || old.iter().any(|&(_, b)| arena_of(b) != ai) {
+            // A signal handler inside the arena, or a migration between two pops: each run
+            // back its own way.
+            for &(_, b) in old {
+                // SAFETY: by the contract.
+                unsafe { Self::free_run_locked(cfg, b.cast()) };
+            }
+            return front::alloc_locked(r, size, align);
+        }
+        let mut blocks = [ptr::null_mut::<u8>(); RUN_LISTS];
+        for (d, &(_, b)) in blocks.iter_mut().zip(old) {
+            *d = b.cast();
+        }
+        // SAFETY: by the contract, large runs of arena `ai` with the mark written.
+        let got = unsafe { a.alloc_large_freeing(&SRC, size, align, &blocks[..old.len()]) };
+        if got.0.is_null() {
+            // Out of memory in this arena: the others, as the locked path tries them.
+            return front::alloc_locked(r, size, align);
+        }
+        got
     }
 
     /// Counts a run handed out from a slot; every [`TICK_EVERY`]th lets the CPU's arena

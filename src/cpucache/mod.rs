@@ -61,7 +61,7 @@ mod sections;
 mod transfer;
 
 pub use chain::{for_each_block, return_blocks, return_chain, split_chain, take_batch, Chain};
-pub use transfer::Transfer;
+pub use transfer::{chain_max, Transfer};
 
 pub const PTR_BITS: u32 = 48;
 /// The address bits of a packed head or link.
@@ -563,7 +563,7 @@ impl Caches {
             Self::walk_from(
                 h,
                 key,
-                limit(class),
+                chain_max(class),
                 class,
                 |p| {
                     more = f(p);
@@ -601,6 +601,28 @@ impl Caches {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn large_parked_chains_are_bounded() {
+        let kib = if cfg!(feature = "pow2-classes") {
+            0
+        } else {
+            6448
+        };
+        assert_eq!(
+            transfer::LARGE_PARKED_PER_ARENA.div_ceil(1024),
+            kib,
+            "docs/design.md states it"
+        );
+        for c in 0..NUM_CLASSES {
+            let most = if c < TABLE_CLASSES {
+                limit(c)
+            } else {
+                LARGE_OUTBOX_LIMIT
+            };
+            assert_eq!(chain_max(c), most);
+        }
+    }
 
     #[test]
     fn caches_are_bounded_in_bytes() {

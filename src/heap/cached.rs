@@ -10,8 +10,8 @@ use super::{Config, ProcessHeap, SRC};
 use crate::arena::{lookup, Lookup};
 use crate::chunk::Block;
 use crate::cpucache::{
-    batch, for_each_block, limit, return_blocks, return_chain, split_chain, take_batch, Chain,
-    Push, BATCH_MAX, LARGE_OUTBOX, LARGE_OUTBOX_LIMIT, OUTBOX, OUTBOX_MAX_BLOCK, PTR_BITS,
+    batch, chain_max, for_each_block, limit, return_blocks, return_chain, split_chain, take_batch,
+    Chain, Push, BATCH_MAX, LARGE_OUTBOX, LARGE_OUTBOX_LIMIT, OUTBOX, OUTBOX_MAX_BLOCK, PTR_BITS,
 };
 use crate::diag::{block_error, invalid_pointer};
 use crate::front::report::{self, DOUBLE_FREE};
@@ -142,19 +142,24 @@ impl ProcessHeap {
         }
     }
 
-    /// Makes `chain` CPU `cpu`'s list of `class` if that list is still empty and the thread
-    /// still runs there; otherwise parks it in arena `ai`'s transfer slots, or returns it to
-    /// the arena under its lock.
+    /// Makes `chain` CPU `cpu`'s list of `class` if that list is still empty, the thread
+    /// still runs there and the chain is no longer than the list's limit; otherwise parks it
+    /// in arena `ai`'s transfer slots, or returns it to the arena under its lock. (A large
+    /// class's parked chain, from a large outbox, may be longer than its list holds: the
+    /// rest of it is parked again, one compare-and-swap, for the next refill.)
     ///
     /// # Safety
-    /// `chain` (0 or a packed chain of at most `limit(class)` blocks) is the caller's: free
-    /// blocks of class `class` of arena `ai`, the arena the map gives `cpu`, counted in use.
+    /// `chain` (0 or a packed chain of at most `chain_max(class)` blocks) is the caller's:
+    /// free blocks of class `class` of arena `ai`, the arena the map gives `cpu`, counted in
+    /// use.
     unsafe fn install_or_return(cfg: &Config, cpu: usize, ai: usize, class: usize, chain: usize) {
         if chain == 0 {
             return;
         }
+        let fits = (chain >> PTR_BITS) <= limit(class);
         // SAFETY: by the contract (cache `cpu` holds blocks of arena `ai`).
-        let installed = cpu < cfg.caches.len() && unsafe { cfg.caches.install(cpu, class, chain) };
+        let installed =
+            fits && cpu < cfg.caches.len() && unsafe { cfg.caches.install(cpu, class, chain) };
         // Migrated meanwhile, or another thread on this CPU filled the list first.
         // SAFETY: by the contract.
         if !installed && !unsafe { cfg.caches.transfer(ai).park(class, chain) } {
@@ -442,17 +447,18 @@ impl ProcessHeap {
         let Some((cpu, chain)) = cfg.caches.take_all(LARGE_OUTBOX) else {
             return;
         };
-        let mut blocks = [(0usize, 0usize); LARGE_OUTBOX_LIMIT];
+        // (owner, class, block) of each block.
+        let mut blocks = [(0usize, 0usize, 0usize); LARGE_OUTBOX_LIMIT];
         let mut n = 0;
         // SAFETY: a chain taken off an outbox is ours, its links encoded with the cache's
         // key; every block is a free, marked small block of some arena, counted in use.
         let r = unsafe {
             for_each_block(chain, cfg.caches.key_of(cpu), |b| {
-                let Lookup::Small { arena, .. } = lookup(&SRC, b as *const u8) else {
+                let Lookup::Small { arena, run } = lookup(&SRC, b as *const u8) else {
                     invalid_pointer(b"coreheap: corrupted outbox", b.cast());
                 };
                 if n < blocks.len() {
-                    blocks[n] = (arena as usize, b as usize);
+                    blocks[n] = (arena as usize, (*run).class(), b as usize);
                     n += 1;
                 }
             })
@@ -460,19 +466,39 @@ impl ProcessHeap {
         if let Err(b) = r {
             invalid_pointer(LINK_OVERWRITTEN, b.cast());
         }
-        // Grouped by owner: one lock round each.
+        // Grouped by owner and class: parked whole in the owner's slot of the class, where its
+        // CPUs take it as a refill without the lock or the page heap; else back to the runs,
+        // one lock round per group.
         let blocks = &mut blocks[..n];
         blocks.sort_unstable();
         for group in blocks.chunk_by(|x, y| x.0 == y.0) {
             let a = cfg.arena(group[0].0);
             let mut addrs = [0usize; LARGE_OUTBOX_LIMIT];
-            for (d, s) in addrs.iter_mut().zip(group) {
-                *d = s.1;
+            let mut rest = 0;
+            for by_class in group.chunk_by(|x, y| x.1 == y.1) {
+                let class = by_class[0].1;
+                let mut chain = Chain::new(a.key());
+                for &(_, _, b) in by_class.iter().take(chain_max(class)) {
+                    // SAFETY: a free, marked block of `a` and `class`, ours.
+                    unsafe { chain.push(b as *mut Block) };
+                }
+                // SAFETY: the chain holds at most `chain_max(class)` free, marked blocks of
+                // `a` and `class`, linked with its key.
+                let parked = unsafe { cfg.caches.transfer(group[0].0).park(class, chain.head()) };
+                let from = if parked { chain.len() } else { 0 };
+                for s in &by_class[from..] {
+                    addrs[rest] = s.2;
+                    rest += 1;
+                }
             }
+            if rest == 0 {
+                continue;
+            }
+            let addrs = &addrs[..rest];
             if a.held_by_caller() {
                 // A signal handler that interrupted this thread inside the owner: its
                 // pending stack, which needs no lock.
-                for &(_, b) in group {
+                for &b in addrs {
                     let what = lookup(&SRC, b as *const u8);
                     // SAFETY: a free, marked block of `a`, ours.
                     unsafe { a.free_marked(&SRC, b as *mut u8, what, false) };
@@ -480,7 +506,7 @@ impl ProcessHeap {
                 continue;
             }
             // SAFETY: free small blocks of `a`, counted in use by their runs, ours.
-            unsafe { return_blocks(a, &SRC, &addrs[..group.len()]) };
+            unsafe { return_blocks(a, &SRC, addrs) };
         }
     }
 

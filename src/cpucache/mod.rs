@@ -364,6 +364,16 @@ impl Caches {
         self.cache(cpu).arena.load(Ordering::Relaxed) as usize
     }
 
+    /// Whether CPU `cpu`'s run slots seem to hold a run (a snapshot: another thread on that
+    /// CPU may change them at any time).
+    #[inline]
+    pub fn has_runs(&self, cpu: usize) -> bool {
+        let c = self.cache(cpu);
+        c.heads[RUNS..RUNS + RUN_LISTS]
+            .iter()
+            .any(|h| h.load(Ordering::Relaxed) != 0)
+    }
+
     /// CPU `cpu`'s statistics: blocks popped and pushed by the fast path, and blocks on its
     /// lists per class. Read while other threads run, the values are a recent snapshot.
     pub fn counters(&self, cpu: usize) -> (u64, u64, [u64; NUM_CLASSES]) {

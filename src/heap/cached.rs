@@ -72,6 +72,11 @@ impl ProcessHeap {
                 Self::sweep_if_due(cfg);
             }
         });
+        if cpu < cfg.caches.len() && cfg.caches.has_runs(cpu) {
+            // The arena may carve pages for this refill: the CPU's cached runs go back first,
+            // so that their pages can serve it (see `runs.rs`).
+            Self::flush_runs(cfg);
+        }
         let parked = cfg.caches.transfer(ai).take(class);
         if parked != 0 {
             let mut first = [0usize; 1];

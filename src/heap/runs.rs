@@ -8,8 +8,10 @@
 //! A run in a slot stays allocated in its page heap (kind `Large`, counted in
 //! `large.in_use`), marked free with the double-free mark like a small block in a cache, and
 //! counted as cached by the statistics. A slot holds runs of its CPU's arena only (the push
-//! section compares arenas). `trim` empties the calling CPU's slots; a CPU holds at most
-//! `RUN_LISTS * LARGE_MAX` bytes in them (`docs/design.md`, "Run slots").
+//! section compares arenas). A run goes back to the arena when a large request on the CPU
+//! passes it over, when a refill of the CPU's cache is about to take the arena's lock
+//! (which may carve pages the run could give), or when `trim` runs on the CPU; a CPU holds
+//! at most `RUN_LISTS * LARGE_MAX` bytes in them (`docs/design.md`, "Run slots").
 
 use super::{Config, ProcessHeap, Ready, SRC};
 use crate::arena::{lookup, Lookup};

@@ -1,5 +1,5 @@
 //! The process heap's per-CPU cache paths, beyond the one-section fast paths: refills and
-//! flushes between a CPU cache and its arena, the outbox of blocks freed on a CPU that does
+//! flushes between a CPU cache and its arena, the outboxes of blocks freed on a CPU that does
 //! not own them, and the double-free confirmation that searches the caches.
 //!
 //! Every function here runs with the caches on (`cfg.caches.enabled`) and keeps `errno`
@@ -442,10 +442,11 @@ impl ProcessHeap {
         }
     }
 
-    /// Sends the current CPU's large outbox: its blocks (at most `LARGE_OUTBOX_LIMIT`) go
-    /// back to their runs with one lock round per owner, not one per block, and at once: no
-    /// block of up to 256 KiB waits on the pending stack of an owner that may have stopped
-    /// allocating.
+    /// Sends the current CPU's large outbox: its blocks (at most `LARGE_OUTBOX_LIMIT`),
+    /// grouped by owner and class, are parked as one chain per group in the owner's transfer
+    /// slot of the class (the owner's CPUs take it as refills), or, when that slot is taken,
+    /// go back to their runs with one lock round per owner, and at once: no block of up to
+    /// 256 KiB waits on the pending stack of an owner that may have stopped allocating.
     #[cold]
     #[inline(never)]
     pub(super) fn send_large_outbox(cfg: &Config) {

@@ -338,33 +338,42 @@ fn huge_spans_go_back() {
     coreheap::check_heap().unwrap();
 }
 
+/// Blocks of sizes from `size` adding up to `total`, allocated (every page written with
+/// `fill`) and then freed in a scrambled order; the random sequence is `seed`'s, varied by
+/// the calling CPU's arena.
+fn scrambled_round(seed: u64, total: usize, fill: u8, size: impl Fn(&mut Rng) -> usize) {
+    let mut rng = Rng(seed ^ coreheap::current_arena() as u64);
+    let mut blocks = Vec::new();
+    let mut sum = 0;
+    while sum < total {
+        let n = size(&mut rng);
+        let layout = Layout::from_size_align(n, 8).unwrap();
+        // SAFETY: non-zero size.
+        let p = unsafe { alloc(layout) };
+        assert!(!p.is_null());
+        touch(p, n, fill);
+        blocks.push((p, layout));
+        sum += n;
+    }
+    for i in (1..blocks.len()).rev() {
+        blocks.swap(i, rng.below(i + 1));
+    }
+    for (p, layout) in blocks {
+        // SAFETY: allocated above with this layout, freed once.
+        unsafe { dealloc(p, layout) };
+    }
+}
+
 /// Blocks of the classes above 8 KiB, which the CPU caches keep: on every CPU in turn, 128
 /// MiB of them (9 KiB to 256 KiB) allocated, touched and freed in a scrambled order. What
 /// the caches keep afterwards is bounded (a few blocks per class and CPU), and the rest
 /// leaves the resident set after the decay delay, as page runs do.
 fn large_classes_go_back() {
     fn round() {
-        let mut rng = Rng(0x51_7cc1_b727_220a ^ coreheap::current_arena() as u64);
-        let mut blocks = Vec::new();
-        let mut total = 0;
-        while total < 128 * MIB {
-            // (Page runs with `pow2-classes`, whose classes end at 8 KiB.)
-            let size = 9 * 1024 + rng.below(247 * 1024 + 1);
-            let layout = Layout::from_size_align(size, 8).unwrap();
-            // SAFETY: non-zero size.
-            let p = unsafe { alloc(layout) };
-            assert!(!p.is_null());
-            touch(p, size, 7);
-            blocks.push((p, layout));
-            total += size;
-        }
-        for i in (1..blocks.len()).rev() {
-            blocks.swap(i, rng.below(i + 1));
-        }
-        for (p, layout) in blocks {
-            // SAFETY: allocated above with this layout, freed once.
-            unsafe { dealloc(p, layout) };
-        }
+        // (Page runs with `pow2-classes`, whose classes end at 8 KiB.)
+        scrambled_round(0x51_7cc1_b727_220a, 128 * MIB, 7, |rng| {
+            9 * 1024 + rng.below(247 * 1024 + 1)
+        });
     }
     let base = rss();
     on_every_cpu(round);
@@ -402,26 +411,9 @@ fn large_classes_go_back() {
 /// resident set after the decay delay, and `trim` on each CPU empties its slots.
 fn run_slots_go_back() {
     fn round() {
-        let mut rng = Rng(0x7a11_5107_5eed_0001 ^ coreheap::current_arena() as u64);
-        let mut blocks = Vec::new();
-        let mut total = 0;
-        while total < 256 * MIB {
-            let size = coreheap::SMALL_MAX + 1 + rng.below(2 * MIB - coreheap::SMALL_MAX);
-            let layout = Layout::from_size_align(size, 8).unwrap();
-            // SAFETY: non-zero size.
-            let p = unsafe { alloc(layout) };
-            assert!(!p.is_null());
-            touch(p, size, 9);
-            blocks.push((p, layout));
-            total += size;
-        }
-        for i in (1..blocks.len()).rev() {
-            blocks.swap(i, rng.below(i + 1));
-        }
-        for (p, layout) in blocks {
-            // SAFETY: allocated above with this layout, freed once.
-            unsafe { dealloc(p, layout) };
-        }
+        scrambled_round(0x7a11_5107_5eed_0001, 256 * MIB, 9, |rng| {
+            coreheap::SMALL_MAX + 1 + rng.below(2 * MIB - coreheap::SMALL_MAX)
+        });
     }
     let cached = || -> usize { coreheap::stats().arenas.iter().map(|a| a.cached_runs).sum() };
     let base = rss();

@@ -243,7 +243,8 @@ pub fn shm_root() -> *mut c_void {
     }
 }
 
-/// `malloc_trim(3)`: returns 1 (memory may have been released).
+/// `malloc_trim(3)`: empties every CPU's cache and returns unused pages (as
+/// [`crate::trim`]); returns 1 (memory may have been released).
 pub fn malloc_trim(_pad: usize) -> c_int {
     HEAP.trim();
     1

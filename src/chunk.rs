@@ -196,7 +196,7 @@ pub struct PageDesc {
     /// word, so that a validator checks both with one load (and, the class being the low
     /// byte, with one XOR against the class it expects).
     kind_class: AtomicU16,
-    /// Free runs: some page may hold data or be resident. Small runs: the uncarved blocks
+    /// Free runs: some page's dirty bit ([`ChunkHeader::dirty`]) is set. Small runs: the uncarved blocks
     /// (from `bump` on) are known to read zero.
     pub dirty: bool,
     /// Small runs: linked in its bin's list of runs with blocks to give.
@@ -207,7 +207,8 @@ pub struct PageDesc {
     /// run's head).
     lead: AtomicU32,
     /// Small runs: blocks handed out and not yet returned (pending frees count as used).
-    /// Invariant: `used + len(free) == bump <= capacity`.
+    /// Invariant: `used + len(free) == bump <= capacity`. Free runs: how many of its pages
+    /// are dirty ([`ChunkHeader::dirty`]).
     pub used: u32,
     /// Small runs: blocks carved so far; blocks at index `bump..capacity` were never used.
     pub bump: u32,
@@ -288,6 +289,11 @@ pub struct ChunkHeader {
     pub prev: Rel<ChunkHeader>,
     /// Arena chunks: pages of this chunk in free runs.
     pub free_pages: usize,
+    /// Arena chunks: bit `i` (of word `i / 64`) is set iff page `i` lies in a free run and
+    /// may hold data or be resident (*dirty*); clear for every page in use and for free
+    /// pages that read zero (purged, or never touched since the chunk was mapped). The page
+    /// heap's (`large/`) to keep.
+    pub dirty: [u64; CHUNK_PAGES / 64],
     pub pages: [PageDesc; CHUNK_PAGES],
 }
 
@@ -388,6 +394,7 @@ pub unsafe fn init_arena_chunk(chunk: *mut u8, arena: u32) -> *mut PageDesc {
         (*h).next = Rel::NULL;
         (*h).prev = Rel::NULL;
         (*h).free_pages = USABLE_PAGES;
+        (*h).dirty = [0; CHUNK_PAGES / 64];
         for i in 0..HEADER_PAGES {
             (*h).pages[i].set_kind(Kind::Header);
         }

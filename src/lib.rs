@@ -180,8 +180,10 @@ pub fn rseq_registered() -> bool {
     false
 }
 
-/// Returns pending frees to their arenas and unused dirty pages to the OS. Does nothing
-/// without the backend ([`BACKEND`]).
+/// Returns the blocks every CPU's cache holds and the pending frees to their arenas, and
+/// unused dirty pages to the OS. To reach another CPU's cache the calling thread runs there
+/// for a moment (its affinity is changed and then put back; `docs/design.md`, "Per-CPU
+/// caches"). Does nothing without the backend ([`BACKEND`]).
 pub fn trim() {
     #[cfg(coreheap_backend)]
     HEAP.trim()

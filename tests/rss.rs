@@ -84,6 +84,7 @@ fn rss_returns_after_freeing_everything() {
     one_thread();
     large_classes_go_back();
     run_slots_go_back();
+    trim_empties_every_cache();
     other_threads_free();
     huge_spans_go_back();
     idle_arena_keeps_no_parked_chains();
@@ -338,6 +339,82 @@ fn huge_spans_go_back() {
     coreheap::check_heap().unwrap();
 }
 
+/// Blocks of the classes above 8 KiB, which the CPU caches keep: on every CPU in turn, 128
+/// MiB of them (9 KiB to 256 KiB) allocated, touched and freed in a scrambled order. What
+/// the caches keep afterwards is bounded (a few blocks per class and CPU), and the rest
+/// leaves the resident set after the decay delay, as page runs do.
+fn large_classes_go_back() {
+    let base = rss();
+    on_every_cpu(large_class_round);
+    let cached = cached_large_classes(&coreheap::stats());
+    let cpus = on_every_cpu_count();
+    eprintln!(
+        "rss, large classes on {cpus} CPUs: start {}, after freeing {}, {} cached",
+        mib(base),
+        mib(rss()),
+        mib(cached)
+    );
+    // The caches' bound (`cpucache::CPU_CACHE_BYTES`: 1.6 MiB of large classes a CPU).
+    assert!(
+        cached <= cpus * 2 * MIB,
+        "{} of large classes cached on {cpus} CPUs:\n{}",
+        mib(cached),
+        coreheap::stats()
+    );
+    after_decay(base, "large classes");
+    coreheap::check_heap().unwrap();
+}
+
+/// Bytes of blocks of the classes above 8 KiB in caches, all arenas.
+fn cached_large_classes(stats: &coreheap::Stats) -> usize {
+    stats
+        .arenas
+        .iter()
+        .map(|a| {
+            (0..coreheap::NUM_CLASSES)
+                .filter(|&c| coreheap::class_size(c) > 8192)
+                .map(|c| a.cached[c] as usize * coreheap::class_size(c))
+                .sum::<usize>()
+        })
+        .sum()
+}
+
+/// What every CPU's caches keep goes back with one `trim()` from this thread, with no decay
+/// delay: after the round of [`large_classes_go_back`] on every CPU, no block of a class
+/// above 8 KiB stays cached anywhere (this thread's statistics allocate none) and the
+/// resident set is back within the slack.
+fn trim_empties_every_cache() {
+    let base = rss();
+    on_every_cpu(large_class_round);
+    let before = cached_large_classes(&coreheap::stats());
+    coreheap::trim();
+    let now = rss();
+    let stats = coreheap::stats();
+    let after = cached_large_classes(&stats);
+    eprintln!(
+        "rss, trim: {} of large classes cached before, {} after; resident {} above the start",
+        mib(before),
+        mib(after),
+        mib(now.saturating_sub(base))
+    );
+    assert_eq!(after, 0, "trim left blocks in some CPU's cache:\n{stats}");
+    assert!(
+        now <= base + SLACK,
+        "resident set stays {} above its start after a trim:\n{stats}",
+        mib(now.saturating_sub(base))
+    );
+    coreheap::check_heap().unwrap();
+}
+
+/// On the CPU it runs on: 128 MiB of blocks of the classes above 8 KiB (9 KiB to 256 KiB)
+/// allocated, touched and freed in a scrambled order.
+fn large_class_round() {
+    // (Page runs with `pow2-classes`, whose classes end at 8 KiB.)
+    scrambled_round(0x51_7cc1_b727_220a, 128 * MIB, 7, |rng| {
+        9 * 1024 + rng.below(247 * 1024 + 1)
+    });
+}
+
 /// Blocks of sizes from `size` adding up to `total`, allocated (every page written with
 /// `fill`) and then freed in a scrambled order; the random sequence is `seed`'s, varied by
 /// the calling CPU's arena.
@@ -364,51 +441,10 @@ fn scrambled_round(seed: u64, total: usize, fill: u8, size: impl Fn(&mut Rng) ->
     }
 }
 
-/// Blocks of the classes above 8 KiB, which the CPU caches keep: on every CPU in turn, 128
-/// MiB of them (9 KiB to 256 KiB) allocated, touched and freed in a scrambled order. What
-/// the caches keep afterwards is bounded (a few blocks per class and CPU), and the rest
-/// leaves the resident set after the decay delay, as page runs do.
-fn large_classes_go_back() {
-    fn round() {
-        // (Page runs with `pow2-classes`, whose classes end at 8 KiB.)
-        scrambled_round(0x51_7cc1_b727_220a, 128 * MIB, 7, |rng| {
-            9 * 1024 + rng.below(247 * 1024 + 1)
-        });
-    }
-    let base = rss();
-    on_every_cpu(round);
-    let stats = coreheap::stats();
-    let cached: usize = stats
-        .arenas
-        .iter()
-        .map(|a| {
-            (0..coreheap::NUM_CLASSES)
-                .filter(|&c| coreheap::class_size(c) > 8192)
-                .map(|c| a.cached[c] as usize * coreheap::class_size(c))
-                .sum::<usize>()
-        })
-        .sum();
-    let cpus = on_every_cpu_count();
-    eprintln!(
-        "rss, large classes on {cpus} CPUs: start {}, after freeing {}, {} cached",
-        mib(base),
-        mib(rss()),
-        mib(cached)
-    );
-    // The caches' bound (`cpucache::CPU_CACHE_BYTES`: 1.6 MiB of large classes a CPU).
-    assert!(
-        cached <= cpus * 2 * MIB,
-        "{} of large classes cached on {cpus} CPUs:\n{stats}",
-        mib(cached)
-    );
-    after_decay(base, "large classes");
-    coreheap::check_heap().unwrap();
-}
-
 /// Page runs above the largest class, which the CPUs' run slots keep: on every CPU in turn,
 /// 256 MiB of them (256 KiB to 2 MiB) allocated, touched and freed in a scrambled order.
 /// What the slots keep afterwards is bounded (two runs per CPU), the rest leaves the
-/// resident set after the decay delay, and `trim` on each CPU empties its slots.
+/// resident set after the decay delay, and `trim` empties every CPU's slots.
 fn run_slots_go_back() {
     fn round() {
         scrambled_round(0x7a11_5107_5eed_0001, 256 * MIB, 9, |rng| {
@@ -434,8 +470,8 @@ fn run_slots_go_back() {
         coreheap::stats()
     );
     after_decay(base, "page runs");
-    on_every_cpu(coreheap::trim);
-    assert_eq!(cached(), 0, "trim on every CPU left runs in their slots");
+    coreheap::trim();
+    assert_eq!(cached(), 0, "trim left runs in some CPU's slots");
     coreheap::check_heap().unwrap();
 }
 

@@ -374,6 +374,15 @@ impl Caches {
             .any(|h| h.load(Ordering::Relaxed) != 0)
     }
 
+    /// Whether CPU `cpu`'s lists, outboxes or run slots held a block when looked at (read
+    /// without that CPU's cooperation: a recent snapshot).
+    pub fn holds_blocks(&self, cpu: usize) -> bool {
+        self.cache(cpu)
+            .heads
+            .iter()
+            .any(|h| h.load(Ordering::Relaxed) != 0)
+    }
+
     /// CPU `cpu`'s statistics: blocks popped and pushed by the fast path, and blocks on its
     /// lists per class. Read while other threads run, the values are a recent snapshot.
     pub fn counters(&self, cpu: usize) -> (u64, u64, [u64; NUM_CLASSES]) {

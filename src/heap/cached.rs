@@ -258,27 +258,29 @@ impl ProcessHeap {
     #[cold]
     #[inline(never)]
     unsafe fn free_small_slow(cfg: &Config, p: *mut u8, arena: u32, class: usize, r: Push) {
-        let what = lookup(&SRC, p);
+        // The block's run is looked up only on the ways that need it: a block that enters
+        // the outbox is looked up once, when the outbox is sent.
+        let what = || lookup(&SRC, p);
         // SAFETY: by the contract.
         os::keeping_errno(|| unsafe {
             match r {
                 Push::Done => {}
-                Push::Full => Self::free_small_full(cfg, p, what, arena, class),
+                Push::Full => Self::free_small_full(cfg, p, what(), arena, class),
                 Push::Remote if class_size(class) <= OUTBOX_MAX_BLOCK => {
                     match cfg.caches.push_outbox(OUTBOX, p.cast()) {
                         Push::Done => {}
-                        Push::Full => Self::free_outbox_full(cfg, p, what, arena),
-                        _ => Self::free_small_remote(cfg, p, what, arena),
+                        Push::Full => Self::free_outbox_full(cfg, p, arena),
+                        _ => Self::free_small_remote(cfg, p, what(), arena),
                     }
                 }
                 Push::Remote if class >= TABLE_CLASSES => {
                     match cfg.caches.push_outbox(LARGE_OUTBOX, p.cast()) {
                         Push::Done => {}
-                        Push::Full => Self::free_large_outbox_full(cfg, p, what, arena),
-                        _ => Self::free_small_remote(cfg, p, what, arena),
+                        Push::Full => Self::free_large_outbox_full(cfg, p, arena),
+                        _ => Self::free_small_remote(cfg, p, what(), arena),
                     }
                 }
-                Push::Remote | Push::NoCache => Self::free_small_remote(cfg, p, what, arena),
+                Push::Remote | Push::NoCache => Self::free_small_remote(cfg, p, what(), arena),
             }
         })
     }
@@ -418,12 +420,12 @@ impl ProcessHeap {
     /// As for `free_small_full`.
     #[cold]
     #[inline(never)]
-    unsafe fn free_outbox_full(cfg: &Config, p: *mut u8, what: Lookup, arena: u32) {
+    unsafe fn free_outbox_full(cfg: &Config, p: *mut u8, arena: u32) {
         Self::send_outbox(cfg);
         // SAFETY: by the contract.
         if unsafe { cfg.caches.push_outbox(OUTBOX, p.cast()) } != Push::Done {
             // SAFETY: by the contract.
-            unsafe { Self::free_small_remote(cfg, p, what, arena) };
+            unsafe { Self::free_small_remote(cfg, p, lookup(&SRC, p), arena) };
         }
     }
 
@@ -433,12 +435,12 @@ impl ProcessHeap {
     /// As for `free_small_full`, `p` of a class above `OUTBOX_MAX_BLOCK`.
     #[cold]
     #[inline(never)]
-    unsafe fn free_large_outbox_full(cfg: &Config, p: *mut u8, what: Lookup, arena: u32) {
+    unsafe fn free_large_outbox_full(cfg: &Config, p: *mut u8, arena: u32) {
         Self::send_large_outbox(cfg);
         // SAFETY: by the contract.
         if unsafe { cfg.caches.push_outbox(LARGE_OUTBOX, p.cast()) } != Push::Done {
             // SAFETY: by the contract.
-            unsafe { Self::free_small_remote(cfg, p, what, arena) };
+            unsafe { Self::free_small_remote(cfg, p, lookup(&SRC, p), arena) };
         }
     }
 

@@ -99,14 +99,39 @@ impl ProcessHeap {
     }
 }
 
+/// The handlers are registered (set once `pthread_atfork` has accepted them).
+static REGISTERED: AtomicBool = AtomicBool::new(false);
+/// The prepare handler's work is done for the `fork` under way: the `COREHEAP_SHM` prepare
+/// handler may do it early ([`prepare_fork_early`]), and glibc's call then does nothing.
+/// Cleared by the parent and child handlers.
+static PREPARED: AtomicBool = AtomicBool::new(false);
+
 unsafe extern "C" fn atfork_prepare() {
-    HEAP.fork_prepare();
+    if !PREPARED.swap(true, Ordering::Relaxed) {
+        HEAP.fork_prepare();
+    }
 }
 unsafe extern "C" fn atfork_parent() {
     HEAP.fork_parent();
+    PREPARED.store(false, Ordering::Relaxed);
 }
 unsafe extern "C" fn atfork_child() {
     HEAP.fork_child();
+    PREPARED.store(false, Ordering::Relaxed);
+}
+
+/// For the `COREHEAP_SHM` prepare handler, which stops the other threads (`os/stop.rs`):
+/// takes this heap's fork locks now, before they are stopped, if its own prepare handler has
+/// not run yet in this `fork` (it runs after the `COREHEAP_SHM` one when it was registered
+/// first, and would then wait for ever for a lock a stopped thread holds). Nothing if the
+/// handlers are not registered (the heap was never initialised: no lock to take).
+///
+/// pre: inside a prepare handler of a `fork` of a multithreaded process (glibc then holds
+/// its fork handler lock for the whole `fork`, so the handlers run are the registered ones).
+pub(crate) fn prepare_fork_early() {
+    if REGISTERED.load(Ordering::Relaxed) && !PREPARED.swap(true, Ordering::Relaxed) {
+        HEAP.fork_prepare();
+    }
 }
 
 /// Where the exit report goes: a private copy of stderr, taken when the report was asked for,
@@ -149,7 +174,9 @@ pub(super) fn register_handlers(settings: &crate::settings::Settings) {
     if DONE.swap(true, Ordering::Relaxed) {
         return;
     }
-    if !os::register_atfork(atfork_prepare, atfork_parent, atfork_child) {
+    if os::register_atfork(atfork_prepare, atfork_parent, atfork_child) {
+        REGISTERED.store(true, Ordering::Relaxed);
+    } else {
         let mut l = Line::new();
         l.str(b"coreheap: pthread_atfork failed; fork may deadlock\n");
         l.write(2);

@@ -34,6 +34,8 @@ use crate::source::{OsSource, PageSource};
 use crate::stats::{self, Stats};
 use init::BOOTSTRAP;
 
+pub(crate) use fork::prepare_fork_early;
+
 const UNINIT: u8 = 0;
 const INITING: u8 = 1;
 const READY: u8 = 2;
@@ -515,25 +517,56 @@ impl ProcessHeap {
         self.ready().map_or(Ok(()), |r| front::check(&r))
     }
 
-    /// Returns pending frees to their runs and every unused dirty page to the OS.
-    /// The calling CPU's caches go back to their arena and its outbox to the owners first,
-    /// then every chain parked in the transfer slots (other CPUs' caches cannot be reached
-    /// without their cooperation; they hold at most `CPU_CACHE_BYTES` each, outbox included).
+    /// Returns every cached block to its arena, pending frees to their runs and every unused
+    /// dirty page to the OS: each CPU's caches and outbox (the calling CPU's, then every
+    /// other CPU's that holds a block, visited by moving the calling thread there, see
+    /// [`Self::flush_other_cpus`]), then every chain parked in the transfer slots, then the
+    /// arenas.
     pub fn trim(&self) {
         if let Some(r) = self.ready() {
             let cfg = r.cfg;
             if cfg.caches.enabled {
-                for class in 0..NUM_CLASSES {
-                    Self::flush(cfg, class);
-                }
-                Self::flush_runs(cfg);
-                Self::send_outbox(cfg);
-                Self::send_large_outbox(cfg);
+                Self::flush_this_cpu(cfg);
+                Self::flush_other_cpus(cfg);
                 for i in 0..cfg.count {
                     Self::return_parked(cfg, i);
                 }
             }
             front::trim(&r);
+        }
+    }
+
+    /// Returns the current CPU's class lists to their arena and sends its outbox.
+    fn flush_this_cpu(cfg: &Config) {
+        for class in 0..NUM_CLASSES {
+            Self::flush(cfg, class);
+        }
+        Self::flush_runs(cfg);
+        Self::send_outbox(cfg);
+        Self::send_large_outbox(cfg);
+    }
+
+    /// Empties the caches of every other CPU that holds blocks. A CPU's lists can only be
+    /// changed by code running on that CPU (their critical sections use plain stores), so
+    /// the calling thread goes there: it pins itself to each such CPU in turn
+    /// (`sched_setaffinity`, which migrates it before returning), empties that CPU's lists
+    /// with the usual critical sections, and finally gets its own affinity back. A CPU the
+    /// thread may not run on (outside its cpuset, offline) is skipped; so is everything
+    /// if its affinity cannot be read. Correct wherever the thread actually runs: each
+    /// critical section takes the lists of the CPU it runs on and says which.
+    fn flush_other_cpus(cfg: &Config) {
+        let Some(saved) = os::cpu::thread_affinity() else {
+            return;
+        };
+        let mut moved = false;
+        for cpu in 0..cfg.caches.len() {
+            if cfg.caches.holds_blocks(cpu) && os::cpu::move_to(cpu) {
+                moved = true;
+                Self::flush_this_cpu(cfg);
+            }
+        }
+        if moved {
+            os::cpu::restore_affinity(&saved);
         }
     }
 

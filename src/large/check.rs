@@ -1,6 +1,6 @@
 //! The page heap's invariants verified, and its chunks walked.
 
-use super::{PageHeap, CLEAN, DIRTY};
+use super::{dirty, PageHeap, CLEAN, DIRTY};
 use crate::chunk::{ChunkHeader, Kind, CHUNK_ARENA, HEADER_PAGES, MAGIC, USABLE_PAGES};
 use crate::size_class::{run_page_marked, CHUNK_PAGES};
 use crate::source::PageSource;
@@ -13,7 +13,6 @@ impl PageHeap {
     /// The caller holds the arena lock.
     pub unsafe fn check<S: PageSource>(&self, src: &S) -> Result<(), &'static str> {
         let base = src.base();
-        let mut dirty = 0;
         // Free runs on the lists, and free run heads in the chunks: every free run must be
         // listed (a run taken off its list by an update cut short is not free).
         let (mut listed, mut heads) = (0usize, 0usize);
@@ -33,9 +32,6 @@ impl PageHeap {
                         {
                             return Err("free list holds a run of another length or kind");
                         }
-                        if k == DIRTY {
-                            dirty += n;
-                        }
                         listed += 1;
                         if listed > CHUNK_PAGES * (self.counters.chunks_mapped as usize + 1) {
                             return Err("free list has a cycle");
@@ -45,10 +41,8 @@ impl PageHeap {
                 }
             }
         }
-        if dirty != self.dirty_pages {
-            return Err("dirty page count is off");
-        }
         let mut free_chunks = 0;
+        let mut dirty = 0;
         let mut c = self.chunks.get(base);
         while !c.is_null() {
             // SAFETY: the chunk list holds our mapped chunks.
@@ -56,10 +50,15 @@ impl PageHeap {
                 if (*c).magic != MAGIC || (*c).kind != CHUNK_ARENA || (*c).arena != self.arena {
                     return Err("chunk header is not ours");
                 }
+                let bits = &(*c).dirty;
+                if dirty::any(bits, 0, HEADER_PAGES) {
+                    return Err("dirty bit on a header page");
+                }
+                dirty += dirty::count(bits, HEADER_PAGES, USABLE_PAGES);
                 let mut i = HEADER_PAGES;
                 let mut free = 0;
-                // The kind of the free run just before page `i`, if there is one.
-                let mut prev_free: Option<bool> = None;
+                // Whether the run just before page `i` is free.
+                let mut prev_free = false;
                 while i < CHUNK_PAGES {
                     let d = &(*c).pages[i];
                     let n = d.npages as usize;
@@ -69,8 +68,14 @@ impl PageHeap {
                     match d.kind() {
                         Kind::Free => {
                             heads += 1;
-                            if prev_free == Some(d.dirty) {
-                                return Err("two free runs of one kind side by side");
+                            if prev_free {
+                                return Err("two free runs side by side");
+                            }
+                            let set = dirty::count(bits, i, n);
+                            if d.dirty != (set > 0) || d.used as usize != set {
+                                return Err(
+                                    "free run's kind or count disagrees with its dirty bits",
+                                );
                             }
                             free += n;
                             if n > 1 {
@@ -79,9 +84,14 @@ impl PageHeap {
                                     return Err("free run without its tail");
                                 }
                             }
-                            prev_free = Some(d.dirty);
+                            prev_free = true;
                         }
-                        Kind::Small | Kind::Large => prev_free = None,
+                        Kind::Small | Kind::Large => {
+                            if dirty::any(bits, i, n) {
+                                return Err("dirty bit on a page in use");
+                            }
+                            prev_free = false;
+                        }
                         _ => return Err("run head of an unexpected kind"),
                     }
                     let last = if d.kind() == Kind::Free { n - 1 } else { n };
@@ -108,6 +118,9 @@ impl PageHeap {
                 }
                 c = (*c).next.get(base);
             }
+        }
+        if dirty != self.dirty_pages {
+            return Err("dirty page count disagrees with the dirty bits");
         }
         if free_chunks != self.free_chunks {
             return Err("wholly free chunk count is off");

@@ -5,14 +5,15 @@ use crate::chunk::{ChunkHeader, Kind, PageDesc, Rel, USABLE_PAGES};
 use crate::source::PageSource;
 
 impl PageHeap {
-    /// Writes the descriptors of a free run of `n` pages at page `first` of chunk `h`; a
-    /// dirty run is stamped with the time its pages were freed.
+    /// Writes the descriptors of a free run of `n` pages at page `first` of chunk `h`, of
+    /// which `dirty` have their dirty bit set, stamped `stamp` (the time its newest dirty
+    /// pages were freed).
     pub(super) unsafe fn make_free(
         &mut self,
         h: *mut ChunkHeader,
         first: usize,
         n: usize,
-        dirty: bool,
+        dirty: usize,
         stamp: u32,
     ) {
         // SAFETY: the caller owns pages `first..first + n` of `h` under the lock.
@@ -20,7 +21,8 @@ impl PageHeap {
             let d = &mut (*h).pages[first];
             d.set_kind(Kind::Free);
             d.npages = n as u32;
-            d.dirty = dirty;
+            d.dirty = dirty > 0;
+            d.used = dirty as u32;
             d.bump = stamp;
             if n > 1 {
                 let t = &(*h).pages[first + n - 1];
@@ -30,7 +32,7 @@ impl PageHeap {
         }
     }
 
-    /// Puts the free run at page `first` of `h` on its list.
+    /// Puts the free run at page `first` of `h` on its list (by its length and kind).
     pub(super) unsafe fn link<S: PageSource>(
         &mut self,
         src: &S,
@@ -51,9 +53,6 @@ impl PageHeap {
             }
             self.lists[k][n] = rd;
             self.bitmap[k][n / 64] |= 1 << (n % 64);
-            if k == DIRTY {
-                self.dirty_pages += n;
-            }
         }
     }
 
@@ -77,9 +76,6 @@ impl PageHeap {
             }
             (*d).next = Rel::NULL;
             (*d).prev = Rel::NULL;
-            if k == DIRTY {
-                self.dirty_pages -= n;
-            }
         }
     }
 
@@ -108,7 +104,8 @@ impl PageHeap {
         }
     }
 
-    /// Best fit for `n` pages: the shortest dirty run that fits, else the shortest clean one.
+    /// Best fit for `n` pages: the shortest run with dirty pages that fits, else the shortest
+    /// clean one.
     pub(super) fn find_fit<S: PageSource>(&self, src: &S, n: usize) -> Option<*mut PageDesc> {
         self.first_of(src, DIRTY, n)
             .or_else(|| self.first_of(src, CLEAN, n))

@@ -1,34 +1,43 @@
 //! The page heap of one arena: free page runs, best fit, coalescing, chunks to and from the
 //! page source.
 //!
-//! A free run is either *dirty* (some page may hold data and be resident) or *clean* (purged,
-//! or never touched since the chunk was mapped: reads zero, costs no memory). The two kinds are
-//! kept apart, so the heap always knows exactly which free pages are dirty: a freed run merges
-//! only with dirty neighbours, a purged run only with clean ones.
+//! Every page of a chunk has a *dirty* bit (`ChunkHeader::dirty`): set while the page is free
+//! and may hold data or be resident; clear for a page in use and for a free page that reads
+//! zero and costs no memory (purged, or never touched since the chunk was mapped). Free runs
+//! merge with their free neighbours whatever their pages' state, so two free runs are never
+//! adjacent and fragmentation never makes the heap map a chunk for a run that adjacent
+//! dirty and clean pages could give. A free run is *dirty* if it holds a dirty page,
+//! *clean* otherwise; the kind only chooses its list.
 //!
 //! Free runs of each kind are kept sorted by length in exact-length lists, one per possible
 //! length (1 ..= `USABLE_PAGES` pages), with a bitmap of the non-empty lists. Best fit is the
 //! first set bit at or above the wanted length: at most `BITMAP_WORDS` (16) word scans,
 //! however many free runs there are. Dirty runs are tried first (reusing resident pages
-//! costs no page faults); within a length the most recently freed run is used first.
+//! costs no page faults); within a length the most recently freed run is used first. A run
+//! taken reads zero where its bits were clear; [`PageHeap::alloc_run`] says whether any was
+//! set (then the caller must not count on zeros anywhere in it).
 //!
 //! Purging is deferred. Freeing never calls the page source except to unmap a wholly free
-//! chunk beyond the spares. A dirty run records when it was freed (in `bump`, unused by free
-//! runs); the arena's slow paths call [`PageHeap::decay`] with the time, and every
-//! [`TICK_MS`] it purges the dirty runs nobody reused for the purge delay (`policy::purge_ms`, 1 s by default). Once the dirty pages
-//! exceed [`PageHeap::dirty_limit`] (64 MiB, or 1/8 of what the heap has mapped if more),
-//! every dirty run is purged at once. So a run freed and reallocated soon is never purged.
-//! A purge the page source refuses (an `mlock`ed process, pages other than 4 KiB) leaves the
-//! run dirty and stops further purging until an explicit trim.
+//! chunk beyond the spares. A run records when dirty pages were last freed into it (in
+//! `bump`, unused by free runs; a merge stamps the merged run with the time); the arena's
+//! slow paths call [`PageHeap::decay`] with the time, and every [`TICK_MS`] it purges the
+//! dirty pages of the runs nobody reused for the purge delay (`policy::purge_ms`, 1 s by
+//! default), one source call per span of dirty pages, and the run becomes clean. Once the
+//! dirty pages exceed [`PageHeap::dirty_limit`] (64 MiB, or 1/8 of what the heap has mapped
+//! if more), every dirty page is purged at once. So a run freed and reallocated soon is
+//! never purged. A purge the page source refuses (an `mlock`ed process, pages other than
+//! 4 KiB, any shared heap) leaves its pages dirty and stops further purging until an
+//! explicit trim.
 //!
 //! Invariants (checked by [`PageHeap::check`]):
-//! - a run is on list `(k, n)` iff it is free, of kind `k` (dirty or clean) and
-//!   `npages == n`; bit `n` of bitmap `k` is set iff that list is non-empty;
-//! - no two free runs of the same kind are adjacent (a freed run merges with dirty
-//!   neighbours at once, a purged one with clean neighbours);
-//! - `dirty_pages` is the sum of `npages` over the dirty free runs;
+//! - a run is on list `(k, n)` iff it is free, `npages == n` and `k` is whether any of its
+//!   pages' dirty bits is set (its head's `dirty`); bit `n` of bitmap `k` is set iff that
+//!   list is non-empty;
+//! - no two free runs are adjacent (a freed run merges with its free neighbours at once);
+//! - a dirty bit is set only on a page of a free run;
+//! - `dirty_pages` is the number of dirty bits set in the heap's chunks;
 //! - a chunk's `free_pages` is the sum of `npages` over its free runs; `free_chunks` counts
-//!   the chunks with `free_pages == USABLE_PAGES`.
+//!   the chunks with `free_pages == USABLE_PAGES` (each one free run, then).
 //!
 //! The lists, the chunk list and the descriptors' links are [`Rel`]s: offsets from the page
 //! source's base, which every method that follows them is given (`src.base()`, or `base`).
@@ -42,6 +51,7 @@ use crate::size_class::PAGE;
 use crate::source::PageSource;
 
 mod check;
+mod dirty;
 mod lists;
 mod purge;
 mod runs;
@@ -77,13 +87,15 @@ pub struct PageCounters {
 
 /// See the module documentation.
 pub struct PageHeap {
-    /// `lists[k][n]`: free runs of kind `k` (`CLEAN` or `DIRTY`) and length `n`.
+    /// `lists[k][n]`: free runs of kind `k` (`CLEAN`, or `DIRTY`: with a dirty page) and
+    /// length `n`.
     lists: [[Rel<PageDesc>; USABLE_PAGES + 1]; 2],
     bitmap: [[u64; BITMAP_WORDS]; 2],
     /// The arena's chunks, linked through their headers.
     chunks: Rel<ChunkHeader>,
     /// Chunks that are entirely free (kept: at most [`Self::spare_chunks`]).
     free_chunks: usize,
+    /// Dirty bits set in our chunks: free pages that may be resident.
     pub dirty_pages: usize,
     pub counters: PageCounters,
     /// The index written into the headers of this heap's chunks.
@@ -92,7 +104,7 @@ pub struct PageHeap {
     now: u32,
     /// When [`Self::decay`] last looked for old dirty runs.
     last_tick: u32,
-    /// False once the page source refused a purge: purge only when asked ([`Self::trim`]).
+    /// False once the page source refused a purge: purge only when asked ([`Self::purge_all`]).
     purge_ok: bool,
     /// Shared heaps: non-zero while an update of this page heap (or of page runs, see
     /// [`PageHeap::enter`]) is under way, so that the recovery after a lock holder's death

@@ -1,15 +1,17 @@
 //! Dirty pages back to the page source (the dirty limit, decay, trim), and chunks mapped
 //! and given back.
 
-use super::{PageHeap, BITMAP_WORDS, DIRTY, TICK_MS};
-use crate::chunk::{header_of_desc, init_arena_chunk, ChunkHeader, PageDesc, Rel, HEADER_PAGES};
+use super::{dirty, PageHeap, BITMAP_WORDS, DIRTY, TICK_MS};
+use crate::chunk::{
+    header_of_desc, init_arena_chunk, ChunkHeader, PageDesc, Rel, HEADER_PAGES, USABLE_PAGES,
+};
 use crate::size_class::{CHUNK, CHUNK_PAGES, PAGE};
 use crate::source::PageSource;
 
 impl PageHeap {
-    /// Purges every dirty free run: its pages go back to the page source and it becomes a
-    /// clean run, merged with clean neighbours. Returns whether the source did every purge;
-    /// a refused purge leaves its run dirty.
+    /// Purges every dirty free page: it goes back to the page source and its bit is cleared,
+    /// and a run left with no dirty page becomes a clean run. Returns whether the source did
+    /// every purge; a refused purge leaves its pages dirty.
     ///
     /// # Safety
     /// The caller holds the arena lock.
@@ -39,8 +41,9 @@ impl PageHeap {
         }
     }
 
-    /// Purges the dirty runs whose stamp satisfies `old`; stops at the first purge the source
-    /// refuses (and then purges only when [`Self::purge_all`] is called).
+    /// Purges the dirty pages of the runs whose stamp satisfies `old`, one source call per
+    /// span of dirty pages; stops at the first purge the source refuses (and then purges
+    /// only when [`Self::purge_all`] is called).
     pub(super) unsafe fn purge_where<S: PageSource>(
         &mut self,
         src: &S,
@@ -55,20 +58,13 @@ impl PageHeap {
                 let mut d = self.lists[DIRTY][n].get(base);
                 while !d.is_null() {
                     // SAFETY: runs on our lists are free runs of our chunks; the lock is held.
-                    // Purging `d` unlinks only `d` from the dirty lists (its merges touch clean
-                    // runs), so `next`, read first, stays valid.
+                    // Purging `d` moves only `d` (from the dirty lists to the clean ones, once
+                    // it has no dirty page left), so `next`, read first, stays valid.
                     unsafe {
                         let next = (*d).next.get(base);
-                        if old((*d).bump) {
-                            let h = header_of_desc(d);
-                            let first = (*h).desc_index(d);
-                            if !src.purge((*h).page_addr(first), n * PAGE) {
-                                self.purge_ok = false;
-                                return false;
-                            }
-                            self.unlink(src, d);
-                            self.counters.purged += (n * PAGE) as u64;
-                            self.insert_free(src, h, first, n, false);
+                        if old((*d).bump) && !self.purge_run(src, d) {
+                            self.purge_ok = false;
+                            return false;
                         }
                         d = next;
                     }
@@ -77,6 +73,36 @@ impl PageHeap {
         }
         self.purge_ok = true;
         true
+    }
+
+    /// Purges the dirty pages of free run `d` (on a dirty list), span by span, clearing
+    /// their bits; once none is left, `d` moves to the clean lists. Returns false at the
+    /// first span the source refuses (the pages purged so far stay purged).
+    ///
+    /// # Safety
+    /// The caller holds the lock; `d` heads a free run on a dirty list.
+    unsafe fn purge_run<S: PageSource>(&mut self, src: &S, d: *mut PageDesc) -> bool {
+        // SAFETY: as the contract says.
+        unsafe {
+            let h = header_of_desc(d);
+            let first = (*h).desc_index(d);
+            let end = first + (*d).npages as usize;
+            let mut at = first;
+            while let Some((s, len)) = dirty::next_span(&(*h).dirty, at, end) {
+                if !src.purge((*h).page_addr(s), len * PAGE) {
+                    return false;
+                }
+                dirty::clear(&mut (*h).dirty, s, len);
+                self.dirty_pages -= len;
+                (*d).used -= len as u32;
+                self.counters.purged += (len * PAGE) as u64;
+                at = s + len;
+            }
+            self.unlink(src, d);
+            (*d).dirty = false;
+            self.link(src, h, first);
+            true
+        }
     }
 
     /// Maps a new chunk and adds its free run. Returns false when the source has no memory.
@@ -123,6 +149,7 @@ impl PageHeap {
                 }
                 i += (*d).npages as usize;
             }
+            self.dirty_pages -= dirty::clear(&mut (*h).dirty, HEADER_PAGES, USABLE_PAGES);
             if (*h).prev.is_null() {
                 self.chunks = (*h).next;
             } else {

@@ -1,17 +1,18 @@
 //! Taking, freeing, growing and shrinking page runs: best fit, splitting, coalescing with
-//! neighbours of the same kind.
+//! the free neighbours, dirty or clean.
 
 use core::ptr;
 
-use super::PageHeap;
+use super::{dirty, PageHeap};
 use crate::chunk::{header_of_desc, ChunkHeader, Kind, PageDesc, USABLE_PAGES};
 use crate::size_class::{CHUNK_PAGES, PAGE};
 use crate::source::PageSource;
 
 impl PageHeap {
     /// Allocates a run of `n` pages whose first page is aligned to `align_pages` pages.
-    /// Returns its head descriptor (kind still `Free`: the caller sets it) and whether its
-    /// pages may be dirty; null when the source has no memory.
+    /// Returns its head descriptor (kind still `Free`: the caller sets it) and whether any of
+    /// its pages may be dirty (if not, all of them read zero); null when the source has no
+    /// memory.
     ///
     /// # Safety
     /// The caller holds the arena lock; `1 <= n` and `n + align_pages - 1 <= USABLE_PAGES`.
@@ -27,16 +28,6 @@ impl PageHeap {
         let d = match self.find_fit(src, want) {
             Some(d) => d,
             None => {
-                // A wholly free chunk split into dirty and clean runs is one run once purged:
-                // use it rather than map another chunk.
-                if self.free_chunks > 0 && self.dirty_pages > 0 {
-                    // SAFETY: the caller holds the lock.
-                    unsafe { self.purge_all(src) };
-                    if let Some(d) = self.find_fit(src, want) {
-                        // SAFETY: as below.
-                        return unsafe { self.take_run(src, d, n, align_pages) };
-                    }
-                }
                 // SAFETY: the caller holds the lock.
                 if !unsafe { self.grow(src) } {
                     return (ptr::null_mut(), false);
@@ -70,25 +61,45 @@ impl PageHeap {
             let h = header_of_desc(d);
             let first = (*h).desc_index(d);
             let total = (*d).npages as usize;
-            let dirty = (*d).dirty;
             let stamp = (*d).bump;
+            let had = (*d).used as usize;
             let addr = (*h).page_addr(first) as usize;
             let align = align_pages * PAGE;
-            let skip = ((addr + align - 1) & !(align - 1)) - addr;
-            let skip = skip / PAGE;
-            // Give back the pages before and after the part we take, as runs of the same
-            // kind. Neither piece touches another free run of that kind: `d` had none beside
-            // it.
-            if skip > 0 {
-                self.make_free(h, first, skip, dirty, stamp);
-                self.link(src, h, first);
+            let mut skip = (((addr + align - 1) & !(align - 1)) - addr) / PAGE;
+            // Dirty pages of the piece before the part taken; pages in use have no dirty bit.
+            let mut before = None;
+            // An unaligned part is carved from the run's first dirty page on (as far as the
+            // run's end allows) rather than from its start: resident pages reused cost no
+            // page fault, and the clean pages skipped stay free as a clean run.
+            if align_pages == 1 && had > 0 && had < total {
+                if let Some((s, _)) = dirty::next_span(&(*h).dirty, first, first + total) {
+                    skip = (s - first).min(total - n);
+                    before = Some(0);
+                }
             }
             let start = first + skip;
+            let (before, taken) = if had == 0 {
+                (0, 0)
+            } else {
+                (
+                    before.unwrap_or_else(|| dirty::count(&(*h).dirty, first, skip)),
+                    dirty::clear(&mut (*h).dirty, start, n),
+                )
+            };
+            self.dirty_pages -= taken;
+            // Give back the pages before and after the part we take, each a run of the kind
+            // its own pages make it. Neither piece touches another free run: `d` had none
+            // beside it.
+            if skip > 0 {
+                self.make_free(h, first, skip, before, stamp);
+                self.link(src, h, first);
+            }
             let rest = total - skip - n;
             if rest > 0 {
-                self.make_free(h, start + n, rest, dirty, stamp);
+                self.make_free(h, start + n, rest, had - before - taken, stamp);
                 self.link(src, h, start + n);
             }
+            let dirty = taken > 0;
             let r = &mut (*h).pages[start] as *mut PageDesc;
             // The run's last page may have been a free tail; it is an interior page now.
             if n > 1 {
@@ -96,6 +107,7 @@ impl PageHeap {
             }
             (*r).npages = n as u32;
             (*r).dirty = dirty;
+            (*r).used = 0;
             if (*h).free_pages == USABLE_PAGES {
                 self.free_chunks -= 1;
             }
@@ -105,8 +117,8 @@ impl PageHeap {
         }
     }
 
-    /// Returns the run with head `d` to the free runs as a dirty run, merged with dirty
-    /// neighbours; unmaps the chunk if it is wholly free and not needed as a spare, and
+    /// Returns the run with head `d` to the free runs, its pages dirty, merged with the free
+    /// runs on either side; unmaps the chunk if it is wholly free and not needed as a spare, and
     /// purges if the dirty pages now exceed the limit.
     ///
     /// # Safety
@@ -127,7 +139,7 @@ impl PageHeap {
                     return;
                 }
             }
-            self.insert_free(src, h, first, freed, true);
+            self.insert_free(src, h, first, freed);
             if self.dirty_pages > self.dirty_limit() && self.purge_ok {
                 self.purge_all(src);
             }
@@ -135,8 +147,8 @@ impl PageHeap {
     }
 
     /// Makes pages `first..first + n` of chunk `h` (whose descriptors hold no free run) a free
-    /// run of the given kind, merged with the free runs of that kind on either side, and
-    /// links it.
+    /// run of dirty pages, merged with the free runs on either side whatever their kind, and
+    /// links it, stamped with the time.
     ///
     /// # Safety
     /// The caller holds the lock and owns those pages; `(*h).free_pages` already counts them.
@@ -146,10 +158,13 @@ impl PageHeap {
         h: *mut ChunkHeader,
         first: usize,
         n: usize,
-        dirty: bool,
     ) {
         // SAFETY: as the contract says; neighbours are read through our own descriptors.
         unsafe {
+            let added = dirty::set(&mut (*h).dirty, first, n);
+            debug_assert_eq!(added, n, "a dirty bit on a page in use");
+            self.dirty_pages += added;
+            let mut dirty = added;
             let mut first = first;
             let mut n = n;
             (*h).pages[first].set_kind(Kind::Interior);
@@ -163,23 +178,21 @@ impl PageHeap {
             };
             if let Some(lh) = left_head {
                 let l = &mut (*h).pages[lh] as *mut PageDesc;
-                if (*l).dirty == dirty {
-                    self.unlink(src, l);
-                    n += (*l).npages as usize;
-                    (*h).pages[first - 1].set_kind(Kind::Interior);
-                    (*l).set_kind(Kind::Interior);
-                    first = lh;
-                }
+                self.unlink(src, l);
+                n += (*l).npages as usize;
+                dirty += (*l).used as usize;
+                (*h).pages[first - 1].set_kind(Kind::Interior);
+                (*l).set_kind(Kind::Interior);
+                first = lh;
             }
             // Merge with the run to the right.
             let right = first + n;
             if right < CHUNK_PAGES && (*h).pages[right].kind() == Kind::Free {
                 let r = &mut (*h).pages[right] as *mut PageDesc;
-                if (*r).dirty == dirty {
-                    self.unlink(src, r);
-                    n += (*r).npages as usize;
-                    (*r).set_kind(Kind::Interior);
-                }
+                self.unlink(src, r);
+                n += (*r).npages as usize;
+                dirty += (*r).used as usize;
+                (*r).set_kind(Kind::Interior);
             }
             self.make_free(h, first, n, dirty, self.now);
             self.link(src, h, first);
@@ -215,12 +228,14 @@ impl PageHeap {
             if rn < extra {
                 return false;
             }
-            let rdirty = (*r).dirty;
             let stamp = (*r).bump;
+            let had = (*r).used as usize;
             self.unlink(src, r);
             (*r).set_kind(Kind::Interior);
+            let taken = dirty::clear(&mut (*h).dirty, right, extra);
+            self.dirty_pages -= taken;
             if rn > extra {
-                self.make_free(h, right + extra, rn - extra, rdirty, stamp);
+                self.make_free(h, right + extra, rn - extra, had - taken, stamp);
                 self.link(src, h, right + extra);
             } else {
                 (*h).pages[right + rn - 1].set_kind(Kind::Interior);

@@ -193,24 +193,23 @@ fn freeing_neighbours_coalesces() {
     assert_eq!(run_at(xa), (Kind::Free, 13));
     check(&heap, &src);
 
-    // Freeing the guard leaves the chunk wholly free: a dirty run of the 14 pages used so
-    // far beside the clean remainder. It is the heap's spare, kept mapped, not purged.
+    // Freeing the guard leaves the chunk wholly free: one run, its first 14 pages dirty,
+    // the clean remainder after them. It is the heap's spare, kept mapped, not purged.
     let purged_before = src.purged_bytes.load(Ordering::Relaxed);
     give(&mut heap, &src, guard);
     check(&heap, &src);
-    assert_eq!(
-        free_runs(&heap),
-        vec![(xa, 14), (xa + 14 * PAGE, USABLE_PAGES - 14)]
-    );
+    assert_eq!(free_runs(&heap), vec![(xa, USABLE_PAGES)]);
     assert_eq!(heap.free_chunks, 1);
     assert_eq!(heap.dirty_pages, 14);
     assert_eq!(heap.counters.runs, 0);
     assert_eq!(src.purged_bytes.load(Ordering::Relaxed), purged_before);
-    // Purging turns the dirty run clean, and it merges with the remainder.
+    // Purging returns just the dirty pages, and the run becomes clean.
     // SAFETY: the test owns the heap.
     unsafe { heap.purge_all(&src) };
     check(&heap, &src);
     assert_eq!(free_runs(&heap), vec![(xa, USABLE_PAGES)]);
+    // SAFETY: a descriptor in a mapped chunk header.
+    assert!(!unsafe { (*desc_at(xa)).dirty });
     assert_eq!(heap.dirty_pages, 0);
     assert_eq!(
         src.purged_bytes.load(Ordering::Relaxed),
@@ -337,13 +336,13 @@ fn grow_and_shrink_in_place() {
 }
 
 #[test]
-fn dirty_runs_are_kept_apart_and_purged_past_the_limit() {
+fn dirty_runs_are_preferred_and_merge_with_clean_ones() {
     let src = TestSource::new(4);
     let mut heap = new_heap();
     let a = take(&mut heap, &src, 10, 1);
     let _guard = take(&mut heap, &src, 1, 1);
     let b = take(&mut heap, &src, 300, 1);
-    let _guard2 = take(&mut heap, &src, 1, 1);
+    let guard2 = take(&mut heap, &src, 1, 1);
     assert_eq!(heap.dirty_pages, 0);
     give(&mut heap, &src, a);
     give(&mut heap, &src, b);
@@ -366,23 +365,101 @@ fn dirty_runs_are_kept_apart_and_purged_past_the_limit() {
     check(&heap, &src);
     give(&mut heap, &src, d);
     assert_eq!(heap.dirty_pages, 310);
-    // Freeing the guard merges it with the dirty run before it, not with the clean
-    // remainder after it.
-    give(&mut heap, &src, _guard2);
+    // Freeing the guard merges it with the dirty run before it and the clean remainder
+    // after it: one run, of which 301 pages are dirty.
+    let (ba, tail) = (run_addr(b) as usize, USABLE_PAGES - 312);
+    give(&mut heap, &src, guard2);
     assert_eq!(heap.dirty_pages, 311);
+    assert_eq!(run_at(ba), (Kind::Free, 301 + tail));
     check(&heap, &src);
+    // A request that fits the dirty pages of that run is served from them, at its start.
+    // SAFETY: the test owns the heap.
+    let (d, dirty) = unsafe { heap.alloc_run(&src, 301, 1) };
+    assert!(dirty);
+    assert_eq!(addr(d), ba);
+    // SAFETY: `d` heads the run just taken.
+    unsafe { (*d).set_kind(Kind::Large) };
+    assert_eq!(heap.dirty_pages, 10);
+    // What is left of it is clean, and a clean request reads zero.
+    assert_eq!(run_at(ba + 301 * PAGE), (Kind::Free, tail));
+    // SAFETY: as above.
+    assert!(!unsafe { (*desc_at(ba + 301 * PAGE)).dirty });
+    check(&heap, &src);
+    give(&mut heap, &src, d);
     // SAFETY: the test owns the heap.
     unsafe { heap.purge_all(&src) };
     assert_eq!(heap.dirty_pages, 0);
     assert_eq!(src.purged_bytes.load(Ordering::Relaxed), 311 * PAGE);
     check(&heap, &src);
-    // Purged runs merged with the clean remainder: one run from the guard to the end.
     let runs = free_runs(&heap);
     assert_eq!(runs.len(), 2, "{runs:x?}");
     // SAFETY: the test owns the heap.
     let (d, dirty) = unsafe { heap.alloc_run(&src, 10, 1) };
     assert!(!dirty, "a purged run reads zero");
     assert_eq!(addr(d), run_addr(a) as usize);
+}
+
+/// A clean free run (purged) and a dirty one (freed since) side by side are one run: a
+/// request for their sum is served from their pages, where keeping the kinds apart would
+/// leave no run long enough and map a new chunk. The part taken is reported dirty; a part
+/// of clean pages alone reads zero.
+#[test]
+fn clean_and_dirty_neighbours_serve_one_request() {
+    let src = TestSource::new(4);
+    let mut heap = new_heap();
+    let guard = take(&mut heap, &src, 1, 1);
+    let a = take(&mut heap, &src, 100, 1);
+    let b = take(&mut heap, &src, 100, 1);
+    let rest = take(&mut heap, &src, USABLE_PAGES - 201, 1);
+    let (aa, ba) = (addr(a), addr(b));
+    give(&mut heap, &src, a);
+    // SAFETY: the test owns the heap.
+    unsafe { heap.purge_all(&src) };
+    assert_eq!(heap.dirty_pages, 0);
+    give(&mut heap, &src, b);
+    check(&heap, &src);
+    assert_eq!(heap.dirty_pages, 100);
+    assert_eq!(free_runs(&heap), vec![(aa, 200)]);
+    // An unaligned request that the dirty half holds is served from it...
+    // SAFETY: the test owns the heap.
+    let (d, dirty) = unsafe { heap.alloc_run(&src, 100, 1) };
+    assert!(dirty);
+    assert_eq!(
+        addr(d),
+        ba,
+        "the dirty pages, at the end of the run, are reused"
+    );
+    // SAFETY: `d` heads the run just taken.
+    unsafe { (*d).set_kind(Kind::Large) };
+    assert_eq!(heap.dirty_pages, 0);
+    check(&heap, &src);
+    // ...and the clean half alone reads zero.
+    // SAFETY: the test owns the heap.
+    let (c, dirty) = unsafe { heap.alloc_run(&src, 100, 1) };
+    assert!(!dirty, "the purged pages read zero");
+    assert_eq!(addr(c), aa);
+    // SAFETY: `c` heads the run just taken.
+    unsafe { (*c).set_kind(Kind::Large) };
+    give(&mut heap, &src, c);
+    // SAFETY: the test owns the heap.
+    unsafe { heap.purge_all(&src) };
+    give(&mut heap, &src, d);
+    check(&heap, &src);
+    // The sum of both: served from the chunk there is, with no new chunk.
+    let e = take(&mut heap, &src, 200, 1);
+    assert_eq!(addr(e), aa);
+    assert_eq!(
+        src.maps.load(Ordering::Relaxed),
+        1,
+        "a chunk was mapped for the request"
+    );
+    assert_eq!(heap.dirty_pages, 0);
+    check(&heap, &src);
+    for r in [e, rest, guard] {
+        give(&mut heap, &src, r);
+    }
+    check(&heap, &src);
+    assert_eq!(free_runs(&heap).len(), 1);
 }
 
 #[test]

@@ -45,6 +45,50 @@ pub fn cpu_affinity(set: &mut [u64; 16]) -> usize {
     count
 }
 
+/// A thread's CPU affinity (`sched_getaffinity`), kept to be put back.
+pub struct Affinity(libc::cpu_set_t);
+
+/// The calling thread's affinity, or `None` if the kernel will not tell.
+pub fn thread_affinity() -> Option<Affinity> {
+    // SAFETY: cpu_set_t is plain data; zeroed is the empty set.
+    let mut cs: libc::cpu_set_t = unsafe { core::mem::zeroed() };
+    // SAFETY: `cs` is a valid, writable cpu_set_t of the size we pass.
+    let r = unsafe { libc::sched_getaffinity(0, core::mem::size_of::<libc::cpu_set_t>(), &mut cs) };
+    (r == 0).then_some(Affinity(cs))
+}
+
+/// Moves the calling thread to CPU `cpu` (below 1024) and keeps it there: its affinity
+/// becomes that CPU alone. The kernel migrates a thread whose CPU leaves its affinity
+/// before `sched_setaffinity` returns, so on true the thread runs on `cpu`. False (nothing
+/// changed) when the thread may not run there (offline, outside its cpuset, or refused).
+pub fn move_to(cpu: usize) -> bool {
+    if cpu >= 1024 {
+        return false;
+    }
+    // SAFETY: cpu_set_t is plain data; zeroed is the empty set.
+    let mut cs: libc::cpu_set_t = unsafe { core::mem::zeroed() };
+    // SAFETY: `cs` is a valid cpu_set_t and `cpu` below its capacity.
+    unsafe { libc::CPU_SET(cpu, &mut cs) };
+    // SAFETY: `cs` is a valid cpu_set_t of the size we pass.
+    unsafe { libc::sched_setaffinity(0, core::mem::size_of::<libc::cpu_set_t>(), &cs) == 0 }
+}
+
+/// Gives the calling thread affinity `a` again; if the kernel refuses it (the thread's
+/// cpuset changed meanwhile and holds none of those CPUs), every CPU, which the kernel
+/// narrows to the cpuset, so that the thread is never left pinned.
+pub fn restore_affinity(a: &Affinity) {
+    let size = core::mem::size_of::<libc::cpu_set_t>();
+    // SAFETY: `a.0` is a valid cpu_set_t of the size we pass.
+    if unsafe { libc::sched_setaffinity(0, size, &a.0) } != 0 {
+        // SAFETY: an all-ones cpu_set_t is a valid set (every CPU); of the size we pass.
+        unsafe {
+            let all: libc::cpu_set_t =
+                core::mem::transmute([0xffu8; core::mem::size_of::<libc::cpu_set_t>()]);
+            libc::sched_setaffinity(0, size, &all);
+        }
+    }
+}
+
 /// The number of CPU ids the kernel may ever report: one more than the highest id in
 /// `/sys/devices/system/cpu/possible` (hot-pluggable CPUs included), read without allocating.
 /// Falls back to 1024 (`CPU_SETSIZE`) when the file cannot be read.

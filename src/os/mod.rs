@@ -6,6 +6,7 @@
 //! |---|---|
 //! | [`mem`] | anonymous memory: map (aligned), reserve, unmap, purge, remap, move, protect; the page size |
 //! | `file` | files and descriptors, shared mappings, hole punching, private copies, pipes |
+//! | [`stop`] | stopping the process's other threads for a moment (a real-time signal whose handler waits) |
 //! | [`sync`] | futex wait/wake, the robust process-shared mutex, fork handlers, `sched_yield`, cancellation off around a call |
 //! | `rseq` | the thread's rseq area (x86_64 glibc): its CPU id and offset |
 //! | [`cpu`] | the current CPU, the affinity set, the number of possible CPU ids |
@@ -27,10 +28,10 @@
 //!   (callers that must keep it, such as C's `free`, wrap the call in [`keeping_errno`]);
 //! - addresses and lengths of memory are multiples of [`OS_PAGE`] unless a function says
 //!   otherwise; paths are NUL-terminated;
-//! - async-signal-safe where marked (`write_all`, `fatal`, `futex_wake`, the `errno`
+//! - async-signal-safe where marked (`write_all`, `fatal`, the futex functions, the `errno`
 //!   functions, `current_cpu`, the rseq functions, `thread_id`, `single_threaded` and `pid`,
-//!   `file::signal`, `await_signal`, `close_nocancel`); the rest may be
-//!   called from a signal handler only if the C library's function is async-signal-safe too;
+//!   `file::signal`, `await_signal`, `close_nocancel`); the rest may be called from a
+//!   signal handler only if the C library's function is async-signal-safe too;
 //! - `pre:` lines (or `# Safety` for `unsafe fn`) state what the caller guarantees.
 //!
 //! On the fast paths (`rseq::*`, [`current_cpu`], [`keeping_errno`], [`thread_id`]) every
@@ -50,6 +51,7 @@ pub mod process;
 pub mod random;
 #[cfg(coreheap_rseq)]
 pub mod rseq;
+pub mod stop;
 pub mod sync;
 pub mod time;
 

@@ -5,37 +5,66 @@ use core::cell::UnsafeCell;
 use core::ptr;
 use core::sync::atomic::AtomicU32;
 
+/// The futex operation `op`, private to this process unless `shared` (usable across
+/// processes, for shared-memory heaps).
+fn futex_op(op: i32, shared: bool) -> i32 {
+    if shared {
+        op
+    } else {
+        op | libc::FUTEX_PRIVATE_FLAG
+    }
+}
+
 /// Blocks while `*word == expected`, until a [`futex_wake`] on `word` (or spuriously, or on
 /// a signal). `shared` selects a futex usable across processes (for shared-memory heaps).
+/// Async-signal-safe.
 pub fn futex_wait(word: &AtomicU32, expected: u32, shared: bool) {
-    let op = if shared {
-        libc::FUTEX_WAIT
-    } else {
-        libc::FUTEX_WAIT | libc::FUTEX_PRIVATE_FLAG
-    };
     // SAFETY: `word` is a valid aligned u32 for the duration of the call; no timeout.
     unsafe {
         libc::syscall(
             libc::SYS_futex,
             word.as_ptr(),
-            op,
+            futex_op(libc::FUTEX_WAIT, shared),
             expected,
             ptr::null::<libc::timespec>(),
         );
     }
 }
 
-/// Wakes one thread blocked in [`futex_wait`] on `word`. Async-signal-safe.
-pub fn futex_wake(word: &AtomicU32, shared: bool) {
-    let op = if shared {
-        libc::FUTEX_WAKE
-    } else {
-        libc::FUTEX_WAKE | libc::FUTEX_PRIVATE_FLAG
+/// Like [`futex_wait`], for at most `ms` milliseconds. Returns false if the time ran out
+/// (`ETIMEDOUT`), true otherwise (woken, the word differed, a signal). Async-signal-safe.
+pub fn futex_wait_ms(word: &AtomicU32, expected: u32, shared: bool, ms: u32) -> bool {
+    let ts = libc::timespec {
+        tv_sec: (ms / 1000) as _,
+        tv_nsec: ((ms % 1000) as i64 * 1_000_000) as _,
     };
+    let op = futex_op(libc::FUTEX_WAIT, shared);
+    // SAFETY: `word` is a valid aligned u32 and `ts` a valid relative timeout for the call.
+    let r = unsafe { libc::syscall(libc::SYS_futex, word.as_ptr(), op, expected, &ts) };
+    r == 0 || super::errno::errno() != libc::ETIMEDOUT
+}
+
+/// Wakes up to `n` threads blocked in [`futex_wait`] on `word`.
+fn wake(word: &AtomicU32, shared: bool, n: i32) {
     // SAFETY: `word` is a valid aligned u32; waking has no other effect on memory.
     unsafe {
-        libc::syscall(libc::SYS_futex, word.as_ptr(), op, 1);
+        libc::syscall(
+            libc::SYS_futex,
+            word.as_ptr(),
+            futex_op(libc::FUTEX_WAKE, shared),
+            n,
+        );
     }
+}
+
+/// Wakes one thread blocked in [`futex_wait`] on `word`. Async-signal-safe.
+pub fn futex_wake(word: &AtomicU32, shared: bool) {
+    wake(word, shared, 1);
+}
+
+/// Wakes every thread blocked in [`futex_wait`] on `word`. Async-signal-safe.
+pub fn futex_wake_all(word: &AtomicU32, shared: bool) {
+    wake(word, shared, i32::MAX);
 }
 
 /// Gives the CPU to another runnable thread (`sched_yield`).

@@ -26,8 +26,9 @@ use crate::size_class::{CHUNK, PAGE};
 pub const SHM_MAGIC: u64 = u64::from_le_bytes(*b"chshheap");
 /// The format version; a heap of another version is refused, not converted. 5: size
 /// classes finer than powers of two, huge spans marked busy in transit, huge counters in
-/// the header. 6: size classes up to 256 KiB (52 bins per arena).
-pub const SHM_VERSION: u32 = 6;
+/// the header. 6: size classes up to 256 KiB (52 bins per arena). 7: a dirty bit per page
+/// in chunk headers, free runs merged whatever their state.
+pub const SHM_VERSION: u32 = 7;
 
 /// An arena as a shared heap's file holds it: locked with the robust lock its page source
 /// chooses.

@@ -8,9 +8,9 @@
 //! objects), so fork handlers give the child a private copy of the heap at the same address
 //! (the parent waits in `fork` until the copy is made; all arena locks are held meanwhile).
 //! The child's later allocations stay private; only the process that opened the heap
-//! publishes into it. Another thread of the parent that writes into its blocks while the
-//! child copies may leave the child a torn copy of that object (a real fork copies the
-//! address space at one instant): fork from threads that do not share heap objects, or exec.
+//! publishes into it. The parent's other threads are stopped from before `fork` until the
+//! copy is made (`os::stop`), so the child's copy is one instant's, as a real fork's is;
+//! docs/shm.md lists the threads that cannot be stopped.
 //!
 //! One publisher: a process started with the variable while another live process
 //! publishes through the heap (typically a child that inherited the environment and ran
@@ -148,12 +148,39 @@ fn fork_pipe() -> (i32, i32) {
     )
 }
 
+/// What the last prepare handler did, for the parent and child handlers of the same `fork`
+/// (glibc runs all three on the forking thread): bit [`THREADS`] if the process had other
+/// threads (the stdio list lock is taken), bit [`STOPPED`] if they were stopped.
+static FORK_DID: AtomicU8 = AtomicU8::new(0);
+const THREADS: u8 = 1;
+const STOPPED: u8 = 2;
+
 unsafe extern "C" fn fork_prepare() {
     if let Some(h) = shared_heap() {
         let (r, w) = os::file::pipe().unwrap_or((-1, -1));
         FORK_PIPE[0].store(r, Ordering::Relaxed);
         FORK_PIPE[1].store(w, Ordering::Relaxed);
+        let threads = !os::single_threaded();
+        if threads {
+            // Before the arenas (a thread may allocate while it holds the list lock), and
+            // before the other threads are stopped: fork takes this lock after the prepare
+            // handlers, and a stopped thread that held it would never let it go.
+            os::stdio_list_lock();
+        }
         h.fork_prepare();
+        if threads {
+            // The process heap's fork locks too (its prepare handler may run after this one).
+            crate::heap::prepare_fork_early();
+        }
+        // The heap is copied in the child after `fork`: the other threads must not write
+        // into it before the copy is made (the parent waits for it on the pipe, without
+        // which nothing is stopped). Stopped here, not later, the child's copy and the rest
+        // of the child's memory are the same instant's.
+        let stopped = threads && r >= 0 && os::stop::stop_others();
+        FORK_DID.store(
+            (u8::from(threads) * THREADS) | (u8::from(stopped) * STOPPED),
+            Ordering::Relaxed,
+        );
     }
 }
 
@@ -166,12 +193,23 @@ unsafe extern "C" fn fork_parent() {
             os::file::await_signal(r);
             os::file::close_nocancel(r);
         }
+        let did = FORK_DID.load(Ordering::Relaxed);
+        if did & STOPPED != 0 {
+            os::stop::resume_others();
+        }
         h.fork_parent();
+        if did & THREADS != 0 {
+            os::stdio_list_unlock();
+        }
     }
 }
 
 unsafe extern "C" fn fork_child() {
     if let Some(h) = shared_heap() {
+        let did = FORK_DID.load(Ordering::Relaxed);
+        if did & STOPPED != 0 {
+            os::stop::forget_in_child();
+        }
         if !h.fork_child() {
             os::write_all(
                 2,
@@ -185,6 +223,9 @@ unsafe extern "C" fn fork_child() {
             os::file::signal(w);
             os::file::close_nocancel(w);
             os::file::close_nocancel(r);
+        }
+        if did & THREADS != 0 {
+            os::stdio_list_reset();
         }
     }
 }

@@ -554,7 +554,8 @@ fn main() {
         println!("   (needs two cores: skipped)");
     } else {
         let (prod, cons) = cores.split_at(np);
-        for s in [64, 256] {
+        // 64 KiB: a large class, whose remote frees go through the large outbox.
+        for s in [64, 256, 64 << 10] {
             rows.extend(measure(
                 &cfg,
                 format!("prod/cons {}", size_name(s)),

@@ -31,6 +31,8 @@ fn main() {
         Ok("double-unmapped") => double_dealloc_unmapped_child(),
         Ok("double-large") => double_dealloc_large_child(false),
         Ok("double-large-flushed") => double_dealloc_large_child(true),
+        Ok("double-run") => double_dealloc_run_child(),
+        Ok("double-remote-large") => double_dealloc_remote_large_child(),
         Ok(_) => {
             counter_child();
             return;
@@ -47,6 +49,8 @@ fn main() {
     corrupt_link_aborts();
     transfer_slots_move_whole_chains();
     large_classes_are_cached_counted_and_trimmed();
+    run_slots_cache_count_and_trim();
+    large_remote_frees_park_with_their_owner();
     realloc_keeps_the_class_that_dealloc_computes();
     c_free_takes_every_path();
     migrated_threads_lose_and_duplicate_nothing();
@@ -211,6 +215,193 @@ fn double_dealloc_large_child(flushed: bool) -> ! {
     }
     println!("second dealloc returned");
     std::process::exit(0);
+}
+
+/// The child: a thread pinned to one core frees a 1 MiB block (a page run, which waits in
+/// the CPU's run slot) and frees it again. Must not return.
+fn double_dealloc_run_child() -> ! {
+    if let Some(core) = core_affinity::get_core_ids().and_then(|c| c.first().copied()) {
+        core_affinity::set_for_current(core);
+    }
+    let layout = Layout::from_size_align(1 << 20, 8).unwrap();
+    // SAFETY: deliberately wrong: a block is deallocated twice, which coreheap must detect.
+    unsafe {
+        let p = alloc(layout);
+        dealloc(p, layout);
+        println!("block={p:p}");
+        dealloc(p, layout);
+    }
+    println!("second dealloc returned");
+    std::process::exit(0);
+}
+
+/// The child: a block of a large class (100 KiB) allocated on the first core is freed twice
+/// on the last one, whose large outbox holds it after the first free. Must not return.
+fn double_dealloc_remote_large_child() -> ! {
+    let cores = core_affinity::get_core_ids().unwrap_or_default();
+    let (first, last) = (cores.first().copied(), cores.last().copied());
+    let layout = Layout::from_size_align(100_000, 8).unwrap();
+    let p = std::thread::spawn(move || {
+        if let Some(c) = first {
+            core_affinity::set_for_current(c);
+        }
+        // SAFETY: non-zero size.
+        unsafe { alloc(layout) as usize }
+    })
+    .join()
+    .unwrap();
+    if let Some(c) = last {
+        core_affinity::set_for_current(c);
+    }
+    println!("block={:p}", p as *mut u8);
+    // SAFETY: deliberately wrong: a block is deallocated twice, which coreheap must detect.
+    unsafe {
+        dealloc(p as *mut u8, layout);
+        dealloc(p as *mut u8, layout);
+    }
+    println!("second dealloc returned");
+    std::process::exit(0);
+}
+
+/// Large blocks above the largest class (page runs of up to 2 MiB) go through the CPU's run
+/// slots: freed and allocated again on one core they come back without the arena's lock
+/// (counted as fast allocations), a run too short or too long for a request is not handed
+/// out for it but goes back to the arena, the statistics count the runs waiting in the
+/// slots as cached, not in use, and `trim` on that core empties the slots.
+fn run_slots_cache_count_and_trim() {
+    if !coreheap::fast_path() {
+        eprintln!("fastpath: run slots not tested (no rseq)");
+        return;
+    }
+    let Some(core) = core_affinity::get_core_ids().and_then(|c| c.last().copied()) else {
+        return;
+    };
+    std::thread::spawn(move || {
+        assert!(core_affinity::set_for_current(core));
+        let arena = coreheap::current_arena();
+        let in_use = || coreheap::stats().arenas[arena].in_use();
+        let cached = || coreheap::stats().arenas[arena].cached_runs;
+        let fast = || coreheap::stats().arenas[arena].fast_allocs;
+        let mib = Layout::from_size_align(1 << 20, 8).unwrap();
+        let before = in_use();
+        // SAFETY: non-zero sizes; every block freed once with its layout.
+        unsafe {
+            let p = alloc(mib);
+            assert!(!p.is_null());
+            p.write_bytes(1, mib.size());
+            dealloc(p, mib);
+            assert_eq!(in_use(), before, "a run in a slot counted as in use");
+            assert!(cached() >= 1 << 20, "nothing cached after the free");
+            // Too long for 600 KiB (it would waste more than a quarter), too short for
+            // 1.5 MiB: neither takes the cached run, which goes back to the arena (its pages
+            // may serve the request) rather than stay where requests pass it over.
+            for size in [600 << 10, 3 << 19] {
+                let l = Layout::from_size_align(size, 8).unwrap();
+                let q = alloc(l);
+                assert!(!q.is_null());
+                assert_eq!(
+                    coreheap::usable_size(q),
+                    size,
+                    "a {size}-byte request was handed a cached run of another length"
+                );
+                assert_eq!(cached(), 0, "a run that did not fit stayed in its slot");
+                dealloc(q, l);
+            }
+            coreheap::trim();
+            assert_eq!(cached(), 0, "trim left runs in this CPU's slots");
+            let p = alloc(mib);
+            dealloc(p, mib);
+            let fast_before = fast();
+            let q = alloc(mib);
+            assert_eq!(q, p, "the freed run did not come back from the slot");
+            assert!(fast() > fast_before, "not counted as a fast allocation");
+            // A slightly shorter request fits the same run.
+            dealloc(q, mib);
+            let l = Layout::from_size_align((1 << 20) - 100_000, 8).unwrap();
+            let r = alloc(l);
+            assert_eq!(
+                r, p,
+                "a request within a quarter did not take the cached run"
+            );
+            dealloc(r, l);
+        }
+        coreheap::trim();
+        assert_eq!(cached(), 0, "trim left runs in this CPU's slots");
+        assert_eq!(in_use(), before);
+    })
+    .join()
+    .unwrap();
+    coreheap::check_heap().unwrap();
+    eprintln!("fastpath: page runs cached in run slots, counted, and emptied by trim");
+}
+
+/// Blocks of a class above 8 KiB freed on another arena's CPU wait in that CPU's large
+/// outbox; a full one goes to the owner's transfer slot of the class as one chain, which
+/// the owner's CPU takes back as refills, its blocks handed out again there and only there.
+fn large_remote_frees_park_with_their_owner() {
+    let cores = core_affinity::get_core_ids().unwrap_or_default();
+    if !coreheap::fast_path() || coreheap::SMALL_MAX <= 8192 || cores.len() < 2 {
+        eprintln!("fastpath: large outbox not tested (no rseq, no large classes, or one core)");
+        return;
+    }
+    let (c0, c1) = (cores[0], cores[1]);
+    let layout = Layout::from_size_align(64 << 10, 8).unwrap();
+    let class = (0..coreheap::NUM_CLASSES)
+        .find(|&c| coreheap::class_size(c) >= layout.size())
+        .unwrap();
+    let (arena0, blocks) = std::thread::spawn(move || {
+        assert!(core_affinity::set_for_current(c0));
+        // SAFETY: non-zero size; each block freed once, on the other core.
+        let v: Vec<usize> = (0..8).map(|_| unsafe { alloc(layout) } as usize).collect();
+        (coreheap::current_arena(), v)
+    })
+    .join()
+    .unwrap();
+    let first: Vec<usize> = blocks[..4].to_vec();
+    let parked = std::thread::spawn(move || {
+        assert!(core_affinity::set_for_current(c1));
+        if coreheap::current_arena() == arena0 {
+            return None;
+        }
+        for &b in &blocks {
+            // SAFETY: allocated on the other core with `layout`, freed once here.
+            unsafe { dealloc(b as *mut u8, layout) };
+        }
+        Some(coreheap::stats().arenas[arena0].cached[class])
+    })
+    .join()
+    .unwrap();
+    let Some(parked) = parked else {
+        eprintln!("fastpath: cores 0 and 1 share an arena; large outbox not tested");
+        return;
+    };
+    // The first four went as one chain when the fifth found the outbox full; the others
+    // wait in the outbox (counted against their owner too).
+    assert!(parked >= 8, "only {parked} of 8 blocks counted as cached");
+    std::thread::spawn(move || {
+        assert!(core_affinity::set_for_current(c0));
+        // SAFETY: non-zero size; freed right after.
+        let again: Vec<usize> = (0..4).map(|_| unsafe { alloc(layout) } as usize).collect();
+        for &b in &again {
+            assert_eq!(coreheap::owner_arena(b as *const u8), Some(arena0));
+            assert!(
+                first.contains(&b),
+                "a parked block was not handed out again"
+            );
+            // SAFETY: allocated above with `layout`.
+            unsafe { dealloc(b as *mut u8, layout) };
+        }
+    })
+    .join()
+    .unwrap();
+    std::thread::spawn(move || {
+        assert!(core_affinity::set_for_current(c1));
+        coreheap::trim();
+    })
+    .join()
+    .unwrap();
+    coreheap::check_heap().unwrap();
+    eprintln!("fastpath: large remote frees parked with their owner and reused there");
 }
 
 /// Blocks of the classes above 8 KiB go through the CPU caches: freed and allocated again
@@ -426,6 +617,9 @@ fn double_dealloc_aborts() {
         ("double-large", vec![]),
         ("double-large", vec![("COREHEAP_RSEQ", "0")]),
         ("double-large-flushed", vec![]),
+        ("double-run", vec![]),
+        ("double-run", vec![("COREHEAP_RSEQ", "0")]),
+        ("double-remote-large", vec![]),
     ] {
         let out = Command::new(std::env::current_exe().unwrap())
             .env(CHILD_VAR, mode)
@@ -460,6 +654,17 @@ fn double_dealloc_aborts() {
                 stderr.contains("double free")
             }
             "double-parked" if coreheap::fast_path() => stderr.contains("double free"),
+            // In a run slot (without the caches the run went back to the page heap: the
+            // case below).
+            "double-run" if coreheap::fast_path() && env.is_empty() => {
+                stderr.contains("double free")
+            }
+            // In the freeing CPU's large outbox (with one core, or one arena, the block
+            // is in that CPU's own list instead: a double free either way; without the
+            // caches its run went back: the case below).
+            "double-remote-large" if coreheap::fast_path() && coreheap::SMALL_MAX > 8192 => {
+                stderr.contains("double free")
+            }
             _ => {
                 // The scenario must really be the released one (without the caches, the
                 // parked one's blocks went back to their runs, which were released too).

@@ -190,9 +190,10 @@ fn coreheap_arenas_env_sets_the_arena_count() {
     run_child(Some("100000"), 4096);
 }
 
-/// Blocks of the classes above 8 KiB (cached per CPU like small ones) freed on another
-/// core's CPU go back to their own arena: the freeing core's cache never hands them out, so
-/// everything it allocates afterwards, many times over, is its own arena's.
+/// Blocks of the classes above 8 KiB (cached per CPU like small ones) and page runs above
+/// them (the CPUs' run slots) freed on another core's CPU go back to their own arena (the
+/// classes' through the freeing CPU's large outbox): the freeing core's cache never hands
+/// them out, so everything it allocates afterwards, many times over, is its own arena's.
 #[test]
 fn large_class_blocks_freed_on_another_core_go_home() {
     watchdog();
@@ -205,7 +206,17 @@ fn large_class_blocks_freed_on_another_core_go_home() {
         return;
     }
     let (c0, c1) = (cores[0], cores[1]);
-    let sizes = [9000, 12 << 10, 40 << 10, 100_000, 256 << 10];
+    // Large classes, then page runs above them (the CPUs' run slots).
+    let sizes = [
+        9000,
+        12 << 10,
+        40 << 10,
+        100_000,
+        256 << 10,
+        300 << 10,
+        1 << 20,
+        2 << 20,
+    ];
     let (arena0, blocks) = std::thread::spawn(move || {
         assert!(core_affinity::set_for_current(c0));
         let blocks: Vec<(usize, Layout)> = (0..40)

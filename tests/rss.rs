@@ -83,6 +83,7 @@ fn rss_returns_after_freeing_everything() {
     // disturb each other's measurements.
     one_thread();
     large_classes_go_back();
+    run_slots_go_back();
     trim_empties_every_cache();
     other_threads_free();
     huge_spans_go_back();
@@ -408,19 +409,28 @@ fn trim_empties_every_cache() {
 /// On the CPU it runs on: 128 MiB of blocks of the classes above 8 KiB (9 KiB to 256 KiB)
 /// allocated, touched and freed in a scrambled order.
 fn large_class_round() {
-    let mut rng = Rng(0x51_7cc1_b727_220a ^ coreheap::current_arena() as u64);
+    // (Page runs with `pow2-classes`, whose classes end at 8 KiB.)
+    scrambled_round(0x51_7cc1_b727_220a, 128 * MIB, 7, |rng| {
+        9 * 1024 + rng.below(247 * 1024 + 1)
+    });
+}
+
+/// Blocks of sizes from `size` adding up to `total`, allocated (every page written with
+/// `fill`) and then freed in a scrambled order; the random sequence is `seed`'s, varied by
+/// the calling CPU's arena.
+fn scrambled_round(seed: u64, total: usize, fill: u8, size: impl Fn(&mut Rng) -> usize) {
+    let mut rng = Rng(seed ^ coreheap::current_arena() as u64);
     let mut blocks = Vec::new();
-    let mut total = 0;
-    while total < 128 * MIB {
-        // (Page runs with `pow2-classes`, whose classes end at 8 KiB.)
-        let size = 9 * 1024 + rng.below(247 * 1024 + 1);
-        let layout = Layout::from_size_align(size, 8).unwrap();
+    let mut sum = 0;
+    while sum < total {
+        let n = size(&mut rng);
+        let layout = Layout::from_size_align(n, 8).unwrap();
         // SAFETY: non-zero size.
         let p = unsafe { alloc(layout) };
         assert!(!p.is_null());
-        touch(p, size, 7);
+        touch(p, n, fill);
         blocks.push((p, layout));
-        total += size;
+        sum += n;
     }
     for i in (1..blocks.len()).rev() {
         blocks.swap(i, rng.below(i + 1));
@@ -429,6 +439,40 @@ fn large_class_round() {
         // SAFETY: allocated above with this layout, freed once.
         unsafe { dealloc(p, layout) };
     }
+}
+
+/// Page runs above the largest class, which the CPUs' run slots keep: on every CPU in turn,
+/// 256 MiB of them (256 KiB to 2 MiB) allocated, touched and freed in a scrambled order.
+/// What the slots keep afterwards is bounded (two runs per CPU), the rest leaves the
+/// resident set after the decay delay, and `trim` empties every CPU's slots.
+fn run_slots_go_back() {
+    fn round() {
+        scrambled_round(0x7a11_5107_5eed_0001, 256 * MIB, 9, |rng| {
+            coreheap::SMALL_MAX + 1 + rng.below(2 * MIB - coreheap::SMALL_MAX)
+        });
+    }
+    let cached = || -> usize { coreheap::stats().arenas.iter().map(|a| a.cached_runs).sum() };
+    let base = rss();
+    on_every_cpu(round);
+    let cpus = on_every_cpu_count();
+    let kept = cached();
+    eprintln!(
+        "rss, page runs on {cpus} CPUs: start {}, after freeing {}, {} in run slots",
+        mib(base),
+        mib(rss()),
+        mib(kept)
+    );
+    // The slots' bound: two runs of at most 2 MiB per CPU.
+    assert!(
+        kept <= cpus * 4 * MIB,
+        "{} of page runs in run slots on {cpus} CPUs:\n{}",
+        mib(kept),
+        coreheap::stats()
+    );
+    after_decay(base, "page runs");
+    coreheap::trim();
+    assert_eq!(cached(), 0, "trim left runs in some CPU's slots");
+    coreheap::check_heap().unwrap();
 }
 
 /// How many CPUs [`on_every_cpu`] runs on.

@@ -271,11 +271,39 @@ impl<S: PageSource<Lock: ArenaLock>> Arena<S> {
     #[cold]
     #[inline(never)]
     fn alloc_large(&self, src: &S, size: usize, align: usize) -> (*mut u8, bool) {
+        // SAFETY: no block to free.
+        unsafe { self.alloc_large_freeing(src, size, align, &[]) }
+    }
+
+    /// Allocates a large block as [`Arena::alloc_run`] does, after returning the large
+    /// blocks `old` to the page heap in the same lock round (so their pages can serve it):
+    /// the CPU caches' run slots give back the runs that did not fit a request this way.
+    ///
+    /// # Safety
+    /// Every block of `old` is a live large block of this arena (`lookup` says
+    /// `Lookup::Large` of it) that the caller gives up, its double-free mark written.
+    pub unsafe fn alloc_large_freeing(
+        &self,
+        src: &S,
+        size: usize,
+        align: usize,
+        old: &[*mut u8],
+    ) -> (*mut u8, bool) {
         let n = pages_for(size);
         let align_pages = if align > PAGE { align >> PAGE_SHIFT } else { 1 };
         self.acquire(src);
         // SAFETY: the lock is held.
         let st = unsafe { &mut *self.state.get() };
+        for &p in old {
+            match lookup(src, p) {
+                Lookup::Large { arena, run } if arena == self.index && self.owns_run(run) => {
+                    // SAFETY: the lock is held; `run` heads a large run of this arena whose
+                    // block the caller gave up (contract).
+                    unsafe { Self::free_large_locked(src, st, run) }
+                }
+                _ => crate::diag::invalid_pointer(b"coreheap: free of a foreign block", p),
+            }
+        }
         // Pending frees may hold the pages we need: return them before the page heap maps
         // more. The lock is held; n and align_pages are within the page heap's bounds
         // because size <= LARGE_MAX and align <= LARGE_ALIGN_MAX.
@@ -636,6 +664,16 @@ impl<S: PageSource<Lock: ArenaLock>> Arena<S> {
         };
         self.release(src);
         ok
+    }
+
+    /// Lets the page heap decay now if the lock is free (never waits): for the CPU caches'
+    /// run slots, whose allocations do not take the slow path where the decay clock ticks.
+    pub fn tick(&self, src: &S) {
+        if self.try_acquire(src) {
+            // SAFETY: the lock is held.
+            unsafe { (*self.state.get()).pages.decay(src, crate::os::now_ms()) };
+            self.release(src);
+        }
     }
 
     /// Drains pending frees and purges every dirty free page.

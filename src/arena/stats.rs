@@ -44,6 +44,9 @@ pub struct ArenaStats {
     /// parked in its transfer slots, and this arena's blocks in any CPU's outbox (counted
     /// in use by their runs, so `classes` counts them as allocated).
     pub cached: [u64; NUM_CLASSES],
+    /// Bytes of this arena's large blocks (page runs) waiting in its CPUs' run slots
+    /// (counted in `large.in_use` by the page heap, not in use by the program).
+    pub cached_runs: usize,
     /// Blocks handed out by the lock-free rseq fast path on this arena's CPUs.
     pub fast_allocs: u64,
     /// Blocks taken back by that fast path (outbox pushes included).
@@ -65,6 +68,7 @@ impl Default for ArenaStats {
             repairs: 0,
             orphaned_chunks: 0,
             cached: [0; NUM_CLASSES],
+            cached_runs: 0,
             fast_allocs: 0,
             fast_frees: 0,
         }
@@ -83,6 +87,6 @@ impl ArenaStats {
         (0..NUM_CLASSES)
             .map(|c| self.class_in_use(c))
             .sum::<usize>()
-            + self.large.in_use
+            + self.large.in_use.saturating_sub(self.cached_runs)
     }
 }

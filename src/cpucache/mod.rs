@@ -50,7 +50,7 @@
 use core::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 
 use crate::chunk::{decode_link, Block};
-use crate::size_class::{class_size, NUM_CLASSES, TABLE_CLASSES};
+use crate::size_class::{class_size, LARGE_MAX, NUM_CLASSES, TABLE_CLASSES};
 
 mod chain;
 #[cfg(coreheap_rseq)]
@@ -61,7 +61,7 @@ mod sections;
 mod transfer;
 
 pub use chain::{for_each_block, return_blocks, return_chain, split_chain, take_batch, Chain};
-pub use transfer::Transfer;
+pub use transfer::{chain_max, Transfer};
 
 pub const PTR_BITS: u32 = 48;
 /// The address bits of a packed head or link.
@@ -80,17 +80,18 @@ const STRIDE_SHIFT: usize = core::mem::size_of::<CpuCache>()
 /// accesses, single-copy atomic on x86_64), so the fast path executes no atomic instruction.
 #[repr(C, align(128))]
 pub struct CpuCache {
-    /// Packed list heads, one per size class, then the outbox ([`OUTBOX`]).
-    heads: [AtomicUsize; NUM_CLASSES + 1],
+    /// Packed list heads, one per size class, then the outbox ([`OUTBOX`]), the page-run
+    /// slots ([`RUNS`]) and the large outbox ([`LARGE_OUTBOX`]).
+    heads: [AtomicUsize; LISTS],
     /// Blocks popped by the fast path (statistics; may count a restarted pop twice).
     fast_allocs: AtomicU64,
     /// Blocks pushed by the fast path, outbox pushes included (statistics; as above).
     fast_frees: AtomicU64,
     /// The arena that every block in this cache belongs to. Written once at initialisation.
     arena: AtomicU32,
-    /// The most blocks each list holds: [`limit`] of its class, then [`OUTBOX_LIMIT`].
-    /// Written once at initialisation; a push compares with it in memory.
-    limits: [AtomicU8; NUM_CLASSES + 1],
+    /// The most blocks each list holds ([`list_limit`]). Written once at initialisation; a
+    /// push compares with it in memory.
+    limits: [AtomicU8; LISTS],
     /// That arena's secret for links ([`encode_link`]). Written once at initialisation.
     key: AtomicUsize,
 }
@@ -124,6 +125,42 @@ pub const OUTBOX: usize = NUM_CLASSES;
 
 /// How many blocks an outbox holds before it is sent.
 pub const OUTBOX_LIMIT: usize = 64;
+
+/// The first of a CPU's [`RUN_LISTS`] page-run slots: lists of at most one large block (a
+/// page run of more than `SMALL_MAX` and at most `LARGE_MAX` bytes) of the CPU's arena,
+/// freed there and waiting to be handed out again without the arena's lock.
+pub const RUNS: usize = OUTBOX + 1;
+
+/// Page-run slots per CPU: two runs of at most `LARGE_MAX` (2 MiB) each, 4 MiB per CPU.
+/// One serves a program that allocates and frees one size in turn; the second, two sizes
+/// in turn (a buffer and its replacement).
+pub const RUN_LISTS: usize = 2;
+
+/// The list of a CPU's **large outbox**: blocks of the classes above [`OUTBOX_MAX_BLOCK`]
+/// of other arenas freed on this CPU, sent to their owners a batch at a time (one lock round
+/// per owner) rather than one lock round each.
+pub const LARGE_OUTBOX: usize = RUNS + RUN_LISTS;
+
+/// How many blocks a large outbox holds before it is sent: at most 4 x 256 KiB, 1 MiB.
+pub const LARGE_OUTBOX_LIMIT: usize = 4;
+
+/// Lists per CPU: the classes, the outbox, the run slots, the large outbox.
+pub const LISTS: usize = LARGE_OUTBOX + 1;
+
+/// The most blocks list `list` of a CPU holds: [`limit`] for a class, [`OUTBOX_LIMIT`],
+/// one run per run slot, [`LARGE_OUTBOX_LIMIT`].
+#[inline]
+pub const fn list_limit(list: usize) -> usize {
+    if list < NUM_CLASSES {
+        limit(list)
+    } else if list == OUTBOX {
+        OUTBOX_LIMIT
+    } else if list == LARGE_OUTBOX {
+        LARGE_OUTBOX_LIMIT
+    } else {
+        1
+    }
+}
 
 /// The largest blocks an outbox takes, so that an outbox holds at most
 /// `OUTBOX_LIMIT * OUTBOX_MAX_BLOCK` = 64 KiB; frees of larger blocks of other arenas take
@@ -170,13 +207,21 @@ pub const fn limit(class: usize) -> usize {
     }
 }
 
-/// The most bytes of free blocks one CPU's cache holds: its class lists at their limits and
-/// a full outbox: at most 1,991 KiB, of which 379 KiB in the classes up to 8 KiB and the
-/// outbox and 1,612 KiB in the large classes (316 KiB with `pow2-classes`, which has none),
-/// as `docs/design.md` states. Above [`CLASS_LISTS_BUDGET`] and the outbox only by the
+/// The most bytes of free blocks one CPU's cache holds: its class lists at their limits, a
+/// full outbox, full run slots and a full large outbox: at most 7,111 KiB, of which 379 KiB
+/// in the classes up to 8 KiB and the outbox, 1,612 KiB in the large classes, 4,096 KiB in
+/// the run slots and 1,024 KiB in the large outbox (4,412 KiB with `pow2-classes`, which
+/// has no large classes, so its large outbox stays empty), as
+/// `docs/design.md` states. Above [`CLASS_LISTS_BUDGET`] and the outbox only by the
 /// [`LIMIT_MIN`] blocks of the largest classes up to 8 KiB and the large classes' blocks.
 pub const CPU_CACHE_BYTES: usize = {
-    let mut total = OUTBOX_LIMIT * OUTBOX_MAX_BLOCK;
+    let mut total = OUTBOX_LIMIT * OUTBOX_MAX_BLOCK
+        + RUN_LISTS * LARGE_MAX
+        + if TABLE_CLASSES < NUM_CLASSES {
+            LARGE_OUTBOX_LIMIT * class_size(NUM_CLASSES - 1)
+        } else {
+            0
+        };
     let mut c = 0;
     while c < NUM_CLASSES {
         total += limit(c) * class_size(c);
@@ -279,12 +324,7 @@ impl Caches {
             c.arena.store(a, Ordering::Relaxed);
             c.key.store(key, Ordering::Relaxed);
             for (list, l) in c.limits.iter().enumerate() {
-                let n = if list == OUTBOX {
-                    OUTBOX_LIMIT
-                } else {
-                    limit(list)
-                };
-                l.store(n as u8, Ordering::Relaxed);
+                l.store(list_limit(list) as u8, Ordering::Relaxed);
             }
             len += 1;
         }
@@ -324,8 +364,18 @@ impl Caches {
         self.cache(cpu).arena.load(Ordering::Relaxed) as usize
     }
 
-    /// Whether CPU `cpu`'s lists or outbox held a block when looked at (read without that
-    /// CPU's cooperation: a recent snapshot).
+    /// Whether CPU `cpu`'s run slots seem to hold a run (a snapshot: another thread on that
+    /// CPU may change them at any time).
+    #[inline]
+    pub fn has_runs(&self, cpu: usize) -> bool {
+        let c = self.cache(cpu);
+        c.heads[RUNS..RUNS + RUN_LISTS]
+            .iter()
+            .any(|h| h.load(Ordering::Relaxed) != 0)
+    }
+
+    /// Whether CPU `cpu`'s lists, outboxes or run slots held a block when looked at (read
+    /// without that CPU's cooperation: a recent snapshot).
     pub fn holds_blocks(&self, cpu: usize) -> bool {
         self.cache(cpu)
             .heads
@@ -350,7 +400,8 @@ impl Caches {
 }
 
 impl Caches {
-    /// Pops a free block of class `class` from the current CPU's cache. The block's first
+    /// Pops a free block of class `class` (or a run of run slot `class`, [`RUNS`]) from the
+    /// current CPU's cache. The block's first
     /// word still holds a link; its second is untouched. `Err` when nothing was popped
     /// (the list is empty, or the thread has no usable CPU id); a block whose link fails its
     /// check is reported (the process aborts).
@@ -358,7 +409,9 @@ impl Caches {
     /// Callers check `enabled` first.
     #[inline(always)]
     pub fn pop(&self, class: usize) -> Result<*mut Block, ()> {
-        debug_assert!(self.enabled && class < NUM_CLASSES);
+        debug_assert!(
+            self.enabled && (class < NUM_CLASSES || (RUNS..RUNS + RUN_LISTS).contains(&class))
+        );
         let (block, bad) = self.pop_raw(class);
         if block == 0 {
             if bad != 0 {
@@ -389,14 +442,17 @@ impl Caches {
         self.cache(cpu).key.load(Ordering::Relaxed)
     }
 
-    /// Pushes `b`, a block of class `class` of arena `arena`, on the current CPU's cache.
+    /// Pushes `b`, a block of class `class` of arena `arena`, on the current CPU's cache (or,
+    /// for a run slot `class`, [`RUNS`], a large block of more than `SMALL_MAX` bytes).
     ///
     /// # Safety
-    /// `enabled`; `b` is a free block of that class and arena, which the caller owns and
-    /// gives up if the answer is [`Push::Done`].
+    /// `enabled`; `b` is a free block of that class (or a large one) and arena, which the
+    /// caller owns and gives up if the answer is [`Push::Done`].
     #[inline(always)]
     pub unsafe fn push(&self, class: usize, b: *mut Block, arena: u32) -> Push {
-        debug_assert!(self.enabled && class < NUM_CLASSES);
+        debug_assert!(
+            self.enabled && (class < NUM_CLASSES || (RUNS..RUNS + RUN_LISTS).contains(&class))
+        );
         // SAFETY: by the contract.
         match unsafe { self.push_raw(class, b as usize, arena) } {
             0 => Push::Done,
@@ -407,15 +463,17 @@ impl Caches {
     }
 
     /// Pushes `b`, a free small block of another arena than the current CPU's, on the
-    /// current CPU's outbox.
+    /// current CPU's outbox `list` ([`OUTBOX`] or [`LARGE_OUTBOX`]).
     ///
     /// # Safety
     /// `enabled`; `b` is a free small block, marked, which the caller owns and gives up if
-    /// the answer is [`Push::Done`].
+    /// the answer is [`Push::Done`]; of at most [`OUTBOX_MAX_BLOCK`] bytes for `OUTBOX`, of
+    /// a larger class for `LARGE_OUTBOX`.
     #[inline(always)]
-    pub unsafe fn push_outbox(&self, b: *mut Block) -> Push {
+    pub unsafe fn push_outbox(&self, list: usize, b: *mut Block) -> Push {
+        debug_assert!(list == OUTBOX || list == LARGE_OUTBOX);
         // SAFETY: by the contract.
-        match unsafe { self.push_outbox_raw(b as usize) } {
+        match unsafe { self.push_outbox_raw(list, b as usize) } {
             0 => Push::Done,
             2 => Push::Full,
             _ => Push::NoCache,
@@ -437,17 +495,17 @@ impl Caches {
     /// `enabled`, `cpu < len()`; `chain` holds at most `limit(class)` free blocks of class
     /// `class` of arena `arena_of(cpu)`, which the caller gives up if this returns true.
     pub unsafe fn install(&self, cpu: usize, class: usize, chain: usize) -> bool {
-        debug_assert!(cpu < self.len && (chain >> PTR_BITS) <= limit(class));
+        debug_assert!(cpu < self.len && (chain >> PTR_BITS) <= list_limit(class));
         // SAFETY: by the contract.
         unsafe { self.install_raw(cpu, class, chain) }
     }
 
     /// Whether `b` is on the current CPU's list of class `class`.
     pub fn contains(&self, class: usize, b: *mut Block) -> bool {
-        self.enabled && self.contains_raw(class, b as usize, limit(class) + 1)
+        self.enabled && self.contains_raw(class, b as usize, list_limit(class) + 1)
     }
 
-    /// Whether `b` seems to be on any CPU's list of class `class` or outbox, or parked in
+    /// Whether `b` seems to be on any CPU's list of class `class` or outboxes, or parked in
     /// any arena's transfer slots of `class`, looked for without those CPUs' cooperation:
     /// their lists may change under the walk, so every link is read as one machine word and
     /// followed only if `is_block(link, list)` says it is a free-able small block fit for
@@ -474,7 +532,7 @@ impl Caches {
         // side or the other.
         for pass in 0..3 {
             if pass == 1 {
-                for list in [class, OUTBOX] {
+                for list in [class, OUTBOX, LARGE_OUTBOX] {
                     for cpu in 0..self.len {
                         self.walk(cpu, list, &mut look, &is_block);
                     }
@@ -501,11 +559,7 @@ impl Caches {
         if !self.enabled {
             return;
         }
-        let max = if list == OUTBOX {
-            OUTBOX_LIMIT
-        } else {
-            limit(list)
-        };
+        let max = list_limit(list);
         let h = self.cache(cpu).heads[list].load(Ordering::Relaxed);
         Self::walk_from(h, self.key_of(cpu), max, list, f, is_block);
     }
@@ -528,7 +582,7 @@ impl Caches {
             Self::walk_from(
                 h,
                 key,
-                limit(class),
+                chain_max(class),
                 class,
                 |p| {
                     more = f(p);
@@ -568,11 +622,33 @@ mod tests {
     use super::*;
 
     #[test]
+    fn large_parked_chains_are_bounded() {
+        let kib = if cfg!(feature = "pow2-classes") {
+            0
+        } else {
+            6448
+        };
+        assert_eq!(
+            transfer::LARGE_PARKED_PER_ARENA.div_ceil(1024),
+            kib,
+            "docs/design.md states it"
+        );
+        for c in 0..NUM_CLASSES {
+            let most = if c < TABLE_CLASSES {
+                limit(c)
+            } else {
+                LARGE_OUTBOX_LIMIT
+            };
+            assert_eq!(chain_max(c), most);
+        }
+    }
+
+    #[test]
     fn caches_are_bounded_in_bytes() {
         let kib = if cfg!(feature = "pow2-classes") {
-            316
+            4412
         } else {
-            1991
+            7111
         };
         assert_eq!(
             CPU_CACHE_BYTES.div_ceil(1024),

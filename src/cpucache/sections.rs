@@ -18,7 +18,7 @@
 
 use super::{
     Caches, OFF_ALLOCS, OFF_ARENA, OFF_CS_BASE, OFF_CS_LEN, OFF_CS_RSEQ, OFF_FREES, OFF_KEY,
-    OFF_LIMITS, OUTBOX, PTR_BITS, STRIDE_SHIFT,
+    OFF_LIMITS, PTR_BITS, STRIDE_SHIFT,
 };
 use core::arch::asm;
 
@@ -232,19 +232,19 @@ impl Caches {
         )
     }
 
-    /// Pushes `b` on the current CPU's outbox, which takes blocks of any arena. Returns
-    /// as `push_raw` (never 3).
+    /// Pushes `b` on the current CPU's outbox `list` (`OUTBOX` or `LARGE_OUTBOX`), which
+    /// takes blocks of any arena. Returns as `push_raw` (never 3).
     ///
     /// # Safety
-    /// `b` is a free small block of at most `OUTBOX_MAX_BLOCK` bytes that the caller
-    /// owns.
+    /// `b` is a free small block that the caller owns, of at most `OUTBOX_MAX_BLOCK` bytes
+    /// for `OUTBOX`.
     #[inline(always)]
-    pub(super) unsafe fn push_outbox_raw(&self, b: usize) -> u32 {
+    pub(super) unsafe fn push_outbox_raw(&self, list: usize, b: usize) -> u32 {
         // No arena check: `{arena}`, `{arena_off}` and `{remote}` are named in a comment
         // only.
         push_section!(
             self,
-            OUTBOX,
+            list,
             b,
             0u32,
             ["/* {arena:e} {arena_off} {remote} */",]

@@ -10,17 +10,18 @@
 //! Invariants:
 //! - a slot is 0 or the packed head of a chain in the CPU lists' format (see `mod.rs`): its
 //!   blocks are free small blocks of the slot's class and arena, marked, counted as in use by
-//!   their runs, linked with the arena's secret, at most [`limit`](super::limit) of them;
+//!   their runs, linked with the arena's secret, at most [`chain_max`] of them;
 //! - a chain is owned by its slot from the Release compare-and-swap that parks it until the
 //!   Acquire swap that takes it: no thread reads or writes its blocks meanwhile (except the
 //!   double-free search and statistics, which only read, validating every link);
 //! - memory parked per arena is at most [`slots`]`(class)` chains of at most
-//!   [`limit`](super::limit)`(class)` blocks per class: at most [`PARKED_MAX`] per class,
-//!   [`PARKED_PER_ARENA`] per arena, at most [`PARKED_BUDGET`] (1 MiB).
+//!   [`chain_max`]`(class)` blocks per class: up to 8 KiB at most [`PARKED_MAX`] per class
+//!   and [`PARKED_BUDGET`] (1 MiB) in all; above, one chain of [`LARGE_OUTBOX_LIMIT`]
+//!   blocks per class, [`LARGE_PARKED_PER_ARENA`] (6,448 KiB) in all.
 
 use core::sync::atomic::{AtomicUsize, Ordering};
 
-use super::limit;
+use super::{limit, LARGE_OUTBOX_LIMIT};
 use crate::size_class::{class_size, NUM_CLASSES, TABLE_CLASSES};
 
 /// The most chains one (arena, class) pair can park: a cache line of slots.
@@ -35,15 +36,30 @@ pub const PARKED_BUDGET: usize = 1024 * 1024;
 /// a 640 KiB budget, 1.18 s with 2 MiB: `docs/bench-core.md`.)
 pub const PARKED_MAX: usize = PARKED_BUDGET / TABLE_CLASSES;
 
+/// The most blocks a parked chain of `class` holds: a CPU list's [`limit`] up to 8 KiB;
+/// above, a whole large outbox ([`LARGE_OUTBOX_LIMIT`], blocks of the arena freed on other
+/// arenas' CPUs), which the arena's CPUs take as refills without the lock or the page heap.
+/// (Chains of at most 256 KiB, single blocks of the 256 KiB class, measured slower than no
+/// parking for that class: `docs/bench-core.md`, session 9.)
+#[inline]
+pub const fn chain_max(class: usize) -> usize {
+    if class < TABLE_CLASSES {
+        limit(class)
+    } else {
+        LARGE_OUTBOX_LIMIT
+    }
+}
+
 /// The slots class `class` uses: up to 8 KiB, as many full chains (`limit(class)` blocks)
 /// as fit in [`PARKED_MAX`], at most [`SLOTS`], at least one (16 and 32 B: 8, 64 B: 4, most
-/// others 2 or 3 chains of about 10 KiB). None for the large classes: a full list of theirs
-/// goes back to the arena, and a block freed on another arena's CPU to its owner, so that
-/// nothing of up to 256 KiB a block waits in a slot of an arena that stopped allocating.
+/// others 2 or 3 chains of about 10 KiB). One for each large class, taking a chain of up
+/// to [`chain_max`] blocks from a large outbox (a full CPU list of theirs goes back to the
+/// arena instead); an arena that stops allocating has them swept back within about two
+/// seconds of another arena's refills, or by `trim`.
 #[inline]
 pub const fn slots(class: usize) -> usize {
     if class >= TABLE_CLASSES {
-        return 0;
+        return 1;
     }
     let chain = limit(class) * class_size(class);
     let n = PARKED_MAX / chain;
@@ -57,20 +73,35 @@ pub const fn slots(class: usize) -> usize {
 }
 const _: () = assert!(slots(0) == SLOTS && slots(TABLE_CLASSES - 1) >= 1);
 
-/// The most bytes one arena's slots hold: every class's slots full of full chains.
+/// The most bytes one arena's slots of classes up to 8 KiB hold: every class's slots full
+/// of full chains.
 // Read only by the compile-time check below, which rustc 1.87 (the MSRV) does not count as a
 // use.
 #[allow(dead_code)]
 pub const PARKED_PER_ARENA: usize = {
     let mut total = 0;
     let mut c = 0;
-    while c < NUM_CLASSES {
-        total += slots(c) * limit(c) * class_size(c);
+    while c < TABLE_CLASSES {
+        total += slots(c) * chain_max(c) * class_size(c);
         c += 1;
     }
     total
 };
 const _: () = assert!(PARKED_PER_ARENA <= PARKED_BUDGET);
+
+/// The most bytes one arena's slots of the large classes hold: 6,448 KiB (none with
+/// `pow2-classes`), as `docs/design.md` states.
+// Read only by a unit test.
+#[allow(dead_code)]
+pub const LARGE_PARKED_PER_ARENA: usize = {
+    let mut total = 0;
+    let mut c = TABLE_CLASSES;
+    while c < NUM_CLASSES {
+        total += slots(c) * chain_max(c) * class_size(c);
+        c += 1;
+    }
+    total
+};
 
 /// One arena's transfer slots: a cache line of slots per class pair.
 ///

@@ -1,5 +1,5 @@
 //! The process heap's per-CPU cache paths, beyond the one-section fast paths: refills and
-//! flushes between a CPU cache and its arena, the outbox of blocks freed on a CPU that does
+//! flushes between a CPU cache and its arena, the outboxes of blocks freed on a CPU that does
 //! not own them, and the double-free confirmation that searches the caches.
 //!
 //! Every function here runs with the caches on (`cfg.caches.enabled`) and keeps `errno`
@@ -10,8 +10,8 @@ use super::{Config, ProcessHeap, SRC};
 use crate::arena::{lookup, Lookup};
 use crate::chunk::Block;
 use crate::cpucache::{
-    batch, for_each_block, limit, return_blocks, return_chain, split_chain, take_batch, Chain,
-    Push, BATCH_MAX, OUTBOX, OUTBOX_MAX_BLOCK, PTR_BITS,
+    batch, chain_max, for_each_block, limit, return_blocks, return_chain, split_chain, take_batch,
+    Chain, Push, BATCH_MAX, LARGE_OUTBOX, LARGE_OUTBOX_LIMIT, OUTBOX, OUTBOX_MAX_BLOCK, PTR_BITS,
 };
 use crate::diag::{block_error, invalid_pointer};
 use crate::front::report::{self, DOUBLE_FREE};
@@ -72,6 +72,11 @@ impl ProcessHeap {
                 Self::sweep_if_due(cfg);
             }
         });
+        if cpu < cfg.caches.len() && cfg.caches.has_runs(cpu) {
+            // The arena may carve pages for this refill: the CPU's cached runs go back first,
+            // so that their pages can serve it (see `runs.rs`).
+            Self::flush_runs(cfg);
+        }
         let parked = cfg.caches.transfer(ai).take(class);
         if parked != 0 {
             let mut first = [0usize; 1];
@@ -142,19 +147,24 @@ impl ProcessHeap {
         }
     }
 
-    /// Makes `chain` CPU `cpu`'s list of `class` if that list is still empty and the thread
-    /// still runs there; otherwise parks it in arena `ai`'s transfer slots, or returns it to
-    /// the arena under its lock.
+    /// Makes `chain` CPU `cpu`'s list of `class` if that list is still empty, the thread
+    /// still runs there and the chain is no longer than the list's limit; otherwise parks it
+    /// in arena `ai`'s transfer slots, or returns it to the arena under its lock. (A large
+    /// class's parked chain, from a large outbox, may be longer than its list holds: the
+    /// rest of it is parked again, one compare-and-swap, for the next refill.)
     ///
     /// # Safety
-    /// `chain` (0 or a packed chain of at most `limit(class)` blocks) is the caller's: free
-    /// blocks of class `class` of arena `ai`, the arena the map gives `cpu`, counted in use.
+    /// `chain` (0 or a packed chain of at most `chain_max(class)` blocks) is the caller's:
+    /// free blocks of class `class` of arena `ai`, the arena the map gives `cpu`, counted in
+    /// use.
     unsafe fn install_or_return(cfg: &Config, cpu: usize, ai: usize, class: usize, chain: usize) {
         if chain == 0 {
             return;
         }
+        let fits = (chain >> PTR_BITS) <= limit(class);
         // SAFETY: by the contract (cache `cpu` holds blocks of arena `ai`).
-        let installed = cpu < cfg.caches.len() && unsafe { cfg.caches.install(cpu, class, chain) };
+        let installed =
+            fits && cpu < cfg.caches.len() && unsafe { cfg.caches.install(cpu, class, chain) };
         // Migrated meanwhile, or another thread on this CPU filled the list first.
         // SAFETY: by the contract.
         if !installed && !unsafe { cfg.caches.transfer(ai).park(class, chain) } {
@@ -257,9 +267,16 @@ impl ProcessHeap {
                 Push::Done => {}
                 Push::Full => Self::free_small_full(cfg, p, what(), arena, class),
                 Push::Remote if class_size(class) <= OUTBOX_MAX_BLOCK => {
-                    match cfg.caches.push_outbox(p.cast()) {
+                    match cfg.caches.push_outbox(OUTBOX, p.cast()) {
                         Push::Done => {}
                         Push::Full => Self::free_outbox_full(cfg, p, arena),
+                        _ => Self::free_small_remote(cfg, p, what(), arena),
+                    }
+                }
+                Push::Remote if class >= TABLE_CLASSES => {
+                    match cfg.caches.push_outbox(LARGE_OUTBOX, p.cast()) {
+                        Push::Done => {}
+                        Push::Full => Self::free_large_outbox_full(cfg, p, arena),
                         _ => Self::free_small_remote(cfg, p, what(), arena),
                     }
                 }
@@ -285,8 +302,12 @@ impl ProcessHeap {
         msg: &[u8],
     ) {
         let in_cache = |q: usize, list: usize| match lookup(&SRC, q as *const u8) {
-            // SAFETY: `lookup` returns live run heads.
-            Lookup::Small { run, .. } => list == OUTBOX || (unsafe { (*run).class() }) == list,
+            Lookup::Small { run, .. } => {
+                list == OUTBOX
+                    || list == LARGE_OUTBOX
+                    // SAFETY: `lookup` returns live run heads.
+                    || (unsafe { (*run).class() }) == list
+            }
             _ => false,
         };
         if cfg.caches.contains(class, p.cast())
@@ -402,9 +423,98 @@ impl ProcessHeap {
     unsafe fn free_outbox_full(cfg: &Config, p: *mut u8, arena: u32) {
         Self::send_outbox(cfg);
         // SAFETY: by the contract.
-        if unsafe { cfg.caches.push_outbox(p.cast()) } != Push::Done {
+        if unsafe { cfg.caches.push_outbox(OUTBOX, p.cast()) } != Push::Done {
             // SAFETY: by the contract.
             unsafe { Self::free_small_remote(cfg, p, lookup(&SRC, p), arena) };
+        }
+    }
+
+    /// The current CPU's large outbox is full: send it, then put `p` in the emptied one.
+    ///
+    /// # Safety
+    /// As for `free_small_full`, `p` of a class above `OUTBOX_MAX_BLOCK`.
+    #[cold]
+    #[inline(never)]
+    unsafe fn free_large_outbox_full(cfg: &Config, p: *mut u8, arena: u32) {
+        Self::send_large_outbox(cfg);
+        // SAFETY: by the contract.
+        if unsafe { cfg.caches.push_outbox(LARGE_OUTBOX, p.cast()) } != Push::Done {
+            // SAFETY: by the contract.
+            unsafe { Self::free_small_remote(cfg, p, lookup(&SRC, p), arena) };
+        }
+    }
+
+    /// Sends the current CPU's large outbox: its blocks (at most `LARGE_OUTBOX_LIMIT`),
+    /// grouped by owner and class, are parked as one chain per group in the owner's transfer
+    /// slot of the class (the owner's CPUs take it as refills), or, when that slot is taken,
+    /// go back to their runs with one lock round per owner, and at once: no block of up to
+    /// 256 KiB waits on the pending stack of an owner that may have stopped allocating.
+    #[cold]
+    #[inline(never)]
+    pub(super) fn send_large_outbox(cfg: &Config) {
+        let Some((cpu, chain)) = cfg.caches.take_all(LARGE_OUTBOX) else {
+            return;
+        };
+        // (owner, class, block) of each block.
+        let mut blocks = [(0usize, 0usize, 0usize); LARGE_OUTBOX_LIMIT];
+        let mut n = 0;
+        // SAFETY: a chain taken off an outbox is ours, its links encoded with the cache's
+        // key; every block is a free, marked small block of some arena, counted in use.
+        let r = unsafe {
+            for_each_block(chain, cfg.caches.key_of(cpu), |b| {
+                let Lookup::Small { arena, run } = lookup(&SRC, b as *const u8) else {
+                    invalid_pointer(b"coreheap: corrupted outbox", b.cast());
+                };
+                if n < blocks.len() {
+                    blocks[n] = (arena as usize, (*run).class(), b as usize);
+                    n += 1;
+                }
+            })
+        };
+        if let Err(b) = r {
+            invalid_pointer(LINK_OVERWRITTEN, b.cast());
+        }
+        // Grouped by owner and class: parked whole in the owner's slot of the class, where its
+        // CPUs take it as a refill without the lock or the page heap; else back to the runs,
+        // one lock round per group.
+        let blocks = &mut blocks[..n];
+        blocks.sort_unstable();
+        for group in blocks.chunk_by(|x, y| x.0 == y.0) {
+            let a = cfg.arena(group[0].0);
+            let mut addrs = [0usize; LARGE_OUTBOX_LIMIT];
+            let mut rest = 0;
+            for by_class in group.chunk_by(|x, y| x.1 == y.1) {
+                let class = by_class[0].1;
+                let mut chain = Chain::new(a.key());
+                for &(_, _, b) in by_class.iter().take(chain_max(class)) {
+                    // SAFETY: a free, marked block of `a` and `class`, ours.
+                    unsafe { chain.push(b as *mut Block) };
+                }
+                // SAFETY: the chain holds at most `chain_max(class)` free, marked blocks of
+                // `a` and `class`, linked with its key.
+                let parked = unsafe { cfg.caches.transfer(group[0].0).park(class, chain.head()) };
+                let from = if parked { chain.len() } else { 0 };
+                for s in &by_class[from..] {
+                    addrs[rest] = s.2;
+                    rest += 1;
+                }
+            }
+            if rest == 0 {
+                continue;
+            }
+            let addrs = &addrs[..rest];
+            if a.held_by_caller() {
+                // A signal handler that interrupted this thread inside the owner: its
+                // pending stack, which needs no lock.
+                for &b in addrs {
+                    let what = lookup(&SRC, b as *const u8);
+                    // SAFETY: a free, marked block of `a`, ours.
+                    unsafe { a.free_marked(&SRC, b as *mut u8, what, false) };
+                }
+                continue;
+            }
+            // SAFETY: free small blocks of `a`, counted in use by their runs, ours.
+            unsafe { return_blocks(a, &SRC, addrs) };
         }
     }
 

@@ -3,15 +3,16 @@
 //!
 //! What is the process heap's own sits here and in the files beside it: lazy
 //! initialisation and the bootstrap buffer (`init.rs`), the per-CPU cache fast paths
-//! (`fast.rs`) and their slower halves (`cached.rs`), debug mode's glue, and fork and exit
-//! handling (`fork.rs`). Everything a shared heap does the same way (routing a free, usable
-//! sizes, realloc policy, huge blocks) is the front end's (`front/`), reached through the
-//! [`Backend`] view [`Ready`].
+//! (`fast.rs`) and their slower halves (`cached.rs`), the run slots of large blocks
+//! (`runs.rs`), debug mode's glue, and fork and exit handling (`fork.rs`). Everything a
+//! shared heap does the same way (routing a free, usable sizes, realloc policy, huge
+//! blocks) is the front end's (`front/`), reached through the [`Backend`] view [`Ready`].
 
 mod cached;
 mod fast;
 mod fork;
 mod init;
+mod runs;
 
 use core::cell::UnsafeCell;
 use core::ptr;
@@ -21,7 +22,7 @@ use crossbeam_utils::CachePadded;
 
 use crate::arena::LARGE_ALIGN_MAX;
 use crate::arena::{lookup, Arena, ArenaStats, Lookup};
-use crate::cpucache::{Caches, OUTBOX, PTR_BITS};
+use crate::cpucache::{Caches, LARGE_OUTBOX, OUTBOX, PTR_BITS};
 use crate::debug;
 use crate::front::{self, report, Backend, HugeCounters};
 use crate::os;
@@ -167,6 +168,9 @@ impl Backend for Ready<'_> {
                 Lookup::Small { run, .. } => {
                     ProcessHeap::confirm_double_free(self.cfg, p, what, arena, (*run).class(), msg)
                 }
+                Lookup::Large { .. } if self.cfg.caches.enabled => {
+                    ProcessHeap::confirm_run_double_free(self.cfg, p, arena, msg)
+                }
                 _ => self
                     .cfg
                     .arena(arena as usize)
@@ -256,6 +260,8 @@ impl ProcessHeap {
             self.alloc(1, align)
         } else if r.cfg.caches.enabled && request_bound(size, align) < SMALL_MAX && align <= PAGE {
             Self::alloc_large_class(r.cfg, class_for(size, align))
+        } else if r.cfg.caches.enabled && size <= LARGE_MAX && align <= PAGE {
+            Self::alloc_run_cached(&r, size, align)
         } else {
             front::alloc_locked(&r, size, align)
         }
@@ -320,14 +326,25 @@ impl ProcessHeap {
             return;
         }
         let what = lookup(&SRC, p);
-        if let Lookup::Small { arena, run } = what {
-            if self.fast_path_ready() {
+        match what {
+            Lookup::Small { arena, run } if self.fast_path_ready() => {
                 // SAFETY: the fast path is on, so the config is READY.
                 let cfg = unsafe { &*self.config.get() };
                 // SAFETY: `lookup` found a live small block of arena `arena` in run `run`
                 // (a live run head), which the caller gives up.
                 return unsafe { Self::free_small_fast(cfg, p, arena, (*run).class()) };
             }
+            Lookup::Large { arena, run } if self.fast_path_ready() => {
+                // SAFETY: the fast path is on, so the config is READY; `lookup` returns live
+                // run heads.
+                let (cfg, pages) = unsafe { (&*self.config.get(), (*run).npages as usize) };
+                if pages * PAGE > SMALL_MAX {
+                    // SAFETY: `lookup` found a live large block of arena `arena` longer than
+                    // `SMALL_MAX`, which the caller gives up.
+                    return unsafe { Self::free_run_fast(cfg, p, arena) };
+                }
+            }
+            _ => {}
         }
         // SAFETY: passed on from the caller; `what` is `lookup(p)`.
         unsafe { self.free_locked(p, what) }
@@ -462,7 +479,9 @@ impl ProcessHeap {
                 let mut count_owned = count_owned;
                 for cpu in 0..cfg.caches.len() {
                     cfg.caches.walk(cpu, OUTBOX, &mut count_owned, &small);
+                    cfg.caches.walk(cpu, LARGE_OUTBOX, &mut count_owned, &small);
                 }
+                st.cached_runs = Self::cached_run_bytes(cfg, i);
                 // Chains parked in the arena's transfer slots.
                 for (class, n) in st.cached.iter_mut().enumerate() {
                     for h in cfg.caches.transfer(i).peek(class) {
@@ -522,7 +541,9 @@ impl ProcessHeap {
         for class in 0..NUM_CLASSES {
             Self::flush(cfg, class);
         }
+        Self::flush_runs(cfg);
         Self::send_outbox(cfg);
+        Self::send_large_outbox(cfg);
     }
 
     /// Empties the caches of every other CPU that holds blocks. A CPU's lists can only be

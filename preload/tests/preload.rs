@@ -131,6 +131,27 @@ fn fork_from_multithreaded_parent() {
     assert!(text(&out.stdout).contains("forks ok 300"));
 }
 
+/// Four threads fork at once, over and over, while two others allocate. glibc (2.34 and
+/// later) runs concurrent forks' prepare handlers concurrently: a fork that skipped the
+/// locks because another was under way (a global "prepared" flag) forked without them and
+/// its parent handler released the other's; the program hung every time.
+#[test]
+fn forks_from_several_threads_at_once() {
+    let exe = compile("fork_concurrent.c", "fork_concurrent", &["-lpthread"]);
+    let out = preloaded(
+        exe.to_str().unwrap(),
+        &["100"],
+        &[("COREHEAP_CHECK", "1")],
+        60,
+    );
+    assert!(
+        text(&out.stdout).contains("forks ok 400"),
+        "{}",
+        text(&out.stdout)
+    );
+    assert!(text(&out.stderr).contains("heap check at exit: ok"));
+}
+
 /// Runs `misuse CASE` on coreheap with `env`; returns its standard output and error after
 /// checking that it was killed by SIGABRT with a line containing `needle` and a pointer.
 fn misuse(exe: &Path, case: &str, env: &[(&str, &str)], needle: &str) -> (String, String) {

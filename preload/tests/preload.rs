@@ -152,6 +152,31 @@ fn forks_from_several_threads_at_once() {
     assert!(text(&out.stderr).contains("heap check at exit: ok"));
 }
 
+/// `COREHEAP_SHM`: the same on a shared heap. The second fork's prepare handler wrote its
+/// pipe before it had the locks, over the first's: a parent waited on the wrong pipe (or
+/// closed descriptors) and let its threads go before its child had copied the heap, and
+/// children found their heaps corrupted.
+#[test]
+fn shared_heap_forks_from_several_threads_at_once() {
+    let exe = compile("fork_concurrent.c", "fork_concurrent", &["-lpthread"]);
+    let name = format!("coreheap-preload-concfork-{}", std::process::id());
+    let path = coreheap::shm::shm_path(&name);
+    let _ = std::fs::remove_file(&path);
+    let shm = format!("{name}:256M");
+    let out = preloaded(
+        exe.to_str().unwrap(),
+        &["50"],
+        &[("COREHEAP_SHM", &shm)],
+        60,
+    );
+    let _ = std::fs::remove_file(&path);
+    assert!(
+        text(&out.stdout).contains("forks ok 200"),
+        "{}",
+        text(&out.stdout)
+    );
+}
+
 /// Runs `misuse CASE` on coreheap with `env`; returns its standard output and error after
 /// checking that it was killed by SIGABRT with a line containing `needle` and a pointer.
 fn misuse(exe: &Path, case: &str, env: &[(&str, &str)], needle: &str) -> (String, String) {

@@ -131,10 +131,10 @@ fn fork_from_multithreaded_parent() {
     assert!(text(&out.stdout).contains("forks ok 300"));
 }
 
-/// Four threads fork at once, over and over, while two others allocate. glibc (2.34 and
-/// later) runs concurrent forks' prepare handlers concurrently: a fork that skipped the
-/// locks because another was under way (a global "prepared" flag) forked without them and
-/// its parent handler released the other's; the program hung every time.
+/// Four threads fork at once, over and over, while two others allocate. Recent glibc (2.36
+/// here) runs concurrent forks' prepare handlers concurrently: a fork that skipped the locks
+/// because another was under way (a global "prepared" flag) forked without them and its
+/// parent handler released the other's; the program hung every time.
 #[test]
 fn forks_from_several_threads_at_once() {
     let exe = compile("fork_concurrent.c", "fork_concurrent", &["-lpthread"]);

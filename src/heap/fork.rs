@@ -105,7 +105,7 @@ static REGISTERED: AtomicBool = AtomicBool::new(false);
 /// done, 0 when none: the `COREHEAP_SHM` prepare handler may do it early
 /// ([`prepare_fork_early`]), and glibc's call on the same thread then does nothing.
 ///
-/// Per thread, not a flag: glibc (2.34 and later) holds its fork handler lock only while it
+/// Per thread, not a flag: recent glibc (2.36 here) holds its fork handler lock only while it
 /// walks the list, not around a handler, so two threads that fork at once run their prepare
 /// handlers at once; the second must wait for the locks (the stdio list lock first), not
 /// skip them because the first is under way (it then forked without them and its parent

@@ -166,7 +166,7 @@ unsafe extern "C" fn fork_prepare() {
         }
         h.fork_prepare();
         // The pipe and `FORK_DID` are this `fork`'s only once its locks are held: two threads
-        // that fork at once run their prepare handlers at once (glibc 2.34 and later), and
+        // that fork at once run their prepare handlers at once (recent glibc), and
         // the second's pipe written before then replaced the first's (its parent waited on
         // the other pipe, or on closed descriptors, and let the threads go before its child
         // had copied the heap: `fork_concurrent.c` on a shared heap).

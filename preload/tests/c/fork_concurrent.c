@@ -1,6 +1,6 @@
 /* Several threads fork at the same time while others allocate; each child allocates, checks
- * a block it inherited and exits. glibc (2.34 and later) runs the fork handlers of
- * concurrent forks concurrently (it holds its handler lock only while it walks the list),
+ * a block it inherited and exits. Recent glibc (2.36 here) runs the fork handlers of
+ * concurrent forks concurrently (it holds its handler lock only between them),
  * so the allocator's handlers must serialise them themselves. Prints "forks ok N" when
  * every child exited with 0 and the program could still open and close a stream (the stdio
  * list lock the handlers take is free again). A hang is killed by the caller's time limit.

@@ -131,6 +131,52 @@ fn fork_from_multithreaded_parent() {
     assert!(text(&out.stdout).contains("forks ok 300"));
 }
 
+/// Four threads fork at once, over and over, while two others allocate. Recent glibc (2.36
+/// here) runs concurrent forks' prepare handlers concurrently: a fork that skipped the locks
+/// because another was under way (a global "prepared" flag) forked without them and its
+/// parent handler released the other's; the program hung every time.
+#[test]
+fn forks_from_several_threads_at_once() {
+    let exe = compile("fork_concurrent.c", "fork_concurrent", &["-lpthread"]);
+    let out = preloaded(
+        exe.to_str().unwrap(),
+        &["100"],
+        &[("COREHEAP_CHECK", "1")],
+        60,
+    );
+    assert!(
+        text(&out.stdout).contains("forks ok 400"),
+        "{}",
+        text(&out.stdout)
+    );
+    assert!(text(&out.stderr).contains("heap check at exit: ok"));
+}
+
+/// `COREHEAP_SHM`: the same on a shared heap. The second fork's prepare handler wrote its
+/// pipe before it had the locks, over the first's: a parent waited on the wrong pipe (or
+/// closed descriptors) and let its threads go before its child had copied the heap, and
+/// children found their heaps corrupted.
+#[test]
+fn shared_heap_forks_from_several_threads_at_once() {
+    let exe = compile("fork_concurrent.c", "fork_concurrent_shm", &["-lpthread"]);
+    let name = format!("coreheap-preload-concfork-{}", std::process::id());
+    let path = coreheap::shm::shm_path(&name);
+    let _ = std::fs::remove_file(&path);
+    let shm = format!("{name}:256M");
+    let out = preloaded(
+        exe.to_str().unwrap(),
+        &["50"],
+        &[("COREHEAP_SHM", &shm)],
+        60,
+    );
+    let _ = std::fs::remove_file(&path);
+    assert!(
+        text(&out.stdout).contains("forks ok 200"),
+        "{}",
+        text(&out.stdout)
+    );
+}
+
 /// Runs `misuse CASE` on coreheap with `env`; returns its standard output and error after
 /// checking that it was killed by SIGABRT with a line containing `needle` and a pointer.
 fn misuse(exe: &Path, case: &str, env: &[(&str, &str)], needle: &str) -> (String, String) {
@@ -682,6 +728,32 @@ fn shared_heap_fork_child_copies_one_instant() {
     let stdout = text(&out.stdout);
     assert!(stdout.contains("snapshot ok 50"), "{stdout}");
     let _ = std::fs::remove_file(&path);
+}
+
+/// `COREHEAP_SHM`: the same where `process_vm_readv` fails (a seccomp filter returns EPERM,
+/// as nspawn's does without CAP_SYS_PTRACE): the stop cannot read the set the
+/// `sigwaitinfo` thread waits for, and must not send it the signal then. It did: the thread
+/// received signal 64, and every fork waited the whole 1 s bound for its answer.
+#[test]
+fn shared_heap_fork_without_process_vm_readv() {
+    let exe = compile(
+        "shm_fork_snapshot.c",
+        "shm_fork_snapshot_noreadv",
+        &["-lpthread"],
+    );
+    let name = format!("coreheap-preload-snapnr-{}", std::process::id());
+    let path = coreheap::shm::shm_path(&name);
+    let _ = std::fs::remove_file(&path);
+    let shm = format!("{name}:256M");
+    let out = preloaded(
+        exe.to_str().unwrap(),
+        &["10", "noreadv"],
+        &[("COREHEAP_SHM", &shm)],
+        120,
+    );
+    let _ = std::fs::remove_file(&path);
+    let stdout = text(&out.stdout);
+    assert!(stdout.contains("snapshot ok 10"), "{stdout}");
 }
 
 /// The glibc symbol versions an object requires (`objdump -T`), newest last.

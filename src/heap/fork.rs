@@ -17,7 +17,7 @@
 //! identity); meanwhile an allocation on that thread is served by another arena (see
 //! `front::alloc_locked`). What the child may then do is in `docs/design.md` ("Fork").
 
-use core::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, AtomicU8, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 
 use super::{ProcessHeap, HEAP, SRC};
 use crate::diag::Line;
@@ -101,23 +101,39 @@ impl ProcessHeap {
 
 /// The handlers are registered (set once `pthread_atfork` has accepted them).
 static REGISTERED: AtomicBool = AtomicBool::new(false);
-/// The prepare handler's work is done for the `fork` under way: the `COREHEAP_SHM` prepare
-/// handler may do it early ([`prepare_fork_early`]), and glibc's call then does nothing.
-/// Cleared by the parent and child handlers.
-static PREPARED: AtomicBool = AtomicBool::new(false);
+/// The thread ([`os::thread_id`]) whose `fork` under way has had the prepare handler's work
+/// done, 0 when none: the `COREHEAP_SHM` prepare handler may do it early
+/// ([`prepare_fork_early`]), and glibc's call on the same thread then does nothing.
+///
+/// Per thread, not a flag: recent glibc (2.36 here) holds its fork handler lock only while it
+/// walks the list, not around a handler, so two threads that fork at once run their prepare
+/// handlers at once; the second must wait for the locks (the stdio list lock first), not
+/// skip them because the first is under way (it then forked without them and its parent
+/// handler released the first's: `fork_concurrent.c` hung). Written only by a thread that
+/// holds the fork locks (stored after they are taken, cleared before they are released), so
+/// a thread that reads its own id took them for its own `fork`.
+static PREPARED_BY: AtomicUsize = AtomicUsize::new(0);
 
-unsafe extern "C" fn atfork_prepare() {
-    if !PREPARED.swap(true, Ordering::Relaxed) {
+/// Takes the fork locks unless the calling thread took them already for this `fork`.
+fn prepare_once() {
+    let me = os::thread_id();
+    if PREPARED_BY.load(Ordering::Relaxed) != me {
         HEAP.fork_prepare();
+        PREPARED_BY.store(me, Ordering::Relaxed);
     }
 }
+
+unsafe extern "C" fn atfork_prepare() {
+    prepare_once();
+}
 unsafe extern "C" fn atfork_parent() {
+    // Before the locks are released: another thread's prepare may take them next.
+    PREPARED_BY.store(0, Ordering::Relaxed);
     HEAP.fork_parent();
-    PREPARED.store(false, Ordering::Relaxed);
 }
 unsafe extern "C" fn atfork_child() {
     HEAP.fork_child();
-    PREPARED.store(false, Ordering::Relaxed);
+    PREPARED_BY.store(0, Ordering::Relaxed);
 }
 
 /// For the `COREHEAP_SHM` prepare handler, which stops the other threads (`os/stop.rs`):
@@ -126,11 +142,10 @@ unsafe extern "C" fn atfork_child() {
 /// first, and would then wait for ever for a lock a stopped thread holds). Nothing if the
 /// handlers are not registered (the heap was never initialised: no lock to take).
 ///
-/// pre: inside a prepare handler of a `fork` of a multithreaded process (glibc then holds
-/// its fork handler lock for the whole `fork`, so the handlers run are the registered ones).
+/// pre: inside a prepare handler of a `fork` of a multithreaded process.
 pub(crate) fn prepare_fork_early() {
-    if REGISTERED.load(Ordering::Relaxed) && !PREPARED.swap(true, Ordering::Relaxed) {
-        HEAP.fork_prepare();
+    if REGISTERED.load(Ordering::Relaxed) {
+        prepare_once();
     }
 }
 

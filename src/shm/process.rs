@@ -157,9 +157,6 @@ const STOPPED: u8 = 2;
 
 unsafe extern "C" fn fork_prepare() {
     if let Some(h) = shared_heap() {
-        let (r, w) = os::file::pipe().unwrap_or((-1, -1));
-        FORK_PIPE[0].store(r, Ordering::Relaxed);
-        FORK_PIPE[1].store(w, Ordering::Relaxed);
         let threads = !os::single_threaded();
         if threads {
             // Before the arenas (a thread may allocate while it holds the list lock), and
@@ -168,6 +165,14 @@ unsafe extern "C" fn fork_prepare() {
             os::stdio_list_lock();
         }
         h.fork_prepare();
+        // The pipe and `FORK_DID` are this `fork`'s only once its locks are held: two threads
+        // that fork at once run their prepare handlers at once (recent glibc), and
+        // the second's pipe written before then replaced the first's (its parent waited on
+        // the other pipe, or on closed descriptors, and let the threads go before its child
+        // had copied the heap: `fork_concurrent.c` on a shared heap).
+        let (r, w) = os::file::pipe().unwrap_or((-1, -1));
+        FORK_PIPE[0].store(r, Ordering::Relaxed);
+        FORK_PIPE[1].store(w, Ordering::Relaxed);
         if threads {
             // The process heap's fork locks too (its prepare handler may run after this one).
             crate::heap::prepare_fork_early();

@@ -2,7 +2,10 @@
  * thread of the parent writes into its objects (the child copies the shared heap into private
  * memory after the fork; the parent's other threads must not run meanwhile).
  *
- *   shm_fork_snapshot FORKS
+ *   shm_fork_snapshot FORKS [noreadv]
+ *
+ * With "noreadv", a seccomp filter first makes process_vm_readv fail with EPERM (as nspawn
+ * without CAP_SYS_PTRACE does): the stop cannot read the set a sigwaitinfo waits for.
  *
  * A writer thread loops on `last = c; first = c; c++` (release stores) on the last and the
  * first word of a 48 MiB block, fully touched so that the child's copy takes milliseconds.
@@ -17,6 +20,12 @@
  * fork too. */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <linux/audit.h>
+#include <linux/filter.h>
+#include <linux/seccomp.h>
+#include <stddef.h>
+#include <sys/prctl.h>
+#include <sys/syscall.h>
 #include <pthread.h>
 #include <signal.h>
 #include <stdint.h>
@@ -80,8 +89,28 @@ static void *writer(void *arg) {
     return NULL;
 }
 
+/* process_vm_readv fails with EPERM from now on, in every thread created after. */
+static int deny_process_vm_readv(void) {
+    struct sock_filter f[] = {
+        BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, arch)),
+        BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, AUDIT_ARCH_X86_64, 1, 0),
+        BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW),
+        BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, nr)),
+        BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, __NR_process_vm_readv, 0, 1),
+        BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ERRNO | EPERM),
+        BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW),
+    };
+    struct sock_fprog prog = {sizeof f / sizeof f[0], f};
+    return prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) == 0 &&
+           prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, &prog) == 0;
+}
+
 int main(int argc, char **argv) {
     int forks = argc > 1 ? atoi(argv[1]) : 50;
+    if (argc > 2 && strcmp(argv[2], "noreadv") == 0 && !deny_process_vm_readv()) {
+        printf("FAIL: no seccomp filter\n");
+        return 1;
+    }
     block = malloc(WORDS * sizeof(uint64_t));
     if (!block) {
         printf("FAIL: no block\n");

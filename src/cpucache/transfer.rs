@@ -16,7 +16,7 @@
 //!   double-free search and statistics, which only read, validating every link);
 //! - memory parked per arena is at most [`slots`]`(class)` chains of at most
 //!   [`chain_max`]`(class)` blocks per class: up to 8 KiB at most [`PARKED_MAX`] per class
-//!   and [`PARKED_BUDGET`] (1 MiB) in all; above, one chain of [`LARGE_OUTBOX_LIMIT`]
+//!   and [`PARKED_BUDGET`] (3 MiB) in all; above, one chain of [`LARGE_OUTBOX_LIMIT`]
 //!   blocks per class, [`LARGE_PARKED_PER_ARENA`] (6,448 KiB) in all.
 
 use core::sync::atomic::{AtomicUsize, Ordering};
@@ -29,11 +29,12 @@ pub const SLOTS: usize = 8;
 
 /// Bytes of blocks one arena may park over the classes up to 8 KiB, split evenly between
 /// them ([`PARKED_MAX`]), so that more classes do not multiply it.
-pub const PARKED_BUDGET: usize = 1024 * 1024;
+pub const PARKED_BUDGET: usize = 3 * 1024 * 1024;
 
-/// Bytes of blocks one (arena, class) pair may park at most: 32 KiB over the 32 classes,
-/// about 100 KiB over the ten power-of-two ones. (The `batch` workload measured 1.31 s with
-/// a 640 KiB budget, 1.18 s with 2 MiB: `docs/bench-core.md`.)
+/// Bytes of blocks one (arena, class) pair may park at most: 96 KiB over the 32 classes,
+/// about 300 KiB over the ten power-of-two ones. (The `batch` workload measured 1.31 s with
+/// a 640 KiB budget, 1.18 s with 2 MiB, in session 7; in session 9, 1.03 s with 1 MiB and
+/// 0.93 s with 3 MiB, where the power-of-two build ran 0.90 s: `docs/bench-core.md`.)
 pub const PARKED_MAX: usize = PARKED_BUDGET / TABLE_CLASSES;
 
 /// The most blocks a parked chain of `class` holds: a CPU list's [`limit`] up to 8 KiB;
@@ -51,8 +52,8 @@ pub const fn chain_max(class: usize) -> usize {
 }
 
 /// The slots class `class` uses: up to 8 KiB, as many full chains (`limit(class)` blocks)
-/// as fit in [`PARKED_MAX`], at most [`SLOTS`], at least one (16 and 32 B: 8, 64 B: 4, most
-/// others 2 or 3 chains of about 10 KiB). One for each large class, taking a chain of up
+/// as fit in [`PARKED_MAX`], at most [`SLOTS`], at least one (8 for every class but 7 and
+/// 8 KiB, which take 6: chains of 4-16 KiB). One for each large class, taking a chain of up
 /// to [`chain_max`] blocks from a large outbox (a full CPU list of theirs goes back to the
 /// arena instead); an arena that stops allocating has them swept back within about two
 /// seconds of another arena's refills, or by `trim`.

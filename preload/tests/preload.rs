@@ -159,10 +159,7 @@ fn forks_from_several_threads_at_once() {
 #[test]
 fn shared_heap_forks_from_several_threads_at_once() {
     let exe = compile("fork_concurrent.c", "fork_concurrent_shm", &["-lpthread"]);
-    let name = format!("coreheap-preload-concfork-{}", std::process::id());
-    let path = coreheap::shm::shm_path(&name);
-    let _ = std::fs::remove_file(&path);
-    let shm = format!("{name}:256M");
+    let (path, shm) = fresh_shared_heap("concfork", "256M");
     let out = preloaded(
         exe.to_str().unwrap(),
         &["50"],
@@ -584,6 +581,15 @@ fn bench_smoke_run() {
     assert!(svg.starts_with("<svg") && svg.contains("coreheap"));
 }
 
+/// A shared heap for one test: the path of its file (`coreheap-preload-TAG-PID`, removed if an
+/// earlier run left it) and the `COREHEAP_SHM` value that opens it with `size`.
+fn fresh_shared_heap(tag: &str, size: &str) -> (PathBuf, String) {
+    let name = format!("coreheap-preload-{tag}-{}", std::process::id());
+    let path = coreheap::shm::shm_path(&name);
+    let _ = std::fs::remove_file(&path);
+    (path, format!("{name}:{size}"))
+}
+
 /// The root table `shm_strings.c` publishes.
 #[repr(C)]
 struct CTable {
@@ -595,10 +601,7 @@ struct CTable {
 #[test]
 fn shared_heap_strings_read_by_another_process() {
     let exe = compile("shm_strings.c", "shm_strings", &["-ldl"]);
-    let name = format!("coreheap-preload-test-{}", std::process::id());
-    let path = coreheap::shm::shm_path(&name);
-    let _ = std::fs::remove_file(&path);
-    let shm = format!("{name}:64M");
+    let (path, shm) = fresh_shared_heap("test", "64M");
     let out = preloaded(
         exe.to_str().unwrap(),
         &["3000"],
@@ -646,10 +649,7 @@ fn python_runs_on_a_shared_heap() {
     if !have("python3") {
         panic!("python3 is required (installed by .ci/run)");
     }
-    let name = format!("coreheap-preload-py-{}", std::process::id());
-    let path = coreheap::shm::shm_path(&name);
-    let _ = std::fs::remove_file(&path);
-    let shm = format!("{name}:256M");
+    let (path, shm) = fresh_shared_heap("py", "256M");
     let script = "d = {str(i): [i] * (i % 20) for i in range(200000)}\n\
                   s = sorted(d, key=lambda k: -len(d[k]))\n\
                   print('ok', len(d), len(s[0]))";
@@ -715,10 +715,7 @@ fn shell_subshells_on_a_shared_heap_get_private_copies() {
 #[test]
 fn shared_heap_fork_child_copies_one_instant() {
     let exe = compile("shm_fork_snapshot.c", "shm_fork_snapshot", &["-lpthread"]);
-    let name = format!("coreheap-preload-snap-{}", std::process::id());
-    let path = coreheap::shm::shm_path(&name);
-    let _ = std::fs::remove_file(&path);
-    let shm = format!("{name}:256M");
+    let (path, shm) = fresh_shared_heap("snap", "256M");
     let out = preloaded(
         exe.to_str().unwrap(),
         &["50"],
@@ -741,10 +738,7 @@ fn shared_heap_fork_without_process_vm_readv() {
         "shm_fork_snapshot_noreadv",
         &["-lpthread"],
     );
-    let name = format!("coreheap-preload-snapnr-{}", std::process::id());
-    let path = coreheap::shm::shm_path(&name);
-    let _ = std::fs::remove_file(&path);
-    let shm = format!("{name}:256M");
+    let (path, shm) = fresh_shared_heap("snapnr", "256M");
     let out = preloaded(
         exe.to_str().unwrap(),
         &["10", "noreadv"],

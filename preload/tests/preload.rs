@@ -916,6 +916,23 @@ fn ls_under_ulimit_v() {
     );
 }
 
+/// A fresh process whose arena on its first CPU has memory, under an address-space limit
+/// that leaves no room for another chunk, allocates on a second CPU: every request, through
+/// the CPU cache's refill as through the locked path, is served by the first CPU's arena
+/// (the refill returned null before, and `ls` under `ulimit -v` failed when it migrated).
+#[test]
+fn limit_served_by_another_cpus_arena() {
+    let exe = compile("limit_other_cpu.c", "limit_other_cpu", &[]);
+    for env in [&[][..], &[("COREHEAP_RSEQ", "0")][..]] {
+        let out = preloaded(exe.to_str().unwrap(), &[], env, 60);
+        let stdout = text(&out.stdout);
+        assert!(
+            stdout.contains("other cpu ok") || stdout.contains("skipped"),
+            "{env:?}: {stdout}"
+        );
+    }
+}
+
 /// glibc's `mallinfo` (legacy, `int` fields) beside `mallinfo2`, `malloc_stats` in glibc's
 /// format, and no cancellation point inside `malloc_stats` or (with `COREHEAP_SHM`, whose
 /// fork handlers wait for the child's copy) inside `fork`.

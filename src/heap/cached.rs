@@ -54,17 +54,13 @@ impl ProcessHeap {
         let Some(cpu) = rseq_cpu() else {
             // A thread without an rseq area (one not started by glibc, or before glibc
             // registered it): no cache can be filled for it.
-            let a = cfg.arena(cfg.arena_index(os::current_cpu()));
-            return a.alloc(&SRC, class_size(class), 1);
+            return Self::alloc_uncached(class);
         };
         let ai = cfg.arena_index(cpu);
         let a = cfg.arena(ai);
         if a.held_by_caller() {
             // A signal handler that interrupted this thread inside the arena.
-            return match super::HEAP.ready() {
-                Some(r) => crate::front::alloc_locked(&r, class_size(class), 1),
-                None => (core::ptr::null_mut(), false),
-            };
+            return Self::alloc_uncached(class);
         }
         REFILLS.with(|n| {
             n.set(n.get().wrapping_add(1));
@@ -101,9 +97,25 @@ impl ProcessHeap {
             }
         }
         let (first, chain) = take_batch(a, &SRC, class, batch(class), cfg.mark);
+        if first.0.is_null() {
+            // The arena could get no memory from the OS (an address-space limit): the locked
+            // path takes a block of another arena rather than fail while they have memory.
+            return Self::alloc_uncached(class);
+        }
         // SAFETY: the chain's blocks are free blocks of class `class` of arena `ai`, ours.
         unsafe { Self::install_or_return(cfg, cpu, ai, class, chain.head()) };
         first
+    }
+
+    /// A block of `class` by the locked path: from the current CPU's arena, or from
+    /// another one when that cannot get memory or the calling thread holds its lock (see
+    /// `front::alloc_locked`); null only when no arena can serve it.
+    #[cold]
+    fn alloc_uncached(class: usize) -> (*mut u8, bool) {
+        match super::HEAP.ready() {
+            Some(r) => crate::front::alloc_locked(&r, class_size(class), 1),
+            None => (core::ptr::null_mut(), false),
+        }
     }
 
     /// Once per [`SWEEP_MS`] (looked at every [`SWEEP_EVERY`] refills): the chains parked in the

@@ -51,10 +51,6 @@ impl Chain {
     pub fn head(&self) -> usize {
         self.head
     }
-
-    pub fn len(&self) -> usize {
-        self.head >> PTR_BITS
-    }
 }
 
 /// Walks a packed chain taken off a cache or built with [`Chain`], calling `f` on each

@@ -643,6 +643,57 @@ mod tests {
         }
     }
 
+    /// Blocks parked a few at a time join the longest parked chain with room, into one
+    /// well-formed chain; a group that fits nowhere is refused and stays the caller's.
+    #[test]
+    fn parked_blocks_join_chains_with_room() {
+        // A class whose chains hold 20 blocks or more, and one slot's worth of blocks: 16
+        // bytes each, in a buffer of our own (the transfer tier never reads their contents
+        // but the links).
+        let class = (0..TABLE_CLASSES).find(|&c| chain_max(c) >= 20).unwrap();
+        let max = chain_max(class);
+        let t: Box<Transfer> = Box::new(
+            // SAFETY: all-zero is an empty `Transfer` (its invariant).
+            unsafe { core::mem::zeroed() },
+        );
+        let mut mem = vec![[0usize; 2]; max + 8];
+        let addrs: Vec<usize> = mem.iter_mut().map(|b| b.as_mut_ptr() as usize).collect();
+        let key = 0x5eed_1234_5678_9abc;
+        // SAFETY: blocks of ours, on no list, 16 bytes each, each parked once.
+        unsafe {
+            assert!(t.park_blocks(class, key, &addrs[0..3]));
+            assert!(t.park_blocks(class, key, &addrs[3..5]));
+        }
+        let heads: Vec<usize> = t.peek(class).into_iter().filter(|&h| h != 0).collect();
+        assert_eq!(heads.len(), 1, "the second group joined the first");
+        let mut seen = Vec::new();
+        // SAFETY: the chain is the test's; its links were written by `park_blocks`.
+        let r = unsafe { for_each_block(heads[0], key, |b| seen.push(b as usize)) };
+        assert!(r.is_ok());
+        assert_eq!(seen.len(), 5);
+        let mut want = addrs[0..5].to_vec();
+        seen.sort_unstable();
+        want.sort_unstable();
+        assert_eq!(seen, want);
+        // A group that would pass the chain's bound takes an empty slot instead.
+        // SAFETY: as above.
+        unsafe { assert!(t.park_blocks(class, key, &addrs[5..5 + max - 4])) };
+        let n: Vec<usize> = t
+            .peek(class)
+            .iter()
+            .map(|&h| h >> PTR_BITS)
+            .filter(|&n| n > 0)
+            .collect();
+        assert_eq!(n.len(), 2);
+        assert!(n.iter().all(|&n| n <= max));
+        // Every slot full to the bound: refused.
+        for s in t.slots_for_test(class) {
+            s.store(addrs[0] | (max << PTR_BITS), Ordering::Relaxed);
+        }
+        // SAFETY: as above.
+        unsafe { assert!(!t.park_blocks(class, key, &addrs[max..max + 1])) };
+    }
+
     #[test]
     fn caches_are_bounded_in_bytes() {
         let kib = if cfg!(feature = "pow2-classes") {

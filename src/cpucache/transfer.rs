@@ -3,7 +3,8 @@
 //!
 //! A CPU whose list of a class overflows parks the whole list in a slot of its arena; a CPU of
 //! that arena whose list runs empty takes a parked chain and installs it. Outboxes park the
-//! blocks they send back to an owner the same way. Each move is one atomic instruction on the
+//! blocks they send back to an owner the same way, in front of a parked chain that has room
+//! for them ([`Transfer::park_blocks`]), so that few blocks at a time still make long chains. Each move is one atomic instruction on the
 //! slot; the arena's lock is taken only when every slot is full (to park) or empty (to
 //! take), and then moves a whole batch in one lock round.
 //!
@@ -13,7 +14,8 @@
 //!   their runs, linked with the arena's secret, at most [`chain_max`] of them;
 //! - a chain is owned by its slot from the Release compare-and-swap that parks it until the
 //!   Acquire swap that takes it: no thread reads or writes its blocks meanwhile (except the
-//!   double-free search and statistics, which only read, validating every link);
+//!   double-free search and statistics, which only read, validating every link); a chain
+//!   parked in front of it only names its packed head;
 //! - memory parked per arena is at most [`slots`]`(class)` chains of at most
 //!   [`chain_max`]`(class)` blocks per class: up to 8 KiB at most [`PARKED_MAX`] per class
 //!   and [`PARKED_BUDGET`] (3 MiB) in all; above, one chain of [`LARGE_OUTBOX_LIMIT`]
@@ -21,7 +23,8 @@
 
 use core::sync::atomic::{AtomicUsize, Ordering};
 
-use super::{limit, LARGE_OUTBOX_LIMIT};
+use super::{limit, Chain, LARGE_OUTBOX_LIMIT, PTR_BITS};
+use crate::chunk::Block;
 use crate::size_class::{class_size, NUM_CLASSES, TABLE_CLASSES};
 
 /// The most chains one (arena, class) pair can park: a cache line of slots.
@@ -154,11 +157,69 @@ impl Transfer {
         })
     }
 
+    /// Parks the blocks `blocks` of `class` (at least one, at most [`chain_max`]) in front
+    /// of a parked chain that has room for them all, the longest such, or else in an empty
+    /// slot: one compare-and-swap, however short the chain was before. Outboxes send a few
+    /// blocks per class at a time (an outbox of 64 blocks over 32 classes); joined here,
+    /// they reach the owner's CPUs as refills of up to a whole list rather than of two or
+    /// three blocks. Returns false when no slot has room: the blocks are still the caller's
+    /// (their links may have been rewritten).
+    ///
+    /// The chain already parked is not read: the new blocks' links name its packed head,
+    /// which is all its shape needs, and the swap succeeds only while the slot still holds
+    /// that head, a chain of that address and length (whichever parked it), so the joined
+    /// chain is well formed.
+    ///
+    /// # Safety
+    /// Each block is a free, marked block of this arena and `class`, counted in use by its
+    /// run, that the caller owns and gives up if this returns true; `key` is the arena's
+    /// link secret.
+    pub unsafe fn park_blocks(&self, class: usize, key: usize, blocks: &[usize]) -> bool {
+        let max = chain_max(class);
+        debug_assert!(!blocks.is_empty() && blocks.len() <= max);
+        let slots = &self.slots[class][..slots(class)];
+        loop {
+            // The slot whose chain has room and is the longest (an empty one last).
+            let mut best: Option<(&AtomicUsize, usize)> = None;
+            for s in slots {
+                let h = s.load(Ordering::Relaxed);
+                let n = h >> PTR_BITS;
+                if n + blocks.len() <= max && best.is_none_or(|(_, b)| n > b >> PTR_BITS) {
+                    best = Some((s, h));
+                }
+            }
+            let Some((s, h)) = best else {
+                return false;
+            };
+            // SAFETY: `h` is 0 or the packed head of a chain of this arena and `class`,
+            // linked with `key` (the slots' invariant); it is only named, not read, and the
+            // blocks are the caller's.
+            let mut chain = unsafe { Chain::from_head(h, key) };
+            for &b in blocks {
+                // SAFETY: by the contract each block is ours, free, on no list.
+                unsafe { chain.push(b as *mut Block) };
+            }
+            // Release: publishes the new links (the chain below was published by its own
+            // park, whose release sequence this read-modify-write continues).
+            if s.compare_exchange(h, chain.head(), Ordering::Release, Ordering::Relaxed)
+                .is_ok()
+            {
+                return true;
+            }
+        }
+    }
+
     /// Whether no chain was taken since the last call (which starts a new period): the
     /// arena's CPUs have not refilled from the slots meanwhile, so what is parked may be
     /// stranded (see `heap::cached`'s sweep).
     pub fn idle_since_last_look(&self) -> bool {
         self.taken.swap(0, Ordering::Relaxed) == 0
+    }
+
+    /// The slots of `class`, for tests that fill them.
+    #[cfg(test)]
+    pub(super) fn slots_for_test(&self, class: usize) -> &[AtomicUsize] {
+        &self.slots[class][..slots(class)]
     }
 
     /// The packed heads parked for `class` now (a snapshot; for walks that validate every

@@ -11,7 +11,8 @@ use crate::arena::{lookup, Lookup};
 use crate::chunk::Block;
 use crate::cpucache::{
     batch, chain_max, for_each_block, limit, return_blocks, return_chain, split_chain, take_batch,
-    Chain, Push, BATCH_MAX, LARGE_OUTBOX, LARGE_OUTBOX_LIMIT, OUTBOX, OUTBOX_MAX_BLOCK, PTR_BITS,
+    Chain, Push, BATCH_MAX, LARGE_OUTBOX, LARGE_OUTBOX_LIMIT, OUTBOX, OUTBOX_LIMIT,
+    OUTBOX_MAX_BLOCK, PTR_BITS,
 };
 use crate::diag::{block_error, invalid_pointer};
 use crate::front::report::{self, DOUBLE_FREE};
@@ -32,13 +33,6 @@ std::thread_local! {
     /// Refills by this thread (const-initialised, no destructor: safe inside `malloc`).
     static REFILLS: core::cell::Cell<u32> = const { core::cell::Cell::new(0) };
 }
-
-/// Chains of an outbox's blocks shorter than this (and than their class's limit) go to their
-/// owners' pending stacks, grouped by owner, rather than take a transfer slot each. 1: every
-/// chain parks while a slot is free (with 8 the `prodcons-16` and `larson` workloads ran 7%
-/// slower: with 32 classes an outbox's groups are short, and the owner then drains them
-/// block by block under its lock).
-const PARK_MIN: usize = 1;
 
 /// What a broken chain is reported as.
 const LINK_OVERWRITTEN: &[u8] =
@@ -457,156 +451,118 @@ impl ProcessHeap {
     }
 
     /// Sends the current CPU's large outbox: its blocks (at most `LARGE_OUTBOX_LIMIT`),
-    /// grouped by owner and class, are parked as one chain per group in the owner's transfer
-    /// slot of the class (the owner's CPUs take it as refills), or, when that slot is taken,
-    /// go back to their runs with one lock round per owner, and at once: no block of up to
-    /// 256 KiB waits on the pending stack of an owner that may have stopped allocating.
+    /// grouped by owner and class, are parked in the owner's transfer slot of the class
+    /// (the owner's CPUs take them as refills), or, when that slot has no room, go back to
+    /// their runs with one lock round per group, and at once: no block of up to 256 KiB
+    /// waits on the pending stack of an owner that may have stopped allocating.
     #[cold]
     #[inline(never)]
     pub(super) fn send_large_outbox(cfg: &Config) {
-        let Some((cpu, chain)) = cfg.caches.take_all(LARGE_OUTBOX) else {
+        let mut groups = Grouped::<LARGE_OUTBOX_LIMIT>::new();
+        if !Self::take_outbox(cfg, LARGE_OUTBOX, &mut groups) {
             return;
-        };
-        // (owner, class, block) of each block.
-        let mut blocks = [(0usize, 0usize, 0usize); LARGE_OUTBOX_LIMIT];
-        let mut n = 0;
-        // SAFETY: a chain taken off an outbox is ours, its links encoded with the cache's
-        // key; every block is a free, marked small block of some arena, counted in use.
-        let r = unsafe {
-            for_each_block(chain, cfg.caches.key_of(cpu), |b| {
-                let Lookup::Small { arena, run } = lookup(&SRC, b as *const u8) else {
-                    invalid_pointer(b"coreheap: corrupted outbox", b.cast());
-                };
-                if n < blocks.len() {
-                    blocks[n] = (arena as usize, (*run).class(), b as usize);
-                    n += 1;
-                }
-            })
-        };
-        if let Err(b) = r {
-            invalid_pointer(LINK_OVERWRITTEN, b.cast());
         }
-        // Grouped by owner and class: parked whole in the owner's slot of the class, where its
-        // CPUs take it as a refill without the lock or the page heap; else back to the runs,
-        // one lock round per group.
-        let blocks = &mut blocks[..n];
-        blocks.sort_unstable();
-        for group in blocks.chunk_by(|x, y| x.0 == y.0) {
-            let a = cfg.arena(group[0].0);
-            let mut addrs = [0usize; LARGE_OUTBOX_LIMIT];
-            let mut rest = 0;
-            for by_class in group.chunk_by(|x, y| x.1 == y.1) {
-                let class = by_class[0].1;
-                let mut chain = Chain::new(a.key());
-                for &(_, _, b) in by_class.iter().take(chain_max(class)) {
-                    // SAFETY: a free, marked block of `a` and `class`, ours.
-                    unsafe { chain.push(b as *mut Block) };
-                }
-                // SAFETY: the chain holds at most `chain_max(class)` free, marked blocks of
-                // `a` and `class`, linked with its key.
-                let parked = unsafe { cfg.caches.transfer(group[0].0).park(class, chain.head()) };
-                let from = if parked { chain.len() } else { 0 };
-                for s in &by_class[from..] {
-                    addrs[rest] = s.2;
-                    rest += 1;
-                }
+        groups.for_each(|owner, class, blocks| {
+            let a = cfg.arena(owner);
+            // SAFETY: free, marked blocks of `owner` and `class` (looked up), counted in use
+            // by their runs, ours; at most `LARGE_OUTBOX_LIMIT` = `chain_max(class)`.
+            if unsafe {
+                cfg.caches
+                    .transfer(owner)
+                    .park_blocks(class, a.key(), blocks)
+            } {
+                return;
             }
-            if rest == 0 {
-                continue;
-            }
-            let addrs = &addrs[..rest];
             if a.held_by_caller() {
                 // A signal handler that interrupted this thread inside the owner: its
                 // pending stack, which needs no lock.
-                for &b in addrs {
+                for &b in blocks {
                     let what = lookup(&SRC, b as *const u8);
                     // SAFETY: a free, marked block of `a`, ours.
                     unsafe { a.free_marked(&SRC, b as *mut u8, what, false) };
                 }
-                continue;
+                return;
             }
             // SAFETY: free small blocks of `a`, counted in use by their runs, ours.
-            unsafe { return_blocks(a, &SRC, addrs) };
-        }
+            unsafe { return_blocks(a, &SRC, blocks) };
+        });
     }
 
-    /// Sends the current CPU's outbox: its blocks, grouped by owner and class into chains
-    /// (each block looked up once, here). A chain of [`PARK_MIN`] blocks or more (or its
-    /// class's whole limit) goes to its owner's transfer slots, where the owner's CPUs take
-    /// it as a refill without a lock; shorter ones, and chains that find the slots full, go
-    /// onto their owners' pending stacks, one push per owner (for up to `OWNERS` owners).
+    /// Sends the current CPU's outbox: its blocks, each looked up once, grouped by owner and
+    /// class and parked in their owners' transfer slots, in front of chains already parked
+    /// there when those have room (`Transfer::park_blocks`), so that the owner's CPUs take
+    /// them as refills of up to a whole list, without a lock; what finds no room goes onto
+    /// its owner's pending stack, one push per owner for up to `OWNERS` owners.
     #[cold]
     #[inline(never)]
     pub(super) fn send_outbox(cfg: &Config) {
-        /// Groups (an open-addressed table by owner and class; an outbox holds at most
-        /// `OUTBOX_LIMIT` = 64 blocks, so it never fills).
-        const GROUPS: usize = 64;
         const OWNERS: usize = 4;
-        const NONE: (usize, usize) = (usize::MAX, 0);
-        let Some((cpu, chain)) = cfg.caches.take_all(OUTBOX) else {
+        let mut groups = Grouped::<OUTBOX_LIMIT>::new();
+        if !Self::take_outbox(cfg, OUTBOX, &mut groups) {
             return;
+        }
+        let mut pending = [(usize::MAX, Batch::new(0)); OWNERS];
+        groups.for_each(|owner, class, blocks| {
+            let key = cfg.arena(owner).key();
+            for piece in blocks.chunks(chain_max(class)) {
+                // SAFETY: free, marked blocks of `owner` and `class` (looked up), counted in
+                // use by their runs, ours; at most `chain_max(class)` of them.
+                if unsafe { cfg.caches.transfer(owner).park_blocks(class, key, piece) } {
+                    continue;
+                }
+                let k = pending
+                    .iter()
+                    .position(|p| p.0 == owner)
+                    .or_else(|| pending.iter().position(|p| p.0 == usize::MAX));
+                let mut own = Batch::new(key);
+                let batch = match k {
+                    Some(k) => {
+                        if pending[k].0 == usize::MAX {
+                            pending[k] = (owner, Batch::new(key));
+                        }
+                        &mut pending[k].1
+                    }
+                    None => &mut own,
+                };
+                for &b in piece {
+                    // SAFETY: as above; each block is re-linked for the owner's stack.
+                    unsafe { batch.add(b as *mut Block) };
+                }
+                if k.is_none() {
+                    // SAFETY: the batch holds free blocks of `owner`, built with its key.
+                    unsafe { cfg.arena(owner).push_remote_batch(&SRC, &own) };
+                }
+            }
+        });
+        for (owner, batch) in pending.iter().filter(|p| p.0 != usize::MAX) {
+            // SAFETY: the batch holds free blocks of `owner`, built with its key.
+            unsafe { cfg.arena(*owner).push_remote_batch(&SRC, batch) };
+        }
+    }
+
+    /// Empties the current CPU's outbox `list` into `out`, each block looked up once.
+    /// False when the outbox was empty (or there is no CPU id).
+    fn take_outbox<const N: usize>(cfg: &Config, list: usize, out: &mut Grouped<N>) -> bool {
+        let Some((cpu, chain)) = cfg.caches.take_all(list) else {
+            return false;
         };
-        let mut groups = [(NONE, Chain::new(0)); GROUPS];
         // SAFETY: a chain taken off an outbox is ours, its links encoded with the cache's
         // key; every block is a free, marked small block of some arena, counted in use by
         // its run, which only its owner will change.
         let r = unsafe {
             for_each_block(chain, cfg.caches.key_of(cpu), |b| {
-                let what = lookup(&SRC, b as *const u8);
-                let Lookup::Small { arena, run } = what else {
+                let Lookup::Small { arena, run } = lookup(&SRC, b as *const u8) else {
                     invalid_pointer(b"coreheap: corrupted outbox", b.cast());
                 };
-                let id = (arena as usize, (*run).class());
-                let mut i = (id.0 * 31 + id.1) % GROUPS;
-                while groups[i].0 != NONE && groups[i].0 != id {
-                    i = (i + 1) % GROUPS;
-                }
-                if groups[i].0 == NONE {
-                    groups[i] = (id, Chain::new(cfg.arena(id.0).key()));
-                }
-                groups[i].1.push(b);
-                if groups[i].1.len() == limit(id.1) {
-                    Self::send_chain(cfg, id.0, id.1, groups[i].1.head());
-                    groups[i].1 = Chain::new(cfg.arena(id.0).key());
+                if !out.add((arena as usize, (*run).class()), b as usize) {
+                    invalid_pointer(b"coreheap: corrupted outbox", b.cast());
                 }
             })
         };
         if let Err(b) = r {
             invalid_pointer(LINK_OVERWRITTEN, b.cast());
         }
-        let mut pending = [(usize::MAX, Batch::new(0)); OWNERS];
-        for ((owner, class), chain) in groups.iter().filter(|g| g.0 != NONE && g.1.len() > 0) {
-            let (owner, class) = (*owner, *class);
-            let parks = chain.len() >= PARK_MIN.min(limit(class));
-            // SAFETY: each chain holds free blocks of `owner` and `class`, built with its
-            // key, at most `limit(class)` of them (sent above when they reached it).
-            if parks && unsafe { cfg.caches.transfer(owner).park(class, chain.head()) } {
-                continue;
-            }
-            let slot = pending
-                .iter()
-                .position(|p| p.0 == owner)
-                .or_else(|| pending.iter().position(|p| p.0 == usize::MAX));
-            let Some(k) = slot else {
-                // SAFETY: as above.
-                unsafe { Self::send_chain(cfg, owner, class, chain.head()) };
-                continue;
-            };
-            if pending[k].0 == usize::MAX {
-                pending[k] = (owner, Batch::new(cfg.arena(owner).key()));
-            }
-            let batch = &mut pending[k].1;
-            // SAFETY: as above; each block is re-linked for the owner's pending stack.
-            let r =
-                unsafe { for_each_block(chain.head(), cfg.arena(owner).key(), |b| batch.add(b)) };
-            if let Err(b) = r {
-                invalid_pointer(LINK_OVERWRITTEN, b.cast());
-            }
-        }
-        for (owner, batch) in pending.iter().filter(|p| p.0 != usize::MAX) {
-            // SAFETY: the batch holds free blocks of `owner`, built with its key.
-            unsafe { cfg.arena(*owner).push_remote_batch(&SRC, batch) };
-        }
+        true
     }
 
     /// Gives `chain` (blocks freed on a CPU of another arena) back to arena `owner`: parked
@@ -643,5 +599,77 @@ impl ProcessHeap {
         let local = cfg.arena_index(os::current_cpu()) == arena as usize;
         // SAFETY: by the contract.
         unsafe { a.free_marked(&SRC, p, what, local) };
+    }
+}
+
+/// Up to `N` blocks of an outbox (`N` < 256, an outbox's limit), grouped by owner and class
+/// as they are added, in one pass: an open-addressed table of groups, each a list of indices
+/// into `addr`. (A sort of the 64 (owner, class, address) triples took an eighth of the
+/// `prodcons` workload's time.)
+struct Grouped<const N: usize> {
+    addr: [usize; N],
+    /// The index of the next block of the same group; `N` ends a group.
+    next: [u8; N],
+    /// (owner, class), or [`Self::FREE`], and the indices of the group's first and last block.
+    groups: [((usize, usize), u8, u8); N],
+    n: usize,
+}
+
+impl<const N: usize> Grouped<N> {
+    const FREE: (usize, usize) = (usize::MAX, 0);
+    const FITS: () = assert!(N > 0 && N < 256);
+
+    fn new() -> Self {
+        let () = Self::FITS;
+        Self {
+            addr: [0; N],
+            next: [N as u8; N],
+            groups: [(Self::FREE, 0, 0); N],
+            n: 0,
+        }
+    }
+
+    /// Adds block `b` of group `id`; false, nothing added, when `N` blocks are in (which
+    /// an outbox's list limit never allows).
+    #[must_use]
+    fn add(&mut self, id: (usize, usize), b: usize) -> bool {
+        let i = self.n;
+        if i == N {
+            return false;
+        }
+        self.addr[i] = b;
+        self.n += 1;
+        // At most `i` < `N` entries are taken, so the probe meets `id` or a free entry.
+        let mut g = id.0.wrapping_mul(31).wrapping_add(id.1) % N;
+        loop {
+            let e = &mut self.groups[g];
+            if e.0 == Self::FREE {
+                *e = (id, i as u8, i as u8);
+                return true;
+            }
+            if e.0 == id {
+                self.next[e.2 as usize] = i as u8;
+                e.2 = i as u8;
+                return true;
+            }
+            g = (g + 1) % N;
+        }
+    }
+
+    /// Calls `f(owner, class, blocks)` once per group.
+    fn for_each(&self, mut f: impl FnMut(usize, usize, &[usize])) {
+        for &(id, first, _) in &self.groups {
+            if id == Self::FREE {
+                continue;
+            }
+            let mut blocks = [0usize; N];
+            let (mut k, mut i) = (0, first as usize);
+            while i < N {
+                blocks[k] = self.addr[i];
+                k += 1;
+                i = self.next[i] as usize;
+            }
+            f(id.0, id.1, &blocks[..k]);
+        }
     }
 }

@@ -7,7 +7,7 @@
 
 use super::init::rseq_cpu;
 use super::{Config, ProcessHeap, SRC};
-use crate::arena::{lookup, Lookup};
+use crate::arena::{lookup, lookup_small, Lookup};
 use crate::chunk::Block;
 use crate::cpucache::{
     batch, chain_max, for_each_block, limit, return_blocks, return_chain, split_chain, take_batch,
@@ -551,10 +551,18 @@ impl ProcessHeap {
         // its run, which only its owner will change.
         let r = unsafe {
             for_each_block(chain, cfg.caches.key_of(cpu), |b| {
-                let Lookup::Small { arena, run } = lookup(&SRC, b as *const u8) else {
+                // The block's own page descriptor names its class (one load); the full
+                // lookup, which goes to the run's first page, only where that cannot say.
+                let id = lookup_small(&SRC, b as *const u8).or_else(|| {
+                    match lookup(&SRC, b as *const u8) {
+                        Lookup::Small { arena, run } => Some((arena, (*run).class())),
+                        _ => None,
+                    }
+                });
+                let Some((arena, class)) = id else {
                     invalid_pointer(b"coreheap: corrupted outbox", b.cast());
                 };
-                if !out.add((arena as usize, (*run).class()), b as usize) {
+                if !out.add((arena as usize, class), b as usize) {
                     invalid_pointer(b"coreheap: corrupted outbox", b.cast());
                 }
             })

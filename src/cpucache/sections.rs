@@ -168,12 +168,15 @@ impl Caches {
                     // b = the block, t = its decoded link
                     "mov {b}, {h}",
                     "and {b}, {mask}",
+                    // k = the secret and the block's address, ready before the link
+                    // arrives, so that one `xor` and the `bswap` follow its load (the
+                    // pop's dependency from one head to the next)
+                    hardened!("mov {k}, qword ptr [{c} + {key}]", "xor {k}, {b}",),
                     "mov {t}, qword ptr [{b}]",
                     // decode; the link's count must be the head's minus one, else the
                     // section leaves through 77 with no block
                     hardened!(
-                        "xor {t}, qword ptr [{c} + {key}]",
-                        "xor {t}, {b}",
+                        "xor {t}, {k}",
                         "bswap {t}",
                         "sub {h}, {one}",
                         "xor {h}, {t}",
@@ -202,6 +205,7 @@ impl Caches {
                 b = out(reg) block,
                 c = out(reg) _,
                 t = out(reg) _,
+                k = out(reg) _,
                 shift = const STRIDE_SHIFT,
                 allocs = const OFF_ALLOCS,
                 key = const OFF_KEY,

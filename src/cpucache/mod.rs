@@ -23,8 +23,8 @@
 //!
 //! Each cache also has an **outbox** ([`OUTBOX`]): small blocks of *other* arenas freed on
 //! this CPU, of any class. They are never handed out from there; a full outbox is sent, its
-//! blocks grouped by owner and class into chains that are parked in the owners' transfer
-//! slots (or pushed onto their pending stacks when the slots are full).
+//! blocks grouped by owner and class and parked in the owners' transfer slots, joining
+//! chains parked there (or pushed onto their pending stacks when the slots have no room).
 //!
 //! Invariants:
 //! - a block on a class list of cache `c` belongs to arena `caches[c].arena` (the arena the
@@ -119,8 +119,8 @@ const _: () = assert!(batch(0) == BATCH_MAX);
 
 /// The list index of a CPU's outbox: small blocks of other arenas freed on this CPU, of
 /// any class, on their way back to their owners. They are never handed out from here: a
-/// full outbox is sorted by owner and class into chains, parked in the owners' transfer
-/// slots, so a remote free costs no atomic instruction of its own.
+/// full outbox is grouped by owner and class and parked in the owners' transfer slots, so
+/// a remote free costs no atomic instruction of its own.
 pub const OUTBOX: usize = NUM_CLASSES;
 
 /// How many blocks an outbox holds before it is sent.
@@ -686,12 +686,24 @@ mod tests {
             .collect();
         assert_eq!(n.len(), 2);
         assert!(n.iter().all(|&n| n <= max));
-        // Every slot full to the bound: refused.
+        // Two chains with room for two more blocks (5 and `max - 4` blocks): the longer one
+        // takes them.
+        // SAFETY: as above.
+        unsafe { assert!(t.park_blocks(class, key, &addrs[max + 1..max + 3])) };
+        let mut n: Vec<usize> = t
+            .peek(class)
+            .iter()
+            .map(|&h| h >> PTR_BITS)
+            .filter(|&n| n > 0)
+            .collect();
+        n.sort_unstable();
+        assert_eq!(n, [5, max - 2]);
+        // Every slot full to the bound: refused (the block is not parked anywhere).
         for s in t.slots_for_test(class) {
             s.store(addrs[0] | (max << PTR_BITS), Ordering::Relaxed);
         }
         // SAFETY: as above.
-        unsafe { assert!(!t.park_blocks(class, key, &addrs[max..max + 1])) };
+        unsafe { assert!(!t.park_blocks(class, key, &addrs[max + 3..max + 4])) };
     }
 
     #[test]

@@ -3,8 +3,9 @@
 //!
 //! A CPU whose list of a class overflows parks the whole list in a slot of its arena; a CPU of
 //! that arena whose list runs empty takes a parked chain and installs it. Outboxes park the
-//! blocks they send back to an owner the same way, in front of a parked chain that has room
-//! for them ([`Transfer::park_blocks`]), so that few blocks at a time still make long chains. Each move is one atomic instruction on the
+//! blocks they send back to an owner the same way, in front of a parked chain that has
+//! room for them ([`Transfer::park_blocks`]), so that few blocks at a time still make long
+//! chains. Each move is one atomic instruction on the
 //! slot; the arena's lock is taken only when every slot is full (to park) or empty (to
 //! take), and then moves a whole batch in one lock round.
 //!

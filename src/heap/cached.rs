@@ -464,13 +464,18 @@ impl ProcessHeap {
         }
         groups.for_each(|owner, class, blocks| {
             let a = cfg.arena(owner);
+            // A large class's chains take `LARGE_OUTBOX_LIMIT` blocks, the whole outbox; cut
+            // anyway, should a class with shorter chains ever come this way.
+            let (parks, rest) = blocks.split_at(blocks.len().min(chain_max(class)));
+            let transfer = cfg.caches.transfer(owner);
             // SAFETY: free, marked blocks of `owner` and `class` (looked up), counted in use
-            // by their runs, ours; at most `LARGE_OUTBOX_LIMIT` = `chain_max(class)`.
-            if unsafe {
-                cfg.caches
-                    .transfer(owner)
-                    .park_blocks(class, a.key(), blocks)
-            } {
+            // by their runs, ours; at most `chain_max(class)` of them.
+            let blocks = if unsafe { transfer.park_blocks(class, a.key(), parks) } {
+                rest
+            } else {
+                blocks
+            };
+            if blocks.is_empty() {
                 return;
             }
             if a.held_by_caller() {

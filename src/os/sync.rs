@@ -197,7 +197,32 @@ impl RobustMutex {
     /// pre: the calling thread holds it.
     pub fn unlock(&self) {
         // SAFETY: the mutex was initialised and is held by this thread (precondition).
-        unsafe { libc::pthread_mutex_unlock(self.0.get()) };
+        if unsafe { libc::pthread_mutex_unlock(self.0.get()) } == libc::EPERM {
+            self.unlock_stale();
+        }
+    }
+
+    /// glibc refused the unlock: the word holds another thread's id. In a fork child, that
+    /// is the parent's id of this very thread when a take was interrupted by the signal
+    /// whose handler forked, after glibc had read the thread's id and before it stored it
+    /// in the word: the take resumed in the child and stored the parent's id (see
+    /// [`robust_fork_child`]). The mutex is this thread's: the word gets its own id, and the
+    /// unlock is made again (the take linked the mutex into this thread's robust list, which
+    /// that unlock leaves right). Nothing otherwise.
+    #[cold]
+    #[inline(never)]
+    fn unlock_stale(&self) {
+        #[cfg(all(target_os = "linux", target_env = "gnu"))]
+        if self.held_by_caller() {
+            let w = self.word();
+            let old = w.load(Ordering::Relaxed);
+            w.store(
+                (old & !FUTEX_TID_MASK) | super::process::kernel_tid(),
+                Ordering::Relaxed,
+            );
+            // SAFETY: initialised, and held by this thread (its id is in the word now).
+            unsafe { libc::pthread_mutex_unlock(self.0.get()) };
+        }
     }
 
     /// The mutex's futex word: glibc's `__data.__lock`, the first `int` of `pthread_mutex_t`
@@ -228,7 +253,12 @@ impl RobustMutex {
             // Relaxed: if this thread holds the mutex, the word's id bits are its own last
             // write to them; if not, whatever value is read holds another id or none.
             let holder = self.word().load(Ordering::Relaxed) & FUTEX_TID_MASK;
-            holder != 0 && holder == super::process::kernel_tid()
+            holder != 0 && {
+                let me = super::process::kernel_tid();
+                holder == me
+                    || (holder == STALE_TID.load(Ordering::Relaxed)
+                        && me == CHILD_TID.load(Ordering::Relaxed))
+            }
         }
         #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
         false
@@ -284,6 +314,39 @@ impl RobustMutex {
             next.cast::<usize>().write(next as usize);
         }
     }
+}
+
+/// The thread that ran the last `fork`'s prepare handler ([`robust_fork_prepare`]), by its
+/// kernel id.
+static PREPARE_TID: AtomicU32 = AtomicU32::new(0);
+/// In a fork child: the forking thread's id in the parent ([`PREPARE_TID`] there), and this
+/// thread's, the copy of that one. 0 in a process that is no fork child of a process that
+/// called [`robust_fork_prepare`].
+static STALE_TID: AtomicU32 = AtomicU32::new(0);
+static CHILD_TID: AtomicU32 = AtomicU32::new(0);
+
+/// A `fork`'s prepare handler, for [`robust_fork_child`]: records the forking thread's id.
+pub fn robust_fork_prepare() {
+    PREPARE_TID.store(super::process::kernel_tid(), Ordering::Relaxed);
+}
+
+/// A `fork`'s child handler, after [`robust_fork_prepare`] in the parent: from now on, for
+/// this thread, a robust mutex whose word holds the forking thread's id in the parent is
+/// held by this thread ([`RobustMutex::held_by_caller`]), and its unlock replaces that id by
+/// this thread's first ([`RobustMutex::unlock`]). For a take of the mutex that the signal
+/// whose handler forked interrupted: glibc reads the thread's id (from its thread
+/// descriptor, into a register) before it stores it in the word with a compare-and-swap,
+/// and the take resumes in the child, with the parent's id, when the handler returns;
+/// glibc's unlock would then refuse it (`EPERM`), and the mutex would stay held for ever.
+/// (Seen: `signal_events forkrun single 3 5000` under `COREHEAP_SHM`, release build, hung
+/// in 6 of 6 runs with the child waiting for an arena lock that held its parent's id.) Only
+/// this thread: another thread of the child that got the parent's id (reused after the
+/// parent's thread ended) is not taken for it.
+///
+/// pre: the child of `fork`, this thread the only one.
+pub fn robust_fork_child() {
+    STALE_TID.store(PREPARE_TID.load(Ordering::Relaxed), Ordering::Relaxed);
+    CHILD_TID.store(super::process::kernel_tid(), Ordering::Relaxed);
 }
 
 /// The kernel's robust-futex ABI (`linux/futex.h`): the holder's thread id in a robust
@@ -388,13 +451,16 @@ mod tests {
 
     /// A fork child takes over a mutex its parent's forking thread held, releases it (glibc
     /// refused that before: the word held the parent's thread id), and takes robust mutexes
-    /// afterwards as usual.
+    /// afterwards as usual; a take that resumed in the child and stored the parent's id (a
+    /// take the fork interrupted) is the child's too, and its unlock succeeds.
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     #[test]
     fn fork_child_adopts_its_parents_mutex() {
         let m = boxed_mutex();
         let n = boxed_mutex();
         assert_eq!(m.lock(), MutexTake::Clean);
+        robust_fork_prepare();
+        let parent_tid = super::super::process::kernel_tid();
         // SAFETY: the child makes no allocation and ends with `_exit`; the mutexes are in
         // its private copy of this memory.
         let pid = unsafe { libc::fork() };
@@ -403,6 +469,28 @@ mod tests {
                 if m.held_by_caller() {
                     return 1; // the parent's id must not pass for the child's
                 }
+                robust_fork_child();
+                if !m.held_by_caller() {
+                    return 5; // ... except for the copy of the forking thread
+                }
+                // A take that resumed here: linked into this thread's list, the word
+                // holding the parent's id.
+                if n.lock() != MutexTake::Clean {
+                    return 6;
+                }
+                let w = n.word();
+                w.store(
+                    (w.load(Ordering::Relaxed) & !FUTEX_TID_MASK) | parent_tid,
+                    Ordering::Relaxed,
+                );
+                if !n.held_by_caller() {
+                    return 7;
+                }
+                n.unlock();
+                if n.held_by_caller() || n.try_lock() != MutexTake::Clean {
+                    return 8;
+                }
+                n.unlock();
                 // SAFETY: the child of fork (one thread), private memory; the forking thread
                 // held `m`.
                 unsafe { m.adopt_after_fork() };
@@ -424,6 +512,9 @@ mod tests {
             unsafe { libc::_exit(code) };
         }
         assert!(pid > 0);
+        // Not in the parent: the stale id is the child's only.
+        let other = std::thread::scope(|s| s.spawn(|| m.held_by_caller()).join().unwrap());
+        assert!(!other);
         m.unlock();
         let mut st = 0;
         // SAFETY: waits for our own child.

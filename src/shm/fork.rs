@@ -45,6 +45,7 @@ impl SharedHeap {
     /// pre: the handlers of two `fork`s do not run at once (the caller holds glibc's stdio
     /// list lock in a multithreaded process).
     pub(super) fn fork_prepare(&self) {
+        os::sync::robust_fork_prepare();
         for (i, a) in self.view.arenas().enumerate() {
             set_skipped(i, !a.fork_lock(&self.view.src));
         }
@@ -79,6 +80,8 @@ impl SharedHeap {
         if !file::privatize(base, len, self.fd) {
             return false;
         }
+        // A take of a lock that the fork interrupted resumes here with the parent's id.
+        os::sync::robust_fork_child();
         // SAFETY: the memory is this process's private copy now, and this thread the only
         // one; the locks in it belong to the parent's forking thread: those the prepare
         // handler took are unused from now on, and glibc emptied this thread's robust list at

@@ -213,6 +213,12 @@ pub enum Taken {
 /// mutex and the next taker gets [`Taken::OwnerDied`]. Never allocates, never takes other
 /// locks.
 ///
+/// A thread can tell that it holds the lock itself ([`RobustLock::held_by_caller`]) from the
+/// mutex's word, which holds its holder's kernel thread id (the kernel's robust-futex ABI;
+/// glibc's `pthread_mutex_t` keeps that word first): a signal handler that interrupted the
+/// holder and allocates, or forks, must not wait for it. A take that would wait for a lock
+/// the caller holds aborts with a message instead of hanging, as [`RawLock`]'s does.
+///
 /// Invariant: initialised once with [`RobustLock::init_in_place`] before any other use;
 /// all-zero memory is *not* a valid robust lock (it is a private, non-robust mutex).
 pub struct RobustLock {
@@ -236,13 +242,42 @@ impl RobustLock {
         }
     }
 
-    /// Takes the lock, waiting for it if needed.
+    /// Takes the lock, waiting for it if needed. Aborts with a one-line message if the
+    /// calling thread holds it already (a signal handler that interrupted the holder):
+    /// waiting would never end.
     pub fn lock(&self) -> Taken {
         if let Some(t) = self.try_lock() {
             return t;
         }
+        if self.held_by_caller() {
+            os::fatal(
+                b"coreheap: malloc or free re-entered (from a signal handler?) on a thread that holds the shared heap lock it needs; aborting\n",
+            );
+        }
         self.contended.fetch_add(1, Ordering::Relaxed);
         Self::taken(self.m.lock())
+    }
+
+    /// Whether the calling thread holds the lock (a signal handler on the thread whose
+    /// interrupted code holds it): exact, see [`RobustMutex::held_by_caller`]. Costs a
+    /// system call when the lock is held by anyone, nothing more when it is free. Always
+    /// false with a C library other than glibc.
+    #[inline]
+    pub fn held_by_caller(&self) -> bool {
+        self.m.held_by_caller()
+    }
+
+    /// Fork child: the lock, held in the parent by the forking thread's interrupted code
+    /// (a `fork` from a signal handler; the fork handlers left it alone), becomes held by
+    /// this thread, the child's copy of that thread, so that the interrupted code releases it
+    /// when it resumes here ([`RobustMutex::adopt_after_fork`]).
+    ///
+    /// # Safety
+    /// The child of `fork`, this thread the only one; the lock is in memory private to this
+    /// process and was held by the forking thread when it forked.
+    pub unsafe fn adopt_after_fork(&self) {
+        // SAFETY: passed on from the caller.
+        unsafe { self.m.adopt_after_fork() }
     }
 
     /// Takes the lock if it is free now.

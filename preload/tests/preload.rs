@@ -897,6 +897,76 @@ fn malloc_in_a_signal_handler_that_interrupted_malloc() {
     }
 }
 
+/// `fork_from_a_signal_handler` on a `COREHEAP_SHM` heap: the prepare handler must skip a
+/// shared-heap lock (a robust mutex) that the interrupted code of its own thread holds, the
+/// parent handler must not release it, and the child must take it over for its copy of that
+/// code ("forkrun": the child returns from the handler, so that code finishes and releases
+/// the lock there, and allocates on). A timer period of 5 ms, not 2: a fork here takes
+/// longer than 2 ms (the child copies the heap before the parent goes on), and the handler
+/// then ran back to back, interrupting the program at few places. Before issue 17 was fixed,
+/// 11 of 12 such runs hung ("fork"); the time limit turns a hang into a failure.
+#[test]
+fn fork_from_a_signal_handler_on_a_shared_heap() {
+    let exe = compile("signal_events.c", "signal_events_shm", &["-lpthread"]);
+    for what in ["fork", "forkrun"] {
+        for mode in ["single", "threads"] {
+            let (path, shm) = fresh_shared_heap(&format!("sig{what}-{mode}"), "64M");
+            let out = preloaded(
+                exe.to_str().unwrap(),
+                &[what, mode, "3", "5000"],
+                &[("COREHEAP_SHM", &shm)],
+                60,
+            );
+            let _ = std::fs::remove_file(&path);
+            let stdout = text(&out.stdout);
+            assert!(
+                stdout.contains("signal events ok"),
+                "{what} {mode}: {stdout}"
+            );
+        }
+    }
+}
+
+/// `malloc_in_a_signal_handler_that_interrupted_malloc` on a `COREHEAP_SHM` heap: the
+/// handler's allocation goes to another arena when its own thread holds the arena's lock
+/// (all 8 runs hung before). If the interrupted code holds the heap's chunk lock and the
+/// other arena needs a chunk, the allocation aborts, naming the cause; it never hangs.
+#[test]
+fn malloc_in_a_signal_handler_that_interrupted_malloc_on_a_shared_heap() {
+    let exe = compile(
+        "signal_events.c",
+        "signal_events_shm_malloc",
+        &["-lpthread"],
+    );
+    for mode in ["single", "threads"] {
+        let (path, shm) = fresh_shared_heap(&format!("sigmalloc-{mode}"), "64M");
+        let mut cmd = Command::new(runner());
+        cmd.args([
+            "run",
+            "--",
+            exe.to_str().unwrap(),
+            "malloc",
+            mode,
+            "3",
+            "5000",
+        ])
+        .env("COREHEAP_SHM", &shm);
+        let out = run_limited(cmd, Duration::from_secs(60));
+        let _ = std::fs::remove_file(&path);
+        if out.status.success() {
+            let stdout = text(&out.stdout);
+            assert!(stdout.contains("signal events ok"), "{mode}: {stdout}");
+        } else {
+            assert!(
+                text(&out.stderr).contains("re-entered"),
+                "{mode}: {:?}: {}",
+                out.status,
+                text(&out.stderr)
+            );
+        }
+    }
+}
+
 /// An ordinary program under a tight address-space limit (`ulimit -v 16000`, about 15.6
 /// MiB): chunks are mapped without over-reserving for their alignment, so `ls` finds the
 /// memory it needs (it failed with "memory exhausted" when a chunk took 8 MiB of address

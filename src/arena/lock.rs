@@ -43,7 +43,7 @@ pub unsafe trait ArenaLock: Sync {
     fn contentions(&self) -> u64;
 
     /// Whether the calling thread holds the lock (a signal handler that interrupted its
-    /// holder). False for a lock that does not record its holder.
+    /// holder). Never false when it does. False for a lock that cannot tell (the default).
     fn held_by_caller(&self) -> bool {
         false
     }
@@ -55,6 +55,18 @@ pub unsafe trait ArenaLock: Sync {
     /// No thread of this process holds or waits for the lock, and it is on no thread's
     /// robust list.
     unsafe fn reinit(&self) -> bool;
+
+    /// Fork child: the lock was held by the forking thread's own interrupted code (a `fork`
+    /// from a signal handler, whose handlers left the lock alone): makes it held by this
+    /// thread, the child's copy of that thread, so that [`ArenaLock::held_by_caller`] says so
+    /// and the interrupted code can release it when it resumes here. Nothing by default:
+    /// a lock that names its holder by something the child's thread keeps (the thread
+    /// pointer, [`RawLock`]) is the child's already.
+    ///
+    /// # Safety
+    /// The child of `fork`, this thread the only one; the lock is in memory private to this
+    /// process and was held by the forking thread when it forked.
+    unsafe fn adopt_after_fork(&self) {}
 }
 
 // SAFETY: a futex lock excludes with Acquire/Release orderings (`lock.rs`), never
@@ -131,6 +143,16 @@ unsafe impl ArenaLock for RobustLock {
 
     fn contentions(&self) -> u64 {
         RobustLock::contentions(self)
+    }
+
+    #[inline]
+    fn held_by_caller(&self) -> bool {
+        RobustLock::held_by_caller(self)
+    }
+
+    unsafe fn adopt_after_fork(&self) {
+        // SAFETY: passed on from the caller.
+        unsafe { RobustLock::adopt_after_fork(self) }
     }
 
     unsafe fn reinit(&self) -> bool {

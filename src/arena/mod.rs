@@ -749,6 +749,19 @@ impl<S: PageSource<Lock: ArenaLock>> Arena<S> {
         // SAFETY: by the contract.
         unsafe { self.lock.reinit() }
     }
+
+    /// Fork, child side, for an arena whose lock [`Arena::fork_lock`] did not take because
+    /// the forking thread's interrupted code holds it: the lock stays held, now by this
+    /// thread (the child's copy of the forking one), until that code resumes here and
+    /// releases it ([`ArenaLock::adopt_after_fork`]).
+    ///
+    /// # Safety
+    /// The child of `fork`, this thread the only one; the arena is in memory private to this
+    /// process and its lock was held by the forking thread when it forked.
+    pub unsafe fn fork_adopt(&self) {
+        // SAFETY: by the contract.
+        unsafe { self.lock.adopt_after_fork() }
+    }
 }
 
 /// An arena's bins with its lock held, for [`Arena::free_blocks`].

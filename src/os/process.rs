@@ -25,6 +25,15 @@ pub fn thread_id() -> usize {
     }
 }
 
+/// The calling thread's kernel thread id (`gettid`): what the kernel's robust-futex ABI
+/// stores in a robust mutex's word (see [`super::sync::RobustMutex::held_by_caller`]). A
+/// system call each time (glibc caches it in its thread descriptor, which is not ABI), so
+/// not for fast paths. Async-signal-safe; in a fork child it is the child's own id.
+pub fn kernel_tid() -> u32 {
+    // SAFETY: gettid has no preconditions and cannot fail.
+    unsafe { libc::syscall(libc::SYS_gettid) as u32 }
+}
+
 /// Whether the process has had only one thread so far (glibc's `__libc_single_threaded`,
 /// which glibc 2.36 sets to false at the first `pthread_create` and never back). When true,
 /// no other thread exists. Async-signal-safe. Always false with another C library (musl

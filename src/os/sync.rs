@@ -3,7 +3,7 @@
 
 use core::cell::UnsafeCell;
 use core::ptr;
-use core::sync::atomic::AtomicU32;
+use core::sync::atomic::{AtomicU32, Ordering};
 
 /// The futex operation `op`, private to this process unless `shared` (usable across
 /// processes, for shared-memory heaps).
@@ -197,9 +197,176 @@ impl RobustMutex {
     /// pre: the calling thread holds it.
     pub fn unlock(&self) {
         // SAFETY: the mutex was initialised and is held by this thread (precondition).
-        unsafe { libc::pthread_mutex_unlock(self.0.get()) };
+        if unsafe { libc::pthread_mutex_unlock(self.0.get()) } == libc::EPERM {
+            self.unlock_stale();
+        }
+    }
+
+    /// glibc refused the unlock: the word holds another thread's id. In a fork child, that
+    /// is the parent's id of this very thread when a take was interrupted by the signal
+    /// whose handler forked, after glibc had read the thread's id and before it stored it
+    /// in the word: the take resumed in the child and stored the parent's id (see
+    /// [`robust_fork_child`]). The mutex is this thread's: the word gets its own id, and the
+    /// unlock is made again (the take linked the mutex into this thread's robust list, which
+    /// that unlock leaves right). Nothing otherwise.
+    #[cold]
+    #[inline(never)]
+    fn unlock_stale(&self) {
+        #[cfg(all(target_os = "linux", target_env = "gnu"))]
+        if self.held_by_caller() {
+            let w = self.word();
+            let old = w.load(Ordering::Relaxed);
+            w.store(
+                (old & !FUTEX_TID_MASK) | super::process::kernel_tid(),
+                Ordering::Relaxed,
+            );
+            // SAFETY: initialised, and held by this thread (its id is in the word now).
+            unsafe { libc::pthread_mutex_unlock(self.0.get()) };
+        }
+    }
+
+    /// The mutex's futex word: glibc's `__data.__lock`, the first `int` of `pthread_mutex_t`
+    /// on Linux (`bits/struct_mutex.h`, every port). glibc reads and writes it only with
+    /// atomic operations, and so does the kernel.
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    fn word(&self) -> &AtomicU32 {
+        // SAFETY: the word is the first 4 bytes of the mutex (see above), 4-aligned (the
+        // mutex is at least that: checked below), valid for as long as `self`, and inside the
+        // `UnsafeCell`, so it may change under a shared reference; every access to it is
+        // atomic.
+        unsafe { &*(self.0.get() as *const AtomicU32) }
+    }
+
+    /// Whether the calling thread holds the mutex (a signal handler on the thread whose
+    /// interrupted code holds it). Exact: the word of a held robust mutex is its holder's
+    /// kernel thread id in the bits `FUTEX_TID_MASK` (the kernel's robust-futex ABI, which
+    /// glibc follows: the kernel finds a dead holder's mutexes by it), and only the holder
+    /// changes those bits while it holds it. A system call (`gettid`) only when the mutex is
+    /// held by someone. With another C library: always false.
+    ///
+    /// Thread ids are those of the caller's pid namespace: processes in different namespaces
+    /// that share the mutex could see each other's holders as their own (robust mutexes are
+    /// not made for that either).
+    pub fn held_by_caller(&self) -> bool {
+        #[cfg(all(target_os = "linux", target_env = "gnu"))]
+        {
+            // Relaxed: if this thread holds the mutex, the word's id bits are its own last
+            // write to them; if not, whatever value is read holds another id or none.
+            let holder = self.word().load(Ordering::Relaxed) & FUTEX_TID_MASK;
+            holder != 0 && {
+                let me = super::process::kernel_tid();
+                holder == me
+                    || (holder == STALE_TID.load(Ordering::Relaxed)
+                        && me == CHILD_TID.load(Ordering::Relaxed))
+            }
+        }
+        #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+        false
+    }
+
+    /// Fork child: makes the mutex, which the forking thread held in the parent (its
+    /// interrupted code: a fork from a signal handler), held by this thread, the child's
+    /// copy of that thread, so that the interrupted code can release it when it resumes
+    /// here. glibc's unlock refuses (`EPERM`) a mutex whose word holds another thread's id,
+    /// and the parent's id is in the child's copy. No one waits for it in the child: the
+    /// waiters bit is cleared. The mutex is also unlinked from the parent thread's list of
+    /// robust mutexes (glibc emptied the child's list at the fork, and the unlock would
+    /// otherwise relink the child's list to its neighbours there, which the child does not
+    /// hold). Nothing with another C library (the mutex then stays held).
+    ///
+    /// # Safety
+    /// The child of `fork`, this thread the only one; the mutex is in memory private to
+    /// this process and held by the thread that forked, in the parent; no other thread uses it.
+    pub unsafe fn adopt_after_fork(&self) {
+        #[cfg(all(target_os = "linux", target_env = "gnu"))]
+        {
+            let w = self.word();
+            let old = w.load(Ordering::Relaxed);
+            w.store(
+                (old & !(FUTEX_TID_MASK | FUTEX_WAITERS)) | super::process::kernel_tid(),
+                Ordering::Relaxed,
+            );
+            #[cfg(target_pointer_width = "64")]
+            // SAFETY: no one else uses the mutex (contract); `__list` is where
+            // `ROBUST_LIST_AT` says (checked by a test against the kernel's robust list).
+            unsafe {
+                self.unlink_robust()
+            };
+        }
+    }
+
+    /// Points the mutex's robust-list links at the mutex itself, so that glibc's unlock
+    /// (which unlinks the mutex from its holder's list by rewriting its neighbours) rewrites
+    /// only the mutex. glibc links `&mutex.__data.__list.__next` (64-bit `pthread_mutex_t`:
+    /// `__list`, `{ __prev, __next }`, at [`ROBUST_LIST_AT`]) and finds a link's node by
+    /// subtracting the offset of `__next`.
+    ///
+    /// # Safety
+    /// As for [`Self::adopt_after_fork`].
+    #[cfg(all(target_os = "linux", target_env = "gnu", target_pointer_width = "64"))]
+    unsafe fn unlink_robust(&self) {
+        let list = self.0.get().cast::<u8>().wrapping_add(ROBUST_LIST_AT);
+        let next = list.wrapping_add(core::mem::size_of::<usize>());
+        // SAFETY: both words are inside the mutex (40 bytes, checked below), pointer-aligned,
+        // and no one else uses it (contract).
+        unsafe {
+            list.cast::<usize>().write(next as usize);
+            next.cast::<usize>().write(next as usize);
+        }
     }
 }
+
+/// The thread that ran the last `fork`'s prepare handler ([`robust_fork_prepare`]), by its
+/// kernel id.
+static PREPARE_TID: AtomicU32 = AtomicU32::new(0);
+/// In a fork child: the forking thread's id in the parent ([`PREPARE_TID`] there), and this
+/// thread's, the copy of that one. 0 in a process that is no fork child of a process that
+/// called [`robust_fork_prepare`].
+static STALE_TID: AtomicU32 = AtomicU32::new(0);
+static CHILD_TID: AtomicU32 = AtomicU32::new(0);
+
+/// A `fork`'s prepare handler, for [`robust_fork_child`]: records the forking thread's id.
+pub fn robust_fork_prepare() {
+    PREPARE_TID.store(super::process::kernel_tid(), Ordering::Relaxed);
+}
+
+/// A `fork`'s child handler, after [`robust_fork_prepare`] in the parent: from now on, for
+/// this thread, a robust mutex whose word holds the forking thread's id in the parent is
+/// held by this thread ([`RobustMutex::held_by_caller`]), and its unlock replaces that id by
+/// this thread's first ([`RobustMutex::unlock`]). For a take of the mutex that the signal
+/// whose handler forked interrupted: glibc reads the thread's id (from its thread
+/// descriptor, into a register) before it stores it in the word with a compare-and-swap,
+/// and the take resumes in the child, with the parent's id, when the handler returns;
+/// glibc's unlock would then refuse it (`EPERM`), and the mutex would stay held for ever.
+/// (Seen: `signal_events forkrun single 3 5000` under `COREHEAP_SHM`, release build, hung
+/// in 6 of 6 runs with the child waiting for an arena lock that held its parent's id.) Only
+/// this thread: another thread of the child that got the parent's id (reused after the
+/// parent's thread ended) is not taken for it.
+///
+/// pre: the child of `fork`, this thread the only one.
+pub fn robust_fork_child() {
+    STALE_TID.store(PREPARE_TID.load(Ordering::Relaxed), Ordering::Relaxed);
+    CHILD_TID.store(super::process::kernel_tid(), Ordering::Relaxed);
+}
+
+/// The kernel's robust-futex ABI (`linux/futex.h`): the holder's thread id in a robust
+/// mutex's word, and the bit that says a taker may sleep on it.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+const FUTEX_TID_MASK: u32 = 0x3fff_ffff;
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+const FUTEX_WAITERS: u32 = 0x8000_0000;
+/// Where glibc's 64-bit `pthread_mutex_t` keeps its robust-list links (`__data.__list`):
+/// after `__lock`, `__count`, `__owner`, `__nusers`, `__kind` and two `short`s (x86_64) or
+/// one `int` (the generic layout), 24 bytes in either.
+#[cfg(all(target_os = "linux", target_env = "gnu", target_pointer_width = "64"))]
+const ROBUST_LIST_AT: usize = 24;
+
+// The futex word is the mutex's first 4 bytes, and the links fit inside it.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+const _: () = assert!(
+    core::mem::size_of::<libc::pthread_mutex_t>() >= 40
+        && core::mem::align_of::<libc::pthread_mutex_t>() >= 4
+);
 
 #[cfg(test)]
 mod tests {
@@ -219,5 +386,140 @@ mod tests {
         assert_eq!(m.lock(), MutexTake::Clean);
         m.unlock();
         yield_now();
+    }
+
+    /// A fresh robust mutex in a box (its address must not move once used).
+    fn boxed_mutex() -> Box<RobustMutex> {
+        let mut b = Box::new(core::mem::MaybeUninit::<RobustMutex>::uninit());
+        // SAFETY: fresh memory of the right type.
+        assert!(unsafe { RobustMutex::init_in_place(b.as_mut_ptr()) });
+        // SAFETY: initialised just above.
+        unsafe { Box::from_raw(Box::into_raw(b).cast::<RobustMutex>()) }
+    }
+
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    #[test]
+    fn robust_mutex_knows_its_own_holder() {
+        let m = boxed_mutex();
+        assert!(!m.held_by_caller());
+        assert_eq!(m.lock(), MutexTake::Clean);
+        assert!(m.held_by_caller());
+        let other = std::thread::scope(|s| s.spawn(|| m.held_by_caller()).join().unwrap());
+        assert!(!other);
+        m.unlock();
+        assert!(!m.held_by_caller());
+    }
+
+    /// The layout `adopt_after_fork` relies on, checked against the kernel's view: a thread
+    /// that takes a robust mutex with its robust list empty links it first, so the list head
+    /// the kernel knows (`get_robust_list`) points at the mutex's `__list.__next`, whose two
+    /// links point back at the head.
+    #[cfg(all(target_os = "linux", target_env = "gnu", target_pointer_width = "64"))]
+    #[test]
+    fn robust_list_links_are_where_adopt_expects() {
+        let m = boxed_mutex();
+        let m = &*m;
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let mut head: *mut usize = core::ptr::null_mut();
+                let mut len: usize = 0;
+                // SAFETY: asks for this thread's list head (pid 0) into valid out-pointers.
+                let r = unsafe { libc::syscall(libc::SYS_get_robust_list, 0, &mut head, &mut len) };
+                assert_eq!(r, 0);
+                assert!(!head.is_null());
+                assert_eq!(m.lock(), MutexTake::Clean);
+                let base = m.0.get() as usize;
+                let next_at = base + ROBUST_LIST_AT + 8;
+                // SAFETY: the head is this thread's live robust list head (its first word
+                // is the list), and the links are inside the mutex, which this thread holds.
+                let (first, prev, next) = unsafe {
+                    (
+                        *head,
+                        *((base + ROBUST_LIST_AT) as *const usize),
+                        *(next_at as *const usize),
+                    )
+                };
+                m.unlock();
+                assert_eq!(first, next_at, "the head links the mutex's __list.__next");
+                assert_eq!(prev, head as usize);
+                assert_eq!(next, head as usize);
+            })
+            .join()
+            .unwrap()
+        });
+    }
+
+    /// A fork child takes over a mutex its parent's forking thread held, releases it (glibc
+    /// refused that before: the word held the parent's thread id), and takes robust mutexes
+    /// afterwards as usual; a take that resumed in the child and stored the parent's id (a
+    /// take the fork interrupted) is the child's too, and its unlock succeeds.
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    #[test]
+    fn fork_child_adopts_its_parents_mutex() {
+        let m = boxed_mutex();
+        let n = boxed_mutex();
+        assert_eq!(m.lock(), MutexTake::Clean);
+        robust_fork_prepare();
+        let parent_tid = super::super::process::kernel_tid();
+        // SAFETY: the child makes no allocation and ends with `_exit`; the mutexes are in
+        // its private copy of this memory.
+        let pid = unsafe { libc::fork() };
+        if pid == 0 {
+            let code = (|| {
+                if m.held_by_caller() {
+                    return 1; // the parent's id must not pass for the child's
+                }
+                robust_fork_child();
+                if !m.held_by_caller() {
+                    return 5; // ... except for the copy of the forking thread
+                }
+                // A take that resumed here: linked into this thread's list, the word
+                // holding the parent's id.
+                if n.lock() != MutexTake::Clean {
+                    return 6;
+                }
+                let w = n.word();
+                w.store(
+                    (w.load(Ordering::Relaxed) & !FUTEX_TID_MASK) | parent_tid,
+                    Ordering::Relaxed,
+                );
+                if !n.held_by_caller() {
+                    return 7;
+                }
+                n.unlock();
+                if n.held_by_caller() || n.try_lock() != MutexTake::Clean {
+                    return 8;
+                }
+                n.unlock();
+                // SAFETY: the child of fork (one thread), private memory; the forking thread
+                // held `m`.
+                unsafe { m.adopt_after_fork() };
+                if !m.held_by_caller() {
+                    return 2;
+                }
+                // SAFETY: a mutex this thread holds now.
+                if unsafe { libc::pthread_mutex_unlock(m.0.get()) } != 0 {
+                    return 3;
+                }
+                if m.try_lock() != MutexTake::Clean || n.try_lock() != MutexTake::Clean {
+                    return 4;
+                }
+                n.unlock();
+                m.unlock();
+                0
+            })();
+            // SAFETY: ends the child at once, running nothing of the parent's.
+            unsafe { libc::_exit(code) };
+        }
+        assert!(pid > 0);
+        // Not in the parent: the stale id is the child's only.
+        let other = std::thread::scope(|s| s.spawn(|| m.held_by_caller()).join().unwrap());
+        assert!(!other);
+        m.unlock();
+        let mut st = 0;
+        // SAFETY: waits for our own child.
+        assert_eq!(unsafe { libc::waitpid(pid, &mut st, 0) }, pid);
+        assert!(libc::WIFEXITED(st), "{st:#x}");
+        assert_eq!(libc::WEXITSTATUS(st), 0);
     }
 }

@@ -2,9 +2,9 @@
 //! `process.rs`, which registers the handlers).
 
 use core::ptr;
-use core::sync::atomic::Ordering;
+use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-use super::layout::ShmHeader;
+use super::layout::{ShmHeader, MAX_ARENAS};
 use super::SharedHeap;
 use crate::os::{self, file};
 
@@ -32,41 +32,100 @@ impl SharedHeap {
     }
 
     /// Fork of a process whose own heap this is (`COREHEAP_SHM`), before `fork`: takes every
-    /// arena lock and the chunk lock, so the child's copy is taken between operations.
+    /// arena lock and the chunk lock, so the child's copy is taken between operations, except
+    /// a lock the forking thread holds itself (a `fork` from a signal handler that
+    /// interrupted this thread inside the heap): that one stays with the interrupted code, in
+    /// the parent and in the child, and the parent and child handlers leave it alone (which
+    /// ones this `fork` took is recorded in [`SKIPPED`] and [`CHUNKS_SKIPPED`]).
+    ///
+    /// Unlike the process heap's, this takes the locks in a single-threaded process too:
+    /// other processes may use the heap's locks (a process that opened it through the
+    /// library), and only the skipped locks could be waited for in vain.
+    ///
+    /// pre: the handlers of two `fork`s do not run at once (the caller holds glibc's stdio
+    /// list lock in a multithreaded process).
     pub(super) fn fork_prepare(&self) {
-        for a in self.view.arenas() {
-            a.fork_lock(&self.view.src);
+        os::sync::robust_fork_prepare();
+        for (i, a) in self.view.arenas().enumerate() {
+            set_skipped(i, !a.fork_lock(&self.view.src));
         }
-        self.view.src.lock_chunks();
+        let held = self.view.header().chunk_lock.held_by_caller();
+        CHUNKS_SKIPPED.store(held, Ordering::Relaxed);
+        if !held {
+            self.view.src.lock_chunks();
+        }
     }
 
-    /// Fork, parent side (after the child has made its copy): releases the locks.
+    /// Fork, parent side (after the child has made its copy): releases the locks
+    /// [`Self::fork_prepare`] took, and only those.
     pub(super) fn fork_parent(&self) {
-        self.view.header().chunk_lock.unlock();
-        for a in self.view.arenas() {
-            a.fork_unlock(&self.view.src);
+        if !CHUNKS_SKIPPED.load(Ordering::Relaxed) {
+            self.view.header().chunk_lock.unlock();
+        }
+        for (i, a) in self.view.arenas().enumerate() {
+            if !skipped(i) {
+                a.fork_unlock(&self.view.src);
+            }
         }
     }
 
     /// Fork, child side: the child must not share its parent's heap (it would free and
     /// overwrite the parent's objects), so the mapping is replaced by a private copy at the
-    /// same address, and the locks (held by the parent's forking thread) are made anew.
-    /// Returns false if the copy could not be made: the child then shares the heap.
+    /// same address, and the locks the prepare handler took (held by the parent's forking
+    /// thread) are made anew. A lock it skipped, held by the interrupted code of the thread
+    /// that forked, becomes this thread's (the child's copy of that code releases it when it
+    /// resumes). Returns false if the copy could not be made: the child then shares the heap.
     pub(super) fn fork_child(&self) -> bool {
         let (base, len) = (self.view.src.base as *mut u8, self.view.src.len);
         if !file::privatize(base, len, self.fd) {
             return false;
         }
-        // SAFETY: the memory is this process's private copy now; the locks in it belong to
-        // a thread of the parent, and glibc emptied this thread's robust list at the fork, so
-        // no list refers to them.
+        // A take of a lock that the fork interrupted resumes here with the parent's id.
+        os::sync::robust_fork_child();
+        // SAFETY: the memory is this process's private copy now, and this thread the only
+        // one; the locks in it belong to the parent's forking thread: those the prepare
+        // handler took are unused from now on, and glibc emptied this thread's robust list at
+        // the fork, so no list refers to them; the others (skipped) were held by that thread's
+        // interrupted code, whose copy this thread is.
         unsafe {
             let h = self.view.header() as *const ShmHeader as *mut ShmHeader;
-            crate::lock::RobustLock::init_in_place(ptr::addr_of_mut!((*h).chunk_lock));
-            for a in self.view.arenas() {
-                a.fork_reinit();
+            let chunk_lock = ptr::addr_of_mut!((*h).chunk_lock);
+            if CHUNKS_SKIPPED.load(Ordering::Relaxed) {
+                (*chunk_lock).adopt_after_fork();
+            } else {
+                crate::lock::RobustLock::init_in_place(chunk_lock);
+            }
+            for (i, a) in self.view.arenas().enumerate() {
+                if skipped(i) {
+                    a.fork_adopt();
+                } else {
+                    a.fork_reinit();
+                }
             }
         }
         true
     }
+}
+
+/// The arenas whose lock the last prepare handler skipped because the forking thread held
+/// it (bit `i % 64` of word `i / 64`). Written by the prepare handler and read by the parent
+/// and child handlers of the same `fork`, which glibc runs on the forking thread; the
+/// handlers of two `fork`s do not overlap (see [`SharedHeap::fork_prepare`]).
+static SKIPPED: [AtomicU64; MAX_ARENAS as usize / 64] =
+    [const { AtomicU64::new(0) }; MAX_ARENAS as usize / 64];
+const _: () = assert!(MAX_ARENAS.is_multiple_of(64));
+/// The last prepare handler skipped the chunk lock: the forking thread held it.
+static CHUNKS_SKIPPED: AtomicBool = AtomicBool::new(false);
+
+fn set_skipped(i: usize, skip: bool) {
+    let bit = 1u64 << (i % 64);
+    if skip {
+        SKIPPED[i / 64].fetch_or(bit, Ordering::Relaxed);
+    } else {
+        SKIPPED[i / 64].fetch_and(!bit, Ordering::Relaxed);
+    }
+}
+
+fn skipped(i: usize) -> bool {
+    SKIPPED[i / 64].load(Ordering::Relaxed) & (1 << (i % 64)) != 0
 }

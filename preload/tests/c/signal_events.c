@@ -1,8 +1,16 @@
 /* Signal handlers that interrupt malloc: a timer fires every 2 ms while the program
  * allocates and frees blocks of up to 70,000 bytes; the handler either forks (the child
- * _exits at once) or allocates and frees itself.
+ * _exits at once, or with "forkrun" returns from the handler, so that the code it interrupted
+ * goes on in the child, allocates and frees for 20 more rounds of 64 and then _exits) or
+ * allocates and frees itself.
  *
- *   signal_events fork|malloc single|threads SECONDS
+ *   signal_events fork|forkrun|malloc single|threads SECONDS [PERIOD_US]
+ *
+ * PERIOD_US (default 2000) is the timer's period in microseconds. A fork from the handler can
+ * take longer than 2 ms (a COREHEAP_SHM child copies the heap before the parent goes on): the
+ * next signal is then pending when the handler returns and the handler runs again at once,
+ * so the interrupted code hardly moves and is interrupted at few places; a longer period
+ * lets it run between the handler's runs.
  *
  * "single": the main thread alone; "threads": two more threads allocate too, with the timer
  * signal blocked (so one thread at a time runs the handler: two threads that each fork from a
@@ -26,6 +34,8 @@ static volatile sig_atomic_t runs;
 static volatile sig_atomic_t failures;
 static volatile int stop;
 static int handler_forks;
+static int child_runs;
+static volatile sig_atomic_t in_child;
 
 static double now(void);
 static double deadline;
@@ -42,8 +52,13 @@ static void on_timer(int sig) {
         setitimer(ITIMER_REAL, &off, NULL);
     } else if (handler_forks) {
         pid_t pid = fork();
-        if (pid == 0)
-            _exit(0);
+        if (pid == 0) {
+            if (!child_runs)
+                _exit(0);
+            /* The child's only thread: no timer (fork does not inherit it), back to the
+             * interrupted code, which churn() ends after a few rounds. */
+            in_child = 1;
+        }
         if (pid > 0) {
             int st;
             while (waitpid(pid, &st, 0) < 0 && errno == EINTR) {
@@ -82,7 +97,10 @@ static void *churn(void *arg) {
     }
     void *slots[32] = {0};
     size_t sizes[32] = {0};
+    int child_rounds = 0;
     while (!stop && now() < deadline) {
+        if (in_child && ++child_rounds > 20)
+            _exit(0);
         for (int k = 0; k < 64; k++) {
             unsigned i = rand_r(&seed) % 32;
             if (slots[i]) {
@@ -110,11 +128,13 @@ static void *churn(void *arg) {
 }
 
 int main(int argc, char **argv) {
-    if (argc != 4) {
-        fprintf(stderr, "usage: signal_events fork|malloc single|threads SECONDS\n");
+    if (argc != 4 && argc != 5) {
+        fprintf(stderr,
+                "usage: signal_events fork|forkrun|malloc single|threads SECONDS [PERIOD_US]\n");
         return 2;
     }
-    handler_forks = strcmp(argv[1], "fork") == 0;
+    child_runs = strcmp(argv[1], "forkrun") == 0;
+    handler_forks = child_runs || strcmp(argv[1], "fork") == 0;
     int threads = strcmp(argv[2], "threads") == 0;
     deadline = now() + atof(argv[3]);
 
@@ -130,9 +150,16 @@ int main(int argc, char **argv) {
     if (threads)
         for (int i = 0; i < 2; i++)
             pthread_create(&t[i], NULL, churn, (void *)(uintptr_t)(i + 7));
-    struct itimerval it = {{0, 2000}, {0, 2000}};
+    long period = argc == 5 ? atol(argv[4]) : 2000;
+    if (period < 1 || period > 999999) {
+        fprintf(stderr, "signal_events: PERIOD_US must be 1 to 999999\n");
+        return 2;
+    }
+    struct itimerval it = {{0, period}, {0, period}};
     setitimer(ITIMER_REAL, &it, NULL);
     churn((void *)(uintptr_t)3);
+    if (in_child)
+        _exit(0); /* a "forkrun" child past the deadline: its other threads are the parent's */
     stop = 1;
     struct itimerval off = {{0, 0}, {0, 0}};
     setitimer(ITIMER_REAL, &off, NULL);

@@ -34,6 +34,14 @@ pub fn kernel_tid() -> u32 {
     unsafe { libc::syscall(libc::SYS_gettid) as u32 }
 }
 
+/// Whether `tid` is a thread of this process now (`tgkill` with no signal): for a fork
+/// child's parent thread id, which a thread of the child may get again once the parent's
+/// thread has ended and ids wrapped.
+pub fn own_thread(tid: u32) -> bool {
+    // SAFETY: signal 0 sends nothing; the call only checks that the thread exists.
+    unsafe { libc::syscall(libc::SYS_tgkill, libc::getpid(), tid as libc::pid_t, 0) == 0 }
+}
+
 /// Whether the process has had only one thread so far (glibc's `__libc_single_threaded`,
 /// which glibc 2.36 sets to false at the first `pthread_create` and never back). When true,
 /// no other thread exists. Async-signal-safe. Always false with another C library (musl

@@ -214,12 +214,13 @@ impl RobustMutex {
     fn unlock_stale(&self) {
         #[cfg(all(target_os = "linux", target_env = "gnu"))]
         if self.held_by_caller() {
-            let w = self.word();
-            let old = w.load(Ordering::Relaxed);
-            w.store(
-                (old & !FUTEX_TID_MASK) | super::process::kernel_tid(),
-                Ordering::Relaxed,
-            );
+            let me = super::process::kernel_tid();
+            // A compare-and-swap, so that a waiter's bit set meanwhile is kept.
+            let _ = self
+                .word()
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |old| {
+                    Some((old & !FUTEX_TID_MASK) | me)
+                });
             // SAFETY: initialised, and held by this thread (its id is in the word now).
             unsafe { libc::pthread_mutex_unlock(self.0.get()) };
         }
@@ -257,7 +258,8 @@ impl RobustMutex {
                 let me = super::process::kernel_tid();
                 holder == me
                     || (holder == STALE_TID.load(Ordering::Relaxed)
-                        && me == CHILD_TID.load(Ordering::Relaxed))
+                        && me == CHILD_TID.load(Ordering::Relaxed)
+                        && !super::process::own_thread(holder))
             }
         }
         #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
@@ -278,7 +280,10 @@ impl RobustMutex {
     /// The child of `fork`, this thread the only one; the mutex is in memory private to
     /// this process and held by the thread that forked, in the parent; no other thread uses it.
     pub unsafe fn adopt_after_fork(&self) {
-        #[cfg(all(target_os = "linux", target_env = "gnu"))]
+        // Only where the robust-list layout is known (64-bit glibc): elsewhere the mutex
+        // stays held, as before this existed, rather than be unlocked through a list that
+        // does not hold it (32-bit glibc walks its list for the mutex, for ever).
+        #[cfg(all(target_os = "linux", target_env = "gnu", target_pointer_width = "64"))]
         {
             let w = self.word();
             let old = w.load(Ordering::Relaxed);
@@ -286,12 +291,9 @@ impl RobustMutex {
                 (old & !(FUTEX_TID_MASK | FUTEX_WAITERS)) | super::process::kernel_tid(),
                 Ordering::Relaxed,
             );
-            #[cfg(target_pointer_width = "64")]
             // SAFETY: no one else uses the mutex (contract); `__list` is where
             // `ROBUST_LIST_AT` says (checked by a test against the kernel's robust list).
-            unsafe {
-                self.unlink_robust()
-            };
+            unsafe { self.unlink_robust() };
         }
     }
 
@@ -421,13 +423,14 @@ mod tests {
         let m = &*m;
         std::thread::scope(|s| {
             s.spawn(|| {
+                // Asked once the mutex is held: a C library may register the list lazily.
+                assert_eq!(m.lock(), MutexTake::Clean);
                 let mut head: *mut usize = core::ptr::null_mut();
                 let mut len: usize = 0;
                 // SAFETY: asks for this thread's list head (pid 0) into valid out-pointers.
                 let r = unsafe { libc::syscall(libc::SYS_get_robust_list, 0, &mut head, &mut len) };
                 assert_eq!(r, 0);
                 assert!(!head.is_null());
-                assert_eq!(m.lock(), MutexTake::Clean);
                 let base = m.0.get() as usize;
                 let next_at = base + ROBUST_LIST_AT + 8;
                 // SAFETY: the head is this thread's live robust list head (its first word

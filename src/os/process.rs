@@ -36,7 +36,8 @@ pub fn kernel_tid() -> u32 {
 
 /// Whether `tid` is a thread of this process now (`tgkill` with no signal): for a fork
 /// child's parent thread id, which a thread of the child may get again once the parent's
-/// thread has ended and ids wrapped.
+/// thread has ended and ids wrapped. (Only where robust locks can tell their holder.)
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
 pub fn own_thread(tid: u32) -> bool {
     // SAFETY: signal 0 sends nothing; the call only checks that the thread exists.
     unsafe { libc::syscall(libc::SYS_tgkill, libc::getpid(), tid as libc::pid_t, 0) == 0 }

@@ -391,6 +391,7 @@ mod tests {
     }
 
     /// A fresh robust mutex in a box (its address must not move once used).
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
     fn boxed_mutex() -> Box<RobustMutex> {
         let mut b = Box::new(core::mem::MaybeUninit::<RobustMutex>::uninit());
         // SAFETY: fresh memory of the right type.

@@ -430,6 +430,12 @@ mod tests {
                 let mut len: usize = 0;
                 // SAFETY: asks for this thread's list head (pid 0) into valid out-pointers.
                 let r = unsafe { libc::syscall(libc::SYS_get_robust_list, 0, &mut head, &mut len) };
+                if r != 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ENOSYS) {
+                    // qemu-user (CI's aarch64 run) does not implement the call.
+                    m.unlock();
+                    eprintln!("get_robust_list is not implemented here; layout not checked");
+                    return;
+                }
                 assert_eq!(r, 0);
                 assert!(!head.is_null());
                 let base = m.0.get() as usize;

@@ -2,7 +2,35 @@
 //! lock ([`RawLock`]) for the process heap, the process-shared robust mutex
 //! ([`RobustLock`]) for a shared heap.
 
+use core::sync::atomic::{AtomicU64, Ordering};
+
 use crate::lock::{RawLock, RobustLock, Taken};
+
+/// A set of arena indices below `64 * WORDS` (bit `i % 64` of word `i / 64`), for the fork
+/// handlers' record of which arena locks a `fork`'s prepare handler took or skipped: written
+/// by that handler and read by the parent and child handlers of the same `fork`, which glibc
+/// runs on the forking thread (so Relaxed suffices).
+pub struct ArenaSet<const WORDS: usize>([AtomicU64; WORDS]);
+
+impl<const WORDS: usize> ArenaSet<WORDS> {
+    pub const fn new() -> Self {
+        Self([const { AtomicU64::new(0) }; WORDS])
+    }
+
+    /// Puts `i` in the set, or takes it out.
+    pub fn set(&self, i: usize, on: bool) {
+        let bit = 1u64 << (i % 64);
+        if on {
+            self.0[i / 64].fetch_or(bit, Ordering::Relaxed);
+        } else {
+            self.0[i / 64].fetch_and(!bit, Ordering::Relaxed);
+        }
+    }
+
+    pub fn contains(&self, i: usize) -> bool {
+        self.0[i / 64].load(Ordering::Relaxed) & (1 << (i % 64)) != 0
+    }
+}
 
 /// A lock that guards an arena's state.
 ///

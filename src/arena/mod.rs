@@ -45,7 +45,7 @@ mod test_hooks;
 #[cfg(test)]
 mod tests;
 
-pub use lock::ArenaLock;
+pub use lock::{ArenaLock, ArenaSet};
 pub use lookup::{describe, lookup, lookup_small, small_block_start, Lookup};
 pub use recover::ORPHAN;
 pub use stats::{ArenaStats, LargeCounters};

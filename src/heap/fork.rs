@@ -17,35 +17,21 @@
 //! identity); meanwhile an allocation on that thread is served by another arena (see
 //! `front::alloc_locked`). What the child may then do is in `docs/design.md` ("Fork").
 
-use core::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicI32, AtomicU8, AtomicUsize, Ordering};
 
 use super::{ProcessHeap, HEAP, SRC};
+use crate::arena::ArenaSet;
 use crate::diag::Line;
 use crate::os;
 use crate::settings::MAX_ARENAS;
 
-/// The arenas whose lock the last prepare handler took (bit `i % 64` of word `i / 64`).
-/// Written by the prepare handler and read by the parent and child handlers of the same
-/// `fork`, which glibc runs on the forking thread.
-static TAKEN: [AtomicU64; MAX_ARENAS / 64] = [const { AtomicU64::new(0) }; MAX_ARENAS / 64];
+/// The arenas whose lock the last prepare handler took.
+static TAKEN: ArenaSet<{ MAX_ARENAS / 64 }> = ArenaSet::new();
 /// The last prepare handler found the process single-threaded and took no lock.
 static SINGLE: AtomicBool = AtomicBool::new(false);
 /// The page source's locks (span cache, retired chunks) the last prepare handler took, as
 /// [`OsSource::fork_lock`](crate::source::OsSource::fork_lock) says.
 static SOURCE_TAKEN: AtomicU8 = AtomicU8::new(0);
-
-fn set_taken(i: usize, taken: bool) {
-    let bit = 1u64 << (i % 64);
-    if taken {
-        TAKEN[i / 64].fetch_or(bit, Ordering::Relaxed);
-    } else {
-        TAKEN[i / 64].fetch_and(!bit, Ordering::Relaxed);
-    }
-}
-
-fn taken(i: usize) -> bool {
-    TAKEN[i / 64].load(Ordering::Relaxed) & (1 << (i % 64)) != 0
-}
 
 impl ProcessHeap {
     fn fork_prepare(&self) {
@@ -57,7 +43,7 @@ impl ProcessHeap {
         os::stdio_list_lock();
         if let Some(cfg) = self.config() {
             for i in 0..cfg.count {
-                set_taken(i, cfg.arena(i).fork_lock(&SRC));
+                TAKEN.set(i, cfg.arena(i).fork_lock(&SRC));
             }
         }
         SOURCE_TAKEN.store(SRC.fork_lock(), Ordering::Relaxed);
@@ -69,7 +55,7 @@ impl ProcessHeap {
         }
         SRC.fork_unlock(SOURCE_TAKEN.load(Ordering::Relaxed));
         if let Some(cfg) = self.config() {
-            for i in (0..cfg.count).rev().filter(|&i| taken(i)) {
+            for i in (0..cfg.count).rev().filter(|&i| TAKEN.contains(i)) {
                 cfg.arena(i).fork_unlock(&SRC);
             }
         }
@@ -87,7 +73,7 @@ impl ProcessHeap {
             return;
         }
         if let Some(cfg) = self.config() {
-            for i in (0..cfg.count).filter(|&i| taken(i)) {
+            for i in (0..cfg.count).filter(|&i| TAKEN.contains(i)) {
                 // SAFETY: the child of fork: only this thread exists, it took the lock in
                 // the prepare handler and uses it no more; process arenas' locks are on no
                 // robust list.

@@ -2,10 +2,11 @@
 //! `process.rs`, which registers the handlers).
 
 use core::ptr;
-use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use core::sync::atomic::{AtomicBool, Ordering};
 
 use super::layout::{ShmHeader, MAX_ARENAS};
 use super::SharedHeap;
+use crate::arena::ArenaSet;
 use crate::os::{self, file};
 
 impl SharedHeap {
@@ -47,7 +48,7 @@ impl SharedHeap {
     pub(super) fn fork_prepare(&self) {
         os::sync::robust_fork_prepare();
         for (i, a) in self.view.arenas().enumerate() {
-            set_skipped(i, !a.fork_lock(&self.view.src));
+            SKIPPED.set(i, !a.fork_lock(&self.view.src));
         }
         let held = self.view.header().chunk_lock.held_by_caller();
         CHUNKS_SKIPPED.store(held, Ordering::Relaxed);
@@ -63,7 +64,7 @@ impl SharedHeap {
             self.view.header().chunk_lock.unlock();
         }
         for (i, a) in self.view.arenas().enumerate() {
-            if !skipped(i) {
+            if !SKIPPED.contains(i) {
                 a.fork_unlock(&self.view.src);
             }
         }
@@ -96,7 +97,7 @@ impl SharedHeap {
                 crate::lock::RobustLock::init_in_place(chunk_lock);
             }
             for (i, a) in self.view.arenas().enumerate() {
-                if skipped(i) {
+                if SKIPPED.contains(i) {
                     a.fork_adopt();
                 } else {
                     a.fork_reinit();
@@ -108,24 +109,8 @@ impl SharedHeap {
 }
 
 /// The arenas whose lock the last prepare handler skipped because the forking thread held
-/// it (bit `i % 64` of word `i / 64`). Written by the prepare handler and read by the parent
-/// and child handlers of the same `fork`, which glibc runs on the forking thread; the
-/// handlers of two `fork`s do not overlap (see [`SharedHeap::fork_prepare`]).
-static SKIPPED: [AtomicU64; MAX_ARENAS as usize / 64] =
-    [const { AtomicU64::new(0) }; MAX_ARENAS as usize / 64];
+/// it; the handlers of two `fork`s do not overlap (see [`SharedHeap::fork_prepare`]).
+static SKIPPED: ArenaSet<{ MAX_ARENAS as usize / 64 }> = ArenaSet::new();
 const _: () = assert!(MAX_ARENAS.is_multiple_of(64));
 /// The last prepare handler skipped the chunk lock: the forking thread held it.
 static CHUNKS_SKIPPED: AtomicBool = AtomicBool::new(false);
-
-fn set_skipped(i: usize, skip: bool) {
-    let bit = 1u64 << (i % 64);
-    if skip {
-        SKIPPED[i / 64].fetch_or(bit, Ordering::Relaxed);
-    } else {
-        SKIPPED[i / 64].fetch_and(!bit, Ordering::Relaxed);
-    }
-}
-
-fn skipped(i: usize) -> bool {
-    SKIPPED[i / 64].load(Ordering::Relaxed) & (1 << (i % 64)) != 0
-}

@@ -33,6 +33,7 @@ fn main() {
         Ok("double-large-flushed") => double_dealloc_large_child(true),
         Ok("double-run") => double_dealloc_run_child(),
         Ok("double-remote-large") => double_dealloc_remote_large_child(),
+        Ok("double-inbox") => double_dealloc_inbox_child(),
         Ok(_) => {
             counter_child();
             return;
@@ -258,6 +259,42 @@ fn double_dealloc_remote_large_child() -> ! {
     unsafe {
         dealloc(p as *mut u8, layout);
         dealloc(p as *mut u8, layout);
+    }
+    println!("second dealloc returned");
+    std::process::exit(0);
+}
+
+/// The child: blocks of one class allocated on the first core are freed on the last, whose
+/// outbox sends them to their arena's inbox 64 at a time; then the first block (waiting in
+/// the inbox, no core of its arena having allocated since) is freed again. Must not return.
+/// (With one core, or one arena, the blocks are in that CPU's own lists instead: a double
+/// free either way.)
+fn double_dealloc_inbox_child() -> ! {
+    let cores = core_affinity::get_core_ids().unwrap_or_default();
+    let (first, last) = (cores.first().copied(), cores.last().copied());
+    let layout = Layout::from_size_align(64, 8).unwrap();
+    let blocks = std::thread::spawn(move || {
+        if let Some(c) = first {
+            core_affinity::set_for_current(c);
+        }
+        // SAFETY: non-zero size.
+        (0..200)
+            .map(|_| unsafe { alloc(layout) } as usize)
+            .collect::<Vec<_>>()
+    })
+    .join()
+    .unwrap();
+    if let Some(c) = last {
+        core_affinity::set_for_current(c);
+    }
+    let p = blocks[0] as *mut u8;
+    // SAFETY: deliberately wrong: `p` is deallocated twice, which coreheap must detect.
+    unsafe {
+        for &b in &blocks {
+            dealloc(b as *mut u8, layout);
+        }
+        println!("block={p:p}");
+        dealloc(p, layout);
     }
     println!("second dealloc returned");
     std::process::exit(0);
@@ -620,6 +657,7 @@ fn double_dealloc_aborts() {
         ("double-run", vec![]),
         ("double-run", vec![("COREHEAP_RSEQ", "0")]),
         ("double-remote-large", vec![]),
+        ("double-inbox", vec![]),
     ] {
         let out = Command::new(std::env::current_exe().unwrap())
             .env(CHILD_VAR, mode)
@@ -653,7 +691,9 @@ fn double_dealloc_aborts() {
             {
                 stderr.contains("double free")
             }
-            "double-parked" if coreheap::fast_path() => stderr.contains("double free"),
+            "double-parked" | "double-inbox" if coreheap::fast_path() => {
+                stderr.contains("double free")
+            }
             // In a run slot (without the caches the run went back to the page heap: the
             // case below).
             "double-run" if coreheap::fast_path() && env.is_empty() => {

@@ -23,8 +23,9 @@
 //!
 //! Each cache also has an **outbox** ([`OUTBOX`]): small blocks of *other* arenas freed on
 //! this CPU, of any class. They are never handed out from there; a full outbox is sent, its
-//! blocks grouped by owner and class and parked in the owners' transfer slots, joining
-//! chains parked there (or pushed onto their pending stacks when the slots have no room).
+//! blocks grouped by owner into the owners' inboxes (`inbox.rs`), whose CPUs sort them by
+//! class into chains when they refill (or onto the owners' pending stacks when an inbox has
+//! no room).
 //!
 //! Invariants:
 //! - a block on a class list of cache `c` belongs to arena `caches[c].arena` (the arena the
@@ -53,6 +54,7 @@ use crate::chunk::{decode_link, Block};
 use crate::size_class::{class_size, LARGE_MAX, NUM_CLASSES, TABLE_CLASSES};
 
 mod chain;
+mod inbox;
 #[cfg(coreheap_rseq)]
 mod sections;
 #[cfg(not(coreheap_rseq))]
@@ -61,6 +63,7 @@ mod sections;
 mod transfer;
 
 pub use chain::{for_each_block, return_blocks, return_chain, split_chain, take_batch, Chain};
+pub use inbox::Inbox;
 pub use transfer::{chain_max, Transfer};
 
 pub const PTR_BITS: u32 = 48;
@@ -119,8 +122,8 @@ const _: () = assert!(batch(0) == BATCH_MAX);
 
 /// The list index of a CPU's outbox: small blocks of other arenas freed on this CPU, of
 /// any class, on their way back to their owners. They are never handed out from here: a
-/// full outbox is grouped by owner and class and parked in the owners' transfer slots, so
-/// a remote free costs no atomic instruction of its own.
+/// full outbox is grouped by owner and sent to the owners' inboxes, so a remote free costs
+/// no atomic instruction of its own.
 pub const OUTBOX: usize = NUM_CLASSES;
 
 /// How many blocks an outbox holds before it is sent.
@@ -527,6 +530,10 @@ impl Caches {
             seen |= p == b as usize;
             !seen
         };
+        // Inboxes, where blocks wait on their way from an outbox to the slots.
+        for a in 0..self.arenas {
+            self.transfer(a).inbox.peek(&mut look);
+        }
         // Slots, then lists, then slots again: a chain that moves between a slot and a list
         // once during the walk (a refill installing it, a flush parking it) is seen on one
         // side or the other.

@@ -2,10 +2,11 @@
 //! blocks between the CPU caches and their arena (the role of TCMalloc's transfer cache).
 //!
 //! A CPU whose list of a class overflows parks the whole list in a slot of its arena; a CPU of
-//! that arena whose list runs empty takes a parked chain and installs it. Outboxes park the
-//! blocks they send back to an owner the same way, in front of a parked chain that has
-//! room for them ([`Transfer::park_blocks`]), so that few blocks at a time still make long
-//! chains. Each move is one atomic instruction on the
+//! that arena whose list runs empty takes a parked chain and installs it; with none, it sorts
+//! the blocks other arenas' CPUs sent back to the arena's [`Inbox`] into chains and parks
+//! them. Large outboxes park the blocks they send back to an owner in front of a parked
+//! chain that has room for them ([`Transfer::park_blocks`]). Each move is one atomic
+//! instruction on the
 //! slot; the arena's lock is taken only when every slot is full (to park) or empty (to
 //! take), and then moves a whole batch in one lock round.
 //!
@@ -22,9 +23,9 @@
 //!   and [`PARKED_BUDGET`] (3 MiB) in all; above, one chain of [`LARGE_OUTBOX_LIMIT`]
 //!   blocks per class, [`LARGE_PARKED_PER_ARENA`] (6,448 KiB) in all.
 
-use core::sync::atomic::{AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
-use super::{limit, Chain, LARGE_OUTBOX_LIMIT, PTR_BITS};
+use super::{limit, Chain, Inbox, LARGE_OUTBOX_LIMIT, PTR_BITS};
 use crate::chunk::Block;
 use crate::size_class::{class_size, NUM_CLASSES, TABLE_CLASSES};
 
@@ -114,9 +115,19 @@ pub const LARGE_PARKED_PER_ARENA: usize = {
 #[repr(C, align(64))]
 pub struct Transfer {
     slots: [[AtomicUsize; SLOTS]; NUM_CLASSES],
-    /// Chains taken since the last sweep ([`Transfer::idle_since_last_look`]); on a line of
-    /// its own, written only by takers.
-    taken: crossbeam_utils::CachePadded<AtomicUsize>,
+    /// What the arena's CPUs did, on a line of its own that only they write (and sweeps).
+    use_: crossbeam_utils::CachePadded<Use>,
+    /// Blocks of the arena freed on other arenas' CPUs, for its CPUs to sort.
+    pub inbox: Inbox,
+}
+
+/// The arena's CPUs' use of the slots.
+struct Use {
+    /// Whether a chain was taken since the last sweep ([`Transfer::idle_since_last_look`]).
+    taken: AtomicUsize,
+    /// Blocks freed on other arenas' CPUs that refills sorted into the lists and slots
+    /// ([`Transfer::count_sorted`]; statistics).
+    sorted: AtomicU64,
 }
 
 impl Transfer {
@@ -131,9 +142,7 @@ impl Transfer {
                 if h != 0 {
                     // A store only when the period saw no take yet: a locked add on every
                     // take cost a refill a quarter of its time (a line the sweep writes).
-                    if self.taken.load(Ordering::Relaxed) == 0 {
-                        self.taken.store(1, Ordering::Relaxed);
-                    }
+                    self.note_taken();
                     return h;
                 }
             }
@@ -210,11 +219,32 @@ impl Transfer {
         }
     }
 
+    /// Marks the period busy: a CPU of the arena refilled (from a slot, or from the blocks
+    /// other CPUs sent back).
+    #[inline]
+    pub fn note_taken(&self) {
+        // A store only when the period saw no take yet: a locked add on every take cost a
+        // refill a quarter of its time (a line the sweep writes).
+        if self.use_.taken.load(Ordering::Relaxed) == 0 {
+            self.use_.taken.store(1, Ordering::Relaxed);
+        }
+    }
+
     /// Whether no chain was taken since the last call (which starts a new period): the
     /// arena's CPUs have not refilled from the slots meanwhile, so what is parked may be
     /// stranded (see `heap::cached`'s sweep).
     pub fn idle_since_last_look(&self) -> bool {
-        self.taken.swap(0, Ordering::Relaxed) == 0
+        self.use_.taken.swap(0, Ordering::Relaxed) == 0
+    }
+
+    /// Counts `n` blocks sent back by other arenas' CPUs that a refill sorted.
+    pub fn count_sorted(&self, n: u64) {
+        self.use_.sorted.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Blocks counted by [`Transfer::count_sorted`] so far.
+    pub fn sorted(&self) -> u64 {
+        self.use_.sorted.load(Ordering::Relaxed)
     }
 
     /// The slots of `class`, for tests that fill them.

@@ -67,28 +67,16 @@ impl ProcessHeap {
             // so that their pages can serve it (see `runs.rs`).
             Self::flush_runs(cfg);
         }
-        let parked = cfg.caches.transfer(ai).take(class);
+        let mut parked = cfg.caches.transfer(ai).take(class);
+        if parked == 0 && class < TABLE_CLASSES {
+            // SAFETY: by the checks above, `ai` is the arena the map gives `cpu`, and the
+            // thread does not hold its lock.
+            parked = unsafe { Self::sort_inbox(cfg, ai, class) };
+        }
         if parked != 0 {
-            let mut first = [0usize; 1];
-            // SAFETY: a chain taken off a slot is ours, of arena `ai` and `class`, linked
-            // with the arena's key (the slots' invariant).
-            match unsafe { split_chain(parked, a.key(), &mut first) } {
-                Ok((1, rest)) => {
-                    // SAFETY: as above: `rest` is the rest of that chain, ours.
-                    unsafe { Self::install_or_return(cfg, cpu, ai, class, rest) };
-                    let b = first[0] as *mut Block;
-                    // SAFETY: the block is ours now; neither its link nor its free mark may
-                    // survive into a live block.
-                    unsafe {
-                        (*b).link = 0;
-                        (*b).mark = 0;
-                    }
-                    return (b.cast(), false);
-                }
-                // A parked chain is never empty (the slots' invariant).
-                Ok(_) => invalid_pointer(LINK_OVERWRITTEN, parked as *mut u8),
-                Err(b) => invalid_pointer(LINK_OVERWRITTEN, b.cast()),
-            }
+            // SAFETY: a chain taken off a slot (or just sorted) is ours, of arena `ai` and
+            // `class`, linked with the arena's key, not empty (the slots' invariant).
+            return unsafe { Self::serve_chain(cfg, cpu, ai, class, parked) };
         }
         let (first, chain) = take_batch(a, &SRC, class, batch(class), cfg.mark);
         if first.0.is_null() {
@@ -99,6 +87,118 @@ impl ProcessHeap {
         // SAFETY: the chain's blocks are free blocks of class `class` of arena `ai`, ours.
         unsafe { Self::install_or_return(cfg, cpu, ai, class, chain.head()) };
         first
+    }
+
+    /// Returns the first block of `chain` and installs the rest in CPU `cpu`'s list of
+    /// `class` (or parks or returns it, see `install_or_return`).
+    ///
+    /// # Safety
+    /// `chain` is the caller's: a packed chain of at least one and at most
+    /// `chain_max(class)` free, marked blocks of class `class` of arena `ai` (the arena the
+    /// map gives `cpu`), linked with its key, counted in use by their runs.
+    unsafe fn serve_chain(
+        cfg: &Config,
+        cpu: usize,
+        ai: usize,
+        class: usize,
+        chain: usize,
+    ) -> (*mut u8, bool) {
+        let mut first = [0usize; 1];
+        // SAFETY: by the contract.
+        match unsafe { split_chain(chain, cfg.arena(ai).key(), &mut first) } {
+            Ok((1, rest)) => {
+                // SAFETY: as above: `rest` is the rest of that chain, ours.
+                unsafe { Self::install_or_return(cfg, cpu, ai, class, rest) };
+                let b = first[0] as *mut Block;
+                // SAFETY: the block is ours now; neither its link nor its free mark may
+                // survive into a live block.
+                unsafe {
+                    (*b).link = 0;
+                    (*b).mark = 0;
+                }
+                (b.cast(), false)
+            }
+            // The chain is never empty (the contract).
+            Ok(_) => invalid_pointer(LINK_OVERWRITTEN, chain as *mut u8),
+            Err(b) => invalid_pointer(LINK_OVERWRITTEN, b.cast()),
+        }
+    }
+
+    /// The refill of `class` found no parked chain: drains arena `ai`'s inbox (the blocks
+    /// other arenas' CPUs sent back from their outboxes) and sorts it by class into chains,
+    /// which it parks in the arena's transfer slots (or, where those are full, returns to
+    /// the runs under the lock); returns a chain of `class` for the refill, or 0 when none
+    /// came. So a remote free costs its sender a share of one compare-and-swap per owner
+    /// and outbox, whatever the number of classes; the slots' lines stay with the owner's
+    /// CPUs, and the blocks' lines come to the owner's CPU with the links written here,
+    /// before the pops that read them.
+    ///
+    /// # Safety
+    /// `ai` is the arena the map gives `cpu`; the thread does not hold its lock.
+    #[inline(never)]
+    unsafe fn sort_inbox(cfg: &Config, ai: usize, class: usize) -> usize {
+        let transfer = cfg.caches.transfer(ai);
+        if transfer.inbox.seems_empty() {
+            return 0;
+        }
+        let key = cfg.arena(ai).key();
+        let mut heads = [0usize; TABLE_CLASSES];
+        // What the refill gets: the first full chain of `class`, else its last partial one.
+        let mut mine = 0;
+        let mut sorted = 0u64;
+        transfer.inbox.drain(|b| {
+            let c = match lookup_small(&SRC, b as *const u8) {
+                Some((owner, c)) if owner as usize == ai && c < TABLE_CLASSES => c,
+                // The sender looked every block up: a slot was overwritten.
+                _ => invalid_pointer(b"coreheap: corrupted inbox", b as *mut u8),
+            };
+            sorted += 1;
+            // SAFETY: `heads[c]` is 0 or a chain of ours of class `c`, linked with `key`;
+            // `b` is a free, marked block of arena `ai` and class `c` that the inbox gave
+            // up to us (its invariant).
+            let mut chain = unsafe { Chain::from_head(heads[c], key) };
+            // SAFETY: as above.
+            unsafe { chain.push(b as *mut Block) };
+            heads[c] = chain.head();
+            if heads[c] >> PTR_BITS == chain_max(c) {
+                if c == class && mine == 0 {
+                    mine = heads[c];
+                } else {
+                    // SAFETY: a full chain of ours of arena `ai` and class `c`.
+                    unsafe { Self::park_or_return(cfg, ai, c, heads[c]) };
+                }
+                heads[c] = 0;
+            }
+        });
+        transfer.note_taken();
+        transfer.count_sorted(sorted);
+        for (c, &h) in heads.iter().enumerate() {
+            if h == 0 {
+                continue;
+            }
+            if c == class && mine == 0 {
+                mine = h;
+            } else {
+                // SAFETY: a chain of ours of arena `ai` and class `c`.
+                unsafe { Self::park_or_return(cfg, ai, c, h) };
+            }
+        }
+        mine
+    }
+
+    /// Parks `chain` in arena `ai`'s transfer slots of `class`, or returns it to its runs
+    /// under the lock when every slot is taken.
+    ///
+    /// # Safety
+    /// `chain` is the caller's: at most `chain_max(class)` free, marked blocks of arena `ai`
+    /// and `class`, linked with its key, counted in use; the thread does not hold the lock.
+    unsafe fn park_or_return(cfg: &Config, ai: usize, class: usize, chain: usize) {
+        // SAFETY: by the contract.
+        unsafe {
+            if !cfg.caches.transfer(ai).park(class, chain) {
+                return_chain(cfg.arena(ai), &SRC, chain);
+            }
+        }
     }
 
     /// A block of `class` by the locked path: from the current CPU's arena, or from
@@ -138,8 +238,27 @@ impl ProcessHeap {
         }
     }
 
-    /// Returns every chain parked in arena `i`'s transfer slots to its runs.
+    /// Returns every chain parked in arena `i`'s transfer slots, and every block waiting in
+    /// its inbox, to its runs.
     pub(super) fn return_parked(cfg: &Config, i: usize) {
+        let a = cfg.arena(i);
+        let mut held = [0usize; 64];
+        let mut n = 0;
+        let drained = cfg.caches.transfer(i).inbox.drain(|b| {
+            if n == held.len() {
+                // SAFETY: free, marked blocks of arena `i` that the inbox gave up to us.
+                unsafe { return_blocks(a, &SRC, &held) };
+                n = 0;
+            }
+            held[n] = b;
+            n += 1;
+        });
+        if n > 0 {
+            // SAFETY: as above.
+            unsafe { return_blocks(a, &SRC, &held[..n]) };
+        }
+        // (Another thread draining the inbox meanwhile sorts what it takes.)
+        let _ = drained;
         for class in 0..NUM_CLASSES {
             loop {
                 let h = cfg.caches.transfer(i).take(class);
@@ -459,7 +578,7 @@ impl ProcessHeap {
     #[inline(never)]
     pub(super) fn send_large_outbox(cfg: &Config) {
         let mut groups = Grouped::<LARGE_OUTBOX_LIMIT>::new();
-        if !Self::take_outbox(cfg, LARGE_OUTBOX, &mut groups) {
+        if !Self::take_outbox(cfg, LARGE_OUTBOX, true, &mut groups) {
             return;
         }
         groups.for_each(|owner, class, blocks| {
@@ -493,61 +612,44 @@ impl ProcessHeap {
         });
     }
 
-    /// Sends the current CPU's outbox: its blocks, each looked up once, grouped by owner and
-    /// class and parked in their owners' transfer slots, in front of chains already parked
-    /// there when those have room (`Transfer::park_blocks`), so that the owner's CPUs take
-    /// them as refills of up to a whole list, without a lock; what finds no room goes onto
-    /// its owner's pending stack, one push per owner for up to `OWNERS` owners.
+    /// Sends the current CPU's outbox: its blocks, each looked up once, grouped by owner,
+    /// go onto their owners' pending stacks, one compare-and-swap per owner. The owner's
+    /// CPUs sort them by class when they next refill (`sort_pending`), so the sender does
+    /// not touch the owner's transfer slots, whose lines stay with the owner's CPUs.
     #[cold]
     #[inline(never)]
     pub(super) fn send_outbox(cfg: &Config) {
-        const OWNERS: usize = 4;
         let mut groups = Grouped::<OUTBOX_LIMIT>::new();
-        if !Self::take_outbox(cfg, OUTBOX, &mut groups) {
+        if !Self::take_outbox(cfg, OUTBOX, false, &mut groups) {
             return;
         }
-        let mut pending = [(usize::MAX, Batch::new(0)); OWNERS];
-        groups.for_each(|owner, class, blocks| {
-            let key = cfg.arena(owner).key();
-            for piece in blocks.chunks(chain_max(class)) {
-                // SAFETY: free, marked blocks of `owner` and `class` (looked up), counted in
-                // use by their runs, ours; at most `chain_max(class)` of them.
-                if unsafe { cfg.caches.transfer(owner).park_blocks(class, key, piece) } {
-                    continue;
-                }
-                let k = pending
-                    .iter()
-                    .position(|p| p.0 == owner)
-                    .or_else(|| pending.iter().position(|p| p.0 == usize::MAX));
-                let mut own = Batch::new(key);
-                let batch = match k {
-                    Some(k) => {
-                        if pending[k].0 == usize::MAX {
-                            pending[k] = (owner, Batch::new(key));
-                        }
-                        &mut pending[k].1
-                    }
-                    None => &mut own,
-                };
-                for &b in piece {
-                    // SAFETY: as above; each block is re-linked for the owner's stack.
-                    unsafe { batch.add(b as *mut Block) };
-                }
-                if k.is_none() {
-                    // SAFETY: the batch holds free blocks of `owner`, built with its key.
-                    unsafe { cfg.arena(owner).push_remote_batch(&SRC, &own) };
-                }
+        groups.for_each(|owner, _, blocks| {
+            // SAFETY: free, marked blocks of `owner` (looked up) of classes up to 1 KiB,
+            // counted in use by their runs, ours.
+            if unsafe { cfg.caches.transfer(owner).inbox.send(blocks) } {
+                return;
             }
-        });
-        for (owner, batch) in pending.iter().filter(|p| p.0 != usize::MAX) {
+            let a = cfg.arena(owner);
+            let mut batch = Batch::new(a.key());
+            for &b in blocks {
+                // SAFETY: free, marked blocks of `owner` (looked up), counted in use by their
+                // runs, ours; each is re-linked for the owner's stack.
+                unsafe { batch.add(b as *mut Block) };
+            }
             // SAFETY: the batch holds free blocks of `owner`, built with its key.
-            unsafe { cfg.arena(*owner).push_remote_batch(&SRC, batch) };
-        }
+            unsafe { a.push_remote_batch(&SRC, &batch) };
+        });
     }
 
-    /// Empties the current CPU's outbox `list` into `out`, each block looked up once.
+    /// Empties the current CPU's outbox `list` into `out`, each block looked up once,
+    /// grouped by owner and (if `by_class`) class; without, every group's class reads 0.
     /// False when the outbox was empty (or there is no CPU id).
-    fn take_outbox<const N: usize>(cfg: &Config, list: usize, out: &mut Grouped<N>) -> bool {
+    fn take_outbox<const N: usize>(
+        cfg: &Config,
+        list: usize,
+        by_class: bool,
+        out: &mut Grouped<N>,
+    ) -> bool {
         let Some((cpu, chain)) = cfg.caches.take_all(list) else {
             return false;
         };
@@ -567,7 +669,8 @@ impl ProcessHeap {
                 let Some((arena, class)) = id else {
                     invalid_pointer(b"coreheap: corrupted outbox", b.cast());
                 };
-                if !out.add((arena as usize, class), b as usize) {
+                let id = (arena as usize, if by_class { class } else { 0 });
+                if !out.add(id, b as usize) {
                     invalid_pointer(b"coreheap: corrupted outbox", b.cast());
                 }
             })

@@ -73,6 +73,11 @@ impl ProcessHeap {
             return;
         }
         if let Some(cfg) = self.config() {
+            if cfg.caches.enabled {
+                for i in 0..cfg.count {
+                    cfg.caches.transfer(i).inbox.repair_after_fork();
+                }
+            }
             for i in (0..cfg.count).filter(|&i| TAKEN.contains(i)) {
                 // SAFETY: the child of fork: only this thread exists, it took the lock in
                 // the prepare handler and uses it no more; process arenas' locks are on no

@@ -481,13 +481,17 @@ impl ProcessHeap {
                     cfg.caches.walk(cpu, OUTBOX, &mut count_owned, &small);
                     cfg.caches.walk(cpu, LARGE_OUTBOX, &mut count_owned, &small);
                 }
+                // Blocks waiting in the arena's inbox (every one is the arena's).
+                cfg.caches.transfer(i).inbox.peek(&mut count_owned);
                 st.cached_runs = Self::cached_run_bytes(cfg, i);
-                // Chains parked in the arena's transfer slots.
+                // Chains parked in the arena's transfer slots, and its inbox.
+                let transfer = cfg.caches.transfer(i);
                 for (class, n) in st.cached.iter_mut().enumerate() {
-                    for h in cfg.caches.transfer(i).peek(class) {
+                    for h in transfer.peek(class) {
                         *n += (h >> PTR_BITS) as u64;
                     }
                 }
+                st.remote_frees += transfer.sorted();
                 for cpu in (0..cfg.caches.len()).filter(|&c| cfg.caches.arena_of(c) == i) {
                     let (allocs, frees, cached) = cfg.caches.counters(cpu);
                     st.fast_allocs += allocs;
@@ -520,8 +524,8 @@ impl ProcessHeap {
     /// Returns every cached block to its arena, pending frees to their runs and every unused
     /// dirty page to the OS: each CPU's caches and outbox (the calling CPU's, then every
     /// other CPU's that holds a block, visited by moving the calling thread there, see
-    /// [`Self::flush_other_cpus`]), then every chain parked in the transfer slots, then the
-    /// arenas.
+    /// [`Self::flush_other_cpus`]), then every chain parked in the transfer slots and every
+    /// block in the inboxes, then the arenas.
     pub fn trim(&self) {
         if let Some(r) = self.ready() {
             let cfg = r.cfg;

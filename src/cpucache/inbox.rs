@@ -14,9 +14,10 @@
 //! - `head <= tail`, `tail - head <= SLOTS` (counters that only grow, wrapping never in
 //!   practice: 2^64 blocks); slot `i % SLOTS` for `head <= i < tail` is 0 (reserved, not
 //!   yet written), [`SKIP`] (reserved by a thread that a fork left behind) or the address of
-//!   a block sent; every other slot is 0, but for the one stray case under `repair_after_fork`;
+//!   a block sent; every other slot is 0 (but for the stray writes `repair_after_fork`
+//!   describes);
 //! - a block whose address is in a slot is a free, marked small block of the inbox's arena,
-//!   of a class up to 8 KiB, counted in use by its run, owned by the inbox: no thread reads
+//!   of at most `OUTBOX_MAX_BLOCK` (1 KiB) bytes, counted in use by its run, owned by the inbox: no thread reads
 //!   or writes it until a drainer takes its address (statistics and the double-free search
 //!   only read the slots);
 //! - `head` is written only by the thread whose id is in `drainer` (0: none), and a
@@ -41,8 +42,10 @@ const SKIP: usize = 1;
 pub struct Inbox {
     /// Slots reserved by senders so far.
     tail: CachePadded<AtomicUsize>,
-    /// Slots drained so far, and the drainer at work ([`os::thread_id`]; 0 for none).
-    head: CachePadded<(AtomicUsize, AtomicUsize)>,
+    /// Slots drained so far; the drainer at work ([`os::thread_id`]; 0 for none); and, after
+    /// a fork that interrupted the forking thread's own drain, 1 + the tail at the fork
+    /// (0 otherwise), up to which that drain marks unwritten slots [`SKIP`] when it ends.
+    head: CachePadded<(AtomicUsize, AtomicUsize, AtomicUsize)>,
     slots: [AtomicUsize; INBOX_SLOTS],
 }
 
@@ -51,8 +54,8 @@ impl Inbox {
     /// when the ring has no room for them all.
     ///
     /// # Safety
-    /// Each block is a free, marked small block of this inbox's arena of a class up to
-    /// 8 KiB, counted in use by its run, that the caller owns and gives up if this returns
+    /// Each block is a free, marked small block of this inbox's arena of at most
+    /// `OUTBOX_MAX_BLOCK` bytes, counted in use by its run, that the caller owns and gives up if this returns
     /// true.
     pub unsafe fn send(&self, blocks: &[usize]) -> bool {
         let k = blocks.len();
@@ -125,10 +128,32 @@ impl Inbox {
                 f(b);
             }
         }
+        let repair = self.head.2.load(Ordering::Relaxed);
+        if repair != 0 {
+            // This drain was interrupted by a fork (`repair_after_fork`): the slots that
+            // vanished senders reserved before it are marked now that it knows its end.
+            self.head.2.store(0, Ordering::Relaxed);
+            Self::skip_unwritten(&self.slots, h, repair - 1);
+        }
         // Release: the slots cleared above are seen cleared by senders that read `head`.
         self.head.0.store(h, Ordering::Release);
         self.head.1.store(0, Ordering::Release);
         true
+    }
+
+    /// Marks the unwritten slots from `from` up to `to` (counters) [`SKIP`]; nothing when
+    /// `from` is at or past `to`.
+    fn skip_unwritten(slots: &[AtomicUsize; INBOX_SLOTS], mut from: usize, to: usize) {
+        if to.wrapping_sub(from) > INBOX_SLOTS {
+            return;
+        }
+        while from != to {
+            let s = &slots[from % INBOX_SLOTS];
+            if s.load(Ordering::Relaxed) == 0 {
+                s.store(SKIP, Ordering::Relaxed);
+            }
+            from = from.wrapping_add(1);
+        }
     }
 
     /// Calls `f` on each address in the ring now, while it returns true (statistics and the
@@ -145,31 +170,27 @@ impl Inbox {
     /// In a forked child of a process with other threads, where only the forking thread
     /// lives: a drainer that was another thread is gone, and so are senders that reserved
     /// slots and had not written them, which would stop every later drain there. Those
-    /// slots get [`SKIP`], and the drainer mark is cleared, unless the forking thread is
-    /// the drainer itself (a signal handler that interrupted it forked), whose drain
-    /// resumes in the child.
+    /// slots get [`SKIP`], and the drainer mark is cleared. When the forking thread is the
+    /// drainer itself (a signal handler that interrupted its drain forked), that drain
+    /// resumes in the child: the slots it cleared but has not yet passed `head` over must
+    /// not be marked, so the drain marks the rest itself when it ends, up to the tail of
+    /// now.
     ///
     /// A send of the forking thread that the handler interrupted between its reservation
     /// and its writes resumes in the child too and writes over the `SKIP`s; one that a
     /// drain has passed by then leaves its addresses behind the head, and those blocks stay
     /// in use for good (a leak of at most one outbox, in a fork from a signal handler that
     /// interrupted a `free`).
-    pub fn repair_after_fork(&self) {
-        let drainer = self.head.1.load(Ordering::Relaxed);
-        if drainer == os::thread_id() {
+    ///
+    /// # Safety
+    /// Called in the child of `fork`, by its one thread, before it uses the inbox.
+    pub unsafe fn repair_after_fork(&self) {
+        let t = self.tail.load(Ordering::Relaxed);
+        if self.head.1.load(Ordering::Relaxed) == os::thread_id() {
+            self.head.2.store(t.wrapping_add(1), Ordering::Relaxed);
             return;
         }
-        let (mut h, t) = (
-            self.head.0.load(Ordering::Relaxed),
-            self.tail.load(Ordering::Relaxed),
-        );
-        while h != t {
-            let s = &self.slots[h % INBOX_SLOTS];
-            if s.load(Ordering::Relaxed) == 0 {
-                s.store(SKIP, Ordering::Relaxed);
-            }
-            h = h.wrapping_add(1);
-        }
+        Self::skip_unwritten(&self.slots, self.head.0.load(Ordering::Relaxed), t);
         self.head.1.store(0, Ordering::Relaxed);
     }
 }
@@ -257,16 +278,45 @@ mod tests {
         let mut got = Vec::new();
         assert!(ib.drain(|b| got.push(b)));
         assert!(got.is_empty(), "stops at the unwritten slot");
-        ib.repair_after_fork();
+        // SAFETY: no other thread uses this inbox.
+        unsafe { ib.repair_after_fork() };
         assert!(ib.drain(|b| got.push(b)));
         assert_eq!(got, [0x100, 0x200]);
         assert!(ib.seems_empty());
         // A drainer mark left by a vanished thread is cleared.
         ib.head.1.store(12345, Ordering::Relaxed);
-        ib.repair_after_fork();
+        // SAFETY: as above.
+        unsafe { ib.repair_after_fork() };
         // SAFETY: numbers only, as above.
         unsafe { assert!(ib.send(&[0x300])) };
         assert!(ib.drain(|b| got.push(b)));
         assert_eq!(got.last(), Some(&0x300));
+    }
+
+    /// A fork that interrupted the forking thread's own drain: the unwritten slots are
+    /// marked when that drain ends, not at the fork.
+    #[test]
+    fn a_drain_interrupted_by_a_fork_marks_the_gaps_when_it_ends() {
+        let ib = empty();
+        ib.tail.store(2, Ordering::Relaxed);
+        // SAFETY: numbers only, as above.
+        unsafe { assert!(ib.send(&[0x100])) };
+        // The fork happens while this thread is the drainer.
+        ib.head.1.store(os::thread_id(), Ordering::Relaxed);
+        // SAFETY: no other thread uses this inbox.
+        unsafe { ib.repair_after_fork() };
+        assert_eq!(
+            ib.slots[0].load(Ordering::Relaxed),
+            0,
+            "not marked at the fork"
+        );
+        // The interrupted drain resumes (here: a drain from the same place) and ends.
+        ib.head.1.store(0, Ordering::Relaxed);
+        let mut got = Vec::new();
+        assert!(ib.drain(|b| got.push(b)));
+        assert!(got.is_empty());
+        assert!(ib.drain(|b| got.push(b)));
+        assert_eq!(got, [0x100]);
+        assert!(ib.seems_empty());
     }
 }

@@ -508,8 +508,9 @@ impl Caches {
         self.enabled && self.contains_raw(class, b as usize, list_limit(class) + 1)
     }
 
-    /// Whether `b` seems to be on any CPU's list of class `class` or outboxes, or parked in
-    /// any arena's transfer slots of `class`, looked for without those CPUs' cooperation:
+    /// Whether `b` seems to be on any CPU's list of class `class` or outboxes, parked in any
+    /// arena's transfer slots of `class` or waiting in its inbox, looked for without those
+    /// CPUs' cooperation:
     /// their lists may change under the walk, so every link is read as one machine word and
     /// followed only if `is_block(link, list)` says it is a free-able small block fit for
     /// that list (of `class` for a class list, of any class for an outbox), which keeps the
@@ -530,14 +531,14 @@ impl Caches {
             seen |= p == b as usize;
             !seen
         };
-        // Inboxes, where blocks wait on their way from an outbox to the slots.
-        for a in 0..self.arenas {
-            self.transfer(a).inbox.peek(&mut look);
-        }
         // Slots, then lists, then slots again: a chain that moves between a slot and a list
         // once during the walk (a refill installing it, a flush parking it) is seen on one
-        // side or the other.
+        // side or the other; the inboxes in every pass, so that a block on its way from an
+        // outbox (pass 1) to an inbox and on to a slot is seen too.
         for pass in 0..3 {
+            for a in 0..self.arenas {
+                self.transfer(a).inbox.peek(&mut look);
+            }
             if pass == 1 {
                 for list in [class, OUTBOX, LARGE_OUTBOX] {
                     for cpu in 0..self.len {

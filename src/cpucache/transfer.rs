@@ -125,7 +125,7 @@ pub struct Transfer {
 struct Use {
     /// Whether a chain was taken since the last sweep ([`Transfer::idle_since_last_look`]).
     taken: AtomicUsize,
-    /// Blocks freed on other arenas' CPUs that refills sorted into the lists and slots
+    /// Blocks freed on other arenas' CPUs that came out of the inbox
     /// ([`Transfer::count_sorted`]; statistics).
     sorted: AtomicU64,
 }
@@ -237,7 +237,8 @@ impl Transfer {
         self.use_.taken.swap(0, Ordering::Relaxed) == 0
     }
 
-    /// Counts `n` blocks sent back by other arenas' CPUs that a refill sorted.
+    /// Counts `n` blocks sent back by other arenas' CPUs that a refill sorted out of the
+    /// inbox (or a sweep returned from it).
     pub fn count_sorted(&self, n: u64) {
         self.use_.sorted.fetch_add(n, Ordering::Relaxed);
     }

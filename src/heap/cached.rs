@@ -147,7 +147,7 @@ impl ProcessHeap {
         let mut mine = 0;
         let mut sorted = 0u64;
         transfer.inbox.drain(|b| {
-            let c = match lookup_small(&SRC, b as *const u8) {
+            let c = match Self::small_block_of(b) {
                 Some((owner, c)) if owner as usize == ai && c < TABLE_CLASSES => c,
                 // The sender looked every block up: a slot was overwritten.
                 _ => invalid_pointer(b"coreheap: corrupted inbox", b as *mut u8),
@@ -164,14 +164,17 @@ impl ProcessHeap {
                 if c == class && mine == 0 {
                     mine = heads[c];
                 } else {
-                    // SAFETY: a full chain of ours of arena `ai` and class `c`.
+                    // SAFETY: a full chain of ours of arena `ai` and class `c`; the thread
+                    // does not hold `ai`'s lock (the contract).
                     unsafe { Self::park_or_return(cfg, ai, c, heads[c]) };
                 }
                 heads[c] = 0;
             }
         });
-        transfer.note_taken();
-        transfer.count_sorted(sorted);
+        if sorted > 0 {
+            transfer.note_taken();
+            transfer.count_sorted(sorted);
+        }
         for (c, &h) in heads.iter().enumerate() {
             if h == 0 {
                 continue;
@@ -179,11 +182,23 @@ impl ProcessHeap {
             if c == class && mine == 0 {
                 mine = h;
             } else {
-                // SAFETY: a chain of ours of arena `ai` and class `c`.
+                // SAFETY: a chain of ours of arena `ai` and class `c`; the thread does not
+                // hold `ai`'s lock (the contract).
                 unsafe { Self::park_or_return(cfg, ai, c, h) };
             }
         }
         mine
+    }
+
+    /// The arena and class of `b` if it is a small block start of ours: from its own page's
+    /// descriptor, or the full lookup where that cannot say (a chunk outside the registry's
+    /// quick half, or a class whose blocks span pages with `pow2-classes`).
+    fn small_block_of(b: usize) -> Option<(u32, usize)> {
+        lookup_small(&SRC, b as *const u8).or_else(|| match lookup(&SRC, b as *const u8) {
+            // SAFETY: `lookup` returns live run heads.
+            Lookup::Small { arena, run } => Some((arena, unsafe { (*run).class() })),
+            _ => None,
+        })
     }
 
     /// Parks `chain` in arena `ai`'s transfer slots of `class`, or returns it to its runs
@@ -238,13 +253,17 @@ impl ProcessHeap {
         }
     }
 
-    /// Returns every chain parked in arena `i`'s transfer slots, and every block waiting in
-    /// its inbox, to its runs.
+    /// Returns every block waiting in arena `i`'s inbox, and then every chain parked in its
+    /// transfer slots, to its runs. (A refill that is sorting the inbox at that moment
+    /// parks what it took afterwards; a send whose slots are reserved but not yet written
+    /// is left for the next drain.)
     pub(super) fn return_parked(cfg: &Config, i: usize) {
         let a = cfg.arena(i);
+        let transfer = cfg.caches.transfer(i);
         let mut held = [0usize; 64];
-        let mut n = 0;
-        let drained = cfg.caches.transfer(i).inbox.drain(|b| {
+        let (mut n, mut all) = (0, 0);
+        // (False when another thread drains it: that thread sorts what it takes.)
+        let _ = transfer.inbox.drain(|b| {
             if n == held.len() {
                 // SAFETY: free, marked blocks of arena `i` that the inbox gave up to us.
                 unsafe { return_blocks(a, &SRC, &held) };
@@ -252,13 +271,15 @@ impl ProcessHeap {
             }
             held[n] = b;
             n += 1;
+            all += 1;
         });
         if n > 0 {
             // SAFETY: as above.
             unsafe { return_blocks(a, &SRC, &held[..n]) };
         }
-        // (Another thread draining the inbox meanwhile sorts what it takes.)
-        let _ = drained;
+        if all > 0 {
+            transfer.count_sorted(all);
+        }
         for class in 0..NUM_CLASSES {
             loop {
                 let h = cfg.caches.transfer(i).take(class);
@@ -613,9 +634,10 @@ impl ProcessHeap {
     }
 
     /// Sends the current CPU's outbox: its blocks, each looked up once, grouped by owner,
-    /// go onto their owners' pending stacks, one compare-and-swap per owner. The owner's
-    /// CPUs sort them by class when they next refill (`sort_pending`), so the sender does
-    /// not touch the owner's transfer slots, whose lines stay with the owner's CPUs.
+    /// go into their owners' inboxes, one compare-and-swap per owner (onto the owner's
+    /// pending stack when its inbox has no room). The owner's CPUs sort them by class when
+    /// they next refill (`sort_inbox`), so the sender does not touch the owner's transfer
+    /// slots, whose lines stay with the owner's CPUs.
     #[cold]
     #[inline(never)]
     pub(super) fn send_outbox(cfg: &Config) {
@@ -660,13 +682,7 @@ impl ProcessHeap {
             for_each_block(chain, cfg.caches.key_of(cpu), |b| {
                 // The block's own page descriptor names its class (one load); the full
                 // lookup, which goes to the run's first page, only where that cannot say.
-                let id = lookup_small(&SRC, b as *const u8).or_else(|| {
-                    match lookup(&SRC, b as *const u8) {
-                        Lookup::Small { arena, run } => Some((arena, (*run).class())),
-                        _ => None,
-                    }
-                });
-                let Some((arena, class)) = id else {
+                let Some((arena, class)) = Self::small_block_of(b as usize) else {
                     invalid_pointer(b"coreheap: corrupted outbox", b.cast());
                 };
                 let id = (arena as usize, if by_class { class } else { 0 });

@@ -75,7 +75,8 @@ impl ProcessHeap {
         if let Some(cfg) = self.config() {
             if cfg.caches.enabled {
                 for i in 0..cfg.count {
-                    cfg.caches.transfer(i).inbox.repair_after_fork();
+                    // SAFETY: the child of fork: only this thread exists.
+                    unsafe { cfg.caches.transfer(i).inbox.repair_after_fork() };
                 }
             }
             for i in (0..cfg.count).filter(|&i| TAKEN.contains(i)) {

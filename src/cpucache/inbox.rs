@@ -3,7 +3,8 @@
 //! chains when they refill.
 //!
 //! A sender reserves room for a whole outbox's blocks of this arena with one
-//! compare-and-swap on `tail` and writes their addresses; it never reads or writes the
+//! compare-and-swap on `tail` and writes their addresses, each with its class (looked up by
+//! the sender, so that the drainer need not look again); it never reads or writes the
 //! blocks, nor the arena's transfer slots. A drainer (a refill on one of the arena's CPUs,
 //! one at a time: `busy`) reads the addresses in order, clears each slot and moves `head`
 //! past them. It then links the blocks into chains itself: the writes bring the blocks'
@@ -13,8 +14,8 @@
 //! Invariants:
 //! - `head <= tail`, `tail - head <= SLOTS` (counters that only grow, wrapping never in
 //!   practice: 2^64 blocks); slot `i % SLOTS` for `head <= i < tail` is 0 (reserved, not
-//!   yet written), [`SKIP`] (reserved by a thread that a fork left behind) or the address of
-//!   a block sent; every other slot is 0 (but for the stray writes `repair_after_fork`
+//!   yet written), [`SKIP`] (reserved by a thread that a fork left behind) or a block sent,
+//!   its address packed with its class ([`pack`]); every other slot is 0 (but for the stray writes `repair_after_fork`
 //!   describes);
 //! - a block whose address is in a slot is a free, marked small block of the inbox's arena,
 //!   of at most `OUTBOX_MAX_BLOCK` (1 KiB) bytes, counted in use by its run, owned by the inbox: no thread reads
@@ -27,6 +28,7 @@ use core::sync::atomic::{AtomicUsize, Ordering};
 
 use crossbeam_utils::CachePadded;
 
+use super::{PTR_BITS, PTR_MASK};
 use crate::os;
 
 /// Slots per arena: eight full outboxes, at most 512 blocks of at most 1 KiB (512 KiB).
@@ -36,6 +38,20 @@ pub const INBOX_SLOTS: usize = 512;
 /// What a slot that a forked child found reserved but never written holds: taken as
 /// nothing.
 const SKIP: usize = 1;
+
+/// A slot's value for block `b` of class `class`: the address in the low 48 bits (the
+/// caches' address space), the class above.
+#[inline]
+pub fn pack(b: usize, class: usize) -> usize {
+    debug_assert!(b & !PTR_MASK == 0 && b > SKIP && class < 1 << (usize::BITS - PTR_BITS));
+    b | class << PTR_BITS
+}
+
+/// The block and class a slot's value names.
+#[inline]
+pub fn unpack(v: usize) -> (usize, usize) {
+    (v & PTR_MASK, v >> PTR_BITS)
+}
 
 /// One arena's inbox. All-zero is empty.
 #[repr(C)]
@@ -50,8 +66,8 @@ pub struct Inbox {
 }
 
 impl Inbox {
-    /// Sends `blocks` (at most [`INBOX_SLOTS`] addresses, none 0); false, nothing sent,
-    /// when the ring has no room for them all.
+    /// Sends `blocks` (at most [`INBOX_SLOTS`] of them, each packed with its class by
+    /// [`pack`]); false, nothing sent, when the ring has no room for them all.
     ///
     /// # Safety
     /// Each block is a free, marked small block of this inbox's arena of at most
@@ -97,8 +113,8 @@ impl Inbox {
         self.tail.load(Ordering::Relaxed) == self.head.0.load(Ordering::Relaxed)
     }
 
-    /// Takes the addresses sent so far, in order, up to the first slot reserved but not yet
-    /// written, calling `f` on each: the blocks are the caller's. False, nothing taken, when
+    /// Takes the blocks sent so far, in order, up to the first slot reserved but not yet
+    /// written, calling `f` on each packed value ([`unpack`]): the blocks are the caller's. False, nothing taken, when
     /// another thread is draining.
     pub fn drain(&self, mut f: impl FnMut(usize)) -> bool {
         if self.seems_empty() {
@@ -156,12 +172,13 @@ impl Inbox {
         }
     }
 
-    /// Calls `f` on each address in the ring now, while it returns true (statistics and the
-    /// double-free search: a snapshot, read without the drainer's cooperation).
+    /// Calls `f` on the address of each block in the ring now, while it returns true
+    /// (statistics and the double-free search: a snapshot, read without the drainer's
+    /// cooperation).
     pub fn peek(&self, mut f: impl FnMut(usize) -> bool) {
         for s in &self.slots {
-            let b = s.load(Ordering::Relaxed);
-            if b > SKIP && !f(b) {
+            let v = s.load(Ordering::Relaxed);
+            if v > SKIP && !f(unpack(v).0) {
                 return;
             }
         }

@@ -63,7 +63,7 @@ mod sections;
 mod transfer;
 
 pub use chain::{for_each_block, return_blocks, return_chain, split_chain, take_batch, Chain};
-pub use inbox::Inbox;
+pub use inbox::{pack as inbox_pack, unpack as inbox_unpack, Inbox};
 pub use transfer::{chain_max, Transfer};
 
 pub const PTR_BITS: u32 = 48;

@@ -10,9 +10,9 @@ use super::{Config, ProcessHeap, SRC};
 use crate::arena::{lookup, lookup_small, Lookup};
 use crate::chunk::Block;
 use crate::cpucache::{
-    batch, chain_max, for_each_block, limit, return_blocks, return_chain, split_chain, take_batch,
-    Chain, Push, BATCH_MAX, LARGE_OUTBOX, LARGE_OUTBOX_LIMIT, OUTBOX, OUTBOX_LIMIT,
-    OUTBOX_MAX_BLOCK, PTR_BITS,
+    batch, chain_max, for_each_block, inbox_pack, inbox_unpack, limit, return_blocks, return_chain,
+    split_chain, take_batch, Chain, Push, BATCH_MAX, LARGE_OUTBOX, LARGE_OUTBOX_LIMIT, OUTBOX,
+    OUTBOX_LIMIT, OUTBOX_MAX_BLOCK, PTR_BITS,
 };
 use crate::diag::{block_error, invalid_pointer};
 use crate::front::report::{self, DOUBLE_FREE};
@@ -146,12 +146,13 @@ impl ProcessHeap {
         // What the refill gets: the first full chain of `class`, else its last partial one.
         let mut mine = 0;
         let mut sorted = 0u64;
-        transfer.inbox.drain(|b| {
-            let c = match Self::small_block_of(b) {
-                Some((owner, c)) if owner as usize == ai && c < TABLE_CLASSES => c,
-                // The sender looked every block up: a slot was overwritten.
-                _ => invalid_pointer(b"coreheap: corrupted inbox", b as *mut u8),
-            };
+        transfer.inbox.drain(|v| {
+            // The sender looked the block up (`take_outbox`) and sent its class along.
+            let (b, c) = inbox_unpack(v);
+            if c >= TABLE_CLASSES || b == 0 {
+                // Only a write into the ring itself makes this.
+                invalid_pointer(b"coreheap: corrupted inbox", b as *mut u8);
+            }
             sorted += 1;
             // SAFETY: `heads[c]` is 0 or a chain of ours of class `c`, linked with `key`;
             // `b` is a free, marked block of arena `ai` and class `c` that the inbox gave
@@ -263,7 +264,8 @@ impl ProcessHeap {
         let mut held = [0usize; 64];
         let (mut n, mut all) = (0, 0);
         // (False when another thread drains it: that thread sorts what it takes.)
-        let _ = transfer.inbox.drain(|b| {
+        let _ = transfer.inbox.drain(|v| {
+            let b = inbox_unpack(v).0;
             if n == held.len() {
                 // SAFETY: free, marked blocks of arena `i` that the inbox gave up to us.
                 unsafe { return_blocks(a, &SRC, &held) };
@@ -653,10 +655,10 @@ impl ProcessHeap {
             }
             let a = cfg.arena(owner);
             let mut batch = Batch::new(a.key());
-            for &b in blocks {
+            for &v in blocks {
                 // SAFETY: free, marked blocks of `owner` (looked up), counted in use by their
                 // runs, ours; each is re-linked for the owner's stack.
-                unsafe { batch.add(b as *mut Block) };
+                unsafe { batch.add(inbox_unpack(v).0 as *mut Block) };
             }
             // SAFETY: the batch holds free blocks of `owner`, built with its key.
             unsafe { a.push_remote_batch(&SRC, &batch) };
@@ -664,7 +666,8 @@ impl ProcessHeap {
     }
 
     /// Empties the current CPU's outbox `list` into `out`, each block looked up once,
-    /// grouped by owner and (if `by_class`) class; without, every group's class reads 0.
+    /// grouped by owner and (if `by_class`) class; without, every group's class reads 0
+    /// and each block is packed with its class (`inbox_pack`).
     /// False when the outbox was empty (or there is no CPU id).
     fn take_outbox<const N: usize>(
         cfg: &Config,
@@ -685,8 +688,13 @@ impl ProcessHeap {
                 let Some((arena, class)) = Self::small_block_of(b as usize) else {
                     invalid_pointer(b"coreheap: corrupted outbox", b.cast());
                 };
-                let id = (arena as usize, if by_class { class } else { 0 });
-                if !out.add(id, b as usize) {
+                // Grouped by owner only, each block carries its class for the inbox.
+                let (id, v) = if by_class {
+                    ((arena as usize, class), b as usize)
+                } else {
+                    ((arena as usize, 0), inbox_pack(b as usize, class))
+                };
+                if !out.add(id, v) {
                     invalid_pointer(b"coreheap: corrupted outbox", b.cast());
                 }
             })

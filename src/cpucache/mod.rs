@@ -36,7 +36,9 @@
 //!   the block is flushed or sent back);
 //! - the lists of `c` are written only inside the critical sections below, by threads on
 //!   CPU `c` (a forked child inherits them as a consistent snapshot: a commit is one store);
-//! - a class list never holds more than [`limit`] blocks of its class, the outbox no more
+//! - a class list never holds more than its limit (at most [`limit`]) blocks of its class,
+//!   and a CPU's limits of the classes up to 8 KiB hold at most `CLASS_LISTS_BUDGET`
+//!   bytes together (see `CpuCache::spare`); the outbox no more
 //!   than [`OUTBOX_LIMIT`] blocks of [`OUTBOX_MAX_BLOCK`] bytes or less, so counts fit 16
 //!   bits and a CPU holds at most [`CPU_CACHE_BYTES`];
 //! - chains move whole between a cache and its arena's transfer slots (`transfer.rs`),
@@ -92,11 +94,18 @@ pub struct CpuCache {
     fast_frees: AtomicU64,
     /// The arena that every block in this cache belongs to. Written once at initialisation.
     arena: AtomicU32,
-    /// The most blocks each list holds ([`list_limit`]). Written once at initialisation; a
-    /// push compares with it in memory.
+    /// The most blocks each list holds now: [`start_limit`] at first for a class, then
+    /// grown ([`Caches::grow`]) up to [`list_limit`]; never lowered. A push compares with it
+    /// in memory.
     limits: [AtomicU8; LISTS],
     /// That arena's secret for links ([`encode_link`]). Written once at initialisation.
     key: AtomicUsize,
+    /// Bytes of [`CLASS_LISTS_BUDGET`] that no class list's limit holds yet.
+    ///
+    /// Invariant: this plus the sum over the classes up to 8 KiB of `limits[c]` times the
+    /// class's size is at most `CLASS_LISTS_BUDGET` (exactly, but for a grow between its
+    /// two steps).
+    spare: AtomicUsize,
 }
 
 // The sections' memory operands (`sections.rs`): none without them.
@@ -118,7 +127,7 @@ const OFF_CS_LEN: usize = core::mem::offset_of!(Caches, len);
 const OFF_CS_RSEQ: usize = core::mem::offset_of!(Caches, rseq_off);
 const _: () = assert!(core::mem::size_of::<CpuCache>() <= 1 << STRIDE_SHIFT);
 const _: () = assert!(core::mem::offset_of!(CpuCache, heads) == 0);
-const _: () = assert!(batch(0) == BATCH_MAX);
+const _: () = assert!(batch(limit(0)) == BATCH_MAX);
 
 /// The list index of a CPU's outbox: small blocks of other arenas freed on this CPU, of
 /// any class, on their way back to their owners. They are never handed out from here: a
@@ -150,7 +159,7 @@ pub const LARGE_OUTBOX_LIMIT: usize = 4;
 /// Lists per CPU: the classes, the outbox, the run slots, the large outbox.
 pub const LISTS: usize = LARGE_OUTBOX + 1;
 
-/// The most blocks list `list` of a CPU holds: [`limit`] for a class, [`OUTBOX_LIMIT`],
+/// The most blocks list `list` of a CPU ever holds: [`limit`] for a class, [`OUTBOX_LIMIT`],
 /// one run per run slot, [`LARGE_OUTBOX_LIMIT`].
 #[inline]
 pub const fn list_limit(list: usize) -> usize {
@@ -172,13 +181,21 @@ pub const OUTBOX_MAX_BLOCK: usize = 1024;
 const _: () = assert!(OUTBOX_LIMIT * OUTBOX_MAX_BLOCK <= 64 * 1024);
 const _: () = assert!(OUTBOX_MAX_BLOCK <= crate::size_class::SMALL_MAX);
 
-/// What one CPU's lists of the classes up to 8 KiB may hold together, split evenly between
-/// them ([`LIST_BYTES`]), so that the bound does not grow with the number of classes: over
-/// the ten power-of-two classes 32 KiB each (the limits from before the finer classes), over
-/// the 32 finer classes 10 KiB each.
+/// What one CPU's lists of the classes up to 8 KiB may hold together, whatever the number
+/// of classes: each list starts with a small limit ([`start_limit`]), and the lists a CPU
+/// overflows or refills grow theirs ([`Caches::grow`]), out of what the others leave
+/// unused, up to [`limit`]. The ten power-of-two classes had 32 KiB each before the finer
+/// classes; split evenly over the 32 finer classes, the same budget gave each 10 KiB, and
+/// the cross-thread workloads paid for the shorter chains (`docs/bench-core.md`, sessions
+/// 9-10).
 const CLASS_LISTS_BUDGET: usize = 320 * 1024;
-/// Each such class list's share of [`CLASS_LISTS_BUDGET`].
-const LIST_BYTES: usize = CLASS_LISTS_BUDGET / TABLE_CLASSES;
+/// A class list's limit at first: half of an even share of [`CLASS_LISTS_BUDGET`] (5 KiB
+/// of each of the 32 finer classes), so that half the budget is left for the classes in
+/// use to grow into.
+const START_BYTES: usize = CLASS_LISTS_BUDGET / TABLE_CLASSES / 2;
+/// The most a list of a class up to 8 KiB grows to: 32 KiB, what each power-of-two class
+/// had (ten of them fill the budget).
+const LIST_MAX_BYTES: usize = 32 * 1024;
 /// What a list of a class above 8 KiB holds: one block, what a program that allocates
 /// and frees one size in turn needs; the bound per CPU is then the sum of those classes,
 /// 1,612 KiB ([`CPU_CACHE_BYTES`]). Lists of 64 KiB (six blocks of 10 KiB, two of 32 KiB)
@@ -187,20 +204,14 @@ const LIST_BYTES: usize = CLASS_LISTS_BUDGET / TABLE_CLASSES;
 const LARGE_LIMIT: usize = 1;
 /// The most blocks a class list holds: what a byte of `limits` holds (128 had been chosen
 /// in issue 5, `docs/bench-core.md`; 255 took the `batch` workload from 1.25 to 1.16 s).
-const LIMIT_MAX: usize = 255;
+pub const LIMIT_MAX: usize = 255;
 /// The fewest blocks a list of a class up to 8 KiB may hold, even where that is more than
-/// [`LIST_BYTES`] (the largest of them); the large classes' lists hold one block at least.
+/// its bytes allow (the largest classes); the large classes' lists hold one block at least.
 const LIMIT_MIN: usize = 2;
 
-/// The most blocks a CPU keeps of class `class` (`class < NUM_CLASSES`): up to 8 KiB,
-/// [`LIST_BYTES`] of the class, between [`LIMIT_MIN`] and [`LIMIT_MAX`] blocks; above,
-/// [`LARGE_LIMIT`].
-#[inline]
-pub const fn limit(class: usize) -> usize {
-    if class >= TABLE_CLASSES {
-        return LARGE_LIMIT;
-    }
-    let n = LIST_BYTES / class_size(class);
+/// `bytes` of class `class` in blocks, between [`LIMIT_MIN`] and [`LIMIT_MAX`].
+const fn blocks_within(bytes: usize, class: usize) -> usize {
+    let n = bytes / class_size(class);
     if n > LIMIT_MAX {
         LIMIT_MAX
     } else if n < LIMIT_MIN {
@@ -210,22 +221,61 @@ pub const fn limit(class: usize) -> usize {
     }
 }
 
-/// The most bytes of free blocks one CPU's cache holds: its class lists at their limits, a
-/// full outbox, full run slots and a full large outbox: at most 7,111 KiB, of which 379 KiB
-/// in the classes up to 8 KiB and the outbox, 1,612 KiB in the large classes, 4,096 KiB in
-/// the run slots and 1,024 KiB in the large outbox (4,412 KiB with `pow2-classes`, which
-/// has no large classes, so its large outbox stays empty), as
-/// `docs/design.md` states. Above [`CLASS_LISTS_BUDGET`] and the outbox only by the
-/// [`LIMIT_MIN`] blocks of the largest classes up to 8 KiB and the large classes' blocks.
+/// The most blocks a CPU's list of class `class` (`class < NUM_CLASSES`) ever holds: up to
+/// 8 KiB, [`LIST_MAX_BYTES`] of the class, between [`LIMIT_MIN`] and [`LIMIT_MAX`] blocks
+/// (its limit starts lower, [`start_limit`]); above, [`LARGE_LIMIT`].
+#[inline]
+pub const fn limit(class: usize) -> usize {
+    if class >= TABLE_CLASSES {
+        return LARGE_LIMIT;
+    }
+    blocks_within(LIST_MAX_BYTES, class)
+}
+
+/// The limit a CPU's list of class `class` starts with: up to 8 KiB, [`START_BYTES`] of
+/// the class, between [`LIMIT_MIN`] and [`limit`] blocks; above, [`LARGE_LIMIT`].
+#[inline]
+pub const fn start_limit(class: usize) -> usize {
+    if class >= TABLE_CLASSES {
+        return LARGE_LIMIT;
+    }
+    let n = blocks_within(START_BYTES, class);
+    if n > limit(class) {
+        limit(class)
+    } else {
+        n
+    }
+}
+
+/// What the start limits of the classes up to 8 KiB take of [`CLASS_LISTS_BUDGET`]; the
+/// rest is each CPU's room to grow lists into at first.
+const START_TOTAL: usize = {
+    let mut total = 0;
+    let mut c = 0;
+    while c < TABLE_CLASSES {
+        total += start_limit(c) * class_size(c);
+        c += 1;
+    }
+    total
+};
+const _: () = assert!(START_TOTAL <= CLASS_LISTS_BUDGET);
+
+/// The most bytes of free blocks one CPU's cache holds: its class lists up to 8 KiB at
+/// most `CLASS_LISTS_BUDGET` together, the large classes' lists at their limits, a full
+/// outbox, full run slots and a full large outbox: at most 7,052 KiB, of which 384 KiB in
+/// the classes up to 8 KiB and the outbox, 1,612 KiB in the large classes, 4,096 KiB in
+/// the run slots and 1,024 KiB in the large outbox (4,416 KiB with `pow2-classes`, which
+/// has no large classes, so its large outbox stays empty), as `docs/design.md` states.
 pub const CPU_CACHE_BYTES: usize = {
     let mut total = OUTBOX_LIMIT * OUTBOX_MAX_BLOCK
         + RUN_LISTS * LARGE_MAX
+        + CLASS_LISTS_BUDGET
         + if TABLE_CLASSES < NUM_CLASSES {
             LARGE_OUTBOX_LIMIT * class_size(NUM_CLASSES - 1)
         } else {
             0
         };
-    let mut c = 0;
+    let mut c = TABLE_CLASSES;
     while c < NUM_CLASSES {
         total += limit(c) * class_size(c);
         c += 1;
@@ -237,13 +287,16 @@ const _: () = assert!(LIMIT_MAX <= u8::MAX as usize);
 /// The largest [`batch`].
 pub const BATCH_MAX: usize = 127;
 
-/// How many blocks a refill takes from the arena under its lock: half a full cache (a full
-/// one measured no faster on the `batch` workload, and holds twice the memory), at least one.
+/// How many blocks a refill takes from the arena under its lock for a list whose limit is
+/// `limit`: half a full list (a full one measured no faster on the `batch` workload, and
+/// holds twice the memory), at least one, at most [`BATCH_MAX`].
 #[inline]
-pub const fn batch(class: usize) -> usize {
-    let n = limit(class) / 2;
+pub const fn batch(limit: usize) -> usize {
+    let n = limit / 2;
     if n < 1 {
         1
+    } else if n > BATCH_MAX {
+        BATCH_MAX
     } else {
         n
     }
@@ -327,8 +380,15 @@ impl Caches {
             c.arena.store(a, Ordering::Relaxed);
             c.key.store(key, Ordering::Relaxed);
             for (list, l) in c.limits.iter().enumerate() {
-                l.store(list_limit(list) as u8, Ordering::Relaxed);
+                let n = if list < NUM_CLASSES {
+                    start_limit(list)
+                } else {
+                    list_limit(list)
+                };
+                l.store(n as u8, Ordering::Relaxed);
             }
+            c.spare
+                .store(CLASS_LISTS_BUDGET - START_TOTAL, Ordering::Relaxed);
             len += 1;
         }
         Self {
@@ -360,6 +420,67 @@ impl Caches {
         assert!(cpu < self.len);
         // SAFETY: `cpu < len` and by the invariant the table is live.
         unsafe { &*self.base.byte_add(cpu << STRIDE_SHIFT) }
+    }
+
+    /// The current limit of CPU `cpu`'s list of class `class` (`class < NUM_CLASSES`).
+    #[inline]
+    pub fn limit_of(&self, cpu: usize, class: usize) -> usize {
+        self.cache(cpu).limits[class].load(Ordering::Relaxed) as usize
+    }
+
+    /// CPU `cpu`'s list of class `class` overflowed or ran empty: doubles its limit, up to
+    /// [`limit`], out of the CPU's spare budget (as much of the doubling as the spare
+    /// allows; nothing once it is spent). Returns the list's limit now. Any thread may
+    /// call it for any CPU: the budget is reserved before the limit rises, and the limit
+    /// rises by compare-and-swap, so the cache's invariant holds whatever runs at once.
+    /// Limits only rise (a lower one could find its list longer), so a CPU's budget goes to
+    /// the classes it used first.
+    pub fn grow(&self, cpu: usize, class: usize) -> usize {
+        let c = self.cache(cpu);
+        let l = &c.limits[class];
+        let cur = l.load(Ordering::Relaxed) as usize;
+        if class >= TABLE_CLASSES || cur >= limit(class) {
+            return cur;
+        }
+        let size = class_size(class);
+        let want = start_limit(class).min(limit(class) - cur);
+        // Reserve the bytes first.
+        let mut spare = c.spare.load(Ordering::Relaxed);
+        let n = loop {
+            let n = want.min(spare / size);
+            if n == 0 {
+                return cur;
+            }
+            match c.spare.compare_exchange_weak(
+                spare,
+                spare - n * size,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => break n,
+                Err(now) => spare = now,
+            }
+        };
+        // Then raise the limit, never past `limit(class)` (another grow may have raised it
+        // meanwhile), and give back what it did not take.
+        let mut old = l.load(Ordering::Relaxed) as usize;
+        let new = loop {
+            let new = (old + n).min(limit(class));
+            match l.compare_exchange_weak(
+                old as u8,
+                new as u8,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => break new,
+                Err(now) => old = now as usize,
+            }
+        };
+        let unused = n - (new - old);
+        if unused > 0 {
+            c.spare.fetch_add(unused * size, Ordering::Relaxed);
+        }
+        new
     }
 
     /// The arena CPU `cpu`'s cache holds blocks of.
@@ -495,8 +616,9 @@ impl Caches {
     /// `cpu` and that list is empty; otherwise the chain stays the caller's.
     ///
     /// # Safety
-    /// `enabled`, `cpu < len()`; `chain` holds at most `limit(class)` free blocks of class
-    /// `class` of arena `arena_of(cpu)`, which the caller gives up if this returns true.
+    /// `enabled`, `cpu < len()`; `chain` holds at most `limit_of(cpu, class)` free blocks
+    /// of class `class` of arena `arena_of(cpu)`, which the caller gives up if this returns
+    /// true.
     pub unsafe fn install(&self, cpu: usize, class: usize, chain: usize) -> bool {
         debug_assert!(cpu < self.len && (chain >> PTR_BITS) <= list_limit(class));
         // SAFETY: by the contract.
@@ -717,9 +839,9 @@ mod tests {
     #[test]
     fn caches_are_bounded_in_bytes() {
         let kib = if cfg!(feature = "pow2-classes") {
-            4412
+            4480
         } else {
-            7111
+            7116
         };
         assert_eq!(
             CPU_CACHE_BYTES.div_ceil(1024),
@@ -729,12 +851,93 @@ mod tests {
         for c in 0..NUM_CLASSES {
             let least = if c < TABLE_CLASSES { LIMIT_MIN } else { 1 };
             assert!((least..=LIMIT_MAX).contains(&limit(c)));
+            assert!((least..=limit(c)).contains(&start_limit(c)));
             if c < TABLE_CLASSES {
-                assert!(limit(c) * class_size(c) <= LIST_BYTES.max(least * class_size(c)));
+                assert!(limit(c) * class_size(c) <= LIST_MAX_BYTES.max(least * class_size(c)));
             } else {
                 assert_eq!(limit(c), LARGE_LIMIT);
             }
-            assert!(batch(c) >= 1 && batch(c) <= limit(c));
+            assert!(batch(limit(c)) >= 1 && batch(limit(c)) <= limit(c));
+        }
+    }
+
+    /// A table of caches for `cpus` CPUs of one arena, in zeroed memory of its own (the
+    /// sections are never run on it: `grow` and `limit_of` need none).
+    fn table(cpus: usize) -> Caches {
+        let bytes = Caches::table_bytes(cpus, 1);
+        let layout = std::alloc::Layout::from_size_align(bytes, 128).unwrap();
+        // SAFETY: a non-zero size; the memory is leaked, so it lives for the process.
+        let mem = unsafe { std::alloc::alloc_zeroed(layout) };
+        assert!(!mem.is_null());
+        // SAFETY: zeroed, 128-byte aligned memory of `table_bytes`, used by nothing else;
+        // arena 0 exists; the rseq offset is never used here.
+        unsafe { Caches::init(mem, (0..cpus).map(|_| (0u32, 0x1234usize)), 1, 0) }
+    }
+
+    /// What a CPU's class lists may hold, spare included: the budget exactly.
+    fn held(cs: &Caches, cpu: usize) -> usize {
+        let c = cs.cache(cpu);
+        c.spare.load(Ordering::Relaxed)
+            + (0..TABLE_CLASSES)
+                .map(|k| cs.limit_of(cpu, k) * class_size(k))
+                .sum::<usize>()
+    }
+
+    /// Lists grow from their start limits to their limits out of the CPU's budget, which
+    /// they never pass, whatever order and concurrency they grow in.
+    #[test]
+    fn lists_grow_within_the_cpu_budget() {
+        let cs = table(2);
+        for c in 0..NUM_CLASSES {
+            assert_eq!(cs.limit_of(0, c), start_limit(c));
+        }
+        assert_eq!(held(&cs, 0), CLASS_LISTS_BUDGET);
+        // One class grows to its limit, and no further.
+        let k = 3;
+        let mut last = start_limit(k);
+        for _ in 0..100 {
+            let now = cs.grow(0, k);
+            assert!(now >= last && now <= limit(k));
+            last = now;
+        }
+        assert_eq!(last, limit(k));
+        assert_eq!(held(&cs, 0), CLASS_LISTS_BUDGET);
+        assert_eq!(
+            cs.limit_of(1, k),
+            start_limit(k),
+            "another CPU's list is its own"
+        );
+        // Four threads grow every class at once on CPU 1 until the budget is spent.
+        struct Shared(Caches);
+        // SAFETY: the table lives for the rest of the process and `grow` changes it through
+        // atomics only.
+        unsafe impl Sync for Shared {}
+        let shared = Shared(cs);
+        std::thread::scope(|s| {
+            for t in 0..4 {
+                let shared = &shared;
+                s.spawn(move || {
+                    for i in 0..2000 {
+                        shared.0.grow(1, (i * 7 + t) % NUM_CLASSES);
+                    }
+                });
+            }
+        });
+        let cs = &shared.0;
+        assert_eq!(held(cs, 1), CLASS_LISTS_BUDGET);
+        let spare = cs.cache(1).spare.load(Ordering::Relaxed);
+        for c in 0..TABLE_CLASSES {
+            let l = cs.limit_of(1, c);
+            assert!(l <= limit(c));
+            // A list short of its limit could not take one more step out of the spare.
+            assert!(
+                l == limit(c) || spare < class_size(c),
+                "class {c}: {l}, {spare} spare"
+            );
+        }
+        // (None with `pow2-classes`.)
+        for c in (0..NUM_CLASSES).filter(|&c| c >= TABLE_CLASSES) {
+            assert_eq!(cs.limit_of(1, c), LARGE_LIMIT, "large classes do not grow");
         }
     }
 }

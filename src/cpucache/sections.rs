@@ -292,7 +292,7 @@ impl Caches {
     /// list is empty. Returns whether it did.
     ///
     /// # Safety
-    /// `cpu < len`; `chain` is a packed chain of at most `limit(class)` free blocks of
+    /// `cpu < len`; `chain` is a packed chain of at most the list's limit of free blocks of
     /// class `class` of arena `arena_of(cpu)`, owned by the caller.
     #[inline]
     pub(super) unsafe fn install_raw(&self, cpu: usize, class: usize, chain: usize) -> bool {

@@ -42,7 +42,8 @@ pub const PARKED_BUDGET: usize = 3 * 1024 * 1024;
 /// 0.93 s with 3 MiB, where the power-of-two build ran 0.90 s: `docs/bench-core.md`.)
 pub const PARKED_MAX: usize = PARKED_BUDGET / TABLE_CLASSES;
 
-/// The most blocks a parked chain of `class` holds: a CPU list's [`limit`] up to 8 KiB;
+/// The most blocks a parked chain of `class` holds: the most a CPU list holds ([`limit`])
+/// up to 8 KiB;
 /// above, a whole large outbox ([`LARGE_OUTBOX_LIMIT`], blocks of the arena freed on other
 /// arenas' CPUs), which the arena's CPUs take as refills without the lock or the page heap.
 /// (Chains of at most 256 KiB, single blocks of the 256 KiB class, measured slower than no
@@ -56,9 +57,9 @@ pub const fn chain_max(class: usize) -> usize {
     }
 }
 
-/// The slots class `class` uses: up to 8 KiB, as many full chains (`limit(class)` blocks)
-/// as fit in [`PARKED_MAX`], at most [`SLOTS`], at least one (8 for every class but 7 and
-/// 8 KiB, which take 6: chains of 4-16 KiB). One for each large class, taking a chain of up
+/// The slots class `class` uses: up to 8 KiB, as many full chains (`limit(class)` blocks,
+/// the most a list grows to) as fit in [`PARKED_MAX`], at most [`SLOTS`], at least one (8
+/// for the classes up to 48 bytes, 6 for 64, 4 for 80 and 96, 3 above). One for each large class, taking a chain of up
 /// to [`chain_max`] blocks from a large outbox (a full CPU list of theirs goes back to the
 /// arena instead); an arena that stops allocating has them swept back within about two
 /// seconds of another arena's refills, or by `trim`.

@@ -11,8 +11,8 @@ use crate::arena::{lookup, lookup_small, Lookup};
 use crate::chunk::Block;
 use crate::cpucache::{
     batch, chain_max, for_each_block, inbox_pack, inbox_unpack, limit, return_blocks, return_chain,
-    split_chain, take_batch, Chain, Push, BATCH_MAX, LARGE_OUTBOX, LARGE_OUTBOX_LIMIT, OUTBOX,
-    OUTBOX_LIMIT, OUTBOX_MAX_BLOCK, PTR_BITS,
+    split_chain, take_batch, Chain, Push, BATCH_MAX, LARGE_OUTBOX, LARGE_OUTBOX_LIMIT, LIMIT_MAX,
+    OUTBOX, OUTBOX_LIMIT, OUTBOX_MAX_BLOCK, PTR_BITS,
 };
 use crate::diag::{block_error, invalid_pointer};
 use crate::front::report::{self, DOUBLE_FREE};
@@ -67,18 +67,24 @@ impl ProcessHeap {
             // so that their pages can serve it (see `runs.rs`).
             Self::flush_runs(cfg);
         }
+        // The list ran empty: it may hold more from now on.
+        let lim = if cpu < cfg.caches.len() {
+            cfg.caches.grow(cpu, class)
+        } else {
+            limit(class)
+        };
         let mut parked = cfg.caches.transfer(ai).take(class);
         if parked == 0 && class < TABLE_CLASSES {
             // SAFETY: by the checks above, `ai` is the arena the map gives `cpu`, and the
             // thread does not hold its lock.
-            parked = unsafe { Self::sort_inbox(cfg, ai, class) };
+            parked = unsafe { Self::sort_inbox(cfg, cpu, ai, class) };
         }
         if parked != 0 {
             // SAFETY: a chain taken off a slot (or just sorted) is ours, of arena `ai` and
             // `class`, linked with the arena's key, not empty (the slots' invariant).
             return unsafe { Self::serve_chain(cfg, cpu, ai, class, parked) };
         }
-        let (first, chain) = take_batch(a, &SRC, class, batch(class), cfg.mark);
+        let (first, chain) = take_batch(a, &SRC, class, batch(lim), cfg.mark);
         if first.0.is_null() {
             // The arena could get no memory from the OS (an address-space limit): the locked
             // path takes a block of another arena rather than fail while they have memory.
@@ -134,9 +140,10 @@ impl ProcessHeap {
     /// before the pops that read them.
     ///
     /// # Safety
-    /// `ai` is the arena the map gives `cpu`; the thread does not hold its lock.
+    /// `ai` is the arena the map gives `cpu` (or `cpu` is past the caches); the thread does
+    /// not hold its lock.
     #[inline(never)]
-    unsafe fn sort_inbox(cfg: &Config, ai: usize, class: usize) -> usize {
+    unsafe fn sort_inbox(cfg: &Config, cpu: usize, ai: usize, class: usize) -> usize {
         let transfer = cfg.caches.transfer(ai);
         if transfer.inbox.seems_empty() {
             return 0;
@@ -161,7 +168,14 @@ impl ProcessHeap {
             // SAFETY: as above.
             unsafe { chain.push(b as *mut Block) };
             heads[c] = chain.head();
-            if heads[c] >> PTR_BITS == chain_max(c) {
+            // Chains as long as this CPU's list of the class holds now, which a refill here
+            // installs whole (at most `chain_max(c)`).
+            let cap = if cpu < cfg.caches.len() {
+                cfg.caches.limit_of(cpu, c)
+            } else {
+                chain_max(c)
+            };
+            if heads[c] >> PTR_BITS >= cap {
                 if c == class && mine == 0 {
                     mine = heads[c];
                 } else {
@@ -202,18 +216,42 @@ impl ProcessHeap {
         })
     }
 
-    /// Parks `chain` in arena `ai`'s transfer slots of `class`, or returns it to its runs
-    /// under the lock when every slot is taken.
+    /// Parks `chain` in arena `ai`'s transfer slots of `class`: in an empty slot, or else
+    /// joined in front of a parked chain with room for it; returns it to its runs under the
+    /// lock when neither is left.
     ///
     /// # Safety
     /// `chain` is the caller's: at most `chain_max(class)` free, marked blocks of arena `ai`
     /// and `class`, linked with its key, counted in use; the thread does not hold the lock.
     unsafe fn park_or_return(cfg: &Config, ai: usize, class: usize, chain: usize) {
+        let transfer = cfg.caches.transfer(ai);
         // SAFETY: by the contract.
-        unsafe {
-            if !cfg.caches.transfer(ai).park(class, chain) {
-                return_chain(cfg.arena(ai), &SRC, chain);
-            }
+        if unsafe { transfer.park(class, chain) } {
+            return;
+        }
+        // Every slot taken: the chain's blocks (whose links were just written, so their
+        // lines are at hand) join a parked chain that has room.
+        let mut blocks = [0usize; LIMIT_MAX];
+        let mut n = 0;
+        let key = cfg.arena(ai).key();
+        // SAFETY: by the contract the chain is ours, linked with `key`.
+        let r = unsafe {
+            for_each_block(chain, key, |b| {
+                if n < blocks.len() {
+                    blocks[n] = b as usize;
+                }
+                n += 1;
+            })
+        };
+        if let Err(b) = r {
+            invalid_pointer(LINK_OVERWRITTEN, b.cast());
+        }
+        let blocks = &blocks[..n.min(LIMIT_MAX)];
+        // SAFETY: the chain's blocks, ours, free and marked, of `ai` and `class`, at most
+        // `chain_max(class)` of them (the contract); refused, they are still ours.
+        if !unsafe { transfer.park_blocks(class, key, blocks) } {
+            // SAFETY: as above.
+            unsafe { return_blocks(cfg.arena(ai), &SRC, blocks) };
         }
     }
 
@@ -309,16 +347,53 @@ impl ProcessHeap {
         if chain == 0 {
             return;
         }
-        let fits = (chain >> PTR_BITS) <= limit(class);
+        let mut chain = chain;
+        let lim = if cpu < cfg.caches.len() {
+            cfg.caches.limit_of(cpu, class)
+        } else {
+            0
+        };
+        let n = chain >> PTR_BITS;
+        if n > lim && lim > 0 && class < TABLE_CLASSES {
+            // Longer than this CPU's list may hold now (a chain from a CPU whose list has
+            // grown further, or sorted from the inbox): the front's excess is parked.
+            // SAFETY: by the contract.
+            chain = unsafe { Self::park_front(cfg, ai, class, chain, n - lim) };
+        }
+        let fits = (chain >> PTR_BITS) <= lim;
         // SAFETY: by the contract (cache `cpu` holds blocks of arena `ai`).
-        let installed =
-            fits && cpu < cfg.caches.len() && unsafe { cfg.caches.install(cpu, class, chain) };
+        let installed = fits && unsafe { cfg.caches.install(cpu, class, chain) };
         // Migrated meanwhile, or another thread on this CPU filled the list first.
         // SAFETY: by the contract.
         if !installed && !unsafe { cfg.caches.transfer(ai).park(class, chain) } {
             // SAFETY: by the contract.
             unsafe { return_chain(cfg.arena(ai), &SRC, chain) };
         }
+    }
+
+    /// Takes the first `k` blocks (`0 < k <` its length) off `chain` and parks them as a
+    /// chain of their own (or returns them to the arena); returns the rest.
+    ///
+    /// # Safety
+    /// As for `install_or_return`, `class < TABLE_CLASSES`; the thread does not hold
+    /// `ai`'s lock.
+    unsafe fn park_front(cfg: &Config, ai: usize, class: usize, chain: usize, k: usize) -> usize {
+        let key = cfg.arena(ai).key();
+        let mut front = [0usize; LIMIT_MAX];
+        let k = k.min(front.len());
+        // SAFETY: the chain is ours, linked with the arena's key (the contract).
+        let (got, rest) = match unsafe { split_chain(chain, key, &mut front[..k]) } {
+            Ok(r) => r,
+            Err(b) => invalid_pointer(LINK_OVERWRITTEN, b.cast()),
+        };
+        let mut taken = Chain::new(key);
+        for &b in &front[..got] {
+            // SAFETY: blocks of the chain, ours, on no list now.
+            unsafe { taken.push(b as *mut Block) };
+        }
+        // SAFETY: at most `k` < `chain_max(class)` blocks of arena `ai` and `class`, ours.
+        unsafe { Self::park_or_return(cfg, ai, class, taken.head()) };
+        rest
     }
 
     /// Returns the current CPU's cache of `class` to the arena it belongs to.
@@ -513,6 +588,10 @@ impl ProcessHeap {
             }
             return;
         }
+        if mine {
+            // The list overflowed: it may hold more from now on.
+            cfg.caches.grow(cpu, class);
+        }
         // The whole list to a slot: one compare-and-swap, no block touched; `p` then starts
         // the emptied list.
         // SAFETY: a chain taken off cache `cpu` is ours: blocks of arena `ai` and `class`,
@@ -551,8 +630,9 @@ impl ProcessHeap {
             unsafe { kept.push(p.cast()) };
         }
         // SAFETY: the blocks of `newer[..k]` and the chain `kept` are ours, of arena `ai` and
-        // `class`; `kept` has at most `n - min(ceil(n / 2), BATCH_MAX) + 1 <= limit(class)`
-        // blocks (n <= limit(class); for n >= 2 at least one block went back).
+        // `class`; `kept` has at most `n - min(ceil(n / 2), BATCH_MAX) + 1` blocks, no more
+        // than the list held (n, at most its limit, which only rises; for n >= 2 at least
+        // one block went back).
         unsafe {
             return_blocks(cfg.arena(ai), &SRC, &newer[..k]);
             Self::install_or_return(cfg, cpu, ai, class, kept.head());

@@ -262,9 +262,9 @@ const _: () = assert!(START_TOTAL <= CLASS_LISTS_BUDGET);
 
 /// The most bytes of free blocks one CPU's cache holds: its class lists up to 8 KiB at
 /// most `CLASS_LISTS_BUDGET` together, the large classes' lists at their limits, a full
-/// outbox, full run slots and a full large outbox: at most 7,052 KiB, of which 384 KiB in
+/// outbox, full run slots and a full large outbox: at most 7,116 KiB, of which 384 KiB in
 /// the classes up to 8 KiB and the outbox, 1,612 KiB in the large classes, 4,096 KiB in
-/// the run slots and 1,024 KiB in the large outbox (4,416 KiB with `pow2-classes`, which
+/// the run slots and 1,024 KiB in the large outbox (4,480 KiB with `pow2-classes`, which
 /// has no large classes, so its large outbox stays empty), as `docs/design.md` states.
 pub const CPU_CACHE_BYTES: usize = {
     let mut total = OUTBOX_LIMIT * OUTBOX_MAX_BLOCK
@@ -428,9 +428,10 @@ impl Caches {
         self.cache(cpu).limits[class].load(Ordering::Relaxed) as usize
     }
 
-    /// CPU `cpu`'s list of class `class` overflowed or ran empty: doubles its limit, up to
-    /// [`limit`], out of the CPU's spare budget (as much of the doubling as the spare
-    /// allows; nothing once it is spent). Returns the list's limit now. Any thread may
+    /// CPU `cpu`'s list of class `class` overflowed, or ran empty with blocks of its class
+    /// coming back through the middle tier: raises its limit by its start limit, up to
+    /// [`limit`], out of the CPU's spare budget (as much of that as the spare allows;
+    /// nothing once it is spent). Returns the list's limit now. Any thread may
     /// call it for any CPU: the budget is reserved before the limit rises, and the limit
     /// rises by compare-and-swap, so the cache's invariant holds whatever runs at once.
     /// Limits only rise (a lower one could find its list longer), so a CPU's budget goes to
@@ -481,6 +482,23 @@ impl Caches {
             c.spare.fetch_add(unused * size, Ordering::Relaxed);
         }
         new
+    }
+
+    /// In a forked child: a grow that a vanished thread had reserved bytes for and not
+    /// yet spent would keep them from the budget for good; each CPU's spare is counted
+    /// anew from its limits.
+    ///
+    /// # Safety
+    /// Called in the child of `fork`, by its one thread.
+    pub unsafe fn recount_spare_after_fork(&self) {
+        for cpu in 0..self.len {
+            let held: usize = (0..TABLE_CLASSES)
+                .map(|c| self.limit_of(cpu, c) * class_size(c))
+                .sum();
+            self.cache(cpu)
+                .spare
+                .store(CLASS_LISTS_BUDGET.saturating_sub(held), Ordering::Relaxed);
+        }
     }
 
     /// The arena CPU `cpu`'s cache holds blocks of.
@@ -620,7 +638,7 @@ impl Caches {
     /// of class `class` of arena `arena_of(cpu)`, which the caller gives up if this returns
     /// true.
     pub unsafe fn install(&self, cpu: usize, class: usize, chain: usize) -> bool {
-        debug_assert!(cpu < self.len && (chain >> PTR_BITS) <= list_limit(class));
+        debug_assert!(cpu < self.len && (chain >> PTR_BITS) <= self.limit_of(cpu, class));
         // SAFETY: by the contract.
         unsafe { self.install_raw(cpu, class, chain) }
     }
@@ -939,5 +957,11 @@ mod tests {
         for c in (0..NUM_CLASSES).filter(|&c| c >= TABLE_CLASSES) {
             assert_eq!(cs.limit_of(1, c), LARGE_LIMIT, "large classes do not grow");
         }
+        // A grow that reserved bytes and vanished in a fork: the child counts them back.
+        cs.cache(0).spare.store(0, Ordering::Relaxed);
+        // SAFETY: no other thread uses these caches now.
+        unsafe { cs.recount_spare_after_fork() };
+        assert_eq!(held(cs, 0), CLASS_LISTS_BUDGET);
+        assert_eq!(held(cs, 1), CLASS_LISTS_BUDGET);
     }
 }

@@ -67,23 +67,29 @@ impl ProcessHeap {
             // so that their pages can serve it (see `runs.rs`).
             Self::flush_runs(cfg);
         }
-        // The list ran empty: it may hold more from now on.
-        let lim = if cpu < cfg.caches.len() {
-            cfg.caches.grow(cpu, class)
-        } else {
-            limit(class)
-        };
         let mut parked = cfg.caches.transfer(ai).take(class);
         if parked == 0 && class < TABLE_CLASSES {
             // SAFETY: by the checks above, `ai` is the arena the map gives `cpu`, and the
             // thread does not hold its lock.
             parked = unsafe { Self::sort_inbox(cfg, cpu, ai, class) };
         }
+        let has_cache = cpu < cfg.caches.len();
         if parked != 0 {
+            if has_cache {
+                // The list ran empty with blocks of its class going round through the
+                // middle tier (not a first use, which the arena serves): it may hold more
+                // from now on.
+                cfg.caches.grow(cpu, class);
+            }
             // SAFETY: a chain taken off a slot (or just sorted) is ours, of arena `ai` and
             // `class`, linked with the arena's key, not empty (the slots' invariant).
             return unsafe { Self::serve_chain(cfg, cpu, ai, class, parked) };
         }
+        let lim = if has_cache {
+            cfg.caches.limit_of(cpu, class)
+        } else {
+            limit(class)
+        };
         let (first, chain) = take_batch(a, &SRC, class, batch(lim), cfg.mark);
         if first.0.is_null() {
             // The arena could get no memory from the OS (an address-space limit): the locked
@@ -246,12 +252,28 @@ impl ProcessHeap {
         if let Err(b) = r {
             invalid_pointer(LINK_OVERWRITTEN, b.cast());
         }
-        let blocks = &blocks[..n.min(LIMIT_MAX)];
+        if n > LIMIT_MAX {
+            // Longer than any chain may be (the contract): a link was overwritten.
+            invalid_pointer(LINK_OVERWRITTEN, blocks[0] as *mut u8);
+        }
         // SAFETY: the chain's blocks, ours, free and marked, of `ai` and `class`, at most
-        // `chain_max(class)` of them (the contract); refused, they are still ours.
-        if !unsafe { transfer.park_blocks(class, key, blocks) } {
-            // SAFETY: as above.
-            unsafe { return_blocks(cfg.arena(ai), &SRC, blocks) };
+        // `chain_max(class)` of them (the contract); the lock is not held.
+        unsafe { Self::park_blocks_or_return(cfg, ai, class, &blocks[..n]) };
+    }
+
+    /// Parks `blocks` (at least one) in arena `ai`'s transfer slots of `class`, joined in
+    /// front of a parked chain with room for them or in an empty slot, or returns them to
+    /// their runs under the lock.
+    ///
+    /// # Safety
+    /// The blocks are the caller's: at most `chain_max(class)` free, marked blocks of arena
+    /// `ai` and `class`, counted in use, on no list; the thread does not hold the lock.
+    unsafe fn park_blocks_or_return(cfg: &Config, ai: usize, class: usize, blocks: &[usize]) {
+        let a = cfg.arena(ai);
+        // SAFETY: by the contract; refused, the blocks are still ours.
+        if !unsafe { cfg.caches.transfer(ai).park_blocks(class, a.key(), blocks) } {
+            // SAFETY: by the contract.
+            unsafe { return_blocks(a, &SRC, blocks) };
         }
     }
 
@@ -386,13 +408,9 @@ impl ProcessHeap {
             Ok(r) => r,
             Err(b) => invalid_pointer(LINK_OVERWRITTEN, b.cast()),
         };
-        let mut taken = Chain::new(key);
-        for &b in &front[..got] {
-            // SAFETY: blocks of the chain, ours, on no list now.
-            unsafe { taken.push(b as *mut Block) };
-        }
-        // SAFETY: at most `k` < `chain_max(class)` blocks of arena `ai` and `class`, ours.
-        unsafe { Self::park_or_return(cfg, ai, class, taken.head()) };
+        // SAFETY: at most `k` < `chain_max(class)` blocks of arena `ai` and `class`, ours,
+        // on no list now; the thread does not hold the lock (the contract).
+        unsafe { Self::park_blocks_or_return(cfg, ai, class, &front[..got]) };
         rest
     }
 
@@ -588,8 +606,9 @@ impl ProcessHeap {
             }
             return;
         }
-        if mine {
-            // The list overflowed: it may hold more from now on.
+        if mine && (chain >> PTR_BITS) >= cfg.caches.limit_of(cpu, class) {
+            // This CPU's list overflowed (not one the thread found on migrating to another
+            // CPU of the arena): it may hold more from now on.
             cfg.caches.grow(cpu, class);
         }
         // The whole list to a slot: one compare-and-swap, no block touched; `p` then starts

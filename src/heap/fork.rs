@@ -74,6 +74,8 @@ impl ProcessHeap {
         }
         if let Some(cfg) = self.config() {
             if cfg.caches.enabled {
+                // SAFETY: the child of fork: only this thread exists.
+                unsafe { cfg.caches.recount_spare_after_fork() };
                 for i in 0..cfg.count {
                     // SAFETY: the child of fork: only this thread exists.
                     unsafe { cfg.caches.transfer(i).inbox.repair_after_fork() };

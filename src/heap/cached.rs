@@ -62,11 +62,6 @@ impl ProcessHeap {
                 Self::sweep_if_due(cfg);
             }
         });
-        if cpu < cfg.caches.len() && cfg.caches.has_runs(cpu) {
-            // The arena may carve pages for this refill: the CPU's cached runs go back first,
-            // so that their pages can serve it (see `runs.rs`).
-            Self::flush_runs(cfg);
-        }
         let mut parked = cfg.caches.transfer(ai).take(class);
         if parked == 0 && class < TABLE_CLASSES {
             // SAFETY: by the checks above, `ai` is the arena the map gives `cpu`, and the
@@ -90,6 +85,12 @@ impl ProcessHeap {
         } else {
             limit(class)
         };
+        if has_cache && cfg.caches.has_runs(cpu) {
+            // The arena may carve pages for this refill: the CPU's cached runs go back first,
+            // so that their pages can serve it (see `runs.rs`). Not for a refill that the
+            // middle tier served (above), which carves nothing.
+            Self::flush_runs(cfg);
+        }
         let (first, chain) = take_batch(a, &SRC, class, batch(lim), cfg.mark);
         if first.0.is_null() {
             // The arena could get no memory from the OS (an address-space limit): the locked

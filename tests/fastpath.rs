@@ -236,24 +236,31 @@ fn double_dealloc_run_child() -> ! {
     std::process::exit(0);
 }
 
-/// The child: a block of a large class (100 KiB) allocated on the first core is freed twice
-/// on the last one, whose large outbox holds it after the first free. Must not return.
-fn double_dealloc_remote_large_child() -> ! {
+/// Runs `f` on a thread pinned to the first core, then pins the calling thread to the last
+/// one, and returns what `f` returned (blocks allocated on one core, to free on another).
+fn on_first_then_last_core<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
     let cores = core_affinity::get_core_ids().unwrap_or_default();
     let (first, last) = (cores.first().copied(), cores.last().copied());
-    let layout = Layout::from_size_align(100_000, 8).unwrap();
-    let p = std::thread::spawn(move || {
+    let r = std::thread::spawn(move || {
         if let Some(c) = first {
             core_affinity::set_for_current(c);
         }
-        // SAFETY: non-zero size.
-        unsafe { alloc(layout) as usize }
+        f()
     })
     .join()
     .unwrap();
     if let Some(c) = last {
         core_affinity::set_for_current(c);
     }
+    r
+}
+
+/// The child: a block of a large class (100 KiB) allocated on the first core is freed twice
+/// on the last one, whose large outbox holds it after the first free. Must not return.
+fn double_dealloc_remote_large_child() -> ! {
+    let layout = Layout::from_size_align(100_000, 8).unwrap();
+    // SAFETY: non-zero size.
+    let p = on_first_then_last_core(move || unsafe { alloc(layout) as usize });
     println!("block={:p}", p as *mut u8);
     // SAFETY: deliberately wrong: a block is deallocated twice, which coreheap must detect.
     unsafe {
@@ -270,23 +277,13 @@ fn double_dealloc_remote_large_child() -> ! {
 /// (With one core, or one arena, the blocks are in that CPU's own lists instead: a double
 /// free either way.)
 fn double_dealloc_inbox_child() -> ! {
-    let cores = core_affinity::get_core_ids().unwrap_or_default();
-    let (first, last) = (cores.first().copied(), cores.last().copied());
     let layout = Layout::from_size_align(64, 8).unwrap();
-    let blocks = std::thread::spawn(move || {
-        if let Some(c) = first {
-            core_affinity::set_for_current(c);
-        }
-        // SAFETY: non-zero size.
+    let blocks = on_first_then_last_core(move || {
         (0..200)
+            // SAFETY: non-zero size.
             .map(|_| unsafe { alloc(layout) } as usize)
             .collect::<Vec<_>>()
-    })
-    .join()
-    .unwrap();
-    if let Some(c) = last {
-        core_affinity::set_for_current(c);
-    }
+    });
     let p = blocks[0] as *mut u8;
     // SAFETY: deliberately wrong: `p` is deallocated twice, which coreheap must detect.
     unsafe {

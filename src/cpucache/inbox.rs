@@ -6,7 +6,8 @@
 //! compare-and-swap on `tail` and writes their addresses, each with its class (looked up by
 //! the sender, so that the drainer need not look again); it never reads or writes the
 //! blocks, nor the arena's transfer slots. A drainer (a refill on one of the arena's CPUs,
-//! one at a time: `busy`) reads the addresses in order, clears each slot and moves `head`
+//! or a sweep or `trim` returning the blocks to their runs; one at a time, its thread id
+//! in `head.1`) reads the addresses in order, clears each slot and moves `head`
 //! past them. It then links the blocks into chains itself: the writes bring the blocks'
 //! lines to the owner's CPU, where the pops that follow find them, and they do not wait on
 //! each other as a walk of a linked list would.
@@ -21,7 +22,7 @@
 //!   of at most `OUTBOX_MAX_BLOCK` (1 KiB) bytes, counted in use by its run, owned by the inbox: no thread reads
 //!   or writes it until a drainer takes its address (statistics and the double-free search
 //!   only read the slots);
-//! - `head` is written only by the thread whose id is in `drainer` (0: none), and a
+//! - `head` is written only by the thread whose id is in `head.1` (0: none), and a
 //!   drainer takes no slot at or past the `tail` it read.
 
 use core::sync::atomic::{AtomicUsize, Ordering};

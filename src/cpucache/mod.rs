@@ -41,7 +41,8 @@
 //!   bytes together (see `CpuCache::spare`); the outbox no more
 //!   than [`OUTBOX_LIMIT`] blocks of [`OUTBOX_MAX_BLOCK`] bytes or less, so counts fit 16
 //!   bits and a CPU holds at most [`CPU_CACHE_BYTES`];
-//! - chains move whole between a cache and its arena's transfer slots (`transfer.rs`),
+//! - chains move whole between a cache and its arena's transfer slots (`transfer.rs`), but
+//!   for the front of one longer than the refilling CPU's limit, which is parked again,
 //!   which keep the lists' format.
 //!
 //! The locked path (the arena's bins) remains the way in whenever rseq is unavailable, and
@@ -190,8 +191,9 @@ const _: () = assert!(OUTBOX_MAX_BLOCK <= crate::size_class::SMALL_MAX);
 /// 9-10).
 const CLASS_LISTS_BUDGET: usize = 320 * 1024;
 /// A class list's limit at first: half of an even share of [`CLASS_LISTS_BUDGET`] (5 KiB
-/// of each of the 32 finer classes), so that half the budget is left for the classes in
-/// use to grow into.
+/// of each of the 32 finer classes, 16 KiB of the ten power-of-two ones), so that the
+/// rest (about 40% with the finer classes, where the lists of 2 blocks of the largest
+/// take more than 5 KiB) is left for the classes in use to grow into.
 const START_BYTES: usize = CLASS_LISTS_BUDGET / TABLE_CLASSES / 2;
 /// The most a list of a class up to 8 KiB grows to: 32 KiB, what each power-of-two class
 /// had (ten of them fill the budget).

@@ -170,10 +170,10 @@ impl Transfer {
 
     /// Parks the blocks `blocks` of `class` (at least one, at most [`chain_max`]) in front
     /// of a parked chain that has room for them all, the longest such, or else in an empty
-    /// slot: one compare-and-swap, however short the chain was before. Outboxes send a few
-    /// blocks per class at a time (an outbox of 64 blocks over 32 classes); joined here,
-    /// they reach the owner's CPUs as refills of up to a whole list rather than of two or
-    /// three blocks. Returns false when no slot has room: the blocks are still the caller's
+    /// slot: one compare-and-swap, however short the chain was before. Large outboxes send
+    /// their groups this way, and chains sorted out of an inbox or cut at an install join
+    /// here when every slot is taken; joined, they reach the owner's CPUs as refills of up
+    /// to a whole list. Returns false when no slot has room: the blocks are still the caller's
     /// (their links may have been rewritten).
     ///
     /// The chain already parked is not read: the new blocks' links name its packed head,

@@ -40,7 +40,8 @@ const LINK_OVERWRITTEN: &[u8] =
 
 impl ProcessHeap {
     /// The current CPU's cache has no block of `class`: takes a chain parked in the CPU's
-    /// arena's transfer slots (one atomic swap), or else a batch from the arena under its
+    /// arena's transfer slots (one atomic swap), or one sorted out of the arena's inbox
+    /// (`sort_inbox`), growing the list's limit; or else a batch from the arena under its
     /// lock; returns one block and puts the rest in the cache.
     #[cold]
     #[inline(never)]
@@ -289,10 +290,10 @@ impl ProcessHeap {
         }
     }
 
-    /// Once per [`SWEEP_MS`] (looked at every [`SWEEP_EVERY`] refills): the chains parked in the
-    /// transfer slots of every arena whose CPUs took none since the last sweep go back to
-    /// their runs, so that an arena that stopped allocating does not keep them (and their
-    /// pages) for good.
+    /// Once per [`SWEEP_MS`] (looked at every [`SWEEP_EVERY`] refills): the blocks waiting in
+    /// the inbox and the chains parked in the transfer slots of every arena whose CPUs took
+    /// none (nor sorted an inbox) since the last sweep go back to their runs, so that an
+    /// arena that stopped allocating does not keep them (and their pages) for good.
     fn sweep_if_due(cfg: &Config) {
         static LAST: AtomicU32 = AtomicU32::new(0);
         let now = os::now_ms();
@@ -357,10 +358,11 @@ impl ProcessHeap {
     }
 
     /// Makes `chain` CPU `cpu`'s list of `class` if that list is still empty, the thread
-    /// still runs there and the chain is no longer than the list's limit; otherwise parks it
-    /// in arena `ai`'s transfer slots, or returns it to the arena under its lock. (A large
-    /// class's parked chain, from a large outbox, may be longer than its list holds: the
-    /// rest of it is parked again, one compare-and-swap, for the next refill.)
+    /// still runs there and the chain is no longer than the list's limit (for a class up to
+    /// 8 KiB, the front of a longer chain is parked first and the rest installed);
+    /// otherwise parks it in arena `ai`'s transfer slots, or returns it to the arena under
+    /// its lock. (A large class's parked chain, from a large outbox, may be longer than its
+    /// list holds: it is parked again whole, one compare-and-swap, for the next refill.)
     ///
     /// # Safety
     /// `chain` (0 or a packed chain of at most `chain_max(class)` blocks) is the caller's:
@@ -842,8 +844,9 @@ impl ProcessHeap {
     }
 }
 
-/// Up to `N` blocks of an outbox (`N` < 256, an outbox's limit), grouped by owner and class
-/// as they are added, in one pass: an open-addressed table of groups, each a list of indices
+/// Up to `N` blocks of an outbox (`N` < 256, an outbox's limit), grouped by an id as they
+/// are added (owner and class for a large outbox; owner alone, with the class packed into
+/// each address, for the small one), in one pass: an open-addressed table of groups, each a list of indices
 /// into `addr`. (A sort of the 64 (owner, class, address) triples took an eighth of the
 /// `prodcons` workload's time.)
 struct Grouped<const N: usize> {

@@ -51,7 +51,7 @@
 //! same five sections for its ISA, and its `RSEQ_SIG` placed before each abort handler as
 //! the kernel's selftests (`tools/testing/selftests/rseq/rseq-*.h`) show.
 
-use core::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 
 use crate::chunk::{decode_link, Block};
 use crate::size_class::{class_size, LARGE_MAX, NUM_CLASSES, TABLE_CLASSES};
@@ -96,8 +96,9 @@ pub struct CpuCache {
     /// The arena that every block in this cache belongs to. Written once at initialisation.
     arena: AtomicU32,
     /// The most blocks each list holds now: [`start_limit`] at first for a class, then
-    /// grown ([`Caches::grow`]) up to [`list_limit`]; never lowered. A push compares with it
-    /// in memory.
+    /// grown ([`Caches::grow`]) up to [`list_limit`], and lowered back to the start only by
+    /// a critical section on this CPU that finds the list no longer than that. A push (and
+    /// an install) compares with it in memory, inside its section.
     limits: [AtomicU8; LISTS],
     /// That arena's secret for links ([`encode_link`]). Written once at initialisation.
     key: AtomicUsize,
@@ -105,8 +106,13 @@ pub struct CpuCache {
     ///
     /// Invariant: this plus the sum over the classes up to 8 KiB of `limits[c]` times the
     /// class's size is at most `CLASS_LISTS_BUDGET` (exactly, but for a grow between its
-    /// two steps).
+    /// two steps, or one that a steal's section overwrote, which only leaves bytes out).
     spare: AtomicUsize,
+    /// Whether a thread is taking room back from this CPU's lists ([`Caches::grow`]): one
+    /// at a time, so that no two lower the same limit from the same old value.
+    stealing: AtomicBool,
+    /// The class the next steal looks at first.
+    steal_at: AtomicU8,
 }
 
 // The sections' memory operands (`sections.rs`): none without them.
@@ -432,12 +438,12 @@ impl Caches {
 
     /// CPU `cpu`'s list of class `class` overflowed, or ran empty with blocks of its class
     /// coming back through the middle tier: raises its limit by its start limit, up to
-    /// [`limit`], out of the CPU's spare budget (as much of that as the spare allows;
-    /// nothing once it is spent). Returns the list's limit now. Any thread may
-    /// call it for any CPU: the budget is reserved before the limit rises, and the limit
-    /// rises by compare-and-swap, so the cache's invariant holds whatever runs at once.
-    /// Limits only rise (a lower one could find its list longer), so a CPU's budget goes to
-    /// the classes it used first.
+    /// [`limit`], out of the CPU's spare budget (as much of that as the spare allows). When
+    /// the spare cannot pay for any of it, room is first taken back from lists that hold
+    /// little ([`Caches::steal`], which works only from a thread on `cpu`). Returns the
+    /// list's limit now. Any thread may call it for any CPU: the budget is reserved before
+    /// the limit rises, and the limit rises by compare-and-swap, so the cache's invariant
+    /// holds whatever runs at once.
     pub fn grow(&self, cpu: usize, class: usize) -> usize {
         let c = self.cache(cpu);
         let l = &c.limits[class];
@@ -449,10 +455,16 @@ impl Caches {
         let want = start_limit(class).min(limit(class) - cur);
         // Reserve the bytes first.
         let mut spare = c.spare.load(Ordering::Relaxed);
+        let mut stole = false;
         let n = loop {
             let n = want.min(spare / size);
             if n == 0 {
-                return cur;
+                if stole || !self.steal(cpu, class, want * size) {
+                    return cur;
+                }
+                stole = true;
+                spare = c.spare.load(Ordering::Relaxed);
+                continue;
             }
             match c.spare.compare_exchange_weak(
                 spare,
@@ -486,6 +498,40 @@ impl Caches {
         new
     }
 
+    /// The spare budget of CPU `cpu` cannot pay for a step of `class`: lowers other classes'
+    /// limits back to their start, round the classes from where the last steal stopped,
+    /// until `bytes` are freed, and returns whether any were. Only lists that hold no more
+    /// than their start limit give room (a longer one is in use), and only from a thread
+    /// running on `cpu` (the lowering is a critical section there, which a push on that CPU
+    /// cannot interleave with).
+    fn steal(&self, cpu: usize, class: usize, bytes: usize) -> bool {
+        let c = self.cache(cpu);
+        if !self.enabled || c.stealing.swap(true, Ordering::Acquire) {
+            return false;
+        }
+        let first = c.steal_at.load(Ordering::Relaxed) as usize % TABLE_CLASSES;
+        let mut freed = 0;
+        for i in 0..TABLE_CLASSES {
+            let v = (first + i) % TABLE_CLASSES;
+            let (old, floor) = (self.limit_of(cpu, v), start_limit(v));
+            if v == class || old <= floor {
+                continue;
+            }
+            if self.lower_limit_raw(cpu, v, old as u8, floor as u8) {
+                let b = (old - floor) * class_size(v);
+                c.spare.fetch_add(b, Ordering::Relaxed);
+                freed += b;
+                if freed >= bytes {
+                    c.steal_at
+                        .store(((v + 1) % TABLE_CLASSES) as u8, Ordering::Relaxed);
+                    break;
+                }
+            }
+        }
+        c.stealing.store(false, Ordering::Release);
+        freed > 0
+    }
+
     /// In a forked child: a grow that a vanished thread had reserved bytes for and not
     /// yet spent would keep them from the budget for good; each CPU's spare is counted
     /// anew from its limits.
@@ -497,9 +543,10 @@ impl Caches {
             let held: usize = (0..TABLE_CLASSES)
                 .map(|c| self.limit_of(cpu, c) * class_size(c))
                 .sum();
-            self.cache(cpu)
-                .spare
+            let c = self.cache(cpu);
+            c.spare
                 .store(CLASS_LISTS_BUDGET.saturating_sub(held), Ordering::Relaxed);
+            c.stealing.store(false, Ordering::Relaxed);
         }
     }
 
@@ -636,11 +683,13 @@ impl Caches {
     /// `cpu` and that list is empty; otherwise the chain stays the caller's.
     ///
     /// # Safety
-    /// `enabled`, `cpu < len()`; `chain` holds at most `limit_of(cpu, class)` free blocks
-    /// of class `class` of arena `arena_of(cpu)`, which the caller gives up if this returns
-    /// true.
+    /// `enabled`, `cpu < len()`; `chain` holds at most `list_limit(class)` free blocks of
+    /// class `class` of arena `arena_of(cpu)`, which the caller gives up if this returns
+    /// true (only when the list's limit of now holds it).
     pub unsafe fn install(&self, cpu: usize, class: usize, chain: usize) -> bool {
-        debug_assert!(cpu < self.len && (chain >> PTR_BITS) <= self.limit_of(cpu, class));
+        // (The list's limit of now is checked inside the section: a steal may lower it at
+        // any time.)
+        debug_assert!(cpu < self.len && (chain >> PTR_BITS) <= list_limit(class));
         // SAFETY: by the contract.
         unsafe { self.install_raw(cpu, class, chain) }
     }
@@ -881,8 +930,9 @@ mod tests {
         }
     }
 
-    /// A table of caches for `cpus` CPUs of one arena, in zeroed memory of its own (the
-    /// sections are never run on it: `grow` and `limit_of` need none).
+    /// A table of caches for `cpus` CPUs of one arena, in zeroed memory of its own, marked
+    /// disabled so that no critical section ever runs on it (its rseq offset is not real):
+    /// `grow` then never steals, and `limit_of` needs none.
     fn table(cpus: usize) -> Caches {
         let bytes = Caches::table_bytes(cpus, 1);
         let layout = std::alloc::Layout::from_size_align(bytes, 128).unwrap();
@@ -890,8 +940,10 @@ mod tests {
         let mem = unsafe { std::alloc::alloc_zeroed(layout) };
         assert!(!mem.is_null());
         // SAFETY: zeroed, 128-byte aligned memory of `table_bytes`, used by nothing else;
-        // arena 0 exists; the rseq offset is never used here.
-        unsafe { Caches::init(mem, (0..cpus).map(|_| (0u32, 0x1234usize)), 1, 0) }
+        // arena 0 exists; the rseq offset is never used (disabled below).
+        let mut cs = unsafe { Caches::init(mem, (0..cpus).map(|_| (0u32, 0x1234usize)), 1, 0) };
+        cs.enabled = false;
+        cs
     }
 
     /// What a CPU's class lists may hold, spare included: the budget exactly.

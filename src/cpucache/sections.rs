@@ -288,8 +288,9 @@ impl Caches {
         (cpu, head)
     }
 
-    /// Makes `chain` the list of class `class` if the thread runs on CPU `cpu` and that
-    /// list is empty. Returns whether it did.
+    /// Makes `chain` the list of class `class` if the thread runs on CPU `cpu`, that list is
+    /// empty and its limit (read here, in the section: it may have been lowered since the
+    /// caller looked) holds the chain. Returns whether it did.
     ///
     /// # Safety
     /// `cpu < len`; `chain` is a packed chain of at most the list's limit of free blocks of
@@ -309,16 +310,68 @@ impl Caches {
                     "add {c}, qword ptr [{cs} + {cs_base}]",
                     "cmp qword ptr [{c} + {cls} * 8], 0",
                     "jne 75f",
+                    "movzx {l:e}, byte ptr [{c} + {cls} + {limits}]",
+                    "cmp {n}, {l}",
+                    "ja 75f",
                     "xor {st:e}, {st:e}",
                     "mov qword ptr [{c} + {cls} * 8], {chain}",
                 ),
                 cs = in(reg) self as *const Caches,
                 cs_rseq = const OFF_CS_RSEQ,
                 cs_base = const OFF_CS_BASE,
+                limits = const OFF_LIMITS,
                 want = in(reg) cpu,
                 cls = in(reg) class,
                 chain = in(reg) chain,
+                n = in(reg) chain >> PTR_BITS,
                 st = out(reg) status,
+                l = out(reg) _,
+                c = out(reg) _,
+                t = out(reg) _,
+                shift = const STRIDE_SHIFT,
+                sig = const RSEQ_SIG,
+                options(nostack),
+            );
+        }
+        status == 0
+    }
+
+    /// Lowers the limit of CPU `cpu`'s list of class `class` from `old` to `new` if the
+    /// thread runs on `cpu`, the limit is still `old` and the list holds at most `new`
+    /// blocks. Returns whether it did. (The commit is the limit's byte: a push on this CPU
+    /// either finished before, and was counted, or starts after and sees the new limit.)
+    #[inline]
+    pub(super) fn lower_limit_raw(&self, cpu: usize, class: usize, old: u8, new: u8) -> bool {
+        let status: u32;
+        // SAFETY: as in `pop_raw`; only the limit byte of a cache of ours is written.
+        unsafe {
+            asm!(
+                rseq_section!(
+                    "mov {st:e}, 1",
+                    "mov {c:e}, dword ptr fs:[{t} + 4]",
+                    "cmp {c}, {want}",
+                    "jne 75f",
+                    "shl {c}, {shift}",
+                    "add {c}, qword ptr [{cs} + {cs_base}]",
+                    "cmp byte ptr [{c} + {cls} + {limits}], {old:l}",
+                    "jne 75f",
+                    "mov {h}, qword ptr [{c} + {cls} * 8]",
+                    "shr {h}, 48",
+                    "cmp {h}, {new}",
+                    "ja 75f",
+                    "xor {st:e}, {st:e}",
+                    "mov byte ptr [{c} + {cls} + {limits}], {new:l}",
+                ),
+                cs = in(reg) self as *const Caches,
+                cs_rseq = const OFF_CS_RSEQ,
+                cs_base = const OFF_CS_BASE,
+                limits = const OFF_LIMITS,
+                want = in(reg) cpu,
+                cls = in(reg) class,
+                old = in(reg) old as usize,
+                new = in(reg) new as usize,
+                st = out(reg) status,
+                h = out(reg) _,
                 c = out(reg) _,
                 t = out(reg) _,
                 shift = const STRIDE_SHIFT,

@@ -21,4 +21,7 @@ impl Caches {
     pub(super) fn contains_raw(&self, _: usize, _: usize, _: usize) -> bool {
         false
     }
+    pub(super) fn lower_limit_raw(&self, _: usize, _: usize, _: u8, _: u8) -> bool {
+        false
+    }
 }

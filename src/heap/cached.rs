@@ -653,8 +653,9 @@ impl ProcessHeap {
         }
         // SAFETY: the blocks of `newer[..k]` and the chain `kept` are ours, of arena `ai` and
         // `class`; `kept` has at most `n - min(ceil(n / 2), BATCH_MAX) + 1` blocks, no more
-        // than the list held (n, at most its limit, which only rises; for n >= 2 at least
-        // one block went back).
+        // than the list held (for n >= 2 at least one block went back), and
+        // `install_or_return` cuts it to the list's limit of now, which a steal may have
+        // lowered.
         unsafe {
             return_blocks(cfg.arena(ai), &SRC, &newer[..k]);
             Self::install_or_return(cfg, cpu, ai, class, kept.head());

@@ -297,4 +297,51 @@ mod tests {
         assert_eq!(H.state.load(Ordering::Acquire), READY);
         assert_eq!(H.init_pid.load(Ordering::Relaxed), os::pid());
     }
+
+    /// With a CPU's list budget spent, a list that must grow takes room back from lists
+    /// that grew earlier and hold little now (lowered to their start limits by a critical
+    /// section on that CPU), and the budget still holds.
+    #[test]
+    fn a_growing_list_takes_room_back_from_idle_ones() {
+        use crate::cpucache::{limit, start_limit};
+        use crate::size_class::{class_size, TABLE_CLASSES};
+        static H: ProcessHeap = ProcessHeap::new();
+        let Some(cfg) = H.config() else { return };
+        let Some(core) = core_affinity::get_core_ids().and_then(|c| c.first().copied()) else {
+            return;
+        };
+        if !cfg.caches.enabled || !core_affinity::set_for_current(core) {
+            eprintln!("room taken back: not tested (no rseq, or no pinning)");
+            return;
+        }
+        let cpu = rseq_cpu().expect("an rseq CPU id");
+        let last = TABLE_CLASSES - 1;
+        // Every other class grows while the budget lasts; their lists stay empty.
+        for c in 0..last {
+            for _ in 0..64 {
+                cfg.caches.grow(cpu, c);
+            }
+        }
+        let held = |c: usize| cfg.caches.limit_of(cpu, c) * class_size(c);
+        let grown: Vec<usize> = (0..last)
+            .filter(|&c| cfg.caches.limit_of(cpu, c) > start_limit(c))
+            .collect();
+        assert!(!grown.is_empty());
+        let total: usize = (0..TABLE_CLASSES).map(held).sum();
+        let before = cfg.caches.limit_of(cpu, last);
+        assert!(before < limit(last));
+        let after = cfg.caches.grow(cpu, last);
+        assert!(after > before, "no room taken back ({before} -> {after})");
+        assert!(
+            grown
+                .iter()
+                .any(|&c| cfg.caches.limit_of(cpu, c) == start_limit(c)),
+            "no grown list went back to its start"
+        );
+        let now: usize = (0..TABLE_CLASSES).map(held).sum();
+        assert!(
+            now <= total.max(320 * 1024),
+            "{now} bytes of limits, {total} before"
+        );
+    }
 }

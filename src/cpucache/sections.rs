@@ -45,6 +45,20 @@ macro_rules! current_cache {
     };
 }
 
+/// Makes `{c}` point to CPU `{want}`'s cache, or leaves the section (to label 75) when the
+/// thread does not run on that CPU. `{t}` is free afterwards.
+macro_rules! cache_of_cpu {
+    () => {
+        concat!(
+            "mov {c:e}, dword ptr fs:[{t} + 4]\n",
+            "cmp {c}, {want}\n",
+            "jne 75f\n",
+            "shl {c}, {shift}\n",
+            "add {c}, qword ptr [{cs} + {cs_base}]\n",
+        )
+    };
+}
+
 /// Instructions of the link encoding (see `chunk::encode_link`); in a build with the
 /// `unhardened` feature they become a comment, which still names their operands.
 #[cfg(not(feature = "unhardened"))]
@@ -303,11 +317,7 @@ impl Caches {
             asm!(
                 rseq_section!(
                     "mov {st:e}, 1",
-                    "mov {c:e}, dword ptr fs:[{t} + 4]",
-                    "cmp {c}, {want}",
-                    "jne 75f",
-                    "shl {c}, {shift}",
-                    "add {c}, qword ptr [{cs} + {cs_base}]",
+                    cache_of_cpu!(),
                     "cmp qword ptr [{c} + {cls} * 8], 0",
                     "jne 75f",
                     "movzx {l:e}, byte ptr [{c} + {cls} + {limits}]",
@@ -348,11 +358,7 @@ impl Caches {
             asm!(
                 rseq_section!(
                     "mov {st:e}, 1",
-                    "mov {c:e}, dword ptr fs:[{t} + 4]",
-                    "cmp {c}, {want}",
-                    "jne 75f",
-                    "shl {c}, {shift}",
-                    "add {c}, qword ptr [{cs} + {cs_base}]",
+                    cache_of_cpu!(),
                     "cmp byte ptr [{c} + {cls} + {limits}], {old:l}",
                     "jne 75f",
                     "mov {h}, qword ptr [{c} + {cls} * 8]",

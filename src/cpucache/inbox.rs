@@ -16,12 +16,12 @@
 //! - `head <= tail`, `tail - head <= SLOTS` (counters that only grow, wrapping never in
 //!   practice: 2^64 blocks); slot `i % SLOTS` for `head <= i < tail` is 0 (reserved, not
 //!   yet written), [`SKIP`] (reserved by a thread that a fork left behind) or a block sent,
-//!   its address packed with its class ([`pack`]); every other slot is 0 (but for the stray writes `repair_after_fork`
-//!   describes);
+//!   its address packed with its class ([`pack`]); every other slot is 0 (but for the
+//!   stray writes `repair_after_fork` describes);
 //! - a block whose address is in a slot is a free, marked small block of the inbox's arena,
-//!   of at most `OUTBOX_MAX_BLOCK` (1 KiB) bytes, counted in use by its run, owned by the inbox: no thread reads
-//!   or writes it until a drainer takes its address (statistics and the double-free search
-//!   only read the slots);
+//!   of at most `OUTBOX_MAX_BLOCK` (1 KiB) bytes, counted in use by its run, owned by the
+//!   inbox: no thread reads or writes it until a drainer takes its address (statistics and
+//!   the double-free search only read the slots);
 //! - `head` is written only by the thread whose id is in `head.1` (0: none), and a
 //!   drainer takes no slot at or past the `tail` it read.
 
@@ -72,8 +72,8 @@ impl Inbox {
     ///
     /// # Safety
     /// Each block is a free, marked small block of this inbox's arena of at most
-    /// `OUTBOX_MAX_BLOCK` bytes, counted in use by its run, that the caller owns and gives up if this returns
-    /// true.
+    /// `OUTBOX_MAX_BLOCK` bytes, counted in use by its run, that the caller owns and gives
+    /// up if this returns true.
     pub unsafe fn send(&self, blocks: &[usize]) -> bool {
         let k = blocks.len();
         let mut t = self.tail.load(Ordering::Relaxed);
@@ -115,8 +115,8 @@ impl Inbox {
     }
 
     /// Takes the blocks sent so far, in order, up to the first slot reserved but not yet
-    /// written, calling `f` on each packed value ([`unpack`]): the blocks are the caller's. False, nothing taken, when
-    /// another thread is draining.
+    /// written, calling `f` on each packed value ([`unpack`]): the blocks are the caller's.
+    /// False, nothing taken, when another thread is draining.
     pub fn drain(&self, mut f: impl FnMut(usize)) -> bool {
         if self.seems_empty() {
             return true;

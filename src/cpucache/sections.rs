@@ -352,8 +352,14 @@ impl Caches {
     /// either finished before, and was counted, or starts after and sees the new limit.)
     #[inline]
     pub(super) fn lower_limit_raw(&self, cpu: usize, class: usize, old: u8, new: u8) -> bool {
+        if cpu >= self.len {
+            // No cache (the section indexes by the CPU id without comparing it with the
+            // table's length).
+            return false;
+        }
         let status: u32;
-        // SAFETY: as in `pop_raw`; only the limit byte of a cache of ours is written.
+        // SAFETY: as in `pop_raw`; `cpu < len`, so the section writes only the limit byte
+        // of a cache of ours.
         unsafe {
             asm!(
                 rseq_section!(

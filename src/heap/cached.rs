@@ -346,7 +346,7 @@ impl ProcessHeap {
         }
         for class in 0..NUM_CLASSES {
             loop {
-                let h = cfg.caches.transfer(i).take(class);
+                let h = transfer.take(class);
                 if h == 0 {
                     break;
                 }
@@ -847,9 +847,9 @@ impl ProcessHeap {
 
 /// Up to `N` blocks of an outbox (`N` < 256, an outbox's limit), grouped by an id as they
 /// are added (owner and class for a large outbox; owner alone, with the class packed into
-/// each address, for the small one), in one pass: an open-addressed table of groups, each a list of indices
-/// into `addr`. (A sort of the 64 (owner, class, address) triples took an eighth of the
-/// `prodcons` workload's time.)
+/// each address, for the small one), in one pass: an open-addressed table of groups, each a
+/// list of indices into `addr`. (A sort of the 64 (owner, class, address) triples took an
+/// eighth of the `prodcons` workload's time.)
 struct Grouped<const N: usize> {
     addr: [usize; N],
     /// The index of the next block of the same group; `N` ends a group.

@@ -61,8 +61,8 @@ pub const fn chain_max(class: usize) -> usize {
 /// the most a list grows to) as fit in [`PARKED_MAX`], at most [`SLOTS`], at least one (8
 /// for the classes up to 48 bytes, 6 for 64, 4 for 80 and 96, 3 above). One for each large
 /// class, taking a chain of up to [`chain_max`] blocks from a large outbox (a full CPU list
-/// of theirs goes back to the arena instead); an arena that stops allocating has them swept back within about two
-/// seconds of another arena's refills, or by `trim`.
+/// of theirs goes back to the arena instead); an arena that stops allocating has them swept
+/// back within about two seconds of another arena's refills, or by `trim`.
 #[inline]
 pub const fn slots(class: usize) -> usize {
     if class >= TABLE_CLASSES {

@@ -288,8 +288,21 @@ const RUN_PAGES: [u8; NUM_CLASSES] = {
 /// Blocks in a small run of class `class`.
 #[inline]
 pub const fn run_blocks(class: usize) -> usize {
-    run_pages(class) * PAGE / class_size(class)
+    RUN_BLOCKS[in_range(class)] as usize
 }
+
+/// [`run_blocks`] of every class, so that carving and returning blocks divide by no size.
+const RUN_BLOCKS: [u16; NUM_CLASSES] = {
+    let mut t = [0u16; NUM_CLASSES];
+    let mut c = 0;
+    while c < NUM_CLASSES {
+        let n = run_pages(c) * PAGE / class_size(c);
+        assert!(n <= u16::MAX as usize);
+        t[c] = n as u16;
+        c += 1;
+    }
+    t
+};
 
 /// The pages after the first of a run of class `class` that [`run_page_marked`] says need
 /// the class and distance: every one up to 8 KiB, else one per block after the first (the

@@ -234,22 +234,61 @@ const fn blocks_within(bytes: usize, class: usize) -> usize {
 /// (its limit starts lower, [`start_limit`]); above, [`LARGE_LIMIT`].
 #[inline]
 pub const fn limit(class: usize) -> usize {
+    if class >= NUM_CLASSES {
+        return LARGE_LIMIT;
+    }
+    LIMITS[class] as usize
+}
+
+/// [`limit`] computed: a division by the class's size, which the slow paths (refill, grow,
+/// park) would otherwise pay a few times per call; [`LIMITS`] holds the answers.
+const fn compute_limit(class: usize) -> usize {
     if class >= TABLE_CLASSES {
         return LARGE_LIMIT;
     }
     blocks_within(LIST_MAX_BYTES, class)
 }
 
+/// [`limit`] of every class.
+const LIMITS: [u8; NUM_CLASSES] = {
+    let mut t = [0; NUM_CLASSES];
+    let mut c = 0;
+    while c < NUM_CLASSES {
+        t[c] = compute_limit(c) as u8;
+        c += 1;
+    }
+    t
+};
+
+/// [`start_limit`] of every class.
+const START_LIMITS: [u8; NUM_CLASSES] = {
+    let mut t = [0; NUM_CLASSES];
+    let mut c = 0;
+    while c < NUM_CLASSES {
+        t[c] = compute_start_limit(c) as u8;
+        c += 1;
+    }
+    t
+};
+
 /// The limit a CPU's list of class `class` starts with: up to 8 KiB, [`START_BYTES`] of
 /// the class, between [`LIMIT_MIN`] and [`limit`] blocks; above, [`LARGE_LIMIT`].
 #[inline]
 pub const fn start_limit(class: usize) -> usize {
+    if class >= NUM_CLASSES {
+        return LARGE_LIMIT;
+    }
+    START_LIMITS[class] as usize
+}
+
+/// [`start_limit`] computed (see [`compute_limit`]).
+const fn compute_start_limit(class: usize) -> usize {
     if class >= TABLE_CLASSES {
         return LARGE_LIMIT;
     }
     let n = blocks_within(START_BYTES, class);
-    if n > limit(class) {
-        limit(class)
+    if n > compute_limit(class) {
+        compute_limit(class)
     } else {
         n
     }
@@ -457,7 +496,12 @@ impl Caches {
         let mut spare = c.spare.load(Ordering::Relaxed);
         let mut stole = false;
         let n = loop {
-            let n = want.min(spare / size);
+            // (A division only when the spare cannot pay for the whole step.)
+            let n = if spare >= want * size {
+                want
+            } else {
+                spare / size
+            };
             if n == 0 {
                 if stole || !self.steal(cpu, class, want * size) {
                     return cur;

@@ -65,6 +65,26 @@ pub const fn chain_max(class: usize) -> usize {
 /// back within about two seconds of another arena's refills, or by `trim`.
 #[inline]
 pub const fn slots(class: usize) -> usize {
+    if class >= NUM_CLASSES {
+        return 1;
+    }
+    SLOT_COUNTS[class] as usize
+}
+
+/// [`slots`] of every class, computed once: the slow paths that park and take chains
+/// would otherwise divide by the chain's bytes on each call.
+const SLOT_COUNTS: [u8; NUM_CLASSES] = {
+    let mut t = [0; NUM_CLASSES];
+    let mut c = 0;
+    while c < NUM_CLASSES {
+        t[c] = compute_slots(c) as u8;
+        c += 1;
+    }
+    t
+};
+
+/// [`slots`] computed.
+const fn compute_slots(class: usize) -> usize {
     if class >= TABLE_CLASSES {
         return 1;
     }

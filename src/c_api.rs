@@ -74,8 +74,11 @@ pub unsafe fn free(p: *mut c_void) {
         return;
     }
     // SAFETY: passed on from the caller. `free_small` keeps errno itself (its fast path
-    // makes no system call), so it is saved here only on the other paths.
-    if shm_heap().is_none() && unsafe { HEAP.free_small(p.cast()) } {
+    // makes no system call), so it is saved here only on the other paths. It takes only
+    // small blocks of chunks in the process heap's registry, which a shared heap's never
+    // are, so it is asked first whether or not a shared heap serves `malloc`: a block the
+    // process heap gave out before the shared one opened goes back to it either way.
+    if unsafe { HEAP.free_small(p.cast()) } {
         return;
     }
     // SAFETY: as above.

@@ -102,9 +102,11 @@ pub fn lookup_small<S: PageSource>(src: &S, p: *const u8) -> Option<(u32, usize)
     }
     let h = c as *const ChunkHeader;
     // SAFETY: as in `lookup`: the chunk is mapped, its header readable; page descriptors are
-    // read through atomics.
+    // read through atomics. `magic` is not read: the source owns the chunk, so it has one
+    // (a header the source gave back reads zero, `kind` too), and `kind` is a tag of its
+    // own, which [`lookup`] checks again for anything this does not take.
     unsafe {
-        if (*h).magic != MAGIC || (*h).kind != CHUNK_ARENA {
+        if (*h).kind != CHUNK_ARENA {
             return None;
         }
         let d = &(*h).pages[page_index(p)];

@@ -113,7 +113,14 @@ pub struct CpuCache {
     stealing: AtomicBool,
     /// The class the next steal looks at first.
     steal_at: AtomicU8,
+    /// Grows the spare could not pay for since the last steal ([`STEAL_EVERY`]).
+    misses: AtomicU32,
+    /// Bit `c`: class `c` overflowed or was refilled through the middle tier since the last
+    /// steal, so it is in use and the next steal leaves it alone. (A heuristic: updates
+    /// racing on another thread may be lost.)
+    busy: AtomicU64,
 }
+const _: () = assert!(TABLE_CLASSES <= 64);
 
 // The sections' memory operands (`sections.rs`): none without them.
 #[cfg(coreheap_rseq)]
@@ -210,6 +217,12 @@ const LIST_MAX_BYTES: usize = 32 * 1024;
 /// cost the `large` workload 11% more CPU time than one block (`docs/bench-core.md`,
 /// session 8), and 300 KiB more per CPU.
 const LARGE_LIMIT: usize = 1;
+/// How many grows the spare budget cannot pay for a CPU takes before it looks for room
+/// in lists that were not in use since its last look ([`Caches::steal`]). A look at every
+/// such grow lowered, where a program uses twenty classes at once (`prodcons`), lists that
+/// were short only for the moment, which grew back at their next overflow by lowering
+/// others: 12% of that workload's time went to the churn.
+pub const STEAL_EVERY: u32 = 64;
 /// The most blocks a class list holds: what a byte of `limits` holds (128 had been chosen
 /// in issue 5, `docs/bench-core.md`; 255 took the `batch` workload from 1.25 to 1.16 s).
 pub const LIMIT_MAX: usize = 255;
@@ -487,7 +500,16 @@ impl Caches {
         let c = self.cache(cpu);
         let l = &c.limits[class];
         let cur = l.load(Ordering::Relaxed) as usize;
-        if class >= TABLE_CLASSES || cur >= limit(class) {
+        if class >= TABLE_CLASSES {
+            return cur;
+        }
+        // In use: the next steal leaves this list alone, full-grown or not.
+        let bit = 1u64 << class;
+        let busy = c.busy.load(Ordering::Relaxed);
+        if busy & bit == 0 {
+            c.busy.store(busy | bit, Ordering::Relaxed);
+        }
+        if cur >= limit(class) {
             return cur;
         }
         let size = class_size(class);
@@ -542,23 +564,36 @@ impl Caches {
         new
     }
 
-    /// The spare budget of CPU `cpu` cannot pay for a step of `class`: lowers other classes'
-    /// limits back to their start, round the classes from where the last steal stopped,
-    /// until `bytes` are freed, and returns whether any were. Only lists that hold no more
-    /// than their start limit give room (a longer one is in use), and only from a thread
-    /// running on `cpu` (the lowering is a critical section there, which a push on that CPU
-    /// cannot interleave with).
+    /// The spare budget of CPU `cpu` cannot pay for a step of `class`: every
+    /// [`STEAL_EVERY`]th time, lowers other classes' limits back to their start, round the
+    /// classes from where the last steal stopped, until `bytes` are freed, and returns
+    /// whether any were. Only lists that hold no more than their start limit give room (a
+    /// longer one is in use), and did not grow or try to since the last look (`busy`); and
+    /// only from a thread running on `cpu` (the lowering is a critical section there, which a
+    /// push on that CPU cannot interleave with).
     fn steal(&self, cpu: usize, class: usize, bytes: usize) -> bool {
         let c = self.cache(cpu);
-        if !self.enabled || c.stealing.swap(true, Ordering::Acquire) {
+        if !self.enabled {
             return false;
         }
+        let misses = c.misses.load(Ordering::Relaxed) + 1;
+        if misses < STEAL_EVERY {
+            c.misses.store(misses, Ordering::Relaxed);
+            return false;
+        }
+        if c.stealing.load(Ordering::Relaxed) || c.stealing.swap(true, Ordering::Acquire) {
+            return false;
+        }
+        c.misses.store(0, Ordering::Relaxed);
+        // The classes in use since the last steal keep their room; the thief is marked in use
+        // for the next one.
+        let busy = c.busy.swap(1 << class, Ordering::Relaxed);
         let first = c.steal_at.load(Ordering::Relaxed) as usize % TABLE_CLASSES;
         let mut freed = 0;
         for i in 0..TABLE_CLASSES {
             let v = (first + i) % TABLE_CLASSES;
             let (old, floor) = (self.limit_of(cpu, v), start_limit(v));
-            if v == class || old <= floor {
+            if v == class || old <= floor || busy & (1 << v) != 0 {
                 continue;
             }
             if self.lower_limit_raw(cpu, v, old as u8, floor as u8) {
@@ -591,6 +626,8 @@ impl Caches {
             c.spare
                 .store(CLASS_LISTS_BUDGET.saturating_sub(held), Ordering::Relaxed);
             c.stealing.store(false, Ordering::Relaxed);
+            c.misses.store(0, Ordering::Relaxed);
+            c.busy.store(0, Ordering::Relaxed);
         }
     }
 

@@ -300,10 +300,10 @@ mod tests {
 
     /// With a CPU's list budget spent, a list that must grow takes room back from lists
     /// that grew earlier and hold little now (lowered to their start limits by a critical
-    /// section on that CPU), and the budget still holds.
+    /// section on that CPU), but not from one in use meanwhile, and the budget still holds.
     #[test]
     fn a_growing_list_takes_room_back_from_idle_ones() {
-        use crate::cpucache::{limit, start_limit};
+        use crate::cpucache::{limit, start_limit, STEAL_EVERY};
         use crate::size_class::{class_size, TABLE_CLASSES};
         static H: ProcessHeap = ProcessHeap::new();
         let Some(cfg) = H.config() else { return };
@@ -316,10 +316,17 @@ mod tests {
         }
         let cpu = rseq_cpu().expect("an rseq CPU id");
         let last = TABLE_CLASSES - 1;
-        // Every other class grows while the budget lasts; their lists stay empty.
-        for c in 0..last {
-            for _ in 0..64 {
-                cfg.caches.grow(cpu, c);
+        // Every other class grows until the budget is spent: rounds of grows over them all
+        // until one changes no limit (all of them in use meanwhile, so no look for room
+        // lowers any). Their lists stay empty.
+        loop {
+            let mut changed = false;
+            for c in 0..last {
+                let was = cfg.caches.limit_of(cpu, c);
+                changed |= cfg.caches.grow(cpu, c) != was;
+            }
+            if !changed {
+                break;
             }
         }
         let held = |c: usize| cfg.caches.limit_of(cpu, c) * class_size(c);
@@ -330,13 +337,28 @@ mod tests {
         let total: usize = (0..TABLE_CLASSES).map(held).sum();
         let before = cfg.caches.limit_of(cpu, last);
         assert!(before < limit(last));
-        let after = cfg.caches.grow(cpu, last);
+        // `last` keeps overflowing, and so does `kept`, one of the grown lists; the others sit
+        // idle. A look for room comes every `STEAL_EVERY` grows the spare cannot pay for, and
+        // leaves the lists in use since the one before alone: within two looks `last` grows.
+        let kept = grown[0];
+        let kept_limit = cfg.caches.limit_of(cpu, kept);
+        let idle_limits: Vec<usize> = (0..last).map(|c| cfg.caches.limit_of(cpu, c)).collect();
+        let mut after = before;
+        for _ in 0..2 * STEAL_EVERY + 2 {
+            cfg.caches.grow(cpu, kept);
+            after = cfg.caches.grow(cpu, last);
+            if after > before {
+                break;
+            }
+        }
         assert!(after > before, "no room taken back ({before} -> {after})");
         assert!(
-            grown
-                .iter()
-                .any(|&c| cfg.caches.limit_of(cpu, c) == start_limit(c)),
-            "no grown list went back to its start"
+            cfg.caches.limit_of(cpu, kept) >= kept_limit,
+            "a list in use was lowered"
+        );
+        assert!(
+            (0..last).any(|c| c != kept && cfg.caches.limit_of(cpu, c) < idle_limits[c]),
+            "no idle list was lowered"
         );
         let now: usize = (0..TABLE_CLASSES).map(held).sum();
         assert!(

@@ -91,6 +91,22 @@ pub const NUM_CLASSES: usize = count_classes();
 pub const TABLE_CLASSES: usize = smallest_class(TABLE_MAX, 1) + 1;
 const _: () = assert!(CLASS_SIZES[TABLE_CLASSES - 1] as usize == TABLE_MAX);
 
+/// A table with one entry per class, computed at build time: `per_class!(T, |c| e)` is the
+/// array of `e as T` for each class `c`. (Slow paths read the tables instead of dividing
+/// by a class's size on each call.)
+macro_rules! per_class {
+    ($t:ty, |$c:ident| $e:expr) => {{
+        let mut t: [$t; crate::size_class::NUM_CLASSES] = [0; crate::size_class::NUM_CLASSES];
+        let mut $c = 0;
+        while $c < crate::size_class::NUM_CLASSES {
+            t[$c] = $e as $t;
+            $c += 1;
+        }
+        t
+    }};
+}
+pub(crate) use per_class;
+
 /// The block size of every class, ascending.
 pub const CLASS_SIZES: [u32; NUM_CLASSES] = {
     let mut t = [0u32; NUM_CLASSES];
@@ -275,15 +291,7 @@ const fn choose_run_pages(size: usize) -> usize {
     panic!("no run length fits the class")
 }
 
-const RUN_PAGES: [u8; NUM_CLASSES] = {
-    let mut t = [0u8; NUM_CLASSES];
-    let mut c = 0;
-    while c < NUM_CLASSES {
-        t[c] = choose_run_pages(class_size(c)) as u8;
-        c += 1;
-    }
-    t
-};
+const RUN_PAGES: [u8; NUM_CLASSES] = per_class!(u8, |c| choose_run_pages(class_size(c)));
 
 /// Blocks in a small run of class `class`.
 #[inline]
@@ -292,17 +300,11 @@ pub const fn run_blocks(class: usize) -> usize {
 }
 
 /// [`run_blocks`] of every class, so that carving and returning blocks divide by no size.
-const RUN_BLOCKS: [u16; NUM_CLASSES] = {
-    let mut t = [0u16; NUM_CLASSES];
-    let mut c = 0;
-    while c < NUM_CLASSES {
-        let n = run_pages(c) * PAGE / class_size(c);
-        assert!(n <= u16::MAX as usize);
-        t[c] = n as u16;
-        c += 1;
-    }
-    t
-};
+const RUN_BLOCKS: [u16; NUM_CLASSES] = per_class!(u16, |c| {
+    let n = run_pages(c) * PAGE / class_size(c);
+    assert!(n <= u16::MAX as usize);
+    n
+});
 
 /// The pages after the first of a run of class `class` that [`run_page_marked`] says need
 /// the class and distance: every one up to 8 KiB, else one per block after the first (the

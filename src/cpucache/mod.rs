@@ -54,7 +54,7 @@
 use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 
 use crate::chunk::{decode_link, Block};
-use crate::size_class::{class_size, LARGE_MAX, NUM_CLASSES, TABLE_CLASSES};
+use crate::size_class::{class_size, per_class, LARGE_MAX, NUM_CLASSES, TABLE_CLASSES};
 
 mod chain;
 mod inbox;
@@ -263,26 +263,10 @@ const fn compute_limit(class: usize) -> usize {
 }
 
 /// [`limit`] of every class.
-const LIMITS: [u8; NUM_CLASSES] = {
-    let mut t = [0; NUM_CLASSES];
-    let mut c = 0;
-    while c < NUM_CLASSES {
-        t[c] = compute_limit(c) as u8;
-        c += 1;
-    }
-    t
-};
+const LIMITS: [u8; NUM_CLASSES] = per_class!(u8, |c| compute_limit(c));
 
 /// [`start_limit`] of every class.
-const START_LIMITS: [u8; NUM_CLASSES] = {
-    let mut t = [0; NUM_CLASSES];
-    let mut c = 0;
-    while c < NUM_CLASSES {
-        t[c] = compute_start_limit(c) as u8;
-        c += 1;
-    }
-    t
-};
+const START_LIMITS: [u8; NUM_CLASSES] = per_class!(u8, |c| compute_start_limit(c));
 
 /// The limit a CPU's list of class `class` starts with: up to 8 KiB, [`START_BYTES`] of
 /// the class, between [`LIMIT_MIN`] and [`limit`] blocks; above, [`LARGE_LIMIT`].

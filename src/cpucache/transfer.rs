@@ -27,7 +27,7 @@ use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use super::{limit, Chain, Inbox, LARGE_OUTBOX_LIMIT, PTR_BITS};
 use crate::chunk::Block;
-use crate::size_class::{class_size, NUM_CLASSES, TABLE_CLASSES};
+use crate::size_class::{class_size, per_class, NUM_CLASSES, TABLE_CLASSES};
 
 /// The most chains one (arena, class) pair can park: a cache line of slots.
 pub const SLOTS: usize = 8;
@@ -73,15 +73,7 @@ pub const fn slots(class: usize) -> usize {
 
 /// [`slots`] of every class, computed once: the slow paths that park and take chains
 /// would otherwise divide by the chain's bytes on each call.
-const SLOT_COUNTS: [u8; NUM_CLASSES] = {
-    let mut t = [0; NUM_CLASSES];
-    let mut c = 0;
-    while c < NUM_CLASSES {
-        t[c] = compute_slots(c) as u8;
-        c += 1;
-    }
-    t
-};
+const SLOT_COUNTS: [u8; NUM_CLASSES] = per_class!(u8, |c| compute_slots(c));
 
 /// [`slots`] computed.
 const fn compute_slots(class: usize) -> usize {

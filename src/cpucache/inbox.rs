@@ -139,8 +139,8 @@ impl Inbox {
             // The caller writes into each block, whose line another CPU freed it on: the
             // lines of the blocks a few slots on are asked for now, so that those misses
             // overlap (a slot not written yet reads 0, a harmless hint).
-            let ahead = self.slots[h.wrapping_add(PREFETCH_AHEAD) % INBOX_SLOTS]
-                .load(Ordering::Relaxed);
+            let ahead =
+                self.slots[h.wrapping_add(PREFETCH_AHEAD) % INBOX_SLOTS].load(Ordering::Relaxed);
             super::prefetch_write(unpack(ahead).0);
             let s = &self.slots[h % INBOX_SLOTS];
             // Acquire: pairs with the sender's Release store of the address.

@@ -246,6 +246,15 @@ pub fn shm_root() -> *mut c_void {
     }
 }
 
+/// `fork(2)`: the C library's `fork` (the next one after the preload library's), which runs
+/// the fork handlers. While the `COREHEAP_SHM` heap is the shared file's, one thread at a
+/// time gets into it (`shm::process::fork_gated`): its prepare handler stops the other
+/// threads, and one stopped inside glibc's own `fork` could hold the lock glibc takes after
+/// the handlers. (glibc's own callers of `fork`, `daemon` and `forkpty`, do not come here.)
+pub fn fork() -> libc::pid_t {
+    crate::shm::process::fork_gated(crate::os::process::next_fork)
+}
+
 /// `malloc_trim(3)`: empties every CPU's cache and returns unused pages (as
 /// [`crate::trim`]); returns 1 (memory may have been released).
 pub fn malloc_trim(_pad: usize) -> c_int {

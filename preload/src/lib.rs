@@ -220,6 +220,13 @@ pub extern "C" fn coreheap_shm_set_root(p: *mut c_void) -> c_int {
     c_api::shm_set_root(p)
 }
 
+/// C's `fork`: the C library's, entered one thread at a time under `COREHEAP_SHM` (see
+/// `c_api::fork`).
+#[no_mangle]
+pub extern "C" fn fork() -> libc::pid_t {
+    c_api::fork()
+}
+
 /// The root of the `COREHEAP_SHM` heap, or null.
 #[no_mangle]
 pub extern "C" fn coreheap_shm_root() -> *mut c_void {

@@ -10,7 +10,9 @@
 //! The child's later allocations stay private; only the process that opened the heap
 //! publishes into it. The parent's other threads are stopped from before `fork` until the
 //! copy is made (`os::stop`), so the child's copy is one instant's, as a real fork's is;
-//! docs/shm.md lists the threads that cannot be stopped.
+//! docs/shm.md lists the threads that cannot be stopped. Threads enter the C library's `fork`
+//! one at a time (`fork_gated`, through the preload library's `fork`), so that no stopped
+//! thread is inside another `fork`, holding the lock glibc takes after the prepare handlers.
 //!
 //! One publisher: a process started with the variable while another live process
 //! publishes through the heap (typically a child that inherited the environment and ran
@@ -132,6 +134,41 @@ fn shared_heap() -> Option<&'static SharedHeap> {
     } else {
         heap_if_on()
     }
+}
+
+/// One `fork` at a time, from before the C library's `fork` starts until it has returned, in
+/// a process whose heap is still the shared file's (taken by [`fork_gated`]).
+///
+/// Why: the prepare handler stops the other threads (`os::stop`) and then returns into glibc,
+/// which takes its fork handler lock again before it forks (and between the parent and child
+/// handlers). Another thread inside glibc's `fork` holds that lock for a moment as it enters
+/// (while it walks the handler list, before its first prepare handler) and again after its
+/// last parent handler; stopped there, it would never release it, and the forking thread would
+/// wait for it for ever (seen: `fork_concurrent.c` on a shared heap hung once in a few hundred
+/// runs; with 60,000 empty handler entries, which glibc walks holding the lock, nearly always).
+/// A thread that waits here holds nothing of glibc's, so stopping it is harmless. Process-
+/// private: this process's threads only.
+static FORK_GATE: crate::lock::RawLock = crate::lock::RawLock::new(false);
+
+/// `fork` through [`FORK_GATE`] while the heap is the shared file's: `fork` is the C library's
+/// (which runs the fork handlers). Returns what it returned, `errno` as it left it. A thread
+/// that holds the gate already (a `fork` from a signal handler that interrupted this thread
+/// inside `fork`) goes through without it, as its prepare handler skips the locks the
+/// thread holds. The child (one thread, the copy of the one holding the gate) makes the gate
+/// anew.
+pub(crate) fn fork_gated(fork: impl FnOnce() -> libc::pid_t) -> libc::pid_t {
+    let gated = shared_heap().is_some() && FORK_GATE.lock_for_fork();
+    let pid = fork();
+    if gated {
+        os::keeping_errno(|| {
+            if pid == 0 {
+                FORK_GATE.reinit();
+            } else {
+                FORK_GATE.unlock();
+            }
+        });
+    }
+    pid
 }
 
 /// The pipe through which a fork child tells its parent that its copy is made.

@@ -5,7 +5,13 @@
  * every child exited with 0 and the program could still open and close a stream (the stdio
  * list lock the handlers take is free again). A hang is killed by the caller's time limit.
  *
- *   fork_concurrent FORKS_PER_THREAD */
+ * EMPTY (default 0) empty fork handler entries are registered after the allocator's: glibc
+ * walks such entries with its fork handler lock held, as each fork enters and after its last
+ * parent handler, which widens the moments when another thread's fork holds that lock (a
+ * thread stopped there by a COREHEAP_SHM prepare handler once made the forking thread wait
+ * for it for ever).
+ *
+ *   fork_concurrent FORKS_PER_THREAD [EMPTY] */
 #define _GNU_SOURCE
 #include <pthread.h>
 #include <stdint.h>
@@ -71,6 +77,10 @@ int main(int argc, char **argv) {
     per_thread = argc > 1 ? atoi(argv[1]) : 100;
     inherited = malloc(1000);
     memset(inherited, 7, 1000);
+    int empty = argc > 2 ? atoi(argv[2]) : 0;
+    for (int i = 0; i < empty; i++)
+        if (pthread_atfork(NULL, NULL, NULL) != 0)
+            return 2;
     pthread_t c[2], f[FORKERS];
     for (long i = 0; i < 2; i++)
         pthread_create(&c[i], NULL, churn, (void *)(i + 1));

@@ -37,8 +37,8 @@ pub const CHUNK_PAGES: usize = CHUNK / PAGE;
 pub const SMALL_MIN: usize = 16;
 /// log2 of [`SMALL_MIN`].
 pub const SMALL_MIN_SHIFT: usize = 4;
-/// The largest size the fast paths classify by one load from [`CLASS_TABLE`] (8 KiB, 512
-/// entries of one byte); larger classes are found by [`class_for`]'s formula, on a path just
+/// The largest size the fast paths classify by one load from `CLASS_TABLE` (8 KiB, 512
+/// entries of one byte); larger classes are found by `class_for`'s formula, on a path just
 /// outside the hottest one.
 pub const TABLE_MAX: usize = 8192;
 

@@ -4,8 +4,8 @@
 //! under `/dev/shm`, see [`shm_path`]). It holds per-CPU arenas like the process heap's:
 //! a process on CPU `k` allocates from arena `k % arenas`, a block may be freed by any
 //! process, and it goes back to the arena that owns it. The engine is the same code
-//! (`arena.rs`, `small.rs`, `large.rs`); what differs is the page source ([`ShmSource`],
-//! chunks from the file), the locks (process-shared, robust: see [`crate::lock::RobustLock`])
+//! (`arena.rs`, `small.rs`, `large.rs`); what differs is the page source (`ShmSource`,
+//! chunks from the file), the locks (process-shared, robust: see `crate::lock::RobustLock`)
 //! and the links, which the engine stores relative to the mapping's base so that processes
 //! may map the file at different addresses.
 //!
@@ -75,7 +75,7 @@ pub enum Fixed {
     No,
     /// Where the creator's kernel put it; every other process maps it at that address.
     Anywhere,
-    /// At this address (a multiple of [`CHUNK`]) in every process.
+    /// At this address (a multiple of `CHUNK`, 4 MiB) in every process.
     At(usize),
 }
 

@@ -617,6 +617,24 @@ fn fresh_shared_heap(tag: &str, size: &str) -> (PathBuf, String) {
     (path, format!("{name}:{size}"))
 }
 
+/// Opens, writable, a shared heap a preloaded program made, at the address the program
+/// chose. This test process's other tests map and unmap memory meanwhile (thread stacks,
+/// their own heaps), and one of those mappings may lie there for a while: the open is tried
+/// again for up to ten seconds before it fails (seen once: `AddressTaken`).
+fn open_at_its_address(path: &Path) -> coreheap::shm::SharedHeap {
+    let mut tries = 0;
+    loop {
+        match coreheap::shm::SharedHeap::open(path) {
+            Ok(h) => return h,
+            Err(e) if e.kind == coreheap::shm::ShmErrorKind::AddressTaken && tries < 40 => {
+                tries += 1;
+                std::thread::sleep(Duration::from_millis(250));
+            }
+            Err(e) => panic!("open {}: {e:?}", path.display()),
+        }
+    }
+}
+
 /// The root table `shm_strings.c` publishes.
 #[repr(C)]
 struct CTable {
@@ -666,7 +684,7 @@ fn shared_heap_strings_read_by_another_process() {
     }
     drop(heap);
     // A writable view: the program's heap is sound, and its churn was all freed.
-    let heap = coreheap::shm::SharedHeap::open(&path).unwrap();
+    let heap = open_at_its_address(&path);
     heap.check().expect("the heap a program left behind checks");
     heap.destroy().unwrap();
 }
@@ -697,7 +715,7 @@ fn python_runs_on_a_shared_heap() {
         "{}",
         text(&out.stdout)
     );
-    let heap = coreheap::shm::SharedHeap::open(&path).unwrap();
+    let heap = open_at_its_address(&path);
     let st = heap.stats();
     assert!(
         st.arenas
@@ -727,7 +745,7 @@ fn shell_subshells_on_a_shared_heap_get_private_copies() {
     let shm = format!("{name}:64M");
     let out = preloaded("bash", &["-c", script], &[("COREHEAP_SHM", &shm)], 120);
     assert_eq!(text(&out.stdout).trim(), "last aaaaa6893 3000000");
-    let heap = coreheap::shm::SharedHeap::open(&path).unwrap();
+    let heap = open_at_its_address(&path);
     heap.check().expect("check after the shell");
     heap.destroy().unwrap();
 }

@@ -252,7 +252,10 @@ pub fn shm_root() -> *mut c_void {
 /// threads, and one stopped inside glibc's own `fork` could hold the lock glibc takes after
 /// the handlers. (glibc's own callers of `fork`, `daemon` and `forkpty`, do not come here.)
 pub fn fork() -> libc::pid_t {
-    crate::shm::process::fork_gated(crate::os::process::next_fork)
+    // Looked up (if the constructor has not) before the gate is taken.
+    let next = crate::os::process::next_fork();
+    // SAFETY: the C library's `fork`, which has no preconditions.
+    crate::shm::process::fork_gated(|| unsafe { next() })
 }
 
 /// `malloc_trim(3)`: empties every CPU's cache and returns unused pages (as
@@ -466,6 +469,8 @@ pub fn malloc_stats() {
 pub fn init() {
     HEAP.arena_count();
     shm_heap();
+    // The C library's `fork`, looked up now rather than in a `fork` (`c_api::fork`).
+    crate::os::process::next_fork();
 }
 
 /// `struct mallinfo2` of glibc 2.33 and later, with glibc's meanings.

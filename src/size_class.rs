@@ -99,7 +99,9 @@ macro_rules! per_class {
         let mut t: [$t; crate::size_class::NUM_CLASSES] = [0; crate::size_class::NUM_CLASSES];
         let mut $c = 0;
         while $c < crate::size_class::NUM_CLASSES {
-            t[$c] = $e as $t;
+            let v = $e;
+            assert!(v as $t as usize == v, "a class's entry does not fit the table's type");
+            t[$c] = v as $t;
             $c += 1;
         }
         t
@@ -300,11 +302,7 @@ pub const fn run_blocks(class: usize) -> usize {
 }
 
 /// [`run_blocks`] of every class, so that carving and returning blocks divide by no size.
-const RUN_BLOCKS: [u16; NUM_CLASSES] = per_class!(u16, |c| {
-    let n = run_pages(c) * PAGE / class_size(c);
-    assert!(n <= u16::MAX as usize);
-    n
-});
+const RUN_BLOCKS: [u16; NUM_CLASSES] = per_class!(u16, |c| run_pages(c) * PAGE / class_size(c));
 
 /// The pages after the first of a run of class `class` that [`run_page_marked`] says need
 /// the class and distance: every one up to 8 KiB, else one per block after the first (the

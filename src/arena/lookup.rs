@@ -94,6 +94,10 @@ pub fn small_block_start(p: *const u8, _d: &PageDesc, class: usize) -> bool {
 /// records the class), without going to the run's first page. `None` for anything else,
 /// which [`lookup`] then sorts out, and for blocks whose chunk only the source's slower test
 /// finds (`PageSource::owns_chunk_quick`).
+///
+/// Only for the process heap's source (`OsSource`, whose chunks read zero once given back):
+/// it does not compare the chunk's magic, which a shared heap's source changes, without
+/// clearing `kind`, while it gives a chunk back.
 #[inline]
 pub fn lookup_small<S: PageSource>(src: &S, p: *const u8) -> Option<(u32, usize)> {
     let c = chunk_of(p);
@@ -102,9 +106,9 @@ pub fn lookup_small<S: PageSource>(src: &S, p: *const u8) -> Option<(u32, usize)
     }
     let h = c as *const ChunkHeader;
     // SAFETY: as in `lookup`: the chunk is mapped, its header readable; page descriptors are
-    // read through atomics. `magic` is not read: the source owns the chunk, so it has one
-    // (a header the source gave back reads zero, `kind` too), and `kind` is a tag of its
-    // own, which [`lookup`] checks again for anything this does not take.
+    // read through atomics. `magic` is not read: the process heap's source owns the chunk,
+    // so it has one (a header that source gave back reads zero, `kind` too), and `kind` is a
+    // tag of its own, which [`lookup`] checks again for anything this does not take.
     unsafe {
         if (*h).kind != CHUNK_ARENA {
             return None;

@@ -116,8 +116,10 @@ pub struct CpuCache {
     /// Grows the spare could not pay for since the last steal ([`STEAL_EVERY`]).
     misses: AtomicU32,
     /// Bit `c`: class `c` overflowed or was refilled through the middle tier since the last
-    /// steal, so it is in use and the next steal leaves it alone. (A heuristic: updates
-    /// racing on another thread may be lost.)
+    /// steal (or is the class that made it), so it is in use and the next steal leaves it
+    /// alone. A heuristic, set by a load and a store: a grow racing with a steal on another
+    /// thread may lose a bit, or put back one the steal had just cleared (the class is then
+    /// spared one look more).
     busy: AtomicU64,
 }
 const _: () = assert!(TABLE_CLASSES <= 64);
@@ -221,7 +223,8 @@ const LARGE_LIMIT: usize = 1;
 /// in lists that were not in use since its last look ([`Caches::steal`]). A look at every
 /// such grow lowered, where a program uses twenty classes at once (`prodcons`), lists that
 /// were short only for the moment, which grew back at their next overflow by lowering
-/// others: 12% of that workload's time went to the churn.
+/// others: the workload took 0.63 s against 0.57 s with no stealing at all
+/// (`docs/bench-core.md`, session 12).
 pub const STEAL_EVERY: u32 = 64;
 /// The most blocks a class list holds: what a byte of `limits` holds (128 had been chosen
 /// in issue 5, `docs/bench-core.md`; 255 took the `batch` workload from 1.25 to 1.16 s).
@@ -565,6 +568,10 @@ impl Caches {
             c.misses.store(misses, Ordering::Relaxed);
             return false;
         }
+        if crate::os::current_cpu() != cpu {
+            // Moved off `cpu` (every lowering would fail): the look is left to a thread there.
+            return false;
+        }
         if c.stealing.load(Ordering::Relaxed) || c.stealing.swap(true, Ordering::Acquire) {
             return false;
         }
@@ -655,23 +662,80 @@ impl Caches {
     }
 }
 
-/// Asks for the cache line at `addr` to be brought in, for writing (a hint: no address
-/// faults, 0 included). Nothing where there is no instruction for it here.
+/// Asks for the cache line at `addr` to be brought in, for writing where the CPU has the
+/// instruction for it (`prefetchw`), else for reading (`prefetcht0`). A hint: no address
+/// faults, 0 included. Nothing where there is no instruction for it here.
 #[inline(always)]
 pub(crate) fn prefetch_write(addr: usize) {
-    // SAFETY: `prefetchw` reads nothing the program sees and never faults, whatever the
-    // address. (The lint is for blocks that read through a pointer; this one only hints.)
     #[cfg(target_arch = "x86_64")]
-    #[allow(clippy::pointers_in_nomem_asm_block)]
-    unsafe {
-        core::arch::asm!(
-            "prefetchw byte ptr [{a}]",
-            a = in(reg) addr,
-            options(nostack, preserves_flags, nomem)
-        );
+    {
+        if has_prefetchw() {
+            // SAFETY: the CPU has `prefetchw` (CPUID, `has_prefetchw`); a prefetch reads
+            // nothing the program sees and never faults, whatever the address. (The lint is
+            // for blocks that read through a pointer; this one only hints.)
+            #[allow(clippy::pointers_in_nomem_asm_block)]
+            unsafe {
+                core::arch::asm!(
+                    "prefetchw byte ptr [{a}]",
+                    a = in(reg) addr,
+                    options(nostack, preserves_flags, nomem)
+                );
+            }
+        } else {
+            // SAFETY: `prefetcht0` (SSE, on every x86_64 CPU), as above.
+            #[allow(clippy::pointers_in_nomem_asm_block)]
+            unsafe {
+                core::arch::asm!(
+                    "prefetcht0 byte ptr [{a}]",
+                    a = in(reg) addr,
+                    options(nostack, preserves_flags, nomem)
+                );
+            }
+        }
     }
     #[cfg(not(target_arch = "x86_64"))]
     let _ = addr;
+}
+
+/// Whether the CPU has `prefetchw` (CPUID leaf 0x8000_0001, ECX bit 8: PRFCHW, AMD's
+/// 3DNowPrefetch), which the x86_64 baseline does not promise (Intel's before Broadwell do
+/// not report it). Asked once; 0 unknown, 1 no, 2 yes.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn has_prefetchw() -> bool {
+    static HAS: AtomicU8 = AtomicU8::new(0);
+    match HAS.load(Ordering::Relaxed) {
+        2 => true,
+        1 => false,
+        _ => {
+            let yes =
+                cpuid_ecx(0x8000_0000).0 >= 0x8000_0001 && cpuid_ecx(0x8000_0001).1 & (1 << 8) != 0;
+            HAS.store(if yes { 2 } else { 1 }, Ordering::Relaxed);
+            yes
+        }
+    }
+}
+
+/// EAX and ECX of CPUID leaf `leaf` (subleaf 0).
+#[cfg(target_arch = "x86_64")]
+#[cold]
+fn cpuid_ecx(leaf: u32) -> (u32, u32) {
+    let (eax, ecx): (u32, u32);
+    // SAFETY: CPUID exists on every x86_64 CPU and only writes the four registers, RBX of
+    // which (reserved by the compiler) is saved and restored around it.
+    unsafe {
+        core::arch::asm!(
+            "mov {save}, rbx",
+            "cpuid",
+            "mov rbx, {save}",
+            save = out(reg) _,
+            inout("eax") leaf => eax,
+            inout("ecx") 0u32 => ecx,
+            out("edx") _,
+            options(nostack, nomem, preserves_flags)
+        );
+    }
+    (eax, ecx)
 }
 
 impl Caches {

@@ -71,7 +71,7 @@ pub const fn slots(class: usize) -> usize {
     SLOT_COUNTS[class] as usize
 }
 
-/// [`slots`] of every class, computed once: the slow paths that park and take chains
+/// [`slots`] of every class, computed at build time: the slow paths that park and take chains
 /// would otherwise divide by the chain's bytes on each call.
 const SLOT_COUNTS: [u8; NUM_CLASSES] = per_class!(u8, |c| compute_slots(c));
 

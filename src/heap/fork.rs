@@ -1,9 +1,11 @@
 //! Process events: the `pthread_atfork` handlers and the exit report and check.
 //!
-//! Lock order at fork: glibc's stdio list lock, then the arenas in index order, then the
-//! huge span cache's lock (`source/spans.rs`). The child re-initialises every lock the
-//! prepare handler took rather than unlocking it (the thread that took it in the parent does
-//! not exist in the child). The handlers are registered once per process.
+//! Lock order at fork: (under `COREHEAP_SHM`, the preload library's `fork` gate first,
+//! `shm::process::fork_gated`, taken before glibc's `fork` starts) glibc's stdio list lock,
+//! then the arenas in index order, then the huge span cache's lock (`source/spans.rs`). The
+//! child re-initialises every lock the prepare handler took rather than unlocking it (the
+//! thread that took it in the parent does not exist in the child). The handlers are
+//! registered once per process.
 //!
 //! A `fork` may come from a signal handler that interrupted this very thread inside an
 //! arena (holding its lock):

@@ -68,11 +68,13 @@ pub fn pid() -> u32 {
     unsafe { libc::getpid() as u32 }
 }
 
-/// Calls the C library's `fork` (which runs the fork handlers): the next definition of `fork`
+/// The C library's `fork` (which runs the fork handlers): the next definition of `fork`
 /// after the object that holds this code (`dlsym(RTLD_NEXT)`: the preload library exports a
-/// `fork` of its own, [`crate::c_api::fork`], which calls this one), looked up at the first
-/// call. Keeps `errno` across the look-up; aborts with a message if there is no such `fork`.
-pub fn next_fork() -> libc::pid_t {
+/// `fork` of its own, [`crate::c_api::fork`], which calls this one's result). Looked up once:
+/// by the preload library's constructor (`c_api::init`), so that no `fork`, from a signal
+/// handler either, calls `dlsym`, which is not async-signal-safe; else at the first call.
+/// Keeps `errno` across the look-up; aborts with a message if there is no such `fork`.
+pub fn next_fork() -> unsafe extern "C" fn() -> libc::pid_t {
     use core::sync::atomic::{AtomicUsize, Ordering};
     /// The function's address, 0 until looked up. Relaxed: the address is the same for every
     /// thread that looks it up, and calling it needs nothing else published.
@@ -80,8 +82,8 @@ pub fn next_fork() -> libc::pid_t {
     let mut f = NEXT.load(Ordering::Relaxed);
     if f == 0 {
         // SAFETY: dlsym with RTLD_NEXT and a NUL-terminated name only reads the loaded
-        // objects' symbol tables (it may allocate, which re-enters this allocator outside any
-        // of its locks).
+        // objects' symbol tables (it may allocate, which re-enters this allocator; the callers
+        // hold none of its locks, nor the shared heap's fork gate).
         f = super::errno::keeping_errno(|| unsafe {
             libc::dlsym(libc::RTLD_NEXT, c"fork".as_ptr()) as usize
         });
@@ -91,9 +93,7 @@ pub fn next_fork() -> libc::pid_t {
         NEXT.store(f, Ordering::Relaxed);
     }
     // SAFETY: `f` is the address of the C library's `fork`, `pid_t fork(void)`.
-    let fork: unsafe extern "C" fn() -> libc::pid_t = unsafe { core::mem::transmute(f) };
-    // SAFETY: fork has no preconditions.
-    unsafe { fork() }
+    unsafe { core::mem::transmute::<usize, unsafe extern "C" fn() -> libc::pid_t>(f) }
 }
 
 /// Registers `f` to run at normal process exit (`atexit`: handlers run in reverse order of

@@ -157,7 +157,9 @@ static FORK_GATE: crate::lock::RawLock = crate::lock::RawLock::new(false);
 /// thread holds. The child (one thread, the copy of the one holding the gate) makes the gate
 /// anew.
 pub(crate) fn fork_gated(fork: impl FnOnce() -> libc::pid_t) -> libc::pid_t {
-    let gated = shared_heap().is_some() && FORK_GATE.lock_for_fork();
+    // errno kept: a wait at the gate may leave EAGAIN or EINTR, which a `fork` that then
+    // succeeds would return with.
+    let gated = shared_heap().is_some() && os::keeping_errno(|| FORK_GATE.lock_for_fork());
     let pid = fork();
     if gated {
         os::keeping_errno(|| {

@@ -204,7 +204,7 @@ const _: () = assert!(OUTBOX_MAX_BLOCK <= crate::size_class::SMALL_MAX);
 /// classes; split evenly over the 32 finer classes, the same budget gave each 10 KiB, and
 /// the cross-thread workloads paid for the shorter chains (`docs/bench-core.md`, sessions
 /// 9-10).
-const CLASS_LISTS_BUDGET: usize = 320 * 1024;
+pub const CLASS_LISTS_BUDGET: usize = 320 * 1024;
 /// A class list's limit at first: half of an even share of [`CLASS_LISTS_BUDGET`] (5 KiB
 /// of each of the 32 finer classes, 16 KiB of the ten power-of-two ones), so that the
 /// rest (about 40% with the finer classes, where the lists of 2 blocks of the largest

@@ -158,20 +158,21 @@ fn forks_from_several_threads_at_once() {
 /// children found their heaps corrupted.
 #[test]
 fn shared_heap_forks_from_several_threads_at_once() {
-    let exe = compile("fork_concurrent.c", "fork_concurrent_shm", &["-lpthread"]);
-    let (path, shm) = fresh_shared_heap("concfork", "256M");
-    let out = preloaded(
-        exe.to_str().unwrap(),
-        &["50"],
-        &[("COREHEAP_SHM", &shm)],
-        60,
+    fork_concurrent_on_shared_heap("concfork", &["50"], "forks ok 200");
+}
+
+/// Runs `fork_concurrent.c` with `args` on a fresh shared heap (named after `tag`), which
+/// must print `want` within 60 s.
+fn fork_concurrent_on_shared_heap(tag: &str, args: &[&str], want: &str) {
+    let exe = compile(
+        "fork_concurrent.c",
+        &format!("fork_concurrent_{tag}"),
+        &["-lpthread"],
     );
+    let (path, shm) = fresh_shared_heap(tag, "256M");
+    let out = preloaded(exe.to_str().unwrap(), args, &[("COREHEAP_SHM", &shm)], 60);
     let _ = std::fs::remove_file(&path);
-    assert!(
-        text(&out.stdout).contains("forks ok 200"),
-        "{}",
-        text(&out.stdout)
-    );
+    assert!(text(&out.stdout).contains(want), "{}", text(&out.stdout));
 }
 
 /// `COREHEAP_SHM`, with 60,000 empty fork handler entries, which glibc walks holding its fork
@@ -181,24 +182,7 @@ fn shared_heap_forks_from_several_threads_at_once() {
 /// `fork` one at a time, through the preload library's own `fork`.
 #[test]
 fn shared_heap_fork_waits_for_no_stopped_fork() {
-    let exe = compile(
-        "fork_concurrent.c",
-        "fork_concurrent_shm_empty",
-        &["-lpthread"],
-    );
-    let (path, shm) = fresh_shared_heap("concforkempty", "256M");
-    let out = preloaded(
-        exe.to_str().unwrap(),
-        &["25", "60000"],
-        &[("COREHEAP_SHM", &shm)],
-        60,
-    );
-    let _ = std::fs::remove_file(&path);
-    assert!(
-        text(&out.stdout).contains("forks ok 100"),
-        "{}",
-        text(&out.stdout)
-    );
+    fork_concurrent_on_shared_heap("concforkempty", &["25", "60000"], "forks ok 100");
 }
 
 /// Runs `misuse CASE` on coreheap with `env`; returns its standard output and error after

@@ -22,8 +22,9 @@
 //! with another base must not use them (nor [`Chain`], nor the outbox's batches).
 //!
 //! Each cache also has an **outbox** ([`OUTBOX`]): small blocks of *other* arenas freed on
-//! this CPU, of any class. They are never handed out from there; a full outbox is sent, its
-//! blocks grouped by owner into the owners' inboxes (`inbox.rs`), whose CPUs sort them by
+//! this CPU, of any class, kept in an array with the class and owner the free found for
+//! each (so sending reads no block). They are never handed out from there; a full outbox
+//! is sent, its blocks grouped by owner into the owners' inboxes (`inbox.rs`), whose CPUs sort them by
 //! class into chains when they refill (or onto the owners' pending stacks when an inbox has
 //! no room).
 //!
@@ -31,7 +32,8 @@
 //! - a block on a class list of cache `c` belongs to arena `caches[c].arena` (the arena the
 //!   CPU map gives CPU `c`); a block in the outbox is of any arena (usually another: a
 //!   thread that migrates between its two sections can put its own arena's block there,
-//!   which is harmless, since sending routes each block by its header); either way it is
+//!   which is harmless, since sending routes each block by the owner its entry names);
+//!   either way it is
 //!   free, marked, and counted as in use by its run (the run only learns of it again when
 //!   the block is flushed or sent back);
 //! - the lists of `c` are written only inside the critical sections below, by threads on
@@ -51,7 +53,9 @@
 //! same five sections for its ISA, and its `RSEQ_SIG` placed before each abort handler as
 //! the kernel's selftests (`tools/testing/selftests/rseq/rseq-*.h`) show.
 
-use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use core::sync::atomic::{
+    AtomicBool, AtomicU16, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering,
+};
 
 use crate::chunk::{decode_link, Block};
 use crate::size_class::{class_size, per_class, LARGE_MAX, NUM_CLASSES, TABLE_CLASSES};
@@ -74,7 +78,8 @@ pub const PTR_BITS: u32 = 48;
 pub const PTR_MASK: usize = (1 << PTR_BITS) - 1;
 
 /// log2 of the distance between two CPUs' caches: a [`CpuCache`] rounded up to a power of
-/// two (128 bytes with ten classes, 512 with 32), so that the sections index by a shift.
+/// two (1 KiB with ten classes, 2 KiB with the finer ones, most of it the outbox), so that
+/// the sections index by a shift.
 const STRIDE_SHIFT: usize = core::mem::size_of::<CpuCache>()
     .next_power_of_two()
     .trailing_zeros() as usize;
@@ -86,8 +91,8 @@ const STRIDE_SHIFT: usize = core::mem::size_of::<CpuCache>()
 /// accesses, single-copy atomic on x86_64), so the fast path executes no atomic instruction.
 #[repr(C, align(128))]
 pub struct CpuCache {
-    /// Packed list heads, one per size class, then the outbox ([`OUTBOX`]), the page-run
-    /// slots ([`RUNS`]) and the large outbox ([`LARGE_OUTBOX`]).
+    /// Packed list heads, one per size class, then the outbox's count ([`OUTBOX`]), the
+    /// page-run slots ([`RUNS`]) and the large outbox ([`LARGE_OUTBOX`]).
     heads: [AtomicUsize; LISTS],
     /// Blocks popped by the fast path (statistics; may count a restarted pop twice).
     fast_allocs: AtomicU64,
@@ -121,8 +126,19 @@ pub struct CpuCache {
     /// thread may lose a bit, or put back one the steal had just cleared (the class is then
     /// spared one look more).
     busy: AtomicU64,
+    /// The outbox ([`OUTBOX`]): `heads[OUTBOX]` entries (a plain count, at most
+    /// [`OUTBOX_LIMIT`]), each a block and its class packed as an inbox slot holds them
+    /// ([`inbox_pack`]), its owning arena in `outbox_owner` at the same index. What the free
+    /// found out about a block travels with it, so sending the outbox reads no block and
+    /// looks none up. Written only by the outbox sections on this CPU, which store the entry
+    /// first and commit with the count; entries at and past the count are garbage.
+    outbox: [AtomicUsize; OUTBOX_LIMIT],
+    /// The arena of each outbox entry.
+    outbox_owner: [AtomicU16; OUTBOX_LIMIT],
 }
 const _: () = assert!(TABLE_CLASSES <= 64);
+// An outbox entry's owner fits its `u16`.
+const _: () = assert!(crate::settings::MAX_ARENAS <= u16::MAX as usize + 1);
 
 // The sections' memory operands (`sections.rs`): none without them.
 #[cfg(coreheap_rseq)]
@@ -135,6 +151,10 @@ const OFF_ARENA: usize = core::mem::offset_of!(CpuCache, arena);
 const OFF_KEY: usize = core::mem::offset_of!(CpuCache, key);
 #[cfg(coreheap_rseq)]
 const OFF_LIMITS: usize = core::mem::offset_of!(CpuCache, limits);
+#[cfg(coreheap_rseq)]
+const OFF_OUTBOX: usize = core::mem::offset_of!(CpuCache, outbox);
+#[cfg(coreheap_rseq)]
+const OFF_OUTBOX_OWNER: usize = core::mem::offset_of!(CpuCache, outbox_owner);
 #[cfg(coreheap_rseq)]
 const OFF_CS_BASE: usize = core::mem::offset_of!(Caches, base);
 #[cfg(coreheap_rseq)]
@@ -361,6 +381,23 @@ pub enum Push {
     Remote,
     /// The thread has no CPU cache (no CPU id from rseq); nothing changed.
     NoCache,
+}
+
+/// An outbox taken whole ([`Caches::take_outbox`]): its entries and their arenas.
+pub struct OutboxCopy {
+    /// Blocks packed with their classes ([`inbox_pack`]).
+    pub entries: [usize; OUTBOX_LIMIT],
+    /// The arena of each entry.
+    pub owners: [u16; OUTBOX_LIMIT],
+}
+
+impl OutboxCopy {
+    pub const fn new() -> Self {
+        Self {
+            entries: [0; OUTBOX_LIMIT],
+            owners: [0; OUTBOX_LIMIT],
+        }
+    }
 }
 
 /// The table of per-CPU caches, and what the critical sections need to find it.
@@ -801,18 +838,63 @@ impl Caches {
         }
     }
 
-    /// Pushes `b`, a free small block of another arena than the current CPU's, on the
-    /// current CPU's outbox `list` ([`OUTBOX`] or [`LARGE_OUTBOX`]).
+    /// Puts `b`, a free small block of class `class` (of at most [`OUTBOX_MAX_BLOCK`] bytes)
+    /// of arena `arena`, in the current CPU's outbox ([`OUTBOX`]), with its class and
+    /// owner. [`Push::Full`] when the outbox holds [`OUTBOX_LIMIT`] blocks.
     ///
     /// # Safety
-    /// `enabled`; `b` is a free small block, marked, which the caller owns and gives up if
-    /// the answer is [`Push::Done`]; of at most [`OUTBOX_MAX_BLOCK`] bytes for `OUTBOX`, of
-    /// a larger class for `LARGE_OUTBOX`.
+    /// `enabled`; `b` is a free small block of that class and arena, marked, which the
+    /// caller owns and gives up if the answer is [`Push::Done`].
     #[inline(always)]
-    pub unsafe fn push_outbox(&self, list: usize, b: *mut Block) -> Push {
-        debug_assert!(list == OUTBOX || list == LARGE_OUTBOX);
+    pub unsafe fn push_outbox(&self, b: *mut Block, class: usize, arena: u32) -> Push {
+        debug_assert!(self.enabled && class_size(class) <= OUTBOX_MAX_BLOCK);
         // SAFETY: by the contract.
-        match unsafe { self.push_outbox_raw(list, b as usize) } {
+        match unsafe { self.push_outbox_raw(inbox_pack(b as usize, class), arena as usize) } {
+            0 => Push::Done,
+            2 => Push::Full,
+            _ => Push::NoCache,
+        }
+    }
+
+    /// Empties the current CPU's outbox into `out` (each entry a block packed with its
+    /// class, [`inbox_pack`], and the block's arena) and returns how many entries it took:
+    /// 0 when the outbox was empty or the thread has no usable CPU id. The blocks are now
+    /// the caller's.
+    pub fn take_outbox(&self, out: &mut OutboxCopy) -> usize {
+        let n = self.take_outbox_raw(&mut out.entries, &mut out.owners);
+        debug_assert!(n <= OUTBOX_LIMIT);
+        n
+    }
+
+    /// Calls `f(block, class, arena)` on each entry of CPU `cpu`'s outbox while `f` returns
+    /// true, read without that CPU's cooperation: a recent snapshot, exact only while no
+    /// thread runs on `cpu`. (An entry read as that CPU replaces it may name a block that
+    /// was never in the outbox, or a stale one.)
+    pub fn peek_outbox(&self, cpu: usize, mut f: impl FnMut(usize, usize, usize) -> bool) {
+        if !self.enabled {
+            return;
+        }
+        let c = self.cache(cpu);
+        let n = c.heads[OUTBOX].load(Ordering::Relaxed).min(OUTBOX_LIMIT);
+        for i in 0..n {
+            let (b, class) = inbox_unpack(c.outbox[i].load(Ordering::Relaxed));
+            let owner = c.outbox_owner[i].load(Ordering::Relaxed) as usize;
+            if !f(b, class, owner) {
+                return;
+            }
+        }
+    }
+
+    /// Pushes `b`, a free block of a class above [`OUTBOX_MAX_BLOCK`] of another arena than
+    /// the current CPU's, on the current CPU's large outbox ([`LARGE_OUTBOX`]).
+    ///
+    /// # Safety
+    /// `enabled`; `b` is a free small block of such a class, marked, which the caller owns
+    /// and gives up if the answer is [`Push::Done`].
+    #[inline(always)]
+    pub unsafe fn push_large_outbox(&self, b: *mut Block) -> Push {
+        // SAFETY: by the contract.
+        match unsafe { self.push_list_raw(LARGE_OUTBOX, b as usize) } {
             0 => Push::Done,
             2 => Push::Full,
             _ => Push::NoCache,
@@ -852,7 +934,7 @@ impl Caches {
     /// CPUs' cooperation:
     /// their lists may change under the walk, so every link is read as one machine word and
     /// followed only if `is_block(link, list)` says it is a free-able small block fit for
-    /// that list (of `class` for a class list, of any class for an outbox), which keeps the
+    /// that list (of `class` for a class list, of any class for the large outbox), which keeps the
     /// walk inside mapped memory; at most a list's limit + 1 links per list. `key_of_arena`
     /// gives an arena's link secret. Used only to confirm a suspected double free, where `b`
     /// carries the free mark and is on no list of the current CPU or its arena: a hit means
@@ -879,10 +961,13 @@ impl Caches {
                 self.transfer(a).inbox.peek(&mut look);
             }
             if pass == 1 {
-                for list in [class, OUTBOX, LARGE_OUTBOX] {
+                for list in [class, LARGE_OUTBOX] {
                     for cpu in 0..self.len {
                         self.walk(cpu, list, &mut look, &is_block);
                     }
+                }
+                for cpu in 0..self.len {
+                    self.peek_outbox(cpu, |p, _, _| look(p));
                 }
             } else {
                 for a in 0..self.arenas {
@@ -893,7 +978,7 @@ impl Caches {
         seen
     }
 
-    /// Calls `f` on each block of CPU `cpu`'s list `list` (a class or [`OUTBOX`]), walked
+    /// Calls `f` on each block of CPU `cpu`'s list `list` (a class or [`LARGE_OUTBOX`]), walked
     /// without that CPU's cooperation as [`Caches::seen_anywhere`] explains, while `f`
     /// returns true. Exact only while no thread runs on `cpu`.
     pub fn walk(
@@ -903,6 +988,7 @@ impl Caches {
         f: impl FnMut(usize) -> bool,
         is_block: &impl Fn(usize, usize) -> bool,
     ) {
+        debug_assert!(list != OUTBOX, "the outbox is no list: peek_outbox");
         if !self.enabled {
             return;
         }
@@ -1055,6 +1141,16 @@ mod tests {
 
     #[test]
     fn caches_are_bounded_in_bytes() {
+        let stride = if cfg!(feature = "pow2-classes") {
+            1024
+        } else {
+            2048
+        };
+        assert_eq!(
+            1 << STRIDE_SHIFT,
+            stride,
+            "STRIDE_SHIFT's comment states it"
+        );
         let kib = if cfg!(feature = "pow2-classes") {
             4480
         } else {

@@ -18,7 +18,7 @@
 
 use super::{
     Caches, OFF_ALLOCS, OFF_ARENA, OFF_CS_BASE, OFF_CS_LEN, OFF_CS_RSEQ, OFF_FREES, OFF_KEY,
-    OFF_LIMITS, PTR_BITS, STRIDE_SHIFT,
+    OFF_LIMITS, OFF_OUTBOX, OFF_OUTBOX_OWNER, OUTBOX, OUTBOX_LIMIT, PTR_BITS, STRIDE_SHIFT,
 };
 use core::arch::asm;
 
@@ -250,14 +250,14 @@ impl Caches {
         )
     }
 
-    /// Pushes `b` on the current CPU's outbox `list` (`OUTBOX` or `LARGE_OUTBOX`), which
-    /// takes blocks of any arena. Returns as `push_raw` (never 3).
+    /// Pushes `b` on the current CPU's list `list` with no arena check (`LARGE_OUTBOX`,
+    /// which takes blocks of any arena). Returns as `push_raw` (never 3).
     ///
     /// # Safety
-    /// `b` is a free small block that the caller owns, of at most `OUTBOX_MAX_BLOCK` bytes
-    /// for `OUTBOX`.
+    /// `b` is a free small block that the caller owns, of a class above
+    /// `OUTBOX_MAX_BLOCK`.
     #[inline(always)]
-    pub(super) unsafe fn push_outbox_raw(&self, list: usize, b: usize) -> u32 {
+    pub(super) unsafe fn push_list_raw(&self, list: usize, b: usize) -> u32 {
         // No arena check: `{arena}`, `{arena_off}` and `{remote}` are named in a comment
         // only.
         push_section!(
@@ -267,6 +267,113 @@ impl Caches {
             0u32,
             ["/* {arena:e} {arena_off} {remote} */",]
         )
+    }
+
+    /// Appends entry `v` (a block packed with its class) of arena `owner` to the current
+    /// CPU's outbox if it holds fewer than `OUTBOX_LIMIT`. Returns 0 (done), 1 (no usable
+    /// CPU id) or 2 (full).
+    ///
+    /// # Safety
+    /// `v` packs a free small block that the caller owns, of at most `OUTBOX_MAX_BLOCK`
+    /// bytes, which it gives up on 0; `owner` is the block's arena.
+    #[inline(always)]
+    pub(super) unsafe fn push_outbox_raw(&self, v: usize, owner: usize) -> u32 {
+        // SAFETY: as in `pop_raw`; the section writes only the current CPU's cache: the
+        // entry at the count, which is below `OUTBOX_LIMIT` (checked), so inside the
+        // arrays, and then the count, the commit. An entry written by a section that did
+        // not commit is past the count, garbage.
+        unsafe {
+            asm!(
+                rseq_section!(
+                    current_cache!("{foreign}"),
+                    "mov {t}, qword ptr [{c} + {count}]",
+                    "cmp {t}, {limit}",
+                    "jae {full}",
+                    "mov qword ptr [{c} + {t} * 8 + {entries}], {v}",
+                    "mov word ptr [{c} + {t} * 2 + {owners}], {owner:x}",
+                    "add {t}, 1",
+                    "add qword ptr [{c} + {frees}], 1",
+                    "mov qword ptr [{c} + {count}], {t}",
+                ),
+                cs = in(reg) self as *const Caches,
+                cs_rseq = const OFF_CS_RSEQ,
+                cs_len = const OFF_CS_LEN,
+                cs_base = const OFF_CS_BASE,
+                v = in(reg) v,
+                owner = in(reg) owner,
+                c = out(reg) _,
+                t = out(reg) _,
+                shift = const STRIDE_SHIFT,
+                count = const OUTBOX * 8,
+                limit = const OUTBOX_LIMIT,
+                entries = const OFF_OUTBOX,
+                owners = const OFF_OUTBOX_OWNER,
+                frees = const OFF_FREES,
+                sig = const RSEQ_SIG,
+                foreign = label { return 1 },
+                full = label { return 2 },
+                options(nostack),
+            );
+        }
+        0
+    }
+
+    /// Copies the current CPU's outbox into `entries` and `owners` and empties it. Returns
+    /// how many entries it took (0 if the thread has no usable CPU id).
+    #[inline(never)]
+    pub(super) fn take_outbox_raw(
+        &self,
+        entries: &mut [usize; OUTBOX_LIMIT],
+        owners: &mut [u16; OUTBOX_LIMIT],
+    ) -> usize {
+        let n: usize;
+        // SAFETY: as in `pop_raw`; the section reads the current CPU's outbox up to its
+        // count, no more than `OUTBOX_LIMIT` (clamped, so a damaged count cannot take it
+        // past the arrays), writes as many entries of the caller's arrays, and commits by
+        // storing a count of 0, after which the copied blocks are ours. A restart copies
+        // again from the first.
+        unsafe {
+            asm!(
+                rseq_section!(
+                    "xor {n:e}, {n:e}",
+                    current_cache!(),
+                    "mov {n}, qword ptr [{c} + {count}]",
+                    "mov {i:e}, {limit}",
+                    "cmp {n}, {i}",
+                    "cmova {n}, {i}",
+                    "xor {i:e}, {i:e}",
+                    "77:",
+                    "cmp {i}, {n}",
+                    "jae 78f",
+                    "mov {t}, qword ptr [{c} + {i} * 8 + {entries}]",
+                    "mov qword ptr [{eout} + {i} * 8], {t}",
+                    "movzx {t:e}, word ptr [{c} + {i} * 2 + {owners}]",
+                    "mov word ptr [{oout} + {i} * 2], {t:x}",
+                    "add {i}, 1",
+                    "jmp 77b",
+                    "78:",
+                    "mov qword ptr [{c} + {count}], 0",
+                ),
+                cs = in(reg) self as *const Caches,
+                cs_rseq = const OFF_CS_RSEQ,
+                cs_len = const OFF_CS_LEN,
+                cs_base = const OFF_CS_BASE,
+                eout = in(reg) entries.as_mut_ptr(),
+                oout = in(reg) owners.as_mut_ptr(),
+                n = out(reg) n,
+                i = out(reg) _,
+                c = out(reg) _,
+                t = out(reg) _,
+                shift = const STRIDE_SHIFT,
+                count = const OUTBOX * 8,
+                limit = const OUTBOX_LIMIT,
+                entries = const OFF_OUTBOX,
+                owners = const OFF_OUTBOX_OWNER,
+                sig = const RSEQ_SIG,
+                options(nostack),
+            );
+        }
+        n
     }
 
     /// Empties the current CPU's list of class `class`. Returns the CPU id read and the

@@ -10,9 +10,9 @@ use super::{Config, ProcessHeap, SRC};
 use crate::arena::{lookup, lookup_small, Lookup};
 use crate::chunk::Block;
 use crate::cpucache::{
-    batch, chain_max, for_each_block, inbox_pack, inbox_unpack, limit, return_blocks, return_chain,
-    split_chain, take_batch, Chain, Push, BATCH_MAX, LARGE_OUTBOX, LARGE_OUTBOX_LIMIT, LIMIT_MAX,
-    OUTBOX, OUTBOX_LIMIT, OUTBOX_MAX_BLOCK, PTR_BITS,
+    batch, chain_max, for_each_block, inbox_unpack, limit, return_blocks, return_chain,
+    split_chain, take_batch, Chain, OutboxCopy, Push, BATCH_MAX, LARGE_OUTBOX, LARGE_OUTBOX_LIMIT,
+    LIMIT_MAX, OUTBOX_LIMIT, OUTBOX_MAX_BLOCK, PTR_BITS,
 };
 use crate::diag::{block_error, invalid_pointer};
 use crate::front::report::{self, DOUBLE_FREE};
@@ -506,10 +506,10 @@ impl ProcessHeap {
     unsafe fn free_small_slow(cfg: &Config, p: *mut u8, arena: u32, class: usize, r: Push) {
         if r == Push::Remote && class_size(class) <= OUTBOX_MAX_BLOCK {
             // SAFETY: by the contract.
-            match unsafe { cfg.caches.push_outbox(OUTBOX, p.cast()) } {
+            match unsafe { cfg.caches.push_outbox(p.cast(), class, arena) } {
                 Push::Done => {}
                 // SAFETY: by the contract.
-                o => unsafe { Self::free_outbox_slow(cfg, p, arena, o) },
+                o => unsafe { Self::free_outbox_slow(cfg, p, arena, class, o) },
             }
             return;
         }
@@ -522,11 +522,11 @@ impl ProcessHeap {
     /// # Safety
     /// As for `free_small_slow`, `p` of at most `OUTBOX_MAX_BLOCK` bytes.
     #[inline(never)]
-    unsafe fn free_outbox_slow(cfg: &Config, p: *mut u8, arena: u32, o: Push) {
+    unsafe fn free_outbox_slow(cfg: &Config, p: *mut u8, arena: u32, class: usize, o: Push) {
         // SAFETY: by the contract.
         os::keeping_errno(|| unsafe {
             match o {
-                Push::Full => Self::free_outbox_full(cfg, p, arena),
+                Push::Full => Self::free_outbox_full(cfg, p, arena, class),
                 _ => Self::free_small_remote(cfg, p, lookup(&SRC, p), arena),
             }
         })
@@ -547,7 +547,7 @@ impl ProcessHeap {
                 Push::Done => {}
                 Push::Full => Self::free_small_full(cfg, p, what(), arena, class),
                 Push::Remote if class >= TABLE_CLASSES => {
-                    match cfg.caches.push_outbox(LARGE_OUTBOX, p.cast()) {
+                    match cfg.caches.push_large_outbox(p.cast()) {
                         Push::Done => {}
                         Push::Full => Self::free_large_outbox_full(cfg, p, arena),
                         _ => Self::free_small_remote(cfg, p, what(), arena),
@@ -576,8 +576,7 @@ impl ProcessHeap {
     ) {
         let in_cache = |q: usize, list: usize| match lookup(&SRC, q as *const u8) {
             Lookup::Small { run, .. } => {
-                list == OUTBOX
-                    || list == LARGE_OUTBOX
+                list == LARGE_OUTBOX
                     // SAFETY: `lookup` returns live run heads.
                     || (unsafe { (*run).class() }) == list
             }
@@ -700,10 +699,10 @@ impl ProcessHeap {
     /// As for `free_small_full`.
     #[cold]
     #[inline(never)]
-    unsafe fn free_outbox_full(cfg: &Config, p: *mut u8, arena: u32) {
+    unsafe fn free_outbox_full(cfg: &Config, p: *mut u8, arena: u32, class: usize) {
         Self::send_outbox(cfg);
         // SAFETY: by the contract.
-        if unsafe { cfg.caches.push_outbox(OUTBOX, p.cast()) } != Push::Done {
+        if unsafe { cfg.caches.push_outbox(p.cast(), class, arena) } != Push::Done {
             // SAFETY: by the contract.
             unsafe { Self::free_small_remote(cfg, p, lookup(&SRC, p), arena) };
         }
@@ -718,7 +717,7 @@ impl ProcessHeap {
     unsafe fn free_large_outbox_full(cfg: &Config, p: *mut u8, arena: u32) {
         Self::send_large_outbox(cfg);
         // SAFETY: by the contract.
-        if unsafe { cfg.caches.push_outbox(LARGE_OUTBOX, p.cast()) } != Push::Done {
+        if unsafe { cfg.caches.push_large_outbox(p.cast()) } != Push::Done {
             // SAFETY: by the contract.
             unsafe { Self::free_small_remote(cfg, p, lookup(&SRC, p), arena) };
         }
@@ -733,7 +732,7 @@ impl ProcessHeap {
     #[inline(never)]
     pub(super) fn send_large_outbox(cfg: &Config) {
         let mut groups = Grouped::<LARGE_OUTBOX_LIMIT>::new();
-        if !Self::take_outbox(cfg, LARGE_OUTBOX, true, &mut groups) {
+        if !Self::take_large_outbox(cfg, &mut groups) {
             return;
         }
         groups.for_each(|owner, class, blocks| {
@@ -767,47 +766,54 @@ impl ProcessHeap {
         });
     }
 
-    /// Sends the current CPU's outbox: its blocks, each looked up once, grouped by owner,
-    /// go into their owners' inboxes, one compare-and-swap per owner (onto the owner's
-    /// pending stack when its inbox has no room). The owner's CPUs sort them by class when
-    /// they next refill (`sort_inbox`), so the sender does not touch the owner's transfer
-    /// slots, whose lines stay with the owner's CPUs.
+    /// Sends the current CPU's outbox: its blocks, grouped by owner (which each entry names
+    /// with the block's class, as the free found them: no block is read or looked up
+    /// here), go into their owners' inboxes, one compare-and-swap per owner (onto the
+    /// owner's pending stack when its inbox has no room). The owner's CPUs sort them by
+    /// class when they next refill (`sort_inbox`), so the sender does not touch the owner's
+    /// transfer slots, whose lines stay with the owner's CPUs.
     #[cold]
     #[inline(never)]
     pub(super) fn send_outbox(cfg: &Config) {
-        let mut groups = Grouped::<OUTBOX_LIMIT>::new();
-        if !Self::take_outbox(cfg, OUTBOX, false, &mut groups) {
+        let mut out = OutboxCopy::new();
+        let n = cfg.caches.take_outbox(&mut out);
+        if n == 0 {
             return;
         }
-        groups.for_each(|owner, _, blocks| {
-            // SAFETY: free, marked blocks of `owner` (looked up) of classes up to 1 KiB,
-            // counted in use by their runs, ours.
-            if unsafe { cfg.caches.transfer(owner).inbox.send(blocks) } {
-                return;
-            }
-            let a = cfg.arena(owner);
-            let mut batch = Batch::new(a.key());
-            for &v in blocks {
-                // SAFETY: free, marked blocks of `owner` (looked up), counted in use by their
-                // runs, ours; each is re-linked for the owner's stack.
-                unsafe { batch.add(inbox_unpack(v).0 as *mut Block) };
-            }
-            // SAFETY: the batch holds free blocks of `owner`, built with its key.
-            unsafe { a.push_remote_batch(&SRC, &batch) };
+        by_owner(&out.entries[..n], &out.owners[..n], |owner, blocks| {
+            Self::send_to_owner(cfg, owner, blocks)
         });
     }
 
-    /// Empties the current CPU's outbox `list` into `out`, each block looked up once,
-    /// grouped by owner and (if `by_class`) class; without, every group's class reads 0
-    /// and each block is packed with its class (`inbox_pack`).
-    /// False when the outbox was empty (or there is no CPU id).
-    fn take_outbox<const N: usize>(
-        cfg: &Config,
-        list: usize,
-        by_class: bool,
-        out: &mut Grouped<N>,
-    ) -> bool {
-        let Some((cpu, chain)) = cfg.caches.take_all(list) else {
+    /// Gives `blocks` (outbox entries: blocks packed with their classes) to arena `owner`'s
+    /// inbox, or onto its pending stack when the inbox has no room.
+    fn send_to_owner(cfg: &Config, owner: usize, blocks: &[usize]) {
+        if owner >= cfg.count {
+            // Only our own sections write outbox entries, with the arena the free found.
+            invalid_pointer(
+                b"coreheap: corrupted outbox",
+                inbox_unpack(blocks[0]).0 as *mut u8,
+            );
+        }
+        // SAFETY: free, marked blocks of `owner` (the free looked them up) of classes up to
+        // 1 KiB, counted in use by their runs, ours (taken off the outbox).
+        if unsafe { cfg.caches.transfer(owner).inbox.send(blocks) } {
+            return;
+        }
+        let a = cfg.arena(owner);
+        let mut batch = Batch::new(a.key());
+        for &v in blocks {
+            // SAFETY: as above; each block is re-linked for the owner's stack.
+            unsafe { batch.add(inbox_unpack(v).0 as *mut Block) };
+        }
+        // SAFETY: the batch holds free blocks of `owner`, built with its key.
+        unsafe { a.push_remote_batch(&SRC, &batch) };
+    }
+
+    /// Empties the current CPU's large outbox into `out`, each block looked up once,
+    /// grouped by owner and class. False when it was empty (or there is no CPU id).
+    fn take_large_outbox<const N: usize>(cfg: &Config, out: &mut Grouped<N>) -> bool {
+        let Some((cpu, chain)) = cfg.caches.take_all(LARGE_OUTBOX) else {
             return false;
         };
         // SAFETY: a chain taken off an outbox is ours, its links encoded with the cache's
@@ -820,13 +826,7 @@ impl ProcessHeap {
                 let Some((arena, class)) = Self::small_block_of(b as usize) else {
                     invalid_pointer(b"coreheap: corrupted outbox", b.cast());
                 };
-                // Grouped by owner only, each block carries its class for the inbox.
-                let (id, v) = if by_class {
-                    ((arena as usize, class), b as usize)
-                } else {
-                    ((arena as usize, 0), inbox_pack(b as usize, class))
-                };
-                if !out.add(id, v) {
+                if !out.add((arena as usize, class), b as usize) {
                     invalid_pointer(b"coreheap: corrupted outbox", b.cast());
                 }
             })
@@ -872,6 +872,26 @@ impl ProcessHeap {
         // SAFETY: by the contract.
         unsafe { a.free_marked(&SRC, p, what, local) };
     }
+}
+
+/// Calls `f(owner, entries)` once per owner named in `owners` with that owner's outbox
+/// entries (at most [`OUTBOX_LIMIT`] of them; `owners[i]` is `entries[i]`'s).
+fn by_owner(entries: &[usize], owners: &[u16], mut f: impl FnMut(usize, &[usize])) {
+    debug_assert!(entries.len() == owners.len() && entries.len() <= OUTBOX_LIMIT);
+    let Some(&first) = owners.first() else {
+        return;
+    };
+    if owners.iter().all(|&o| o == first) {
+        // One owner (every remote free of a two-arena process): no grouping.
+        return f(first as usize, entries);
+    }
+    let mut groups = Grouped::<OUTBOX_LIMIT>::new();
+    for (&v, &o) in entries.iter().zip(owners) {
+        // (At most `OUTBOX_LIMIT` entries: `add` takes every one.)
+        let added = groups.add((o as usize, 0), v);
+        debug_assert!(added);
+    }
+    groups.for_each(|owner, _, blocks| f(owner, blocks));
 }
 
 /// Up to `N` blocks of an outbox (`N` < 256, an outbox's limit), grouped by an id as they
@@ -943,6 +963,42 @@ impl<const N: usize> Grouped<N> {
                 i = self.next[i] as usize;
             }
             f(id.0, id.1, &blocks[..k]);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An outbox's entries reach each owner once, all of them and no other's, whether one
+    /// owner or many.
+    #[test]
+    fn outbox_entries_go_to_their_owners_in_one_group_each() {
+        for owners in [
+            vec![3u16; OUTBOX_LIMIT],
+            (0..OUTBOX_LIMIT as u16).map(|i| i % 5).collect(),
+            (0..OUTBOX_LIMIT as u16).map(|i| 4095 - i).collect(),
+            vec![7, 0, 7, 7, 1, 0],
+            vec![],
+        ] {
+            let entries: Vec<usize> = (0..owners.len()).map(|i| 0x1000 + 16 * i).collect();
+            let mut got: Vec<(usize, Vec<usize>)> = Vec::new();
+            by_owner(&entries, &owners, |o, b| got.push((o, b.to_vec())));
+            let mut seen_owners: Vec<usize> = got.iter().map(|g| g.0).collect();
+            seen_owners.sort_unstable();
+            let n = seen_owners.len();
+            seen_owners.dedup();
+            assert_eq!(seen_owners.len(), n, "one group per owner");
+            let mut all = Vec::new();
+            for (o, blocks) in got {
+                for b in blocks {
+                    assert_eq!(owners[(b - 0x1000) / 16] as usize, o, "entry {b:#x}");
+                    all.push(b);
+                }
+            }
+            all.sort_unstable();
+            assert_eq!(all, entries, "every entry once");
         }
     }
 }

@@ -22,7 +22,7 @@ use crossbeam_utils::CachePadded;
 
 use crate::arena::LARGE_ALIGN_MAX;
 use crate::arena::{lookup, Arena, ArenaStats, Lookup};
-use crate::cpucache::{Caches, LARGE_OUTBOX, OUTBOX, PTR_BITS};
+use crate::cpucache::{Caches, LARGE_OUTBOX, PTR_BITS};
 use crate::debug;
 use crate::front::{self, report, Backend, HugeCounters};
 use crate::os;
@@ -463,7 +463,16 @@ impl ProcessHeap {
         front::for_each_arena(&r, |mut st| {
             let i = st.index;
             if cfg.caches.enabled {
-                // Outbox blocks count against their owners, found by their headers.
+                // Outbox entries name their owners and classes.
+                for cpu in 0..cfg.caches.len() {
+                    cfg.caches.peek_outbox(cpu, |_, class, owner| {
+                        if owner == i && class < NUM_CLASSES {
+                            st.cached[class] += 1;
+                        }
+                        true
+                    });
+                }
+                // Large outbox blocks count against their owners, found by their headers.
                 let small = |q: usize, _: usize| {
                     matches!(lookup(&SRC, q as *const u8), Lookup::Small { .. })
                 };
@@ -478,7 +487,6 @@ impl ProcessHeap {
                 };
                 let mut count_owned = count_owned;
                 for cpu in 0..cfg.caches.len() {
-                    cfg.caches.walk(cpu, OUTBOX, &mut count_owned, &small);
                     cfg.caches.walk(cpu, LARGE_OUTBOX, &mut count_owned, &small);
                 }
                 // Blocks waiting in the arena's inbox (every one is the arena's).

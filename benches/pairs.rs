@@ -554,8 +554,9 @@ fn main() {
         println!("   (needs two cores: skipped)");
     } else {
         let (prod, cons) = cores.split_at(np);
-        // 64 KiB: a large class, whose remote frees go through the large outbox.
-        for s in [64, 256, 64 << 10] {
+        // 4 KiB: a class above the inbox's 1 KiB; 64 KiB: a large class, whose remote frees
+        // go through the large outbox.
+        for s in [64, 256, 4 << 10, 64 << 10] {
             rows.extend(measure(
                 &cfg,
                 format!("prod/cons {}", size_name(s)),

@@ -33,7 +33,8 @@ fn main() {
         Ok("double-large-flushed") => double_dealloc_large_child(true),
         Ok("double-run") => double_dealloc_run_child(),
         Ok("double-remote-large") => double_dealloc_remote_large_child(),
-        Ok("double-inbox") => double_dealloc_inbox_child(),
+        Ok("double-inbox") => double_dealloc_inbox_child(64, 200),
+        Ok("double-outbox-4k") => double_dealloc_inbox_child(4096, 40),
         Ok(_) => {
             counter_child();
             return;
@@ -271,15 +272,16 @@ fn double_dealloc_remote_large_child() -> ! {
     std::process::exit(0);
 }
 
-/// The child: blocks of one class allocated on the first core are freed on the last, whose
-/// outbox sends them to their arena's inbox 64 at a time; then the first block (waiting in
-/// the inbox, no core of its arena having allocated since) is freed again. Must not return.
-/// (With one core, or one arena, the blocks are in that CPU's own lists instead: a double
-/// free either way.)
-fn double_dealloc_inbox_child() -> ! {
-    let layout = Layout::from_size_align(64, 8).unwrap();
+/// The child: `n` blocks of `size` bytes allocated on the first core are freed on the last,
+/// whose outbox sends them to their arena (64 B: to its inbox 64 at a time; 4 KiB: joined to
+/// chains parked in its transfer slots, 16 at a time); then the first block (waiting there,
+/// no core of its arena having allocated since) is freed again. Must not return. (With one
+/// core, or one arena, the blocks are in that CPU's own lists instead: a double free either
+/// way.)
+fn double_dealloc_inbox_child(size: usize, n: usize) -> ! {
+    let layout = Layout::from_size_align(size, 8).unwrap();
     let blocks = on_first_then_last_core(move || {
-        (0..200)
+        (0..n)
             // SAFETY: non-zero size.
             .map(|_| unsafe { alloc(layout) } as usize)
             .collect::<Vec<_>>()
@@ -657,6 +659,7 @@ fn double_dealloc_aborts() {
         ("double-run", vec![("COREHEAP_RSEQ", "0")]),
         ("double-remote-large", vec![]),
         ("double-inbox", vec![]),
+        ("double-outbox-4k", vec![]),
     ] {
         let out = Command::new(std::env::current_exe().unwrap())
             .env(CHILD_VAR, mode)
@@ -690,7 +693,7 @@ fn double_dealloc_aborts() {
             {
                 stderr.contains("double free")
             }
-            "double-parked" | "double-inbox" if coreheap::fast_path() => {
+            "double-parked" | "double-inbox" | "double-outbox-4k" if coreheap::fast_path() => {
                 stderr.contains("double free")
             }
             // In a run slot (without the caches the run went back to the page heap: the

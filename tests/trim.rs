@@ -81,15 +81,21 @@ fn trim_empties_other_cpus_caches() {
     // A class above 8 KiB where there is one (its lists hold one block); a page run with
     // `pow2-classes`, which no cache holds.
     let big = Layout::from_size_align(20 * 1024, 8).unwrap();
-    // Blocks of the other core's arena freed here go to this core's outbox (1 KiB or less).
+    // Blocks of the other core's arena freed here go to this core's outbox (classes up to
+    // 8 KiB; 1 KiB and less go on to the owner's inbox when sent, the larger ones to its
+    // transfer slots).
     let remote = Layout::from_size_align(720, 8).unwrap();
+    let remote_4k = Layout::from_size_align(4096, 8).unwrap();
     for round in 0..2 {
         // Blocks of core 1's arena, to be freed on core 0.
         let (arena1, foreign) = std::thread::spawn(move || {
             assert!(core_affinity::set_for_current(c1));
-            // SAFETY: non-zero size; freed once, on core 0.
-            let v: Vec<Blk> = (0..20)
-                .map(|_| Blk(unsafe { alloc(remote) } as usize))
+            let v: Vec<(Blk, Layout)> = (0..24)
+                .map(|i| {
+                    let l = if i < 20 { remote } else { remote_4k };
+                    // SAFETY: non-zero sizes; freed once, on core 0.
+                    (Blk(unsafe { alloc(l) } as usize), l)
+                })
                 .collect();
             (coreheap::current_arena(), v)
         })
@@ -105,8 +111,8 @@ fn trim_empties_other_cpus_caches() {
                     dealloc(p, small);
                 }
                 dealloc(b, big);
-                for Blk(p) in foreign {
-                    dealloc(p as *mut u8, remote);
+                for (Blk(p), l) in foreign {
+                    dealloc(p as *mut u8, l);
                 }
             }
             coreheap::current_arena()
@@ -114,10 +120,10 @@ fn trim_empties_other_cpus_caches() {
         .join()
         .unwrap();
         assert_ne!(arena0, arena1, "cores 0 and 1 share an arena");
-        let (cs, cr) = (class_of(64), class_of(720));
+        let (cs, cr, c4) = (class_of(64), class_of(720), class_of(4096));
         let before = cached_now();
         assert!(
-            before[arena0][cs] >= 100 && before[arena1][cr] >= 20,
+            before[arena0][cs] >= 100 && before[arena1][cr] >= 20 && before[arena1][c4] >= 4,
             "blocks not cached on core 0: {before:?}"
         );
         std::thread::spawn(move || {

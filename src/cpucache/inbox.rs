@@ -19,7 +19,7 @@
 //!   its address packed with its class ([`pack`]); every other slot is 0 (but for the
 //!   stray writes `repair_after_fork` describes);
 //! - a block whose address is in a slot is a free, marked small block of the inbox's arena,
-//!   of at most `OUTBOX_MAX_BLOCK` (1 KiB) bytes, counted in use by its run, owned by the
+//!   of at most `INBOX_MAX_BLOCK` (1 KiB) bytes, counted in use by its run, owned by the
 //!   inbox: no thread reads or writes it until a drainer takes its address (statistics and
 //!   the double-free search only read the slots);
 //! - `head` is written only by the thread whose id is in `head.1` (0: none), and a
@@ -75,7 +75,7 @@ impl Inbox {
     ///
     /// # Safety
     /// Each block is a free, marked small block of this inbox's arena of at most
-    /// `OUTBOX_MAX_BLOCK` bytes, counted in use by its run, that the caller owns and gives
+    /// `INBOX_MAX_BLOCK` bytes, counted in use by its run, that the caller owns and gives
     /// up if this returns true.
     pub unsafe fn send(&self, blocks: &[usize]) -> bool {
         let k = blocks.len();

@@ -41,7 +41,7 @@
 //! - a class list never holds more than its limit (at most [`limit`]) blocks of its class,
 //!   and a CPU's limits of the classes up to 8 KiB hold at most `CLASS_LISTS_BUDGET`
 //!   bytes together (see `CpuCache::spare`); the outbox no more
-//!   than [`OUTBOX_LIMIT`] blocks of [`OUTBOX_MAX_BLOCK`] bytes or less, so counts fit 16
+//!   than [`OUTBOX_LIMIT`] blocks and [`OUTBOX_BYTES`] bytes, so counts fit 16
 //!   bits and a CPU holds at most [`CPU_CACHE_BYTES`];
 //! - chains move whole between a cache and its arena's transfer slots (`transfer.rs`), but
 //!   for the front of one longer than the refilling CPU's limit, which is parked again,
@@ -58,7 +58,7 @@ use core::sync::atomic::{
 };
 
 use crate::chunk::{decode_link, Block};
-use crate::size_class::{class_size, per_class, LARGE_MAX, NUM_CLASSES, TABLE_CLASSES};
+use crate::size_class::{class_size, per_class, LARGE_MAX, NUM_CLASSES, TABLE_CLASSES, TABLE_MAX};
 
 mod chain;
 mod inbox;
@@ -126,8 +126,9 @@ pub struct CpuCache {
     /// thread may lose a bit, or put back one the steal had just cleared (the class is then
     /// spared one look more).
     busy: AtomicU64,
-    /// The outbox ([`OUTBOX`]): `heads[OUTBOX]` entries (a plain count, at most
-    /// [`OUTBOX_LIMIT`]), each a block and its class packed as an inbox slot holds them
+    /// The outbox ([`OUTBOX`]): as many entries as `heads[OUTBOX]` counts in its low 8 bits
+    /// (at most [`OUTBOX_LIMIT`], whose blocks take at most [`OUTBOX_BYTES`], the rest of
+    /// that word), each a block and its class packed as an inbox slot holds them
     /// ([`inbox_pack`]), its owning arena in `outbox_owner` at the same index. What the free
     /// found out about a block travels with it, so sending the outbox reads no block and
     /// looks none up. Written only by the outbox sections on this CPU, which store the entry
@@ -184,7 +185,7 @@ pub const RUNS: usize = OUTBOX + 1;
 /// in turn (a buffer and its replacement).
 pub const RUN_LISTS: usize = 2;
 
-/// The list of a CPU's **large outbox**: blocks of the classes above [`OUTBOX_MAX_BLOCK`]
+/// The list of a CPU's **large outbox**: blocks of the classes above 8 KiB
 /// of other arenas freed on this CPU, sent to their owners a batch at a time (one lock round
 /// per owner) rather than one lock round each.
 pub const LARGE_OUTBOX: usize = RUNS + RUN_LISTS;
@@ -210,12 +211,26 @@ pub const fn list_limit(list: usize) -> usize {
     }
 }
 
-/// The largest blocks an outbox takes, so that an outbox holds at most
-/// `OUTBOX_LIMIT * OUTBOX_MAX_BLOCK` = 64 KiB; frees of larger blocks of other arenas take
-/// the locked path or the owner's pending stack.
-pub const OUTBOX_MAX_BLOCK: usize = 1024;
-const _: () = assert!(OUTBOX_LIMIT * OUTBOX_MAX_BLOCK <= 64 * 1024);
-const _: () = assert!(OUTBOX_MAX_BLOCK <= crate::size_class::SMALL_MAX);
+/// The most bytes of blocks an outbox holds: it takes blocks of every class up to 8 KiB
+/// ([`TABLE_CLASSES`]), and is sent when the next one would not fit (or at
+/// [`OUTBOX_LIMIT`] blocks).
+pub const OUTBOX_BYTES: usize = 64 * 1024;
+
+/// The largest blocks a sent outbox puts in the owners' inboxes, so that an inbox holds at
+/// most `INBOX_SLOTS` x 1 KiB; an outbox's larger blocks (up to 8 KiB) join chains parked
+/// in their owners' transfer slots of their classes instead.
+pub const INBOX_MAX_BLOCK: usize = 1024;
+const _: () = assert!(INBOX_MAX_BLOCK <= OUTBOX_BYTES && TABLE_MAX <= OUTBOX_BYTES);
+
+/// An outbox's count word (`heads[OUTBOX]`): its blocks in the low 8 bits, their bytes
+/// above ([`OUTBOX_BYTES`] at most), so that one store commits both.
+const OUTBOX_COUNT_BITS: u32 = 8;
+const OUTBOX_COUNT_MASK: usize = (1 << OUTBOX_COUNT_BITS) - 1;
+const _: () = assert!(OUTBOX_LIMIT < 1 << OUTBOX_COUNT_BITS);
+/// The largest count word a push may leave: both bounds at once (a byte total past
+/// `OUTBOX_BYTES` compares above it whatever the count bits hold).
+#[cfg(coreheap_rseq)]
+const OUTBOX_WORD_MAX: usize = (OUTBOX_BYTES << OUTBOX_COUNT_BITS) | OUTBOX_LIMIT;
 
 /// What one CPU's lists of the classes up to 8 KiB may hold together, whatever the number
 /// of classes: each list starts with a small limit ([`start_limit`]), and the lists a CPU
@@ -334,7 +349,7 @@ const _: () = assert!(START_TOTAL <= CLASS_LISTS_BUDGET);
 /// the run slots and 1,024 KiB in the large outbox (4,480 KiB with `pow2-classes`, which
 /// has no large classes, so its large outbox stays empty), as `docs/design.md` states.
 pub const CPU_CACHE_BYTES: usize = {
-    let mut total = OUTBOX_LIMIT * OUTBOX_MAX_BLOCK
+    let mut total = OUTBOX_BYTES
         + RUN_LISTS * LARGE_MAX
         + CLASS_LISTS_BUDGET
         + if TABLE_CLASSES < NUM_CLASSES {
@@ -838,18 +853,20 @@ impl Caches {
         }
     }
 
-    /// Puts `b`, a free small block of class `class` (of at most [`OUTBOX_MAX_BLOCK`] bytes)
-    /// of arena `arena`, in the current CPU's outbox ([`OUTBOX`]), with its class and
-    /// owner. [`Push::Full`] when the outbox holds [`OUTBOX_LIMIT`] blocks.
+    /// Puts `b`, a free small block of class `class` (`class < TABLE_CLASSES`, at most
+    /// 8 KiB) of arena `arena`, in the current CPU's outbox ([`OUTBOX`]), with its class and
+    /// owner. [`Push::Full`] when the outbox holds [`OUTBOX_LIMIT`] blocks, or `b` would
+    /// take it past [`OUTBOX_BYTES`].
     ///
     /// # Safety
     /// `enabled`; `b` is a free small block of that class and arena, marked, which the
     /// caller owns and gives up if the answer is [`Push::Done`].
     #[inline(always)]
     pub unsafe fn push_outbox(&self, b: *mut Block, class: usize, arena: u32) -> Push {
-        debug_assert!(self.enabled && class_size(class) <= OUTBOX_MAX_BLOCK);
+        debug_assert!(self.enabled && class < TABLE_CLASSES);
+        let add = (class_size(class) << OUTBOX_COUNT_BITS) | 1;
         // SAFETY: by the contract.
-        match unsafe { self.push_outbox_raw(inbox_pack(b as usize, class), arena as usize) } {
+        match unsafe { self.push_outbox_raw(inbox_pack(b as usize, class), arena as usize, add) } {
             0 => Push::Done,
             2 => Push::Full,
             _ => Push::NoCache,
@@ -875,7 +892,7 @@ impl Caches {
             return;
         }
         let c = self.cache(cpu);
-        let n = c.heads[OUTBOX].load(Ordering::Relaxed).min(OUTBOX_LIMIT);
+        let n = (c.heads[OUTBOX].load(Ordering::Relaxed) & OUTBOX_COUNT_MASK).min(OUTBOX_LIMIT);
         for i in 0..n {
             let (b, class) = inbox_unpack(c.outbox[i].load(Ordering::Relaxed));
             let owner = c.outbox_owner[i].load(Ordering::Relaxed) as usize;
@@ -885,7 +902,7 @@ impl Caches {
         }
     }
 
-    /// Pushes `b`, a free block of a class above [`OUTBOX_MAX_BLOCK`] of another arena than
+    /// Pushes `b`, a free block of a class above 8 KiB of another arena than
     /// the current CPU's, on the current CPU's large outbox ([`LARGE_OUTBOX`]).
     ///
     /// # Safety

@@ -18,7 +18,8 @@
 
 use super::{
     Caches, OFF_ALLOCS, OFF_ARENA, OFF_CS_BASE, OFF_CS_LEN, OFF_CS_RSEQ, OFF_FREES, OFF_KEY,
-    OFF_LIMITS, OFF_OUTBOX, OFF_OUTBOX_OWNER, OUTBOX, OUTBOX_LIMIT, PTR_BITS, STRIDE_SHIFT,
+    OFF_LIMITS, OFF_OUTBOX, OFF_OUTBOX_OWNER, OUTBOX, OUTBOX_LIMIT, OUTBOX_WORD_MAX, PTR_BITS,
+    STRIDE_SHIFT,
 };
 use core::arch::asm;
 
@@ -254,8 +255,7 @@ impl Caches {
     /// which takes blocks of any arena). Returns as `push_raw` (never 3).
     ///
     /// # Safety
-    /// `b` is a free small block that the caller owns, of a class above
-    /// `OUTBOX_MAX_BLOCK`.
+    /// `b` is a free small block that the caller owns, of a class above 8 KiB.
     #[inline(always)]
     pub(super) unsafe fn push_list_raw(&self, list: usize, b: usize) -> u32 {
         // No arena check: `{arena}`, `{arena_off}` and `{remote}` are named in a comment
@@ -270,30 +270,34 @@ impl Caches {
     }
 
     /// Appends entry `v` (a block packed with its class) of arena `owner` to the current
-    /// CPU's outbox if it holds fewer than `OUTBOX_LIMIT`. Returns 0 (done), 1 (no usable
-    /// CPU id) or 2 (full).
+    /// CPU's outbox if that leaves it within both its bounds; `add` is the block's size
+    /// shifted above the count bits, plus one. Returns 0 (done), 1 (no usable CPU id) or 2
+    /// (full).
     ///
     /// # Safety
-    /// `v` packs a free small block that the caller owns, of at most `OUTBOX_MAX_BLOCK`
-    /// bytes, which it gives up on 0; `owner` is the block's arena.
+    /// `v` packs a free small block that the caller owns, of a class up to 8 KiB, which it
+    /// gives up on 0; `owner` is the block's arena; `add` as said.
     #[inline(always)]
-    pub(super) unsafe fn push_outbox_raw(&self, v: usize, owner: usize) -> u32 {
+    pub(super) unsafe fn push_outbox_raw(&self, v: usize, owner: usize, add: usize) -> u32 {
         // SAFETY: as in `pop_raw`; the section writes only the current CPU's cache: the
         // entry at the count, which is below `OUTBOX_LIMIT` (checked), so inside the
-        // arrays, and then the count, the commit. An entry written by a section that did
-        // not commit is past the count, garbage.
+        // arrays, and then the count word, the commit. An entry written by a section that
+        // did not commit is past the count, garbage.
         unsafe {
             asm!(
                 rseq_section!(
                     current_cache!("{foreign}"),
                     "mov {t}, qword ptr [{c} + {count}]",
-                    "cmp {t}, {limit}",
+                    "cmp {t:l}, {limit}",
                     "jae {full}",
+                    "lea {u}, [{t} + {add}]",
+                    "cmp {u}, {word_max}",
+                    "ja {full}",
+                    "movzx {t:e}, {t:l}",
                     "mov qword ptr [{c} + {t} * 8 + {entries}], {v}",
                     "mov word ptr [{c} + {t} * 2 + {owners}], {owner:x}",
-                    "add {t}, 1",
                     "add qword ptr [{c} + {frees}], 1",
-                    "mov qword ptr [{c} + {count}], {t}",
+                    "mov qword ptr [{c} + {count}], {u}",
                 ),
                 cs = in(reg) self as *const Caches,
                 cs_rseq = const OFF_CS_RSEQ,
@@ -301,11 +305,14 @@ impl Caches {
                 cs_base = const OFF_CS_BASE,
                 v = in(reg) v,
                 owner = in(reg) owner,
+                add = in(reg) add,
                 c = out(reg) _,
                 t = out(reg) _,
+                u = out(reg) _,
                 shift = const STRIDE_SHIFT,
                 count = const OUTBOX * 8,
                 limit = const OUTBOX_LIMIT,
+                word_max = const OUTBOX_WORD_MAX,
                 entries = const OFF_OUTBOX,
                 owners = const OFF_OUTBOX_OWNER,
                 frees = const OFF_FREES,
@@ -337,7 +344,7 @@ impl Caches {
                 rseq_section!(
                     "xor {n:e}, {n:e}",
                     current_cache!(),
-                    "mov {n}, qword ptr [{c} + {count}]",
+                    "movzx {n:e}, byte ptr [{c} + {count}]",
                     "mov {i:e}, {limit}",
                     "cmp {n}, {i}",
                     "cmova {n}, {i}",

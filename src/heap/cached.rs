@@ -11,8 +11,8 @@ use crate::arena::{lookup, lookup_small, Lookup};
 use crate::chunk::Block;
 use crate::cpucache::{
     batch, chain_max, for_each_block, inbox_unpack, limit, return_blocks, return_chain,
-    split_chain, take_batch, Chain, OutboxCopy, Push, BATCH_MAX, LARGE_OUTBOX, LARGE_OUTBOX_LIMIT,
-    LIMIT_MAX, OUTBOX_LIMIT, OUTBOX_MAX_BLOCK, PTR_BITS,
+    split_chain, take_batch, Chain, OutboxCopy, Push, BATCH_MAX, INBOX_MAX_BLOCK, LARGE_OUTBOX,
+    LARGE_OUTBOX_LIMIT, LIMIT_MAX, OUTBOX_LIMIT, PTR_BITS,
 };
 use crate::diag::{block_error, invalid_pointer};
 use crate::front::report::{self, DOUBLE_FREE};
@@ -504,7 +504,7 @@ impl ProcessHeap {
     #[cold]
     #[inline(never)]
     unsafe fn free_small_slow(cfg: &Config, p: *mut u8, arena: u32, class: usize, r: Push) {
-        if r == Push::Remote && class_size(class) <= OUTBOX_MAX_BLOCK {
+        if r == Push::Remote && class < TABLE_CLASSES {
             // SAFETY: by the contract.
             match unsafe { cfg.caches.push_outbox(p.cast(), class, arena) } {
                 Push::Done => {}
@@ -520,7 +520,7 @@ impl ProcessHeap {
     /// The outbox could not take `p` (`o` says why: full, or no CPU id). Keeps errno.
     ///
     /// # Safety
-    /// As for `free_small_slow`, `p` of at most `OUTBOX_MAX_BLOCK` bytes.
+    /// As for `free_small_slow`, `p` of a class up to 8 KiB.
     #[inline(never)]
     unsafe fn free_outbox_slow(cfg: &Config, p: *mut u8, arena: u32, class: usize, o: Push) {
         // SAFETY: by the contract.
@@ -711,7 +711,7 @@ impl ProcessHeap {
     /// The current CPU's large outbox is full: send it, then put `p` in the emptied one.
     ///
     /// # Safety
-    /// As for `free_small_full`, `p` of a class above `OUTBOX_MAX_BLOCK`.
+    /// As for `free_small_full`, `p` of a class above 8 KiB.
     #[cold]
     #[inline(never)]
     unsafe fn free_large_outbox_full(cfg: &Config, p: *mut u8, arena: u32) {
@@ -785,8 +785,10 @@ impl ProcessHeap {
         });
     }
 
-    /// Gives `blocks` (outbox entries: blocks packed with their classes) to arena `owner`'s
-    /// inbox, or onto its pending stack when the inbox has no room.
+    /// Gives `blocks` (outbox entries: blocks packed with their classes) to arena `owner`:
+    /// those of up to [`INBOX_MAX_BLOCK`] bytes to its inbox, the larger ones joined to
+    /// chains parked in its transfer slots of their classes; what finds no room there goes
+    /// onto its pending stack, one push for all.
     fn send_to_owner(cfg: &Config, owner: usize, blocks: &[usize]) {
         if owner >= cfg.count {
             // Only our own sections write outbox entries, with the arena the free found.
@@ -795,19 +797,44 @@ impl ProcessHeap {
                 inbox_unpack(blocks[0]).0 as *mut u8,
             );
         }
-        // SAFETY: free, marked blocks of `owner` (the free looked them up) of classes up to
-        // 1 KiB, counted in use by their runs, ours (taken off the outbox).
-        if unsafe { cfg.caches.transfer(owner).inbox.send(blocks) } {
-            return;
-        }
         let a = cfg.arena(owner);
-        let mut batch = Batch::new(a.key());
+        let transfer = cfg.caches.transfer(owner);
+        let mut pending = Batch::new(a.key());
+        let mut inbox = [0usize; OUTBOX_LIMIT];
+        let mut n = 0;
+        let mut larger = Grouped::<OUTBOX_LIMIT>::new();
         for &v in blocks {
-            // SAFETY: as above; each block is re-linked for the owner's stack.
-            unsafe { batch.add(inbox_unpack(v).0 as *mut Block) };
+            let class = inbox_unpack(v).1;
+            if class_size(class) <= INBOX_MAX_BLOCK {
+                inbox[n] = v;
+                n += 1;
+            } else {
+                let added = larger.add((class, 0), inbox_unpack(v).0);
+                // (At most `OUTBOX_LIMIT` entries: `add` takes every one.)
+                debug_assert!(added);
+            }
         }
+        // SAFETY: free, marked blocks of `owner` (the free looked them up) of classes up to
+        // `INBOX_MAX_BLOCK`, counted in use by their runs, ours (taken off the outbox).
+        if n > 0 && !unsafe { transfer.inbox.send(&inbox[..n]) } {
+            for &v in &inbox[..n] {
+                // SAFETY: as above; each block is re-linked for the owner's stack.
+                unsafe { pending.add(inbox_unpack(v).0 as *mut Block) };
+            }
+        }
+        larger.for_each(|class, _, blocks| {
+            for part in blocks.chunks(chain_max(class)) {
+                // SAFETY: as above, of `class`, at most `chain_max(class)` of them.
+                if !unsafe { transfer.park_blocks(class, a.key(), part) } {
+                    for &b in part {
+                        // SAFETY: as above.
+                        unsafe { pending.add(b as *mut Block) };
+                    }
+                }
+            }
+        });
         // SAFETY: the batch holds free blocks of `owner`, built with its key.
-        unsafe { a.push_remote_batch(&SRC, &batch) };
+        unsafe { a.push_remote_batch(&SRC, &pending) };
     }
 
     /// Empties the current CPU's large outbox into `out`, each block looked up once,

@@ -314,6 +314,13 @@ mod tests {
             eprintln!("room taken back: not tested (no rseq, or no pinning)");
             return;
         }
+        let all: usize = (0..TABLE_CLASSES).map(|c| limit(c) * class_size(c)).sum();
+        if all <= CLASS_LISTS_BUDGET {
+            // (`pow2-classes`: ten lists at their limits fit the budget, so none ever takes
+            // room from another.)
+            eprintln!("room taken back: not tested (every list fits the budget at its limit)");
+            return;
+        }
         let cpu = rseq_cpu().expect("an rseq CPU id");
         let last = TABLE_CLASSES - 1;
         // Every other class grows until the budget is spent: rounds of grows over them all

@@ -87,29 +87,35 @@ fn rss_returns_after_freeing_everything() {
     trim_empties_every_cache();
     other_threads_free();
     huge_spans_go_back();
-    idle_arena_keeps_no_parked_chains();
+    // The smallest class (16 bytes with either class scheme), which parks the most chains
+    // (8 slots), so that more than a CPU list's worth (255) can wait in the slots; and 4 KiB
+    // blocks, which a sent outbox parks in their owner's slots rather than its inbox (the
+    // freeing CPU's outbox keeps at most 64 KiB of them, 16, until it is sent again).
+    idle_arena_keeps_no_parked_chains(16, 4000, 255);
+    idle_arena_keeps_no_parked_chains(4096, 200, 16);
 }
 
 /// Blocks of an arena freed on another core's CPU are parked in their arena's transfer
 /// slots; when that arena's CPUs stop allocating, a sweep on another arena's locked path
-/// returns them to their runs within about a second, rather than leaving them parked.
-fn idle_arena_keeps_no_parked_chains() {
+/// returns them to their runs within about a second, rather than leaving them parked: of
+/// `n` blocks of `size` bytes, more than `most_left` are cached at first, and at most
+/// `most_left` after.
+fn idle_arena_keeps_no_parked_chains(size: usize, n: usize, most_left: u64) {
     let cores = core_affinity::get_core_ids().unwrap_or_default();
     if cores.len() < 2 || !coreheap::fast_path() {
         eprintln!("rss: parked chains not tested (one core or no rseq)");
         return;
     }
     let (c0, c1) = (cores[0], cores[1]);
-    // The smallest class (16 bytes with either class scheme), which parks the most chains
-    // (8 slots), so that more than a CPU list's worth can wait in the slots.
-    let layout = Layout::from_size_align(16, 8).unwrap();
-    let class = 0;
+    let layout = Layout::from_size_align(size, 8).unwrap();
+    let class = (0..coreheap::NUM_CLASSES)
+        .find(|&c| coreheap::class_size(c) >= size)
+        .unwrap();
+    let churn = Layout::from_size_align(16, 8).unwrap();
     let (arena0, blocks) = std::thread::spawn(move || {
         assert!(core_affinity::set_for_current(c0));
         // SAFETY: non-zero size; freed once on the other core.
-        let v: Vec<usize> = (0..4000)
-            .map(|_| unsafe { alloc(layout) } as usize)
-            .collect();
+        let v: Vec<usize> = (0..n).map(|_| unsafe { alloc(layout) } as usize).collect();
         (coreheap::current_arena(), v)
     })
     .join()
@@ -127,37 +133,35 @@ fn idle_arena_keeps_no_parked_chains() {
             unsafe { dealloc(b as *mut u8, layout) };
         }
         drop(blocks);
-        // The most a CPU list holds (its limit byte): beyond it, blocks are parked.
-        const LIST_MAX: u64 = 255;
         let before = parked(arena0);
         assert!(
-            before > LIST_MAX,
-            "only {before} blocks of arena {arena0} cached"
+            before > most_left,
+            "only {before} blocks of {size} B of arena {arena0} cached"
         );
         // This core keeps allocating (its own arena, through its locked path at times);
         // arena 0's CPUs do nothing.
         let start = std::time::Instant::now();
         let mut after = before;
-        while start.elapsed() < std::time::Duration::from_secs(5) && after > LIST_MAX {
+        while start.elapsed() < std::time::Duration::from_secs(5) && after > most_left {
             // SAFETY: non-zero size; each block freed once below.
             let v: Vec<usize> = (0..5000)
-                .map(|_| unsafe { alloc(layout) } as usize)
+                .map(|_| unsafe { alloc(churn) } as usize)
                 .collect();
             for b in v {
                 // SAFETY: as above.
-                unsafe { dealloc(b as *mut u8, layout) };
+                unsafe { dealloc(b as *mut u8, churn) };
             }
             after = parked(arena0);
         }
         eprintln!(
-            "rss: arena {arena0} had {before} blocks cached after remote frees, {after} after {:?} \
-             of another core's work",
+            "rss: arena {arena0} had {before} blocks of {size} B cached after remote frees, \
+             {after} after {:?} of another core's work",
             start.elapsed()
         );
-        // At most what arena 0's own CPU list can hold stays.
+        // At most what a CPU list (16 B) or this core's outbox (4 KiB) holds stays.
         assert!(
-            after <= LIST_MAX,
-            "{after} blocks stay parked in an idle arena"
+            after <= most_left,
+            "{after} blocks of {size} B stay parked in an idle arena"
         );
     })
     .join()

@@ -28,8 +28,9 @@ pub struct ArenaStats {
     /// Free pages known to hold data (not yet purged).
     pub dirty_bytes: usize,
     /// Frees that came back from a CPU of another arena (through the inbox, counted when a
-    /// refill sorts them, or the pending stack), and local ones that found the lock held
-    /// (through the pending stack, counted when drained).
+    /// refill sorts them; parked in the transfer slots by the sender, counted then; or the
+    /// pending stack), and local ones that found the lock held (through the pending stack,
+    /// counted when drained).
     pub remote_frees: u64,
     /// Times a thread found this arena's lock held.
     pub contentions: u64,

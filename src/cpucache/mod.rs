@@ -22,11 +22,13 @@
 //! with another base must not use them (nor [`Chain`], nor the outbox's batches).
 //!
 //! Each cache also has an **outbox** ([`OUTBOX`]): small blocks of *other* arenas freed on
-//! this CPU, of any class, kept in an array with the class and owner the free found for
-//! each (so sending reads no block). They are never handed out from there; a full outbox
-//! is sent, its blocks grouped by owner into the owners' inboxes (`inbox.rs`), whose CPUs sort them by
-//! class into chains when they refill (or onto the owners' pending stacks when an inbox has
-//! no room).
+//! this CPU, of the classes up to 8 KiB, kept in an array with the class and owner the
+//! free found for each (so sending reads no block); the push section puts a block there
+//! when the arena comparison finds it another arena's. They are never handed out from
+//! there; a full outbox is sent, its blocks grouped by owner: those of up to 1 KiB into
+//! the owners' inboxes (`inbox.rs`), whose CPUs sort them by class into chains when they
+//! refill, the larger ones joined to chains parked in the owners' transfer slots (either
+//! way onto the owners' pending stacks when there is no room).
 //!
 //! Invariants:
 //! - a block on a class list of cache `c` belongs to arena `caches[c].arena` (the arena the
@@ -41,8 +43,8 @@
 //! - a class list never holds more than its limit (at most [`limit`]) blocks of its class,
 //!   and a CPU's limits of the classes up to 8 KiB hold at most `CLASS_LISTS_BUDGET`
 //!   bytes together (see `CpuCache::spare`); the outbox no more
-//!   than [`OUTBOX_LIMIT`] blocks and [`OUTBOX_BYTES`] bytes, so counts fit 16
-//!   bits and a CPU holds at most [`CPU_CACHE_BYTES`];
+//!   than [`OUTBOX_LIMIT`] blocks and [`OUTBOX_BYTES`] bytes, so list counts fit 16
+//!   bits, the outbox's 8, and a CPU holds at most [`CPU_CACHE_BYTES`];
 //! - chains move whole between a cache and its arena's transfer slots (`transfer.rs`), but
 //!   for the front of one longer than the refilling CPU's limit, which is parked again,
 //!   which keep the lists' format.
@@ -50,7 +52,7 @@
 //! The locked path (the arena's bins) remains the way in whenever rseq is unavailable, and
 //! refills and flushes the caches. The sections are x86_64 assembly; elsewhere
 //! [`Caches::AVAILABLE`] is false and the operations are never called. A port needs the
-//! same five sections for its ISA, and its `RSEQ_SIG` placed before each abort handler as
+//! same eight sections for its ISA, and its `RSEQ_SIG` placed before each abort handler as
 //! the kernel's selftests (`tools/testing/selftests/rseq/rseq-*.h`) show.
 
 use core::sync::atomic::{
@@ -227,6 +229,12 @@ const _: () = assert!(INBOX_MAX_BLOCK <= OUTBOX_BYTES && TABLE_MAX <= OUTBOX_BYT
 const OUTBOX_COUNT_BITS: u32 = 8;
 const OUTBOX_COUNT_MASK: usize = (1 << OUTBOX_COUNT_BITS) - 1;
 const _: () = assert!(OUTBOX_LIMIT < 1 << OUTBOX_COUNT_BITS);
+/// What a push of a block of class `c` adds to the outbox's count word: its bytes above the
+/// count bits, and one (read by the push section, through its symbol).
+#[cfg(coreheap_rseq)]
+static OUTBOX_ADDS: [usize; NUM_CLASSES] =
+    per_class!(usize, |c| (class_size(c) << OUTBOX_COUNT_BITS) | 1);
+
 /// The largest count word a push may leave: both bounds at once (a byte total past
 /// `OUTBOX_BYTES` compares above it whatever the count bits hold).
 #[cfg(coreheap_rseq)]
@@ -391,9 +399,13 @@ pub enum Push {
     Done,
     /// The list is at its limit; nothing changed.
     Full,
-    /// The current CPU's cache is for another arena than the block's: it belongs in the
-    /// outbox ([`Caches::push_outbox`]); nothing changed.
+    /// The current CPU's cache is for another arena than the block's, which is of a class
+    /// above 8 KiB (or a run): it belongs in the large outbox or with its owner; nothing
+    /// changed.
     Remote,
+    /// The current CPU's cache is for another arena than the block's, of a class up to
+    /// 8 KiB, and the outbox has no room for it: it is to be sent first; nothing changed.
+    OutboxFull,
     /// The thread has no CPU cache (no CPU id from rseq); nothing changed.
     NoCache,
 }
@@ -834,11 +846,13 @@ impl Caches {
     }
 
     /// Pushes `b`, a block of class `class` of arena `arena`, on the current CPU's cache (or,
-    /// for a run slot `class`, [`RUNS`], a large block of more than `SMALL_MAX` bytes).
+    /// for a run slot `class`, [`RUNS`], a large block of more than `SMALL_MAX` bytes); a
+    /// block of another arena of a class up to 8 KiB goes into the current CPU's outbox, in
+    /// the same critical section ([`Push::OutboxFull`] when that has no room).
     ///
     /// # Safety
-    /// `enabled`; `b` is a free block of that class (or a large one) and arena, which the
-    /// caller owns and gives up if the answer is [`Push::Done`].
+    /// `enabled`; `b` is a free block of that class (or a large one) and arena, marked if
+    /// small, which the caller owns and gives up if the answer is [`Push::Done`].
     #[inline(always)]
     pub unsafe fn push(&self, class: usize, b: *mut Block, arena: u32) -> Push {
         debug_assert!(
@@ -849,6 +863,7 @@ impl Caches {
             0 => Push::Done,
             2 => Push::Full,
             3 => Push::Remote,
+            4 => Push::OutboxFull,
             _ => Push::NoCache,
         }
     }

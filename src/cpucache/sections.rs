@@ -18,8 +18,8 @@
 
 use super::{
     Caches, OFF_ALLOCS, OFF_ARENA, OFF_CS_BASE, OFF_CS_LEN, OFF_CS_RSEQ, OFF_FREES, OFF_KEY,
-    OFF_LIMITS, OFF_OUTBOX, OFF_OUTBOX_OWNER, OUTBOX, OUTBOX_LIMIT, OUTBOX_WORD_MAX, PTR_BITS,
-    STRIDE_SHIFT,
+    OFF_LIMITS, OFF_OUTBOX, OFF_OUTBOX_OWNER, OUTBOX, OUTBOX_ADDS, OUTBOX_LIMIT, OUTBOX_WORD_MAX,
+    PTR_BITS, STRIDE_SHIFT, TABLE_CLASSES,
 };
 use core::arch::asm;
 
@@ -101,61 +101,38 @@ macro_rules! rseq_section {
     };
 }
 
-/// The push section (see `Caches::push_raw`): `$check` holds the instructions that
-/// compare the cache's arena with the block's and jump to `{remote}` when they differ
-/// (none for the outbox). The section leaves by a jump to the answer, so that, inlined,
-/// no status is computed and tested.
-macro_rules! push_section {
-    ($self:ident, $class:expr, $b:expr, $arena:expr, [$($check:expr,)*]) => {{
-        // SAFETY: as in `pop_raw`; the section also writes the first word of `b`, which
-        // the caller owns, before the commit publishes it (a section restarted and then
-        // left by a way out leaves that word written, and `b` still the caller's).
-        unsafe {
-            asm!(
-                rseq_section!(
-                    current_cache!("{foreign}"),
-                    $($check,)*
-                    "mov {h}, qword ptr [{c} + {cls} * 8]",
-                    "mov {t}, {h}",
-                    "shr {t}, 48",
-                    "cmp {t:l}, byte ptr [{c} + {cls} + {limits}]",
-                    "jae {full}",
-                    "add {t}, 1",
-                    "shl {t}, 48",
-                    "or {t}, {b}",
-                    hardened!(
-                        "bswap {h}",
-                        "xor {h}, qword ptr [{c} + {key}]",
-                        "xor {h}, {b}",
-                    ),
-                    "mov qword ptr [{b}], {h}",
-                    "add qword ptr [{c} + {frees}], 1",
-                    "mov qword ptr [{c} + {cls} * 8], {t}",
-                ),
-                cs = in(reg) $self as *const Caches,
-                cs_rseq = const OFF_CS_RSEQ,
-                cs_len = const OFF_CS_LEN,
-                cs_base = const OFF_CS_BASE,
-                cls = in(reg) $class,
-                b = in(reg) $b,
-                arena = in(reg) $arena,
-                limits = const OFF_LIMITS,
-                h = out(reg) _,
-                c = out(reg) _,
-                t = out(reg) _,
-                shift = const STRIDE_SHIFT,
-                arena_off = const OFF_ARENA,
-                frees = const OFF_FREES,
-                key = const OFF_KEY,
-                sig = const RSEQ_SIG,
-                foreign = label { return 1 },
-                full = label { return 2 },
-                remote = label { return 3 },
-                options(nostack),
-            );
-        }
-        0
-    }};
+/// The body of a push onto list `{cls}` of the cache at `{c}` (see `Caches::push_raw`),
+/// up to its commit, `push_commit!`: leaves for `{full}` when the list is at its limit,
+/// else writes block `{b}`'s link (the encoded old head) and counts the push, with the new
+/// packed head in `{t}`.
+macro_rules! list_push {
+    () => {
+        concat!(
+            "mov {h}, qword ptr [{c} + {cls} * 8]\n",
+            "mov {t}, {h}\n",
+            "shr {t}, 48\n",
+            "cmp {t:l}, byte ptr [{c} + {cls} + {limits}]\n",
+            "jae {full}\n",
+            "add {t}, 1\n",
+            "shl {t}, 48\n",
+            "or {t}, {b}\n",
+            hardened!(
+                "bswap {h}",
+                "xor {h}, qword ptr [{c} + {key}]",
+                "xor {h}, {b}",
+            ),
+            "mov qword ptr [{b}], {h}\n",
+            "add qword ptr [{c} + {frees}], 1\n",
+        )
+    };
+}
+
+/// The commit of a push: the new head in `{t}` stored as list `{cls}`'s head of the cache
+/// at `{c}`.
+macro_rules! push_commit {
+    () => {
+        "mov qword ptr [{c} + {cls} * 8], {t}"
+    };
 }
 
 impl Caches {
@@ -232,41 +209,127 @@ impl Caches {
     }
 
     /// Pushes block `b` of arena `arena` on the current CPU's list `class` if that cache
-    /// is for `arena` and the list holds fewer blocks than its limit. Returns 0 (done),
-    /// 1 (no usable CPU id), 2 (full) or 3 (the cache is another arena's).
+    /// is for `arena` and the list holds fewer blocks than its limit; a block of another
+    /// arena of a class up to 8 KiB goes into the outbox instead, in the same section (the
+    /// arena comparison chooses the list), if the outbox has room for it. Returns 0 (done),
+    /// 1 (no usable CPU id), 2 (full), 3 (the cache is another arena's, and the class above
+    /// 8 KiB or `class` a run slot) or 4 (the cache is another arena's and its outbox full).
     ///
     /// # Safety
-    /// `b` is a free block of class `class` of arena `arena` that the caller owns.
+    /// `b` is a free block of class `class` of arena `arena` that the caller owns, marked
+    /// if it is a small block.
     #[inline(always)]
     pub(super) unsafe fn push_raw(&self, class: usize, b: usize, arena: u32) -> u32 {
-        push_section!(
-            self,
-            class,
-            b,
-            arena,
-            [
-                "cmp dword ptr [{c} + {arena_off}], {arena:e}",
-                "jne {remote}",
-            ]
-        )
+        // SAFETY: as in `pop_raw`; the section writes, on the current CPU's cache, either
+        // (its arena's block) the first word of `b`, which the caller owns, and then the
+        // list's head, the commit (a section restarted and then left by a way out leaves
+        // that word written, and `b` still the caller's); or (another arena's block) the
+        // outbox entry at the count, which is below `OUTBOX_LIMIT` (checked), and then the
+        // count word, the same commit instruction: the outbox branch points `{c}` at the
+        // cache's address less `class` entries of the heads plus the count word's offset,
+        // so that `[{c} + {cls} * 8]` is the count word, after its last use of `{c}`.
+        unsafe {
+            asm!(
+                rseq_section!(
+                    current_cache!("{foreign}"),
+                    "cmp dword ptr [{c} + {arena_off}], {arena:e}",
+                    "je 78f",
+                    // Another arena's block: into the outbox, if of a class up to 8 KiB
+                    // and the outbox has room for one more block of its bytes.
+                    "cmp {cls}, {table_classes}",
+                    "jae {remote}",
+                    "mov {t}, qword ptr [{c} + {count}]",
+                    "cmp {t:l}, {limit}",
+                    "jae {outbox_full}",
+                    "lea {h}, [rip + {adds}]",
+                    "mov {h}, qword ptr [{h} + {cls} * 8]",
+                    "add {h}, {t}",
+                    "cmp {h}, {word_max}",
+                    "ja {outbox_full}",
+                    "movzx {t:e}, {t:l}",
+                    "mov word ptr [{c} + {t} * 2 + {owners}], {arena:x}",
+                    "mov {k}, {cls}",
+                    "shl {k}, 48",
+                    "or {k}, {b}",
+                    "mov qword ptr [{c} + {t} * 8 + {entries}], {k}",
+                    "add qword ptr [{c} + {frees}], 1",
+                    "mov {t}, {h}",
+                    "mov {k}, {cls}",
+                    "neg {k}",
+                    "lea {c}, [{c} + {k} * 8 + {count}]",
+                    "jmp 79f",
+                    "78:",
+                    list_push!(),
+                    "79:",
+                    push_commit!(),
+                ),
+                cs = in(reg) self as *const Caches,
+                cs_rseq = const OFF_CS_RSEQ,
+                cs_len = const OFF_CS_LEN,
+                cs_base = const OFF_CS_BASE,
+                cls = in(reg) class,
+                b = in(reg) b,
+                arena = in(reg) arena,
+                limits = const OFF_LIMITS,
+                h = out(reg) _,
+                c = out(reg) _,
+                t = out(reg) _,
+                k = out(reg) _,
+                shift = const STRIDE_SHIFT,
+                arena_off = const OFF_ARENA,
+                frees = const OFF_FREES,
+                key = const OFF_KEY,
+                table_classes = const TABLE_CLASSES,
+                count = const OUTBOX * 8,
+                limit = const OUTBOX_LIMIT,
+                word_max = const OUTBOX_WORD_MAX,
+                adds = sym OUTBOX_ADDS,
+                entries = const OFF_OUTBOX,
+                owners = const OFF_OUTBOX_OWNER,
+                sig = const RSEQ_SIG,
+                foreign = label { return 1 },
+                full = label { return 2 },
+                remote = label { return 3 },
+                outbox_full = label { return 4 },
+                options(nostack),
+            );
+        }
+        0
     }
 
     /// Pushes `b` on the current CPU's list `list` with no arena check (`LARGE_OUTBOX`,
-    /// which takes blocks of any arena). Returns as `push_raw` (never 3).
+    /// which takes blocks of any arena). Returns as `push_raw` (never 3 or 4).
     ///
     /// # Safety
     /// `b` is a free small block that the caller owns, of a class above 8 KiB.
     #[inline(always)]
     pub(super) unsafe fn push_list_raw(&self, list: usize, b: usize) -> u32 {
-        // No arena check: `{arena}`, `{arena_off}` and `{remote}` are named in a comment
-        // only.
-        push_section!(
-            self,
-            list,
-            b,
-            0u32,
-            ["/* {arena:e} {arena_off} {remote} */",]
-        )
+        // SAFETY: as in `pop_raw`; the section also writes the first word of `b`, which
+        // the caller owns, before the commit publishes it (a section restarted and then
+        // left by a way out leaves that word written, and `b` still the caller's).
+        unsafe {
+            asm!(
+                rseq_section!(current_cache!("{foreign}"), list_push!(), push_commit!(),),
+                cs = in(reg) self as *const Caches,
+                cs_rseq = const OFF_CS_RSEQ,
+                cs_len = const OFF_CS_LEN,
+                cs_base = const OFF_CS_BASE,
+                cls = in(reg) list,
+                b = in(reg) b,
+                limits = const OFF_LIMITS,
+                h = out(reg) _,
+                c = out(reg) _,
+                t = out(reg) _,
+                shift = const STRIDE_SHIFT,
+                frees = const OFF_FREES,
+                key = const OFF_KEY,
+                sig = const RSEQ_SIG,
+                foreign = label { return 1 },
+                full = label { return 2 },
+                options(nostack),
+            );
+        }
+        0
     }
 
     /// Appends entry `v` (a block packed with its class) of arena `owner` to the current
@@ -281,7 +344,8 @@ impl Caches {
     pub(super) unsafe fn push_outbox_raw(&self, v: usize, owner: usize, add: usize) -> u32 {
         // SAFETY: as in `pop_raw`; the section writes only the current CPU's cache: the
         // entry at the count, which is below `OUTBOX_LIMIT` (checked), so inside the
-        // arrays, and then the count word, the commit. An entry written by a section that
+        // arrays, the statistics counter (counted twice if restarted), and then the count
+        // word, the commit. An entry written by a section that
         // did not commit is past the count, garbage.
         unsafe {
             asm!(

@@ -4,8 +4,8 @@
 //! A CPU whose list of a class overflows parks the whole list in a slot of its arena; a CPU of
 //! that arena whose list runs empty takes a parked chain and installs it; with none, it sorts
 //! the blocks other arenas' CPUs sent back to the arena's [`Inbox`] into chains and parks
-//! them. Large outboxes park the blocks they send back to an owner in front of a parked
-//! chain that has room for them ([`Transfer::park_blocks`]). Each move is one atomic
+//! them. Outboxes park the blocks above 1 KiB they send back to an owner, and large outboxes
+//! all theirs, in front of a parked chain that has room for them ([`Transfer::park_blocks`]). Each move is one atomic
 //! instruction on the
 //! slot; the arena's lock is taken only when every slot is full (to park) or empty (to
 //! take), and then moves a whole batch in one lock round.
@@ -138,8 +138,8 @@ pub struct Transfer {
 struct Use {
     /// Whether a chain was taken since the last sweep ([`Transfer::idle_since_last_look`]).
     taken: AtomicUsize,
-    /// Blocks freed on other arenas' CPUs that came out of the inbox
-    /// ([`Transfer::count_sorted`]; statistics).
+    /// Blocks freed on other arenas' CPUs that came out of the inbox or were parked by their
+    /// senders ([`Transfer::count_sorted`]; statistics).
     sorted: AtomicU64,
 }
 
@@ -250,8 +250,9 @@ impl Transfer {
         self.use_.taken.swap(0, Ordering::Relaxed) == 0
     }
 
-    /// Counts `n` blocks sent back by other arenas' CPUs that a refill sorted out of the
-    /// inbox (or a sweep returned from it).
+    /// Counts `n` blocks sent back by other arenas' CPUs: sorted out of the inbox by a refill
+    /// (or returned from it by a sweep), or parked here by the sender (an outbox's blocks
+    /// above 1 KiB, a large outbox's).
     pub fn count_sorted(&self, n: u64) {
         self.use_.sorted.fetch_add(n, Ordering::Relaxed);
     }

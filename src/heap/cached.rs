@@ -162,7 +162,7 @@ impl ProcessHeap {
         let mut mine = 0;
         let mut sorted = 0u64;
         transfer.inbox.drain(|v| {
-            // The sender looked the block up (`take_outbox`) and sent its class along.
+            // The free that put the block in an outbox found its class, sent along.
             let (b, c) = inbox_unpack(v);
             if c >= TABLE_CLASSES || b == 0 {
                 // Only a write into the ring itself makes this.
@@ -494,23 +494,18 @@ impl ProcessHeap {
         }
     }
 
-    /// The current CPU's list could not take `p` (`r` says why): the outbox, a flush, or
-    /// the locked path. Keeps errno (see `free_small`): a push into the outbox makes no
-    /// system call, so errno is saved only on the other ways (it had been around every
-    /// remote free: two calls of `__errno_location`, 0.4% of `larson`'s samples).
+    /// The current CPU's list could not take `p` (`r` says why): the outbox to send, a
+    /// flush, or the locked path. Keeps errno (see `free_small`).
     ///
     /// # Safety
     /// As for `free_small_fast`, with the mark written.
     #[cold]
     #[inline(never)]
     unsafe fn free_small_slow(cfg: &Config, p: *mut u8, arena: u32, class: usize, r: Push) {
-        if r == Push::Remote && class < TABLE_CLASSES {
-            // SAFETY: by the contract.
-            match unsafe { cfg.caches.push_outbox(p.cast(), class, arena) } {
-                Push::Done => {}
-                // SAFETY: by the contract.
-                o => unsafe { Self::free_outbox_slow(cfg, p, arena, class, o) },
-            }
+        if r == Push::OutboxFull {
+            // SAFETY: by the contract; the push found another arena's cache and a class up to
+            // 8 KiB.
+            unsafe { Self::free_outbox_slow(cfg, p, arena, class, Push::Full) };
             return;
         }
         // SAFETY: by the contract.
@@ -539,7 +534,7 @@ impl ProcessHeap {
     #[inline(never)]
     unsafe fn free_small_slower(cfg: &Config, p: *mut u8, arena: u32, class: usize, r: Push) {
         // The block's run is looked up only on the ways that need it: a block that enters
-        // the outbox is looked up once, when the outbox is sent.
+        // the large outbox is looked up once, when that is sent.
         let what = || lookup(&SRC, p);
         // SAFETY: by the contract.
         os::keeping_errno(|| unsafe {
@@ -553,7 +548,9 @@ impl ProcessHeap {
                         _ => Self::free_small_remote(cfg, p, what(), arena),
                     }
                 }
-                Push::Remote | Push::NoCache => Self::free_small_remote(cfg, p, what(), arena),
+                Push::Remote | Push::NoCache | Push::OutboxFull => {
+                    Self::free_small_remote(cfg, p, what(), arena)
+                }
             }
         })
     }
@@ -744,6 +741,7 @@ impl ProcessHeap {
             // SAFETY: free, marked blocks of `owner` and `class` (looked up), counted in use
             // by their runs, ours; at most `chain_max(class)` of them.
             let blocks = if unsafe { transfer.park_blocks(class, a.key(), parks) } {
+                transfer.count_sorted(parks.len() as u64);
                 rest
             } else {
                 blocks
@@ -767,11 +765,11 @@ impl ProcessHeap {
     }
 
     /// Sends the current CPU's outbox: its blocks, grouped by owner (which each entry names
-    /// with the block's class, as the free found them: no block is read or looked up
-    /// here), go into their owners' inboxes, one compare-and-swap per owner (onto the
-    /// owner's pending stack when its inbox has no room). The owner's CPUs sort them by
-    /// class when they next refill (`sort_inbox`), so the sender does not touch the owner's
-    /// transfer slots, whose lines stay with the owner's CPUs.
+    /// with the block's class, as the free found them: no block is looked up here), go to
+    /// their owners (`send_to_owner`): those of up to 1 KiB into the owners' inboxes, one
+    /// compare-and-swap per owner, which the owner's CPUs sort by class when they next
+    /// refill (`sort_inbox`), so that for them the sender touches neither a block nor the
+    /// owner's transfer slots, whose lines stay with the owner's CPUs.
     #[cold]
     #[inline(never)]
     pub(super) fn send_outbox(cfg: &Config) {
@@ -787,52 +785,66 @@ impl ProcessHeap {
 
     /// Gives `blocks` (outbox entries: blocks packed with their classes) to arena `owner`:
     /// those of up to [`INBOX_MAX_BLOCK`] bytes to its inbox, the larger ones joined to
-    /// chains parked in its transfer slots of their classes; what finds no room there goes
-    /// onto its pending stack, one push for all.
+    /// chains parked in its transfer slots of their classes (a compare-and-swap per class on
+    /// the owner's slot line, which the inbox spares the many small blocks); what finds no
+    /// room there goes onto its pending stack, one push for all.
     fn send_to_owner(cfg: &Config, owner: usize, blocks: &[usize]) {
+        let corrupt = |v: usize| -> ! {
+            invalid_pointer(b"coreheap: corrupted outbox", inbox_unpack(v).0 as *mut u8)
+        };
         if owner >= cfg.count {
             // Only our own sections write outbox entries, with the arena the free found.
-            invalid_pointer(
-                b"coreheap: corrupted outbox",
-                inbox_unpack(blocks[0]).0 as *mut u8,
-            );
+            corrupt(blocks[0]);
         }
         let a = cfg.arena(owner);
         let transfer = cfg.caches.transfer(owner);
         let mut pending = Batch::new(a.key());
-        let mut inbox = [0usize; OUTBOX_LIMIT];
-        let mut n = 0;
-        let mut larger = Grouped::<OUTBOX_LIMIT>::new();
+        // The inbox's blocks from the front, the larger ones from the back.
+        let mut buf = [0usize; OUTBOX_LIMIT];
+        let (mut small, mut large) = (0, blocks.len());
         for &v in blocks {
             let class = inbox_unpack(v).1;
+            if class >= TABLE_CLASSES {
+                corrupt(v);
+            }
             if class_size(class) <= INBOX_MAX_BLOCK {
-                inbox[n] = v;
-                n += 1;
+                buf[small] = v;
+                small += 1;
             } else {
-                let added = larger.add((class, 0), inbox_unpack(v).0);
-                // (At most `OUTBOX_LIMIT` entries: `add` takes every one.)
-                debug_assert!(added);
+                large -= 1;
+                buf[large] = v;
             }
         }
         // SAFETY: free, marked blocks of `owner` (the free looked them up) of classes up to
         // `INBOX_MAX_BLOCK`, counted in use by their runs, ours (taken off the outbox).
-        if n > 0 && !unsafe { transfer.inbox.send(&inbox[..n]) } {
-            for &v in &inbox[..n] {
+        if small > 0 && !unsafe { transfer.inbox.send(&buf[..small]) } {
+            for &v in &buf[..small] {
                 // SAFETY: as above; each block is re-linked for the owner's stack.
                 unsafe { pending.add(inbox_unpack(v).0 as *mut Block) };
             }
         }
-        larger.for_each(|class, _, blocks| {
-            for part in blocks.chunks(chain_max(class)) {
-                // SAFETY: as above, of `class`, at most `chain_max(class)` of them.
-                if !unsafe { transfer.park_blocks(class, a.key(), part) } {
+        // The larger ones by class (the class is the entry's high bits), then as addresses.
+        let larger = &mut buf[large..blocks.len()];
+        larger.sort_unstable();
+        for group in larger.chunk_by_mut(|x, y| inbox_unpack(*x).1 == inbox_unpack(*y).1) {
+            let class = inbox_unpack(group[0]).1;
+            for v in group.iter_mut() {
+                *v = inbox_unpack(*v).0;
+            }
+            for part in group.chunks(chain_max(class)) {
+                // SAFETY: free, marked blocks of `owner` and `class` (the free looked them
+                // up), counted in use by their runs, ours, at most `chain_max(class)` of
+                // them; `a.key()` is the owner's link secret.
+                if unsafe { transfer.park_blocks(class, a.key(), part) } {
+                    transfer.count_sorted(part.len() as u64);
+                } else {
                     for &b in part {
-                        // SAFETY: as above.
+                        // SAFETY: as above; each block is re-linked for the owner's stack.
                         unsafe { pending.add(b as *mut Block) };
                     }
                 }
             }
-        });
+        }
         // SAFETY: the batch holds free blocks of `owner`, built with its key.
         unsafe { a.push_remote_batch(&SRC, &pending) };
     }
@@ -916,7 +928,7 @@ fn by_owner(entries: &[usize], owners: &[u16], mut f: impl FnMut(usize, &[usize]
     for (&v, &o) in entries.iter().zip(owners) {
         // (At most `OUTBOX_LIMIT` entries: `add` takes every one.)
         let added = groups.add((o as usize, 0), v);
-        debug_assert!(added);
+        assert!(added);
     }
     groups.for_each(|owner, _, blocks| f(owner, blocks));
 }

@@ -52,7 +52,7 @@
 //! The locked path (the arena's bins) remains the way in whenever rseq is unavailable, and
 //! refills and flushes the caches. The sections are x86_64 assembly; elsewhere
 //! [`Caches::AVAILABLE`] is false and the operations are never called. A port needs the
-//! same eight sections for its ISA, and its `RSEQ_SIG` placed before each abort handler as
+//! same nine sections for its ISA, and its `RSEQ_SIG` placed before each abort handler as
 //! the kernel's selftests (`tools/testing/selftests/rseq/rseq-*.h`) show.
 
 use core::sync::atomic::{
@@ -230,7 +230,7 @@ const OUTBOX_COUNT_BITS: u32 = 8;
 const OUTBOX_COUNT_MASK: usize = (1 << OUTBOX_COUNT_BITS) - 1;
 const _: () = assert!(OUTBOX_LIMIT < 1 << OUTBOX_COUNT_BITS);
 /// What a push of a block of class `c` adds to the outbox's count word: its bytes above the
-/// count bits, and one (read by the push section, through its symbol).
+/// count bits, and one (read by the push sections, through its symbol).
 #[cfg(coreheap_rseq)]
 static OUTBOX_ADDS: [usize; NUM_CLASSES] =
     per_class!(usize, |c| (class_size(c) << OUTBOX_COUNT_BITS) | 1);
@@ -878,12 +878,17 @@ impl Caches {
     /// caller owns and gives up if the answer is [`Push::Done`].
     #[inline(always)]
     pub unsafe fn push_outbox(&self, b: *mut Block, class: usize, arena: u32) -> Push {
+        // The section packs the entry as `inbox_pack` does (the class above `PTR_BITS`),
+        // which loses nothing for a block address and class that fit.
         debug_assert!(self.enabled && class < TABLE_CLASSES);
-        let add = (class_size(class) << OUTBOX_COUNT_BITS) | 1;
+        debug_assert_eq!(
+            inbox_unpack(inbox_pack(b as usize, class)),
+            (b as usize, class)
+        );
         // SAFETY: by the contract.
-        match unsafe { self.push_outbox_raw(inbox_pack(b as usize, class), arena as usize, add) } {
+        match unsafe { self.push_outbox_raw(class, b as usize, arena) } {
             0 => Push::Done,
-            2 => Push::Full,
+            4 => Push::Full,
             _ => Push::NoCache,
         }
     }

@@ -26,6 +26,9 @@ use core::arch::asm;
 /// glibc's `RSEQ_SIG` for x86.
 const RSEQ_SIG: u32 = 0x5305_3053;
 
+// The sections write 48 where they shift a count or a class above an address.
+const _: () = assert!(PTR_BITS == 48);
+
 /// Loads the CPU id into `{c}` (from the rseq area, whose offset `{t}` holds) and makes
 /// `{c}` point to that CPU's cache, or leaves the section (to label 75, or to `$exit`)
 /// when the id is not below the table's length. `{t}` is free afterwards.
@@ -135,6 +138,35 @@ macro_rules! push_commit {
     };
 }
 
+/// The body of an append to the outbox of the cache at `{c}` of block `{b}` of class `{cls}`
+/// (up to 8 KiB) and arena `{arena}`, up to its commit: leaves for `{outbox_full}` when the
+/// outbox holds `OUTBOX_LIMIT` blocks or the block's bytes would take it past
+/// `OUTBOX_BYTES`, else writes the entry and its owner at the count (past what is
+/// committed) and counts the push, with the new count word in `{t}`. Uses `{h}` and `{k}`.
+macro_rules! outbox_append {
+    () => {
+        concat!(
+            "mov {t}, qword ptr [{c} + {count}]\n",
+            "cmp {t:l}, {limit}\n",
+            "jae {outbox_full}\n",
+            "lea {h}, [rip + {adds}]\n",
+            "mov {h}, qword ptr [{h} + {cls} * 8]\n",
+            "add {h}, {t}\n",
+            "cmp {h}, {word_max}\n",
+            "ja {outbox_full}\n",
+            "movzx {t:e}, {t:l}\n",
+            "mov word ptr [{c} + {t} * 2 + {owners}], {arena:x}\n",
+            // The entry, packed as `inbox::pack` does (PTR_BITS is 48).
+            "mov {k}, {cls}\n",
+            "shl {k}, 48\n",
+            "or {k}, {b}\n",
+            "mov qword ptr [{c} + {t} * 8 + {entries}], {k}\n",
+            "add qword ptr [{c} + {frees}], 1\n",
+            "mov {t}, {h}\n",
+        )
+    };
+}
+
 impl Caches {
     /// Pops a block of class `class` from the current CPU's cache. Returns the block
     /// popped, or 0 and then the block at the list's head if its link failed its check
@@ -224,10 +256,15 @@ impl Caches {
         // (its arena's block) the first word of `b`, which the caller owns, and then the
         // list's head, the commit (a section restarted and then left by a way out leaves
         // that word written, and `b` still the caller's); or (another arena's block) the
-        // outbox entry at the count, which is below `OUTBOX_LIMIT` (checked), and then the
-        // count word, the same commit instruction: the outbox branch points `{c}` at the
-        // cache's address less `class` entries of the heads plus the count word's offset,
-        // so that `[{c} + {cls} * 8]` is the count word, after its last use of `{c}`.
+        // outbox entry and its owner at the count, which is below `OUTBOX_LIMIT` (checked),
+        // so past what is committed until the commit, and then the count word, with the same
+        // commit instruction: the outbox branch points `{c}` at the cache's address less
+        // `class` entries of the heads plus the count word's offset, so that
+        // `[{c} + {cls} * 8]` is the count word, after its last use of `{c}`. Either way the
+        // statistics counter is added to before the commit (twice if restarted). The table
+        // of outbox increments is read RIP-relative: its symbol binds locally in the preload
+        // library and in executables (a Rust `dylib` exporting it would fail to link, not
+        // run wrong).
         unsafe {
             asm!(
                 rseq_section!(
@@ -238,22 +275,7 @@ impl Caches {
                     // and the outbox has room for one more block of its bytes.
                     "cmp {cls}, {table_classes}",
                     "jae {remote}",
-                    "mov {t}, qword ptr [{c} + {count}]",
-                    "cmp {t:l}, {limit}",
-                    "jae {outbox_full}",
-                    "lea {h}, [rip + {adds}]",
-                    "mov {h}, qword ptr [{h} + {cls} * 8]",
-                    "add {h}, {t}",
-                    "cmp {h}, {word_max}",
-                    "ja {outbox_full}",
-                    "movzx {t:e}, {t:l}",
-                    "mov word ptr [{c} + {t} * 2 + {owners}], {arena:x}",
-                    "mov {k}, {cls}",
-                    "shl {k}, 48",
-                    "or {k}, {b}",
-                    "mov qword ptr [{c} + {t} * 8 + {entries}], {k}",
-                    "add qword ptr [{c} + {frees}], 1",
-                    "mov {t}, {h}",
+                    outbox_append!(),
                     "mov {k}, {cls}",
                     "neg {k}",
                     "lea {c}, [{c} + {k} * 8 + {count}]",
@@ -332,57 +354,49 @@ impl Caches {
         0
     }
 
-    /// Appends entry `v` (a block packed with its class) of arena `owner` to the current
-    /// CPU's outbox if that leaves it within both its bounds; `add` is the block's size
-    /// shifted above the count bits, plus one. Returns 0 (done), 1 (no usable CPU id) or 2
-    /// (full).
+    /// Appends block `b` of class `class` (up to 8 KiB) and arena `arena` to the current
+    /// CPU's outbox if that leaves it within both its bounds. Returns 0 (done), 1 (no usable
+    /// CPU id) or 4 (full).
     ///
     /// # Safety
-    /// `v` packs a free small block that the caller owns, of a class up to 8 KiB, which it
-    /// gives up on 0; `owner` is the block's arena; `add` as said.
+    /// `b` is a free small block that the caller owns, marked, of a class up to 8 KiB
+    /// (`class < TABLE_CLASSES`), which it gives up on 0; `arena` is the block's arena.
     #[inline(always)]
-    pub(super) unsafe fn push_outbox_raw(&self, v: usize, owner: usize, add: usize) -> u32 {
+    pub(super) unsafe fn push_outbox_raw(&self, class: usize, b: usize, arena: u32) -> u32 {
         // SAFETY: as in `pop_raw`; the section writes only the current CPU's cache: the
-        // entry at the count, which is below `OUTBOX_LIMIT` (checked), so inside the
-        // arrays, the statistics counter (counted twice if restarted), and then the count
-        // word, the commit. An entry written by a section that
-        // did not commit is past the count, garbage.
+        // entry and its owner at the count, which is below `OUTBOX_LIMIT` (checked), so
+        // inside the arrays and past what is committed, the statistics counter (counted
+        // twice if restarted), and then the count word, the commit. The increments' table
+        // is read as in `push_raw`.
         unsafe {
             asm!(
                 rseq_section!(
                     current_cache!("{foreign}"),
-                    "mov {t}, qword ptr [{c} + {count}]",
-                    "cmp {t:l}, {limit}",
-                    "jae {full}",
-                    "lea {u}, [{t} + {add}]",
-                    "cmp {u}, {word_max}",
-                    "ja {full}",
-                    "movzx {t:e}, {t:l}",
-                    "mov qword ptr [{c} + {t} * 8 + {entries}], {v}",
-                    "mov word ptr [{c} + {t} * 2 + {owners}], {owner:x}",
-                    "add qword ptr [{c} + {frees}], 1",
-                    "mov qword ptr [{c} + {count}], {u}",
+                    outbox_append!(),
+                    "mov qword ptr [{c} + {count}], {t}",
                 ),
                 cs = in(reg) self as *const Caches,
                 cs_rseq = const OFF_CS_RSEQ,
                 cs_len = const OFF_CS_LEN,
                 cs_base = const OFF_CS_BASE,
-                v = in(reg) v,
-                owner = in(reg) owner,
-                add = in(reg) add,
+                cls = in(reg) class,
+                b = in(reg) b,
+                arena = in(reg) arena,
+                h = out(reg) _,
                 c = out(reg) _,
                 t = out(reg) _,
-                u = out(reg) _,
+                k = out(reg) _,
                 shift = const STRIDE_SHIFT,
                 count = const OUTBOX * 8,
                 limit = const OUTBOX_LIMIT,
                 word_max = const OUTBOX_WORD_MAX,
+                adds = sym OUTBOX_ADDS,
                 entries = const OFF_OUTBOX,
                 owners = const OFF_OUTBOX_OWNER,
                 frees = const OFF_FREES,
                 sig = const RSEQ_SIG,
                 foreign = label { return 1 },
-                full = label { return 2 },
+                outbox_full = label { return 4 },
                 options(nostack),
             );
         }

@@ -505,26 +505,21 @@ impl ProcessHeap {
         if r == Push::OutboxFull {
             // SAFETY: by the contract; the push found another arena's cache and a class up to
             // 8 KiB.
-            unsafe { Self::free_outbox_slow(cfg, p, arena, class, Push::Full) };
+            unsafe { Self::free_outbox_slow(cfg, p, arena, class) };
             return;
         }
         // SAFETY: by the contract.
         unsafe { Self::free_small_slower(cfg, p, arena, class, r) }
     }
 
-    /// The outbox could not take `p` (`o` says why: full, or no CPU id). Keeps errno.
+    /// The outbox had no room for `p`: send it, then put `p` in. Keeps errno.
     ///
     /// # Safety
-    /// As for `free_small_slow`, `p` of a class up to 8 KiB.
+    /// As for `free_small_slow`, `p` of another arena and a class up to 8 KiB.
     #[inline(never)]
-    unsafe fn free_outbox_slow(cfg: &Config, p: *mut u8, arena: u32, class: usize, o: Push) {
+    unsafe fn free_outbox_slow(cfg: &Config, p: *mut u8, arena: u32, class: usize) {
         // SAFETY: by the contract.
-        os::keeping_errno(|| unsafe {
-            match o {
-                Push::Full => Self::free_outbox_full(cfg, p, arena, class),
-                _ => Self::free_small_remote(cfg, p, lookup(&SRC, p), arena),
-            }
-        })
+        os::keeping_errno(|| unsafe { Self::free_outbox_full(cfg, p, arena, class) })
     }
 
     /// The ways of `free_small_slow` other than the outbox. Keeps errno.
@@ -548,6 +543,7 @@ impl ProcessHeap {
                         _ => Self::free_small_remote(cfg, p, what(), arena),
                     }
                 }
+                // (`OutboxFull` never comes here: `free_small_slow` sends the outbox.)
                 Push::Remote | Push::NoCache | Push::OutboxFull => {
                     Self::free_small_remote(cfg, p, what(), arena)
                 }
@@ -645,6 +641,8 @@ impl ProcessHeap {
         // linked with its key, at most `limit(class)` of them (`cpucache` invariants).
         if unsafe { cfg.caches.transfer(ai).park(class, chain) } {
             let r = if mine {
+                // (A thread that moved meanwhile to another arena's CPU puts `p` in that
+                // CPU's outbox, or is told it is full and frees it below.)
                 // SAFETY: by the contract `p` is a free, marked block of `arena` and `class`.
                 unsafe { cfg.caches.push(class, p.cast(), arena) }
             } else {

@@ -35,6 +35,8 @@ fn main() {
         Ok("double-remote-large") => double_dealloc_remote_large_child(),
         Ok("double-inbox") => double_dealloc_inbox_child(64, 200),
         Ok("double-outbox-4k") => double_dealloc_inbox_child(4096, 40),
+        // Ten blocks: all still in the freeing CPU's outbox, unsent.
+        Ok("double-outbox") => double_dealloc_inbox_child(64, 10),
         Ok(_) => {
             counter_child();
             return;
@@ -274,8 +276,9 @@ fn double_dealloc_remote_large_child() -> ! {
 
 /// The child: `n` blocks of `size` bytes allocated on the first core are freed on the last,
 /// whose outbox sends them to their arena (64 B: to its inbox 64 at a time; 4 KiB: joined to
-/// chains parked in its transfer slots, 16 at a time); then the first block (waiting there,
-/// no core of its arena having allocated since) is freed again. Must not return. (With one
+/// chains parked in its transfer slots, 16 at a time; fewer than a full outbox: not yet);
+/// then the first block (waiting there, or still in the outbox, no core of its arena having
+/// allocated since) is freed again. Must not return. (With one
 /// core, or one arena, the blocks are in that CPU's own lists instead: a double free either
 /// way.)
 fn double_dealloc_inbox_child(size: usize, n: usize) -> ! {
@@ -660,6 +663,7 @@ fn double_dealloc_aborts() {
         ("double-remote-large", vec![]),
         ("double-inbox", vec![]),
         ("double-outbox-4k", vec![]),
+        ("double-outbox", vec![]),
     ] {
         let out = Command::new(std::env::current_exe().unwrap())
             .env(CHILD_VAR, mode)
@@ -693,7 +697,9 @@ fn double_dealloc_aborts() {
             {
                 stderr.contains("double free")
             }
-            "double-parked" | "double-inbox" | "double-outbox-4k" if coreheap::fast_path() => {
+            "double-parked" | "double-inbox" | "double-outbox-4k" | "double-outbox"
+                if coreheap::fast_path() =>
+            {
                 stderr.contains("double free")
             }
             // In a run slot (without the caches the run went back to the page heap: the

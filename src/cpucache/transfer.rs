@@ -5,10 +5,10 @@
 //! that arena whose list runs empty takes a parked chain and installs it; with none, it sorts
 //! the blocks other arenas' CPUs sent back to the arena's [`Inbox`] into chains and parks
 //! them. Outboxes park the blocks above 1 KiB they send back to an owner, and large outboxes
-//! all theirs, in front of a parked chain that has room for them ([`Transfer::park_blocks`]). Each move is one atomic
-//! instruction on the
-//! slot; the arena's lock is taken only when every slot is full (to park) or empty (to
-//! take), and then moves a whole batch in one lock round.
+//! all theirs, in front of a parked chain that has room for them ([`Transfer::park_blocks`]).
+//! Each move is one atomic instruction on the slot; the arena's lock is taken only when
+//! every slot is full (to park) or empty (to take), and then moves a whole batch in one lock
+//! round.
 //!
 //! Invariants:
 //! - a slot is 0 or the packed head of a chain in the CPU lists' format (see `mod.rs`): its
@@ -139,8 +139,8 @@ struct Use {
     /// Whether a chain was taken since the last sweep ([`Transfer::idle_since_last_look`]).
     taken: AtomicUsize,
     /// Blocks freed on other arenas' CPUs that came out of the inbox or were parked by their
-    /// senders ([`Transfer::count_sorted`]; statistics).
-    sorted: AtomicU64,
+    /// senders ([`Transfer::count_returned`]; statistics).
+    returned: AtomicU64,
 }
 
 impl Transfer {
@@ -253,13 +253,13 @@ impl Transfer {
     /// Counts `n` blocks sent back by other arenas' CPUs: sorted out of the inbox by a refill
     /// (or returned from it by a sweep), or parked here by the sender (an outbox's blocks
     /// above 1 KiB, a large outbox's).
-    pub fn count_sorted(&self, n: u64) {
-        self.use_.sorted.fetch_add(n, Ordering::Relaxed);
+    pub fn count_returned(&self, n: u64) {
+        self.use_.returned.fetch_add(n, Ordering::Relaxed);
     }
 
-    /// Blocks counted by [`Transfer::count_sorted`] so far.
-    pub fn sorted(&self) -> u64 {
-        self.use_.sorted.load(Ordering::Relaxed)
+    /// Blocks counted by [`Transfer::count_returned`] so far.
+    pub fn returned(&self) -> u64 {
+        self.use_.returned.load(Ordering::Relaxed)
     }
 
     /// The slots of `class`, for tests that fill them.

@@ -196,7 +196,7 @@ impl ProcessHeap {
         });
         if sorted > 0 {
             transfer.note_taken();
-            transfer.count_sorted(sorted);
+            transfer.count_returned(sorted);
         }
         for (c, &h) in heads.iter().enumerate() {
             if h == 0 {
@@ -342,7 +342,7 @@ impl ProcessHeap {
             unsafe { return_blocks(a, &SRC, &held[..n]) };
         }
         if all > 0 {
-            transfer.count_sorted(all);
+            transfer.count_returned(all);
         }
         for class in 0..NUM_CLASSES {
             loop {
@@ -739,7 +739,7 @@ impl ProcessHeap {
             // SAFETY: free, marked blocks of `owner` and `class` (looked up), counted in use
             // by their runs, ours; at most `chain_max(class)` of them.
             let blocks = if unsafe { transfer.park_blocks(class, a.key(), parks) } {
-                transfer.count_sorted(parks.len() as u64);
+                transfer.count_returned(parks.len() as u64);
                 rest
             } else {
                 blocks
@@ -834,7 +834,7 @@ impl ProcessHeap {
                 // up), counted in use by their runs, ours, at most `chain_max(class)` of
                 // them; `a.key()` is the owner's link secret.
                 if unsafe { transfer.park_blocks(class, a.key(), part) } {
-                    transfer.count_sorted(part.len() as u64);
+                    transfer.count_returned(part.len() as u64);
                 } else {
                     for &b in part {
                         // SAFETY: as above; each block is re-linked for the owner's stack.

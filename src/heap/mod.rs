@@ -499,7 +499,7 @@ impl ProcessHeap {
                         *n += (h >> PTR_BITS) as u64;
                     }
                 }
-                st.remote_frees += transfer.sorted();
+                st.remote_frees += transfer.returned();
                 for cpu in (0..cfg.caches.len()).filter(|&c| cfg.caches.arena_of(c) == i) {
                     let (allocs, frees, cached) = cfg.caches.counters(cpu);
                     st.fast_allocs += allocs;

@@ -555,7 +555,7 @@ fn main() {
     } else {
         let (prod, cons) = cores.split_at(np);
         // 4 KiB: a class above the inbox's 1 KiB; 64 KiB: a large class, whose remote frees
-        // go through the large outbox.
+        // go through the outbox four at a time.
         for s in [64, 256, 4 << 10, 64 << 10] {
             rows.extend(measure(
                 &cfg,

@@ -259,7 +259,7 @@ fn on_first_then_last_core<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'st
 }
 
 /// The child: a block of a large class (100 KiB) allocated on the first core is freed twice
-/// on the last one, whose large outbox holds it after the first free. Must not return.
+/// on the last one, whose outbox holds it after the first free. Must not return.
 fn double_dealloc_remote_large_child() -> ! {
     let layout = Layout::from_size_align(100_000, 8).unwrap();
     // SAFETY: non-zero size.
@@ -376,13 +376,16 @@ fn run_slots_cache_count_and_trim() {
     eprintln!("fastpath: page runs cached in run slots, counted, and emptied by trim");
 }
 
-/// Blocks of a class above 8 KiB freed on another arena's CPU wait in that CPU's large
-/// outbox; a full one goes to the owner's transfer slot of the class as one chain, which
+/// Blocks of a class above 8 KiB freed on another arena's CPU wait in that CPU's outbox
+/// (four of a class above 16 KiB fill it); a full one sends them to the owner's transfer
+/// slot of the class as one chain, which
 /// the owner's CPU takes back as refills, its blocks handed out again there and only there.
 fn large_remote_frees_park_with_their_owner() {
     let cores = core_affinity::get_core_ids().unwrap_or_default();
     if !coreheap::fast_path() || coreheap::SMALL_MAX <= 8192 || cores.len() < 2 {
-        eprintln!("fastpath: large outbox not tested (no rseq, no large classes, or one core)");
+        eprintln!(
+            "fastpath: large remote frees not tested (no rseq, no large classes, or one core)"
+        );
         return;
     }
     let (c0, c1) = (cores[0], cores[1]);
@@ -413,7 +416,7 @@ fn large_remote_frees_park_with_their_owner() {
     .join()
     .unwrap();
     let Some(parked) = parked else {
-        eprintln!("fastpath: cores 0 and 1 share an arena; large outbox not tested");
+        eprintln!("fastpath: cores 0 and 1 share an arena; large remote frees not tested");
         return;
     };
     // The first four went as one chain when the fifth found the outbox full; the others
@@ -707,7 +710,7 @@ fn double_dealloc_aborts() {
             "double-run" if coreheap::fast_path() && env.is_empty() => {
                 stderr.contains("double free")
             }
-            // In the freeing CPU's large outbox (with one core, or one arena, the block
+            // In the freeing CPU's outbox (with one core, or one arena, the block
             // is in that CPU's own list instead: a double free either way; without the
             // caches its run went back: the case below).
             "double-remote-large" if coreheap::fast_path() && coreheap::SMALL_MAX > 8192 => {

@@ -192,7 +192,7 @@ fn coreheap_arenas_env_sets_the_arena_count() {
 
 /// Blocks of the classes above 8 KiB (cached per CPU like small ones) and page runs above
 /// them (the CPUs' run slots) freed on another core's CPU go back to their own arena (the
-/// classes' through the freeing CPU's large outbox): the freeing core's cache never hands
+/// classes' through the freeing CPU's outbox): the freeing core's cache never hands
 /// them out, so everything it allocates afterwards, many times over, is its own arena's.
 #[test]
 fn large_class_blocks_freed_on_another_core_go_home() {

@@ -22,13 +22,14 @@
 //! with another base must not use them (nor [`Chain`], nor the outbox's batches).
 //!
 //! Each cache also has an **outbox** ([`OUTBOX`]): small blocks of *other* arenas freed on
-//! this CPU, of the classes up to 8 KiB, kept in an array with the class and owner the
-//! free found for each (so sending reads no block); the push section puts a block there
-//! when the arena comparison finds it another arena's. They are never handed out from
-//! there; a full outbox is sent, its blocks grouped by owner: those of up to 1 KiB into
-//! the owners' inboxes (`inbox.rs`), whose CPUs sort them by class into chains when they
-//! refill, the larger ones joined to chains parked in the owners' transfer slots (either
-//! way onto the owners' pending stacks when there is no room).
+//! this CPU, of every class, kept in an array with the class and owner the free found for
+//! each (so sending reads no block); the push section puts a block there when the arena
+//! comparison finds it another arena's. They are never handed out from there; a full
+//! outbox is sent, its blocks grouped by owner: those of up to 1 KiB into the owners'
+//! inboxes (`inbox.rs`), whose CPUs sort them by class into chains when they refill, the
+//! larger ones joined to chains parked in the owners' transfer slots (when there is no
+//! room, onto the owners' pending stacks, or for the classes above 8 KiB back to their
+//! runs under the owner's lock).
 //!
 //! Invariants:
 //! - a block on a class list of cache `c` belongs to arena `caches[c].arena` (the arena the
@@ -42,8 +43,9 @@
 //!   CPU `c` (a forked child inherits them as a consistent snapshot: a commit is one store);
 //! - a class list never holds more than its limit (at most [`limit`]) blocks of its class,
 //!   and a CPU's limits of the classes up to 8 KiB hold at most `CLASS_LISTS_BUDGET`
-//!   bytes together (see `CpuCache::spare`); the outbox no more
-//!   than [`OUTBOX_LIMIT`] blocks and [`OUTBOX_BYTES`] bytes, so list counts fit 16
+//!   bytes together (see `CpuCache::spare`); the outbox no more than [`OUTBOX_LIMIT`]
+//!   blocks and [`OUTBOX_BYTES`] bytes as [`outbox_bytes`] counts them (blocks above
+//!   16 KiB count as 16 KiB: at most [`OUTBOX_HELD_MAX`] in fact), so list counts fit 16
 //!   bits, the outbox's 8, and a CPU holds at most [`CPU_CACHE_BYTES`];
 //! - chains move whole between a cache and its arena's transfer slots (`transfer.rs`), but
 //!   for the front of one longer than the refilling CPU's limit, which is parked again,
@@ -52,7 +54,7 @@
 //! The locked path (the arena's bins) remains the way in whenever rseq is unavailable, and
 //! refills and flushes the caches. The sections are x86_64 assembly; elsewhere
 //! [`Caches::AVAILABLE`] is false and the operations are never called. A port needs the
-//! same nine sections for its ISA, and its `RSEQ_SIG` placed before each abort handler as
+//! same eight sections for its ISA, and its `RSEQ_SIG` placed before each abort handler as
 //! the kernel's selftests (`tools/testing/selftests/rseq/rseq-*.h`) show.
 
 use core::sync::atomic::{
@@ -73,7 +75,7 @@ mod transfer;
 
 pub use chain::{for_each_block, return_blocks, return_chain, split_chain, take_batch, Chain};
 pub use inbox::{pack as inbox_pack, unpack as inbox_unpack, Inbox};
-pub use transfer::{chain_max, Transfer};
+pub use transfer::{chain_max, Transfer, LARGE_CHAIN_MAX};
 
 pub const PTR_BITS: u32 = 48;
 /// The address bits of a packed head or link.
@@ -93,8 +95,8 @@ const STRIDE_SHIFT: usize = core::mem::size_of::<CpuCache>()
 /// accesses, single-copy atomic on x86_64), so the fast path executes no atomic instruction.
 #[repr(C, align(128))]
 pub struct CpuCache {
-    /// Packed list heads, one per size class, then the outbox's count ([`OUTBOX`]), the
-    /// page-run slots ([`RUNS`]) and the large outbox ([`LARGE_OUTBOX`]).
+    /// Packed list heads, one per size class, then the outbox's count ([`OUTBOX`]) and the
+    /// page-run slots ([`RUNS`]).
     heads: [AtomicUsize; LISTS],
     /// Blocks popped by the fast path (statistics; may count a restarted pop twice).
     fast_allocs: AtomicU64,
@@ -187,36 +189,54 @@ pub const RUNS: usize = OUTBOX + 1;
 /// in turn (a buffer and its replacement).
 pub const RUN_LISTS: usize = 2;
 
-/// The list of a CPU's **large outbox**: blocks of the classes above 8 KiB
-/// of other arenas freed on this CPU, sent to their owners a batch at a time (one lock round
-/// per owner) rather than one lock round each.
-pub const LARGE_OUTBOX: usize = RUNS + RUN_LISTS;
-
-/// How many blocks a large outbox holds before it is sent: at most 4 x 256 KiB, 1 MiB.
-pub const LARGE_OUTBOX_LIMIT: usize = 4;
-
-/// Lists per CPU: the classes, the outbox, the run slots, the large outbox.
-pub const LISTS: usize = LARGE_OUTBOX + 1;
+/// Lists per CPU: the classes, the outbox, the run slots.
+pub const LISTS: usize = RUNS + RUN_LISTS;
 
 /// The most blocks list `list` of a CPU ever holds: [`limit`] for a class, [`OUTBOX_LIMIT`],
-/// one run per run slot, [`LARGE_OUTBOX_LIMIT`].
+/// one run per run slot.
 #[inline]
 pub const fn list_limit(list: usize) -> usize {
     if list < NUM_CLASSES {
         limit(list)
     } else if list == OUTBOX {
         OUTBOX_LIMIT
-    } else if list == LARGE_OUTBOX {
-        LARGE_OUTBOX_LIMIT
     } else {
         1
     }
 }
 
-/// The most bytes of blocks an outbox holds: it takes blocks of every class up to 8 KiB
-/// ([`TABLE_CLASSES`]), and is sent when the next one would not fit (or at
+/// The most bytes of blocks an outbox holds, as [`outbox_bytes`] counts them: it takes
+/// blocks of every class, and is sent when the next one would not fit (or at
 /// [`OUTBOX_LIMIT`] blocks).
 pub const OUTBOX_BYTES: usize = 64 * 1024;
+
+/// What a block counts at most against [`OUTBOX_BYTES`]: a quarter of it, so that an outbox
+/// takes four blocks of any class above 16 KiB and is sent with a chain's worth of them
+/// ([`LARGE_CHAIN_MAX`]), one compare-and-swap to park, rather than one each.
+const OUTBOX_BLOCK_MAX: usize = OUTBOX_BYTES / LARGE_CHAIN_MAX;
+
+/// What a block of class `class` counts against [`OUTBOX_BYTES`]: its size, at most
+/// [`OUTBOX_BLOCK_MAX`] (16 KiB).
+#[cfg_attr(not(coreheap_rseq), allow(dead_code))]
+pub const fn outbox_bytes(class: usize) -> usize {
+    let size = class_size(class);
+    if size > OUTBOX_BLOCK_MAX {
+        OUTBOX_BLOCK_MAX
+    } else {
+        size
+    }
+}
+
+/// The most bytes an outbox's blocks take in fact: [`OUTBOX_BYTES`], or four blocks of the
+/// largest class (1 MiB) when that is more.
+pub const OUTBOX_HELD_MAX: usize = {
+    let largest = class_size(NUM_CLASSES - 1);
+    if largest > OUTBOX_BLOCK_MAX {
+        OUTBOX_BYTES / OUTBOX_BLOCK_MAX * largest
+    } else {
+        OUTBOX_BYTES
+    }
+};
 
 /// The largest blocks a sent outbox puts in the owners' inboxes, so that an inbox holds at
 /// most `INBOX_SLOTS` x 1 KiB; an outbox's larger blocks (up to 8 KiB) join chains parked
@@ -229,11 +249,12 @@ const _: () = assert!(INBOX_MAX_BLOCK <= OUTBOX_BYTES && TABLE_MAX <= OUTBOX_BYT
 const OUTBOX_COUNT_BITS: u32 = 8;
 const OUTBOX_COUNT_MASK: usize = (1 << OUTBOX_COUNT_BITS) - 1;
 const _: () = assert!(OUTBOX_LIMIT < 1 << OUTBOX_COUNT_BITS);
-/// What a push of a block of class `c` adds to the outbox's count word: its bytes above the
-/// count bits, and one (read by the push sections, through its symbol).
+/// What a push of a block of class `c` adds to the outbox's count word: its bytes as
+/// [`outbox_bytes`] counts them, above the count bits, and one (read by the push sections,
+/// through its symbol).
 #[cfg(coreheap_rseq)]
 static OUTBOX_ADDS: [usize; NUM_CLASSES] =
-    per_class!(usize, |c| (class_size(c) << OUTBOX_COUNT_BITS) | 1);
+    per_class!(usize, |c| (outbox_bytes(c) << OUTBOX_COUNT_BITS) | 1);
 
 /// The largest count word a push may leave: both bounds at once (a byte total past
 /// `OUTBOX_BYTES` compares above it whatever the count bits hold).
@@ -352,19 +373,12 @@ const _: () = assert!(START_TOTAL <= CLASS_LISTS_BUDGET);
 
 /// The most bytes of free blocks one CPU's cache holds: its class lists up to 8 KiB at
 /// most `CLASS_LISTS_BUDGET` together, the large classes' lists at their limits, a full
-/// outbox, full run slots and a full large outbox: at most 7,116 KiB, of which 384 KiB in
-/// the classes up to 8 KiB and the outbox, 1,612 KiB in the large classes, 4,096 KiB in
-/// the run slots and 1,024 KiB in the large outbox (4,480 KiB with `pow2-classes`, which
-/// has no large classes, so its large outbox stays empty), as `docs/design.md` states.
+/// outbox and full run slots: at most 7,052 KiB, of which 320 KiB in the classes up to
+/// 8 KiB, 1,612 KiB in the large classes, 1,024 KiB in the outbox (four 256 KiB blocks)
+/// and 4,096 KiB in the run slots (4,480 KiB with `pow2-classes`, whose largest class is
+/// 8 KiB, so its outbox holds at most 64 KiB), as `docs/design.md` states.
 pub const CPU_CACHE_BYTES: usize = {
-    let mut total = OUTBOX_BYTES
-        + RUN_LISTS * LARGE_MAX
-        + CLASS_LISTS_BUDGET
-        + if TABLE_CLASSES < NUM_CLASSES {
-            LARGE_OUTBOX_LIMIT * class_size(NUM_CLASSES - 1)
-        } else {
-            0
-        };
+    let mut total = OUTBOX_HELD_MAX + RUN_LISTS * LARGE_MAX + CLASS_LISTS_BUDGET;
     let mut c = TABLE_CLASSES;
     while c < NUM_CLASSES {
         total += limit(c) * class_size(c);
@@ -399,12 +413,11 @@ pub enum Push {
     Done,
     /// The list is at its limit; nothing changed.
     Full,
-    /// The current CPU's cache is for another arena than the block's, which is of a class
-    /// above 8 KiB (or a run): it belongs in the large outbox or with its owner; nothing
-    /// changed.
+    /// The current CPU's cache is for another arena than the block's, which is a run (a
+    /// run slot's): it goes back to its owner; nothing changed.
     Remote,
-    /// The current CPU's cache is for another arena than the block's, of a class up to
-    /// 8 KiB, and the outbox has no room for it: it is to be sent first; nothing changed.
+    /// The current CPU's cache is for another arena than the block's, a small block, and
+    /// the outbox has no room for it: it is to be sent first; nothing changed.
     OutboxFull,
     /// The thread has no CPU cache (no CPU id from rseq); nothing changed.
     NoCache,
@@ -847,8 +860,8 @@ impl Caches {
 
     /// Pushes `b`, a block of class `class` of arena `arena`, on the current CPU's cache (or,
     /// for a run slot `class`, [`RUNS`], a large block of more than `SMALL_MAX` bytes); a
-    /// block of another arena of a class up to 8 KiB goes into the current CPU's outbox, in
-    /// the same critical section ([`Push::OutboxFull`] when that has no room).
+    /// small block of another arena goes into the current CPU's outbox, in the same critical
+    /// section ([`Push::OutboxFull`] when that has no room).
     ///
     /// # Safety
     /// `enabled`; `b` is a free block of that class (or a large one) and arena, marked if
@@ -868,10 +881,10 @@ impl Caches {
         }
     }
 
-    /// Puts `b`, a free small block of class `class` (`class < TABLE_CLASSES`, at most
-    /// 8 KiB) of arena `arena`, in the current CPU's outbox ([`OUTBOX`]), with its class and
-    /// owner. [`Push::Full`] when the outbox holds [`OUTBOX_LIMIT`] blocks, or `b` would
-    /// take it past [`OUTBOX_BYTES`].
+    /// Puts `b`, a free small block of class `class` of arena `arena`, in the current CPU's
+    /// outbox ([`OUTBOX`]), with its class and owner. [`Push::Full`] when the outbox holds
+    /// [`OUTBOX_LIMIT`] blocks, or `b` would take it past [`OUTBOX_BYTES`]
+    /// ([`outbox_bytes`]).
     ///
     /// # Safety
     /// `enabled`; `b` is a free small block of that class and arena, marked, which the
@@ -880,7 +893,7 @@ impl Caches {
     pub unsafe fn push_outbox(&self, b: *mut Block, class: usize, arena: u32) -> Push {
         // The section packs the entry as `inbox_pack` does (the class above `PTR_BITS`),
         // which loses nothing for a block address and class that fit.
-        debug_assert!(self.enabled && class < TABLE_CLASSES);
+        debug_assert!(self.enabled && class < NUM_CLASSES);
         debug_assert_eq!(
             inbox_unpack(inbox_pack(b as usize, class)),
             (b as usize, class)
@@ -922,22 +935,6 @@ impl Caches {
         }
     }
 
-    /// Pushes `b`, a free block of a class above 8 KiB of another arena than
-    /// the current CPU's, on the current CPU's large outbox ([`LARGE_OUTBOX`]).
-    ///
-    /// # Safety
-    /// `enabled`; `b` is a free small block of such a class, marked, which the caller owns
-    /// and gives up if the answer is [`Push::Done`].
-    #[inline(always)]
-    pub unsafe fn push_large_outbox(&self, b: *mut Block) -> Push {
-        // SAFETY: by the contract.
-        match unsafe { self.push_list_raw(LARGE_OUTBOX, b as usize) } {
-            0 => Push::Done,
-            2 => Push::Full,
-            _ => Push::NoCache,
-        }
-    }
-
     /// Empties the current CPU's list of class `class`: returns the CPU id and the chain,
     /// whose blocks belong to arena `arena_of(cpu)` and are now the caller's. `None` when the
     /// list was empty or the thread has no usable CPU id.
@@ -971,8 +968,7 @@ impl Caches {
     /// CPUs' cooperation:
     /// their lists may change under the walk, so every link is read as one machine word and
     /// followed only if `is_block(link, list)` says it is a free-able small block fit for
-    /// that list (of `class` for a class list, of any class for the large outbox), which keeps the
-    /// walk inside mapped memory; at most a list's limit + 1 links per list. `key_of_arena`
+    /// that list (of class `list`), which keeps the walk inside mapped memory; at most a list's limit + 1 links per list. `key_of_arena`
     /// gives an arena's link secret. Used only to confirm a suspected double free, where `b`
     /// carries the free mark and is on no list of the current CPU or its arena: a hit means
     /// some CPU held `b` as free during the walk.
@@ -998,10 +994,8 @@ impl Caches {
                 self.transfer(a).inbox.peek(&mut look);
             }
             if pass == 1 {
-                for list in [class, LARGE_OUTBOX] {
-                    for cpu in 0..self.len {
-                        self.walk(cpu, list, &mut look, &is_block);
-                    }
+                for cpu in 0..self.len {
+                    self.walk(cpu, class, &mut look, &is_block);
                 }
                 for cpu in 0..self.len {
                     self.peek_outbox(cpu, |p, _, _| look(p));
@@ -1015,7 +1009,7 @@ impl Caches {
         seen
     }
 
-    /// Calls `f` on each block of CPU `cpu`'s list `list` (a class or [`LARGE_OUTBOX`]), walked
+    /// Calls `f` on each block of CPU `cpu`'s list `list` (a class), walked
     /// without that CPU's cooperation as [`Caches::seen_anywhere`] explains, while `f`
     /// returns true. Exact only while no thread runs on `cpu`.
     pub fn walk(
@@ -1107,7 +1101,7 @@ mod tests {
             let most = if c < TABLE_CLASSES {
                 limit(c)
             } else {
-                LARGE_OUTBOX_LIMIT
+                LARGE_CHAIN_MAX
             };
             assert_eq!(chain_max(c), most);
         }
@@ -1176,6 +1170,42 @@ mod tests {
         unsafe { assert!(!t.park_blocks(class, key, &addrs[max + 3..max + 4])) };
     }
 
+    /// An outbox filled with blocks of any one class, as the push sections count them
+    /// (`OUTBOX_LIMIT` blocks, `OUTBOX_BYTES` as `outbox_bytes` counts them), holds at most
+    /// `OUTBOX_HELD_MAX` bytes, and a chain's worth (`LARGE_CHAIN_MAX`) of the largest
+    /// class's blocks when that is above 16 KiB.
+    #[test]
+    fn outboxes_are_bounded_in_bytes() {
+        let fits = |class: usize| {
+            let (mut n, mut counted) = (0, 0);
+            while n < OUTBOX_LIMIT && counted + outbox_bytes(class) <= OUTBOX_BYTES {
+                n += 1;
+                counted += outbox_bytes(class);
+            }
+            n
+        };
+        for c in 0..NUM_CLASSES {
+            assert!(fits(c) >= 1, "a block of class {c} fits an empty outbox");
+            assert!(fits(c) * class_size(c) <= OUTBOX_HELD_MAX);
+        }
+        let largest = NUM_CLASSES - 1;
+        if class_size(largest) > OUTBOX_BLOCK_MAX {
+            assert_eq!(fits(largest), LARGE_CHAIN_MAX);
+            assert_eq!(OUTBOX_HELD_MAX, LARGE_CHAIN_MAX * class_size(largest));
+        } else {
+            assert_eq!(OUTBOX_HELD_MAX, OUTBOX_BYTES);
+        }
+        assert_eq!(
+            OUTBOX_HELD_MAX.div_ceil(1024),
+            if cfg!(feature = "pow2-classes") {
+                64
+            } else {
+                1024
+            },
+            "docs/design.md states it"
+        );
+    }
+
     #[test]
     fn caches_are_bounded_in_bytes() {
         let stride = if cfg!(feature = "pow2-classes") {
@@ -1191,7 +1221,7 @@ mod tests {
         let kib = if cfg!(feature = "pow2-classes") {
             4480
         } else {
-            7116
+            7052
         };
         assert_eq!(
             CPU_CACHE_BYTES.div_ceil(1024),

@@ -17,9 +17,9 @@
 //! huge unsigned number and takes the way out.
 
 use super::{
-    Caches, OFF_ALLOCS, OFF_ARENA, OFF_CS_BASE, OFF_CS_LEN, OFF_CS_RSEQ, OFF_FREES, OFF_KEY,
-    OFF_LIMITS, OFF_OUTBOX, OFF_OUTBOX_OWNER, OUTBOX, OUTBOX_ADDS, OUTBOX_LIMIT, OUTBOX_WORD_MAX,
-    PTR_BITS, STRIDE_SHIFT, TABLE_CLASSES,
+    Caches, NUM_CLASSES, OFF_ALLOCS, OFF_ARENA, OFF_CS_BASE, OFF_CS_LEN, OFF_CS_RSEQ, OFF_FREES,
+    OFF_KEY, OFF_LIMITS, OFF_OUTBOX, OFF_OUTBOX_OWNER, OUTBOX, OUTBOX_ADDS, OUTBOX_LIMIT,
+    OUTBOX_WORD_MAX, PTR_BITS, STRIDE_SHIFT,
 };
 use core::arch::asm;
 
@@ -139,9 +139,9 @@ macro_rules! push_commit {
 }
 
 /// The body of an append to the outbox of the cache at `{c}` of block `{b}` of class `{cls}`
-/// (up to 8 KiB) and arena `{arena}`, up to its commit: leaves for `{outbox_full}` when the
-/// outbox holds `OUTBOX_LIMIT` blocks or the block's bytes would take it past
-/// `OUTBOX_BYTES`, else writes the entry and its owner at the count (past what is
+/// (a small class) and arena `{arena}`, up to its commit: leaves for `{outbox_full}` when the
+/// outbox holds `OUTBOX_LIMIT` blocks or the block's bytes (`outbox_bytes`) would take it
+/// past `OUTBOX_BYTES`, else writes the entry and its owner at the count (past what is
 /// committed) and counts the push, with the new count word in `{t}`. Uses `{h}` and `{k}`.
 macro_rules! outbox_append {
     () => {
@@ -241,11 +241,11 @@ impl Caches {
     }
 
     /// Pushes block `b` of arena `arena` on the current CPU's list `class` if that cache
-    /// is for `arena` and the list holds fewer blocks than its limit; a block of another
-    /// arena of a class up to 8 KiB goes into the outbox instead, in the same section (the
-    /// arena comparison chooses the list), if the outbox has room for it. Returns 0 (done),
-    /// 1 (no usable CPU id), 2 (full), 3 (the cache is another arena's, and the class above
-    /// 8 KiB or `class` a run slot) or 4 (the cache is another arena's and its outbox full).
+    /// is for `arena` and the list holds fewer blocks than its limit; a small block of
+    /// another arena goes into the outbox instead, in the same section (the arena
+    /// comparison chooses the list), if the outbox has room for it. Returns 0 (done),
+    /// 1 (no usable CPU id), 2 (full), 3 (the cache is another arena's, and `class` a run
+    /// slot) or 4 (the cache is another arena's and its outbox full).
     ///
     /// # Safety
     /// `b` is a free block of class `class` of arena `arena` that the caller owns, marked
@@ -271,9 +271,9 @@ impl Caches {
                     current_cache!("{foreign}"),
                     "cmp dword ptr [{c} + {arena_off}], {arena:e}",
                     "je 78f",
-                    // Another arena's block: into the outbox, if of a class up to 8 KiB
-                    // and the outbox has room for one more block of its bytes.
-                    "cmp {cls}, {table_classes}",
+                    // Another arena's block: into the outbox, if a small block (not a
+                    // run slot's) and the outbox has room for one more block of its bytes.
+                    "cmp {cls}, {num_classes}",
                     "jae {remote}",
                     outbox_append!(),
                     "mov {k}, {cls}",
@@ -301,7 +301,7 @@ impl Caches {
                 arena_off = const OFF_ARENA,
                 frees = const OFF_FREES,
                 key = const OFF_KEY,
-                table_classes = const TABLE_CLASSES,
+                num_classes = const NUM_CLASSES,
                 count = const OUTBOX * 8,
                 limit = const OUTBOX_LIMIT,
                 word_max = const OUTBOX_WORD_MAX,
@@ -319,48 +319,13 @@ impl Caches {
         0
     }
 
-    /// Pushes `b` on the current CPU's list `list` with no arena check (`LARGE_OUTBOX`,
-    /// which takes blocks of any arena). Returns as `push_raw` (never 3 or 4).
+    /// Appends block `b` of class `class` and arena `arena` to the current CPU's outbox if
+    /// that leaves it within both its bounds. Returns 0 (done), 1 (no usable CPU id) or 4
+    /// (full).
     ///
     /// # Safety
-    /// `b` is a free small block that the caller owns, of a class above 8 KiB.
-    #[inline(always)]
-    pub(super) unsafe fn push_list_raw(&self, list: usize, b: usize) -> u32 {
-        // SAFETY: as in `pop_raw`; the section also writes the first word of `b`, which
-        // the caller owns, before the commit publishes it (a section restarted and then
-        // left by a way out leaves that word written, and `b` still the caller's).
-        unsafe {
-            asm!(
-                rseq_section!(current_cache!("{foreign}"), list_push!(), push_commit!(),),
-                cs = in(reg) self as *const Caches,
-                cs_rseq = const OFF_CS_RSEQ,
-                cs_len = const OFF_CS_LEN,
-                cs_base = const OFF_CS_BASE,
-                cls = in(reg) list,
-                b = in(reg) b,
-                limits = const OFF_LIMITS,
-                h = out(reg) _,
-                c = out(reg) _,
-                t = out(reg) _,
-                shift = const STRIDE_SHIFT,
-                frees = const OFF_FREES,
-                key = const OFF_KEY,
-                sig = const RSEQ_SIG,
-                foreign = label { return 1 },
-                full = label { return 2 },
-                options(nostack),
-            );
-        }
-        0
-    }
-
-    /// Appends block `b` of class `class` (up to 8 KiB) and arena `arena` to the current
-    /// CPU's outbox if that leaves it within both its bounds. Returns 0 (done), 1 (no usable
-    /// CPU id) or 4 (full).
-    ///
-    /// # Safety
-    /// `b` is a free small block that the caller owns, marked, of a class up to 8 KiB
-    /// (`class < TABLE_CLASSES`), which it gives up on 0; `arena` is the block's arena.
+    /// `b` is a free small block that the caller owns, marked, of class `class`
+    /// (`class < NUM_CLASSES`), which it gives up on 0; `arena` is the block's arena.
     #[inline(always)]
     pub(super) unsafe fn push_outbox_raw(&self, class: usize, b: usize, arena: u32) -> u32 {
         // SAFETY: as in `pop_raw`; the section writes only the current CPU's cache: the

@@ -9,9 +9,6 @@ impl Caches {
     pub(super) unsafe fn push_raw(&self, _: usize, _: usize, _: u32) -> u32 {
         1
     }
-    pub(super) unsafe fn push_list_raw(&self, _: usize, _: usize) -> u32 {
-        1
-    }
     pub(super) unsafe fn push_outbox_raw(&self, _: usize, _: usize, _: u32) -> u32 {
         1
     }

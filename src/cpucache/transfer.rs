@@ -4,8 +4,8 @@
 //! A CPU whose list of a class overflows parks the whole list in a slot of its arena; a CPU of
 //! that arena whose list runs empty takes a parked chain and installs it; with none, it sorts
 //! the blocks other arenas' CPUs sent back to the arena's [`Inbox`] into chains and parks
-//! them. Outboxes park the blocks above 1 KiB they send back to an owner, and large outboxes
-//! all theirs, in front of a parked chain that has room for them ([`Transfer::park_blocks`]).
+//! them. Outboxes park the blocks above 1 KiB they send back to an owner in front of a
+//! parked chain that has room for them ([`Transfer::park_blocks`]).
 //! Each move is one atomic instruction on the slot; the arena's lock is taken only when
 //! every slot is full (to park) or empty (to take), and then moves a whole batch in one lock
 //! round.
@@ -20,12 +20,12 @@
 //!   parked in front of it only names its packed head;
 //! - memory parked per arena is at most [`slots`]`(class)` chains of at most
 //!   [`chain_max`]`(class)` blocks per class: up to 8 KiB at most [`PARKED_MAX`] per class
-//!   and [`PARKED_BUDGET`] (3 MiB) in all; above, one chain of [`LARGE_OUTBOX_LIMIT`]
+//!   and [`PARKED_BUDGET`] (3 MiB) in all; above, one chain of [`LARGE_CHAIN_MAX`]
 //!   blocks per class, [`LARGE_PARKED_PER_ARENA`] (6,448 KiB) in all.
 
 use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
-use super::{limit, Chain, Inbox, LARGE_OUTBOX_LIMIT, PTR_BITS};
+use super::{limit, Chain, Inbox, PTR_BITS};
 use crate::chunk::Block;
 use crate::size_class::{class_size, per_class, NUM_CLASSES, TABLE_CLASSES};
 
@@ -42,25 +42,28 @@ pub const PARKED_BUDGET: usize = 3 * 1024 * 1024;
 /// 0.93 s with 3 MiB, where the power-of-two build ran 0.90 s: `docs/bench-core.md`.)
 pub const PARKED_MAX: usize = PARKED_BUDGET / TABLE_CLASSES;
 
+/// The most blocks a parked chain of a class above 8 KiB holds (blocks of the arena freed on
+/// other arenas' CPUs, which the arena's CPUs take as refills without the lock or the page
+/// heap): at most 1 MiB.
+pub const LARGE_CHAIN_MAX: usize = 4;
+
 /// The most blocks a parked chain of `class` holds: the most a CPU list holds ([`limit`])
-/// up to 8 KiB;
-/// above, a whole large outbox ([`LARGE_OUTBOX_LIMIT`], blocks of the arena freed on other
-/// arenas' CPUs), which the arena's CPUs take as refills without the lock or the page heap.
-/// (Chains of at most 256 KiB, single blocks of the 256 KiB class, measured slower than no
-/// parking for that class: `docs/bench-core.md`, session 9.)
+/// up to 8 KiB; above, [`LARGE_CHAIN_MAX`]. (Chains of at most 256 KiB, single blocks of
+/// the 256 KiB class, measured slower than no parking for that class: `docs/bench-core.md`,
+/// session 9.)
 #[inline]
 pub const fn chain_max(class: usize) -> usize {
     if class < TABLE_CLASSES {
         limit(class)
     } else {
-        LARGE_OUTBOX_LIMIT
+        LARGE_CHAIN_MAX
     }
 }
 
 /// The slots class `class` uses: up to 8 KiB, as many full chains (`limit(class)` blocks,
 /// the most a list grows to) as fit in [`PARKED_MAX`], at most [`SLOTS`], at least one (8
 /// for the classes up to 48 bytes, 6 for 64, 4 for 80 and 96, 3 above). One for each large
-/// class, taking a chain of up to [`chain_max`] blocks from a large outbox (a full CPU list
+/// class, taking a chain of up to [`chain_max`] blocks from outboxes (a full CPU list
 /// of theirs goes back to the arena instead); an arena that stops allocating has them swept
 /// back within about two seconds of another arena's refills, or by `trim`.
 #[inline]
@@ -252,7 +255,7 @@ impl Transfer {
 
     /// Counts `n` blocks sent back by other arenas' CPUs: sorted out of the inbox by a refill
     /// (or returned from it by a sweep), or parked here by the sender (an outbox's blocks
-    /// above 1 KiB, a large outbox's).
+    /// above 1 KiB).
     pub fn count_returned(&self, n: u64) {
         self.use_.returned.fetch_add(n, Ordering::Relaxed);
     }

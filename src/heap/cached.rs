@@ -7,12 +7,12 @@
 
 use super::init::rseq_cpu;
 use super::{Config, ProcessHeap, SRC};
-use crate::arena::{lookup, lookup_small, Lookup};
+use crate::arena::{lookup, Lookup};
 use crate::chunk::Block;
 use crate::cpucache::{
     batch, chain_max, for_each_block, inbox_unpack, limit, return_blocks, return_chain,
-    split_chain, take_batch, Chain, OutboxCopy, Push, BATCH_MAX, INBOX_MAX_BLOCK, LARGE_OUTBOX,
-    LARGE_OUTBOX_LIMIT, LIMIT_MAX, OUTBOX_LIMIT, PTR_BITS,
+    split_chain, take_batch, Chain, OutboxCopy, Push, BATCH_MAX, INBOX_MAX_BLOCK, LIMIT_MAX,
+    OUTBOX_LIMIT, PTR_BITS,
 };
 use crate::diag::{block_error, invalid_pointer};
 use crate::front::report::{self, DOUBLE_FREE};
@@ -213,17 +213,6 @@ impl ProcessHeap {
         mine
     }
 
-    /// The arena and class of `b` if it is a small block start of ours: from its own page's
-    /// descriptor, or the full lookup where that cannot say (a chunk outside the registry's
-    /// quick half, or a class whose blocks span pages with `pow2-classes`).
-    fn small_block_of(b: usize) -> Option<(u32, usize)> {
-        lookup_small(&SRC, b as *const u8).or_else(|| match lookup(&SRC, b as *const u8) {
-            // SAFETY: `lookup` returns live run heads.
-            Lookup::Small { arena, run } => Some((arena, unsafe { (*run).class() })),
-            _ => None,
-        })
-    }
-
     /// Parks `chain` in arena `ai`'s transfer slots of `class`: in an empty slot, or else
     /// joined in front of a parked chain with room for it; returns it to its runs under the
     /// lock when neither is left.
@@ -361,8 +350,8 @@ impl ProcessHeap {
     /// still runs there and the chain is no longer than the list's limit (for a class up to
     /// 8 KiB, the front of a longer chain is parked first and the rest installed);
     /// otherwise parks it in arena `ai`'s transfer slots, or returns it to the arena under
-    /// its lock. (A large class's parked chain, from a large outbox, may be longer than its
-    /// list holds: it is parked again whole, one compare-and-swap, for the next refill.)
+    /// its lock. (A large class's parked chain, from outboxes, may be longer than its list
+    /// holds: it is parked again whole, one compare-and-swap, for the next refill.)
     ///
     /// # Safety
     /// `chain` (0 or a packed chain of at most `chain_max(class)` blocks) is the caller's:
@@ -528,22 +517,14 @@ impl ProcessHeap {
     /// As for `free_small_slow`.
     #[inline(never)]
     unsafe fn free_small_slower(cfg: &Config, p: *mut u8, arena: u32, class: usize, r: Push) {
-        // The block's run is looked up only on the ways that need it: a block that enters
-        // the large outbox is looked up once, when that is sent.
         let what = || lookup(&SRC, p);
         // SAFETY: by the contract.
         os::keeping_errno(|| unsafe {
             match r {
                 Push::Done => {}
                 Push::Full => Self::free_small_full(cfg, p, what(), arena, class),
-                Push::Remote if class >= TABLE_CLASSES => {
-                    match cfg.caches.push_large_outbox(p.cast()) {
-                        Push::Done => {}
-                        Push::Full => Self::free_large_outbox_full(cfg, p, arena),
-                        _ => Self::free_small_remote(cfg, p, what(), arena),
-                    }
-                }
-                // (`OutboxFull` never comes here: `free_small_slow` sends the outbox.)
+                // (`OutboxFull` never comes here: `free_small_slow` sends the outbox; nor
+                // `Remote`, which only a run slot's push returns.)
                 Push::Remote | Push::NoCache | Push::OutboxFull => {
                     Self::free_small_remote(cfg, p, what(), arena)
                 }
@@ -568,11 +549,8 @@ impl ProcessHeap {
         msg: &[u8],
     ) {
         let in_cache = |q: usize, list: usize| match lookup(&SRC, q as *const u8) {
-            Lookup::Small { run, .. } => {
-                list == LARGE_OUTBOX
-                    // SAFETY: `lookup` returns live run heads.
-                    || (unsafe { (*run).class() }) == list
-            }
+            // SAFETY: `lookup` returns live run heads.
+            Lookup::Small { run, .. } => (unsafe { (*run).class() }) == list,
             _ => false,
         };
         if cfg.caches.contains(class, p.cast())
@@ -703,65 +681,6 @@ impl ProcessHeap {
         }
     }
 
-    /// The current CPU's large outbox is full: send it, then put `p` in the emptied one.
-    ///
-    /// # Safety
-    /// As for `free_small_full`, `p` of a class above 8 KiB.
-    #[cold]
-    #[inline(never)]
-    unsafe fn free_large_outbox_full(cfg: &Config, p: *mut u8, arena: u32) {
-        Self::send_large_outbox(cfg);
-        // SAFETY: by the contract.
-        if unsafe { cfg.caches.push_large_outbox(p.cast()) } != Push::Done {
-            // SAFETY: by the contract.
-            unsafe { Self::free_small_remote(cfg, p, lookup(&SRC, p), arena) };
-        }
-    }
-
-    /// Sends the current CPU's large outbox: its blocks (at most `LARGE_OUTBOX_LIMIT`),
-    /// grouped by owner and class, are parked in the owner's transfer slot of the class
-    /// (the owner's CPUs take them as refills), or, when that slot has no room, go back to
-    /// their runs with one lock round per group, and at once: no block of up to 256 KiB
-    /// waits on the pending stack of an owner that may have stopped allocating.
-    #[cold]
-    #[inline(never)]
-    pub(super) fn send_large_outbox(cfg: &Config) {
-        let mut groups = Grouped::<LARGE_OUTBOX_LIMIT>::new();
-        if !Self::take_large_outbox(cfg, &mut groups) {
-            return;
-        }
-        groups.for_each(|owner, class, blocks| {
-            let a = cfg.arena(owner);
-            // A large class's chains take `LARGE_OUTBOX_LIMIT` blocks, the whole outbox; cut
-            // anyway, should a class with shorter chains ever come this way.
-            let (parks, rest) = blocks.split_at(blocks.len().min(chain_max(class)));
-            let transfer = cfg.caches.transfer(owner);
-            // SAFETY: free, marked blocks of `owner` and `class` (looked up), counted in use
-            // by their runs, ours; at most `chain_max(class)` of them.
-            let blocks = if unsafe { transfer.park_blocks(class, a.key(), parks) } {
-                transfer.count_returned(parks.len() as u64);
-                rest
-            } else {
-                blocks
-            };
-            if blocks.is_empty() {
-                return;
-            }
-            if a.held_by_caller() {
-                // A signal handler that interrupted this thread inside the owner: its
-                // pending stack, which needs no lock.
-                for &b in blocks {
-                    let what = lookup(&SRC, b as *const u8);
-                    // SAFETY: a free, marked block of `a`, ours.
-                    unsafe { a.free_marked(&SRC, b as *mut u8, what, false) };
-                }
-                return;
-            }
-            // SAFETY: free small blocks of `a`, counted in use by their runs, ours.
-            unsafe { return_blocks(a, &SRC, blocks) };
-        });
-    }
-
     /// Sends the current CPU's outbox: its blocks, grouped by owner (which each entry names
     /// with the block's class, as the free found them: no block is looked up here), go to
     /// their owners (`send_to_owner`): those of up to 1 KiB into the owners' inboxes, one
@@ -785,7 +704,9 @@ impl ProcessHeap {
     /// those of up to [`INBOX_MAX_BLOCK`] bytes to its inbox, the larger ones joined to
     /// chains parked in its transfer slots of their classes (a compare-and-swap per class on
     /// the owner's slot line, which the inbox spares the many small blocks); what finds no
-    /// room there goes onto its pending stack, one push for all.
+    /// room there goes onto its pending stack, one push for all, but for blocks above 8 KiB,
+    /// which go back to their runs at once, under the owner's lock: none of those waits on
+    /// the pending stack of an owner that may have stopped allocating.
     fn send_to_owner(cfg: &Config, owner: usize, blocks: &[usize]) {
         let corrupt = |v: usize| -> ! {
             invalid_pointer(b"coreheap: corrupted outbox", inbox_unpack(v).0 as *mut u8)
@@ -802,7 +723,7 @@ impl ProcessHeap {
         let (mut small, mut large) = (0, blocks.len());
         for &v in blocks {
             let class = inbox_unpack(v).1;
-            if class >= TABLE_CLASSES {
+            if class >= NUM_CLASSES {
                 corrupt(v);
             }
             if class_size(class) <= INBOX_MAX_BLOCK {
@@ -835,6 +756,10 @@ impl ProcessHeap {
                 // them; `a.key()` is the owner's link secret.
                 if unsafe { transfer.park_blocks(class, a.key(), part) } {
                     transfer.count_returned(part.len() as u64);
+                } else if class >= TABLE_CLASSES && !a.held_by_caller() {
+                    // SAFETY: as above (a signal handler that interrupted this thread inside
+                    // the owner takes the pending stack instead, which needs no lock).
+                    unsafe { return_blocks(a, &SRC, part) };
                 } else {
                     for &b in part {
                         // SAFETY: as above; each block is re-linked for the owner's stack.
@@ -845,33 +770,6 @@ impl ProcessHeap {
         }
         // SAFETY: the batch holds free blocks of `owner`, built with its key.
         unsafe { a.push_remote_batch(&SRC, &pending) };
-    }
-
-    /// Empties the current CPU's large outbox into `out`, each block looked up once,
-    /// grouped by owner and class. False when it was empty (or there is no CPU id).
-    fn take_large_outbox<const N: usize>(cfg: &Config, out: &mut Grouped<N>) -> bool {
-        let Some((cpu, chain)) = cfg.caches.take_all(LARGE_OUTBOX) else {
-            return false;
-        };
-        // SAFETY: a chain taken off an outbox is ours, its links encoded with the cache's
-        // key; every block is a free, marked small block of some arena, counted in use by
-        // its run, which only its owner will change.
-        let r = unsafe {
-            for_each_block(chain, cfg.caches.key_of(cpu), |b| {
-                // The block's own page descriptor names its class (one load); the full
-                // lookup, which goes to the run's first page, only where that cannot say.
-                let Some((arena, class)) = Self::small_block_of(b as usize) else {
-                    invalid_pointer(b"coreheap: corrupted outbox", b.cast());
-                };
-                if !out.add((arena as usize, class), b as usize) {
-                    invalid_pointer(b"coreheap: corrupted outbox", b.cast());
-                }
-            })
-        };
-        if let Err(b) = r {
-            invalid_pointer(LINK_OVERWRITTEN, b.cast());
-        }
-        true
     }
 
     /// Gives `chain` (blocks freed on a CPU of another arena) back to arena `owner`: parked
@@ -932,8 +830,7 @@ fn by_owner(entries: &[usize], owners: &[u16], mut f: impl FnMut(usize, &[usize]
 }
 
 /// Up to `N` blocks of an outbox (`N` < 256, an outbox's limit), grouped by an id as they
-/// are added (owner and class for a large outbox; owner alone, with the class packed into
-/// each address, for the small one), in one pass: an open-addressed table of groups, each a
+/// are added (the owner, with the class packed into each address), in one pass: an open-addressed table of groups, each a
 /// list of indices into `addr`. (A sort of the 64 (owner, class, address) triples took an
 /// eighth of the `prodcons` workload's time.)
 struct Grouped<const N: usize> {

@@ -22,7 +22,7 @@ use crossbeam_utils::CachePadded;
 
 use crate::arena::LARGE_ALIGN_MAX;
 use crate::arena::{lookup, Arena, ArenaStats, Lookup};
-use crate::cpucache::{Caches, LARGE_OUTBOX, PTR_BITS};
+use crate::cpucache::{Caches, PTR_BITS};
 use crate::debug;
 use crate::front::{self, report, Backend, HugeCounters};
 use crate::os;
@@ -472,11 +472,8 @@ impl ProcessHeap {
                         true
                     });
                 }
-                // Large outbox blocks count against their owners, found by their headers.
-                let small = |q: usize, _: usize| {
-                    matches!(lookup(&SRC, q as *const u8), Lookup::Small { .. })
-                };
-                let count_owned = |q: usize| {
+                // Blocks waiting in the arena's inbox (every one is the arena's).
+                let mut count_owned = |q: usize| {
                     if let Lookup::Small { arena, run } = lookup(&SRC, q as *const u8) {
                         if arena as usize == i {
                             // SAFETY: `lookup` returns live run heads.
@@ -485,11 +482,6 @@ impl ProcessHeap {
                     }
                     true
                 };
-                let mut count_owned = count_owned;
-                for cpu in 0..cfg.caches.len() {
-                    cfg.caches.walk(cpu, LARGE_OUTBOX, &mut count_owned, &small);
-                }
-                // Blocks waiting in the arena's inbox (every one is the arena's).
                 cfg.caches.transfer(i).inbox.peek(&mut count_owned);
                 st.cached_runs = Self::cached_run_bytes(cfg, i);
                 // Chains parked in the arena's transfer slots, and its inbox.
@@ -555,7 +547,6 @@ impl ProcessHeap {
         }
         Self::flush_runs(cfg);
         Self::send_outbox(cfg);
-        Self::send_large_outbox(cfg);
     }
 
     /// Empties the caches of every other CPU that holds blocks. A CPU's lists can only be

@@ -36,6 +36,19 @@ impl Chain {
         Self { head, key }
     }
 
+    /// A chain to build in front of `base`, the head of a CPU's list that the caller read
+    /// but does not own ([`Caches::head_of`](super::Caches::head_of)): pushes link the
+    /// first block to it, reading nothing of the list, and the whole is then installed as
+    /// that list by [`Caches::top_up`](super::Caches::top_up) if the list is still `base`.
+    ///
+    /// # Safety
+    /// The chain is only pushed onto, then given to `top_up` with the same `base`; if that
+    /// fails, only the blocks pushed may be taken off its front ([`split_chain`] with their
+    /// number); it is never walked down into `base`'s blocks, returned or parked whole.
+    pub unsafe fn over_list(base: usize, key: usize) -> Self {
+        Self { head: base, key }
+    }
+
     /// Adds `b` in front.
     ///
     /// # Safety

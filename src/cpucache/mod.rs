@@ -955,7 +955,35 @@ impl Caches {
         // any time.)
         debug_assert!(cpu < self.len && (chain >> PTR_BITS) <= list_limit(class));
         // SAFETY: by the contract.
-        unsafe { self.install_raw(cpu, class, chain) }
+        unsafe { self.install_raw(cpu, class, chain, 0) }
+    }
+
+    /// The packed head of CPU `cpu`'s list of class `class` now (0 when the caches are
+    /// off): a snapshot, which only code on that CPU changes, to build a chain on
+    /// ([`Chain::over_list`]) that [`Caches::top_up`] then installs.
+    pub fn head_of(&self, cpu: usize, class: usize) -> usize {
+        if !self.enabled || cpu >= self.len {
+            return 0;
+        }
+        self.cache(cpu).heads[class].load(Ordering::Relaxed)
+    }
+
+    /// Makes `chain`, built in front of `base` ([`Chain::over_list`]), CPU `cpu`'s list of
+    /// class `class` if the thread runs on `cpu`, that list's head is still `base` (so the
+    /// chain's rest is that list, unchanged) and the list's limit of now holds the whole
+    /// chain: the list topped up with the caller's blocks in one section. Otherwise nothing
+    /// changes, and the blocks in front of `base` are still the caller's (`split_chain`
+    /// takes them off without reading `base`'s).
+    ///
+    /// # Safety
+    /// `enabled`, `cpu < len()`; `base` was read from that list ([`Caches::head_of`]);
+    /// `chain`'s blocks in front of `base` are free blocks of class `class` of arena
+    /// `arena_of(cpu)` that the caller gives up if this returns true; its rest is `base`.
+    pub unsafe fn top_up(&self, cpu: usize, class: usize, chain: usize, base: usize) -> bool {
+        debug_assert!(cpu < self.len && (chain >> PTR_BITS) <= list_limit(class));
+        debug_assert!(chain >> PTR_BITS > base >> PTR_BITS);
+        // SAFETY: by the contract.
+        unsafe { self.install_raw(cpu, class, chain, base) }
     }
 
     /// Whether `b` is on the current CPU's list of class `class`.

@@ -459,15 +459,21 @@ impl Caches {
         (cpu, head)
     }
 
-    /// Makes `chain` the list of class `class` if the thread runs on CPU `cpu`, that list is
-    /// empty and its limit (read here, in the section: it may have been lowered since the
-    /// caller looked) holds the chain. Returns whether it did.
+    /// Makes `chain` the list of class `class` if the thread runs on CPU `cpu`, that list's
+    /// head is still `base` (0: empty) and its limit (read here, in the section: it may have
+    /// been lowered since the caller looked) holds the chain. Returns whether it did.
     ///
     /// # Safety
-    /// `cpu < len`; `chain` is a packed chain of at most the list's limit of free blocks of
-    /// class `class` of arena `arena_of(cpu)`, owned by the caller.
+    /// `cpu < len`; `chain` is a packed chain of free blocks of class `class` of arena
+    /// `arena_of(cpu)`, owned by the caller down to `base`, its rest.
     #[inline]
-    pub(super) unsafe fn install_raw(&self, cpu: usize, class: usize, chain: usize) -> bool {
+    pub(super) unsafe fn install_raw(
+        &self,
+        cpu: usize,
+        class: usize,
+        chain: usize,
+        base: usize,
+    ) -> bool {
         let status: u32;
         // SAFETY: as in `pop_raw`; `cpu < len` by the contract.
         unsafe {
@@ -475,7 +481,7 @@ impl Caches {
                 rseq_section!(
                     "mov {st:e}, 1",
                     cache_of_cpu!(),
-                    "cmp qword ptr [{c} + {cls} * 8], 0",
+                    "cmp qword ptr [{c} + {cls} * 8], {base}",
                     "jne 75f",
                     "movzx {l:e}, byte ptr [{c} + {cls} + {limits}]",
                     "cmp {n}, {l}",
@@ -490,6 +496,7 @@ impl Caches {
                 want = in(reg) cpu,
                 cls = in(reg) class,
                 chain = in(reg) chain,
+                base = in(reg) base,
                 n = in(reg) chain >> PTR_BITS,
                 st = out(reg) status,
                 l = out(reg) _,

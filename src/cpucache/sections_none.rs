@@ -22,7 +22,7 @@ impl Caches {
     pub(super) fn take_all_raw(&self, _class: usize) -> (usize, usize) {
         (usize::MAX, 0)
     }
-    pub(super) unsafe fn install_raw(&self, _: usize, _: usize, _: usize) -> bool {
+    pub(super) unsafe fn install_raw(&self, _: usize, _: usize, _: usize, _: usize) -> bool {
         false
     }
     pub(super) fn contains_raw(&self, _: usize, _: usize, _: usize) -> bool {

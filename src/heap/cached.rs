@@ -139,10 +139,15 @@ impl ProcessHeap {
     }
 
     /// The refill of `class` found no parked chain: drains arena `ai`'s inbox (the blocks
-    /// other arenas' CPUs sent back from their outboxes) and sorts it by class into chains,
-    /// which it parks in the arena's transfer slots (or, where those are full, returns to
-    /// the runs under the lock); returns a chain of `class` for the refill, or 0 when none
-    /// came. So a remote free costs its sender a share of one compare-and-swap per owner
+    /// other arenas' CPUs sent back from their outboxes) and sorts it by class into chains;
+    /// returns a chain of `class` for the refill, or 0 when none came. The first chain of
+    /// every other class tops up this CPU's list of that class (built in front of the list
+    /// as it was when the drain began, and installed with it in one section, up to the
+    /// list's limit), so that the next allocations of those classes find their blocks
+    /// without a refill of their own; the other chains, and a top-up that finds its list
+    /// changed (a thread that ran on this CPU meanwhile, or a migration), are parked in the
+    /// arena's transfer slots (or, where those are full, returned to the runs under the
+    /// lock). So a remote free costs its sender a share of one compare-and-swap per owner
     /// and outbox, whatever the number of classes; the slots' lines stay with the owner's
     /// CPUs, and the blocks' lines come to the owner's CPU with the links written here,
     /// before the pops that read them.
@@ -157,7 +162,21 @@ impl ProcessHeap {
             return 0;
         }
         let key = cfg.arena(ai).key();
+        let on_cpu = cpu < cfg.caches.len();
         let mut heads = [0usize; TABLE_CLASSES];
+        // Per class: the head of this CPU's list that `heads` is being built in front of,
+        // while `to_list` (the class's first chain; not the refill's own class, whose list
+        // is empty and which gets `mine`).
+        let mut base = [0usize; TABLE_CLASSES];
+        let mut to_list = [false; TABLE_CLASSES];
+        if on_cpu {
+            for c in (0..TABLE_CLASSES).filter(|&c| c != class) {
+                let h = cfg.caches.head_of(cpu, c);
+                if h >> PTR_BITS < cfg.caches.limit_of(cpu, c) {
+                    (base[c], heads[c], to_list[c]) = (h, h, true);
+                }
+            }
+        }
         // What the refill gets: the first full chain of `class`, else its last partial one.
         let mut mine = 0;
         let mut sorted = 0u64;
@@ -169,16 +188,24 @@ impl ProcessHeap {
                 invalid_pointer(b"coreheap: corrupted inbox", b as *mut u8);
             }
             sorted += 1;
-            // SAFETY: `heads[c]` is 0 or a chain of ours of class `c`, linked with `key`;
+            // SAFETY: `heads[c]` is 0 or a chain of ours of class `c`, linked with `key`,
+            // or, while `to_list[c]`, the blocks of ours pushed in front of the list head
+            // `base[c]`, which this chain is only pushed onto and then topped up with;
             // `b` is a free, marked block of arena `ai` and class `c` that the inbox gave
             // up to us (its invariant).
-            let mut chain = unsafe { Chain::from_head(heads[c], key) };
+            let mut chain = unsafe {
+                if to_list[c] {
+                    Chain::over_list(heads[c], key)
+                } else {
+                    Chain::from_head(heads[c], key)
+                }
+            };
             // SAFETY: as above.
             unsafe { chain.push(b as *mut Block) };
             heads[c] = chain.head();
             // Chains as long as this CPU's list of the class holds now, which a refill here
             // installs whole (at most `chain_max(c)`).
-            let cap = if cpu < cfg.caches.len() {
+            let cap = if on_cpu {
                 cfg.caches.limit_of(cpu, c)
             } else {
                 chain_max(c)
@@ -186,6 +213,11 @@ impl ProcessHeap {
             if heads[c] >> PTR_BITS >= cap {
                 if c == class && mine == 0 {
                     mine = heads[c];
+                } else if to_list[c] {
+                    to_list[c] = false;
+                    // SAFETY: as above, built in front of `base[c]`, read from this
+                    // CPU's list of `c`; the thread does not hold `ai`'s lock.
+                    unsafe { Self::top_up_or_park(cfg, cpu, ai, c, heads[c], base[c]) };
                 } else {
                     // SAFETY: a full chain of ours of arena `ai` and class `c`; the thread
                     // does not hold `ai`'s lock (the contract).
@@ -198,11 +230,16 @@ impl ProcessHeap {
             transfer.note_taken();
             transfer.count_returned(sorted);
         }
-        for (c, &h) in heads.iter().enumerate() {
-            if h == 0 {
+        for c in 0..TABLE_CLASSES {
+            let h = heads[c];
+            if to_list[c] {
+                if h != base[c] {
+                    // SAFETY: as in the drain.
+                    unsafe { Self::top_up_or_park(cfg, cpu, ai, c, h, base[c]) };
+                }
+            } else if h == 0 {
                 continue;
-            }
-            if c == class && mine == 0 {
+            } else if c == class && mine == 0 {
                 mine = h;
             } else {
                 // SAFETY: a chain of ours of arena `ai` and class `c`; the thread does not
@@ -211,6 +248,52 @@ impl ProcessHeap {
             }
         }
         mine
+    }
+
+    /// Tops up CPU `cpu`'s list of `class` with `chain`, built in front of `base`
+    /// ([`Chain::over_list`]); when the list is no longer `base` (or the thread no longer
+    /// on `cpu`), the blocks in front of `base` are parked instead.
+    ///
+    /// # Safety
+    /// `cpu < len`; `base` was read from that list; `chain`'s blocks in front of `base`
+    /// (at least one) are the caller's: free, marked blocks of class `class` of arena `ai`,
+    /// the arena the map gives `cpu`, counted in use, linked with its key; the thread does
+    /// not hold `ai`'s lock.
+    unsafe fn top_up_or_park(
+        cfg: &Config,
+        cpu: usize,
+        ai: usize,
+        class: usize,
+        chain: usize,
+        base: usize,
+    ) {
+        // SAFETY: by the contract.
+        if unsafe { cfg.caches.top_up(cpu, class, chain, base) } {
+            return;
+        }
+        // SAFETY: by the contract.
+        unsafe { Self::park_front_of(cfg, ai, class, chain, base) };
+    }
+
+    /// The top-up's list changed: takes the blocks in front of `base` off `chain` (reading
+    /// no block of `base`'s) and parks them, or returns them under the lock.
+    ///
+    /// # Safety
+    /// As for `top_up_or_park`.
+    #[cold]
+    #[inline(never)]
+    unsafe fn park_front_of(cfg: &Config, ai: usize, class: usize, chain: usize, base: usize) {
+        let k = ((chain >> PTR_BITS) - (base >> PTR_BITS)).min(LIMIT_MAX);
+        let mut front = [0usize; LIMIT_MAX];
+        // SAFETY: the first `k` blocks of the chain are ours, linked with the arena's key
+        // (the contract); `split_chain` reads the links of those `k` alone.
+        let got = match unsafe { split_chain(chain, cfg.arena(ai).key(), &mut front[..k]) } {
+            Ok((got, _)) => got,
+            Err(b) => invalid_pointer(LINK_OVERWRITTEN, b.cast()),
+        };
+        // SAFETY: at most `limit(class)` blocks of arena `ai` and `class`, ours, on no list
+        // now; the thread does not hold the lock (the contract).
+        unsafe { Self::park_blocks_or_return(cfg, ai, class, &front[..got]) };
     }
 
     /// Parks `chain` in arena `ai`'s transfer slots of `class`: in an empty slot, or else
@@ -904,6 +987,7 @@ impl<const N: usize> Grouped<N> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cpucache::PTR_MASK;
 
     /// An outbox's entries reach each owner once, all of them and no other's, whether one
     /// owner or many.
@@ -933,6 +1017,90 @@ mod tests {
             }
             all.sort_unstable();
             assert_eq!(all, entries, "every entry once");
+        }
+    }
+
+    /// A chain built in front of a CPU list tops it up in one section while the list is as
+    /// it was read; once the list changed (here: a pop), the blocks in front go to the
+    /// transfer slots instead, exactly those, and the list is left as it is.
+    #[test]
+    fn a_top_up_installs_only_over_the_list_it_was_built_on() {
+        static H: ProcessHeap = ProcessHeap::new();
+        let Some(cfg) = H.config() else { return };
+        let Some(core) = core_affinity::get_core_ids().and_then(|c| c.first().copied()) else {
+            return;
+        };
+        if !cfg.caches.enabled || !core_affinity::set_for_current(core) {
+            eprintln!("top-up: not tested (no rseq, or no pinning)");
+            return;
+        }
+        let cpu = rseq_cpu().expect("an rseq CPU id");
+        let ai = cfg.arena_index(cpu);
+        let key = cfg.arena(ai).key();
+        let class = crate::size_class::class_for(64, 8);
+        let alloc = || {
+            let p = H.alloc(64, 8).0;
+            assert!(!p.is_null());
+            p as usize
+        };
+        let ours = [alloc(), alloc()];
+        // Our two blocks, free and marked as a list's are, in front of `base`.
+        let chain_over = |base: usize| {
+            // SAFETY: the blocks are ours (allocated above, not freed); the chain is only
+            // pushed onto and given to `top_up_or_park` with `base`.
+            let mut chain = unsafe { Chain::over_list(base, key) };
+            for &b in &ours {
+                // SAFETY: as above.
+                unsafe {
+                    (*(b as *mut Block)).mark = cfg.mark;
+                    chain.push(b as *mut Block);
+                }
+            }
+            chain.head()
+        };
+        // The list holds one block: `base` (the allocation's refill put a batch in the list,
+        // which goes back first).
+        let first = alloc();
+        ProcessHeap::flush(cfg, class);
+        // SAFETY: allocated above, freed once.
+        unsafe { H.free(first as *mut u8) };
+        let base = cfg.caches.head_of(cpu, class);
+        assert_eq!((base & PTR_MASK, base >> PTR_BITS), (first, 1));
+
+        // The list changes before the top-up: a pop takes `first`.
+        let chain = chain_over(base);
+        assert_eq!(alloc(), first);
+        assert_eq!(cfg.caches.transfer(ai).take(class), 0, "no slot was taken");
+        // SAFETY: our two blocks in front of `base`, read from this CPU's list of `class`;
+        // the lock is not held.
+        unsafe { ProcessHeap::top_up_or_park(cfg, cpu, ai, class, chain, base) };
+        assert_eq!(
+            cfg.caches.head_of(cpu, class),
+            0,
+            "the changed list is left alone"
+        );
+        let parked = cfg.caches.transfer(ai).take(class);
+        let mut got = Vec::new();
+        // SAFETY: a chain taken off a slot is ours.
+        let r = unsafe { for_each_block(parked, key, |b| got.push(b as usize)) };
+        assert!(r.is_ok());
+        got.sort_unstable();
+        let mut want = ours.to_vec();
+        want.sort_unstable();
+        assert_eq!(got, want, "exactly the blocks in front were parked");
+
+        // The list as it was read: topped up, the new blocks popped first.
+        // SAFETY: allocated above, freed once.
+        unsafe { H.free(first as *mut u8) };
+        let base = cfg.caches.head_of(cpu, class);
+        let chain = chain_over(base);
+        // SAFETY: as above.
+        unsafe { ProcessHeap::top_up_or_park(cfg, cpu, ai, class, chain, base) };
+        assert_eq!(cfg.caches.head_of(cpu, class), chain);
+        assert_eq!([alloc(), alloc(), alloc()], [ours[1], ours[0], first]);
+        for b in [ours[0], ours[1], first] {
+            // SAFETY: each handed out above and freed once.
+            unsafe { H.free(b as *mut u8) };
         }
     }
 }

@@ -954,9 +954,9 @@ fn realloc_keeps_the_class_that_dealloc_computes() {
 }
 
 /// The C interface's `free` through each of its ways: a CPU cache taking the block, a full
-/// cache (flush), a block of another arena of up to 8 KiB (the outbox, and a full outbox
-/// sent: to the owner's inbox up to 1 KiB, to its transfer slots above), one of a larger
-/// class (the large outbox), large and huge blocks. Blocks
+/// cache (flush), a block of another arena (the outbox, and a full outbox sent: to the
+/// owner's inbox up to 1 KiB, to its transfer slots above, up to 256 KiB), large and huge
+/// blocks. Blocks
 /// are allocated on a thread pinned to one core and freed, with contents checked, on a
 /// thread pinned to another (and on the first); errno must come back unchanged from every
 /// `free`, and the heap must end where it started.

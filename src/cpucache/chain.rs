@@ -13,7 +13,8 @@ use crate::source::PageSource;
 /// Builds packed chains for [`Caches::install`]: push blocks one by one.
 ///
 /// Invariant: `head` is 0 or the packed head of a chain whose count is its length, each
-/// block's link encoded with `key` as a CPU cache list's is (see the module documentation).
+/// block's link encoded with `key` as a CPU cache list's is (see the module documentation);
+/// for a chain built on a list ([`Chain::over_list`]), its length with that list's.
 /// A copy names the same blocks: only one copy may be used to push, install or return.
 #[derive(Clone, Copy)]
 pub struct Chain {

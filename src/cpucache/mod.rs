@@ -239,8 +239,8 @@ pub const OUTBOX_HELD_MAX: usize = {
 };
 
 /// The largest blocks a sent outbox puts in the owners' inboxes, so that an inbox holds at
-/// most `INBOX_SLOTS` x 1 KiB; an outbox's larger blocks (up to 8 KiB) join chains parked
-/// in their owners' transfer slots of their classes instead.
+/// most `INBOX_SLOTS` x 1 KiB; an outbox's larger blocks (up to 256 KiB) join chains
+/// parked in their owners' transfer slots of their classes instead.
 pub const INBOX_MAX_BLOCK: usize = 1024;
 const _: () = assert!(INBOX_MAX_BLOCK <= OUTBOX_BYTES && TABLE_MAX <= OUTBOX_BYTES);
 

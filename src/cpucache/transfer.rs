@@ -3,8 +3,8 @@
 //!
 //! A CPU whose list of a class overflows parks the whole list in a slot of its arena; a CPU of
 //! that arena whose list runs empty takes a parked chain and installs it; with none, it sorts
-//! the blocks other arenas' CPUs sent back to the arena's [`Inbox`] into chains and parks
-//! them. Outboxes park the blocks above 1 KiB they send back to an owner in front of a
+//! the blocks other arenas' CPUs sent back to the arena's [`Inbox`] into chains, tops up its
+//! own lists of the classes it uses with the first of each, and parks the others. Outboxes park the blocks above 1 KiB they send back to an owner in front of a
 //! parked chain that has room for them ([`Transfer::park_blocks`]).
 //! Each move is one atomic instruction on the slot; the arena's lock is taken only when
 //! every slot is full (to park) or empty (to take), and then moves a whole batch in one lock
@@ -185,9 +185,9 @@ impl Transfer {
 
     /// Parks the blocks `blocks` of `class` (at least one, at most [`chain_max`]) in front
     /// of a parked chain that has room for them all, the longest such, or else in an empty
-    /// slot: one compare-and-swap, however short the chain was before. Large outboxes send
-    /// their groups this way, and chains sorted out of an inbox or cut at an install join
-    /// here when every slot is taken; joined, they reach the owner's CPUs as refills of up
+    /// slot: one compare-and-swap, however short the chain was before. Outboxes send their
+    /// blocks above 1 KiB this way, and chains sorted out of an inbox or cut at an install
+    /// join here when every slot is taken; joined, they reach the owner's CPUs as refills of up
     /// to a whole list. Returns false when no slot has room: the blocks are still the caller's
     /// (their links may have been rewritten).
     ///

@@ -11,8 +11,8 @@ use crate::arena::{lookup, Lookup};
 use crate::chunk::Block;
 use crate::cpucache::{
     batch, chain_max, for_each_block, inbox_unpack, limit, return_blocks, return_chain,
-    split_chain, take_batch, Chain, OutboxCopy, Push, BATCH_MAX, INBOX_MAX_BLOCK, LIMIT_MAX,
-    OUTBOX_LIMIT, PTR_BITS,
+    split_chain, start_limit, take_batch, Chain, OutboxCopy, Push, BATCH_MAX, INBOX_MAX_BLOCK,
+    LIMIT_MAX, OUTBOX_LIMIT, PTR_BITS,
 };
 use crate::diag::{block_error, invalid_pointer};
 use crate::front::report::{self, DOUBLE_FREE};
@@ -141,7 +141,7 @@ impl ProcessHeap {
     /// The refill of `class` found no parked chain: drains arena `ai`'s inbox (the blocks
     /// other arenas' CPUs sent back from their outboxes) and sorts it by class into chains;
     /// returns a chain of `class` for the refill, or 0 when none came. The first chain of
-    /// every other class tops up this CPU's list of that class (built in front of the list
+    /// every other class this CPU uses tops up its list of that class (built in front of the list
     /// as it was when the drain began, and installed with it in one section, up to the
     /// list's limit), so that the next allocations of those classes find their blocks
     /// without a refill of their own; the other chains, and a top-up that finds its list
@@ -166,13 +166,17 @@ impl ProcessHeap {
         let mut heads = [0usize; TABLE_CLASSES];
         // Per class: the head of this CPU's list that `heads` is being built in front of,
         // while `to_list` (the class's first chain; not the refill's own class, whose list
-        // is empty and which gets `mine`).
+        // is empty and which gets `mine`). Only classes this CPU uses: a list that holds
+        // blocks, or whose limit grew (an overflow or a refill through the middle tier);
+        // the others' chains stay parked, where the arena's other CPUs and the sweep reach
+        // them.
         let mut base = [0usize; TABLE_CLASSES];
         let mut to_list = [false; TABLE_CLASSES];
         if on_cpu {
             for c in (0..TABLE_CLASSES).filter(|&c| c != class) {
                 let h = cfg.caches.head_of(cpu, c);
-                if h >> PTR_BITS < cfg.caches.limit_of(cpu, c) {
+                let lim = cfg.caches.limit_of(cpu, c);
+                if h >> PTR_BITS < lim && (h != 0 || lim > start_limit(c)) {
                     (base[c], heads[c], to_list[c]) = (h, h, true);
                 }
             }
@@ -390,7 +394,7 @@ impl ProcessHeap {
 
     /// Returns every block waiting in arena `i`'s inbox, and then every chain parked in its
     /// transfer slots, to its runs. (A refill that is sorting the inbox at that moment
-    /// parks what it took afterwards; a send whose slots are reserved but not yet written
+    /// parks what it took afterwards, or puts it on its CPU's lists; a send whose slots are reserved but not yet written
     /// is left for the next drain.)
     pub(super) fn return_parked(cfg: &Config, i: usize) {
         let a = cfg.arena(i);
@@ -575,8 +579,7 @@ impl ProcessHeap {
     #[inline(never)]
     unsafe fn free_small_slow(cfg: &Config, p: *mut u8, arena: u32, class: usize, r: Push) {
         if r == Push::OutboxFull {
-            // SAFETY: by the contract; the push found another arena's cache and a class up to
-            // 8 KiB.
+            // SAFETY: by the contract; the push found another arena's cache and a small class.
             unsafe { Self::free_outbox_slow(cfg, p, arena, class) };
             return;
         }
@@ -587,7 +590,7 @@ impl ProcessHeap {
     /// The outbox had no room for `p`: send it, then put `p` in. Keeps errno.
     ///
     /// # Safety
-    /// As for `free_small_slow`, `p` of another arena and a class up to 8 KiB.
+    /// As for `free_small_slow`, `p` of another arena.
     #[inline(never)]
     unsafe fn free_outbox_slow(cfg: &Config, p: *mut u8, arena: u32, class: usize) {
         // SAFETY: by the contract.
@@ -906,27 +909,27 @@ fn by_owner(entries: &[usize], owners: &[u16], mut f: impl FnMut(usize, &[usize]
     let mut groups = Grouped::<OUTBOX_LIMIT>::new();
     for (&v, &o) in entries.iter().zip(owners) {
         // (At most `OUTBOX_LIMIT` entries: `add` takes every one.)
-        let added = groups.add((o as usize, 0), v);
+        let added = groups.add(o as usize, v);
         assert!(added);
     }
-    groups.for_each(|owner, _, blocks| f(owner, blocks));
+    groups.for_each(f);
 }
 
-/// Up to `N` blocks of an outbox (`N` < 256, an outbox's limit), grouped by an id as they
-/// are added (the owner, with the class packed into each address), in one pass: an open-addressed table of groups, each a
-/// list of indices into `addr`. (A sort of the 64 (owner, class, address) triples took an
-/// eighth of the `prodcons` workload's time.)
+/// Up to `N` outbox entries (`N` < 256, an outbox's limit), grouped by owner as they are
+/// added, in one pass: an open-addressed table of groups, each a list of indices into
+/// `addr`. (A sort of the 64 (owner, class, address) triples took an eighth of the
+/// `prodcons` workload's time.)
 struct Grouped<const N: usize> {
     addr: [usize; N],
-    /// The index of the next block of the same group; `N` ends a group.
+    /// The index of the next entry of the same group; `N` ends a group.
     next: [u8; N],
-    /// (owner, class), or [`Self::FREE`], and the indices of the group's first and last block.
-    groups: [((usize, usize), u8, u8); N],
+    /// The owner, or [`Self::FREE`], and the indices of the group's first and last entry.
+    groups: [(usize, u8, u8); N],
     n: usize,
 }
 
 impl<const N: usize> Grouped<N> {
-    const FREE: (usize, usize) = (usize::MAX, 0);
+    const FREE: usize = usize::MAX;
     const FITS: () = assert!(N > 0 && N < 256);
 
     fn new() -> Self {
@@ -939,25 +942,25 @@ impl<const N: usize> Grouped<N> {
         }
     }
 
-    /// Adds block `b` of group `id`; false, nothing added, when `N` blocks are in (which
-    /// an outbox's list limit never allows).
+    /// Adds entry `v` of owner `owner`; false, nothing added, when `N` entries are in
+    /// (which an outbox's limit never allows).
     #[must_use]
-    fn add(&mut self, id: (usize, usize), b: usize) -> bool {
+    fn add(&mut self, owner: usize, v: usize) -> bool {
         let i = self.n;
         if i == N {
             return false;
         }
-        self.addr[i] = b;
+        self.addr[i] = v;
         self.n += 1;
-        // At most `i` < `N` entries are taken, so the probe meets `id` or a free entry.
-        let mut g = id.0.wrapping_mul(31).wrapping_add(id.1) % N;
+        // At most `i` < `N` entries are taken, so the probe meets `owner` or a free entry.
+        let mut g = owner.wrapping_mul(31) % N;
         loop {
             let e = &mut self.groups[g];
             if e.0 == Self::FREE {
-                *e = (id, i as u8, i as u8);
+                *e = (owner, i as u8, i as u8);
                 return true;
             }
-            if e.0 == id {
+            if e.0 == owner {
                 self.next[e.2 as usize] = i as u8;
                 e.2 = i as u8;
                 return true;
@@ -966,20 +969,20 @@ impl<const N: usize> Grouped<N> {
         }
     }
 
-    /// Calls `f(owner, class, blocks)` once per group.
-    fn for_each(&self, mut f: impl FnMut(usize, usize, &[usize])) {
-        for &(id, first, _) in &self.groups {
-            if id == Self::FREE {
+    /// Calls `f(owner, entries)` once per group.
+    fn for_each(&self, mut f: impl FnMut(usize, &[usize])) {
+        for &(owner, first, _) in &self.groups {
+            if owner == Self::FREE {
                 continue;
             }
-            let mut blocks = [0usize; N];
+            let mut entries = [0usize; N];
             let (mut k, mut i) = (0, first as usize);
             while i < N {
-                blocks[k] = self.addr[i];
+                entries[k] = self.addr[i];
                 k += 1;
                 i = self.next[i] as usize;
             }
-            f(id.0, id.1, &blocks[..k]);
+            f(owner, &entries[..k]);
         }
     }
 }
@@ -1020,21 +1023,99 @@ mod tests {
         }
     }
 
+    /// An inbox drain gives the refill its class's chain, tops up this CPU's list of a class
+    /// in use (blocks in it) with that class's blocks, in front of what it held, and parks
+    /// the blocks of a class this CPU does not use (an empty list at its start limit).
+    #[test]
+    fn a_drain_tops_up_the_lists_in_use_and_parks_the_rest() {
+        static H: ProcessHeap = ProcessHeap::new();
+        let Some((cfg, cpu)) = H.pinned_for_test("drain top-up") else {
+            return;
+        };
+        let ai = cfg.arena_index(cpu);
+        let key = cfg.arena(ai).key();
+        let class_of = |size| crate::size_class::class_for(size, 8);
+        let (wanted, used, idle) = (class_of(64), class_of(128), class_of(256));
+        let alloc = |size: usize| {
+            let p = H.alloc(size, 8).0;
+            assert!(!p.is_null());
+            p as usize
+        };
+        let mine: Vec<usize> = (0..3).map(|_| alloc(64)).collect();
+        let topped: Vec<usize> = (0..3).map(|_| alloc(128)).collect();
+        let parked: Vec<usize> = (0..2).map(|_| alloc(256)).collect();
+        let held = alloc(128);
+        // Every list empty (the refills above put batches in them), no limit grown; then
+        // one block of `used` in its list.
+        for c in [wanted, used, idle] {
+            ProcessHeap::flush(cfg, c);
+            assert_eq!(cfg.caches.limit_of(cpu, c), start_limit(c));
+        }
+        // SAFETY: allocated above, freed once.
+        unsafe { H.free(held as *mut u8) };
+        assert_eq!(cfg.caches.head_of(cpu, used), held | 1 << PTR_BITS);
+        let mut entries = Vec::new();
+        for (blocks, c) in [(&mine, wanted), (&topped, used), (&parked, idle)] {
+            for &b in blocks {
+                // SAFETY: ours, allocated above; marked as a freed block is.
+                unsafe { (*(b as *mut Block)).mark = cfg.mark };
+                entries.push(crate::cpucache::inbox_pack(b, c));
+            }
+        }
+        let transfer = cfg.caches.transfer(ai);
+        // SAFETY: free (to the heap's eyes), marked small blocks of arena `ai`, counted in
+        // use, given up.
+        assert!(unsafe { transfer.inbox.send(&entries) });
+        // SAFETY: `ai` is the arena of `cpu`, where the thread is pinned; no lock is held.
+        let chain = unsafe { ProcessHeap::sort_inbox(cfg, cpu, ai, wanted) };
+        let walk = |h: usize| {
+            let mut v = Vec::new();
+            // SAFETY: a chain of ours, linked with the arena's key.
+            assert!(unsafe { for_each_block(h, key, |b| v.push(b as usize)) }.is_ok());
+            v.sort_unstable();
+            v
+        };
+        let sorted = |v: &[usize]| {
+            let mut v = v.to_vec();
+            v.sort_unstable();
+            v
+        };
+        assert_eq!(walk(chain), sorted(&mine), "the refill's chain");
+        assert_eq!(cfg.caches.head_of(cpu, wanted), 0);
+        assert_eq!(cfg.caches.head_of(cpu, used) >> PTR_BITS, 4, "topped up");
+        let popped: Vec<usize> = (0..4).map(|_| alloc(128)).collect();
+        assert_eq!(
+            sorted(&popped[..3]),
+            sorted(&topped),
+            "the new blocks first"
+        );
+        assert_eq!(popped[3], held);
+        assert_eq!(
+            cfg.caches.head_of(cpu, idle),
+            0,
+            "no top-up of an unused class"
+        );
+        assert_eq!(walk(transfer.take(idle)), sorted(&parked), "parked");
+        for b in mine.iter().chain(&popped).chain(&parked) {
+            // SAFETY: each ours (handed out, or taken off the chain and slot above); the
+            // link and mark cleared as a handed-out block's are, then freed once.
+            unsafe {
+                (*(*b as *mut Block)).link = 0;
+                (*(*b as *mut Block)).mark = 0;
+                H.free(*b as *mut u8);
+            }
+        }
+    }
+
     /// A chain built in front of a CPU list tops it up in one section while the list is as
     /// it was read; once the list changed (here: a pop), the blocks in front go to the
     /// transfer slots instead, exactly those, and the list is left as it is.
     #[test]
     fn a_top_up_installs_only_over_the_list_it_was_built_on() {
         static H: ProcessHeap = ProcessHeap::new();
-        let Some(cfg) = H.config() else { return };
-        let Some(core) = core_affinity::get_core_ids().and_then(|c| c.first().copied()) else {
+        let Some((cfg, cpu)) = H.pinned_for_test("top-up") else {
             return;
         };
-        if !cfg.caches.enabled || !core_affinity::set_for_current(core) {
-            eprintln!("top-up: not tested (no rseq, or no pinning)");
-            return;
-        }
-        let cpu = rseq_cpu().expect("an rseq CPU id");
         let ai = cfg.arena_index(cpu);
         let key = cfg.arena(ai).key();
         let class = crate::size_class::class_for(64, 8);

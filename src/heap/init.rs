@@ -306,14 +306,9 @@ mod tests {
         use crate::cpucache::{limit, start_limit, CLASS_LISTS_BUDGET, STEAL_EVERY};
         use crate::size_class::{class_size, TABLE_CLASSES};
         static H: ProcessHeap = ProcessHeap::new();
-        let Some(cfg) = H.config() else { return };
-        let Some(core) = core_affinity::get_core_ids().and_then(|c| c.first().copied()) else {
+        let Some((cfg, cpu)) = H.pinned_for_test("room taken back") else {
             return;
         };
-        if !cfg.caches.enabled || !core_affinity::set_for_current(core) {
-            eprintln!("room taken back: not tested (no rseq, or no pinning)");
-            return;
-        }
         let all: usize = (0..TABLE_CLASSES).map(|c| limit(c) * class_size(c)).sum();
         if all <= CLASS_LISTS_BUDGET {
             // (`pow2-classes`: ten lists at their limits fit the budget, so none ever takes
@@ -321,7 +316,6 @@ mod tests {
             eprintln!("room taken back: not tested (every list fits the budget at its limit)");
             return;
         }
-        let cpu = rseq_cpu().expect("an rseq CPU id");
         let last = TABLE_CLASSES - 1;
         // Every other class grows until the budget is spent: rounds of grows over them all
         // until one changes no limit (all of them in use meanwhile, so no look for room

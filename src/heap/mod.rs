@@ -210,6 +210,20 @@ impl ProcessHeap {
         self.config_with(None)
     }
 
+    /// For unit tests of the CPU caches: `self`'s configuration, with the calling thread
+    /// pinned to the first core, and that core's rseq CPU id; `None` (having said why,
+    /// naming `what`) without the caches or pinning.
+    #[cfg(test)]
+    fn pinned_for_test(&self, what: &str) -> Option<(&Config, usize)> {
+        let cfg = self.config()?;
+        let core = core_affinity::get_core_ids().and_then(|c| c.first().copied())?;
+        if !cfg.caches.enabled || !core_affinity::set_for_current(core) {
+            eprintln!("{what}: not tested (no rseq, or no pinning)");
+            return None;
+        }
+        Some((cfg, init::rseq_cpu().expect("an rseq CPU id")))
+    }
+
     /// [`config`](Self::config); should this call initialise the heap, with the builder's
     /// settings `ov`.
     #[inline]

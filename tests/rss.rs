@@ -93,6 +93,13 @@ fn rss_returns_after_freeing_everything() {
     // freeing CPU's outbox keeps at most 64 KiB of them, 16, until it is sent again).
     idle_arena_keeps_no_parked_chains(16, 4000, 255);
     idle_arena_keeps_no_parked_chains(4096, 200, 16);
+    // A large class: four blocks fill an outbox and are parked as one chain (a large class
+    // has one slot); of sixteen, the first four are parked and the others find the slot
+    // taken and go back to their runs (the last four when the free of the vector that held
+    // them sends the outbox), so that only the parked four are cached, until a sweep.
+    if coreheap::SMALL_MAX >= 64 << 10 {
+        idle_arena_keeps_no_parked_chains(64 << 10, 16, 0);
+    }
 }
 
 /// Blocks of an arena freed on another core's CPU are parked in their arena's transfer

@@ -991,15 +991,15 @@ impl Caches {
         self.enabled && self.contains_raw(class, b as usize, list_limit(class) + 1)
     }
 
-    /// Whether `b` seems to be on any CPU's list of class `class` or outboxes, parked in any
-    /// arena's transfer slots of `class` or waiting in its inbox, looked for without those
-    /// CPUs' cooperation:
-    /// their lists may change under the walk, so every link is read as one machine word and
-    /// followed only if `is_block(link, list)` says it is a free-able small block fit for
-    /// that list (of class `list`), which keeps the walk inside mapped memory; at most a list's limit + 1 links per list. `key_of_arena`
-    /// gives an arena's link secret. Used only to confirm a suspected double free, where `b`
-    /// carries the free mark and is on no list of the current CPU or its arena: a hit means
-    /// some CPU held `b` as free during the walk.
+    /// Whether `b` seems to be on any CPU's list of class `class` or outboxes, parked in
+    /// any arena's transfer slots of `class` or waiting in its inbox, looked for without
+    /// those CPUs' cooperation: their lists may change under the walk, so every link is
+    /// read as one machine word and followed only if `is_block(link, list)` says it is a
+    /// free-able small block of class `list`, which keeps the walk inside mapped memory; at
+    /// most a list's limit + 1 links per list. `key_of_arena` gives an arena's link secret.
+    /// Used only to confirm a suspected double free, where `b` carries the free mark and is
+    /// on no list of the current CPU or its arena: a hit means some CPU held `b` as free
+    /// during the walk.
     #[cold]
     pub fn seen_anywhere(
         &self,

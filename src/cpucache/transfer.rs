@@ -1,14 +1,14 @@
 //! The middle tier: per-arena, per-class transfer slots that hold whole chains of free
 //! blocks between the CPU caches and their arena (the role of TCMalloc's transfer cache).
 //!
-//! A CPU whose list of a class overflows parks the whole list in a slot of its arena; a CPU of
-//! that arena whose list runs empty takes a parked chain and installs it; with none, it sorts
-//! the blocks other arenas' CPUs sent back to the arena's [`Inbox`] into chains, tops up its
-//! own lists of the classes it uses with the first of each, and parks the others. Outboxes park the blocks above 1 KiB they send back to an owner in front of a
-//! parked chain that has room for them ([`Transfer::park_blocks`]).
-//! Each move is one atomic instruction on the slot; the arena's lock is taken only when
-//! every slot is full (to park) or empty (to take), and then moves a whole batch in one lock
-//! round.
+//! A CPU whose list of a class overflows parks the whole list in a slot of its arena; a CPU
+//! of that arena whose list runs empty takes a parked chain and installs it; with none, it
+//! sorts the blocks other arenas' CPUs sent back to the arena's [`Inbox`] into chains, tops
+//! up its own lists of the classes it uses with the first of each, and parks the others.
+//! Outboxes park the blocks above 1 KiB they send back to an owner in front of a parked
+//! chain that has room for them ([`Transfer::park_blocks`]). Each move is one atomic
+//! instruction on the slot; the arena's lock is taken only when every slot is full (to
+//! park) or empty (to take), and then moves a whole batch in one lock round.
 //!
 //! Invariants:
 //! - a slot is 0 or the packed head of a chain in the CPU lists' format (see `mod.rs`): its

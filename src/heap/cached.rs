@@ -141,9 +141,9 @@ impl ProcessHeap {
     /// The refill of `class` found no parked chain: drains arena `ai`'s inbox (the blocks
     /// other arenas' CPUs sent back from their outboxes) and sorts it by class into chains;
     /// returns a chain of `class` for the refill, or 0 when none came. The first chain of
-    /// every other class this CPU uses tops up its list of that class (built in front of the list
-    /// as it was when the drain began, and installed with it in one section, up to the
-    /// list's limit), so that the next allocations of those classes find their blocks
+    /// every other class this CPU uses tops up its list of that class (built in front of
+    /// the list as it was when the drain began, and installed with it in one section, up to
+    /// the list's limit), so that the next allocations of those classes find their blocks
     /// without a refill of their own; the other chains, and a top-up that finds its list
     /// changed (a thread that ran on this CPU meanwhile, or a migration), are parked in the
     /// arena's transfer slots (or, where those are full, returned to the runs under the
@@ -394,8 +394,8 @@ impl ProcessHeap {
 
     /// Returns every block waiting in arena `i`'s inbox, and then every chain parked in its
     /// transfer slots, to its runs. (A refill that is sorting the inbox at that moment
-    /// parks what it took afterwards, or puts it on its CPU's lists; a send whose slots are reserved but not yet written
-    /// is left for the next drain.)
+    /// parks what it took afterwards, or puts it on its CPU's lists; a send whose slots are
+    /// reserved but not yet written is left for the next drain.)
     pub(super) fn return_parked(cfg: &Config, i: usize) {
         let a = cfg.arena(i);
         let transfer = cfg.caches.transfer(i);

@@ -81,9 +81,8 @@ fn trim_empties_other_cpus_caches() {
     // A class above 8 KiB where there is one (its lists hold one block); a page run with
     // `pow2-classes`, which no cache holds.
     let big = Layout::from_size_align(20 * 1024, 8).unwrap();
-    // Blocks of the other core's arena freed here go to this core's outbox (classes up to
-    // 8 KiB; 1 KiB and less go on to the owner's inbox when sent, the larger ones to its
-    // transfer slots).
+    // Blocks of the other core's arena freed here go to this core's outbox (1 KiB and less
+    // go on to the owner's inbox when sent, the larger ones to its transfer slots).
     let remote = Layout::from_size_align(720, 8).unwrap();
     let remote_4k = Layout::from_size_align(4096, 8).unwrap();
     for round in 0..2 {

@@ -785,34 +785,22 @@ fn has_prefetchw() -> bool {
         2 => true,
         1 => false,
         _ => {
-            let yes =
-                cpuid_ecx(0x8000_0000).0 >= 0x8000_0001 && cpuid_ecx(0x8000_0001).1 & (1 << 8) != 0;
+            let yes = cpuid_prefetchw();
             HAS.store(if yes { 2 } else { 1 }, Ordering::Relaxed);
             yes
         }
     }
 }
 
-/// EAX and ECX of CPUID leaf `leaf` (subleaf 0).
+/// [`has_prefetchw`] asked of CPUID.
 #[cfg(target_arch = "x86_64")]
 #[cold]
-fn cpuid_ecx(leaf: u32) -> (u32, u32) {
-    let (eax, ecx): (u32, u32);
-    // SAFETY: CPUID exists on every x86_64 CPU and only writes the four registers, RBX of
-    // which (reserved by the compiler) is saved and restored around it.
-    unsafe {
-        core::arch::asm!(
-            "mov {save}, rbx",
-            "cpuid",
-            "mov rbx, {save}",
-            save = out(reg) _,
-            inout("eax") leaf => eax,
-            inout("ecx") 0u32 => ecx,
-            out("edx") _,
-            options(nostack, nomem, preserves_flags)
-        );
-    }
-    (eax, ecx)
+fn cpuid_prefetchw() -> bool {
+    // SAFETY: CPUID exists on every x86_64 CPU. (Newer Rust has made the intrinsic a safe
+    // function; the MSRV's still needs the block.)
+    #[allow(unused_unsafe)]
+    let cpuid = |leaf| unsafe { core::arch::x86_64::__cpuid(leaf) };
+    cpuid(0x8000_0000).eax >= 0x8000_0001 && cpuid(0x8000_0001).ecx & (1 << 8) != 0
 }
 
 impl Caches {

@@ -906,7 +906,7 @@ fn by_owner(entries: &[usize], owners: &[u16], mut f: impl FnMut(usize, &[usize]
         // One owner (every remote free of a two-arena process): no grouping.
         return f(first as usize, entries);
     }
-    let mut groups = Grouped::<OUTBOX_LIMIT>::new();
+    let mut groups = Grouped::new();
     for (&v, &o) in entries.iter().zip(owners) {
         // (At most `OUTBOX_LIMIT` entries: `add` takes every one.)
         let added = groups.add(o as usize, v);
@@ -915,45 +915,47 @@ fn by_owner(entries: &[usize], owners: &[u16], mut f: impl FnMut(usize, &[usize]
     groups.for_each(f);
 }
 
-/// Up to `N` outbox entries (`N` < 256, an outbox's limit), grouped by owner as they are
-/// added, in one pass: an open-addressed table of groups, each a list of indices into
-/// `addr`. (A sort of the 64 (owner, class, address) triples took an eighth of the
-/// `prodcons` workload's time.)
-struct Grouped<const N: usize> {
-    addr: [usize; N],
-    /// The index of the next entry of the same group; `N` ends a group.
-    next: [u8; N],
+/// Entries a [`Grouped`] holds: an outbox's; indices fit its `u8` links, `ENTRIES` itself
+/// ending a group.
+const ENTRIES: usize = OUTBOX_LIMIT;
+const _: () = assert!(ENTRIES > 0 && ENTRIES < 256);
+
+/// Up to an outbox's entries, grouped by owner as they are added, in one pass: an
+/// open-addressed table of groups, each a list of indices into `addr`. (A sort of the 64
+/// (owner, class, address) triples took an eighth of the `prodcons` workload's time.)
+struct Grouped {
+    addr: [usize; ENTRIES],
+    /// The index of the next entry of the same group; `ENTRIES` ends a group.
+    next: [u8; ENTRIES],
     /// The owner, or [`Self::FREE`], and the indices of the group's first and last entry.
-    groups: [(usize, u8, u8); N],
+    groups: [(usize, u8, u8); ENTRIES],
     n: usize,
 }
 
-impl<const N: usize> Grouped<N> {
+impl Grouped {
     const FREE: usize = usize::MAX;
-    const FITS: () = assert!(N > 0 && N < 256);
 
     fn new() -> Self {
-        let () = Self::FITS;
         Self {
-            addr: [0; N],
-            next: [N as u8; N],
-            groups: [(Self::FREE, 0, 0); N],
+            addr: [0; ENTRIES],
+            next: [ENTRIES as u8; ENTRIES],
+            groups: [(Self::FREE, 0, 0); ENTRIES],
             n: 0,
         }
     }
 
-    /// Adds entry `v` of owner `owner`; false, nothing added, when `N` entries are in
+    /// Adds entry `v` of owner `owner`; false, nothing added, when `ENTRIES` entries are in
     /// (which an outbox's limit never allows).
     #[must_use]
     fn add(&mut self, owner: usize, v: usize) -> bool {
         let i = self.n;
-        if i == N {
+        if i == ENTRIES {
             return false;
         }
         self.addr[i] = v;
         self.n += 1;
-        // At most `i` < `N` entries are taken, so the probe meets `owner` or a free entry.
-        let mut g = owner.wrapping_mul(31) % N;
+        // At most `i` < `ENTRIES` entries are taken: the probe meets `owner` or a free one.
+        let mut g = owner.wrapping_mul(31) % ENTRIES;
         loop {
             let e = &mut self.groups[g];
             if e.0 == Self::FREE {
@@ -965,7 +967,7 @@ impl<const N: usize> Grouped<N> {
                 e.2 = i as u8;
                 return true;
             }
-            g = (g + 1) % N;
+            g = (g + 1) % ENTRIES;
         }
     }
 
@@ -975,9 +977,9 @@ impl<const N: usize> Grouped<N> {
             if owner == Self::FREE {
                 continue;
             }
-            let mut entries = [0usize; N];
+            let mut entries = [0usize; ENTRIES];
             let (mut k, mut i) = (0, first as usize);
-            while i < N {
+            while i < ENTRIES {
                 entries[k] = self.addr[i];
                 k += 1;
                 i = self.next[i] as usize;
